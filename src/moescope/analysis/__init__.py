@@ -1,0 +1,1 @@
+"""Routing analysis: capture (I/O), metrics and statistics (pure computation)."""

@@ -1,0 +1,59 @@
+"""`moescope` entry point. Subcommands live in moescope.commands.*; this file holds no logic.
+
+Each command module exposes ``register(subparsers)`` which adds its parser and
+sets ``func`` to a callable taking the parsed args and returning an exit code.
+Heavy imports (torch, transformers) happen inside those callables, so that
+``moescope --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from moescope import __version__
+from moescope.errors import MoescopeError
+
+# One line per command module; keep the order of the study.
+COMMAND_MODULES: list[str] = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moescope",
+        description="Train mixture-of-experts language models and see what their experts learn.",
+    )
+    parser.add_argument("--version", action="version", version=f"moescope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MoescopeError as exc:
+        print(f"moescope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moescope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

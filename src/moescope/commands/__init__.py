@@ -1,0 +1,1 @@
+"""Orchestration layer: one module per CLI command, each with register(subparsers)."""

@@ -1,0 +1,1 @@
+"""Data stage: sources -> split -> tokenize -> pack -> block store + manifest."""

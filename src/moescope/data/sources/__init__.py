@@ -1,0 +1,1 @@
+"""Text sources: builtin (offline), hf (Hugging Face datasets / local stand-ins), files."""

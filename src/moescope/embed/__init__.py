@@ -1,0 +1,1 @@
+"""MoE sentence-embedding encoders on sentence-transformers."""

@@ -1,0 +1,9 @@
+"""The one exception type the CLI turns into a one-line error and a non-zero exit."""
+
+
+class MoescopeError(Exception):
+    """A user-facing error: bad input, a missing file, a mismatched checkpoint.
+
+    The message must name the offending thing (file, value, key) so that the
+    one line the CLI prints is enough to fix it.
+    """

@@ -1,0 +1,1 @@
+"""Shared I/O helpers: atomic writes, config files, provenance."""

@@ -1,0 +1,164 @@
+"""Typed dataclass configs <-> TOML / YAML / JSON files and `key.sub=value` overrides.
+
+Unknown keys are an error that names the closest valid key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from moescope.errors import MoescopeError
+
+T = TypeVar("T")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a .toml, .yaml/.yml or .json file into a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoescopeError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise MoescopeError(f"config file {path}: unknown format {path.suffix!r} (use .toml, .yaml or .json)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise MoescopeError(f"config file {path}: cannot parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MoescopeError(f"config file {path}: top level must be a table/mapping")
+    return data
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Turn ["train.steps=100", "moe.top_k=2"] into a nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise MoescopeError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MoescopeError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `update` wins. Neither input is modified."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass (possibly nested) -> plain JSON-able dict."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass `cls` from `data`, strictly: unknown keys raise with a suggestion."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise MoescopeError(f"config {where or cls.__name__}: expected a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise MoescopeError(f"unknown config key {_join(where, key)!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, _join(where, key))
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise MoescopeError(f"config {where or cls.__name__}: {exc}") from exc
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except MoescopeError as exc:
+                errors.append(str(exc))
+        raise MoescopeError(f"config {where}: value {value!r} does not fit {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise MoescopeError(f"config {where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise MoescopeError(f"config {where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MoescopeError(f"config {where}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MoescopeError(f"config {where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MoescopeError(f"config {where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MoescopeError(f"config {where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise MoescopeError(f"config {where}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        return Path(value)
+    return value

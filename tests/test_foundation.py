@@ -1,0 +1,91 @@
+"""The shared I/O helpers and the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytest
+
+from moescope.data.blocks import BlockStore, block_path, dtype_for_vocab
+from moescope.errors import MoescopeError
+from moescope.io.atomic import atomic_directory, atomic_write_json
+from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    steps: int = 10
+    name: str = "x"
+    layers: list[int] | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_config_round_trip_and_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('steps = 5\n[inner]\nlr = 2\nmode = "b"\n')
+    merged = deep_merge(load_config_file(p), parse_overrides(["inner.lr=0.5", "layers=[1, 2]"]))
+    cfg = from_dict(Outer, merged)
+    assert cfg == Outer(steps=5, layers=[1, 2], inner=Inner(lr=0.5, mode="b"))
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+def test_unknown_key_names_closest_valid_key() -> None:
+    with pytest.raises(MoescopeError, match=r"inner\.lrr.*did you mean 'lr'"):
+        from_dict(Outer, {"inner": {"lrr": 1.0}})
+    with pytest.raises(MoescopeError, match="not one of"):
+        from_dict(Outer, {"inner": {"mode": "c"}})
+    with pytest.raises(MoescopeError, match="expected an integer"):
+        from_dict(Outer, {"steps": "ten"})
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert not final.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(final) as tmp:
+        (tmp / "done.txt").write_text("done")
+    assert (final / "done.txt").read_text() == "done"
+
+
+def test_block_store_reads_what_was_written(tmp_path: Path) -> None:
+    dt = dtype_for_vocab(50257)
+    assert dt == np.uint16 and dtype_for_vocab(70000) == np.uint32
+    rng = np.random.default_rng(0)
+    data = {d: rng.integers(0, 50257, size=(n, 8)).astype(dt) for d, n in [("code", 3), ("prose", 2)]}
+    for d, arr in data.items():
+        path = block_path(tmp_path, "train", d)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr.tofile(path)
+    atomic_write_json(tmp_path / "manifest.json", {
+        "format_version": 1, "block_size": 8, "vocab_size": 50257, "eos_token_id": 50256,
+        "dtype": "uint16", "domains": ["code", "prose"],
+        "splits": {"train": {"code": {"n_blocks": 3}, "prose": {"n_blocks": 2}}},
+    })
+    store = BlockStore.open(tmp_path)
+    idx = store.index("train")
+    assert idx.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1]]
+    got = store.gather("train", idx[[4, 0]])
+    assert np.array_equal(got, np.stack([data["prose"][1], data["code"][0]]).astype(np.int64))
+    with pytest.raises(MoescopeError, match="no manifest.json"):
+        BlockStore.open(tmp_path / "nowhere")
+
+
+def test_cli_help_and_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "moescope.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "moescope" in out.stdout
