@@ -1,0 +1,1 @@
+"""The study's face: one self-contained HTML report (plots embedded, per-token viewer) + Markdown."""

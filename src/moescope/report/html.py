@@ -1,0 +1,233 @@
+"""Render a ReportContent as ONE self-contained HTML file (no network, PNGs inlined as base64).
+
+Written by hand: no maintained library renders this kind of static, offline,
+single-file report with an interactive token viewer, and the page is small.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from moescope.report.content import Figure, ReportContent, Section, Table
+
+# Categorical palette (Tableau 20 order, darker first) for expert colours; cycles past 20.
+EXPERT_PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+    "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+]
+
+_CSS = """
+:root { --fg:#1d232a; --muted:#5b6672; --line:#d9dee3; --bg:#ffffff; --panel:#f6f8fa; --accent:#2f6fab; }
+* { box-sizing: border-box; }
+body { margin:0; font:15px/1.5 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif; color:var(--fg); background:var(--bg); }
+header { padding:28px 40px 18px; border-bottom:1px solid var(--line); background:var(--panel); }
+header h1 { margin:0 0 4px; font-size:26px; }
+header p { margin:0; color:var(--muted); }
+nav { padding:8px 40px; border-bottom:1px solid var(--line); font-size:14px; position:sticky; top:0; background:#fff; z-index:5; }
+nav a { color:var(--accent); margin-right:14px; text-decoration:none; }
+main { padding:10px 40px 60px; max-width:1280px; }
+section { margin-top:28px; }
+h2 { font-size:20px; border-bottom:1px solid var(--line); padding-bottom:4px; }
+.headline { background:#eef5fb; border-left:4px solid var(--accent); padding:12px 18px; margin-top:20px; }
+.headline li { margin:4px 0; }
+.figs { display:flex; flex-wrap:wrap; gap:18px; }
+figure { margin:0; flex:1 1 440px; max-width:100%; }
+figure img { max-width:100%; border:1px solid var(--line); border-radius:4px; background:#fff; }
+figcaption { color:var(--muted); font-size:13px; }
+table.data { border-collapse:collapse; margin:8px 0 16px; font-size:13.5px; }
+table.data th, table.data td { border:1px solid var(--line); padding:4px 9px; text-align:right; }
+table.data th:first-child, table.data td:first-child { text-align:left; }
+table.data th { background:var(--panel); }
+.caption { color:var(--muted); font-size:13px; }
+#viewer .controls { display:flex; gap:16px; align-items:center; flex-wrap:wrap; margin:8px 0; }
+#viewer .legend span { display:inline-block; padding:1px 7px; margin:2px; border-radius:3px; color:#fff; font-size:12px; }
+.sample { border:1px solid var(--line); border-radius:6px; padding:10px 12px; margin:10px 0; }
+.sample .meta { color:var(--muted); font-size:12px; margin-bottom:6px; }
+.tokens { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; white-space:pre-wrap; word-break:break-word; line-height:1.9; }
+.tok { border-radius:2px; padding:1px 0; cursor:default; }
+#tip { position:fixed; pointer-events:none; background:#1d232a; color:#fff; font-size:12px; padding:4px 8px; border-radius:4px; display:none; z-index:10; }
+details.prov pre { background:var(--panel); padding:10px; overflow:auto; font-size:12px; }
+"""
+
+_VIEWER_JS = """
+(function () {
+  const data = JSON.parse(document.getElementById('viewer-data').textContent);
+  const palette = JSON.parse(document.getElementById('viewer-palette').textContent);
+  const armSel = document.getElementById('viewer-arm');
+  const layerSel = document.getElementById('viewer-layer');
+  const domSel = document.getElementById('viewer-domain');
+  const out = document.getElementById('viewer-samples');
+  const legend = document.getElementById('viewer-legend');
+  const tip = document.getElementById('tip');
+  const arms = Object.keys(data.arms || {});
+  function colour(e, p) {
+    const c = palette[e % palette.length];
+    // Opacity follows the router probability of the chosen expert: pale = unsure router.
+    const a = Math.round((0.35 + 0.65 * Math.max(0, Math.min(1, p))) * 255).toString(16).padStart(2, '0');
+    return c + a;
+  }
+  function fill(sel, values, label) {
+    sel.innerHTML = '';
+    values.forEach(v => { const o = document.createElement('option'); o.value = v; o.textContent = label(v); sel.appendChild(o); });
+  }
+  function armChanged() {
+    const arm = data.arms[armSel.value];
+    fill(layerSel, arm.layers.map(String), v => 'layer ' + v);
+    const doms = Array.from(new Set(arm.samples.map(s => s.domain)));
+    fill(domSel, ['all'].concat(doms), v => v);
+    legend.innerHTML = '';
+    for (let e = 0; e < arm.n_experts; e++) {
+      const s = document.createElement('span'); s.style.background = palette[e % palette.length];
+      s.textContent = 'expert ' + e; legend.appendChild(s);
+    }
+    render();
+  }
+  function render() {
+    const arm = data.arms[armSel.value];
+    const layer = layerSel.value;
+    const dom = domSel.value;
+    out.innerHTML = '';
+    arm.samples.forEach((s, i) => {
+      if (dom !== 'all' && s.domain !== dom) return;
+      const box = document.createElement('div'); box.className = 'sample';
+      const meta = document.createElement('div'); meta.className = 'meta';
+      meta.textContent = s.domain + ' \u00b7 ' + (s.text_id || ('sample ' + i)) + ' \u00b7 ' + s.tokens.length + ' tokens';
+      const toks = document.createElement('div'); toks.className = 'tokens';
+      const ex = s.experts[layer] || [], pr = s.probs[layer] || [];
+      s.tokens.forEach((t, j) => {
+        const sp = document.createElement('span'); sp.className = 'tok';
+        sp.textContent = t;
+        const e = ex[j], p = pr[j];
+        if (e !== undefined && e >= 0) {
+          sp.style.background = colour(e, p === undefined ? 1 : p);
+          sp.dataset.expert = e; sp.dataset.prob = (p === undefined ? NaN : p);
+        }
+        toks.appendChild(sp);
+      });
+      box.appendChild(meta); box.appendChild(toks); out.appendChild(box);
+    });
+  }
+  function showTip(ev) {
+    const t = ev.target;
+    if (!t.classList || !t.classList.contains('tok') || t.dataset.expert === undefined) { tip.style.display = 'none'; return; }
+    tip.textContent = 'layer ' + layerSel.value + ' \u00b7 expert ' + t.dataset.expert + ' \u00b7 p = ' + Number(t.dataset.prob).toFixed(3) + ' \u00b7 ' + JSON.stringify(t.textContent);
+    tip.style.left = (ev.clientX + 12) + 'px'; tip.style.top = (ev.clientY + 12) + 'px'; tip.style.display = 'block';
+  }
+  out.addEventListener('mouseover', showTip);
+  out.addEventListener('mousemove', showTip);
+  out.addEventListener('mouseleave', () => { tip.style.display = 'none'; });
+  fill(armSel, arms, v => v);
+  armSel.addEventListener('change', armChanged);
+  layerSel.addEventListener('change', render);
+  domSel.addEventListener('change', render);
+  if (arms.length) armChanged();
+})();
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _json_for_script(obj: Any) -> str:
+    # A JSON blob inside <script> must not contain "</" (it would close the tag early).
+    return json.dumps(obj, ensure_ascii=False).replace("</", "<\\/")
+
+
+def _slug(text: str) -> str:
+    return "".join(c.lower() if c.isalnum() else "-" for c in text).strip("-")
+
+
+def _figure_html(fig: Figure) -> str:
+    data = base64.b64encode(Path(fig.png_path).read_bytes()).decode("ascii")
+    cap = f"<figcaption><b>{_esc(fig.title)}</b>{'. ' + _esc(fig.caption) if fig.caption else ''}</figcaption>"
+    return f'<figure><img alt="{_esc(fig.title)}" src="data:image/png;base64,{data}">{cap}</figure>'
+
+
+def _format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table_html(table: Table) -> str:
+    head = "".join(f"<th>{_esc(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_format_cell(v))}</td>" for v in row) + "</tr>" for row in table.rows)
+    cap = f'<div class="caption">{_esc(table.caption)}</div>' if table.caption else ""
+    return f"<h3>{_esc(table.title)}</h3><table class=\"data\"><tr>{head}</tr>{body}</table>{cap}"
+
+
+def _section_html(sec: Section) -> str:
+    parts = [f'<section id="{_esc(sec.anchor or _slug(sec.heading))}"><h2>{_esc(sec.heading)}</h2>']
+    parts += [f"<p>{_esc(p)}</p>" for p in sec.paragraphs]
+    parts += [_table_html(t) for t in sec.tables]
+    if sec.figures:
+        parts.append('<div class="figs">' + "".join(_figure_html(f) for f in sec.figures) + "</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _viewer_html(viewer: dict[str, Any]) -> str:
+    return f"""
+<section id="viewer"><h2>Per-token routing viewer</h2>
+<p>Held-out texts from each domain, every token coloured by the expert its router chose
+(top-1) in the selected layer; paler means a less confident router. Hover a token for the
+expert and the router probability.</p>
+<div class="controls">
+ <label>arm <select id="viewer-arm"></select></label>
+ <label>layer <select id="viewer-layer"></select></label>
+ <label>domain <select id="viewer-domain"></select></label>
+ <span class="legend" id="viewer-legend"></span>
+</div>
+<div id="viewer-samples"></div>
+<div id="tip"></div>
+<script type="application/json" id="viewer-data">{_json_for_script(viewer)}</script>
+<script type="application/json" id="viewer-palette">{_json_for_script(EXPERT_PALETTE)}</script>
+<script>{_VIEWER_JS}</script>
+</section>"""
+
+
+def render_html(content: ReportContent) -> str:
+    nav = ['<a href="#headline">Headline</a>']
+    nav += [f'<a href="#{_esc(s.anchor or _slug(s.heading))}">{_esc(s.heading)}</a>' for s in content.sections]
+    if content.viewer:
+        nav.append('<a href="#viewer">Token viewer</a>')
+    headline = "".join(f"<li>{_esc(h)}</li>" for h in content.headline)
+    body = [
+        f'<section id="headline" class="headline"><b>What this run shows</b><ul>{headline}</ul></section>',
+        *(_section_html(s) for s in content.sections),
+    ]
+    if content.viewer:
+        body.append(_viewer_html(content.viewer))
+    if content.provenance:
+        prov = _esc(json.dumps(content.provenance, indent=2, default=str))
+        body.append(f'<section><details class="prov"><summary>Provenance (config, seeds, versions, data)</summary><pre>{prov}</pre></details></section>')
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_esc(content.title)}</title><style>{_CSS}</style></head>
+<body><header><h1>{_esc(content.title)}</h1><p>{_esc(content.subtitle)}</p></header>
+<nav>{''.join(nav)}</nav>
+<main>{''.join(body)}</main></body></html>
+"""
+
+
+def render_markdown(content: ReportContent, figure_dir: str = "figures") -> str:
+    lines = [f"# {content.title}", "", content.subtitle, "", "## What this run shows", ""]
+    lines += [f"- {h}" for h in content.headline]
+    for sec in content.sections:
+        lines += ["", f"## {sec.heading}", ""]
+        lines += [p + "\n" for p in sec.paragraphs]
+        for t in sec.tables:
+            lines += [f"**{t.title}**", "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+            lines += ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in t.rows]
+            if t.caption:
+                lines += ["", f"_{t.caption}_"]
+            lines.append("")
+        for f in sec.figures:
+            lines.append(f"![{f.title}]({figure_dir}/{Path(f.png_path).name})")
+    return "\n".join(lines) + "\n"
