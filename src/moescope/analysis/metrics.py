@@ -1,0 +1,318 @@
+"""Routing metrics: how experts divide the tokens, by domain, by token and over time.
+
+Layer 1 (pure computation): numpy arrays in, numpy arrays out; no files, no printing.
+
+Most metrics are functions of a *count table* ``table[..., D, E]`` (routing
+assignments of domain d's tokens to expert e). Every table function accepts any
+number of leading axes, so the bootstrap in :mod:`moescope.analysis.stats` can
+evaluate 1000 resampled tables in one call. Entropies and mutual information are
+in nats; the normalized versions are unit-free.
+
+With top-k routing (k > 1) a token contributes k assignments to the table. Mutual
+information of such a table is the MI between a token's domain and one of its k
+experts picked uniformly at random, which reduces to the usual MI for k = 1.
+
+References: OLMoE (Muennighoff et al. 2024, arXiv 2409.02060, section 5) for
+domain specialization, vocabulary specialization and router saturation; Mixtral
+(Jiang et al. 2024, arXiv 2401.04088, Table 5) for consecutive-token repetition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import comb
+from scipy.stats import entropy
+
+# --------------------------------------------------------------------------- tables
+
+
+def _as_2d_index(expert_index: np.ndarray) -> np.ndarray:
+    """[N] or [N, k] integer expert choices -> [N, k] int64."""
+    idx = np.asarray(expert_index)
+    if idx.ndim == 1:
+        idx = idx[:, None]
+    if idx.ndim != 2:
+        raise ValueError(f"expert_index must be [N] or [N, k], got shape {idx.shape}")
+    return idx.astype(np.int64, copy=False)
+
+
+def count_domain_expert(
+    expert_index: np.ndarray, domain: np.ndarray, n_experts: int, n_domains: int
+) -> np.ndarray:
+    """Count table [D, E]: how many of domain d's routing assignments went to expert e.
+
+    expert_index is [N] (top-1) or [N, k]; each of a token's k choices counts once.
+    """
+    idx = _as_2d_index(expert_index)
+    dom = np.asarray(domain, dtype=np.int64)
+    if dom.shape != (idx.shape[0],):
+        raise ValueError(f"domain must be [N]={idx.shape[0]}, got shape {dom.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= n_experts):
+        raise ValueError(f"expert_index outside [0, {n_experts})")
+    if dom.size and (dom.min() < 0 or dom.max() >= n_domains):
+        raise ValueError(f"domain outside [0, {n_domains})")
+    flat = (dom[:, None] * n_experts + idx).ravel()
+    return np.bincount(flat, minlength=n_domains * n_experts).reshape(n_domains, n_experts).astype(float)
+
+
+def count_experts(expert_index: np.ndarray, n_experts: int) -> np.ndarray:
+    """Assignments per expert [E] (k per token under top-k)."""
+    idx = _as_2d_index(expert_index)
+    return np.bincount(idx.ravel(), minlength=n_experts).astype(float)
+
+
+def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den with 0/0 -> nan and no warnings (empty rows stay visible as nan)."""
+    num = np.asarray(num, dtype=float)
+    den = np.asarray(den, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def expert_given_domain(table: np.ndarray) -> np.ndarray:
+    """P(expert | domain) [..., D, E]: each domain's row normalized to 1 (nan for an empty domain)."""
+    table = np.asarray(table, dtype=float)
+    return _safe_divide(table, table.sum(axis=-1, keepdims=True))
+
+
+def domain_given_expert(table: np.ndarray) -> np.ndarray:
+    """P(domain | expert) [..., D, E]: each expert's column normalized to 1 (nan for an unused expert)."""
+    table = np.asarray(table, dtype=float)
+    return _safe_divide(table, table.sum(axis=-2, keepdims=True))
+
+
+def joint_distribution(table: np.ndarray, *, equal_domain_weights: bool = False) -> np.ndarray:
+    """P(domain, expert) [..., D, E] from a count table.
+
+    Token-weighted: the counts normalized. With ``equal_domain_weights`` every
+    non-empty domain gets mass 1/D' (D' = number of non-empty domains) and keeps
+    its own P(expert | domain), so a large domain cannot dominate the number.
+    """
+    table = np.asarray(table, dtype=float)
+    if not equal_domain_weights:
+        return _safe_divide(table, table.sum(axis=(-2, -1), keepdims=True))
+    rows = table.sum(axis=-1, keepdims=True)
+    present = rows > 0
+    n_present = present.sum(axis=-2, keepdims=True)
+    cond = np.where(present, _safe_divide(table, np.where(present, rows, 1.0)), 0.0)
+    return _safe_divide(cond, n_present)
+
+
+def _entropy_nats(p: np.ndarray, axis) -> np.ndarray:
+    """Shannon entropy (nats) of an already-normalized distribution; 0 log 0 = 0."""
+    p = np.asarray(p, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    out = terms.sum(axis=axis)
+    # A distribution that is nan anywhere (empty table) has undefined entropy.
+    return np.where(np.isnan(p).any(axis=axis), np.nan, out)
+
+
+def mutual_information(table: np.ndarray, *, equal_domain_weights: bool = False) -> np.ndarray:
+    """I(domain; expert) in nats, [...] = H(D) + H(E) - H(D, E)."""
+    joint = joint_distribution(table, equal_domain_weights=equal_domain_weights)
+    h_d = _entropy_nats(joint.sum(axis=-1), axis=-1)
+    h_e = _entropy_nats(joint.sum(axis=-2), axis=-1)
+    h_de = _entropy_nats(joint, axis=(-2, -1))
+    # Clip tiny negative rounding error; MI is non-negative.
+    return np.maximum(h_d + h_e - h_de, 0.0)
+
+
+def domain_entropy(table: np.ndarray, *, equal_domain_weights: bool = False) -> np.ndarray:
+    """H(domain) in nats [...] under the same weighting as :func:`mutual_information`."""
+    joint = joint_distribution(table, equal_domain_weights=equal_domain_weights)
+    return _entropy_nats(joint.sum(axis=-1), axis=-1)
+
+
+def normalized_mutual_information(table: np.ndarray, *, equal_domain_weights: bool = False) -> np.ndarray:
+    """NMI = I(domain; expert) / H(domain) in [0, 1]: the share of domain uncertainty the expert removes.
+
+    0 when routing is independent of the domain, 1 when the expert determines the
+    domain. nan when there is only one domain (H(domain) = 0).
+    """
+    mi = mutual_information(table, equal_domain_weights=equal_domain_weights)
+    h_d = domain_entropy(table, equal_domain_weights=equal_domain_weights)
+    return np.where(h_d > 0, _safe_divide(mi, np.where(h_d > 0, h_d, 1.0)), np.nan)
+
+
+def normalized_domain_entropy(table: np.ndarray) -> np.ndarray:
+    """H(P(expert | domain)) / ln E per domain [..., D]: 1 = spread evenly, 0 = one expert."""
+    table = np.asarray(table, dtype=float)
+    n_experts = table.shape[-1]
+    return _entropy_nats(expert_given_domain(table), axis=-1) / math.log(n_experts)
+
+
+def domain_specialization(table: np.ndarray, top_k: int) -> np.ndarray:
+    """OLMoE domain specialization N_k(E_i, D) / N_D, [..., D, E].
+
+    N_k(E_i, D): tokens of domain D that have E_i among their top-k experts;
+    N_D: tokens of domain D. Each row sums to k; the uniform baseline is k / E
+    (see :func:`specialization_baseline`).
+    """
+    table = np.asarray(table, dtype=float)
+    tokens = table.sum(axis=-1, keepdims=True) / top_k
+    return _safe_divide(table, tokens)
+
+
+def specialization_baseline(n_experts: int, top_k: int) -> float:
+    """k / E: what every expert gets of every domain under uniform routing."""
+    return top_k / n_experts
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_fractions(expert_counts: np.ndarray) -> np.ndarray:
+    """Share of assignments per expert [..., E] (sums to 1)."""
+    counts = np.asarray(expert_counts, dtype=float)
+    return _safe_divide(counts, counts.sum(axis=-1, keepdims=True))
+
+
+def max_load_fraction(expert_counts: np.ndarray) -> np.ndarray:
+    """Largest expert's share [...]; 1/E when perfectly balanced."""
+    return load_fractions(expert_counts).max(axis=-1)
+
+
+def load_cv(expert_counts: np.ndarray) -> np.ndarray:
+    """Coefficient of variation of the load [...]: std / mean of the per-expert shares (population std).
+
+    0 when balanced, sqrt(E - 1) when one expert takes everything.
+    """
+    f = load_fractions(expert_counts)
+    return f.std(axis=-1) / f.mean(axis=-1)
+
+
+def effective_experts(expert_counts: np.ndarray) -> np.ndarray:
+    """exp(H(load)) [...]: E when balanced, 1 when one expert takes everything."""
+    return np.exp(_entropy_nats(load_fractions(expert_counts), axis=-1))
+
+
+def dropped_fraction(n_dropped: int | np.ndarray, n_assignments: int | np.ndarray) -> np.ndarray:
+    """Share of routing assignments dropped by a capacity limit (0 for a dropless layer)."""
+    return _safe_divide(n_dropped, n_assignments)
+
+
+def token_router_entropy(router_probs: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each token's router distribution [N]; ln E = the router has no preference."""
+    probs = np.asarray(router_probs, dtype=np.float64)
+    return entropy(probs, axis=-1)
+
+
+def mean_distribution_entropy(prob_sum: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of the router distribution averaged over tokens, from its sum [..., E].
+
+    High with low per-token entropy means confident routers that still spread the
+    load; both near ln E means the router has not learned anything yet.
+    """
+    return _entropy_nats(load_fractions(prob_sum), axis=-1)
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+def consecutive_pairs(block: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j) of tokens at positions p and p + 1 of the same block.
+
+    Tokens may come in any order; only truly adjacent positions of one block
+    pair up (never across a block boundary).
+    """
+    block = np.asarray(block, dtype=np.int64)
+    position = np.asarray(position, dtype=np.int64)
+    order = np.lexsort((position, block))
+    b, p = block[order], position[order]
+    adjacent = (b[1:] == b[:-1]) & (p[1:] == p[:-1] + 1)
+    return order[:-1][adjacent], order[1:][adjacent]
+
+
+def same_first_choice(expert_index: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Per pair: did tokens i and j get the same first-choice expert? (Mixtral Table 5, "first choice")."""
+    idx = _as_2d_index(expert_index)
+    return idx[i, 0] == idx[j, 0]
+
+
+def shared_topk_expert(expert_index: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Per pair: do the top-k sets of tokens i and j share an expert? (Mixtral, "first or second choice")."""
+    idx = _as_2d_index(expert_index)
+    a, b = idx[i], idx[j]
+    return (a[:, :, None] == b[:, None, :]).any(axis=(-2, -1))
+
+
+def repetition_baseline_uniform(n_experts: int, top_k: int = 1) -> float:
+    """Chance that two uniformly random top-k sets share an expert: 1 - C(E-k, k) / C(E, k).
+
+    1/E for k = 1; 0.464 for E = 8, k = 2 (Mixtral's "first or second choice" baseline).
+    """
+    return float(1.0 - comb(n_experts - top_k, top_k, exact=True) / comb(n_experts, top_k, exact=True))
+
+
+def repetition_baseline_load(expert_counts: np.ndarray) -> np.ndarray:
+    """Chance that two independent tokens share a first choice given the actual load: sum_e f_e^2.
+
+    Fairer than 1/E when the load is unbalanced (two tokens meet on a busy expert
+    more often by chance).
+    """
+    f = load_fractions(expert_counts)
+    return (f * f).sum(axis=-1)
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+@dataclass(frozen=True)
+class VocabularySpecialization:
+    """Per token id (seen at least min_count times): how concentrated its routing is."""
+
+    token_ids: np.ndarray  # [V'] ids that passed the threshold
+    occurrences: np.ndarray  # [V'] times each id occurred
+    top_expert: np.ndarray  # [V'] the expert most often among its top-k
+    top_fraction: np.ndarray  # [V'] N_k(x, top expert) / N(x)
+    mean: float  # unweighted mean of top_fraction over ids
+    weighted_mean: float  # occurrence-weighted mean of top_fraction
+
+
+def vocabulary_specialization(
+    token_id: np.ndarray, expert_index: np.ndarray, n_experts: int, *, min_count: int = 10
+) -> VocabularySpecialization:
+    """OLMoE vocabulary specialization, summarized per token id.
+
+    For token id x, OLMoE's N_k(x, E_i) / N(x) is the share of x's occurrences that
+    have E_i among their top-k; here each id keeps its top expert's share. 1 means
+    the id always goes to the same expert; with k = 1 and random routing it tends
+    to 1/E (higher for rare ids, hence ``min_count``).
+    """
+    idx = _as_2d_index(expert_index)
+    tok = np.asarray(token_id, dtype=np.int64)
+    if tok.shape != (idx.shape[0],):
+        raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
+    ids, inverse, occurrences = np.unique(tok, return_inverse=True, return_counts=True)
+    counts = np.zeros((ids.size, n_experts))
+    np.add.at(counts, (np.repeat(inverse, idx.shape[1]), idx.ravel()), 1.0)
+    keep = occurrences >= min_count
+    ids, occurrences, counts = ids[keep], occurrences[keep], counts[keep]
+    top = counts.argmax(axis=1)
+    frac = counts[np.arange(ids.size), top] / occurrences if ids.size else np.zeros(0)
+    mean = float(frac.mean()) if ids.size else float("nan")
+    weighted = float((frac * occurrences).sum() / occurrences.sum()) if ids.size else float("nan")
+    return VocabularySpecialization(ids, occurrences, top, frac, mean, weighted)
+
+
+# --------------------------------------------------------------------------- training dynamics
+
+
+def topk_overlap(expert_index: np.ndarray, reference_index: np.ndarray) -> np.ndarray:
+    """Per token: |top-k set ∩ reference top-k set| / k, in [0, 1]."""
+    a, b = _as_2d_index(expert_index), _as_2d_index(reference_index)
+    if a.shape != b.shape:
+        raise ValueError(f"expert choices of shape {a.shape} and {b.shape} are not the same tokens")
+    return (a[:, :, None] == b[:, None, :]).any(axis=-1).sum(axis=-1) / a.shape[1]
+
+
+def router_saturation(checkpoint_indices: list[np.ndarray], final_index: np.ndarray) -> np.ndarray:
+    """OLMoE router saturation per checkpoint [T]: mean over tokens of the top-k overlap with the final model.
+
+    1 at the final checkpoint by definition; k/E expected for unrelated routers.
+    """
+    return np.array([topk_overlap(idx, final_index).mean() for idx in checkpoint_indices])
