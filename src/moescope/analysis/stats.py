@@ -1,0 +1,243 @@
+"""Uncertainty for routing metrics: block bootstrap intervals and a block-level permutation test.
+
+Layer 1 (pure computation). Tokens of one eval block are not independent (one
+document, one domain, shared context), so the unit of resampling is the block:
+a block's tokens always move together. Every statistic is computed from
+*per-block sums* (count tables, entropy sums, pair counts): a resample is then a
+weighted sum of those rows, so 1000 resamples cost one matrix product.
+
+The resampling and the interval/p-value arithmetic are scipy's
+(``scipy.stats.bootstrap``, ``scipy.stats.permutation_test``); this module only
+turns block indices into summed tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.sparse
+import scipy.stats
+
+from moescope.analysis import metrics
+
+# statistic(summed [..., *feature_shape]) -> [...]: vectorized over any leading axes.
+TableStatistic = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    confidence_level: float
+    n_resamples: int
+    method: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """Observed statistic, its permutation p-value and a summary of the null distribution."""
+
+    statistic: float
+    pvalue: float  # (1 + #{null >= observed}) / (1 + n_permutations)
+    n_permutations: int
+    null_mean: float
+    null_q95: float  # 95th percentile of the null: the value chance alone reaches 5% of the time
+    null_distribution: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(0))
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the null distribution itself is left out)."""
+        out = asdict(self)
+        out.pop("null_distribution")
+        return out
+
+
+# --------------------------------------------------------------------------- per-block sums
+
+
+def sum_by_block(values: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum token-level values [N, ...] within each block -> (block ids [B] sorted, sums [B, ...])."""
+    values = np.asarray(values, dtype=float)
+    block_ids, inverse = np.unique(np.asarray(block), return_inverse=True)
+    n = values.shape[0]
+    # A sparse [B, N] indicator times the values: one pass, any number of feature columns.
+    indicator = scipy.sparse.csr_matrix((np.ones(n), (inverse, np.arange(n))), shape=(block_ids.size, n))
+    sums = np.asarray(indicator @ values.reshape(n, -1)).reshape((block_ids.size,) + values.shape[1:])
+    return block_ids, sums
+
+
+def block_expert_counts(
+    expert_index: np.ndarray, block: np.ndarray, domain: np.ndarray, n_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-block routing counts: (block ids [B], block domain [B], counts [B, E]).
+
+    Each of a token's k choices counts once. Raises ValueError if a block mixes domains.
+    """
+    idx = np.asarray(expert_index, dtype=np.int64)
+    idx = idx[:, None] if idx.ndim == 1 else idx
+    block_ids, inverse = np.unique(np.asarray(block), return_inverse=True)
+    flat = (inverse[:, None] * n_experts + idx).ravel()
+    counts = np.bincount(flat, minlength=block_ids.size * n_experts).reshape(block_ids.size, n_experts)
+    domain = np.asarray(domain, dtype=np.int64)
+    block_domain = np.empty(block_ids.size, dtype=np.int64)
+    block_domain[inverse] = domain
+    if not np.array_equal(block_domain[inverse], domain):
+        raise ValueError("a block holds tokens of more than one domain")
+    return block_ids, block_domain, counts.astype(float)
+
+
+def domain_tables(block_counts: np.ndarray, block_domain: np.ndarray, n_domains: int) -> np.ndarray:
+    """Per-block count tables [B, D, E]: each block's counts in its domain's row."""
+    one_hot = np.eye(n_domains)[np.asarray(block_domain, dtype=np.int64)]
+    return one_hot[:, :, None] * np.asarray(block_counts, dtype=float)[:, None, :]
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def _resample_weights(index_samples: tuple[np.ndarray, ...], n_blocks: int) -> np.ndarray:
+    """How often each block was drawn, [..., B], from resampled block-index arrays [..., n_s]."""
+    total = None
+    for sample in index_samples:
+        sample = np.asarray(sample, dtype=np.int64)
+        lead = sample.shape[:-1]
+        rows = sample.reshape(-1, sample.shape[-1])
+        offsets = (np.arange(rows.shape[0]) * n_blocks)[:, None]
+        w = np.bincount((rows + offsets).ravel(), minlength=rows.shape[0] * n_blocks)
+        w = w.reshape(lead + (n_blocks,)).astype(float)
+        # Strata are resampled independently; their (broadcast) draws add up.
+        total = w if total is None else total + w
+    return total
+
+
+def bootstrap_interval(
+    block_sums: np.ndarray,
+    statistic: TableStatistic,
+    *,
+    strata: np.ndarray | None = None,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    method: str = "percentile",
+    seed: int = 0,
+    batch: int | None = 250,
+) -> Interval:
+    """Cluster bootstrap CI of ``statistic(sum of block_sums)``, resampling whole blocks.
+
+    block_sums: [B, ...] additive per-block statistics (e.g. from :func:`domain_tables`).
+    strata: optional [B] labels (e.g. each block's domain); blocks are then resampled
+    within their stratum, keeping the eval set's design (blocks per domain) fixed.
+    method: "percentile" or "BCa" (scipy's names). Deterministic for a given seed.
+    """
+    sums = np.asarray(block_sums, dtype=float)
+    n_blocks = sums.shape[0]
+    flat = sums.reshape(n_blocks, -1)
+    feature_shape = sums.shape[1:]
+    labels = np.zeros(n_blocks, dtype=np.int64) if strata is None else np.asarray(strata)
+    samples = tuple(np.flatnonzero(labels == s) for s in np.unique(labels))
+    if any(s.size < 2 for s in samples):
+        raise ValueError("every stratum needs at least two blocks to be resampled")
+
+    def resampled_statistic(*index_samples: np.ndarray, axis: int = -1) -> np.ndarray:
+        weights = _resample_weights(index_samples, n_blocks)
+        summed = (weights @ flat).reshape(weights.shape[:-1] + feature_shape)
+        return np.asarray(statistic(summed), dtype=float)
+
+    estimate = float(statistic(sums.sum(axis=0)))
+    result = scipy.stats.bootstrap(
+        samples,
+        resampled_statistic,
+        n_resamples=n_resamples,
+        batch=batch,
+        vectorized=True,
+        paired=False,
+        confidence_level=confidence_level,
+        method=method,
+        rng=np.random.default_rng(seed),
+    )
+    ci = result.confidence_interval
+    return Interval(estimate, float(ci.low), float(ci.high), confidence_level, n_resamples, method)
+
+
+# --------------------------------------------------------------------------- permutation test
+
+
+def permutation_test_blocks(
+    block_counts: np.ndarray,
+    block_label: np.ndarray,
+    n_labels: int,
+    statistic: TableStatistic,
+    *,
+    n_permutations: int = 1000,
+    seed: int = 0,
+    batch: int | None = 250,
+) -> PermutationResult:
+    """One-sided permutation test of ``statistic(label x expert table)`` shuffling labels between blocks.
+
+    The block is the unit: a permutation gives each block another block's label
+    (label totals in blocks stay fixed), so the null keeps the within-block
+    dependence of tokens. p = (1 + #{null >= observed}) / (1 + n_permutations)
+    (scipy's randomized p-value; exact enumeration when n_permutations >= B!).
+    """
+    counts = np.asarray(block_counts, dtype=float)
+    labels = np.asarray(block_label, dtype=np.int64)
+    one_hot = np.eye(n_labels)
+
+    def label_statistic(permuted_labels: np.ndarray, axis: int = -1) -> np.ndarray:
+        # [..., B] labels -> [..., L, E] tables in one product
+        table = np.einsum("...bl,be->...le", one_hot[permuted_labels], counts)
+        return np.asarray(statistic(table), dtype=float)
+
+    result = scipy.stats.permutation_test(
+        (labels,),
+        label_statistic,
+        permutation_type="pairings",
+        vectorized=True,
+        n_resamples=n_permutations,
+        batch=batch,
+        alternative="greater",
+        rng=np.random.default_rng(seed),
+    )
+    null = np.asarray(result.null_distribution, dtype=float)
+    return PermutationResult(
+        statistic=float(result.statistic),
+        pvalue=float(result.pvalue),
+        n_permutations=int(null.size),
+        null_mean=float(null.mean()),
+        null_q95=float(np.quantile(null, 0.95)),
+        null_distribution=null,
+    )
+
+
+def nmi_statistic(n_domains: int, n_experts: int, *, equal_domain_weights: bool = True) -> TableStatistic:
+    """NMI(domain; expert) of summed tables shaped [..., D, E]."""
+
+    def statistic(table: np.ndarray) -> np.ndarray:
+        if np.shape(table)[-2:] != (n_domains, n_experts):
+            raise ValueError(f"expected tables [..., {n_domains}, {n_experts}], got {np.shape(table)}")
+        return metrics.normalized_mutual_information(table, equal_domain_weights=equal_domain_weights)
+
+    return statistic
+
+
+def permutation_test_nmi(
+    block_counts: np.ndarray,
+    block_domain: np.ndarray,
+    n_domains: int,
+    *,
+    equal_domain_weights: bool = True,
+    n_permutations: int = 1000,
+    seed: int = 0,
+) -> PermutationResult:
+    """p-value for NMI(domain; expert) > chance, shuffling domain labels between eval blocks."""
+    counts = np.asarray(block_counts, dtype=float)
+    stat = nmi_statistic(n_domains, counts.shape[1], equal_domain_weights=equal_domain_weights)
+    return permutation_test_blocks(
+        counts, block_domain, n_domains, stat, n_permutations=n_permutations, seed=seed
+    )
