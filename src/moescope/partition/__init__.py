@@ -1,0 +1,1 @@
+"""Corpus partitioning for expert specialization (random / clustered / curriculum)."""

