@@ -1,0 +1,308 @@
+"""The MoE layer: router, top-k selection, dispatch to experts, combine; plus the aux losses.
+
+Pure computation: tensors in, tensors out. Nothing here reads files or prints.
+
+Dispatch (hand-written: no maintained library does dropless sort-based dispatch over
+arbitrary expert modules on CPU): the (token, choice) assignments are sorted by expert
+once, the routed rows are gathered in that order, each expert runs once on its
+contiguous slice (split sizes come from one bincount), and the results are scattered
+back with a single index_copy / index_add. No per-expert boolean masks, no calls on
+empty slices, no one-hot dispatch tensors.
+
+Capacity rule (when `capacity_factor` is set): an expert takes at most
+C = ceil(capacity_factor * top_k * n_tokens / n_experts) assignments per forward pass.
+Priority: all first choices before any second choice (GShard), and within a choice
+rank, earlier tokens in the flattened input first (Switch's cumsum order). An
+assignment over capacity is dropped: it contributes nothing, so a top-1 token that is
+dropped has a layer output of exactly zero and passes through the residual.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class RoutingRecord:
+    """What one forward pass routed where. Counts are of assignments (k per token).
+
+    tokens_per_expert counts the router's choices including those later dropped by
+    capacity (that is the f_i of the load-balancing loss); `dropped` counts dropped
+    (token, expert) assignments (= dropped tokens for top-1).
+    """
+
+    tokens_per_expert: torch.Tensor  # LongTensor [E]
+    dropped: torch.Tensor  # LongTensor []
+    n_tokens: int
+    prob_sum: torch.Tensor  # [E], differentiable sum over tokens of the router softmax
+    z_loss: torch.Tensor  # [], differentiable mean(logsumexp(logits)^2)
+    entropy_mean: torch.Tensor  # [], detached mean router entropy (nats)
+    capacity: int | None = None  # assignments per expert, None = dropless
+    # Filled only when layer.capture is True (detached, tokens in flattened input order):
+    expert_index: torch.Tensor | None = None  # LongTensor [N, k]
+    gate_weight: torch.Tensor | None = None  # [N, k] weight applied in the forward pass (0 if dropped)
+    router_probs: torch.Tensor | None = None  # [N, E]
+
+
+def load_balancing_loss(
+    tokens_per_expert: torch.Tensor, prob_sum: torch.Tensor, n_tokens: int | torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """Switch load-balancing loss E * sum_i f_i * P_i for one layer.
+
+    f_i = tokens_per_expert_i / (n_tokens * top_k) (fraction of assignments),
+    P_i = prob_sum_i / n_tokens (mean router probability). A perfectly balanced layer
+    scores 1.0 for any k. Pass counts and prob sums summed over all micro-batches of an
+    optimizer step, so the loss sees the whole batch (not one sequence at a time).
+    Equals transformers' Mixtral `load_balancing_loss_func` divided by top_k.
+    """
+    n_experts = prob_sum.shape[-1]
+    f = tokens_per_expert.to(prob_sum.dtype) / (n_tokens * top_k)
+    p = prob_sum / n_tokens
+    return n_experts * torch.sum(f * p)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+# Expert slices shorter than this are zero-padded (see MoELayer._run_expert).
+MIN_EXPERT_ROWS = 16
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows = x[index] for distinct indices; backward writes (index_copy) instead of index_add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.n_rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        n = ctx.n_rows
+        out = grad.new_empty(n, grad.shape[1]) if index.numel() == n else grad.new_zeros(n, grad.shape[1])
+        return out.index_copy_(0, index, grad), None
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[index[j]] (+)= w[j] * ys[j]; with `straight_through` the forward ignores w (x 1.0).
+
+    The backward sends d out . ys[j] to w[j] in both modes: that is the straight-through
+    estimator when the forward multiplied by 1. `unique` (each output row written at most
+    once) allows index_copy; otherwise rows are summed with index_add.
+    """
+
+    @staticmethod
+    def forward(ctx, ys, w, index, n_rows: int, straight_through: bool, unique: bool):  # type: ignore[override]
+        src = ys if straight_through else ys * w.unsqueeze(1).to(ys.dtype)
+        if unique:
+            out = ys.new_empty(n_rows, ys.shape[1]) if index.numel() == n_rows else ys.new_zeros(n_rows, ys.shape[1])
+            out.index_copy_(0, index, src)
+        else:
+            out = ys.new_zeros(n_rows, ys.shape[1]).index_add_(0, index, src)
+        ctx.save_for_backward(ys, w, index)
+        ctx.straight_through = straight_through
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        ys, w, index = ctx.saved_tensors
+        g = grad.index_select(0, index)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.linalg.vecdot(g, ys).to(w.dtype)
+        grad_ys = g if ctx.straight_through else g * w.unsqueeze(1).to(g.dtype)
+        return grad_ys, grad_w, None, None, None, None
+
+
+class MoELayer(nn.Module):
+    """A token-choice mixture of experts over [..., d] tensors (same shape out).
+
+    `experts` is any ModuleList of modules mapping [n, d] -> [n, d] (GPT-2 MLPs, SwiGLU,
+    a BERT FFN, ...). After every forward pass `last_record` holds a RoutingRecord;
+    set `capture = True` to also keep each token's experts, weights and router probs.
+    `progress` (0..1, set by the trainer) anneals the router noise.
+    """
+
+    def __init__(
+        self,
+        experts: nn.ModuleList,
+        d_model: int,
+        *,
+        top_k: int = 1,
+        gating: str = "ste",
+        renormalize: bool = True,
+        capacity_factor: float | None = None,
+        router_noise_std: float = 0.0,
+        router_noise_anneal_frac: float = 0.25,
+        input_jitter: float = 0.0,
+        output_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
+            raise ValueError("experts must be a non-empty nn.ModuleList")
+        if not 1 <= top_k <= len(experts):
+            raise ValueError(f"top_k must be in 1..{len(experts)}, got {top_k}")
+        if gating not in ("ste", "switch"):
+            raise ValueError(f"gating must be 'ste' or 'switch', got {gating!r}")
+        self.d_model = d_model
+        self.n_experts = len(experts)
+        self.top_k = top_k
+        self.gating = gating
+        self.renormalize = renormalize
+        self.capacity_factor = capacity_factor
+        self.router_noise_std = router_noise_std
+        self.router_noise_anneal_frac = router_noise_anneal_frac
+        self.input_jitter = input_jitter
+        self.router = nn.Linear(d_model, self.n_experts, bias=False)
+        self.experts = experts
+        self.output_dropout = nn.Dropout(output_dropout)
+        self.progress = 0.0
+        self.capture = False
+        self.last_record: RoutingRecord | None = None
+
+    @classmethod
+    def from_config(cls, cfg, experts: nn.ModuleList, d_model: int, *, output_dropout: float = 0.0) -> MoELayer:
+        """Build from a `MoEConfig` (n_experts must equal len(experts))."""
+        if cfg.n_experts != len(experts):
+            raise ValueError(f"config asks for {cfg.n_experts} experts, got {len(experts)}")
+        return cls(
+            experts,
+            d_model,
+            top_k=cfg.top_k,
+            gating=cfg.gating,
+            renormalize=cfg.renormalize,
+            capacity_factor=cfg.capacity_factor,
+            router_noise_std=cfg.router_noise_std,
+            router_noise_anneal_frac=cfg.router_noise_anneal_frac,
+            input_jitter=cfg.input_jitter,
+            output_dropout=output_dropout,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_experts={self.n_experts}, top_k={self.top_k}, gating={self.gating!r}, "
+            f"capacity_factor={self.capacity_factor}"
+        )
+
+    def current_noise_std(self) -> float:
+        """Router noise std at the current training progress (linear anneal to 0)."""
+        if self.router_noise_std <= 0:
+            return 0.0
+        if self.router_noise_anneal_frac <= 0:
+            return self.router_noise_std
+        return self.router_noise_std * max(0.0, 1.0 - self.progress / self.router_noise_anneal_frac)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Assignments one expert may take in a pass of n_tokens tokens (None = dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts))
+
+    def _run_expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """Expert e on its rows; slices shorter than MIN_EXPERT_ROWS are zero-padded.
+
+        BLAS picks other kernels for matrices of a few rows, whose sums round
+        differently, so a token's output would depend on how many tokens share its
+        expert. Padding tiny slices keeps each token's result bit-identical to a large
+        batch (that is what lets an upcycled model equal its dense parent exactly);
+        it costs nothing measurable since such slices are tiny. Experts are row-wise.
+        """
+        m = rows.shape[0]
+        if m >= MIN_EXPERT_ROWS:
+            return self.experts[e](rows)
+        padded = torch.cat([rows, rows.new_zeros(MIN_EXPERT_ROWS - m, rows.shape[1])])
+        return self.experts[e](padded)[:m]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        n, k, n_exp = h.shape[0], self.top_k, self.n_experts
+
+        # --- router ---
+        router_in = h
+        if self.training and self.input_jitter > 0:
+            router_in = h * torch.empty_like(h).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
+        logits = self.router(router_in).float()
+        z_loss = router_z_loss(logits)
+        noise_std = self.current_noise_std() if self.training else 0.0
+        route_logits = logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits
+        probs = torch.softmax(route_logits, dim=-1)
+        with torch.no_grad():
+            entropy = -(probs * torch.log_softmax(route_logits, dim=-1)).sum(-1).mean()
+        prob_sum = probs.sum(0)
+        if k == 1:
+            top_p, top_i = probs.max(dim=-1, keepdim=True)
+        else:
+            top_p, top_i = probs.topk(k, dim=-1)
+
+        # --- gate weights (forward values; STE handled by _CombineRows) ---
+        straight_through = k == 1 and self.gating == "ste"
+        if k > 1 and self.renormalize:
+            gate = top_p / top_p.sum(dim=-1, keepdim=True)
+        else:
+            gate = top_p
+
+        # --- dispatch: sort assignments by expert ---
+        flat_e = top_i.reshape(-1)
+        counts = torch.bincount(flat_e, minlength=n_exp)
+        capacity = self.capacity(n)
+        with torch.no_grad():
+            if capacity is None:
+                order = torch.argsort(flat_e, stable=True)
+                kept_counts = counts
+                dropped = counts.new_zeros(())
+            else:
+                # priority key: expert, then choice rank, then token position
+                j = torch.arange(n * k, device=h.device)
+                key = flat_e * (n * k) + (j % k) * n + j // k
+                order = torch.argsort(key)
+                starts = torch.cumsum(counts, 0) - counts
+                pos = torch.arange(n * k, device=h.device) - starts[flat_e[order]]
+                keep = pos < capacity
+                order = order[keep]
+                kept_counts = counts.clamp(max=capacity)
+                dropped = (counts - kept_counts).sum()
+            token_of = order // k if k > 1 else order
+        sizes = kept_counts.tolist()
+
+        # --- experts on contiguous slices ---
+        unique_rows = k == 1
+        xs = _GatherRows.apply(h, token_of) if unique_rows else h.index_select(0, token_of)
+        outs = [
+            self._run_expert(e, chunk) for e, chunk in enumerate(torch.split(xs, sizes, dim=0)) if sizes[e] > 0
+        ]
+        ys = torch.cat(outs, dim=0) if len(outs) > 1 else (outs[0] if outs else xs.new_zeros(0, shape[-1]))
+        w = gate.reshape(-1).index_select(0, order)
+        out = _CombineRows.apply(ys, w, token_of, n, straight_through, unique_rows)
+        out = self.output_dropout(out.to(x.dtype))
+
+        record = RoutingRecord(
+            tokens_per_expert=counts.detach(),
+            dropped=dropped,
+            n_tokens=n,
+            prob_sum=prob_sum,
+            z_loss=z_loss,
+            entropy_mean=entropy,
+            capacity=capacity,
+        )
+        if self.capture:
+            with torch.no_grad():
+                applied = torch.ones_like(top_p) if straight_through else gate.detach().clone()
+                if capacity is not None:
+                    kept = torch.zeros(n * k, dtype=torch.bool, device=h.device)
+                    kept[order] = True
+                    applied = applied * kept.view(n, k)
+            record.expert_index = top_i.detach()
+            record.gate_weight = applied
+            record.router_probs = probs.detach()
+        self.last_record = record
+        return out.reshape(shape)
