@@ -141,3 +141,11 @@ def test_token_level_shuffle_would_be_anticonservative() -> None:
         _, dom, counts = stats.block_expert_counts(expert, np.arange(expert.size), domain, 4)
         small += stats.permutation_test_nmi(counts, dom, 3, n_permutations=199, seed=trial).pvalue <= 0.05
     assert small >= 15
+
+
+def test_sum_by_block_aligns_to_given_ids() -> None:
+    ids, sums = stats.sum_by_block(np.array([1.0, 2.0, 4.0]), np.array([7, 3, 7]), np.array([1, 3, 7]))
+    assert ids.tolist() == [1, 3, 7]
+    np.testing.assert_allclose(sums, [0.0, 2.0, 5.0])
+    with pytest.raises(ValueError):
+        stats.sum_by_block(np.ones(2), np.array([3, 5]), np.array([1, 3]))

@@ -62,10 +62,23 @@ class PermutationResult:
 # --------------------------------------------------------------------------- per-block sums
 
 
-def sum_by_block(values: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum token-level values [N, ...] within each block -> (block ids [B] sorted, sums [B, ...])."""
+def sum_by_block(
+    values: np.ndarray, block: np.ndarray, block_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum token-level values [N, ...] within each block -> (block ids [B] sorted, sums [B, ...]).
+
+    With ``block_ids`` (sorted, a superset of ``block``) the rows follow that list and
+    blocks without values get zeros, so sums of different quantities line up.
+    """
     values = np.asarray(values, dtype=float)
-    block_ids, inverse = np.unique(np.asarray(block), return_inverse=True)
+    block = np.asarray(block)
+    if block_ids is None:
+        block_ids, inverse = np.unique(block, return_inverse=True)
+    else:
+        block_ids = np.asarray(block_ids)
+        inverse = np.searchsorted(block_ids, block)
+        if block.size and (inverse.max() >= block_ids.size or not np.array_equal(block_ids[inverse], block)):
+            raise ValueError("block holds ids that are not in block_ids")
     n = values.shape[0]
     # A sparse [B, N] indicator times the values: one pass, any number of feature columns.
     indicator = scipy.sparse.csr_matrix((np.ones(n), (inverse, np.arange(n))), shape=(block_ids.size, n))

@@ -1,0 +1,231 @@
+"""Every headline routing number of one MoE layer, with block-bootstrap intervals (pure computation).
+
+This is what `moescope analyze` writes per arm and layer into metrics.json. The
+keys follow the trainer's routing summary (token_fraction, max_fraction, load_cv,
+router_entropy_token, ...) so one name means one thing across files and report.
+Intervals are dicts {"estimate", "low", "high"}; the bootstrap settings are
+stated once in the file's "statistics" header (see :func:`statistics_header`).
+
+All intervals of one layer reuse the same seed, so they come from the same
+resampled sets of blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moescope.analysis import metrics, stats
+from moescope.analysis.table import RoutingTable
+
+
+@dataclass
+class SummaryConfig:
+    """Statistics settings for the analysis."""
+
+    n_resamples: int = 1000  # bootstrap resamples of eval blocks
+    n_permutations: int = 1000  # block-label permutations for the NMI p-value
+    confidence_level: float = 0.95
+    seed: int = 0
+    vocab_min_count: int = 10  # token ids seen fewer times are left out of vocabulary specialization
+    vocab_null_shuffles: int = 5  # token-id shuffles averaged for the vocabulary baseline
+
+
+def statistics_header(cfg: SummaryConfig) -> dict:
+    """How the intervals and p-values in a metrics file were made."""
+    return {
+        **asdict(cfg),
+        "interval": "percentile bootstrap over eval blocks, resampled within each domain",
+        "pvalue": "block-level permutation of domain labels, (1 + #{null >= observed}) / (1 + n_permutations)",
+        "nmi": "I(domain; expert) / H(domain), equal domain weights unless noted",
+        "entropy_unit": "nats",
+    }
+
+
+def _interval_dict(iv: stats.Interval) -> dict[str, float]:
+    return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
+
+
+class _BlockBootstrap:
+    """Bootstraps statistics of per-block sums with one fixed design (strata, seed)."""
+
+    def __init__(self, block_domain: np.ndarray, cfg: SummaryConfig) -> None:
+        sizes = np.bincount(block_domain)
+        # Stratify by domain when every present domain can be resampled (>= 2 blocks).
+        self.strata = block_domain if np.all(sizes[sizes > 0] >= 2) else None
+        self.cfg = cfg
+
+    def __call__(self, block_sums: np.ndarray, statistic) -> dict[str, float]:
+        iv = stats.bootstrap_interval(
+            block_sums,
+            statistic,
+            strata=self.strata,
+            n_resamples=self.cfg.n_resamples,
+            confidence_level=self.cfg.confidence_level,
+            seed=self.cfg.seed,
+        )
+        return _interval_dict(iv)
+
+
+def _rounded(matrix: np.ndarray) -> list:
+    return np.round(np.asarray(matrix, dtype=float), 6).tolist()
+
+
+def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig | None = None) -> dict:
+    """All routing metrics of one layer: specialization, load, entropy, repetition, vocabulary."""
+    cfg = cfg or SummaryConfig()
+    n_dom, n_exp, k = len(domains), table.n_experts, table.top_k
+    block_ids, block_domain, block_counts = stats.block_expert_counts(
+        table.expert_index, table.block, table.domain, n_exp
+    )
+    if block_ids.size < 2:
+        raise ValueError("need at least two eval blocks for intervals")
+    tables = stats.domain_tables(block_counts, block_domain, n_dom)  # [B, D, E]
+    boot = _BlockBootstrap(block_domain, cfg)
+    total = tables.sum(axis=0)
+    present = total.sum(axis=1) > 0
+
+    # --- specialization ---
+    nmi_equal = stats.nmi_statistic(n_dom, n_exp, equal_domain_weights=True)
+    nmi_tokens = stats.nmi_statistic(n_dom, n_exp, equal_domain_weights=False)
+    perm = stats.permutation_test_nmi(
+        block_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
+    )
+    entropy_by_domain = {
+        domains[d]: boot(tables, lambda t, d=d: metrics.normalized_domain_entropy(t)[..., d])
+        for d in range(n_dom)
+        if present[d]
+    }
+    specialization = {
+        "nmi": boot(tables, nmi_equal),
+        "nmi_token_weighted": boot(tables, nmi_tokens),
+        "nmi_pvalue": perm.pvalue,
+        "nmi_permutation": perm.to_dict(),
+        "mutual_information": float(metrics.mutual_information(total, equal_domain_weights=True)),
+        "expert_given_domain": _rounded(metrics.expert_given_domain(total)),
+        "domain_given_expert": _rounded(metrics.domain_given_expert(total)),
+        "max_expert_given_domain": boot(tables, lambda t: np.nanmax(metrics.expert_given_domain(t), axis=(-2, -1))),
+        "normalized_domain_entropy": entropy_by_domain,
+        "domain_specialization": _rounded(metrics.domain_specialization(total, k)),
+        "domain_specialization_baseline": metrics.specialization_baseline(n_exp, k),
+    }
+
+    # --- load ---
+    expert_totals = block_counts  # [B, E]
+    dropped = (np.asarray(table.gate_weight) == 0).sum(axis=1).astype(float)
+    _, block_dropped = stats.sum_by_block(dropped, table.block, block_ids)
+    load = {
+        "token_fraction": _rounded(metrics.load_fractions(expert_totals.sum(axis=0))),
+        "max_fraction": boot(expert_totals, metrics.max_load_fraction),
+        "load_cv": boot(expert_totals, metrics.load_cv),
+        "effective_experts": boot(expert_totals, metrics.effective_experts),
+        "dropped_fraction": float(metrics.dropped_fraction(block_dropped.sum(), expert_totals.sum())),
+    }
+
+    # --- router entropy ---
+    tok_entropy = metrics.token_router_entropy(table.router_probs)
+    probs = np.asarray(table.router_probs, dtype=np.float64)
+    per_token = np.column_stack([tok_entropy, np.ones_like(tok_entropy), probs])
+    _, ent_sums = stats.sum_by_block(per_token, table.block, block_ids)  # [B, 2 + E]
+    entropy = {
+        "router_entropy_token": boot(ent_sums, lambda s: s[..., 0] / s[..., 1]),
+        "router_entropy_of_mean": boot(ent_sums, lambda s: metrics.mean_distribution_entropy(s[..., 2:])),
+        "router_entropy_max": math.log(n_exp),
+    }
+
+    # --- consecutive tokens (Mixtral Table 5) ---
+    i, j = metrics.consecutive_pairs(table.block, table.position)
+    pair_values = [np.ones(i.size), metrics.same_first_choice(table.expert_index, i, j)]
+    if k > 1:
+        pair_values.append(metrics.shared_topk_expert(table.expert_index, i, j))
+    _, pair_sums = stats.sum_by_block(np.column_stack(pair_values), table.block[i], block_ids)
+    repetition = {
+        "n_pairs": int(i.size),
+        "same_first_choice": boot(pair_sums, lambda s: s[..., 1] / s[..., 0]) if i.size else None,
+        "baseline_uniform": metrics.repetition_baseline_uniform(n_exp, 1),
+        "baseline_load": float(
+            metrics.repetition_baseline_load(metrics.count_experts(table.expert_index[:, 0], n_exp))
+        ),
+    }
+    if k > 1:
+        repetition["shared_topk"] = boot(pair_sums, lambda s: s[..., 2] / s[..., 0]) if i.size else None
+        repetition["shared_topk_baseline_uniform"] = metrics.repetition_baseline_uniform(n_exp, k)
+
+    return {
+        "n_tokens": table.n_tokens,
+        "n_blocks": int(block_ids.size),
+        "n_experts": n_exp,
+        "top_k": k,
+        "domains": list(domains),
+        "specialization": specialization,
+        "load": load,
+        "entropy": entropy,
+        "repetition": repetition,
+        "vocabulary": summarize_vocabulary(table, cfg),
+    }
+
+
+def summarize_vocabulary(table: RoutingTable, cfg: SummaryConfig) -> dict:
+    """OLMoE vocabulary specialization against a null that shuffles token ids across tokens.
+
+    The shuffle keeps every id's frequency and every expert's load but cuts the link
+    between id and expert, so the baseline includes the small-count upward bias.
+    """
+    observed = metrics.vocabulary_specialization(
+        table.token_id, table.expert_index, table.n_experts, min_count=cfg.vocab_min_count
+    )
+    rng = np.random.default_rng(cfg.seed)
+    null_means = [
+        metrics.vocabulary_specialization(
+            rng.permutation(table.token_id), table.expert_index, table.n_experts, min_count=cfg.vocab_min_count
+        ).mean
+        for _ in range(cfg.vocab_null_shuffles)
+    ]
+    # most concentrated ids first, frequent before rare among equals
+    order = np.lexsort((-observed.occurrences, -observed.top_fraction))[:20]
+    return {
+        "min_count": cfg.vocab_min_count,
+        "n_token_ids": int(observed.token_ids.size),
+        "mean": observed.mean,
+        "weighted_mean": observed.weighted_mean,
+        "baseline_shuffled": float(np.mean(null_means)) if null_means else None,
+        "most_specialized": [
+            {
+                "token_id": int(observed.token_ids[t]),
+                "occurrences": int(observed.occurrences[t]),
+                "top_expert": int(observed.top_expert[t]),
+                "top_fraction": float(observed.top_fraction[t]),
+            }
+            for t in order
+        ],
+    }
+
+
+def summarize_eval_loss(
+    block_loss_sum: np.ndarray,
+    block_tokens: np.ndarray,
+    block_domain: np.ndarray,
+    domains: list[str],
+    cfg: SummaryConfig | None = None,
+) -> dict:
+    """Eval loss (nats/token) per domain, token-weighted and domain-weighted, with block-bootstrap intervals."""
+    cfg = cfg or SummaryConfig()
+    block_domain = np.asarray(block_domain, dtype=np.int64)
+    n_dom = len(domains)
+    sums = np.zeros((block_domain.size, n_dom, 2))
+    sums[np.arange(block_domain.size), block_domain, 0] = block_loss_sum
+    sums[np.arange(block_domain.size), block_domain, 1] = block_tokens
+    boot = _BlockBootstrap(block_domain, cfg)
+    present = [d for d in range(n_dom) if (block_domain == d).any()]
+    out = {
+        "domains": {
+            domains[d]: boot(sums, lambda s, d=d: s[..., d, 0] / s[..., d, 1]) for d in present
+        },
+        "token_weighted": boot(sums, lambda s: s[..., 0].sum(-1) / s[..., 1].sum(-1)),
+        "domain_weighted": boot(
+            sums, lambda s: (s[..., present, 0] / s[..., present, 1]).mean(-1)
+        ),
+    }
+    return out

@@ -1,0 +1,95 @@
+"""The per-layer summary agrees with the metric functions and carries sensible intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from moescope.analysis import metrics
+from moescope.analysis.summary import SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer
+from moescope.analysis.table import RoutingTable
+
+
+def synthetic_table(rng: np.random.Generator, n_blocks: int = 30, block_len: int = 64, n_exp: int = 4, k: int = 1):
+    """3 domains, 10 blocks each; domain d prefers expert d; token id 5 always goes to expert 3."""
+    block_domain = np.repeat(np.arange(3), n_blocks // 3)
+    block = np.repeat(np.arange(n_blocks), block_len)
+    domain = block_domain[block]
+    position = np.tile(np.arange(block_len), n_blocks)
+    token_id = rng.integers(10, 40, block.size)
+    token_id[::7] = 5
+    logits = rng.normal(size=(block.size, n_exp))
+    logits[np.arange(block.size), domain] += 2.0
+    logits[token_id == 5, 3] += 20.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    top = np.argsort(-probs, axis=1)[:, :k]
+    gate = np.ones_like(top, dtype=float)
+    gate[:5] = 0.0  # five dropped assignments
+    return RoutingTable(token_id, block, position, domain, top, gate, probs.astype(np.float16))
+
+
+CFG = SummaryConfig(n_resamples=300, n_permutations=199, vocab_min_count=5)
+
+
+def test_summary_matches_metric_functions() -> None:
+    table = synthetic_table(np.random.default_rng(0))
+    s = summarize_layer(table, ["code", "math", "prose"], CFG)
+    counts = metrics.count_domain_expert(table.expert_index, table.domain, 4, 3)
+    spec = s["specialization"]
+    assert spec["nmi"]["estimate"] == pytest.approx(
+        float(metrics.normalized_mutual_information(counts, equal_domain_weights=True))
+    )
+    assert spec["nmi_token_weighted"]["estimate"] == pytest.approx(float(metrics.normalized_mutual_information(counts)))
+    np.testing.assert_allclose(spec["expert_given_domain"], metrics.expert_given_domain(counts), atol=1e-6)
+    assert spec["nmi_pvalue"] == pytest.approx(1 / 200)  # strong planted dependence
+    for key in ("nmi", "max_expert_given_domain"):
+        assert spec[key]["low"] <= spec[key]["estimate"] <= spec[key]["high"]
+    assert set(spec["normalized_domain_entropy"]) == {"code", "math", "prose"}
+
+    load = s["load"]
+    assert load["load_cv"]["estimate"] == pytest.approx(float(metrics.load_cv(counts.sum(0))))
+    assert load["dropped_fraction"] == pytest.approx(5 / table.n_tokens)
+    assert sum(load["token_fraction"]) == pytest.approx(1.0)
+
+    ent = s["entropy"]
+    assert ent["router_entropy_token"]["estimate"] == pytest.approx(
+        float(metrics.token_router_entropy(table.router_probs).mean())
+    )
+    assert ent["router_entropy_max"] == pytest.approx(math.log(4))
+    assert ent["router_entropy_token"]["estimate"] < ent["router_entropy_of_mean"]["estimate"] <= math.log(4)
+
+    rep = s["repetition"]
+    assert rep["n_pairs"] == 30 * 63
+    i, j = metrics.consecutive_pairs(table.block, table.position)
+    assert rep["same_first_choice"]["estimate"] == pytest.approx(metrics.same_first_choice(table.expert_index, i, j).mean())
+    assert rep["baseline_uniform"] == pytest.approx(0.25)
+
+    voc = s["vocabulary"]
+    assert voc["most_specialized"][0]["token_id"] == 5 and voc["most_specialized"][0]["top_expert"] == 3
+    assert voc["mean"] > voc["baseline_shuffled"]
+    # deterministic under the seed
+    assert summarize_layer(table, ["code", "math", "prose"], CFG) == s
+    assert statistics_header(CFG)["n_resamples"] == 300
+
+
+def test_summary_top2_reports_shared_experts() -> None:
+    table = synthetic_table(np.random.default_rng(1), k=2)
+    s = summarize_layer(table, ["a", "b", "c"], CFG)
+    assert s["top_k"] == 2
+    assert s["repetition"]["shared_topk_baseline_uniform"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert s["repetition"]["shared_topk"]["estimate"] >= s["repetition"]["same_first_choice"]["estimate"]
+    np.testing.assert_allclose(np.sum(s["specialization"]["domain_specialization"], axis=1), 2.0)
+
+
+def test_eval_loss_summary() -> None:
+    block_domain = np.array([0, 0, 0, 1, 1, 1])
+    tokens = np.full(6, 10.0)
+    loss = np.array([10.0, 20.0, 30.0, 40.0, 40.0, 40.0])  # domain 0: 2.0 nats/token, domain 1: 4.0
+    out = summarize_eval_loss(loss, tokens, block_domain, ["a", "b"], CFG)
+    assert out["domains"]["a"]["estimate"] == pytest.approx(2.0)
+    assert out["domains"]["b"] == {"estimate": 4.0, "low": 4.0, "high": 4.0}
+    assert out["domains"]["a"]["low"] < 2.0 < out["domains"]["a"]["high"]
+    assert out["token_weighted"]["estimate"] == pytest.approx(3.0)
+    assert out["domain_weighted"]["estimate"] == pytest.approx(3.0)
