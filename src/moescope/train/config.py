@@ -1,0 +1,283 @@
+"""Typed configs of a training run and of an experiment of several arms.
+
+An experiment is ONE shared run config plus, per arm, a small diff. The diff may
+only touch the parts that define the arm (architecture, MoE settings, aux losses,
+router learning-rate multiplier, collapse detection); data, steps, batch, seed,
+schedule and evaluation are shared by construction, and `resolve_arms` asserts it.
+That makes the reference's unfair comparisons (different step counts or schedules
+per arm, an ablation that changes two things) impossible to configure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moescope.errors import MoescopeError
+from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides, to_dict
+from moescope.moe.config import MoEConfig
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a GPT-2 trained from scratch (ignored when starting from pretrained weights)."""
+
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    context_tokens: int = 128
+    d_ff: int | None = None  # None = 4 * d_model (GPT-2's choice)
+    dropout: float = 0.0
+    activation: str = "gelu_new"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr."""
+
+    lr: float = 2e-3
+    router_lr_mult: float = 1.0
+    weight_decay: float = 0.1  # not applied to norms, biases (any parameter with < 2 dims)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip_norm: float | None = 1.0
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    """Auxiliary router losses. Coefficients apply to EACH MoE layer's loss; layer losses are summed.
+
+    lb_scope: which tokens the load-balancing statistics f_i and P_i are taken over:
+      "step"       all tokens of the optimizer step (all micro-batches, all processes); default
+      "microbatch" each micro-batch separately, then averaged (the reference's behaviour)
+      "sequence"   each sequence separately, then averaged (pushes every sequence to balance)
+    lb_accumulation: how the "step" scope is made exact when grad_accum_steps > 1:
+      "prepass"     a no-grad routing forward over all micro-batches first (RNG replayed so
+                    routing is identical): +1 forward per step, memory of one micro-batch
+      "keep_graphs" keep every micro-batch graph and do one backward: no extra compute,
+                    activation memory x grad_accum_steps
+    """
+
+    lb_coef: float = 0.01
+    z_coef: float = 1e-3
+    lb_coef_by_layer: dict[str, float] = field(default_factory=dict)  # block index -> coef override
+    lb_scope: Literal["step", "microbatch", "sequence"] = "step"
+    lb_accumulation: Literal["prepass", "keep_graphs"] = "prepass"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_sequences: int = 16  # sequences per optimizer step, over all micro-batches and processes
+    grad_accum_steps: int = 1
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    log_every_steps: int = 10
+    eval_every_steps: int = 100
+    eval_max_blocks_per_domain: int | None = 64  # None = the whole eval split
+    eval_batch_sequences: int = 32
+    checkpoint_every_steps: int = 100  # 0 = only at the end and on SIGINT/SIGTERM
+    keep_checkpoints: int = 2
+    snapshot_at_eval: bool = True  # model-only snapshot at every eval (router saturation analysis)
+    cpu_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+
+
+@dataclass
+class CollapseConfig:
+    """An expert holding more than threshold_share of a layer's tokens in window_evals evals in a row."""
+
+    threshold_share: float = 0.6
+    window_evals: int = 2
+    early_stop: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    progress_bar: bool = True
+    tensorboard: bool = False
+    wandb: bool = False  # offline mode, only if wandb is installed
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run (the base stage or one arm) needs."""
+
+    data_dir: str = ""
+    arch: Literal["dense", "moe"] = "moe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class BaseConfig:
+    """Where the arms start. "scratch": a dense base stage trained here first (the offline
+    stand-in for pretrained GPT-2); "gpt2" or a directory: pretrained weights."""
+
+    init: str = "scratch"
+    steps: int = 600
+    lr: float | None = None  # None = optim.lr
+
+
+@dataclass
+class ExperimentConfig(RunConfig):
+    """The shared run config (every RunConfig section) plus the arms and the base stage."""
+
+    arms: list[str] = field(default_factory=lambda: ["dense", "moe", "moe-nolb"])
+    arm: dict[str, dict] = field(default_factory=dict)  # user-defined arms: name -> diff table
+    base: BaseConfig = field(default_factory=BaseConfig)
+
+
+# The built-in arms. "moe-nolb" differs from "moe" ONLY in the load-balancing coefficient:
+# router noise, z-loss and everything else stay as in "moe".
+BUILTIN_ARMS: dict[str, dict[str, Any]] = {
+    "dense": {"arch": "dense"},
+    "moe": {"arch": "moe", "moe": {"top_k": 1}},
+    "moe-top2": {"arch": "moe", "moe": {"top_k": 2}},
+    "moe-nolb": {"arch": "moe", "moe": {"top_k": 1}, "loss": {"lb_coef": 0.0, "lb_coef_by_layer": {}}},
+}
+
+# The only config paths an arm diff may change. Anything else (data, steps, batch, seed,
+# schedule, evaluation, model shape) is shared by every arm of an experiment.
+ARM_MUTABLE_PATHS: tuple[str, ...] = ("arch", "moe", "loss", "optim.router_lr_mult", "collapse", "tracking")
+
+
+def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a TOML/YAML/JSON experiment config and apply `key.sub=value` overrides."""
+    data = load_config_file(path) if path is not None else {}
+    return experiment_config_from_dict(deep_merge(data, parse_overrides(overrides)))
+
+
+def experiment_config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    cfg = from_dict(ExperimentConfig, data)
+    validate_experiment(cfg)
+    return cfg
+
+
+def shared_run_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The RunConfig part of an experiment config, as a plain dict."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in to_dict(cfg).items() if k in names}
+
+
+def arm_diff(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    """The diff that defines arm `name`: a built-in one, or `[arm.NAME]` (optionally `extends = "moe"`)."""
+    if name in cfg.arm:
+        user = dict(cfg.arm[name])
+        parent = user.pop("extends", None)
+        if parent is not None and parent not in BUILTIN_ARMS:
+            raise MoescopeError(f"arm {name!r}: extends {parent!r}, which is not one of {sorted(BUILTIN_ARMS)}")
+        return deep_merge(BUILTIN_ARMS.get(parent, {}) if parent else {}, user)
+    if name in BUILTIN_ARMS:
+        return BUILTIN_ARMS[name]
+    import difflib
+
+    known = sorted(set(BUILTIN_ARMS) | set(cfg.arm))
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known arms: {', '.join(known)}"
+    raise MoescopeError(f"unknown arm {name!r}{hint} (define it in an [arm.{name}] table)")
+
+
+def resolve_arms(cfg: ExperimentConfig, names: list[str] | None = None) -> dict[str, RunConfig]:
+    """One RunConfig per arm: the shared config plus the arm's diff, with the shared part asserted equal."""
+    shared = shared_run_dict(cfg)
+    out: dict[str, RunConfig] = {}
+    for name in names if names is not None else cfg.arms:
+        diff = arm_diff(cfg, name)
+        for path in _leaf_paths(diff):
+            if not any(path == p or path.startswith(p + ".") for p in ARM_MUTABLE_PATHS):
+                raise MoescopeError(
+                    f"arm {name!r} changes {path!r}, which every arm must share (data, steps, batch, seed, "
+                    f"schedule, evaluation, model shape); an arm may only change {', '.join(ARM_MUTABLE_PATHS)}"
+                )
+        merged = deep_merge(shared, diff)
+        run = from_dict(RunConfig, merged, where=f"arm.{name}")
+        assert _strip(to_dict(run)) == _strip(shared), f"arm {name}: shared part differs"  # by construction
+        validate_run(run, where=f"arm {name!r}")
+        out[name] = run
+    return out
+
+
+def base_run_config(cfg: ExperimentConfig) -> RunConfig:
+    """The dense base stage: the shared config with arch dense, base.steps and base.lr."""
+    run = from_dict(RunConfig, shared_run_dict(cfg))
+    run.arch = "dense"
+    run.train = dataclasses.replace(run.train, steps=cfg.base.steps)
+    if cfg.base.lr is not None:
+        run.optim = dataclasses.replace(run.optim, lr=cfg.base.lr)
+    validate_run(run, where="base stage")
+    return run
+
+
+def comparable_config(run: RunConfig | dict) -> dict[str, Any]:
+    """The part of a run config a checkpoint must match to be resumed (not tracking/logging)."""
+    d = to_dict(run) if not isinstance(run, dict) else dict(run)
+    d = {k: v for k, v in d.items() if k != "tracking"}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("log_every_steps", "keep_checkpoints")}
+    return d
+
+
+def validate_run(run: RunConfig, where: str = "run") -> None:
+    t = run.train
+    if t.steps < 1:
+        raise MoescopeError(f"{where}: train.steps must be >= 1, got {t.steps}")
+    if t.grad_accum_steps < 1 or t.batch_sequences < 1:
+        raise MoescopeError(f"{where}: train.batch_sequences and train.grad_accum_steps must be >= 1")
+    if t.batch_sequences % t.grad_accum_steps:
+        raise MoescopeError(
+            f"{where}: train.batch_sequences={t.batch_sequences} is not divisible by "
+            f"train.grad_accum_steps={t.grad_accum_steps}"
+        )
+    if t.eval_every_steps < 1:
+        raise MoescopeError(f"{where}: train.eval_every_steps must be >= 1")
+    if not 0.0 <= run.optim.warmup_fraction < 1.0:
+        raise MoescopeError(f"{where}: optim.warmup_fraction must be in [0, 1), got {run.optim.warmup_fraction}")
+    if not 0.0 < run.collapse.threshold_share <= 1.0:
+        raise MoescopeError(f"{where}: collapse.threshold_share must be in (0, 1]")
+    for key in run.loss.lb_coef_by_layer:
+        if not str(key).isdigit():
+            raise MoescopeError(f"{where}: loss.lb_coef_by_layer key {key!r} must be a block index")
+    if run.model.d_model % run.model.n_heads:
+        raise MoescopeError(f"{where}: model.d_model={run.model.d_model} not divisible by n_heads={run.model.n_heads}")
+
+
+def validate_experiment(cfg: ExperimentConfig) -> None:
+    if not cfg.arms:
+        raise MoescopeError("config: arms is empty")
+    if len(set(cfg.arms)) != len(cfg.arms):
+        raise MoescopeError(f"config: arms lists a name twice: {cfg.arms}")
+    resolve_arms(cfg)  # raises on unknown arms, forbidden diffs, bad values
+    if cfg.base.init == "scratch":
+        base_run_config(cfg)
+
+
+def _leaf_paths(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in d.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value and key != "lb_coef_by_layer":
+            out.extend(_leaf_paths(value, path))
+        else:
+            out.append(path)
+    return out
+
+
+def _strip(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop the arm-mutable paths from a run dict (what remains must be identical across arms)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for path in ARM_MUTABLE_PATHS:
+        node = out
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    return out

@@ -1,0 +1,112 @@
+"""An experiment: the base stage (or pretrained weights), then every arm from the same start.
+
+Run directory::
+
+    RUN/experiment.json      resolved experiment config, each arm's diff and resolved RunConfig
+    RUN/environment.json     python/platform/library versions, seeds, start time, command
+    RUN/data_manifest.json   copy of DATA/manifest.json (+ its sha256 in experiment.json)
+    RUN/base/                the dense base stage (only with base.init = "scratch"), stage layout
+    RUN/arms/NAME/           one stage per arm (config.json, metrics.jsonl, checkpoints/,
+                             snapshots/, final/, summary.json)
+    RUN/summary.json         per-arm summary (final losses, routing, tokens/s), written at the end
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from moescope.errors import MoescopeError
+from moescope.io.atomic import atomic_write_json
+from moescope.io.config import to_dict
+from moescope.io.provenance import environment_info, sha256_file
+from moescope.train.config import (
+    ExperimentConfig, arm_diff, base_run_config, comparable_config, resolve_arms,
+)
+from moescope.train.model import check_model_matches_data, load_init_model
+from moescope.train.trainer import _dict_diff, open_store, train_run
+
+EXPERIMENT_NAME = "experiment.json"
+
+
+def run_experiment(
+    cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, arms: list[str] | None = None,
+    on_step=None,
+) -> dict[str, dict[str, Any]]:
+    """Train the base stage (if any) and the arms into `run_dir`; returns {arm: summary}.
+
+    Everything is validated before anything is written: a bad config, a missing or
+    mismatched data directory, or an existing run directory without `resume` raise
+    MoescopeError and leave the disk untouched.
+    """
+    run_dir = Path(run_dir)
+    names = list(arms) if arms is not None else list(cfg.arms)
+    runs = resolve_arms(cfg, names)
+    store = open_store(cfg.data_dir)
+    base_cfg = base_run_config(cfg) if cfg.base.init == "scratch" else None
+    if base_cfg is not None:
+        if store.block_size > cfg.model.context_tokens:
+            raise MoescopeError(
+                f"{store.root}: block size {store.block_size} tokens is longer than model.context_tokens="
+                f"{cfg.model.context_tokens}"
+            )
+        init: str | Path = run_dir / "base" / "final"
+    else:
+        init = cfg.base.init
+        model = load_init_model(init)  # fail early: missing weights, vocabulary or context mismatch
+        check_model_matches_data(model, store, where=f"base model {init}")
+        del model
+
+    record = {
+        "experiment": to_dict(cfg),
+        "arms": {n: {"diff": arm_diff(cfg, n), "config": to_dict(r)} for n, r in runs.items()},
+        "base": to_dict(base_cfg) if base_cfg is not None else {"init": cfg.base.init},
+        "data_manifest_sha256": sha256_file(store.root / "manifest.json"),
+    }
+    exp_path = run_dir / EXPERIMENT_NAME
+    if resume and exp_path.is_file():
+        stored = json.loads(exp_path.read_text(encoding="utf-8"))
+        _check_same_experiment(stored, record, exp_path)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise MoescopeError(f"run directory {run_dir} already exists and is not empty; "
+                            f"pass --resume to continue it, or choose another --out")
+    if not exp_path.is_file():
+        atomic_write_json(exp_path, record)
+        atomic_write_json(run_dir / "environment.json", {
+            **environment_info(), "seeds": {"train.seed": cfg.train.seed, "moe.install_seed": cfg.train.seed},
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        shutil.copyfile(store.root / "manifest.json", run_dir / "data_manifest.json")
+
+    summaries: dict[str, dict[str, Any]] = {}
+    if base_cfg is not None:
+        summaries["base"] = train_run(base_cfg, run_dir / "base", init=None, name="base", resume=resume,
+                                      on_step=on_step)
+    for name, run in runs.items():
+        summaries[name] = train_run(run, run_dir / "arms" / name, init=init, name=name, resume=resume,
+                                    on_step=on_step)
+    previous = {}
+    if (run_dir / "summary.json").is_file():
+        previous = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    atomic_write_json(run_dir / "summary.json", {**previous, **summaries})
+    return summaries
+
+
+def _check_same_experiment(stored: dict, current: dict, where: Path) -> None:
+    """Resuming must continue the same experiment: same shared config, same data, same arm diffs."""
+    problems = []
+    if stored.get("data_manifest_sha256") != current["data_manifest_sha256"]:
+        problems.append("data manifest (data directory changed)")
+    for name, arm in current["arms"].items():
+        if name in stored.get("arms", {}):
+            a = comparable_config(stored["arms"][name]["config"])
+            b = comparable_config(arm["config"])
+            problems.extend(f"arm {name}: {d}" for d in _dict_diff(a, b))
+    if stored.get("base", {}).get("init", "scratch") != current["base"].get("init", "scratch"):
+        problems.append("base.init")
+    if problems:
+        raise MoescopeError(f"{where} belongs to another experiment: {'; '.join(problems[:6])} "
+                            f"(use the original config or a new --out)")

@@ -1,0 +1,94 @@
+"""Where a run's model comes from: a fresh GPT-2, pretrained weights, or a saved model; and
+the checks that the model fits the data directory (vocabulary, context)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moescope.data.blocks import BlockStore
+from moescope.errors import MoescopeError
+from moescope.moe.gpt2 import MOE_CONFIG_NAME, load_moe_model
+from moescope.train.config import ModelConfig
+
+
+def build_scratch_model(cfg: ModelConfig, store: BlockStore, seed: int) -> nn.Module:
+    """A randomly initialized GPT-2 of shape `cfg`, with the data's vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if store.block_size > cfg.context_tokens:
+        raise MoescopeError(
+            f"{store.root}: block size {store.block_size} tokens is longer than model.context_tokens="
+            f"{cfg.context_tokens}; rebuild the data with a smaller block or raise model.context_tokens"
+        )
+    hf = GPT2Config(
+        vocab_size=store.vocab_size,
+        n_positions=cfg.context_tokens,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_ff,
+        activation_function=cfg.activation,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=store.eos_token_id,
+        eos_token_id=store.eos_token_id,
+        use_cache=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(hf)
+    return model
+
+
+def load_init_model(init: str | Path) -> nn.Module:
+    """Pretrained "gpt2" (local HF cache only when offline), or a model directory
+    (save_moe_model output, or a transformers save_pretrained directory)."""
+    from transformers import GPT2LMHeadModel
+
+    path = Path(init)
+    if path.is_dir():
+        if (path / MOE_CONFIG_NAME).is_file() or (path / "model.safetensors").is_file():
+            model = load_moe_model(path)  # strict on keys and shapes; dense directories load too
+        else:
+            if not (path / "config.json").is_file():
+                raise MoescopeError(f"base model directory {path} has no config.json")
+            try:
+                model = GPT2LMHeadModel.from_pretrained(str(path))
+            except (OSError, ValueError) as exc:
+                raise MoescopeError(f"cannot load a GPT-2 model from {path}: {exc}") from exc
+    elif _looks_like_hub_id(str(init)):
+        try:
+            model = GPT2LMHeadModel.from_pretrained(str(init))
+        except (OSError, ValueError) as exc:
+            raise MoescopeError(
+                f"cannot load pretrained {init!r} ({exc.__class__.__name__}); offline, it must be in the local "
+                f"Hugging Face cache, or pass a local model directory to --base"
+            ) from exc
+    else:
+        raise MoescopeError(f"base model {init!r}: no such directory (use 'scratch', 'gpt2' or a model directory)")
+    model.config.use_cache = False
+    return model
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """"gpt2", "gpt2-medium", "openai-community/gpt2" (not a path that merely does not exist)."""
+    return bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
+
+
+def check_model_matches_data(model: nn.Module, store: BlockStore, where: str) -> None:
+    """The data's token ids must be the model's, and a block must fit in the model's context."""
+    cfg = model.config
+    if cfg.vocab_size != store.vocab_size:
+        raise MoescopeError(
+            f"{where}: model vocabulary {cfg.vocab_size} != data vocabulary {store.vocab_size} "
+            f"({store.root / 'manifest.json'}); build the data with the model's tokenizer"
+        )
+    if store.block_size > cfg.n_positions:
+        raise MoescopeError(
+            f"{where}: data block size {store.block_size} tokens ({store.root / 'manifest.json'}) is longer "
+            f"than the model's context of {cfg.n_positions} tokens"
+        )

@@ -1,0 +1,59 @@
+"""AdamW parameter groups and the warmup + cosine schedule.
+
+Groups: weights (decayed), norms and biases (not decayed: any parameter with fewer
+than two dimensions), and router weights (their own learning-rate multiplier).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from moescope.train.config import OptimConfig
+
+
+def build_param_groups(model: nn.Module, cfg: OptimConfig, router_params: list[nn.Parameter]) -> list[dict]:
+    router_ids = {id(p) for p in router_params}
+    decay, no_decay, router = [], [], []
+    seen: set[int] = set()
+    for _, p in model.named_parameters():  # named_parameters de-duplicates tied weights
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in router_ids:
+            router.append(p)
+        elif p.ndim < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"},
+    ]
+    if router:
+        groups.append({"params": router, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.router_lr_mult,
+                       "name": "router"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, router_params: list[nn.Parameter]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        build_param_groups(model, cfg, router_params), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    )
+
+
+def warmup_steps_for(cfg: OptimConfig, total_steps: int) -> int:
+    return int(math.ceil(cfg.warmup_fraction * total_steps))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Linear warmup, then cosine down to min_lr_ratio of each group's own peak (router multiplier kept)."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=warmup_steps_for(cfg, total_steps),
+        num_training_steps=total_steps,
+        min_lr_rate=cfg.min_lr_ratio,
+    )

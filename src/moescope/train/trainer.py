@@ -1,0 +1,686 @@
+"""One training run (the base stage or one arm): the loop, evaluation, checkpoints, signals.
+
+Run directory of one stage (see DEVELOPERS.md, "Run directory")::
+
+    config.json        resolved RunConfig (+ where the weights came from)
+    metrics.jsonl      train / eval / collapse / event records
+    checkpoints/       step_XXXXXX/{model/, trainer_state.pt}, latest
+    snapshots/         step_XXXXXX/ model only, one per evaluation
+    final/             the trained model (save_moe_model)
+    summary.json       final evaluation and run statistics (present = stage complete)
+
+The loop runs through accelerate's Accelerator, so `accelerate launch -m moescope.cli
+train ...` gives DDP with no code change; one CPU process is the default. Each step's
+batch is fixed by (seed, step) and split into micro-batches and per-process shards
+(moescope.train.order), so the data order is the same for every arm and any number
+of processes.
+
+Load-balancing loss over a whole optimizer step with gradient accumulation: f_i must
+count the tokens of ALL micro-batches before any backward. "keep_graphs" keeps every
+micro-batch graph and backpropagates once (activation memory x accumulation steps);
+"prepass" first routes all micro-batches without gradients, replaying the RNG so the
+routing is identical, then runs forward + backward per micro-batch with those counts
+(one extra forward per step, memory of one micro-batch). With one micro-batch both are
+the plain path and cost nothing extra. Across processes the counts are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from moescope.data.blocks import BlockStore
+from moescope.errors import MoescopeError
+from moescope.io.atomic import atomic_write_json
+from moescope.io.config import to_dict
+from moescope.io.provenance import sha256_file
+from moescope.moe.gpt2 import (
+    install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress,
+)
+from moescope.moe.layer import load_balancing_loss
+from moescope.train.checkpoint import (
+    latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
+)
+from moescope.train.config import RunConfig, comparable_config
+from moescope.train.metrics_log import MetricsLog
+from moescope.train.model import build_scratch_model, check_model_matches_data, load_init_model
+from moescope.train.optim import build_optimizer, build_scheduler
+from moescope.train.order import TrainOrder
+from moescope.train.routing import RoutingTotals, summarize_routing
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "metrics.jsonl"
+
+
+class NonFiniteLoss(MoescopeError):
+    """The loss became NaN or infinite: training stops without writing a checkpoint."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved, then training stopped."""
+
+
+def open_store(data_dir: str | Path) -> BlockStore:
+    if not str(data_dir):
+        raise MoescopeError("data_dir is not set (config key data_dir, or --set data_dir=DIR)")
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise MoescopeError(f"data directory not found: {path} (build it with `moescope data build --out {path}`)")
+    store = BlockStore.open(path)
+    for split in ("train", "eval"):
+        if sum(store.n_blocks(split, d) for d in store.domains) == 0:
+            raise MoescopeError(f"{path}: the {split} split has no blocks")
+    return store
+
+
+def peak_memory_mb() -> dict[str, float]:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # Linux: KiB
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
+    # Experts that receive no token in a micro-batch have no gradient: DDP must allow that.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.arch == "moe")]
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=handlers)
+
+
+class Trainer:
+    """Build (or restore) a run, then `fit()`. `train_step()` is public for the benchmark."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: Path,
+        *,
+        init: str | Path | None = None,
+        name: str = "run",
+        resume: bool = False,
+        accelerator=None,
+        on_step: Callable[[int, "Trainer"], None] | None = None,
+        write: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.on_step = on_step
+        self.write = write
+        self.store = open_store(cfg.data_dir)
+        self.manifest_sha = sha256_file(self.store.root / "manifest.json")
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.step = 0
+        self.collapse_streak: dict[str, int] = {}
+        self.collapse_events: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        self._stop_reason: str | None = None
+        self.last_good_checkpoint: Path | None = None
+
+        ckpt = self._checkpoint_to_resume() if resume else None
+        if ckpt is None and write and not resume and self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise MoescopeError(f"{self.out_dir} already exists and is not empty; pass --resume or choose another --out")
+        state: dict[str, Any] | None = None
+        if ckpt is not None:
+            model, state = load_checkpoint(ckpt)
+            self._check_state_matches(state, ckpt)
+            self.last_good_checkpoint = ckpt
+        else:
+            from accelerate.utils import set_seed
+
+            set_seed(cfg.train.seed)
+            model = self._initial_model(init)
+        check_model_matches_data(model, self.store, where=f"{name}")
+        model.config.use_cache = False
+        self.init = str(init) if init is not None else "scratch"
+        self.layers = moe_layers(model)
+        if cfg.arch == "dense" and self.layers:
+            raise MoescopeError(f"{name}: arch is dense but the starting model {init} has MoE layers")
+        self._lb_coefs = {
+            i: float(cfg.loss.lb_coef_by_layer.get(str(i), cfg.loss.lb_coef)) for i in self.layers
+        }
+        self.top_k = {i: layer.top_k for i, layer in self.layers.items()}
+
+        if cfg.train.cpu_threads is not None:
+            torch.set_num_threads(cfg.train.cpu_threads)
+        self.accelerator = accelerator or make_accelerator(cfg)
+        acc = self.accelerator
+        self.world = acc.num_processes
+        t = cfg.train
+        if t.batch_sequences % (t.grad_accum_steps * self.world):
+            raise MoescopeError(
+                f"train.batch_sequences={t.batch_sequences} must be divisible by grad_accum_steps x processes "
+                f"= {t.grad_accum_steps} x {self.world}"
+            )
+        model.to(acc.device)
+        optimizer = build_optimizer(model, cfg.optim, router_parameters(model))
+        self.scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.raw_model = acc.unwrap_model(self.model)
+        self.order = TrainOrder(self.store.index("train"), t.seed, t.batch_sequences)
+        self.tokens_per_step = t.batch_sequences * self.store.block_size
+
+        if state is not None:
+            self.step = int(state["step"])
+            self.collapse_streak = dict(state.get("collapse_streak", {}))
+            self.collapse_events = list(state.get("collapse_events", []))
+            restore_rng_state(state["rng"])
+        self.metrics = MetricsLog(
+            self.out_dir / METRICS_NAME,
+            tensorboard_dir=self.out_dir / "tensorboard" if cfg.tracking.tensorboard else None,
+            wandb_dir=self.out_dir if cfg.tracking.wandb else None,
+            wandb_name=name,
+            config=to_dict(cfg),
+            enabled=write and acc.is_main_process,
+        )
+        if write and acc.is_main_process:
+            if state is None and resume:
+                self.metrics.truncate_after(-1)  # an attempt that never reached a checkpoint starts over
+            if state is not None:
+                self.metrics.truncate_after(self.step)
+                self.metrics.write({"kind": "event", "step": self.step, "event": "resume", "checkpoint": str(ckpt)})
+            else:
+                atomic_write_json(self.out_dir / CONFIG_NAME, {
+                    "name": name, "init": self.init, "config": to_dict(cfg),
+                    "data_manifest_sha256": self.manifest_sha,
+                    "moe_layers": sorted(self.layers), "world_size": self.world,
+                })
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _initial_model(self, init: str | Path | None):
+        cfg = self.cfg
+        if init is None:
+            model = build_scratch_model(cfg.model, self.store, cfg.train.seed)
+        else:
+            model = load_init_model(init)
+        if cfg.arch == "moe" and not moe_layers(model):
+            install_moe(model, cfg.moe, seed=cfg.train.seed)
+        model.train()
+        return model
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        ckpt = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+        stored = self.out_dir / CONFIG_NAME
+        if stored.is_file():
+            data = json.loads(stored.read_text(encoding="utf-8"))
+            self._compare_configs(data["config"], str(stored))
+        return ckpt
+
+    def _compare_configs(self, stored: dict, where: str) -> None:
+        mine, theirs = comparable_config(self.cfg), comparable_config(stored)
+        if mine != theirs:
+            diffs = _dict_diff(theirs, mine)
+            raise MoescopeError(
+                f"{where} was written by another config; differing keys: {', '.join(diffs[:6])}"
+                f"{' ...' if len(diffs) > 6 else ''} (use a new --out, or the original config)"
+            )
+
+    def _check_state_matches(self, state: dict, ckpt: Path) -> None:
+        self._compare_configs(state["config"], f"checkpoint {ckpt}")
+        if state.get("data_manifest_sha256") != self.manifest_sha:
+            raise MoescopeError(
+                f"checkpoint {ckpt} was trained on another data directory (manifest hash differs from "
+                f"{self.store.root / 'manifest.json'})"
+            )
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def _micro_batches(self, step: int) -> list[torch.Tensor]:
+        acc, m = self.accelerator, self.cfg.train.grad_accum_steps
+        out = []
+        for micro in range(m):
+            rows = self.order.rows(step, micro, m, acc.process_index, self.world)
+            out.append(torch.from_numpy(self.store.gather("train", rows)).to(acc.device))
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.model(input_ids=x, labels=x).loss.float()
+
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (all micro-batches); returns the logged scalars."""
+        cfg, step = self.cfg, self.step
+        self.model.train()
+        set_training_progress(self.raw_model, step / cfg.train.steps)
+        batches = self._micro_batches(step)
+        m = len(batches)
+        scope = cfg.loss.lb_scope
+        layers = self.layers
+        if scope == "sequence":
+            return self._train_step_per_sequence(batches)
+
+        ce_sum = 0.0
+        stats = {i: {"counts": 0, "prob_sum": 0, "z": 0.0, "n": 0} for i in layers}
+        n_local = sum(b.numel() for b in batches)
+
+        def add_stats(micro_records) -> None:
+            for i, rec in micro_records.items():
+                s = stats[i]
+                s["counts"] = s["counts"] + rec.tokens_per_expert
+                s["prob_sum"] = s["prob_sum"] + rec.prob_sum.detach()
+                s["z"] += float(rec.z_loss.detach()) * rec.n_tokens
+                s["n"] += rec.n_tokens
+
+        def records():
+            return {i: layer.last_record for i, layer in layers.items()}
+
+        def z_term(recs) -> torch.Tensor:
+            total = 0.0
+            for rec in recs.values():
+                total = total + rec.z_loss * (rec.n_tokens / n_local)
+            return cfg.loss.z_coef * total
+
+        # Step-scope counts: all tokens of the step, all processes, known before any backward.
+        step_counts: dict[int, torch.Tensor] | None = None
+        n_step = n_local * self.world
+        need_lb = any(self._lb_coefs.values())
+        if need_lb and scope == "step" and m > 1 and cfg.loss.lb_accumulation == "prepass":
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            counts = {i: 0 for i in layers}
+            with torch.no_grad():
+                for x in batches:
+                    self._forward(x)
+                    for i, rec in records().items():
+                        counts[i] = counts[i] + rec.tokens_per_expert
+            step_counts = {i: self._reduce_sum(c) for i, c in counts.items()}
+            torch.set_rng_state(rng)  # replay: the real forwards draw the same noise and dropout
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+
+        def lb_term_step(recs_prob_sum: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]) -> torch.Tensor:
+            total = 0.0
+            for i, ps in recs_prob_sum.items():
+                if self._lb_coefs[i] == 0.0:
+                    continue
+                # x world: DDP averages gradients over processes; the global loss is a sum over them.
+                total = total + self._lb_coefs[i] * load_balancing_loss(counts[i], ps * self.world, n_step,
+                                                                         self.top_k[i])
+            return total
+
+        if layers and scope == "step" and m > 1 and cfg.loss.lb_accumulation == "keep_graphs":
+            total = 0.0
+            prob_sums: dict[int, torch.Tensor] = {i: 0 for i in layers}
+            for x in batches:
+                ce = self._forward(x)
+                recs = records()
+                add_stats(recs)
+                for i, rec in recs.items():
+                    prob_sums[i] = prob_sums[i] + rec.prob_sum
+                ce_sum += float(ce.detach())
+                total = total + ce / m + z_term(recs)
+            counts = {i: self._reduce_sum(stats[i]["counts"]) for i in layers}
+            total = total + lb_term_step(prob_sums, counts)
+            self._check_finite(total)
+            self.accelerator.backward(total)
+        else:
+            for j, x in enumerate(batches):
+                sync = j == m - 1
+                ctx = self.accelerator.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
+                with ctx:
+                    ce = self._forward(x)
+                    recs = records()
+                    add_stats(recs)
+                    loss = ce / m + z_term(recs) if layers else ce / m
+                    if need_lb and scope == "step":
+                        if step_counts is None:  # one micro-batch: its counts are the step's
+                            counts = {i: self._reduce_sum(rec.tokens_per_expert) for i, rec in recs.items()}
+                        else:
+                            counts = step_counts
+                        loss = loss + lb_term_step({i: rec.prob_sum for i, rec in recs.items()}, counts)
+                    elif layers and scope == "microbatch":
+                        lb = 0.0
+                        for i, rec in recs.items():
+                            if self._lb_coefs[i]:
+                                lb = lb + self._lb_coefs[i] * load_balancing_loss(
+                                    rec.tokens_per_expert, rec.prob_sum, rec.n_tokens, self.top_k[i])
+                        loss = loss + lb / m
+                    ce_sum += float(ce.detach())
+                    self._check_finite(loss)
+                    self.accelerator.backward(loss)
+            if step_counts is not None:
+                for i in layers:
+                    replayed = self._reduce_sum(stats[i]["counts"])
+                    if not torch.equal(replayed, step_counts[i]):
+                        log.warning("step %d layer %d: routing of the pre-pass differs from the training pass "
+                                    "(non-deterministic kernels?); the pre-pass counts were used", step, i)
+        return self._finish_step(ce_sum / m, stats, n_step)
+
+    def _train_step_per_sequence(self, batches: list[torch.Tensor]) -> dict[str, Any]:
+        """lb_scope = "sequence": the balance loss of every sequence, averaged over the step's sequences.
+
+        P per sequence needs per-token router probabilities with gradient; the layer only sums
+        them over its whole input, so they are taken from the router's output via a forward
+        hook, as the noise-free softmax (equal to the routed one once router noise is 0).
+        """
+        cfg, layers, m = self.cfg, self.layers, len(batches)
+        n_seq_local = sum(b.shape[0] for b in batches)
+        n_local = sum(b.numel() for b in batches)
+        stats = {i: {"counts": 0, "prob_sum": 0, "z": 0.0, "n": 0} for i in layers}
+        ce_sum = 0.0
+        logits_seen: dict[int, torch.Tensor] = {}
+        hooks = [layer.router.register_forward_hook(_store_output(logits_seen, i)) for i, layer in layers.items()]
+        for layer in layers.values():
+            layer.capture = True
+        try:
+            for j, x in enumerate(batches):
+                ctx = self.accelerator.no_sync(self.model) if j < m - 1 and self.world > 1 else contextlib.nullcontext()
+                with ctx:
+                    ce = self._forward(x)
+                    b, t = x.shape
+                    loss = ce / m
+                    for i, layer in layers.items():
+                        rec = layer.last_record
+                        s = stats[i]
+                        s["counts"] = s["counts"] + rec.tokens_per_expert
+                        s["prob_sum"] = s["prob_sum"] + rec.prob_sum.detach()
+                        s["z"] += float(rec.z_loss.detach()) * rec.n_tokens
+                        s["n"] += rec.n_tokens
+                        loss = loss + cfg.loss.z_coef * rec.z_loss * (rec.n_tokens / n_local)
+                        if not self._lb_coefs[i]:
+                            continue
+                        e, k = layer.n_experts, layer.top_k
+                        probs = torch.softmax(logits_seen[i].float().reshape(b, t, e), dim=-1)
+                        idx = rec.expert_index.reshape(b, t * k)
+                        seq_counts = torch.zeros(b, e, device=idx.device).scatter_add_(
+                            1, idx, torch.ones_like(idx, dtype=torch.float32))
+                        f = seq_counts / (t * k)
+                        p = probs.mean(dim=1)
+                        lb_per_seq = e * (f * p).sum(dim=1)
+                        loss = loss + self._lb_coefs[i] * lb_per_seq.sum() / n_seq_local
+                    ce_sum += float(ce.detach())
+                    self._check_finite(loss)
+                    self.accelerator.backward(loss)
+        finally:
+            for h in hooks:
+                h.remove()
+            for layer in layers.values():
+                layer.capture = False
+        return self._finish_step(ce_sum / m, stats, n_local * self.world)
+
+    def _finish_step(self, ce_local: float, stats: dict, n_step: int) -> dict[str, Any]:
+        """Clip, step optimizer and schedule; the logged values are over the whole step (all processes)."""
+        cfg = self.cfg
+        grad_norm = None
+        if cfg.optim.grad_clip_norm is not None:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        ce = float(self._reduce_sum(torch.tensor(ce_local, device=self.accelerator.device))) / self.world
+        out: dict[str, Any] = {"ce": ce, "lr": lr}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        if self.layers:
+            lb, z, max_frac = {}, {}, {}
+            for i, s in stats.items():
+                counts = self._reduce_sum(s["counts"].to(torch.float64))
+                prob_sum = self._reduce_sum(s["prob_sum"].to(torch.float64))
+                lb[str(i)] = float(load_balancing_loss(counts, prob_sum, n_step, self.top_k[i]))
+                z[str(i)] = s["z"] / max(s["n"], 1)
+                max_frac[str(i)] = float(counts.max() / counts.sum().clamp_min(1))
+            out["lb"] = lb
+            out["z"] = z
+            out["max_fraction"] = max_frac
+            out["loss"] = ce + sum(self._lb_coefs[int(i)] * v for i, v in lb.items()) + cfg.loss.z_coef * sum(z.values())
+        else:
+            out["loss"] = ce
+        if not math.isfinite(out["loss"]):
+            self._raise_non_finite(self.step)
+        return out
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._raise_non_finite(self.step + 1)
+
+    def _raise_non_finite(self, step: int) -> None:
+        last = self.last_good_checkpoint
+        self.metrics.write({"kind": "event", "step": step, "event": "non_finite_loss"})
+        raise NonFiniteLoss(
+            f"{self.name}: loss is NaN/inf at step {step}; training stopped, nothing saved; last good "
+            f"checkpoint: {last if last is not None else 'none (no checkpoint written yet)'}"
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Loss / perplexity per domain (token- and domain-weighted) and routing metrics on the eval split."""
+        model, store, t = self.raw_model, self.store, self.cfg.train
+        was_training = model.training
+        model.eval()
+        totals = {i: RoutingTotals(layer.n_experts, layer.top_k) for i, layer in self.layers.items()}
+        per_domain: dict[str, dict[str, float]] = {}
+        with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training RNG stream
+            for d_id, domain in enumerate(store.domains):
+                n = store.n_blocks("eval", domain)
+                if n == 0:
+                    continue
+                cap = n if t.eval_max_blocks_per_domain is None else min(n, t.eval_max_blocks_per_domain)
+                rows = np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))  # spread over the split
+                loss_sum, n_tok = 0.0, 0
+                for s in range(0, len(rows), t.eval_batch_sequences):
+                    part = rows[s : s + t.eval_batch_sequences]
+                    idx = np.stack([np.full(len(part), d_id), part], axis=1)
+                    x = torch.from_numpy(store.gather("eval", idx)).to(self.accelerator.device)
+                    with self.accelerator.autocast():
+                        logits = model(input_ids=x).logits
+                    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                         x[:, 1:].reshape(-1), reduction="sum")
+                    loss_sum += float(ce)
+                    n_tok += x[:, 1:].numel()
+                    for i, layer in self.layers.items():
+                        totals[i].add(layer.last_record)
+                per_domain[domain] = {"loss": loss_sum / n_tok, "tokens": n_tok,
+                                      "ppl": _ppl(loss_sum / n_tok)}
+        model.train(was_training)
+        tok_loss = sum(v["loss"] * v["tokens"] for v in per_domain.values()) / sum(v["tokens"] for v in per_domain.values())
+        dom_loss = sum(v["loss"] for v in per_domain.values()) / len(per_domain)
+        return {
+            "loss": {"token_weighted": tok_loss, "domain_weighted": dom_loss},
+            "ppl": {"token_weighted": _ppl(tok_loss), "domain_weighted": _ppl(dom_loss)},
+            "domains": per_domain,
+            "routing": {str(i): summarize_routing(tt) for i, tt in totals.items()},
+        }
+
+    def _check_collapse(self, ev: dict[str, Any]) -> list[str]:
+        """Update the per-layer streaks of max share > threshold; returns layers collapsed now."""
+        c = self.cfg.collapse
+        collapsed = []
+        for layer, r in ev["routing"].items():
+            streak = self.collapse_streak.get(layer, 0) + 1 if r["max_fraction"] > c.threshold_share else 0
+            self.collapse_streak[layer] = streak
+            if streak >= c.window_evals:
+                collapsed.append(layer)
+                if streak == c.window_evals:
+                    event = {"kind": "collapse", "step": self.step, "layer": int(layer),
+                             "expert": r["argmax_expert"], "share": r["max_fraction"],
+                             "window_evals": c.window_evals, "threshold_share": c.threshold_share,
+                             "early_stop": c.early_stop}
+                    self.collapse_events.append(event)
+                    self.metrics.write(event)
+                    log.warning("%s: layer %s collapsed at step %d: expert %d holds %.0f%% of tokens for %d evals",
+                                self.name, layer, self.step, r["argmax_expert"], 100 * r["max_fraction"], streak)
+        return collapsed
+
+    # ------------------------------------------------------------------ checkpoints and the loop
+
+    def save_checkpoint(self) -> Path | None:
+        if not (self.write and self.accelerator.is_main_process):
+            return None
+        path = save_checkpoint(
+            self.ckpt_dir, self.step, self.raw_model, self.optimizer.optimizer
+            if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
+            {"config": to_dict(self.cfg), "data_position_sequences": self.order.sequences_consumed(self.step),
+             "data_manifest_sha256": self.manifest_sha, "collapse_streak": self.collapse_streak,
+             "collapse_events": self.collapse_events, "name": self.name},
+            keep=self.cfg.train.keep_checkpoints,
+        )
+        self.last_good_checkpoint = path
+        return path
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
+
+    def _eval_and_record(self, tokens_per_s: float | None) -> dict[str, Any]:
+        ev = self.evaluate()
+        collapsed = self._check_collapse(ev) if self.layers else []
+        record = {"kind": "eval", "step": self.step, "tokens_seen": self.step * self.tokens_per_step, **ev,
+                  "collapsed_layers": [int(x) for x in collapsed], **peak_memory_mb()}
+        if tokens_per_s is not None:
+            record["tokens_per_s"] = tokens_per_s
+        self.metrics.write(record)
+        if self.write and self.accelerator.is_main_process and self.cfg.train.snapshot_at_eval:
+            save_moe_model(self.raw_model, self.out_dir / "snapshots" / f"step_{self.step:06d}")
+        if collapsed and self.cfg.collapse.early_stop:
+            self.request_stop(f"collapse in layers {collapsed}")
+        return record
+
+    def fit(self) -> dict[str, Any]:
+        """Train to cfg.train.steps (or an early stop), evaluating, checkpointing, saving the final model."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            if self.step == 0:
+                self._eval_and_record(None)
+            bar = tqdm(total=t.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
+                       disable=not (self.cfg.tracking.progress_bar and self.accelerator.is_main_process))
+            window_t0, window_steps, last_eval = time.perf_counter(), 0, None
+            train_time, train_steps = 0.0, 0
+            while self.step < t.steps and self._stop_reason is None:
+                t0 = time.perf_counter()
+                out = self.train_step()
+                dt = time.perf_counter() - t0
+                train_time += dt
+                train_steps += 1
+                window_steps += 1
+                tps = self.tokens_per_step / dt
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                if self.step % t.log_every_steps == 0 or self.step == t.steps:
+                    self.metrics.write({"kind": "train", "step": self.step,
+                                        "tokens_seen": self.step * self.tokens_per_step, **out,
+                                        "tokens_per_s": tps})
+                if self.step % t.eval_every_steps == 0 or self.step == t.steps:
+                    elapsed = time.perf_counter() - window_t0
+                    last_eval = self._eval_and_record(self.tokens_per_step * window_steps / max(elapsed, 1e-9))
+                    window_t0, window_steps = time.perf_counter(), 0
+                if self.on_step is not None:
+                    self.on_step(self.step, self)
+                if self._stop_signal is not None:
+                    path = self.save_checkpoint()
+                    name = signal.Signals(self._stop_signal).name
+                    self.metrics.write({"kind": "event", "step": self.step, "event": "interrupted", "signal": name,
+                                        "checkpoint": str(path)})
+                    raise TrainingInterrupted(
+                        f"{self.name}: {name} at step {self.step}; checkpoint saved to {path}; continue with --resume"
+                    )
+                if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and self.step < t.steps:
+                    self.save_checkpoint()
+            bar.close()
+            if self._stop_reason is not None:
+                self.metrics.write({"kind": "event", "step": self.step, "event": "early_stop",
+                                    "reason": self._stop_reason})
+            if last_eval is None or last_eval["step"] != self.step:
+                last_eval = self._eval_and_record(None)
+            self.save_checkpoint()
+            summary = {
+                "name": self.name, "arch": self.cfg.arch, "init": self.init, "steps": self.step,
+                "tokens_seen": self.step * self.tokens_per_step,
+                "stopped_early": self._stop_reason, "final_eval": {k: last_eval[k] for k in
+                                                                   ("loss", "ppl", "domains", "routing")},
+                "collapse_events": self.collapse_events,
+                "train_tokens_per_s": self.tokens_per_step * train_steps / train_time if train_time else None,
+                **peak_memory_mb(),
+            }
+            if self.write and self.accelerator.is_main_process:
+                save_moe_model(self.raw_model, self.out_dir / "final")
+                atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
+            self.accelerator.wait_for_everyone()
+            return summary
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+            self.metrics.close()
+
+
+def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, name: str = "run",
+              resume: bool = False, on_step=None) -> dict[str, Any]:
+    """Train one run into `out_dir`; with `resume`, continue from its latest checkpoint (or return
+    the stored summary if it already finished)."""
+    out_dir = Path(out_dir)
+    if resume and (out_dir / SUMMARY_NAME).is_file() and (out_dir / "final").is_dir():
+        stored = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+        mine, theirs = comparable_config(cfg), comparable_config(stored["config"])
+        if mine != theirs:
+            raise MoescopeError(f"{out_dir / CONFIG_NAME} was written by another config; differing keys: "
+                                f"{', '.join(_dict_diff(theirs, mine)[:6])}")
+        return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    return Trainer(cfg, out_dir, init=init, name=name, resume=resume, on_step=on_step).fit()
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _store_output(store: dict, key: int):
+    def hook(module, inputs, output) -> None:  # noqa: ARG001
+        store[key] = output
+
+    return hook
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                out.append(path)
+            else:
+                out.extend(_dict_diff(a[key], b[key], path))
+        return out
+    return [] if a == b else [f"{prefix} ({a!r} -> {b!r})"]
+
+
+__all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted", "open_store"]

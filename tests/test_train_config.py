@@ -1,0 +1,158 @@
+"""Experiment configs, arms, data order, optimizer groups, schedule, routing summaries (no training)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moescope.errors import MoescopeError
+from moescope.io.config import to_dict
+from moescope.train.config import (
+    ARM_MUTABLE_PATHS, load_experiment_config, resolve_arms,
+)
+from moescope.train.optim import build_optimizer, build_scheduler
+from moescope.train.order import TrainOrder
+from moescope.train.routing import RoutingTotals, summarize_routing
+from train_fixtures import tiny_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        p = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, p)
+        else:
+            yield p, v
+
+
+def _diff_paths(a, b):
+    la, lb = dict(_leaves(a)), dict(_leaves(b))
+    return sorted(k for k in set(la) | set(lb) if la.get(k, object()) != lb.get(k, object()))
+
+
+def test_builtin_arms_share_everything_but_their_own_difference(tmp_path: Path) -> None:
+    cfg = tiny_experiment(tmp_path, arms=["dense", "moe", "moe-top2", "moe-nolb"])
+    runs = {k: to_dict(v) for k, v in resolve_arms(cfg).items()}
+    # moe-nolb differs from moe ONLY in the load-balancing coefficient: noise and z-loss unchanged
+    assert _diff_paths(runs["moe"], runs["moe-nolb"]) == ["loss.lb_coef"]
+    assert runs["moe-nolb"]["moe"]["router_noise_std"] == 0.1
+    assert runs["moe-nolb"]["loss"]["z_coef"] == runs["moe"]["loss"]["z_coef"] > 0
+    assert _diff_paths(runs["moe"], runs["moe-top2"]) == ["moe.top_k"]
+    assert _diff_paths(runs["moe"], runs["dense"]) == ["arch"]
+    # data, steps, batch, seed, schedule and eval are identical in every arm
+    for run in runs.values():
+        assert run["train"] == runs["moe"]["train"]
+        assert run["data_dir"] == runs["moe"]["data_dir"]
+        assert run["model"] == runs["moe"]["model"]
+        assert {k: v for k, v in run["optim"].items() if k != "router_lr_mult"} == \
+            {k: v for k, v in runs["moe"]["optim"].items() if k != "router_lr_mult"}
+
+
+def test_user_arm_is_a_config_diff_and_cannot_touch_shared_keys(tmp_path: Path) -> None:
+    cfg = tiny_experiment(tmp_path, arms=["moe", "moe-e8"], arm={"moe-e8": {"extends": "moe", "moe": {"n_experts": 8}}})
+    runs = {k: to_dict(v) for k, v in resolve_arms(cfg).items()}
+    assert _diff_paths(runs["moe"], runs["moe-e8"]) == ["moe.n_experts"]
+    with pytest.raises(MoescopeError, match=r"arm 'longer' changes 'train.steps'.*must share"):
+        tiny_experiment(tmp_path, arms=["moe", "longer"], arm={"longer": {"train": {"steps": 99}}})
+    with pytest.raises(MoescopeError, match=r"changes 'optim.lr'"):
+        tiny_experiment(tmp_path, arms=["hot"], arm={"hot": {"optim": {"lr": 1.0}}})
+    with pytest.raises(MoescopeError, match=r"unknown config key 'arm.typo.moe.n_expert'.*'n_experts'"):
+        tiny_experiment(tmp_path, arms=["typo"], arm={"typo": {"moe": {"n_expert": 8}}})
+    with pytest.raises(MoescopeError, match=r"unknown arm 'moe-nlb'.*'moe-nolb'"):
+        tiny_experiment(tmp_path, arms=["moe-nlb"])
+    assert "train" not in ARM_MUTABLE_PATHS and "data_dir" not in ARM_MUTABLE_PATHS
+
+
+def test_unknown_config_key_in_a_file_names_the_closest(tmp_path: Path) -> None:
+    p = tmp_path / "exp.toml"
+    p.write_text('data_dir = "x"\n[train]\nstep = 10\n')
+    with pytest.raises(MoescopeError, match=r"unknown config key 'train.step'; did you mean 'steps'"):
+        load_experiment_config(p)
+    p.write_text('data_dir = "x"\n[optim]\nlr = 0.1\n')
+    with pytest.raises(MoescopeError, match=r"'optim.lrr'.*did you mean 'lr'"):
+        load_experiment_config(p, ["optim.lrr=0.2"])
+    with pytest.raises(MoescopeError, match="not divisible"):
+        load_experiment_config(p, ["train.batch_sequences=6", "train.grad_accum_steps=4"])
+
+
+def test_demo_config_has_the_demo_scale_settings() -> None:
+    cfg = load_experiment_config(REPO / "configs" / "demo.toml")
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads, cfg.model.context_tokens) == (4, 128, 4, 128)
+    assert cfg.moe.layers == [2, 3] and cfg.moe.n_experts == 8 and cfg.moe.top_k == 1 and cfg.moe.gating == "ste"
+    assert cfg.loss.lb_scope == "step" and cfg.loss.z_coef == 1e-3
+    assert cfg.train.batch_sequences * cfg.model.context_tokens == 2048 and cfg.train.steps == 600
+    assert set(cfg.arms) >= {"dense", "moe", "moe-nolb"}
+    resolve_arms(cfg)
+
+
+def test_train_order_is_shared_by_any_split_into_micro_batches_and_processes() -> None:
+    index = np.stack([np.repeat([0, 1, 2], 10), np.tile(np.arange(10), 3)], axis=1)
+    order = TrainOrder(index, seed=7, batch_sequences=8)
+    whole = [order.rows(s) for s in range(8)]
+    for n_micro, n_proc in ((2, 1), (2, 2), (4, 2), (1, 4)):
+        other = TrainOrder(index, seed=7, batch_sequences=8)
+        for s in range(8):
+            parts = [other.rows(s, m, n_micro, p, n_proc) for m in range(n_micro) for p in range(n_proc)]
+            np.testing.assert_array_equal(np.concatenate(parts), whole[s])
+    # each epoch visits every block exactly once; different seeds give different orders
+    first_epoch = np.concatenate([order.rows(s) for s in range(0, 30 // 8)] + [order.rows(3)[:6]])
+    assert len({tuple(r) for r in first_epoch}) == 30
+    assert not np.array_equal(TrainOrder(index, 8, 8).rows(0), whole[0])
+    assert order.sequences_consumed(5) == 40
+
+
+def test_optimizer_groups_and_warmup_cosine_schedule() -> None:
+    from moescope.moe.config import MoEConfig
+    from moescope.moe.gpt2 import install_moe, router_parameters
+    from moescope.train.config import OptimConfig
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    install_moe(model, MoEConfig(n_experts=4, layers=[1]))
+    cfg = OptimConfig(lr=1e-2, router_lr_mult=0.5, weight_decay=0.1, warmup_fraction=0.1, min_lr_ratio=0.1)
+    opt = build_optimizer(model, cfg, router_parameters(model))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert all(p.ndim < 2 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in groups["decay"]["params"]) and groups["decay"]["weight_decay"] == 0.1
+    assert len(groups["router"]["params"]) == 1 and groups["router"]["lr"] == pytest.approx(5e-3)
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len({id(p) for p in model.parameters()})  # every parameter once (tied wte/lm_head)
+    sched = build_scheduler(opt, cfg, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[5][0] == pytest.approx(1e-2 * 5 / 10)  # linear warmup over 10 steps
+    assert lrs[10][0] == pytest.approx(1e-2)
+    assert lrs[55][0] == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lrs[99][2] / lrs[99][0] == pytest.approx(0.5)  # router multiplier kept through the schedule
+
+
+def test_routing_summary_known_values() -> None:
+    class Rec:
+        def __init__(self, counts, probs):
+            self.tokens_per_expert = torch.tensor(counts)
+            self.prob_sum = torch.tensor(probs).sum(0)
+            self.n_tokens = len(probs)
+            self.dropped = torch.tensor(1)
+            self.entropy_mean = torch.tensor(0.5)
+            self.z_loss = torch.tensor(2.0)
+
+    t = RoutingTotals(n_experts=2, top_k=1)
+    t.add(Rec([3, 1], [[0.9, 0.1]] * 4))
+    t.add(Rec([0, 4], [[0.5, 0.5]] * 4))
+    s = summarize_routing(t)
+    assert s["token_fraction"] == [0.375, 0.625] and s["max_fraction"] == 0.625 and s["argmax_expert"] == 1
+    assert s["load_cv"] == pytest.approx(1 / 4)  # counts 3, 5: std 1, mean 4
+    assert s["dropped_fraction"] == pytest.approx(2 / 8)
+    mean_p = np.array([0.7, 0.3])
+    assert s["router_entropy_of_mean"] == pytest.approx(float(-(mean_p * np.log(mean_p)).sum()))
+    assert s["router_entropy_token"] == pytest.approx(0.5) and s["z_loss"] == pytest.approx(2.0)
+    assert s["lb_loss"] == pytest.approx(2 * (0.375 * 0.7 + 0.625 * 0.3))
