@@ -19,13 +19,14 @@ from moescope.train.config import ExperimentConfig, experiment_config_from_dict
 
 
 def make_block_store(root: Path, *, vocab: int = 96, block: int = 16, domains=("code", "math", "prose"),
-                     n_train: int = 24, n_eval: int = 6, seed: int = 0) -> Path:
+                     n_train: int = 24, n_eval: int | dict = 6, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     dtype = dtype_for_vocab(vocab)
     band = (vocab - 1) // len(domains)
     splits: dict = {"train": {}, "eval": {}}
-    for split, n in (("train", n_train), ("eval", n_eval)):
+    for split, n_split in (("train", n_train), ("eval", n_eval)):
         for d, name in enumerate(domains):
+            n = n_split[name] if isinstance(n_split, dict) else n_split
             lo = d * band
             start = rng.integers(0, band, size=(n, 1))
             step = d + 1

@@ -1,0 +1,271 @@
+"""Whole runs on tiny models: layout, matched compute, evaluation, exact resume, collapse, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moescope.cli import main
+from moescope.errors import MoescopeError
+from moescope.moe.gpt2 import load_moe_model, moe_layers
+from moescope.train.config import resolve_arms
+from moescope.train.experiment import run_experiment
+from moescope.train.metrics_log import read_metrics
+from moescope.train.trainer import NonFiniteLoss, Trainer, TrainingInterrupted, train_run
+from train_fixtures import make_block_store, one_thread, tiny_experiment  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    return make_block_store(tmp_path / "data")
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _train_rows(path: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(path, "train")]
+
+
+def test_experiment_writes_every_arm_at_matched_compute(data: Path, tmp_path: Path) -> None:
+    cfg = tiny_experiment(data, moe__upcycle_noise_rel=0.0, moe__router_noise_std=0.0)
+    run = tmp_path / "run"
+    summary = run_experiment(cfg, run)
+    assert set(summary) == {"base", "dense", "moe", "moe-nolb"}
+    for name in ("experiment.json", "environment.json", "data_manifest.json", "summary.json"):
+        assert (run / name).is_file()
+    env = json.loads((run / "environment.json").read_text())
+    assert env["libraries"]["torch"] and env["seeds"]["train.seed"] == 0
+    assert json.loads((run / "data_manifest.json").read_text()) == json.loads((data / "manifest.json").read_text())
+    base_final = load_moe_model(run / "base" / "final")
+    assert not moe_layers(base_final)
+
+    rows = {arm: _train_rows(run / "arms" / arm / "metrics.jsonl") for arm in ("dense", "moe", "moe-nolb")}
+    for arm, r in rows.items():
+        adir = run / "arms" / arm
+        assert [x["step"] for x in r] == list(range(1, 7))
+        assert [x["tokens_seen"] for x in r] == [64 * s for s in range(1, 7)]  # same tokens
+        assert [x["lr"] for x in r] == [x["lr"] for x in rows["dense"]]  # same schedule
+        assert sorted(p.name for p in (adir / "snapshots").iterdir()) == ["step_000000", "step_000003", "step_000006"]
+        assert (adir / "checkpoints" / "latest").read_text().strip() == "step_000006"
+        final = load_moe_model(adir / "final")
+        assert bool(moe_layers(final)) == (arm != "dense")
+        ev = read_metrics(adir / "metrics.jsonl", "eval")
+        assert [e["step"] for e in ev] == [0, 3, 6]
+        assert ev[-1]["peak_rss_mb"] > 0 and ev[-1]["tokens_per_s"] > 0
+        if arm != "dense":
+            routing = ev[-1]["routing"]["1"]
+            for key in ("token_fraction", "max_fraction", "load_cv", "router_entropy_token",
+                        "router_entropy_of_mean", "dropped_fraction", "lb_loss", "z_loss"):
+                assert key in routing
+            assert sum(routing["token_fraction"]) == pytest.approx(1.0, abs=1e-5)
+    # Same start, same data: an exactly upcycled top-1 STE model computes the dense model's loss at
+    # step 0 and its first step sees the same batch, so the first losses agree across arms.
+    ev0 = {a: read_metrics(run / "arms" / a / "metrics.jsonl", "eval")[0]["loss"]["token_weighted"] for a in rows}
+    base_last = read_metrics(run / "base" / "metrics.jsonl", "eval")[-1]["loss"]["token_weighted"]
+    for a in rows:
+        assert ev0[a] == pytest.approx(base_last, abs=1e-5)
+        assert rows[a][0]["ce"] == pytest.approx(rows["dense"][0]["ce"], abs=1e-5)
+    assert rows["moe"][0]["lb"]["1"] > 0 and "lb" not in rows["dense"][0]
+    assert rows["moe-nolb"][-1]["ce"] != rows["moe"][-1]["ce"]  # the LB coefficient did change something
+    # the arms' resolved configs differ exactly by their diffs
+    exp = json.loads((run / "experiment.json").read_text())
+    assert exp["arms"]["moe-nolb"]["diff"]["loss"]["lb_coef"] == 0.0
+
+
+def test_eval_is_token_and_domain_weighted(tmp_path: Path) -> None:
+    data = make_block_store(tmp_path / "data", n_eval={"code": 2, "math": 9, "prose": 5})
+    cfg = tiny_experiment(data, train__eval_max_blocks_per_domain=None, train__eval_batch_sequences=4)
+    run = resolve_arms(cfg, ["moe"])["moe"]
+    trainer = Trainer(run, tmp_path / "x", name="moe", write=False)
+    ev = trainer.evaluate()
+    model = trainer.raw_model.eval()
+    ref = {}
+    with torch.no_grad():  # reference: transformers' own shifted LM loss, block by block
+        for d_id, dom in enumerate(trainer.store.domains):
+            x = torch.from_numpy(trainer.store.blocks("eval", dom).astype(np.int64))
+            ref[dom] = float(model(input_ids=x, labels=x).loss)
+    for dom, loss in ref.items():
+        assert ev["domains"][dom]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert ev["domains"][dom]["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    tokens = {"code": 2 * 15, "math": 9 * 15, "prose": 5 * 15}
+    assert {d: v["tokens"] for d, v in ev["domains"].items()} == tokens
+    tok = sum(ref[d] * tokens[d] for d in ref) / sum(tokens.values())
+    assert ev["loss"]["token_weighted"] == pytest.approx(tok, rel=1e-5)
+    assert ev["loss"]["domain_weighted"] == pytest.approx(sum(ref.values()) / 3, rel=1e-5)
+    assert ev["routing"]["1"]["n_tokens"] == 16 * 16
+    # evaluation does not move the training RNG
+    state = torch.get_rng_state()
+    trainer.evaluate()
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_sigterm_then_resume_equals_one_uninterrupted_run_bit_for_bit(data: Path, tmp_path: Path) -> None:
+    over = dict(arms=["moe"], model__dropout=0.1, moe__router_noise_std=0.5, train__checkpoint_every_steps=0,
+                train__grad_accum_steps=2, moe__expert_dropout=0.1)
+    cfg = tiny_experiment(data, **over)
+    straight = tmp_path / "straight"
+    run_experiment(cfg, straight)
+
+    interrupted = tmp_path / "interrupted"
+    fired = []
+
+    def send_sigterm(step: int, trainer) -> None:
+        if trainer.name == "moe" and step == 3 and not fired:
+            fired.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM at step 3; checkpoint saved to .*step_000003"):
+        run_experiment(cfg, interrupted, on_step=send_sigterm)
+    assert not (interrupted / "arms" / "moe" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    run_experiment(tiny_experiment(data, **over), interrupted, resume=True)
+
+    a = _train_rows(straight / "arms" / "moe" / "metrics.jsonl")
+    b = _train_rows(interrupted / "arms" / "moe" / "metrics.jsonl")
+    assert len(a) == 6 and a == b  # identical floats: ce, lb, z, grad norm, lr
+    ea = [e["loss"] for e in read_metrics(straight / "arms" / "moe" / "metrics.jsonl", "eval")]
+    eb = [e["loss"] for e in read_metrics(interrupted / "arms" / "moe" / "metrics.jsonl", "eval")]
+    assert ea == eb
+    ma, mb = load_moe_model(straight / "arms/moe/final"), load_moe_model(interrupted / "arms/moe/final")
+    for (ka, va), (kb, vb) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    # a finished experiment resumes as a no-op
+    before = _tree(interrupted)
+    run_experiment(tiny_experiment(data, **over), interrupted, resume=True)
+    assert {k: v for k, v in _tree(interrupted).items() if k != "summary.json"} == \
+        {k: v for k, v in before.items() if k != "summary.json"}
+
+
+def test_collapse_is_detected_recorded_and_can_stop_early(data: Path, tmp_path: Path) -> None:
+    cfg = tiny_experiment(data, arms=["moe-nolb"], collapse__threshold_share=0.26, collapse__window_evals=2,
+                          collapse__early_stop=True, train__eval_every_steps=2)
+    summary = run_experiment(cfg, tmp_path / "run")["moe-nolb"]
+    metrics = tmp_path / "run" / "arms" / "moe-nolb" / "metrics.jsonl"
+    collapse = read_metrics(metrics, "collapse")
+    assert len(collapse) == 1 and collapse[0]["step"] == 2 and collapse[0]["layer"] == 1
+    assert collapse[0]["share"] > 0.26 and summary["stopped_early"] and summary["steps"] == 2
+    assert read_metrics(metrics, "eval")[-1]["collapsed_layers"] == [1]
+    assert [e["event"] for e in read_metrics(metrics, "event")] == ["early_stop"]
+
+
+def test_pretrained_base_directory_is_upcycled(data: Path, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "tiny-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(base)
+    cfg = tiny_experiment(data, arms=["dense", "moe"], base__init=str(base), moe__upcycle_noise_rel=0.0,
+                          train__steps=2, train__eval_every_steps=2)
+    run = tmp_path / "run"
+    run_experiment(cfg, run)
+    assert not (run / "base").exists()
+    ev0 = [read_metrics(run / "arms" / a / "metrics.jsonl", "eval")[0]["loss"]["token_weighted"] for a in ("dense", "moe")]
+    assert ev0[0] == pytest.approx(ev0[1], abs=1e-5)
+    assert json.loads((run / "arms" / "moe" / "config.json").read_text())["init"] == str(base)
+
+    small = tmp_path / "vocab100"
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(small)
+    with pytest.raises(MoescopeError, match=r"model vocabulary 100 != data vocabulary 96"):
+        run_experiment(tiny_experiment(data, base__init=str(small)), tmp_path / "bad")
+    short = tmp_path / "ctx8"
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=8, n_embd=32, n_layer=2, n_head=2)).save_pretrained(short)
+    with pytest.raises(MoescopeError, match=r"block size 16 tokens .* longer than the model's context of 8"):
+        run_experiment(tiny_experiment(data, base__init=str(short)), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_inputs_raise_clear_errors_and_overwrite_nothing(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(MoescopeError, match="data directory not found"):
+        run_experiment(tiny_experiment(tmp_path / "nope"), tmp_path / "r0")
+    with pytest.raises(MoescopeError, match=r"block size 16 tokens is longer than model.context_tokens=8"):
+        run_experiment(tiny_experiment(data, model__context_tokens=8), tmp_path / "r0")
+    assert not (tmp_path / "r0").exists()
+
+    cfg = tiny_experiment(data, arms=["moe"], train__steps=3)
+    run = tmp_path / "run"
+    run_experiment(cfg, run)
+    before = _tree(run)
+    with pytest.raises(MoescopeError, match="already exists.*--resume"):
+        run_experiment(cfg, run)
+    with pytest.raises(MoescopeError, match=r"another experiment.*optim.lr"):
+        run_experiment(tiny_experiment(data, arms=["moe"], train__steps=3, optim__lr=1e-2), run, resume=True)
+    other = resolve_arms(tiny_experiment(data, arms=["moe"], train__steps=3, moe__n_experts=2), ["moe"])["moe"]
+    with pytest.raises(MoescopeError, match=r"another config.*moe.n_experts"):
+        train_run(other, run / "arms" / "moe", resume=True)
+    # a checkpoint whose config differs from the run's (e.g. copied in from another run)
+    arm_dir = run / "arms" / "moe"
+    (arm_dir / "summary.json").rename(tmp_path / "summary.json")
+    state_file = arm_dir / "checkpoints" / "step_000003" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["config"]["moe"]["top_k"] = 2
+    torch.save(state, state_file)
+    with pytest.raises(MoescopeError, match=r"checkpoint .*step_000003 was written by another config.*moe.top_k"):
+        train_run(resolve_arms(cfg, ["moe"])["moe"], arm_dir, resume=True)
+    (tmp_path / "summary.json").rename(arm_dir / "summary.json")
+    assert _tree(run) == {k: v for k, v in before.items()} | {
+        "arms/moe/checkpoints/step_000003/trainer_state.pt": _tree(run)["arms/moe/checkpoints/step_000003/trainer_state.pt"]}
+
+
+def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(data: Path, tmp_path: Path) -> None:
+    cfg = tiny_experiment(data, arms=["moe"], train__checkpoint_every_steps=2)
+
+    def poison(step: int, trainer) -> None:
+        if trainer.name == "moe" and step == 3:
+            with torch.no_grad():
+                trainer.raw_model.transformer.wte.weight[5:, :] = float("nan")
+
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"NaN/inf at step 4.*last good checkpoint: .*step_000002"):
+        run_experiment(cfg, run, on_step=poison)
+    ckpts = run / "arms" / "moe" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000002" and not (ckpts / "step_000004").exists()
+    assert not (run / "arms" / "moe" / "final").exists()
+    assert read_metrics(run / "arms" / "moe" / "metrics.jsonl", "event")[-1]["event"] == "non_finite_loss"
+
+
+def test_cli_trains_one_arm_and_rejects_unknown_keys(data: Path, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(
+        f'data_dir = "{data}"\narms = ["dense", "moe"]\n[base]\nsteps = 2\n'
+        '[model]\nn_layers = 2\nd_model = 32\nn_heads = 2\ncontext_tokens = 32\n'
+        '[moe]\nn_experts = 4\nlayers = [1]\n'
+        '[train]\nsteps = 2\nbatch_sequences = 4\neval_every_steps = 2\neval_max_blocks_per_domain = 2\n'
+        '[tracking]\nprogress_bar = false\n'
+    )
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--set", "tracking.tensorboard=true", "--out", str(out)]) == 0
+    assert (out / "arms" / "moe" / "final").is_dir() and not (out / "arms" / "dense").exists()
+    assert list((out / "arms" / "moe" / "tensorboard").glob("events.out.tfevents.*"))
+    assert "moe" in capsys.readouterr().out
+    assert main(["train", str(cfg), "--set", "train.eval_evry_steps=3", "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.eval_evry_steps'; did you mean 'eval_every_steps'" in err
+    assert not (tmp_path / "r2").exists()
+
+
+def test_single_process_training_goes_through_accelerate(data: Path, tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    run = resolve_arms(tiny_experiment(data), ["moe"])["moe"]
+    trainer = Trainer(run, tmp_path / "x", name="moe", write=False)
+    assert isinstance(trainer.accelerator, Accelerator)
+    assert trainer.accelerator.num_processes == 1 and trainer.accelerator.device.type == "cpu"
+    assert trainer.accelerator.mixed_precision == "no"  # fp32 on CPU
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    before = trainer.raw_model.transformer.h[1].mlp.router.weight.detach().clone()
+    out = trainer.train_step()
+    out = trainer.train_step()  # step 0 has lr 0 (warmup); step 1 updates
+    assert math.isfinite(out["loss"])
+    assert not torch.equal(before, trainer.raw_model.transformer.h[1].mlp.router.weight)
