@@ -197,3 +197,26 @@ def test_token_shuffle_keeps_rates_and_breaks_pathways():
     hist = merge_iteration(null, MergeConfig(alpha=1.0, target_k=3))
     kept = np.array([int(lab[1:]) for lab in hist.labels])
     assert perm_invariant_hamming(hist.assignments[-1], truth[kept]) > 0
+
+
+def test_expert_activations_from_routing_table():
+    from moescope.cluster.components import expert_activations
+
+    idx = {2: np.array([[0, 1], [2, 0], [1, 2]]), 3: np.array([[1, 0], [1, 0], [0, 1]])}
+    w = {2: np.array([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]]), 3: np.ones((3, 2))}
+    acts, labels = expert_activations(idx, w, n_experts=3)
+    assert labels == ["L2.e0", "L2.e1", "L2.e2", "L3.e0", "L3.e1", "L3.e2"]
+    expected = np.array([[0.7, 0.3, 0, 1, 1, 0], [0.4, 0, 0.6, 1, 1, 0], [0, 0.5, 0.5, 1, 1, 0]], dtype=np.float32)
+    np.testing.assert_allclose(acts, expected)
+
+
+def test_group_service_and_token_types():
+    from moescope.cluster.components import TOKEN_TYPES, classify_tokens, group_masks, served_fraction
+
+    masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=bool)
+    served = group_masks(masks, np.array([0, 0, 1]))
+    assert served.tolist() == [[True, False], [True, False], [False, True], [True, False]]
+    frac = served_fraction(served, np.array([0, 0, 1, 1]), 2)
+    np.testing.assert_allclose(frac, [[1.0, 0.5], [0.0, 0.5]])
+    types = [TOKEN_TYPES[i] for i in classify_tokens([" the", "The", "42", ");", "\n", "x2"])]
+    assert types == ["word", "capitalized", "number", "punctuation", "whitespace", "mixed"]

@@ -19,6 +19,7 @@ from moescope.errors import MoescopeError
 # One line per command module; keep the order of the study.
 COMMAND_MODULES: list[str] = [
     "moescope.commands.train",
+    "moescope.commands.cluster",
 ]
 
 

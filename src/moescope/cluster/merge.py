@@ -88,6 +88,11 @@ class MergeHistory:
         """Number of groups after i merges, int [n_steps + 1]."""
         return len(self.labels) - np.arange(self.n_steps + 1)
 
+    @property
+    def best_step(self) -> int:
+        """The step with the lowest description length: the grouping MDL prefers (first if tied)."""
+        return int(np.argmin(self.mdl))
+
     def groups_at(self, step: int) -> list[list[str]]:
         """The groups after `step` merges, as lists of component labels (ordered by group id)."""
         row = self.assignments[step]

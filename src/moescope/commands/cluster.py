@@ -1,0 +1,105 @@
+"""`moescope cluster RUN_OR_MODEL [--data DIR] ...`: cluster experts by co-activation (seed 004)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "cluster",
+        help="cluster (layer, expert) components by co-activation: MDL merges per batch, stability across batches",
+        description=(
+            "Capture per-token gate weights of every (layer, expert) of a saved MoE model on N data batches, "
+            "merge components greedily by description length in each batch (one process per batch, spawn "
+            "start method), and compare the merge histories across batches and against token-shuffled "
+            "nulls. Writes histories, ensemble.npz/json, cluster_summary.json and PNG plots."
+        ),
+    )
+    p.add_argument("run_or_model", metavar="RUN_OR_MODEL",
+                   help="a saved model directory, a training stage (final/) or an experiment run (arms/ARM/)")
+    p.add_argument("--data", metavar="DIR", help="data directory (default: the one the run recorded)")
+    p.add_argument("--arm", default="moe", help="arm of an experiment run to cluster (default: moe)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN_OR_MODEL/cluster)")
+    p.add_argument("--config", help="config file (.toml/.yaml/.json) mapping onto ClusterRunConfig")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. --set merge.alpha=0.5 --set capture.weight=router_prob (repeatable)")
+    p.add_argument("--workers", type=int, help="merge processes (1 = inline, for debugging; default 1)")
+    p.add_argument("--batches", type=int, help="number of batches when splitting by seed (default 4)")
+    p.add_argument("--batch-by", choices=["seed", "domain"], help="disjoint random batches or one per domain")
+    p.add_argument("--tokens-per-batch", type=int, help="tokens per batch (default 16384)")
+    p.add_argument("--components", choices=["experts", "neurons"],
+                   help="(layer, expert) pairs, or the FFN units of one expert (--set capture.neuron_layer=..)")
+    p.add_argument("--alpha", type=float, help="MDL group-size weight (default 1.0)")
+    p.add_argument("--selection", choices=["range", "mcmc"], help="pair choice rule (default range)")
+    p.add_argument("--target-k", type=int, help="merge down to this many groups (default 1)")
+    p.add_argument("--seed", type=int, help="seed of batch sampling and merges (default 0)")
+    p.add_argument("--no-null", action="store_true", help="skip the token-shuffled null model")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Config file, then --set overrides, then the dedicated flags (last wins)."""
+    from moescope.cluster.pipeline import ClusterRunConfig
+    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+
+    raw = load_config_file(args.config) if args.config else {}
+    raw = deep_merge(raw, parse_overrides(args.overrides))
+    flags = {
+        ("workers",): args.workers,
+        ("capture", "n_batches"): args.batches,
+        ("capture", "batch_by"): args.batch_by,
+        ("capture", "tokens_per_batch"): args.tokens_per_batch,
+        ("capture", "components"): args.components,
+        ("capture", "seed"): args.seed,
+        ("merge", "seed"): args.seed,
+        ("merge", "alpha"): args.alpha,
+        ("merge", "pair_selection"): args.selection,
+        ("merge", "target_k"): args.target_k,
+        ("null_model",): False if args.no_null else None,
+    }
+    for keys, value in flags.items():
+        if value is None:
+            continue
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return from_dict(ClusterRunConfig, raw)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moescope.cluster.pipeline import cluster_analysis_pipeline
+    from moescope.errors import MoescopeError
+
+    cfg = build_config(args)
+    out = Path(args.out) if args.out else Path(args.run_or_model) / "cluster"
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise MoescopeError(f"output directory {out} is not empty; pass --overwrite or choose another --out")
+    res = cluster_analysis_pipeline(args.run_or_model, args.data, out, cfg, arm=args.arm)
+    method = cfg.distance_methods[0]
+    stab = res.summary["stability"][method]
+    print(f"{'batch':<12} {'tokens':>8} {'kept':>5} {'MDL-optimal k':>14}")
+    for name in res.members:
+        h = res.histories[name]
+        print(f"{name:<12} {h.n_tokens:>8} {len(h.labels):>5} {res.summary['mdl_optimal_k'][name]:>14}")
+    if len(res.members) > 1:
+        print(f"\n{method} between batches (fraction of {len(res.normalized.labels)} components):")
+        print(f"{'k':>6} {'batches':>9} {'null':>9}")
+        n = len(res.normalized.labels)
+        null = stab.get("null_mean_distance")
+        for i in range(0, len(stab["n_groups"]), max(1, len(stab["n_groups"]) // 12)):
+            nd = f"{null[i] / n:.3f}" if null and i < len(null) and null[i] is not None else "-"
+            print(f"{stab['n_groups'][i]:>6.1f} {stab['mean_distance'][i] / n:>9.3f} {nd:>9}")
+    first = res.summary["final_clusters"][res.members[0]]
+    print(f"\nMDL-optimal clusters of batch {res.members[0]} (k = {first['n_groups']}), share of each domain served:")
+    for g in first["groups"]:
+        doms = " ".join(f"{d}={v:.2f}" for d, v in g["domains"].items() if v is not None)
+        print(f"  [{', '.join(g['components'])}]  {doms}")
+    print(json.dumps({"out_dir": str(out), "plots": [str(p) for p in res.plots]}))
+    return 0

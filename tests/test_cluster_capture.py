@@ -1,0 +1,165 @@
+"""Capture from a real (tiny) saved MoE GPT-2 and a block store; the `moescope cluster` command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moescope.cluster.io import CaptureConfig, capture_batches, read_batch, resolve_model_dir
+from moescope.data.blocks import BlockStore
+
+gpt2 = pytest.importorskip("moescope.moe.gpt2")
+BLOCK = 16
+VOCAB = 300
+
+
+def make_data_dir(root: Path) -> Path:
+    """A data directory in the BlockStore contract: 2 domains x 6 eval blocks, plus a BPE tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    texts = ["def f(x):\n    return x + 1\n", "The river flows north. It is 42 miles long."] * 20
+    bpe.train_from_iterator(texts, vocab_size=VOCAB, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.save_pretrained(str(root / "tokenizer"))
+    rng = np.random.default_rng(0)
+    splits = {"train": {}, "eval": {}}
+    for d in ("code", "prose"):
+        for split, n in (("train", 0), ("eval", 6)):
+            (root / "blocks" / split).mkdir(parents=True, exist_ok=True)
+            rng.integers(0, len(tok), size=(n, BLOCK)).astype(np.uint16).tofile(root / "blocks" / split / f"{d}.bin")
+            splits[split][d] = {"n_blocks": n}
+    manifest = {"format_version": 1, "block_size": BLOCK, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                "dtype": "uint16", "domains": ["code", "prose"], "splits": splits}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def make_model_dir(root: Path, top_k: int = 2) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moescope.moe.config import MoEConfig
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=VOCAB + 1,
+                                       bos_token_id=0, eos_token_id=0))
+    gpt2.install_moe(model, MoEConfig(n_experts=4, top_k=top_k, layers=[0, 1], gating="switch"), seed=0)
+    with torch.no_grad():
+        for layer in gpt2.moe_layers(model).values():
+            layer.router.weight.normal_(std=1.0)  # a spread of routing decisions, not a tie
+    gpt2.save_moe_model(model, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster_capture")
+    return make_model_dir(root / "model"), make_data_dir(root / "data")
+
+
+def test_capture_by_seed_matches_a_direct_forward(dirs, tmp_path):
+    model_dir, data_dir = dirs
+    cfg = CaptureConfig(n_batches=2, tokens_per_batch=3 * BLOCK, seed=5)
+    paths = capture_batches(model_dir, data_dir, tmp_path, cfg)
+    assert [p.name for p in paths] == ["seed5", "seed6"]
+    store = BlockStore.open(data_dir)
+    index = store.index("eval")
+    model = gpt2.load_moe_model(model_dir)
+    layers = gpt2.moe_layers(model)
+    seen_blocks = []
+    for path in paths:
+        acts, arrays, meta = read_batch(path)
+        assert meta["labels"] == [f"L{b}.e{e}" for b in (0, 1) for e in range(4)]
+        blocks = np.unique(arrays["block"])
+        assert len(blocks) == 3 and np.array_equal(arrays["position"][:BLOCK], np.arange(BLOCK))
+        seen_blocks.append(set(blocks.tolist()))
+        tokens = store.gather("eval", index[blocks])
+        assert np.array_equal(arrays["token_id"], tokens.reshape(-1))
+        assert np.array_equal(arrays["domain"], np.repeat(index[blocks, 0], BLOCK))
+        # independent: one forward of all blocks at once, gate weights scattered by hand
+        for layer in layers.values():
+            layer.capture = True
+        with torch.no_grad():
+            model(input_ids=torch.as_tensor(tokens))
+        expected = np.zeros((tokens.size, 8), dtype=np.float32)
+        for li, b in enumerate((0, 1)):
+            rec = layers[b].last_record
+            for t in range(tokens.size):
+                for j in range(2):
+                    expected[t, li * 4 + int(rec.expert_index[t, j])] += float(rec.gate_weight[t, j])
+        np.testing.assert_allclose(np.asarray(acts), expected, atol=1e-6)
+        assert np.all((np.asarray(acts) > 0).sum(axis=1) == 4)  # top-2 in each of 2 layers
+        assert set(arrays["token_type"].tolist()) <= set(range(6)) and (arrays["token_type"] >= 0).all()
+    assert not (seen_blocks[0] & seen_blocks[1])  # disjoint batches
+
+
+def test_capture_by_domain_one_batch_per_domain(dirs, tmp_path):
+    model_dir, data_dir = dirs
+    paths = capture_batches(model_dir, data_dir, tmp_path, CaptureConfig(batch_by="domain", tokens_per_batch=4 * BLOCK))
+    assert [p.name for p in paths] == ["code", "prose"]
+    for d, path in enumerate(paths):
+        _, arrays, _ = read_batch(path)
+        assert len(arrays["token_id"]) == 4 * BLOCK and np.all(arrays["domain"] == d)
+
+
+def test_capture_neurons_of_one_expert(dirs, tmp_path):
+    model_dir, data_dir = dirs
+    cfg = CaptureConfig(n_batches=1, tokens_per_batch=2 * BLOCK, components="neurons", neuron_layer=1, neuron_expert=2)
+    (path,) = capture_batches(model_dir, data_dir, tmp_path, cfg)
+    acts, arrays, meta = read_batch(path)
+    acts = np.asarray(acts)
+    assert acts.shape == (2 * BLOCK, 128) and meta["labels"][5] == "L1.e2.n5"
+    # what the expert computed inside the layer's own forward, caught by a hook on its activation
+    model = gpt2.load_moe_model(model_dir)
+    layer = gpt2.moe_layers(model)[1]
+    caught = []
+    hook = layer.experts[2].act.register_forward_hook(lambda _m, _i, out: caught.append(out.detach().numpy()))
+    layer.capture = True
+    with torch.no_grad():
+        model(input_ids=torch.as_tensor(arrays["token_id"].reshape(-1, BLOCK)))
+    hook.remove()
+    routed = (layer.last_record.expert_index == 2).any(dim=1).numpy()
+    assert 0 < routed.sum() < len(routed)
+    assert np.all(acts[~routed] == 0)
+    # the layer runs expert 2 on its tokens in token order (stable sort), zero-padded to
+    # MIN_EXPERT_ROWS rows at the end when there are fewer
+    (inside,) = caught
+    np.testing.assert_allclose(acts[routed], inside[: routed.sum()], atol=1e-5)
+
+
+def test_resolve_model_dir_from_run_layouts(dirs, tmp_path):
+    model_dir, data_dir = dirs
+    assert resolve_model_dir(model_dir) == (model_dir, None)
+    run = tmp_path / "run"
+    (run / "arms" / "moe").mkdir(parents=True)
+    (run / "arms" / "moe" / "final").symlink_to(model_dir)
+    (run / "experiment.json").write_text(json.dumps({"experiment": {"data_dir": str(data_dir)}}))
+    assert resolve_model_dir(run) == (run / "arms" / "moe" / "final", str(data_dir))
+    from moescope.errors import MoescopeError
+
+    with pytest.raises(MoescopeError, match="arm 'dense'.*arms: moe"):
+        resolve_model_dir(run, arm="dense")
+
+
+def test_cluster_command_end_to_end(dirs, tmp_path, capsys):
+    from moescope.cli import main
+
+    model_dir, data_dir = dirs
+    out = tmp_path / "out"
+    code = main(["cluster", str(model_dir), "--data", str(data_dir), "--out", str(out), "--batches", "2",
+                 "--tokens-per-batch", str(3 * BLOCK), "--alpha", "0.5", "--set", "capture.weight=router_prob"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "MDL-optimal clusters of batch seed0" in printed
+    summary = json.loads((out / "cluster_summary.json").read_text())
+    assert summary["members"] == ["seed0", "seed1"] and summary["config"]["capture"]["weight"] == "router_prob"
+    assert summary["config"]["merge"]["alpha"] == 0.5
+    for name in ("cluster_sizes.png", "distance_vs_k.png", "final_clusters_seed0.png", "ensemble.npz", "null_ensemble.json"):
+        assert (out / name).is_file()
+    # a second run into the same directory is refused
+    assert main(["cluster", str(model_dir), "--data", str(data_dir), "--out", str(out)]) == 2
