@@ -18,8 +18,10 @@ from moescope.errors import MoescopeError
 
 # One line per command module; keep the order of the study.
 COMMAND_MODULES: list[str] = [
+    "moescope.commands.data",
     "moescope.commands.train",
     "moescope.commands.cluster",
+    "moescope.commands.partition",
 ]
 
 

@@ -1,0 +1,159 @@
+"""`moescope data build` and `moescope data inspect`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("data", help="build or inspect a multi-domain token-block corpus")
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
+
+    b = sub.add_parser("build", help="build a data directory (sources -> split -> tokenizer -> blocks + manifest)")
+    b.add_argument("--out", default="runs/data", help="output data directory (default: runs/data)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing different build at --out")
+    b.add_argument("--config", help="build config file (.toml/.yaml/.json) mapping onto DataBuildConfig")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set tokenizer.vocab_size=8192 (repeatable)")
+    b.add_argument("--domains", help="comma-separated domains to build (built-in: code,math,prose)")
+    b.add_argument("--block-size", type=int, help="tokens per block (default 512)")
+    b.add_argument("--target-mb", type=float, help="size target per domain in MB of UTF-8 text (default 1.5)")
+    b.add_argument("--target-texts", type=int, help="size target per domain in number of texts")
+    b.add_argument("--tokenizer", choices=["bpe", "gpt2"], help="bpe: train on the train split; gpt2: pretrained")
+    b.add_argument("--tokenizer-path", help="directory or hub id of the gpt2 tokenizer (default: gpt2)")
+    b.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    b.add_argument("--seed", type=int, help="seed for sampling, splitting and balancing (default 42)")
+    b.add_argument("--eval-fraction", type=float, help="eval share of each domain's texts (default 0.05, min 20 texts)")
+    b.add_argument("--balance", action="store_true", help="truncate every domain to the smallest block count")
+    b.add_argument("--files", action="append", default=[], metavar="DOMAIN=PATH[,PATH...]",
+                   help="take DOMAIN from your .txt/.jsonl/.py files, directories or globs (repeatable)")
+    b.add_argument("--hf", action="append", default=[], metavar="DOMAIN=DATASET[:CONFIG]",
+                   help="take DOMAIN from a Hugging Face dataset, e.g. code=codeparrot/codeparrot-clean (repeatable)")
+    b.add_argument("--hf-path", action="append", default=[], metavar="DOMAIN=PATH",
+                   help="local stand-in (file/dir/glob/zip) for DOMAIN's --hf dataset")
+    b.set_defaults(func=run_build)
+
+    i = sub.add_parser("inspect", help="random samples, statistics and a length plot of a data directory")
+    i.add_argument("dir", help="data directory built by `moescope data build`")
+    i.add_argument("--samples", type=int, default=3, help="samples per domain, split and kind (default 3)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--max-chars", type=int, default=600, help="truncate printed samples (default 600)")
+    i.add_argument("--png", help="length-distribution plot path (default DIR/inspect/length_distribution.png)")
+    i.set_defaults(func=run_inspect)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    from moescope.errors import MoescopeError
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise MoescopeError(f"{flag} {item!r} must look like DOMAIN=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def build_config_from_args(args: argparse.Namespace) -> Any:
+    """Config file, then --set overrides, then the dedicated flags (last wins)."""
+    import dataclasses
+
+    from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig
+    from moescope.errors import MoescopeError
+    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+
+    raw = load_config_file(args.config) if args.config else {}
+    cfg = from_dict(DataBuildConfig, deep_merge(raw, parse_overrides(args.overrides)))
+
+    domains = list(cfg.domains)
+    if args.domains:
+        by_name = {d.name: d for d in domains}
+        names = [n.strip() for n in args.domains.split(",") if n.strip()]
+        # Domains named in --files/--hf are added below with their source; others must be built-in.
+        given = set(_pairs(args.files, "--files")) | set(_pairs(args.hf, "--hf"))
+        domains = [by_name.get(n) or DomainConfig(name=n) for n in names if n in by_name or n not in given]
+    for name, value in _pairs(args.files, "--files").items():
+        src = SourceConfig(backend="files", paths=[p for p in value.split(",") if p])
+        domains = _put_domain(domains, name, src)
+    hf_paths = _pairs(args.hf_path, "--hf-path")
+    for name, value in _pairs(args.hf, "--hf").items():
+        ds, _, conf = value.partition(":") if not value.startswith("http") else (value, "", "")
+        src = SourceConfig(backend="hf", name=ds, config=conf or None, path=hf_paths.pop(name, None))
+        domains = _put_domain(domains, name, src)
+    if hf_paths:
+        raise MoescopeError(f"--hf-path for domain(s) without --hf: {', '.join(hf_paths)}")
+    if args.target_mb is not None or args.target_texts is not None:
+        domains = [dataclasses.replace(d, target_mb=args.target_mb if args.target_mb is not None else
+                                       (None if args.target_texts is not None else d.target_mb),
+                                       target_texts=args.target_texts if args.target_texts is not None else d.target_texts)
+                   for d in domains]
+    tok = cfg.tokenizer
+    if args.tokenizer or args.tokenizer_path or args.vocab_size:
+        tok = dataclasses.replace(
+            tok, kind=args.tokenizer or ("gpt2" if args.tokenizer_path else tok.kind),
+            name_or_path=args.tokenizer_path or tok.name_or_path, vocab_size=args.vocab_size or tok.vocab_size)
+    changes: dict[str, Any] = {"domains": domains, "tokenizer": tok}
+    if args.block_size is not None:
+        changes["block_size_tokens"] = args.block_size
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    if args.eval_fraction is not None:
+        changes["eval_fraction"] = args.eval_fraction
+    if args.balance:
+        changes["balance"] = True
+    return dataclasses.replace(cfg, **changes)
+
+
+def _put_domain(domains: list, name: str, source: Any) -> list:
+    import dataclasses
+
+    from moescope.data.config import DomainConfig
+
+    for i, d in enumerate(domains):
+        if d.name == name:
+            domains = list(domains)
+            domains[i] = dataclasses.replace(d, source=source)
+            return domains
+    return [*domains, DomainConfig(name=name, source=source)]
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from moescope.data.build import build_dataset
+
+    cfg = build_config_from_args(args)
+    store = build_dataset(cfg, args.out, overwrite=args.overwrite)
+    m = store.manifest
+    print(f"built {store.root}  (block {store.block_size}, vocab {store.vocab_size}, {store.dtype.name})")
+    for split in ("train", "eval"):
+        for d in store.domains:
+            s = m["splits"][split][d]
+            print(f"  {split:5s} {d:10s} texts {s['n_texts']:7d}  tokens {s['n_tokens']:9d}  "
+                  f"blocks {s['n_blocks']:6d}  tail dropped {s['tail_tokens_dropped']}")
+    for w in m.get("warnings", []):
+        print(f"  warning: {w}")
+    print(f"  leakage check passed; manifest: {store.root / 'manifest.json'}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moescope.data.blocks import BlockStore
+    from moescope.data.inspect import draw_samples, plot_length_distribution, summary_rows
+
+    store = BlockStore.open(args.dir)
+    rows = summary_rows(store)
+    cols = list(rows[0])
+    print("  ".join(f"{c:>14s}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{str(r[c]):>14s}" for c in cols))
+    for s in draw_samples(store, args.samples, args.seed):
+        text = s.content if len(s.content) <= args.max_chars else s.content[: args.max_chars] + " [...]"
+        print(f"\n--- {s.split} / {s.domain} / {s.kind} #{s.index} {s.meta if s.meta else ''}")
+        print(text)
+    png = Path(args.png) if args.png else store.root / "inspect" / "length_distribution.png"
+    plot_length_distribution(store, png)
+    print(f"\nlength distribution plot: {png}")
+    return 0

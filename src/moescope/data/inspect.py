@@ -1,0 +1,94 @@
+"""Human review of a built data directory: random samples, summary statistics, length plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moescope.data.blocks import SPLITS, BlockStore, tokenizer_dir
+from moescope.data.split import domain_seed
+
+
+@dataclass
+class Sample:
+    split: str
+    domain: str
+    kind: str  # "text" or "block"
+    index: int
+    content: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def text_lengths(store: BlockStore, split: str, domain: str) -> np.ndarray:
+    return np.array([len(r["text"]) for r in store.texts(split, domain)], dtype=np.int64)
+
+
+def summary_rows(store: BlockStore) -> list[dict[str, Any]]:
+    """One row per (split, domain): counts from the manifest plus text length quantiles."""
+    rows = []
+    for split in SPLITS:
+        for d in store.domains:
+            s = store.manifest["splits"][split][d]
+            lens = text_lengths(store, split, d)
+            rows.append({
+                "split": split, "domain": d, "texts": s["n_texts"], "tokens": s["n_tokens"], "blocks": store.n_blocks(split, d),
+                "tail_dropped": s["tail_tokens_dropped"], "chars_p50": int(np.median(lens)) if len(lens) else 0,
+                "chars_p95": int(np.percentile(lens, 95)) if len(lens) else 0,
+                "tokens_per_char": round(s["n_tokens"] / max(1, s["n_chars"]), 3),
+            })
+    return rows
+
+
+def draw_samples(store: BlockStore, n: int, seed: int = 0) -> list[Sample]:
+    """`n` random raw texts and `n` random decoded blocks per domain and split."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(store.root)))
+    out: list[Sample] = []
+    for split in SPLITS:
+        for d in store.domains:
+            rng = np.random.default_rng(domain_seed(seed, f"inspect/{split}/{d}"))
+            records = list(store.texts(split, d))
+            for i in sorted(rng.choice(len(records), size=min(n, len(records)), replace=False)):
+                rec = records[int(i)]
+                meta = {k: v for k, v in rec.items() if k not in ("text",) and not isinstance(v, (dict, list))}
+                out.append(Sample(split, d, "text", int(i), rec["text"], meta))
+            blocks = store.blocks(split, d)
+            for i in sorted(rng.choice(len(blocks), size=min(n, len(blocks)), replace=False)):
+                out.append(Sample(split, d, "block", int(i), tok.decode(np.asarray(blocks[int(i)]).tolist())))
+    return out
+
+
+def plot_length_distribution(store: BlockStore, path: Path) -> Path:
+    """Histogram of text lengths (characters, log scale) per domain, train and eval overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moescope.io.atomic import atomic_write_bytes
+
+    domains = store.domains
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        all_lens = [text_lengths(store, s, d) for s in SPLITS]
+        hi = max(int(x.max()) for x in all_lens if len(x)) if any(len(x) for x in all_lens) else 10
+        bins = np.logspace(0, np.log10(max(hi, 10)), 40)
+        for split, lens in zip(SPLITS, all_lens):
+            ax.hist(lens, bins=bins, alpha=0.6, density=True, label=f"{split} (n={len(lens)})")
+        ax.set_xscale("log")
+        ax.set_title(d)
+        ax.set_xlabel("text length (characters)")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("density")
+    fig.suptitle(f"text lengths per domain: {store.root.name}")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

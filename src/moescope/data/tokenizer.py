@@ -1,0 +1,67 @@
+"""Tokenizers for the block store: a byte-level BPE trained on the train split, or GPT-2's.
+
+Either way the result is a transformers fast tokenizer saved with save_pretrained in
+DIR/tokenizer, so every later stage loads it with AutoTokenizer.from_pretrained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from moescope.data.config import TokenizerConfig
+from moescope.errors import MoescopeError
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, model_max_length: int = 1024) -> Any:
+    """Byte-level BPE (GPT-2 style, no prefix space, lossless decode) with EOS as its only special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+        model_max_length=model_max_length,
+    )
+
+
+def load_pretrained_tokenizer(name_or_path: str) -> Any:
+    """A transformers fast tokenizer from a local directory or a hub id (GPT-2 by default)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as exc:  # OSError / ValueError / HF offline errors
+        raise MoescopeError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {exc}") from exc
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise MoescopeError(f"tokenizer {name_or_path!r} is not a fast (HF tokenizers) tokenizer")
+    if tok.eos_token_id is None:
+        raise MoescopeError(f"tokenizer {name_or_path!r} has no EOS token")
+    return tok
+
+
+def make_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str], model_max_length: int) -> Any:
+    if cfg.kind == "bpe":
+        return train_bpe(train_texts, cfg.vocab_size, cfg.min_frequency, model_max_length)
+    if cfg.kind == "gpt2":
+        return load_pretrained_tokenizer(cfg.name_or_path)
+    raise MoescopeError(f"unknown tokenizer kind {cfg.kind!r} (choose bpe or gpt2)")
+
+
+def tokenizer_size(tok: Any) -> int:
+    """Number of ids the model must embed (base vocab plus added special tokens)."""
+    return len(tok)
+
+
+def save_tokenizer(tok: Any, directory: Path) -> None:
+    tok.save_pretrained(str(directory))
