@@ -21,7 +21,6 @@ COMMAND_MODULES: list[str] = [
     "moescope.commands.data",
     "moescope.commands.train",
     "moescope.commands.cluster",
-    "moescope.commands.partition",
 ]
 
 
