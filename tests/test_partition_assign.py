@@ -104,7 +104,8 @@ def test_rebalance_moves_the_texts_nearest_the_receiving_centroid_first():
     member[np.arange(100), y] = True
     centroids = np.stack([x[y == p].mean(0) for p in range(2)])
     cost = squared_distances(x, centroids)
-    out, primary, moved = rebalance(member, y.copy(), cost, 0.2)
+    out, primary, moved, within = rebalance(member, y.copy(), cost, 0.2)
+    assert within
     # mean 50, band [40, 60]: exactly 30 texts move from partition 0 to 1
     assert moved == 30 and out.sum(0).tolist() == [60, 40]
     moved_rows = np.flatnonzero(out[:, 1] & (y == 0))
@@ -125,11 +126,49 @@ def test_rebalance_meets_the_band_on_random_imbalanced_memberships():
         member |= rng.random((n, n_parts)) < 0.05  # some overlap copies
         member[np.arange(n), labels] = True
         total = member.sum()
-        out, primary, _ = rebalance(member, labels, rng.random((n, n_parts)), 0.2)
+        out, primary, _, within = rebalance(member, labels, rng.random((n, n_parts)), 0.2)
+        assert within
         lo, hi = size_bounds(int(total), n_parts, 0.2)
         assert out.sum() == total
         assert out.sum(0).min() >= lo and out.sum(0).max() <= hi, trial
         assert out[np.arange(n), primary].all()
+
+
+def test_weighted_rebalance_balances_characters_not_texts():
+    rng = np.random.default_rng(1)
+    x, y = blobs([300, 60, 40])
+    weights = np.where(y == 0, 100.0, 500.0) * rng.uniform(0.5, 1.5, size=len(y))  # few long texts elsewhere
+    member = np.zeros((len(y), 3), dtype=bool)
+    member[np.arange(len(y)), y] = True
+    out, primary, moved, within = rebalance(member, y.copy(), rng.random((len(y), 3)), 0.2, weights)
+    sizes = weights @ out
+    assert within and np.abs(sizes / sizes.mean() - 1).max() <= 0.2
+    assert np.isclose(sizes.sum(), weights.sum())
+    # a single text heavier than the band: the band is unreachable, the loop still ends and says so
+    member = np.array([[1, 0], [0, 1], [0, 1], [0, 1]], dtype=bool)
+    out, _, _, within = rebalance(member, np.array([0, 1, 1, 1]), np.zeros((4, 2)), 0.2, np.array([100.0, 1, 1, 1]))
+    assert not within and out.sum() == 4
+
+
+def test_weighted_overlap_adds_about_ratio_times_the_weight():
+    y = np.array([0] * 10 + [1] * 10)
+    member = np.zeros((20, 2), dtype=bool)
+    member[np.arange(20), y] = True
+    weights = np.arange(1, 21, dtype=float)
+    cost = np.tile(np.arange(20, dtype=float)[:, None], (1, 2))  # lower index = nearer
+    out, added = add_overlap(member, 0.5, cost, weights)
+    # partition 1 holds weight 155 -> wants 78, but the others hold only 55: it gets all 10
+    assert added[1] == 10 and weights[out[:, 1] & (y == 0)].sum() == 55
+    # partition 0 holds 55 -> wants 28 from texts 11, 12 (weights 11+12=23; +13 would be 36)
+    assert added[0] == 2 and np.flatnonzero(out[:, 0] & (y == 1)).tolist() == [10, 11]
+
+
+def test_weighted_curriculum_deal_splits_the_characters_evenly():
+    scores = np.arange(12, dtype=float)
+    weights = np.array([10.0] * 6 + [30.0] * 6)  # hard texts are long
+    labels = deal_by_score(scores, 2, weights)
+    assert labels.tolist() == [0] * 8 + [1] * 4  # 6x10 + 2x30 = 120 = 4x30
+    assert np.all(np.diff(labels) >= 0)
 
 
 def test_size_bounds_are_twenty_percent_or_the_nearest_integers():

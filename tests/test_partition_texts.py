@@ -70,11 +70,22 @@ def test_random_partition_report_numbers():
     assert len(s["top_terms"]) == 3
 
 
+def test_default_balance_counts_characters(monkeypatch):
+    block_sentence_transformers(monkeypatch)
+    texts, domains = three_domains()
+    with pytest.warns(EmbeddingFallbackWarning):
+        out = partition_texts(texts, PartitionConfig(n_partitions=3), domains=domains)
+    s = summarize_outcome(out)
+    chars = np.array(s["sizes_chars"])
+    assert s["within_band"] and np.abs(chars / chars.mean() - 1).max() <= 0.2
+    assert s["adjusted_rand_index_before_rebalance"] == pytest.approx(1.0)
+
+
 def test_tfidf_fallback_warns_and_still_clusters_by_domain(monkeypatch):
     block_sentence_transformers(monkeypatch)
     texts, domains = three_domains()
     with pytest.warns(EmbeddingFallbackWarning, match="sentence-transformers is not installed"):
-        out = partition_texts(texts, PartitionConfig(n_partitions=3, overlap_ratio=0.0), domains=domains)
+        out = partition_texts(texts, PartitionConfig(n_partitions=3, overlap_ratio=0.0, balance_unit="texts"), domains=domains)
     s = summarize_outcome(out)
     assert s["embedding"]["backend"] == "tfidf-svd"
     assert s["adjusted_rand_index"] == pytest.approx(1.0)
@@ -119,7 +130,7 @@ def minilm_run(tmp_path_factory):
         warnings.simplefilter("error", EmbeddingFallbackWarning)  # must not fall back
         out = partition_texts(
             texts,
-            PartitionConfig(n_partitions=3, overlap_ratio=0.0, seed=0),
+            PartitionConfig(n_partitions=3, overlap_ratio=0.0, seed=0, balance_unit="texts"),
             domains=domains,
             embedding=EmbeddingOptions(cache_dir=cache, show_progress=False),
         )

@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "moescope.commands.data",
     "moescope.commands.train",
     "moescope.commands.cluster",
+    "moescope.commands.partition",
 ]
 
 

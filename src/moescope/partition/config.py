@@ -26,6 +26,8 @@ class PartitionConfig:
     min_article_length_chars: int = 0
     # after overlap every partition ends within +-balance_tolerance of the mean size
     balance_tolerance: float = 0.2
+    # what "size" counts: characters (~ training tokens, so branches cost alike) or texts
+    balance_unit: Literal["chars", "texts"] = "chars"
     # curriculum score: mean word length (the seed's proxy) or a trained model's perplexity
     curriculum_score: Literal["word_length", "perplexity"] = "word_length"
 
@@ -38,5 +40,7 @@ class PartitionConfig:
             raise ValueError(f"overlap_ratio must be in [0, 1], got {self.overlap_ratio}")
         if not 0.0 <= self.balance_tolerance < 1.0:
             raise ValueError(f"balance_tolerance must be in [0, 1), got {self.balance_tolerance}")
+        if self.balance_unit not in ("chars", "texts"):
+            raise ValueError(f"balance_unit must be 'chars' or 'texts', got {self.balance_unit!r}")
         if self.min_article_length_chars < 0:
             raise ValueError(f"min_article_length_chars must be >= 0, got {self.min_article_length_chars}")

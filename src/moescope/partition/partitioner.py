@@ -92,7 +92,8 @@ def partition_texts(
             kept_scores = np.asarray(scores(kept_texts), dtype=np.float64)
         else:
             kept_scores = np.asarray(scores, dtype=np.float64)[kept]
-    assignment = assign_partitions(len(kept_texts), cfg, embeddings=vectors, scores=kept_scores)
+    weights = np.array([len(t) for t in kept_texts], dtype=np.float64) if cfg.balance_unit == "chars" else None
+    assignment = assign_partitions(len(kept_texts), cfg, embeddings=vectors, scores=kept_scores, weights=weights)
     return PartitionOutcome(
         cfg=cfg,
         texts=kept_texts,
@@ -117,13 +118,16 @@ def summarize_outcome(outcome: PartitionOutcome, *, n_terms: int = 10) -> dict:
             "seed": outcome.cfg.seed,
             "min_article_length_chars": outcome.cfg.min_article_length_chars,
             "balance_tolerance": outcome.cfg.balance_tolerance,
+            "balance_unit": outcome.cfg.balance_unit,
             "curriculum_score": outcome.cfg.curriculum_score,
         },
         "n_texts_input": outcome.extra.get("n_input", len(outcome.texts)),
         "n_texts_kept": len(outcome.texts),
         "n_dropped_short": outcome.n_dropped_short,
         "sizes": a.sizes().tolist(),
+        "sizes_chars": [int(sum(len(t) for t in outcome.partition_texts(p))) for p in range(n)],
         "own_sizes": np.bincount(a.primary, minlength=n).tolist(),
+        "within_band": a.within_band,
         "overlap_added": a.n_overlap_added.tolist(),
         "n_moved_by_rebalance": a.n_moved,
         "overlap_counts": quality.overlap_counts(a.member).tolist(),

@@ -1,0 +1,141 @@
+"""`moescope partition`: split a corpus into N partitions (one per expert / branch) and report how."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "partition",
+        help="split a corpus into N partitions (random / clustered / curriculum) with overlap and balance",
+        description="Split a corpus into N partitions, one directory each (usable as a `files` data source), "
+        "plus a report (sizes, overlaps, top terms, purity and ARI against the domains).",
+    )
+    src = p.add_argument_group("corpus (default: the built-in code / math / prose domains)")
+    src.add_argument("--data", help="a built data directory: partition its texts of --split")
+    src.add_argument("--split", default="train", choices=["train", "eval"], help="split of --data (default train)")
+    src.add_argument("--config", help="data build config file (.toml/.yaml/.json): partition its domains' sources")
+    src.add_argument("--files", action="append", default=[], metavar="DOMAIN=PATH[,PATH...]",
+                     help="take DOMAIN from .txt/.jsonl/.py files, directories or globs (repeatable)")
+    src.add_argument("--target-mb", type=float, help="size target per source domain in MB (default: the data config's)")
+    src.add_argument("--max-texts-per-domain", type=int, help="seeded subsample: at most this many texts per domain")
+    p.add_argument("--out", required=True, help="output directory (one partition_NN/ per partition + report)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("-n", "--n-partitions", type=int, default=3, help="number of partitions (default 3)")
+    p.add_argument("--strategy", default="clustered", choices=["random", "clustered", "curriculum"],
+                   help="default clustered (all-MiniLM-L6-v2 + KMeans)")
+    p.add_argument("--overlap-ratio", type=float, default=0.1, help="extra share of texts from other partitions (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-article-length", type=int, default=0, metavar="CHARS",
+                   help="drop texts shorter than this many characters first (default 0)")
+    p.add_argument("--balance-tolerance", type=float, default=0.2, help="allowed deviation from the mean size (default 0.2)")
+    p.add_argument("--balance-unit", default="chars", choices=["chars", "texts"],
+                   help="what partition size counts (default chars, ~ training tokens)")
+    p.add_argument("--curriculum-model", metavar="DIR",
+                   help="curriculum: score texts by this trained model's perplexity instead of mean word length")
+    p.add_argument("--embedding-model", help="sentence-transformers model path or hub name (default all-MiniLM-L6-v2)")
+    p.add_argument("--embedding-cache", help="embedding cache directory (default ~/.cache/moescope/embeddings)")
+    p.add_argument("--no-embedding-cache", action="store_true", help="do not read or write the embedding cache")
+    p.add_argument("--embed-max-tokens", type=int, default=128, help="truncate texts to this many word pieces (default 128)")
+    p.set_defaults(func=run_partition)
+
+
+def _corpus_from_args(args: argparse.Namespace):
+    import dataclasses
+
+    from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig
+    from moescope.errors import MoescopeError
+    from moescope.io.config import from_dict, load_config_file
+    from moescope.partition.io import read_data_dir_corpus, read_source_corpus
+
+    if args.data and (args.config or args.files):
+        raise MoescopeError("--data reads a built data directory; do not combine it with --config or --files")
+    if args.data:
+        return read_data_dir_corpus(args.data, args.split)
+    cfg = from_dict(DataBuildConfig, load_config_file(args.config)) if args.config else DataBuildConfig()
+    domains = list(cfg.domains)
+    if args.files:
+        domains = [] if not args.config else domains
+        for item in args.files:
+            if "=" not in item:
+                raise MoescopeError(f"--files {item!r} must look like DOMAIN=PATH[,PATH...]")
+            name, paths = item.split("=", 1)
+            domains = [d for d in domains if d.name != name.strip()]
+            domains.append(DomainConfig(name=name.strip(), source=SourceConfig(backend="files", paths=paths.split(","))))
+    if args.target_mb is not None:
+        domains = [dataclasses.replace(d, target_mb=args.target_mb) for d in domains]
+    return read_source_corpus(dataclasses.replace(cfg, domains=domains))
+
+
+def _perplexity_scorer(model_dir: str):
+    def score(texts: list[str]):
+        from moescope.partition.scoring import score_perplexity
+
+        return score_perplexity(texts, model_dir)
+
+    return score
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from moescope.errors import MoescopeError
+    from moescope.io.provenance import environment_info
+    from moescope.partition.config import PartitionConfig
+    from moescope.partition.embedding import default_cache_dir
+    from moescope.partition.io import write_partitions
+    from moescope.partition.partitioner import EmbeddingOptions, partition_texts, summarize_outcome
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MoescopeError(f"{out} already exists (pass --overwrite to replace it)")
+    try:
+        cfg = PartitionConfig(
+            n_partitions=args.n_partitions,
+            strategy=args.strategy,
+            overlap_ratio=args.overlap_ratio,
+            seed=args.seed,
+            min_article_length_chars=args.min_article_length,
+            balance_tolerance=args.balance_tolerance,
+            balance_unit=args.balance_unit,
+            curriculum_score="perplexity" if args.curriculum_model else "word_length",
+        )
+    except ValueError as exc:
+        raise MoescopeError(str(exc)) from exc
+    if args.curriculum_model and cfg.strategy != "curriculum":
+        raise MoescopeError("--curriculum-model only applies to --strategy curriculum")
+
+    start = time.perf_counter()
+    corpus = _corpus_from_args(args).subsample(args.max_texts_per_domain, args.seed)
+    print(f"partitioning {len(corpus.texts)} texts into {cfg.n_partitions} ({cfg.strategy})")
+    cache = None if args.no_embedding_cache else Path(args.embedding_cache) if args.embedding_cache else default_cache_dir()
+    try:
+        outcome = partition_texts(
+            corpus.texts,
+            cfg,
+            domains=corpus.domains,
+            scores=_perplexity_scorer(args.curriculum_model) if args.curriculum_model else None,
+            embedding=EmbeddingOptions(model=args.embedding_model, cache_dir=cache, max_tokens=args.embed_max_tokens),
+        )
+    except ValueError as exc:
+        raise MoescopeError(str(exc)) from exc
+    report = summarize_outcome(outcome)
+    report["corpus"] = corpus.source
+    report["seconds_total"] = round(time.perf_counter() - start, 2)
+    report["environment"] = environment_info()
+    ids = [corpus.ids[i] for i in outcome.kept_index]
+    write_partitions(outcome, ids, out, report=report, overwrite=args.overwrite)
+
+    print(f"sizes (texts): {report['sizes']}  chars: {report['sizes_chars']}  within band: {report['within_band']}")
+    if "adjusted_rand_index" in report:
+        print(f"ARI vs domains {report['adjusted_rand_index']:.3f}  purity {report['purity']:.3f}")
+    if "embedding" in report:
+        e = report["embedding"]
+        print(f"embedding: {e['backend']} {e['seconds']:.1f} s ({e['n_computed']} computed, {e['n_cached']} cached)")
+    for p, terms in enumerate(report["top_terms"]):
+        print(f"  partition {p}: {', '.join(terms[:8])}")
+    print(f"wrote {out} (report: {out / 'report.md'})")
+    return 0
