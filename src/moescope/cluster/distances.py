@@ -7,8 +7,8 @@ group ids; equals n minus the maximum-weight matching on the contingency table
 grouped together in one labeling and apart in the other (unnormalized Rand
 distance).  The contingency graph splits into connected components whose best
 matchings are independent; components with a single group on one side (almost
-all of them early in a merge) are solved in closed form, so full ensembles of
-long histories stay cheap.
+all of them early in a merge) are solved in closed form and only the rest goes
+to the Hungarian solver, so full ensembles of long histories stay cheap.
 """
 
 from __future__ import annotations
@@ -59,14 +59,16 @@ def perm_invariant_hamming(x: np.ndarray, y: np.ndarray) -> int:
     best = np.zeros(n_comp, dtype=np.int64)
     np.maximum.at(best, edge_comp, counts)
     matched = int(best[star].sum())
-    for c in np.flatnonzero(~star):
-        sel = edge_comp == c
-        rows, ri = np.unique(ex[sel], return_inverse=True)
-        cols, ci = np.unique(ey[sel], return_inverse=True)
+    # the rest in one solve: the table restricted to non-star components is block-diagonal,
+    # and the best matching of a block-diagonal table is the sum of its blocks' best
+    rest = ~star[edge_comp]
+    if rest.any():
+        rows, ri = np.unique(ex[rest], return_inverse=True)
+        cols, ci = np.unique(ey[rest], return_inverse=True)
         table = np.zeros((len(rows), len(cols)), dtype=np.int64)
-        table[ri, ci] = counts[sel]
-        r, cc = linear_sum_assignment(table, maximize=True)
-        matched += int(table[r, cc].sum())
+        table[ri, ci] = counts[rest]
+        r, c = linear_sum_assignment(table, maximize=True)
+        matched += int(table[r, c].sum())
     return int(x.size - matched)
 
 

@@ -140,7 +140,7 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
 def unpack_masks(packed: np.ndarray, n_tokens: int) -> np.ndarray:
     """Inverse of pack_masks: uint64 [n, W] -> bool [N, n]."""
     bits = np.unpackbits(packed.view(np.uint8), axis=1, count=n_tokens, bitorder="little")
-    return bits.T.astype(bool)
+    return np.ascontiguousarray(bits.T).view(bool)  # token-major, so C = M^T M reads rows
 
 
 # ---------------------------------------------------------------- MDL and costs
