@@ -118,3 +118,11 @@ def test_failing_batch_is_named_and_other_results_kept(tmp_path, workers):
     assert (tmp_path / "out" / "histories" / "seed0.npz").is_file()
     assert (tmp_path / "out" / "histories" / "seed2.npz").is_file()
     assert not (tmp_path / "out" / "histories" / "seed1.npz").exists()
+
+
+def test_batch_with_only_dead_components_is_a_clear_error(tmp_path):
+    (batch,) = make_batches(tmp_path, n=1)
+    acts, arrays, meta = read_batch(batch)
+    write_batch(batch, np.zeros_like(np.asarray(acts)), arrays, meta)
+    with pytest.raises(MoescopeError, match=r"batch 'seed0'.*every component is dead"):
+        run_merges(make_tasks([batch], tmp_path / "out", MergeConfig()), workers=1)

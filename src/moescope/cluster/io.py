@@ -296,6 +296,9 @@ def process_batch(task: MergeTask) -> str:
         acts = shuffle_tokens(acts, np.random.default_rng(task.shuffle_seed))
     cfg = from_dict(MergeConfig, {**task.merge, "seed": task.seed}, where="merge")
     history = merge_iteration(acts, cfg, labels=meta["labels"])
+    if not history.labels:
+        raise MoescopeError(f"batch {task.batch_dir}: every component is dead (max activation <= "
+                            f"merge.dead_threshold={cfg.dead_threshold})")
     save_merge_history(history, task.result_path)
     return task.result_path
 
