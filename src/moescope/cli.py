@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "moescope.commands.train",
     "moescope.commands.cluster",
     "moescope.commands.partition",
+    "moescope.commands.btx",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Experts trained apart, then merged (Branch-Train-MiX) or ensembled (c-BTM)."""

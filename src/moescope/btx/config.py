@@ -1,0 +1,82 @@
+"""Settings of a branch / merge / ensemble study (`moescope btx`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moescope.errors import MoescopeError
+from moescope.moe.config import MoEConfig
+from moescope.train.config import ModelConfig, OptimConfig, RunConfig, TrackingConfig, TrainConfig, validate_run
+
+
+@dataclass
+class BTXConfig:
+    """One shared dense base, N branches per partitioning, their merge (BTX) and ensemble (c-BTM).
+
+    Compute is matched in training tokens: the dense baseline continues from the base for
+    n_partitions x branch_steps + finetune_steps steps of the same batch, exactly what
+    the branches plus the merged model's fine-tune cost (top-1 routing keeps a token's
+    FLOPs those of one dense MLP).
+    """
+
+    data_dir: str = ""
+    # the dense base every branch starts from: "scratch" = trained here for base_steps
+    base_init: str = "scratch"
+    base_steps: int = 300
+    branch_steps: int = 100
+    finetune_steps: int = 60
+    n_partitions: int = 3
+    strategies: list[str] = field(default_factory=lambda: ["clustered", "random"])
+    overlap_ratio: float = 0.1
+    partition_seed: int = 0
+    # blocks whose MLPs become MoE layers in the merge; None = every block (as in BTX)
+    moe_layers: list[int] | None = None
+    top_k: int = 1
+    lb_coef: float = 0.01
+    # "means": router rows from each partition's mean hidden state; "random": install_moe's init
+    router_init: Literal["means", "random"] = "means"
+    router_init_blocks: int = 64  # blocks per partition used to measure the mean hidden state
+    # c-BTM: weights softmax(-d^2 / T) over partition centroids, optionally top-k experts only
+    cbtm_temperature: float = 0.1
+    cbtm_top_k: int | None = None
+    # held-out scoring: tokens after the first eval_context_tokens of each eval block
+    eval_context_tokens: int = 32
+    eval_max_blocks_per_domain: int | None = 64
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(eval_every_steps=1000, checkpoint_every_steps=0))
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(progress_bar=True))
+
+    def __post_init__(self) -> None:
+        if self.n_partitions < 2:
+            raise MoescopeError(f"n_partitions must be >= 2, got {self.n_partitions}")
+        bad = [s for s in self.strategies if s not in ("random", "clustered", "curriculum")]
+        if bad:
+            raise MoescopeError(f"strategies: unknown {bad} (random, clustered, curriculum)")
+        for name in ("base_steps", "branch_steps", "finetune_steps"):
+            if getattr(self, name) < 0:
+                raise MoescopeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cbtm_temperature <= 0:
+            raise MoescopeError(f"cbtm_temperature must be > 0, got {self.cbtm_temperature}")
+        if not 1 <= self.top_k <= self.n_partitions:
+            raise MoescopeError(f"top_k must be in 1..n_partitions={self.n_partitions}, got {self.top_k}")
+
+    def stage_run(self, *, data_dir: str, arch: str, steps: int, moe: MoEConfig | None = None) -> RunConfig:
+        """The RunConfig of one training stage: shared shape, optimizer and batch; its own data and steps."""
+        run = RunConfig(
+            data_dir=data_dir,
+            arch=arch,  # type: ignore[arg-type]
+            model=self.model,
+            moe=moe or MoEConfig(),
+            optim=self.optim,
+            train=dataclasses.replace(self.train, steps=steps),
+            tracking=self.tracking,
+        )
+        run.loss = dataclasses.replace(run.loss, lb_coef=self.lb_coef)
+        validate_run(run, where=f"btx stage ({arch}, {steps} steps)")
+        return run
+
+    def total_dense_steps(self) -> int:
+        return self.n_partitions * self.branch_steps + self.finetune_steps
