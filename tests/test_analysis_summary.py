@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from moescope.analysis import metrics
-from moescope.analysis.summary import SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer
+from moescope.analysis.summary import (
+    SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer, summarize_token_types,
+)
 from moescope.analysis.table import RoutingTable
 
 
@@ -93,3 +95,24 @@ def test_eval_loss_summary() -> None:
     assert out["domains"]["a"]["low"] < 2.0 < out["domains"]["a"]["high"]
     assert out["token_weighted"]["estimate"] == pytest.approx(3.0)
     assert out["domain_weighted"]["estimate"] == pytest.approx(3.0)
+
+
+def test_token_type_summary() -> None:
+    rng = np.random.default_rng(2)
+    table = synthetic_table(rng)
+    # type 0 always on expert 3 by construction below; type 1 random; -1 rows ignored
+    types = rng.integers(0, 2, table.n_tokens)
+    types[:10] = -1
+    expert = table.expert_index.copy()
+    expert[types == 0, 0] = 3
+    table = RoutingTable(table.token_id, table.block, table.position, table.domain, expert,
+                         table.gate_weight, table.router_probs)
+    out = summarize_token_types(types, table, ["keyword", "name", "number"], CFG)
+    assert out["n_tokens"] == table.n_tokens - 10
+    assert out["top_expert"]["keyword"] == {"expert": 3, "share": 1.0, "n_tokens": int((types == 0).sum())}
+    assert "number" not in out["top_expert"]
+    counts = np.array(out["counts"])
+    assert counts.shape == (3, 4) and counts.sum() == table.n_tokens - 10
+    assert counts[0, :3].sum() == 0
+    assert out["nmi"]["estimate"] == pytest.approx(float(metrics.normalized_mutual_information(counts[:2])))
+    assert out["nmi"]["low"] <= out["nmi"]["estimate"] <= out["nmi"]["high"]

@@ -91,3 +91,27 @@ def test_alignment_with_a_fast_tokenizer(trim_offsets: bool) -> None:
     ]
     assert list(zip(pieces, types.tolist())) == expected
     assert [tt.TOKEN_TYPES[t] for t in types[:3]] == ["keyword", "name", "operator"]
+
+
+def test_token_pieces_rebuild_the_text() -> None:
+    tokenizer = byte_level_tokenizer(False)
+    ids = tokenizer(CODE, add_special_tokens=False)["input_ids"]
+    pieces = tt.token_pieces(tokenizer, ids)
+    assert "".join(pieces) == CODE
+    assert len(pieces) == len(ids)
+    i = pieces.index("é")  # the two-byte character: first byte token gives "", the second the character
+    assert pieces[i - 1] == ""
+
+
+def test_block_token_types_skip_document_tails() -> None:
+    tokenizer = byte_level_tokenizer(False)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tail = tokenizer('doc"""\nx = 1\n', add_special_tokens=False)["input_ids"]  # inside a docstring
+    head = tokenizer("def f(x):\n", add_special_tokens=False)["input_ids"]
+    ids = tail + [eos] + head
+    pieces = tt.token_pieces(tokenizer, ids)
+    types = tt.block_token_types(pieces, ids, eos, starts_document=False)
+    assert (types[: len(tail) + 1] == -1).all()  # unknown tail and the EOS
+    assert types[len(tail) + 1 :].tolist() == tt.token_types_for_text("def f(x):\n", tokenizer)[1].tolist()
+    typed_from_start = tt.block_token_types(pieces, ids, eos, starts_document=True)
+    assert typed_from_start[0] != -1 and typed_from_start[len(tail)] == -1

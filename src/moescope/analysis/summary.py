@@ -229,3 +229,43 @@ def summarize_eval_loss(
         ),
     }
     return out
+
+
+def summarize_token_types(
+    types: np.ndarray, table: RoutingTable, type_names: list[str], cfg: SummaryConfig | None = None
+) -> dict:
+    """Routing by Python token type inside code: P(expert | type) and NMI(type; expert) with a block CI.
+
+    types: [N] type id per row of ``table`` (-1 = untyped, left out). Token-weighted
+    NMI: the types' natural frequencies are part of what is measured.
+    """
+    cfg = cfg or SummaryConfig()
+    types = np.asarray(types, dtype=np.int64)
+    keep = types >= 0
+    n_types, n_exp = len(type_names), table.n_experts
+    first = table.expert_index[keep, 0].astype(np.int64)
+    one_hot = np.zeros((int(keep.sum()), n_types * n_exp))
+    one_hot[np.arange(first.size), types[keep] * n_exp + first] = 1.0
+    block_ids, sums = stats.sum_by_block(one_hot, table.block[keep])
+    tables = sums.reshape(block_ids.size, n_types, n_exp)
+    total = tables.sum(axis=0)
+    given_type = metrics.expert_given_domain(total)
+    out: dict = {
+        "type_names": list(type_names),
+        "n_tokens": int(keep.sum()),
+        "counts": total.astype(int).tolist(),
+        "expert_given_type": _rounded(np.nan_to_num(given_type)),
+        "top_expert": {},
+    }
+    for t, name in enumerate(type_names):
+        n = int(total[t].sum())
+        if n:
+            e = int(total[t].argmax())
+            out["top_expert"][name] = {"expert": e, "share": float(given_type[t, e]), "n_tokens": n}
+    if block_ids.size >= 2:
+        out["nmi"] = _BlockBootstrap(np.zeros(block_ids.size, dtype=np.int64), cfg)(
+            tables, lambda t: metrics.normalized_mutual_information(t)
+        )
+    else:
+        out["nmi"] = {"estimate": float(metrics.normalized_mutual_information(total)), "low": None, "high": None}
+    return out

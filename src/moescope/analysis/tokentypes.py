@@ -122,3 +122,40 @@ def token_types_for_text(code: str, tokenizer) -> tuple[list[int], np.ndarray]:
     """Tokenize ``code`` with a fast (offset-mapping) tokenizer: (token ids, type ids)."""
     enc = tokenizer(code, return_offsets_mapping=True, add_special_tokens=False)
     return list(enc["input_ids"]), model_token_types(code, enc["offset_mapping"])
+
+
+def token_pieces(tokenizer, token_ids) -> list[str]:
+    """The text each token adds, so that "".join(pieces) is the decoded text.
+
+    Uses the tokenizers library's streaming decoder: a token that ends inside a
+    multi-byte character gets "" and the token that completes it gets the character.
+    """
+    from tokenizers.decoders import DecodeStream
+
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    stream = DecodeStream(skip_special_tokens=False)
+    return [stream.step(backend, int(t)) or "" for t in token_ids]
+
+
+def block_token_types(
+    pieces: Sequence[str], token_ids: Sequence[int], eos_token_id: int, *, starts_document: bool
+) -> np.ndarray:
+    """Python token types [T] for one packed block of code; -1 where no reliable type exists.
+
+    A block is documents joined by EOS and cut at arbitrary points. Each document
+    segment is typed on its own; the segment before the first EOS is typed only if
+    the block ``starts_document`` (otherwise it is the tail of a document whose
+    beginning, and so its string/bracket state, is unknown). EOS tokens get -1.
+    """
+    ids = np.asarray(token_ids)
+    out = np.full(ids.size, -1, dtype=np.int64)
+    eos_positions = np.flatnonzero(ids == eos_token_id)
+    bounds = np.concatenate([[-1], eos_positions, [ids.size]])
+    for n_seg, (a, b) in enumerate(zip(bounds[:-1] + 1, bounds[1:])):
+        if b <= a or (n_seg == 0 and not starts_document):
+            continue
+        segment = list(pieces[a:b])
+        ends = np.cumsum([len(p) for p in segment])
+        offsets = np.stack([ends - [len(p) for p in segment], ends], axis=1)
+        out[a:b] = model_token_types("".join(segment), offsets)
+    return out
