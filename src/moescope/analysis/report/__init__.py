@@ -1,1 +1,0 @@
-"""Plots and the self-contained HTML report."""
