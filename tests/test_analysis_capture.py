@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_fixtures import one_thread  # noqa: F401
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from moescope.analysis import capture
@@ -15,6 +16,8 @@ from moescope.data.blocks import FORMAT_VERSION, BlockStore, block_path, dtype_f
 from moescope.errors import MoescopeError
 from moescope.moe.config import MoEConfig
 from moescope.moe.gpt2 import install_moe, moe_layers
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
 
 VOCAB, BLOCK = 64, 12
 
@@ -45,14 +48,6 @@ def tiny_moe(top_k: int = 1, seed: int = 0) -> GPT2LMHeadModel:
     for layer in moe_layers(model).values():
         torch.nn.init.normal_(layer.router.weight, std=1.0)
     return model.eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_capture_aligns_tokens_blocks_and_loss(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from moescope.errors import MoescopeError
 COMMAND_MODULES: list[str] = [
     "moescope.commands.data",
     "moescope.commands.train",
+    "moescope.commands.analyze",
     "moescope.commands.cluster",
     "moescope.commands.partition",
     "moescope.commands.btx",

@@ -1,0 +1,355 @@
+"""`moescope analyze RUN`: capture every arm's routing on the eval split and write the study's numbers.
+
+Orchestration (layer 3): it reads the run directory written by the trainer
+(RUN/experiment.json, RUN/arms/ARM/final/, RUN/arms/ARM/snapshots/step_*/) and the
+data directory, runs capture (layer 2) and the metric and statistics functions
+(layer 1), and writes, atomically:
+
+    RUN/analysis/metrics.json              every number, with intervals and p-values
+    RUN/analysis/viewer.json               per-token routing of sample blocks (INTERFACES.md)
+    RUN/analysis/routing/ARM/LAYER.npz     the captured routing table of each MoE layer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moescope.analysis import capture, formattest, stats, tokentypes
+from moescope.analysis.summary import (
+    SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer, summarize_token_types,
+)
+from moescope.analysis.viewer import choose_sample_rows, viewer_arm
+from moescope.data.blocks import BlockStore, tokenizer_dir
+from moescope.errors import MoescopeError
+from moescope.io.atomic import atomic_write_json
+from moescope.io.provenance import environment_info
+from moescope.moe.gpt2 import load_moe_model, moe_layers
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PROBLEM_MARKER, SOLUTION_MARKER = "Problem: ", "Solution: "
+
+
+@dataclass
+class AnalyzeConfig:
+    """What `moescope analyze` captures and how much of it."""
+
+    max_blocks_per_domain: int | None = None  # eval blocks per domain to capture (None = all)
+    batch_blocks: int = 8  # blocks per forward pass
+    viewer_samples_per_domain: int = 3  # blocks per domain shown in the token viewer
+    saturation_max_blocks_per_domain: int = 16  # blocks per domain routed through every snapshot
+    format_test_domains: list[str] = field(default_factory=lambda: ["math", "code"])
+    format_test_max_texts: int = 32  # eval texts per domain routed with and without markers
+    token_type_domain: str = "code"  # the domain whose blocks get Python token types
+    statistics: SummaryConfig = field(default_factory=SummaryConfig)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def read_experiment(run_dir: Path) -> dict:
+    path = run_dir / "experiment.json"
+    if not path.is_file():
+        raise MoescopeError(f"{run_dir}: not a moescope run directory (no experiment.json)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def resolve_data_dir(run_dir: Path, experiment: dict, data_dir: str | Path | None) -> Path:
+    candidate = Path(data_dir) if data_dir is not None else Path(experiment.get("experiment", {}).get("data_dir", ""))
+    for path in (candidate, run_dir / candidate):
+        if (path / "manifest.json").is_file():
+            return path
+    raise MoescopeError(
+        f"data directory {str(candidate)!r} of run {run_dir} not found; pass --data DIR"
+    )
+
+
+def snapshot_dirs(arm_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every saved snapshot, by step."""
+    out = []
+    for path in (arm_dir / "snapshots").glob("step_*"):
+        match = re.fullmatch(r"step_(\d+)", path.name)
+        if match and path.is_dir():
+            out.append((int(match.group(1)), path))
+    return sorted(out)
+
+
+def _json_ready(obj: Any) -> Any:
+    """NaN/inf -> None so the files are valid JSON for browsers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_ready(obj.item())
+    return obj
+
+
+# --------------------------------------------------------------------------- pieces of the analysis
+
+
+def _block_starts_document(store: BlockStore, split: str, domain: str, row_in_domain: int) -> bool:
+    """True if the block begins a document: the first of its domain, or the previous block ends in EOS."""
+    if row_in_domain == 0:
+        return True
+    return int(store.blocks(split, domain)[row_in_domain - 1][-1]) == store.eos_token_id
+
+
+def _pieces_for_rows(store: BlockStore, tokenizer, rows: list[int] | np.ndarray) -> dict[int, list[str]]:
+    index = store.index("eval")
+    tokens = store.gather("eval", index[np.asarray(rows, dtype=np.int64)])
+    return {int(r): tokentypes.token_pieces(tokenizer, t) for r, t in zip(rows, tokens)}
+
+
+def token_types_for_capture(store: BlockStore, tokenizer, res: capture.CaptureResult, domain: str) -> np.ndarray:
+    """Python token type of every captured token (-1 outside ``domain`` and where unreliable)."""
+    d = store.domains.index(domain)
+    index = store.index("eval")
+    out = np.full(res.block_rows.size * store.block_size, -1, dtype=np.int64)
+    for j, row in enumerate(res.block_rows):
+        if index[row, 0] != d:
+            continue
+        ids = store.gather("eval", index[row : row + 1])[0]
+        pieces = tokentypes.token_pieces(tokenizer, ids)
+        starts = _block_starts_document(store, "eval", domain, int(index[row, 1]))
+        out[j * store.block_size : (j + 1) * store.block_size] = tokentypes.block_token_types(
+            pieces, ids, store.eos_token_id, starts_document=starts
+        )
+    return out
+
+
+def _split_content(text: str) -> tuple[str, str] | None:
+    """(problem, solution) at the first blank line, or None."""
+    head, sep, tail = text.partition("\n\n")
+    return (head, tail) if sep and head.strip() and tail.strip() else None
+
+
+@torch.no_grad()
+def _route_text(model, tokenizer, text: str, max_tokens: int):
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, truncation=True,
+                    max_length=max_tokens)
+    ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
+    model(input_ids=ids)
+    records = {i: layer.last_record for i, layer in moe_layers(model).items()}
+    return enc["offset_mapping"], {
+        i: (r.router_probs.float().numpy(), r.expert_index[:, 0].numpy()) for i, r in records.items()
+    }
+
+
+def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> dict:
+    """Route eval texts plain ("P\\n\\nS", the training format) and marked ("Problem: P\\nSolution: S").
+
+    Reports, per layer, how far the content tokens' routing moved (JS divergence in
+    bits, first-choice changes) with a bootstrap over texts, next to a reference
+    scale: the JS divergence between the plain routing of two domains.
+    """
+    layers = moe_layers(model)
+    max_tokens = int(model.config.n_positions)
+    per_layer: dict[int, dict[str, list]] = {i: {"a": [], "b": [], "ta": [], "tb": [], "text": []} for i in layers}
+    domain_means: dict[str, dict[int, np.ndarray]] = {}
+    n_texts: dict[str, int] = {}
+    previous = {i: layer.capture for i, layer in layers.items()}
+    for layer in layers.values():
+        layer.capture = True
+    text_no = 0
+    try:
+        for domain in cfg.format_test_domains:
+            if domain not in store.domains:
+                continue
+            n_texts[domain] = 0
+            plain_sum: dict[int, np.ndarray] = {}
+            for record in store.texts("eval", domain):
+                if n_texts[domain] >= cfg.format_test_max_texts:
+                    break
+                parts = _split_content(record["text"])
+                if parts is None:
+                    continue
+                p, s = parts
+                plain = f"{p}\n\n{s}"
+                marked = f"{PROBLEM_MARKER}{p}\n{SOLUTION_MARKER}{s}"
+                segments = [(0, len(PROBLEM_MARKER), len(p)),
+                            (len(p) + 2, len(PROBLEM_MARKER) + len(p) + 1 + len(SOLUTION_MARKER), len(s))]
+                off_a, routed_a = _route_text(model, tokenizer, plain, max_tokens)
+                off_b, routed_b = _route_text(model, tokenizer, marked, max_tokens)
+                ia, ib = formattest.align_content_tokens(off_a, off_b, segments)
+                if ia.size == 0:
+                    continue
+                for i in layers:
+                    (pa, ea), (pb, eb) = routed_a[i], routed_b[i]
+                    acc = per_layer[i]
+                    for key, value in (("a", pa[ia]), ("b", pb[ib]), ("ta", ea[ia]), ("tb", eb[ib]),
+                                       ("text", np.full(ia.size, text_no))):
+                        acc[key].append(value)
+                    plain_sum[i] = plain_sum.get(i, 0) + pa[ia].sum(axis=0)
+                n_texts[domain] += 1
+                text_no += 1
+            if n_texts[domain]:
+                domain_means[domain] = plain_sum
+    finally:
+        for i, layer in layers.items():
+            layer.capture = previous[i]
+
+    out: dict[str, Any] = {"divergence": "Jensen-Shannon divergence in bits (squared scipy jensenshannon, base 2)",
+                           "markers": [PROBLEM_MARKER.strip(), SOLUTION_MARKER.strip()],
+                           "n_texts": n_texts, "layers": {}}
+    for i, acc in per_layer.items():
+        if not acc["a"]:
+            continue
+        shift = formattest.measure_routing_shift(
+            np.concatenate(acc["a"]), np.concatenate(acc["b"]), np.concatenate(acc["ta"]), np.concatenate(acc["tb"])
+        )
+        entry = shift.to_dict()
+        texts = np.concatenate(acc["text"])
+        if np.unique(texts).size >= 2:
+            _, sums = stats.sum_by_block(
+                np.column_stack([shift.token_js_divergence, shift.token_top1_changed, np.ones(texts.size)]), texts
+            )
+            sc = cfg.statistics
+            for key, col in (("mean_token_js_divergence", 0), ("top1_changed_fraction", 1)):
+                iv = stats.bootstrap_interval(sums, lambda t, c=col: t[..., c] / t[..., 2], n_resamples=sc.n_resamples,
+                                              confidence_level=sc.confidence_level, seed=sc.seed)
+                entry[key] = {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
+        names = sorted(domain_means)
+        if len(names) >= 2:
+            entry["reference_domain_js_divergence"] = {
+                f"{a} vs {b}": float(formattest.js_divergence(domain_means[a][i], domain_means[b][i]))
+                for j, a in enumerate(names) for b in names[j + 1 :]
+            }
+        out["layers"][str(i)] = entry
+    return out
+
+
+def run_saturation(model_final, arm_dir: Path, store: BlockStore, cfg: AnalyzeConfig, progress: bool) -> dict:
+    """OLMoE router saturation: top-k overlap of every snapshot's choices with the final model's."""
+    from moescope.analysis import metrics
+
+    snaps = snapshot_dirs(arm_dir)
+    if not snaps:
+        return {}
+    rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.saturation_max_blocks_per_domain)
+    x = torch.from_numpy(store.gather("eval", store.index("eval")[rows]))
+    batches = list(torch.split(x, cfg.batch_blocks))
+    final = capture.capture_expert_choices(model_final, batches)
+    steps, curves = [], {i: [] for i in final}
+    from tqdm.auto import tqdm
+
+    for step, path in tqdm(snaps, desc="saturation", unit="snapshot", disable=not progress):
+        model = load_moe_model(path)
+        choices = capture.capture_expert_choices(model, batches)
+        if sorted(choices) != sorted(final):
+            raise MoescopeError(f"{path}: MoE layers {sorted(choices)} differ from the final model's {sorted(final)}")
+        steps.append(step)
+        for i in final:
+            curves[i].append(float(metrics.router_saturation([choices[i]], final[i])[0]))
+    layer0 = moe_layers(model_final)[next(iter(final))]
+    return {
+        "steps": steps,
+        "n_tokens": int(x.numel()),
+        "baseline": metrics.specialization_baseline(layer0.n_experts, layer0.top_k),
+        "layers": {str(i): c for i, c in curves.items()},
+    }
+
+
+def headline(arm: dict) -> dict:
+    """The numbers the demo's claims are judged by: best-layer NMI with CI and p, worst load CV."""
+    layers = arm.get("layers", {})
+    if not layers:
+        return {}
+    best = max(layers, key=lambda k: layers[k]["specialization"]["nmi"]["estimate"])
+    spec = layers[best]["specialization"]
+    return {
+        "best_layer": int(best),
+        "nmi": spec["nmi"],
+        "nmi_pvalue": spec["nmi_pvalue"],
+        "load_cv_max": max(v["load"]["load_cv"]["estimate"] for v in layers.values()),
+        "max_fraction_max": max(v["load"]["max_fraction"]["estimate"] for v in layers.values()),
+    }
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def analyze_run(
+    run_dir: str | Path,
+    cfg: AnalyzeConfig | None = None,
+    *,
+    arms: list[str] | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Analyse every (or the named) arm of a finished run; writes RUN/analysis/ and returns metrics."""
+    from transformers import AutoTokenizer
+
+    cfg = cfg or AnalyzeConfig()
+    run_dir = Path(run_dir)
+    experiment = read_experiment(run_dir)
+    store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
+    names = list(arms) if arms is not None else list(experiment.get("arms", {}))
+    for name in names:
+        if not (run_dir / "arms" / name / "final").is_dir():
+            raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(store.root)))
+    out_dir = run_dir / "analysis"
+    rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.max_blocks_per_domain)
+
+    metrics_out: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "run": str(run_dir),
+        "data_dir": str(store.root),
+        "domains": store.domains,
+        "n_eval_blocks": int(rows.size),
+        "block_size": store.block_size,
+        "statistics": statistics_header(cfg.statistics),
+        "config": asdict(cfg),
+        "environment": environment_info(),
+        "arms": {},
+    }
+    viewer: dict[str, Any] = {"arms": {}}
+    for name in names:
+        arm_dir = run_dir / "arms" / name
+        model = load_moe_model(arm_dir / "final")
+        is_moe = bool(moe_layers(model))
+        log.info("analyze: arm %s (%s)", name, "MoE" if is_moe else "dense")
+        res = capture.capture_routing(model, store, rows=rows, batch_blocks=cfg.batch_blocks, capture=is_moe,
+                                      progress=progress, desc=f"capture {name}")
+        arm: dict[str, Any] = {
+            "kind": "moe" if is_moe else "dense",
+            "eval_loss": summarize_eval_loss(res.block_loss_sum, res.block_tokens, res.block_domain, store.domains,
+                                             cfg.statistics),
+        }
+        if is_moe:
+            arm["layers"] = {}
+            for i, table in res.tables.items():
+                capture.save_table(table, out_dir / "routing" / name / f"{i}.npz")
+                arm["layers"][str(i)] = summarize_layer(table, store.domains, cfg.statistics)
+            if cfg.token_type_domain in store.domains:
+                types = token_types_for_capture(store, tokenizer, res, cfg.token_type_domain)
+                if (types >= 0).any():
+                    arm["token_types"] = {
+                        str(i): summarize_token_types(types, t, list(tokentypes.TOKEN_TYPES), cfg.statistics)
+                        for i, t in res.tables.items()
+                    }
+            arm["format_test"] = run_format_test(model, tokenizer, store, cfg)
+            arm["saturation"] = run_saturation(model, arm_dir, store, cfg, progress)
+            arm["headline"] = headline(arm)
+            sample_rows = choose_sample_rows(res.block_rows, res.block_domain, cfg.viewer_samples_per_domain)
+            viewer["arms"][name] = viewer_arm(res.tables, sample_rows, store.domains,
+                                              _pieces_for_rows(store, tokenizer, sample_rows))
+        metrics_out["arms"][name] = arm
+        del model
+
+    atomic_write_json(out_dir / "metrics.json", _json_ready(metrics_out))
+    atomic_write_json(out_dir / "viewer.json", _json_ready(viewer), indent=None)
+    return metrics_out

@@ -1,0 +1,159 @@
+"""`moescope analyze` end to end on a hand-built run directory (tiny models, tiny corpus)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from train_fixtures import one_thread  # noqa: F401
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from moescope.analysis.pipeline import AnalyzeConfig, analyze_run
+from moescope.analysis.summary import SummaryConfig
+from moescope.cli import main
+from moescope.data.blocks import FORMAT_VERSION, block_path, dtype_for_vocab, texts_path, tokenizer_dir
+from moescope.errors import MoescopeError
+from moescope.moe.config import MoEConfig
+from moescope.moe.gpt2 import install_moe, moe_layers, save_moe_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
+
+BLOCK = 32
+
+
+def corpus(rng: np.random.Generator) -> dict[str, list[str]]:
+    code = [
+        f"def f{i}(x):\n    \"\"\"Add {i}.\"\"\"\n    return x + {i}  # add\n\n\nclass C{i}:\n    pass\n" for i in range(12)
+    ]
+    math = [f"What is {a} plus {b}?\n\n{a} + {b} = {a + b}, so the answer is {a + b}."
+            for a, b in rng.integers(1, 99, size=(12, 2))]
+    prose = [f"The {w} walked to the river and saw {n} birds in the morning light.\n\nIt was calm."
+             for w, n in zip(["cat", "dog", "fox", "man"] * 3, range(12))]
+    return {"code": code, "math": math, "prose": prose}
+
+
+def write_data(root: Path) -> PreTrainedTokenizerFast:
+    texts = corpus(np.random.default_rng(0))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator([t for ts in texts.values() for t in ts], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(tokenizer_dir(root)))
+    eos = tokenizer.eos_token_id
+    vocab = len(tokenizer)
+    dtype = dtype_for_vocab(vocab)
+    splits: dict = {"train": {}, "eval": {}}
+    for name, docs in texts.items():
+        for split, part in (("train", docs[:6]), ("eval", docs[6:])):
+            path = texts_path(root, split, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({"text": t, "id": f"{name}-{i}"}) + "\n" for i, t in enumerate(part)))
+            stream = [t for doc in part for t in tokenizer(doc)["input_ids"] + [eos]]
+            n = len(stream) // BLOCK
+            bp = block_path(root, split, name)
+            bp.parent.mkdir(parents=True, exist_ok=True)
+            np.array(stream[: n * BLOCK], dtype=dtype).tofile(bp)
+            splits[split][name] = {"n_blocks": n}
+    manifest = {"format_version": FORMAT_VERSION, "block_size": BLOCK, "vocab_size": vocab, "eos_token_id": eos,
+                "dtype": dtype.name, "domains": list(texts), "splits": splits}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return tokenizer
+
+
+def write_run(run: Path, data: Path, vocab: int) -> None:
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=64, vocab_size=vocab)
+    dense = GPT2LMHeadModel(cfg)
+    save_moe_model(dense, run / "arms" / "dense" / "final")
+    moe = GPT2LMHeadModel(cfg)
+    install_moe(moe, MoEConfig(n_experts=4, top_k=1, layers=[0, 1]))
+    for layer in moe_layers(moe).values():
+        torch.nn.init.normal_(layer.router.weight, std=1.0)
+    save_moe_model(moe, run / "arms" / "moe" / "snapshots" / "step_000004")
+    with torch.no_grad():  # the "final" model: router of layer 1 moved a little since the snapshot
+        moe_layers(moe)[1].router.weight.add_(torch.randn_like(moe_layers(moe)[1].router.weight) * 0.5)
+    save_moe_model(moe, run / "arms" / "moe" / "snapshots" / "step_000008")
+    save_moe_model(moe, run / "arms" / "moe" / "final")
+    (run / "experiment.json").write_text(json.dumps({
+        "experiment": {"data_dir": str(data)}, "arms": {"dense": {}, "moe": {}},
+    }))
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    tokenizer = write_data(tmp_path / "data")
+    write_run(tmp_path / "run", tmp_path / "data", len(tokenizer))
+    return tmp_path / "run"
+
+
+FAST = AnalyzeConfig(statistics=SummaryConfig(n_resamples=200, n_permutations=99, vocab_min_count=3),
+                     viewer_samples_per_domain=2, format_test_max_texts=4)
+
+
+def test_analyze_run_writes_metrics_and_viewer(run_dir: Path) -> None:
+    result = analyze_run(run_dir, FAST, progress=False)
+    out = run_dir / "analysis"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["arms"].keys() == {"dense", "moe"}
+    assert on_disk["domains"] == ["code", "math", "prose"]
+    dense, moe = on_disk["arms"]["dense"], on_disk["arms"]["moe"]
+    assert dense["kind"] == "dense" and "layers" not in dense
+    for arm in (dense, moe):
+        loss = arm["eval_loss"]["token_weighted"]
+        assert loss["low"] <= loss["estimate"] <= loss["high"]
+        assert set(arm["eval_loss"]["domains"]) == {"code", "math", "prose"}
+    assert set(moe["layers"]) == {"0", "1"}
+    layer = moe["layers"]["1"]
+    assert 0 <= layer["specialization"]["nmi"]["estimate"] <= 1
+    assert 0 < layer["specialization"]["nmi_pvalue"] <= 1
+    assert np.array(layer["specialization"]["expert_given_domain"]).shape == (3, 4)
+    assert moe["headline"]["best_layer"] in (0, 1)
+    # token types were found in the code blocks
+    types = moe["token_types"]["1"]
+    assert types["n_tokens"] > 0 and "keyword" in types["top_expert"]
+    # format test: math texts split at the blank line, content tokens aligned
+    ft = moe["format_test"]
+    assert ft["n_texts"]["math"] == 4 and ft["n_texts"]["code"] == 4
+    assert 0 <= ft["layers"]["1"]["js_divergence_of_means"] <= 1
+    assert "math vs code" in ft["layers"]["1"]["reference_domain_js_divergence"] or \
+        "code vs math" in ft["layers"]["1"]["reference_domain_js_divergence"]
+    # saturation: layer 0 never changed, layer 1 did; the last snapshot equals the final model
+    sat = moe["saturation"]
+    assert sat["steps"] == [4, 8]
+    assert sat["layers"]["0"] == [1.0, 1.0]
+    assert sat["layers"]["1"][1] == 1.0 and sat["layers"]["1"][0] < 1.0
+    assert sat["baseline"] == pytest.approx(0.25)
+    assert result["arms"]["moe"]["headline"] == on_disk["arms"]["moe"]["headline"]
+    assert "NaN" not in (out / "metrics.json").read_text()
+
+    viewer = json.loads((out / "viewer.json").read_text())
+    assert set(viewer["arms"]) == {"moe"}
+    arm = viewer["arms"]["moe"]
+    assert arm["layers"] == [0, 1] and arm["n_experts"] == 4
+    assert len(arm["samples"]) == 6
+    sample = arm["samples"][0]
+    assert sample["domain"] == "code"
+    assert len(sample["tokens"]) == len(sample["experts"]["1"]) == len(sample["probs"]["0"]) == BLOCK
+    assert all(0 <= e < 4 for e in sample["experts"]["0"])
+    assert (out / "routing" / "moe" / "1.npz").is_file()
+
+
+def test_analyze_cli_and_errors(run_dir: Path, capsys) -> None:
+    code = main(["analyze", str(run_dir), "--arms", "moe", "--resamples", "100", "--permutations", "49",
+                 "--set", "format_test_max_texts=2", "--set", "saturation_max_blocks_per_domain=2", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "moe" in printed and "NMI" in printed and "metrics.json" in printed
+    assert json.loads((run_dir / "analysis" / "metrics.json").read_text())["statistics"]["n_resamples"] == 100
+    with pytest.raises(MoescopeError, match="nolb"):
+        analyze_run(run_dir, FAST, arms=["moe-nolb"], progress=False)
+    with pytest.raises(MoescopeError, match="experiment.json"):
+        analyze_run(run_dir / "arms", FAST, progress=False)
+    assert main(["analyze", str(run_dir), "--set", "statistics.n_resample=5"]) == 2  # typo: one-line error
