@@ -14,7 +14,7 @@ from moescope.cli import main
 from moescope.data.blocks import BlockStore, block_path, dtype_for_vocab, texts_path, tokenizer_dir
 from moescope.data.build import TEXT_HASHES_NAME, build_dataset
 from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig, TokenizerConfig
-from moescope.data.packing import encoder_for, pack_to_file
+from moescope.data.packing import batched_texts, pack_to_file
 from moescope.data.split import check_leakage, eval_count, find_leakage, split_texts
 from moescope.data.text import SourceText, hash_text
 from moescope.data.tokenizer import train_bpe
@@ -351,3 +351,34 @@ def test_default_demo_build_under_a_minute(tmp_path: Path, capsys) -> None:
     assert code == 0 and store.domains == ["code", "math", "prose"]
     assert store.manifest["leakage_check"]["normalized_overlap"] == 0
     print(f"default build took {elapsed:.1f} s")
+
+
+def test_cli_flags_map_onto_the_config(tmp_path: Path) -> None:
+    from moescope.cli import build_parser
+    from moescope.commands.data import build_config_from_args
+
+    args = build_parser().parse_args([
+        "data", "build", "--domains", "code,prose", "--hf", "code=codeparrot/codeparrot-clean",
+        "--hf-path", f"code={tmp_path}", "--hf", "math=openai/gsm8k:main", "--target-texts", "500",
+        "--tokenizer-path", str(tmp_path / "tok"), "--block-size", "128", "--eval-fraction", "0.1", "--balance",
+    ])
+    cfg = build_config_from_args(args)
+    assert [d.name for d in cfg.domains] == ["code", "prose", "math"]
+    code, prose, math = cfg.domains
+    assert (code.source.backend, code.source.name, code.source.path) == ("hf", "codeparrot/codeparrot-clean", str(tmp_path))
+    assert (math.source.name, math.source.config) == ("openai/gsm8k", "main")
+    assert prose.source.backend == "builtin"
+    assert all(d.target_texts == 500 and d.target_mb is None for d in cfg.domains)
+    assert cfg.tokenizer.kind == "gpt2" and cfg.tokenizer.name_or_path == str(tmp_path / "tok")
+    assert (cfg.block_size_tokens, cfg.eval_fraction, cfg.balance) == (128, 0.1, True)
+    defaults = build_config_from_args(build_parser().parse_args(["data", "build"]))
+    assert defaults == DataBuildConfig()
+
+
+def test_batches_bounded_by_texts_and_characters() -> None:
+    texts = [("x" * n) for n in [5, 300, 20, 20, 1000, 1, 1, 1, 1, 1, 1, 90]]
+    batches = list(batched_texts(iter(texts), max_texts=4, max_chars=100))
+    assert [t for b in batches for t in b] == texts
+    for b in batches:
+        assert len(b) <= 4
+        assert sum(map(len, b[:-1])) < 100  # only the last text of a batch may cross the budget

@@ -7,7 +7,6 @@ that does not fill a last block is dropped and counted.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,21 @@ class PackStats:
     tail_tokens_dropped: int = 0
 
 
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    it = iter(items)
-    while batch := list(itertools.islice(it, size)):
+def batched_texts(texts: Iterable[str], max_texts: int, max_chars: int) -> Iterator[list[str]]:
+    """Batches of at most `max_texts` texts and about `max_chars` characters.
+
+    The character budget is what bounds memory: a tokenizer Encoding costs tens of bytes
+    per token, so a batch of 512 long texts would cost far more than 512 short ones.
+    """
+    batch: list[str] = []
+    chars = 0
+    for t in texts:
+        batch.append(t)
+        chars += len(t)
+        if len(batch) >= max_texts or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
@@ -72,6 +83,7 @@ def pack_to_file(
     dtype: np.dtype,
     path: Path,
     batch_texts: int = 512,
+    batch_chars: int = 1_000_000,
     on_batch: Callable[[int], None] | None = None,
 ) -> PackStats:
     """Encode `texts` in batches, append EOS after each, write full blocks to `path`."""
@@ -79,7 +91,7 @@ def pack_to_file(
     carry = np.empty(0, dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
-        for batch in batched(texts, batch_texts):
+        for batch in batched_texts(texts, batch_texts, batch_chars):
             ids = encode(batch)
             flat = join_with_eos(ids, eos_id, dtype)
             stats.n_texts += len(batch)
