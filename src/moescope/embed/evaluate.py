@@ -1,0 +1,271 @@
+"""Retrieval and domain evaluation of a sentence encoder on held-out pairs.
+
+Retrieval numbers come from sentence-transformers' own InformationRetrievalEvaluator
+(precision/recall@k, MRR, MAP, NDCG), one evaluator per domain: the domain's held-out
+anchors are the queries and its held-out positives the corpus, so every query competes
+against same-domain distractors. For intervals the evaluator's metrics are split into
+per-query contributions *by the evaluator's own code* (see `per_query_metrics`) and
+bootstrapped over queries. k-NN domain classification fits scikit-learn's
+KNeighborsClassifier on training-pair embeddings and predicts held-out texts' domains.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moescope.embed.pairs import TextPair
+
+# Metric keys as the evaluator names them, with "@k" filled in ("mrr@10", "ndcg@10", ...).
+EVALUATOR_METRIC_GROUPS = ("accuracy@k", "precision@k", "recall@k", "ndcg@k", "mrr@k", "map@k")
+
+
+@dataclass
+class EvalConfig:
+    """What the held-out evaluation computes."""
+
+    mrr_at_k: list[int] = field(default_factory=lambda: [10])
+    ndcg_at_k: list[int] = field(default_factory=lambda: [10])
+    accuracy_at_k: list[int] = field(default_factory=lambda: [1, 5])
+    precision_recall_at_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    map_at_k: list[int] = field(default_factory=lambda: [100])
+    knn_neighbors: int = 5
+    batch_size: int = 64
+    confidence: float = 0.95
+    n_bootstrap: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class IRTask:
+    """Queries, corpus and relevance judgements of one domain, in the evaluator's format."""
+
+    name: str
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    relevant_docs: dict[str, set[str]]
+
+
+def build_ir_tasks(pairs: Sequence[TextPair]) -> dict[str, IRTask]:
+    """One retrieval task per domain; equal texts share an id, so an anchor with several
+    positives (or a positive reached from several anchors) is judged as such."""
+    by_domain: dict[str, list[TextPair]] = defaultdict(list)
+    for pair in pairs:
+        by_domain[pair.domain].append(pair)
+    tasks: dict[str, IRTask] = {}
+    for domain in sorted(by_domain):
+        query_ids: dict[str, str] = {}
+        doc_ids: dict[str, str] = {}
+        relevant: dict[str, set[str]] = defaultdict(set)
+        for pair in by_domain[domain]:
+            qid = query_ids.setdefault(pair.anchor, f"q{len(query_ids)}")
+            did = doc_ids.setdefault(pair.positive, f"d{len(doc_ids)}")
+            relevant[qid].add(did)
+        tasks[domain] = IRTask(
+            name=domain,
+            queries={qid: text for text, qid in query_ids.items()},
+            corpus={did: text for text, did in doc_ids.items()},
+            relevant_docs=dict(relevant),
+        )
+    return tasks
+
+
+def make_ir_evaluator(task: IRTask, cfg: EvalConfig):
+    """sentence-transformers' InformationRetrievalEvaluator for `task`, keeping the ranked hit
+    lists of its last call so that per-query values can be derived from them."""
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import cos_sim
+
+    class _HitRecordingEvaluator(InformationRetrievalEvaluator):
+        embedding_cache: dict[str, Any] | None = None  # text -> embedding, filled by the caller
+
+        def compute_metrics(self, queries_result_list):  # noqa: D102 - parent's docstring applies
+            if not getattr(self, "_in_per_query", False):
+                self.last_hits = queries_result_list
+            return super().compute_metrics(queries_result_list)
+
+        def embed_inputs(self, model, sentences, *args, **kwargs):  # noqa: D102
+            # One encoding pass serves every domain's evaluator and the k-NN probe.
+            cache = self.embedding_cache
+            if cache is not None and all(s in cache for s in sentences):
+                import torch
+
+                return torch.stack([cache[s] for s in sentences])
+            return super().embed_inputs(model, sentences, *args, **kwargs)
+
+    return _HitRecordingEvaluator(
+        queries=task.queries,
+        corpus=task.corpus,
+        relevant_docs=task.relevant_docs,
+        mrr_at_k=cfg.mrr_at_k,
+        ndcg_at_k=cfg.ndcg_at_k,
+        accuracy_at_k=cfg.accuracy_at_k,
+        precision_recall_at_k=cfg.precision_recall_at_k,
+        map_at_k=cfg.map_at_k,
+        batch_size=cfg.batch_size,
+        name=task.name,
+        write_csv=False,
+        score_functions={"cosine": cos_sim},
+        main_score_function="cosine",
+    )
+
+
+def flatten_metrics(scores: dict[str, dict[int, float]]) -> dict[str, float]:
+    """{"mrr@k": {10: x}} -> {"mrr@10": x}."""
+    return {group.replace("@k", f"@{k}"): float(v) for group, by_k in scores.items() for k, v in by_k.items()}
+
+
+def per_query_metrics(evaluator, hits: list[list[dict]]) -> dict[str, np.ndarray]:
+    """Each query's contribution to every metric, computed by the evaluator's own code.
+
+    All the evaluator's metrics are means over queries, so the metric of a result list in
+    which only query i has hits, times the number of queries, is query i's value; their
+    mean reproduces the evaluator's numbers exactly (checked in the tests). This avoids a
+    second, hand-written copy of the metric definitions.
+    """
+    n = len(hits)
+    values: dict[str, list[float]] = defaultdict(list)
+    evaluator._in_per_query = True
+    try:
+        for i in range(n):
+            only_i: list[list[dict]] = [[] for _ in range(n)]
+            only_i[i] = hits[i]
+            for key, v in flatten_metrics(evaluator.compute_metrics(only_i)).items():
+                values[key].append(v * n)
+    finally:
+        evaluator._in_per_query = False
+    return {key: np.asarray(v, dtype=np.float64) for key, v in values.items()}
+
+
+def bootstrap_interval(
+    values: np.ndarray, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (scipy.stats.bootstrap); degenerate samples
+    (constant or a single value) get the value itself as both ends."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2 or np.all(values == values[0]):
+        v = float(values.mean()) if values.size else float("nan")
+        return v, v
+    res = stats.bootstrap(
+        (values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+        method="percentile", rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def paired_difference_interval(
+    a: np.ndarray, b: np.ndarray, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of a - b over the same queries and its paired bootstrap interval."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    lo, hi = bootstrap_interval(diff, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    return float(diff.mean()), lo, hi
+
+
+def knn_domain_accuracy(
+    train_embeddings: np.ndarray,
+    train_domains: Sequence[str],
+    test_embeddings: np.ndarray,
+    test_domains: Sequence[str],
+    *,
+    n_neighbors: int = 5,
+) -> dict[str, Any]:
+    """Accuracy and macro-F1 of cosine k-NN domain classification, plus per-item correctness."""
+    from sklearn.metrics import f1_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(train_domains)), metric="cosine")
+    clf.fit(np.asarray(train_embeddings), np.asarray(train_domains))
+    predicted = clf.predict(np.asarray(test_embeddings))
+    truth = np.asarray(test_domains)
+    correct = (predicted == truth).astype(np.float64)
+    return {
+        "accuracy": float(correct.mean()),
+        "macro_f1": float(f1_score(truth, predicted, average="macro")),
+        "correct": correct,
+    }
+
+
+def evaluate_encoder(
+    model,
+    eval_pairs: Sequence[TextPair],
+    train_pairs: Sequence[TextPair],
+    cfg: EvalConfig | None = None,
+    *,
+    knn_train_per_domain: int = 100,
+    show_progress_bar: bool = False,
+) -> dict[str, Any]:
+    """IR metrics per domain (with bootstrap intervals) and k-NN domain accuracy for `model`.
+
+    Returns {"retrieval": {domain: {metric: value, metric+"_ci": [lo, hi]}}, "retrieval_all":
+    pooled over domains' queries, "knn": {...}, "per_query": {domain: {metric: array}}}.
+    """
+    cfg = cfg or EvalConfig()
+    tasks = build_ir_tasks(eval_pairs)
+    knn_train = select_knn_neighbours(train_pairs, per_domain=knn_train_per_domain, seed=cfg.seed)
+    texts = sorted({t for p in eval_pairs for t in (p.anchor, p.positive)} | {t for t, _ in knn_train})
+    embeddings = model.encode(
+        texts, batch_size=cfg.batch_size, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=show_progress_bar
+    )
+    cache = dict(zip(texts, embeddings.cpu()))
+    retrieval: dict[str, dict[str, Any]] = {}
+    per_query: dict[str, dict[str, np.ndarray]] = {}
+    for domain, task in tasks.items():
+        evaluator = make_ir_evaluator(task, cfg)
+        evaluator.embedding_cache = cache
+        raw = evaluator(model)
+        prefix = f"{domain}_cosine_"
+        metrics = {k[len(prefix):]: float(v) for k, v in raw.items() if k.startswith(prefix)}
+        pq = per_query_metrics(evaluator, evaluator.last_hits)
+        per_query[domain] = pq
+        row: dict[str, Any] = {"n_queries": len(evaluator.queries), "n_corpus": len(evaluator.corpus)}
+        for key, value in metrics.items():
+            row[key] = value
+            row[f"{key}_ci"] = list(
+                bootstrap_interval(pq[key], confidence=cfg.confidence, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+            )
+        retrieval[domain] = row
+
+    pooled: dict[str, Any] = {}
+    if per_query:
+        for key in next(iter(per_query.values())):
+            allv = np.concatenate([pq[key] for pq in per_query.values()])
+            pooled[key] = float(allv.mean())
+            pooled[f"{key}_ci"] = list(
+                bootstrap_interval(allv, confidence=cfg.confidence, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+            )
+
+    test = sorted({(t, p.domain) for p in eval_pairs for t in (p.anchor, p.positive)})
+    knn: dict[str, Any] = {"n_items": len(test), "n_neighbours_pool": len(knn_train)}
+    if test and len({d for _, d in knn_train}) >= 2:
+        out = knn_domain_accuracy(
+            np.stack([cache[t].numpy() for t, _ in knn_train]), [d for _, d in knn_train],
+            np.stack([cache[t].numpy() for t, _ in test]), [d for _, d in test],
+            n_neighbors=cfg.knn_neighbors,
+        )
+        correct = out.pop("correct")
+        knn.update(out)
+        knn["accuracy_ci"] = list(
+            bootstrap_interval(correct, confidence=cfg.confidence, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
+        )
+    return {"retrieval": retrieval, "retrieval_all": pooled, "knn": knn, "per_query": per_query}
+
+
+def select_knn_neighbours(train_pairs: Sequence[TextPair], *, per_domain: int, seed: int) -> list[tuple[str, str]]:
+    """(text, domain) neighbours for k-NN: up to `per_domain` distinct training positives per domain."""
+    rng = np.random.default_rng(seed)
+    by_domain: dict[str, set[str]] = defaultdict(set)
+    for p in train_pairs:
+        by_domain[p.domain].add(p.positive)
+    out: list[tuple[str, str]] = []
+    for domain in sorted(by_domain):
+        texts = sorted(by_domain[domain])
+        take = sorted(rng.permutation(len(texts))[:per_domain])
+        out += [(texts[i], domain) for i in take]
+    return out

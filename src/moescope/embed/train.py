@@ -1,0 +1,323 @@
+"""Fine-tuning sentence encoders (dense or MoE) with sentence-transformers' trainer and losses.
+
+The losses are sentence-transformers' own (MultipleNegativesRankingLoss, TripletLoss,
+ContrastiveLoss, CosineSimilarityLoss); `MoEAuxLoss` wraps one of them and adds the MoE
+layers' load-balancing and router z losses. The trainer sums the returned terms and logs
+each (its loss-components feature), so the objective is task + lb + z with nothing
+rewritten by hand. Negatives for the triplet / contrastive / cosine losses come from
+sentence-transformers' `mine_hard_negatives`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from moescope.embed.pairs import TextPair
+from moescope.errors import MoescopeError
+from moescope.moe.gpt2 import moe_layers, router_parameters, set_training_progress
+from moescope.moe.layer import MoELayer, RoutingRecord, load_balancing_loss
+
+logger = logging.getLogger(__name__)
+
+LossName = Literal["mnrl", "triplet", "contrastive", "cosine"]
+LOSS_NAMES = ("mnrl", "triplet", "contrastive", "cosine")
+
+
+@dataclass
+class EmbedTrainConfig:
+    """One fine-tuning run; the same config for every arm of a comparison (matched steps)."""
+
+    loss: LossName = "mnrl"
+    steps: int = 60  # optimizer steps
+    batch_size_pairs: int = 16  # (anchor, positive[, negative]) rows per step
+    learning_rate: float = 5e-5
+    router_lr_mult: float = 1.0  # router learning rate = learning_rate x this
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    # Per MoE layer, on the counts and router probabilities of the whole step (every text
+    # of every forward pass the loss makes), summed over layers.
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    seed: int = 0
+    logging_steps: int = 10
+    # Hard-negative mining (triplet / contrastive / cosine): skip the `negatives_range_min`
+    # nearest candidates, which are often unlabeled positives.
+    negatives_range_min: int = 3
+    triplet_margin: float = 0.3  # in cosine distance: embeddings are L2-normalized
+    contrastive_margin: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSS_NAMES:
+            raise MoescopeError(f"embed train loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
+        if self.steps < 1 or self.batch_size_pairs < 2:
+            raise MoescopeError(f"need steps >= 1 and batch_size_pairs >= 2, got {self.steps}, {self.batch_size_pairs}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise MoescopeError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+# --------------------------------------------------------------------------- aux losses
+
+
+def aggregate_records(records: Sequence[RoutingRecord], top_k: int) -> dict[str, torch.Tensor]:
+    """One layer's load-balancing and z loss over several forward passes (pure computation).
+
+    Counts and probability sums are added before the loss is formed, so the balance is
+    asked of the whole step, not of each text or each forward pass separately.
+    """
+    counts = torch.stack([r.tokens_per_expert for r in records]).sum(0)
+    prob_sum = torch.stack([r.prob_sum for r in records]).sum(0)
+    n_tokens = sum(r.n_tokens for r in records)
+    z = sum(r.z_loss * r.n_tokens for r in records) / max(n_tokens, 1)
+    return {
+        "load_balance": load_balancing_loss(counts, prob_sum, n_tokens, top_k),
+        "z_loss": z if isinstance(z, torch.Tensor) else torch.zeros((), device=prob_sum.device),
+        "counts": counts,
+    }
+
+
+class MoEAuxLoss(nn.Module):
+    """A sentence-transformers loss plus the MoE layers' auxiliary losses.
+
+    Returns {"task": ..., "load_balance": coef x sum over layers, "router_z": coef x sum}
+    (sentence-transformers' trainer adds the terms and logs each). Routing records are
+    collected with forward hooks while the wrapped loss runs, so a loss that encodes
+    anchors, positives and negatives in separate passes contributes all of them.
+    For a dense model it returns the task loss alone.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module, *, load_balance_coef: float, z_loss_coef: float) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.load_balance_coef = load_balance_coef
+        self.z_loss_coef = z_loss_coef
+        self._layers: dict[int, MoELayer] = moe_layers(model)
+        self._records: dict[int, list[RoutingRecord]] | None = None
+        self.last_counts: dict[int, torch.Tensor] = {}
+        self.last_raw: dict[str, float] = {}
+        for i, layer in self._layers.items():
+            layer.register_forward_hook(self._make_hook(i))
+
+    def _make_hook(self, i: int):
+        def hook(module: MoELayer, inputs, output) -> None:
+            if self._records is not None:
+                self._records[i].append(module.last_record)
+
+        return hook
+
+    def forward(self, sentence_features, labels):
+        if not self._layers:
+            return self.loss(sentence_features, labels)
+        self._records = {i: [] for i in self._layers}
+        try:
+            task = self.loss(sentence_features, labels)
+            records, self._records = self._records, None
+        finally:
+            self._records = None
+        lb_total, z_total = 0.0, 0.0
+        for i, layer in self._layers.items():
+            if not records[i]:
+                continue
+            agg = aggregate_records(records[i], layer.top_k)
+            lb_total = lb_total + agg["load_balance"]
+            z_total = z_total + agg["z_loss"]
+            self.last_counts[i] = agg["counts"].detach().cpu()
+        if isinstance(task, dict):  # a loss that already reports components
+            out = dict(task)
+        else:
+            out = {"task": task}
+        zero = torch.zeros((), device=next(iter(out.values())).device)
+        lb_total = lb_total if isinstance(lb_total, torch.Tensor) else zero
+        z_total = z_total if isinstance(z_total, torch.Tensor) else zero
+        self.last_raw = {"load_balance": float(lb_total.detach()), "router_z": float(z_total.detach())}
+        out["load_balance"] = self.load_balance_coef * lb_total
+        out["router_z"] = self.z_loss_coef * z_total
+        return out
+
+
+def make_loss(name: LossName, model: nn.Module, cfg: EmbedTrainConfig) -> nn.Module:
+    """sentence-transformers' loss for `name`, configured for L2-normalized embeddings."""
+    from sentence_transformers import losses
+
+    if name == "mnrl":
+        return losses.MultipleNegativesRankingLoss(model)
+    if name == "triplet":
+        return losses.TripletLoss(
+            model, distance_metric=losses.TripletDistanceMetric.COSINE, triplet_margin=cfg.triplet_margin
+        )
+    if name == "contrastive":
+        return losses.ContrastiveLoss(model, margin=cfg.contrastive_margin)
+    if name == "cosine":
+        return losses.CosineSimilarityLoss(model)
+    raise MoescopeError(f"unknown loss {name!r} (choose from {', '.join(LOSS_NAMES)})")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def pairs_dataset(pairs: Sequence[TextPair]):
+    """(anchor, positive) columns: the format of MultipleNegativesRankingLoss."""
+    from datasets import Dataset
+
+    if not pairs:
+        raise MoescopeError("no training pairs")
+    return Dataset.from_dict({"anchor": [p.anchor for p in pairs], "positive": [p.positive for p in pairs]})
+
+
+def build_loss_dataset(pairs: Sequence[TextPair], loss: LossName, miner, cfg: EmbedTrainConfig):
+    """The training dataset in the format `loss` expects.
+
+    mnrl: (anchor, positive). triplet: (anchor, positive, negative). contrastive: (anchor,
+    text, label 0/1). cosine: (anchor, text, float label). Negatives are mined with
+    `miner` (a SentenceTransformer; pass the same untouched base model for every arm so all
+    arms train on identical rows).
+    """
+    ds = pairs_dataset(pairs)
+    if loss == "mnrl":
+        return ds
+    from sentence_transformers.util import mine_hard_negatives
+
+    fmt = "triplet" if loss == "triplet" else "labeled-pair"
+    mined = mine_hard_negatives(
+        ds, miner, anchor_column_name="anchor", positive_column_name="positive",
+        range_min=cfg.negatives_range_min, num_negatives=1, sampling_strategy="top",
+        output_format=fmt, batch_size=32, verbose=False,
+    )
+    if loss == "cosine":
+        mined = mined.cast_column("label", _float_feature())
+    return mined
+
+
+def _float_feature():
+    from datasets import Value
+
+    return Value("float32")
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class MoEProgressCallback(TrainerCallback):
+        """Tells the MoE layers how far training is (router-noise annealing) before each step,
+        and keeps per-step routing loads for the run's metrics."""
+
+        def __init__(self) -> None:
+            self.history: list[dict[str, Any]] = []
+            self.aux: MoEAuxLoss | None = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and state.max_steps:
+                set_training_progress(model, state.global_step / state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.aux is not None and self.aux.last_counts:
+                row: dict[str, Any] = {"step": state.global_step, **self.aux.last_raw}
+                for i, counts in self.aux.last_counts.items():
+                    frac = counts.double() / counts.sum().clamp(min=1)
+                    row[f"max_fraction_layer{i}"] = float(frac.max())
+                    row[f"load_cv_layer{i}"] = float(frac.std(unbiased=False) / frac.mean())
+                self.history.append(row)
+
+    return MoEProgressCallback()
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves besides the trained model."""
+
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    routing_history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    n_train_rows: int = 0
+
+
+def train_encoder(
+    model,
+    train_dataset,
+    cfg: EmbedTrainConfig,
+    *,
+    output_dir: str | Path | None = None,
+    show_progress_bar: bool = True,
+) -> TrainResult:
+    """Fine-tune `model` (in place) with SentenceTransformerTrainer for exactly `cfg.steps` steps."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    torch.manual_seed(cfg.seed)
+    base_loss = make_loss(cfg.loss, model, cfg)
+    loss = MoEAuxLoss(model, base_loss, load_balance_coef=cfg.load_balance_coef, z_loss_coef=cfg.z_loss_coef)
+    callback = _progress_callback()
+    callback.aux = loss if moe_layers(model) else None
+
+    with tempfile.TemporaryDirectory(prefix="moescope-embed-") as tmp:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(output_dir or tmp),
+            max_steps=cfg.steps,
+            per_device_train_batch_size=cfg.batch_size_pairs,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=math.ceil(cfg.warmup_fraction * cfg.steps),
+            weight_decay=cfg.weight_decay,
+            lr_scheduler_type="linear",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            logging_steps=cfg.logging_steps,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            dataloader_drop_last=True,
+            disable_tqdm=not show_progress_bar,
+            batch_sampler=BatchSamplers.NO_DUPLICATES if cfg.loss == "mnrl" else BatchSamplers.BATCH_SAMPLER,
+        )
+        optimizers = (_optimizer(model, cfg), None) if cfg.router_lr_mult != 1.0 and moe_layers(model) else (None, None)
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=[callback], optimizers=optimizers,
+        )
+        out = trainer.train()
+    model.eval()
+    set_training_progress(model, 1.0)
+    return TrainResult(
+        log_history=list(trainer.state.log_history),
+        routing_history=callback.history,
+        train_seconds=float(out.metrics.get("train_runtime", float("nan"))),
+        n_train_rows=len(train_dataset),
+    )
+
+
+def _optimizer(model: nn.Module, cfg: EmbedTrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the routers at learning_rate x router_lr_mult; no decay on biases/LayerNorms."""
+    routers = {id(p) for p in router_parameters(model)}
+    decay, no_decay, router = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in routers:
+            router.append(p)
+        elif p.ndim < 2 or "LayerNorm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.learning_rate},
+        {"params": router, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.router_lr_mult},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+def routing_loads(counts: dict[int, torch.Tensor]) -> dict[int, np.ndarray]:
+    """Per-layer token fractions from summed counts (for reports)."""
+    return {i: (c.double() / c.sum().clamp(min=1)).numpy() for i, c in counts.items()}
