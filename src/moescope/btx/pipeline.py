@@ -178,33 +178,42 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
     n, sb, sf = cfg.n_partitions, cfg.branch_steps, cfg.finetune_steps
     rows: list[dict] = []
 
-    def add(name: str, result: dict, train_steps: int, experts_per_token: float, note: str = "") -> None:
+    c = cfg.eval_context_tokens
+    dense_lp, dense_res = _score(_final(out / "dense"), ev, cfg)
+    dense_block_nll = -dense_lp[:, max(c - 1, 0):].double().sum(1).numpy()
+
+    def add(name: str, scored: tuple[torch.Tensor, dict], train_steps: int, experts_per_token: float,
+            note: str = "") -> None:
+        lp, result = scored
+        block_nll = -lp[:, max(c - 1, 0):].double().sum(1).numpy()
         rows.append({"model": name, **result, "train_tokens": train_steps * tokens_per_step,
-                     "experts_per_token": experts_per_token, "note": note})
+                     "experts_per_token": experts_per_token, "note": note,
+                     "delta_vs_dense": paired_delta(block_nll, dense_block_nll, lp.shape[1] - max(c - 1, 0),
+                                                    ev.domain_ids)})
 
     base_dir = Path(cfg.base_init) if cfg.base_init != "scratch" else _final(out / "base")
-    add("dense base (start of all)", _score(base_dir, ev, cfg)[1], 0, 1, "shared starting point")
-    add("dense baseline", _score(_final(out / "dense"), ev, cfg)[1], n * sb + sf, 1)
+    add("dense base (start of all)", _score(base_dir, ev, cfg), 0, 1, "shared starting point")
+    add("dense baseline", (dense_lp, dense_res), n * sb + sf, 1)
     extra: dict = {}
     for strategy in cfg.strategies:
         init_dir = out / "merged" / strategy / "init"
-        add(f"BTX merged ({strategy}), before fine-tune", _score(init_dir, ev, cfg)[1], n * sb, cfg.top_k)
+        add(f"BTX merged ({strategy}), before fine-tune", _score(init_dir, ev, cfg), n * sb, cfg.top_k)
         if sf > 0:
-            add(f"BTX merged ({strategy})", _score(_final(out / "merged" / strategy / "finetune"), ev, cfg)[1],
+            add(f"BTX merged ({strategy})", _score(_final(out / "merged" / strategy / "finetune"), ev, cfg),
                 n * sb + sf, cfg.top_k)
         extra[f"router_init_{strategy}"] = json.loads((init_dir / "router_init.json").read_text())["own_expert_share"]
         branch_lps = []
         for e in range(n):
-            lp, res = _score(_final(out / "branches" / strategy / f"p{e:02d}"), ev, cfg)
-            branch_lps.append(lp)
-            add(f"branch {e} alone ({strategy})", res, sb, 1, "one partition's model on everything")
+            scored = _score(_final(out / "branches" / strategy / f"p{e:02d}"), ev, cfg)
+            branch_lps.append(scored[0])
+            add(f"branch {e} alone ({strategy})", scored, sb, 1, "one partition's model on everything")
         pdir = out / "partitions" / strategy
         if (pdir / "centroids.npy").is_file():
             w = cbtm_weights(cfg, pdir, ev, embedding_cache=embedding_cache)
             mixed = mix_target_logprobs(torch.stack(branch_lps), torch.from_numpy(w))
             k = cfg.cbtm_top_k or n
             add(f"c-BTM ensemble ({strategy}, T={cfg.cbtm_temperature})",
-                continuation_losses(mixed, ev.domain_ids, ev.domains, cfg.eval_context_tokens), n * sb, k,
+                (mixed, continuation_losses(mixed, ev.domain_ids, ev.domains, cfg.eval_context_tokens)), n * sb, k,
                 "weights from the first context tokens' embedding")
             extra[f"cbtm_mean_weight_by_domain_{strategy}"] = {
                 d: w[ev.domain_ids == i].mean(0).round(3).tolist() for i, d in enumerate(ev.domains)}
@@ -220,20 +229,34 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
     return result
 
 
+def paired_delta(block_nll: np.ndarray, ref_block_nll: np.ndarray, tokens_per_block: int,
+                 domain_ids: np.ndarray) -> dict:
+    """Token-weighted loss difference to the reference on the same blocks, with a 95% block
+    bootstrap interval (blocks resampled within their domain)."""
+    from moescope.analysis.stats import bootstrap_interval
+
+    sums = np.stack([block_nll - ref_block_nll, np.full(len(block_nll), float(tokens_per_block))], axis=1)
+    iv = bootstrap_interval(sums, lambda s: s[..., 0] / s[..., 1], strata=domain_ids, n_resamples=1000)
+    return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
+
+
 def render_comparison(result: dict) -> str:
     domains = list(result["rows"][0]["domains"])
-    head = "| model | " + " | ".join(domains) + " | token-weighted | domain-weighted | train tokens | experts/token |"
+    head = ("| model | " + " | ".join(domains) +
+            " | token-weighted | domain-weighted | vs dense [95% CI] | train tokens | experts/token |")
     lines = [
         "# Held-out loss (nats/token) after the first "
         f"{result['eval']['context_tokens']} tokens of {result['eval']['blocks']} eval blocks",
         "",
         head,
-        "|---" * (len(domains) + 5) + "|",
+        "|---" * (len(domains) + 6) + "|",
     ]
     for r in result["rows"]:
         cells = [f"{r['domains'][d]['loss']:.4f}" if d in r["domains"] else "-" for d in domains]
+        d = r["delta_vs_dense"]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['token_weighted']:.4f} | "
-                     f"{r['domain_weighted']:.4f} | {r['train_tokens']:,} | {r['experts_per_token']} |")
+                     f"{r['domain_weighted']:.4f} | {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
+                     f"{r['train_tokens']:,} | {r['experts_per_token']} |")
     for key, value in result.items():
         if key.startswith(("router_init_", "cbtm_mean_weight")):
             lines += ["", f"- {key}: {json.dumps(value)}"]
