@@ -153,3 +153,24 @@ def test_embeddings_are_cached_by_text_hash(minilm_run):
     again = enc.encode(out.texts[::-1] + ["a text never seen before"])
     assert enc.n_cached == len(out.texts) and enc.n_computed == 1
     assert np.allclose(again[: len(out.texts)], out.embedding.vectors[::-1], atol=1e-6)
+
+
+def test_an_interrupted_embedding_keeps_the_chunks_already_done(minilm_run, tmp_path):
+    out, _ = minilm_run
+    enc = SentenceEncoder(cache_dir=tmp_path, show_progress=False, chunk_texts=4)
+    real = enc.model.encode
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user stops a long run
+        return real(*args, **kwargs)
+
+    enc.model.encode = flaky
+    with pytest.raises(KeyboardInterrupt):
+        enc.encode(out.texts[:10])
+    again = SentenceEncoder(cache_dir=tmp_path, show_progress=False)
+    vecs = again.encode(out.texts[:10])
+    assert again.n_cached == 4 and again.n_computed == 6  # the first chunk survived
+    assert np.allclose(vecs, out.embedding.vectors[:10], atol=1e-5)

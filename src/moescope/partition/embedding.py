@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from moescope.io.atomic import atomic_write_bytes
 from moescope.io.provenance import sha256_text
@@ -96,6 +97,7 @@ class SentenceEncoder:
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         batch_size: int = 64,
         show_progress: bool = True,
+        chunk_texts: int = 512,
     ):
         from sentence_transformers import SentenceTransformer  # ImportError -> caller falls back
 
@@ -108,6 +110,7 @@ class SentenceEncoder:
             self.model.max_seq_length = int(max_tokens)
         self.batch_size = batch_size
         self.show_progress = show_progress
+        self.chunk_texts = chunk_texts
         key = hashlib.sha256(f"{identity}|max_tokens={self.model.max_seq_length}|norm".encode()).hexdigest()[:16]
         self.cache = EmbeddingCache(cache_dir / f"{key}.npz") if cache_dir is not None else None
         self.n_cached = 0
@@ -129,21 +132,29 @@ class SentenceEncoder:
             else:
                 todo.setdefault(k, []).append(i)  # identical texts are embedded once
         if todo:
-            first = [rows[0] for rows in todo.values()]
-            vecs = self.model.encode(
-                [texts[i] for i in first],
-                batch_size=self.batch_size,
-                show_progress_bar=self.show_progress,  # a tqdm bar
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-            ).astype(np.float32)
-            for (k, rows), v in zip(todo.items(), vecs):
-                out[rows] = v
+            keys_todo = list(todo)
+            # longest first, so each batch holds texts of similar length (little padding), in chunks
+            # after each of which the cache is saved: an interrupted run keeps what it embedded
+            keys_todo.sort(key=lambda k: -len(texts[todo[k][0]]))
+            bar = tqdm(total=len(keys_todo), desc="embedding", unit="text", disable=not self.show_progress)
+            for start in range(0, len(keys_todo), self.chunk_texts):
+                chunk = keys_todo[start : start + self.chunk_texts]
+                vecs = self.model.encode(
+                    [texts[todo[k][0]] for k in chunk],
+                    batch_size=self.batch_size,
+                    show_progress_bar=False,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                ).astype(np.float32)
+                for k, v in zip(chunk, vecs):
+                    out[todo[k]] = v
+                    if self.cache is not None:
+                        self.cache.put(k, v)
                 if self.cache is not None:
-                    self.cache.put(k, v)
-            self.n_computed += len(first)
-            if self.cache is not None:
-                self.cache.save()
+                    self.cache.save()
+                self.n_computed += len(chunk)
+                bar.update(len(chunk))
+            bar.close()
         return out
 
 
