@@ -73,7 +73,11 @@ def run_experiment(
     elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise MoescopeError(f"run directory {run_dir} already exists and is not empty; "
                             f"pass --resume to continue it, or choose another --out")
-    if not exp_path.is_file():
+    # Under `accelerate launch` / torchrun every process runs this function; all of them have
+    # checked the directory above before the main process writes anything.
+    state = _process_state()
+    state.wait_for_everyone()
+    if state.is_main_process and not exp_path.is_file():
         atomic_write_json(exp_path, record)
         atomic_write_json(run_dir / "environment.json", {
             **environment_info(), "seeds": {"train.seed": cfg.train.seed, "moe.install_seed": cfg.train.seed},
@@ -88,11 +92,22 @@ def run_experiment(
     for name, run in runs.items():
         summaries[name] = train_run(run, run_dir / "arms" / name, init=init, name=name, resume=resume,
                                     on_step=on_step)
-    previous = {}
-    if (run_dir / "summary.json").is_file():
-        previous = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    atomic_write_json(run_dir / "summary.json", {**previous, **summaries})
+    if state.is_main_process:
+        previous = {}
+        if (run_dir / "summary.json").is_file():
+            previous = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        atomic_write_json(run_dir / "summary.json", {**previous, **summaries})
+    state.wait_for_everyone()
     return summaries
+
+
+def _process_state():
+    """accelerate's view of this process (rank, world); one CPU process unless launched distributed."""
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True lets accelerate see a CPU launch (torchrun / mpirun) as MULTI_CPU with gloo.
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _check_same_experiment(stored: dict, current: dict, where: Path) -> None:

@@ -188,6 +188,7 @@ class Trainer:
             self.collapse_streak = dict(state.get("collapse_streak", {}))
             self.collapse_events = list(state.get("collapse_events", []))
             restore_rng_state(state["rng"])
+        acc.wait_for_everyone()  # every process has checked the directory before the main one writes
         self.metrics = MetricsLog(
             self.out_dir / METRICS_NAME,
             tensorboard_dir=self.out_dir / "tensorboard" if cfg.tracking.tensorboard else None,
@@ -203,6 +204,8 @@ class Trainer:
                 self.metrics.truncate_after(self.step)
                 self.metrics.write({"kind": "event", "step": self.step, "event": "resume", "checkpoint": str(ckpt)})
             else:
+                if self.out_dir.exists() and (self.out_dir / CONFIG_NAME).exists() and not resume:
+                    raise MoescopeError(f"{self.out_dir} was written by another process while starting")
                 atomic_write_json(self.out_dir / CONFIG_NAME, {
                     "name": name, "init": self.init, "config": to_dict(cfg),
                     "data_manifest_sha256": self.manifest_sha,
