@@ -204,6 +204,12 @@ def test_bad_inputs_raise_clear_errors_and_overwrite_nothing(data: Path, tmp_pat
     other = resolve_arms(tiny_experiment(data, arms=["moe"], train__steps=3, moe__n_experts=2), ["moe"])["moe"]
     with pytest.raises(MoescopeError, match=r"another config.*moe.n_experts"):
         train_run(other, run / "arms" / "moe", resume=True)
+    # the data directory changed since the run started
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "note": "rebuilt"}))
+    with pytest.raises(MoescopeError, match=r"another experiment: data manifest"):
+        run_experiment(cfg, run, resume=True)
+    (data / "manifest.json").write_text(json.dumps(manifest))
     # a checkpoint whose config differs from the run's (e.g. copied in from another run)
     arm_dir = run / "arms" / "moe"
     (arm_dir / "summary.json").rename(tmp_path / "summary.json")

@@ -585,7 +585,7 @@ class Trainer:
                 self._eval_and_record(None)
             bar = tqdm(total=t.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
                        disable=not (self.cfg.tracking.progress_bar and self.accelerator.is_main_process))
-            window_t0, window_steps, last_eval = time.perf_counter(), 0, None
+            window_time, window_steps, last_eval = 0.0, 0, None
             train_time, train_steps = 0.0, 0
             while self.step < t.steps and self._stop_reason is None:
                 t0 = time.perf_counter()
@@ -593,6 +593,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 train_time += dt
                 train_steps += 1
+                window_time += dt
                 window_steps += 1
                 tps = self.tokens_per_step / dt
                 bar.update(1)
@@ -602,9 +603,9 @@ class Trainer:
                                         "tokens_seen": self.step * self.tokens_per_step, **out,
                                         "tokens_per_s": tps})
                 if self.step % t.eval_every_steps == 0 or self.step == t.steps:
-                    elapsed = time.perf_counter() - window_t0
-                    last_eval = self._eval_and_record(self.tokens_per_step * window_steps / max(elapsed, 1e-9))
-                    window_t0, window_steps = time.perf_counter(), 0
+                    # training throughput since the previous eval (train steps only, no eval or saving)
+                    last_eval = self._eval_and_record(self.tokens_per_step * window_steps / max(window_time, 1e-9))
+                    window_time, window_steps = 0.0, 0
                 if self.on_step is not None:
                     self.on_step(self.step, self)
                 if self._stop_signal is not None:
