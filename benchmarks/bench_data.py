@@ -72,7 +72,7 @@ def _pack_child(tok_dir: str, jsonl: str, out: str, q) -> None:
                 yield json.loads(line)["text"]
 
     stats = pack_to_file(stream(), encode, eos_id=tok.eos_token_id, block_size=512, dtype=np.dtype(np.uint16),
-                         path=Path(out), batch_texts=512)
+                         path=Path(out), batch_texts=512, batch_chars=250_000)
     q.put({"base_mb": base, "peak_mb": rss_mb(), "tokens": stats.n_tokens})
 
 

@@ -92,6 +92,7 @@ def _write_split(
 
         stats = pack_to_file(stream(), encode, eos_id=eos_id, block_size=cfg.block_size_tokens, dtype=dtype,
                              path=block_path(tmp, split, domain), batch_texts=cfg.encode_batch_texts,
+                             batch_chars=cfg.encode_batch_chars,
                              on_batch=bar.update)
     if stats.n_blocks == 0:
         raise MoescopeError(

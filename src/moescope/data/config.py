@@ -121,6 +121,7 @@ class DataBuildConfig:
     balance: bool = False
     imbalance_warn_ratio: float = 1.5
     encode_batch_texts: int = 512
+    encode_batch_chars: int = 250_000  # bounds tokenizer memory per batch (~35 MB of Encodings per 1M chars)
 
     def __post_init__(self) -> None:
         if not self.domains:
@@ -135,8 +136,9 @@ class DataBuildConfig:
             raise MoescopeError(f"eval_min_texts must be >= 1, got {self.eval_min_texts}")
         if self.block_size_tokens < 2:
             raise MoescopeError(f"block_size_tokens must be >= 2, got {self.block_size_tokens}")
-        if self.encode_batch_texts < 1:
-            raise MoescopeError(f"encode_batch_texts must be >= 1, got {self.encode_batch_texts}")
+        if self.encode_batch_texts < 1 or self.encode_batch_chars < 1:
+            raise MoescopeError(f"encode_batch_texts and encode_batch_chars must be >= 1, got "
+                                f"{self.encode_batch_texts}, {self.encode_batch_chars}")
 
     def domain(self, name: str) -> DomainConfig:
         for d in self.domains:

@@ -67,6 +67,7 @@ def plot_length_distribution(store: BlockStore, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     from moescope.io.atomic import atomic_write_bytes
@@ -75,15 +76,20 @@ def plot_length_distribution(store: BlockStore, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.4), squeeze=False)
     for ax, d in zip(axes[0], domains):
         all_lens = [text_lengths(store, s, d) for s in SPLITS]
-        hi = max(int(x.max()) for x in all_lens if len(x)) if any(len(x) for x in all_lens) else 10
-        bins = np.logspace(0, np.log10(max(hi, 10)), 40)
+        nonempty = [x for x in all_lens if len(x)]
+        lo = max(1, min(int(x.min()) for x in nonempty)) if nonempty else 1
+        hi = max(int(x.max()) for x in nonempty) if nonempty else 10
+        bins = np.logspace(np.log10(lo), np.log10(max(hi, lo * 2)), 30)
         for split, lens in zip(SPLITS, all_lens):
-            ax.hist(lens, bins=bins, alpha=0.6, density=True, label=f"{split} (n={len(lens)})")
+            # each bar is the share of the split's texts, so train and eval compare directly
+            weights = np.full(len(lens), 1.0 / max(1, len(lens)))
+            ax.hist(lens, bins=bins, weights=weights, alpha=0.6, label=f"{split} (n={len(lens)})")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(d)
         ax.set_xlabel("text length (characters)")
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("density")
+    axes[0][0].set_ylabel("share of texts")
     fig.suptitle(f"text lengths per domain: {store.root.name}")
     fig.tight_layout()
     import io

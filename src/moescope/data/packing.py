@@ -83,7 +83,7 @@ def pack_to_file(
     dtype: np.dtype,
     path: Path,
     batch_texts: int = 512,
-    batch_chars: int = 1_000_000,
+    batch_chars: int = 250_000,
     on_batch: Callable[[int], None] | None = None,
 ) -> PackStats:
     """Encode `texts` in batches, append EOS after each, write full blocks to `path`."""

@@ -6,6 +6,7 @@ length filters, deduplication and the size target, in the seeded order of the so
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from moescope.data.config import DomainConfig
 from moescope.data.text import CollectStats, SourceText, collect_texts
 from moescope.errors import MoescopeError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DomainTexts", "SourceText", "collect_domain", "iter_source", "load_domain_texts", "describe_source"]
 
@@ -85,6 +88,9 @@ def collect_domain(domain: DomainConfig, seed: int) -> DomainTexts:
             f"domain {domain.name!r}: empty source ({describe_where(domain)}: {stats.seen} texts read, "
             f"{stats.too_short} too short, {stats.too_long} too long, {stats.empty} empty)"
         )
+    if stats.stopped_by == "source exhausted" and (target_bytes or domain.target_texts):
+        log.warning("domain %r: source exhausted at %d texts / %.2f MB, before the size target", domain.name,
+                    stats.kept, stats.kept_bytes / 1e6)
     return DomainTexts(domain=domain.name, texts=texts, stats=stats, source=describe_source(domain, seed))
 
 
