@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moescope data build --out runs/demo/data --overwrite
+	$(VENV)/bin/moescope demo
 
 # Headless Chromium for the report's browser test (Debian's package).
 browser:

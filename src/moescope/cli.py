@@ -18,9 +18,11 @@ from moescope.errors import MoescopeError
 
 # One line per command module; keep the order of the study.
 COMMAND_MODULES: list[str] = [
+    "moescope.commands.demo",
     "moescope.commands.data",
     "moescope.commands.train",
     "moescope.commands.analyze",
+    "moescope.commands.report",
     "moescope.commands.cluster",
     "moescope.commands.partition",
     "moescope.commands.btx",

@@ -49,7 +49,7 @@ table.data th { background:var(--panel); }
 .sample { border:1px solid var(--line); border-radius:6px; padding:10px 12px; margin:10px 0; }
 .sample .meta { color:var(--muted); font-size:12px; margin-bottom:6px; }
 .tokens { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; white-space:pre-wrap; word-break:break-word; line-height:1.9; }
-.tok { border-radius:2px; padding:1px 0; cursor:default; }
+.tok { border-radius:2px; padding:1px 0; cursor:default; box-shadow: inset -1px 0 0 rgba(255,255,255,.9); }
 #tip { position:fixed; pointer-events:none; background:#1d232a; color:#fff; font-size:12px; padding:4px 8px; border-radius:4px; display:none; z-index:10; }
 details.prov pre { background:var(--panel); padding:10px; overflow:auto; font-size:12px; }
 """

@@ -1,0 +1,228 @@
+"""The report's figures (matplotlib, Agg). Each function takes loaded metrics and writes one PNG.
+
+Inputs are the plain dicts of RUN/analysis/metrics.json and the records of
+RUN/arms/*/metrics.jsonl; nothing here reads files, so any figure can be redrawn
+from metrics alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ARM_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
+DPI = 110
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _records(records: list[dict], kind: str) -> list[dict]:
+    return [r for r in records if r.get("kind") == kind]
+
+
+def _ema(values: list[float], alpha: float = 0.2) -> np.ndarray:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return np.asarray(out)
+
+
+def moe_layer_ids(metrics: dict, arm: str) -> list[str]:
+    return sorted(metrics["arms"][arm].get("layers", {}), key=int)
+
+
+def plot_loss_curves(arm_records: dict[str, list[dict]], path: Path) -> Path:
+    """Training loss (smoothed) and held-out loss of every arm on one axis at matched steps."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for n, (arm, recs) in enumerate(arm_records.items()):
+        color = ARM_COLORS[n % len(ARM_COLORS)]
+        train = _records(recs, "train")
+        if train:
+            ax.plot([r["step"] for r in train], _ema([r["ce"] for r in train]), color=color, alpha=0.45, lw=1.2)
+        ev = _records(recs, "eval")
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["loss"]["domain_weighted"] for r in ev], "o-", color=color,
+                    lw=2, ms=4, label=f"{arm} (eval, domain-weighted)")
+    ax.set_xlabel("optimizer step (all arms: same data order, tokens and schedule)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Loss: thin = train (EMA), dots = held-out eval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_expert_given_domain(metrics: dict, arms: list[str], path: Path) -> Path:
+    """P(expert | domain) heatmaps, one row per MoE arm, one column per MoE layer."""
+    domains = metrics["domains"]
+    layers = {a: moe_layer_ids(metrics, a) for a in arms}
+    ncol = max(len(v) for v in layers.values())
+    fig, axes = plt.subplots(len(arms), ncol, figsize=(3.6 * ncol + 0.6, 0.5 + 0.42 * len(domains) * len(arms) + 0.9 * len(arms)),
+                             squeeze=False)
+    for r, arm in enumerate(arms):
+        for c in range(ncol):
+            ax = axes[r][c]
+            if c >= len(layers[arm]):
+                ax.axis("off")
+                continue
+            layer = layers[arm][c]
+            spec = metrics["arms"][arm]["layers"][layer]["specialization"]
+            mat = np.asarray(spec["expert_given_domain"], dtype=float)
+            n_exp = mat.shape[1]
+            im = ax.imshow(mat, cmap="magma", vmin=0, vmax=max(0.5, float(np.nanmax(mat))), aspect="auto")
+            for i in range(mat.shape[0]):
+                for j in range(n_exp):
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                            color="white" if mat[i, j] < 0.6 * im.norm.vmax else "black")
+            nmi = spec["nmi"]
+            ax.set_title(f"{arm} · layer {layer}\nNMI {nmi['estimate']:.3f} [{nmi['low']:.3f}, {nmi['high']:.3f}]"
+                         f" p={spec['nmi_pvalue']:.3g}", fontsize=8.5)
+            ax.set_yticks(range(len(domains)), domains, fontsize=8)
+            ax.set_xticks(range(n_exp), [str(j) for j in range(n_exp)], fontsize=7)
+            ax.set_xlabel("expert", fontsize=8)
+    fig.suptitle(f"P(expert | domain) on held-out data (uniform = {1 / n_exp:.3f})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_load_over_training(arm_records: dict[str, list[dict]], arms: list[str], path: Path) -> Path:
+    """Share of tokens per expert at every eval, stacked: load balancing vs its absence."""
+    layer_ids = sorted({k for a in arms for r in _records(arm_records[a], "eval") for k in r.get("routing", {})}, key=int)
+    fig, axes = plt.subplots(len(layer_ids), len(arms), figsize=(4.2 * len(arms), 2.4 * len(layer_ids)),
+                             squeeze=False, sharey=True)
+    cmap = plt.get_cmap("tab20")
+    for c, arm in enumerate(arms):
+        ev = _records(arm_records[arm], "eval")
+        steps = [r["step"] for r in ev]
+        for r_i, layer in enumerate(layer_ids):
+            ax = axes[r_i][c]
+            fracs = np.array([r["routing"][layer]["token_fraction"] for r in ev if layer in r.get("routing", {})])
+            if fracs.size == 0:
+                ax.axis("off")
+                continue
+            ax.stackplot(steps[: len(fracs)], fracs.T, colors=[cmap(j % 20) for j in range(fracs.shape[1])], lw=0)
+            cv = ev[-1]["routing"][layer]["load_cv"]
+            ax.set_title(f"{arm} · layer {layer} · final load CV {cv:.2f}", fontsize=8.5)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("step", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("token share", fontsize=8)
+    fig.suptitle("Expert load over training (each band is one expert; equal bands = balanced)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_router_entropy(arm_records: dict[str, list[dict]], arms: list[str], path: Path) -> Path:
+    """Mean per-token router entropy against its maximum ln E, per arm and layer."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    ln_e = None
+    styles = ["-", "--", ":", "-."]
+    for n, arm in enumerate(arms):
+        ev = _records(arm_records[arm], "eval")
+        layer_ids = sorted({k for r in ev for k in r.get("routing", {})}, key=int)
+        for m, layer in enumerate(layer_ids):
+            pts = [(r["step"], r["routing"][layer]["router_entropy_token"]) for r in ev if layer in r["routing"]]
+            ln_e = ev[-1]["routing"][layer]["router_entropy_max"]
+            ax.plot(*zip(*pts), styles[m % len(styles)], color=ARM_COLORS[n % len(ARM_COLORS)], marker="o", ms=3,
+                    label=f"{arm} · layer {layer}")
+    if ln_e is not None:
+        ax.axhline(ln_e, color="black", lw=1, ls="--", label=f"ln E = {ln_e:.3f} (uniform router)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean router entropy per token (nats)")
+    ax.set_title("Router entropy: how decided the routers are")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_token_types(metrics: dict, arm: str, path: Path) -> Path | None:
+    """P(expert | Python token type) inside code, one panel per layer."""
+    tt = metrics["arms"][arm].get("token_types")
+    if not tt:
+        return None
+    layers = sorted(tt, key=int)
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.4 * len(layers), 3.6), squeeze=False)
+    for c, layer in enumerate(layers):
+        entry = tt[layer]
+        mat = np.asarray(entry["expert_given_type"], dtype=float)
+        counts = np.asarray(entry["counts"]).sum(axis=1) if np.ndim(entry["counts"]) == 2 else None
+        keep = np.where(counts > 0)[0] if counts is not None else np.arange(mat.shape[0])
+        names = [entry["type_names"][i] for i in keep]
+        ax = axes[0][c]
+        ax.imshow(mat[keep], cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        for i, row in enumerate(mat[keep]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 else "black")
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xticks(range(mat.shape[1]), [str(j) for j in range(mat.shape[1])], fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_title(f"{arm} · layer {layer}", fontsize=9)
+    fig.suptitle("Routing of code tokens by Python token type: P(expert | type)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_saturation(metrics: dict, arms: list[str], path: Path) -> Path | None:
+    """Router saturation: overlap of each snapshot's expert choices with the final model's."""
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    drawn = False
+    baseline = None
+    for n, arm in enumerate(arms):
+        sat = metrics["arms"][arm].get("saturation") or {}
+        if not sat.get("steps"):
+            continue
+        baseline = sat.get("baseline")
+        for m, (layer, curve) in enumerate(sorted(sat["layers"].items(), key=lambda kv: int(kv[0]))):
+            ax.plot(sat["steps"], curve, ["-", "--", ":", "-."][m % 4], marker="o", ms=3,
+                    color=ARM_COLORS[n % len(ARM_COLORS)], label=f"{arm} · layer {layer}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if baseline is not None:
+        ax.axhline(baseline, color="black", lw=1, ls="--", label=f"chance {baseline:.3f}")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step of snapshot")
+    ax.set_ylabel("overlap with final routing")
+    ax.set_title("Router saturation (OLMoE): when routing settles")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_format_test(metrics: dict, arms: list[str], path: Path) -> Path | None:
+    """How far content tokens' routing moves when 'Problem:'/'Solution:' markers are added."""
+    bars = []
+    for arm in arms:
+        ft = metrics["arms"][arm].get("format_test") or {}
+        for layer, entry in sorted((ft.get("layers") or {}).items(), key=lambda kv: int(kv[0])):
+            js = entry.get("mean_token_js_divergence")
+            if isinstance(js, dict):
+                ref = entry.get("reference_domain_js_divergence") or {}
+                bars.append((f"{arm}\nlayer {layer}", js["estimate"], js["low"], js["high"],
+                             max(ref.values()) if ref else math.nan))
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(bars)), 3.8))
+    x = np.arange(len(bars))
+    est = np.array([b[1] for b in bars])
+    err = np.array([[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]])
+    ax.bar(x, est, yerr=err, capsize=4, color="#2f6fab", label="markers added: mean token JS divergence (95% CI)")
+    refs = np.array([b[4] for b in bars])
+    if np.isfinite(refs).any():
+        ax.scatter(x, refs, color="#d62728", marker="_", s=600, lw=2.5, label="reference: JS between domains' routing")
+    ax.set_xticks(x, [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("JS divergence (bits)")
+    ax.set_title("Format test: does routing follow content or markers?")
+    ax.legend(fontsize=7)
+    return _save(fig, path)

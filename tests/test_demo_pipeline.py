@@ -1,0 +1,109 @@
+"""`moescope demo` end to end on a tiny configuration: data -> base -> arms -> analysis -> report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moescope.cli import main
+from moescope.demo import format_summary_table, load_demo_config, run_demo
+from moescope.errors import MoescopeError
+from moescope.io.config import parse_overrides
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+TINY = [
+    "data.block_size_tokens=32",
+    "data.tokenizer.vocab_size=512",
+    "data.domains=[{name: code, target_texts: 80, target_mb: null}, {name: math, target_texts: 160, target_mb: null},"
+    " {name: prose, target_texts: 60, target_mb: null}]",
+    "experiment.base.steps=12",
+    "experiment.model.n_layers=2", "experiment.model.d_model=32", "experiment.model.n_heads=2",
+    "experiment.model.context_tokens=32",
+    "experiment.moe.n_experts=4", "experiment.moe.layers=[1]",
+    "experiment.train.steps=12", "experiment.train.batch_sequences=8", "experiment.train.eval_every_steps=6",
+    "experiment.train.checkpoint_every_steps=6", "experiment.train.eval_max_blocks_per_domain=8",
+    "experiment.tracking.progress_bar=false",
+    "analysis.max_blocks_per_domain=24", "analysis.saturation_max_blocks_per_domain=4",
+    "analysis.format_test_max_texts=6", "analysis.statistics.n_resamples=200", "analysis.statistics.n_permutations=200",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_demo_config("demo", parse_overrides(TINY))
+    return out, run_demo(cfg, out, progress=False)
+
+
+def test_demo_writes_every_stage_and_provenance(demo_run: tuple[Path, dict]) -> None:
+    out, result = demo_run
+    run = out / "run"
+    for path in ["data/manifest.json", "run/experiment.json", "run/environment.json", "run/data_manifest.json",
+                 "run/analysis/metrics.json", "run/analysis/viewer.json", "run/report/report.html",
+                 "run/report/summary.md", "demo_config.json", "demo_summary.json"]:
+        assert (out / path).is_file(), path
+    for arm in ("dense", "moe", "moe-nolb"):
+        assert (run / "arms" / arm / "final").is_dir()
+    metrics = json.loads((run / "analysis" / "metrics.json").read_text())
+    assert set(metrics["arms"]) == {"dense", "moe", "moe-nolb"}
+    assert metrics["arms"]["dense"]["kind"] == "dense" and metrics["arms"]["moe"]["kind"] == "moe"
+    assert [r["arm"] for r in result["rows"]] == ["dense", "moe", "moe-nolb"]
+    table = format_summary_table(result["rows"])
+    assert "moe-nolb" in table and "NMI" in table
+    # The resolved config is what ran: the data manifest and the experiment agree with it.
+    resolved = json.loads((out / "demo_config.json").read_text())["config"]
+    assert resolved["data"]["block_size_tokens"] == 32
+    assert json.loads((run / "experiment.json").read_text())["experiment"]["train"]["steps"] == 12
+    page = (run / "report" / "report.html").read_text()
+    assert "What this run shows" in page and "viewer-data" in page and page.count("data:image/png;base64,") >= 4
+
+
+def test_demo_refuses_a_different_config_in_the_same_directory(demo_run: tuple[Path, dict]) -> None:
+    out, _ = demo_run
+    cfg = load_demo_config("demo", parse_overrides(TINY + ["experiment.train.steps=13"]))
+    with pytest.raises(MoescopeError, match="different configuration"):
+        run_demo(cfg, out, progress=False)
+
+
+def test_unknown_preset_and_key_are_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--scale", "nonexistent"]) == 2
+    assert "unknown demo preset 'nonexistent'" in capsys.readouterr().err
+    with pytest.raises(MoescopeError, match="did you mean 'steps'"):
+        load_demo_config("demo", parse_overrides(["experiment.train.stepz=3"]))
+    # the GPU preset parses into the same dataclasses
+    cfg = load_demo_config("gpt2")
+    assert cfg.experiment.base.init == "gpt2" and cfg.experiment.moe.layers == [8, 9, 10, 11]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
+def test_demo_report_in_headless_chromium(demo_run: tuple[Path, dict], tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from playwright.sync_api import sync_playwright
+
+    out, _ = demo_run
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((out / "run" / "report" / "report.html").as_uri())
+        heatmap = page.locator("img[alt='P(expert | domain)']")
+        assert heatmap.is_visible()
+        assert page.evaluate("document.querySelector(\"img[alt='P(expert | domain)']\").naturalWidth") > 200
+        heatmap.scroll_into_view_if_needed()
+        shot = tmp_path / "heatmap.png"
+        heatmap.screenshot(path=str(shot))
+        assert plt.imread(shot).std() > 0.05, "heatmap renders blank"
+        tokens = page.locator("#viewer-samples .tok")
+        assert tokens.count() > 20
+        # switch arms: moe-nolb collapsed or not, its colours differ from moe's somewhere
+        before = tokens.evaluate_all("els => els.map(e => e.dataset.expert)")
+        page.select_option("#viewer-arm", "moe-nolb")
+        after = page.locator("#viewer-samples .tok").evaluate_all("els => els.map(e => e.dataset.expert)")
+        assert len(before) == len(after) and before != after
+        browser.close()
