@@ -382,3 +382,16 @@ def test_batches_bounded_by_texts_and_characters() -> None:
     for b in batches:
         assert len(b) <= 4
         assert sum(map(len, b[:-1])) < 100  # only the last text of a batch may cross the budget
+
+
+def test_documented_toml_example_parses() -> None:
+    import textwrap
+    import tomllib
+
+    import moescope.data.config as config_mod
+    from moescope.io.config import from_dict
+
+    doc = textwrap.dedent(config_mod.__doc__.split("Example (TOML)::")[1])
+    cfg = from_dict(DataBuildConfig, tomllib.loads(doc))
+    assert [(d.name, d.source.backend) for d in cfg.domains] == [("code", "hf"), ("math", "hf"), ("prose", "files")]
+    assert cfg.block_size_tokens == 128 and cfg.domains[0].target_mb == 10

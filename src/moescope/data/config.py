@@ -3,6 +3,31 @@
 Every field names its unit. A build config file (TOML/YAML/JSON) maps onto
 `DataBuildConfig` through `moescope.io.config.from_dict`, so unknown keys are
 rejected with the closest valid key.
+
+Example (TOML)::
+
+    seed = 42
+    block_size_tokens = 128
+    [tokenizer]
+    kind = "bpe"            # or "gpt2" with name_or_path = "gpt2" / a local directory
+    vocab_size = 4096
+    [[domains]]
+    name = "code"
+    target_mb = 10
+    [domains.source]
+    backend = "hf"
+    name = "codeparrot/codeparrot-clean"
+    # path = "/data/codeparrot"   # local stand-in in the dataset's own format
+    [[domains]]
+    name = "math"
+    [domains.source]
+    backend = "hf"
+    name = "mathqa"          # the source zip; path = "MathQA.zip" for a local copy
+    [[domains]]
+    name = "prose"
+    [domains.source]
+    backend = "files"
+    paths = ["~/corpus/*.txt"]
 """
 
 from __future__ import annotations
