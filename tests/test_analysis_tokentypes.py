@@ -115,3 +115,14 @@ def test_block_token_types_skip_document_tails() -> None:
     assert types[len(tail) + 1 :].tolist() == tt.token_types_for_text("def f(x):\n", tokenizer)[1].tolist()
     typed_from_start = tt.block_token_types(pieces, ids, eos, starts_document=True)
     assert typed_from_start[0] != -1 and typed_from_start[len(tail)] == -1
+
+
+def test_stream_token_types_pack_like_the_builder() -> None:
+    tokenizer = byte_level_tokenizer(False)
+    texts = [CODE, "import os\n"]
+    ids, types = tt.stream_token_types(texts, tokenizer, eos_token_id=0)
+    first_ids, first_types = tt.token_types_for_text(CODE, tokenizer)
+    n = len(first_ids)
+    assert ids[:n].tolist() == first_ids and ids[n] == 0 and types[n] == -1
+    assert types[:n].tolist() == first_types.tolist()
+    assert types[n + 1 :].tolist() == [K, N, IND, -1]  # import, " os", newline, EOS

@@ -114,19 +114,39 @@ def _pieces_for_rows(store: BlockStore, tokenizer, rows: list[int] | np.ndarray)
 
 
 def token_types_for_capture(store: BlockStore, tokenizer, res: capture.CaptureResult, domain: str) -> np.ndarray:
-    """Python token type of every captured token (-1 outside ``domain`` and where unreliable)."""
+    """Python token type of every captured token (-1 outside ``domain`` and where unreliable).
+
+    The domain's eval texts are re-tokenized and typed whole, packed the builder's
+    way (text + EOS, cut into blocks), and each captured block is located in that
+    stream by its exact token ids, so blocks cut mid-document get full-file types.
+    A block that cannot be located (another packing) falls back to typing its own
+    document segments (:func:`tokentypes.block_token_types`).
+    """
     d = store.domains.index(domain)
     index = store.index("eval")
-    out = np.full(res.block_rows.size * store.block_size, -1, dtype=np.int64)
+    size = store.block_size
+    texts = [record["text"] for record in store.texts("eval", domain)]
+    ids, types = tokentypes.stream_token_types(texts, tokenizer, store.eos_token_id)
+    n_full = ids.size // size
+    where = {ids[j * size : (j + 1) * size].tobytes(): j for j in range(n_full)}
+    out = np.full(res.block_rows.size * size, -1, dtype=np.int64)
+    n_fallback = 0
     for j, row in enumerate(res.block_rows):
         if index[row, 0] != d:
             continue
-        ids = store.gather("eval", index[row : row + 1])[0]
-        pieces = tokentypes.token_pieces(tokenizer, ids)
-        starts = _block_starts_document(store, "eval", domain, int(index[row, 1]))
-        out[j * store.block_size : (j + 1) * store.block_size] = tokentypes.block_token_types(
-            pieces, ids, store.eos_token_id, starts_document=starts
-        )
+        block = store.gather("eval", index[row : row + 1])[0]
+        found = where.get(block.astype(np.int64).tobytes())
+        if found is not None:
+            block_types = types[found * size : (found + 1) * size]
+        else:
+            n_fallback += 1
+            pieces = tokentypes.token_pieces(tokenizer, block)
+            starts = _block_starts_document(store, "eval", domain, int(index[row, 1]))
+            block_types = tokentypes.block_token_types(pieces, block, store.eos_token_id, starts_document=starts)
+        out[j * size : (j + 1) * size] = block_types
+    if n_fallback:
+        log.warning("token types: %d %s blocks not found in the re-tokenized texts; typed per block", n_fallback,
+                    domain)
     return out
 
 

@@ -120,7 +120,8 @@ def model_token_types(code: str, offsets: Sequence[tuple[int, int]] | np.ndarray
 
 def token_types_for_text(code: str, tokenizer) -> tuple[list[int], np.ndarray]:
     """Tokenize ``code`` with a fast (offset-mapping) tokenizer: (token ids, type ids)."""
-    enc = tokenizer(code, return_offsets_mapping=True, add_special_tokens=False)
+    # verbose=False: a whole file is longer than the model's context; nothing is run on it here
+    enc = tokenizer(code, return_offsets_mapping=True, add_special_tokens=False, verbose=False)
     return list(enc["input_ids"]), model_token_types(code, enc["offset_mapping"])
 
 
@@ -159,3 +160,19 @@ def block_token_types(
         offsets = np.stack([ends - [len(p) for p in segment], ends], axis=1)
         out[a:b] = model_token_types("".join(segment), offsets)
     return out
+
+
+def stream_token_types(texts: Sequence[str], tokenizer, eos_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and types [S] of texts packed as the data builder packs them (each text + EOS).
+
+    Every text is typed whole, so a block cut from the middle of a document still
+    gets the types its tokens have in the full file. EOS tokens get -1.
+    """
+    ids_parts, type_parts = [], []
+    for text in texts:
+        ids, types = token_types_for_text(text, tokenizer)
+        ids_parts.append(np.asarray(ids + [eos_token_id], dtype=np.int64))
+        type_parts.append(np.concatenate([types, [-1]]).astype(np.int64))
+    if not ids_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(ids_parts), np.concatenate(type_parts)
