@@ -81,6 +81,8 @@ def test_split_definitions_and_docstring_pairs() -> None:
     assert doc == "Add one.\n\nMore." and "Add one" not in body and "return a + 1" in body
     ast.parse(body)
     assert docstring_and_body(defs[2].text) is None
+    twice = list(split_definitions("def f():\n    pass\n\n\ndef f():\n    return 1\n", module="m", domain="c", path="m.py"))
+    assert [d.id for d in twice] == ["m:f", "m:f#2"]
 
 
 def test_builtin_code_domain_from_stdlib() -> None:

@@ -42,6 +42,7 @@ def split_definitions(source: str, *, module: str, domain: str, path: str) -> It
     """
     tree = ast.parse(source)
     lines = source.splitlines(keepends=True)
+    seen: dict[str, int] = {}
     for node in tree.body:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
@@ -50,10 +51,12 @@ def split_definitions(source: str, *, module: str, domain: str, path: str) -> It
         text = "".join(lines[start - 1 : end]).rstrip() + "\n"
         doc = ast.get_docstring(node, clean=True)
         kind = "class" if isinstance(node, ast.ClassDef) else "function"
+        seen[node.name] = seen.get(node.name, 0) + 1  # a module may redefine a name; ids stay unique
+        suffix = f"#{seen[node.name]}" if seen[node.name] > 1 else ""
         yield SourceText(
             text=text,
             domain=domain,
-            id=f"{module}:{node.name}",
+            id=f"{module}:{node.name}{suffix}",
             meta={"module": module, "qualname": node.name, "kind": kind, "path": path,
                   "lineno": start, "docstring": doc},
         )
