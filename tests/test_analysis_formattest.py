@@ -55,3 +55,15 @@ def test_routing_shift() -> None:
     assert chosen.top1_changed_fraction == pytest.approx(1 / 3) and chosen.mean_token_js_divergence == 0
     with pytest.raises(ValueError):
         ft.measure_routing_shift(plain, marked[:2])
+
+
+def test_random_pair_reference_scales() -> None:
+    # group 0 always routes (1, 0), group 1 always (0, 1): same-group pairs 0 bits, cross-group 1 bit
+    probs = np.array([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 4)
+    group = np.array([0] * 5 + [1] * 4)
+    assert ft.random_pair_js_divergence(probs, group, same_group=True) == pytest.approx(0.0, abs=1e-12)
+    assert ft.random_pair_js_divergence(probs, group, same_group=False) == pytest.approx(1.0)
+    # a token is never paired with itself: two tokens per group with opposite routing -> 1 bit
+    probs2 = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert ft.random_pair_js_divergence(probs2, np.array([0, 0, 1, 1]), same_group=True) == pytest.approx(1.0)
+    assert np.isnan(ft.random_pair_js_divergence(probs[:1], group[:1], same_group=True))

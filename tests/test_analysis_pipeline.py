@@ -128,6 +128,7 @@ def test_analyze_run_writes_metrics_and_viewer(run_dir: Path) -> None:
     ft = moe["format_test"]
     assert ft["n_texts"]["math"] == 4 and ft["n_texts"]["code"] == 4
     assert 0 <= ft["layers"]["1"]["js_divergence_of_means"] <= 1
+    assert set(ft["layers"]["1"]["reference_token_js_divergence"]) == {"same domain", "different domains"}
     assert "math vs code" in ft["layers"]["1"]["reference_domain_js_divergence"] or \
         "code vs math" in ft["layers"]["1"]["reference_domain_js_divergence"]
     # saturation: layer 0 never changed, layer 1 did; the last snapshot equals the final model

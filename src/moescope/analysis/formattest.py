@@ -111,3 +111,40 @@ def measure_routing_shift(
         token_js_divergence=per_token,
         token_top1_changed=changed,
     )
+
+
+def random_pair_js_divergence(
+    probs: np.ndarray, group: np.ndarray, *, same_group: bool, seed: int = 0, max_pairs: int = 20_000
+) -> float:
+    """Mean per-token JSD (bits) between randomly paired tokens: a scale for the per-token shift.
+
+    same_group=True pairs each token with another token of its own group (domain):
+    how different two unrelated tokens of one domain are routed. False pairs it with
+    a token of another group. A marker-induced per-token shift far below the
+    same-domain value means the markers moved routing less than a change of token does.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    group = np.asarray(group)
+    rng = np.random.default_rng(seed)
+    left = rng.choice(group.size, size=min(group.size, max_pairs), replace=False)
+    lefts, rights = [], []
+    for g in np.unique(group[left]):
+        mine = left[group[left] == g]
+        pool = np.flatnonzero(group == g) if same_group else np.flatnonzero(group != g)
+        if same_group:
+            if pool.size < 2:
+                continue
+            # a uniform draw among the other members: skip over the token's own slot
+            slot = np.searchsorted(pool, mine)
+            pick = rng.integers(0, pool.size - 1, size=mine.size)
+            right = pool[pick + (pick >= slot)]
+        else:
+            if pool.size == 0:
+                continue
+            right = pool[rng.integers(0, pool.size, size=mine.size)]
+        lefts.append(mine)
+        rights.append(right)
+    if not lefts:
+        return float("nan")
+    a, b = np.concatenate(lefts), np.concatenate(rights)
+    return float(js_divergence(probs[a], probs[b], axis=1).mean())

@@ -172,12 +172,16 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
     """Route eval texts plain ("P\\n\\nS", the training format) and marked ("Problem: P\\nSolution: S").
 
     Reports, per layer, how far the content tokens' routing moved (JS divergence in
-    bits, first-choice changes) with a bootstrap over texts, next to a reference
-    scale: the JS divergence between the plain routing of two domains.
+    bits, first-choice changes) with a bootstrap over texts, next to reference
+    scales: compare ``js_divergence_of_means`` with ``reference_domain_js_divergence``
+    (mean routing of two domains) and ``mean_token_js_divergence`` with
+    ``reference_token_js_divergence`` (randomly paired tokens, same / different domains).
     """
     layers = moe_layers(model)
     max_tokens = int(model.config.n_positions)
-    per_layer: dict[int, dict[str, list]] = {i: {"a": [], "b": [], "ta": [], "tb": [], "text": []} for i in layers}
+    per_layer: dict[int, dict[str, list]] = {
+        i: {"a": [], "b": [], "ta": [], "tb": [], "text": [], "domain": []} for i in layers
+    }
     domain_means: dict[str, dict[int, np.ndarray]] = {}
     n_texts: dict[str, int] = {}
     previous = {i: layer.capture for i, layer in layers.items()}
@@ -210,7 +214,8 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
                     (pa, ea), (pb, eb) = routed_a[i], routed_b[i]
                     acc = per_layer[i]
                     for key, value in (("a", pa[ia]), ("b", pb[ib]), ("ta", ea[ia]), ("tb", eb[ib]),
-                                       ("text", np.full(ia.size, text_no))):
+                                       ("text", np.full(ia.size, text_no)),
+                                       ("domain", np.full(ia.size, store.domains.index(domain)))):
                         acc[key].append(value)
                     plain_sum[i] = plain_sum.get(i, 0) + pa[ia].sum(axis=0)
                 n_texts[domain] += 1
@@ -241,6 +246,15 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
                 iv = stats.bootstrap_interval(sums, lambda t, c=col: t[..., c] / t[..., 2], n_resamples=sc.n_resamples,
                                               confidence_level=sc.confidence_level, seed=sc.seed)
                 entry[key] = {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
+        # Scales to read the shift against: per-token JSD of randomly paired plain content
+        # tokens (same domain / different domains), and JSD between domains' mean routing.
+        plain_probs, token_domain = np.concatenate(acc["a"]), np.concatenate(acc["domain"])
+        entry["reference_token_js_divergence"] = {
+            "same domain": formattest.random_pair_js_divergence(plain_probs, token_domain, same_group=True,
+                                                                seed=cfg.statistics.seed),
+            "different domains": formattest.random_pair_js_divergence(plain_probs, token_domain, same_group=False,
+                                                                      seed=cfg.statistics.seed),
+        }
         names = sorted(domain_means)
         if len(names) >= 2:
             entry["reference_domain_js_divergence"] = {
