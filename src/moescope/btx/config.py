@@ -27,6 +27,9 @@ class BTXConfig:
     base_steps: int = 300
     branch_steps: int = 100
     finetune_steps: int = 60
+    # peak learning rate of the merged model's brief fine-tune; None = optim.lr. The merge starts
+    # from branches whose schedules have decayed, so a full-size restart can undo their training
+    finetune_lr: float | None = None
     n_partitions: int = 3
     strategies: list[str] = field(default_factory=lambda: ["clustered", "random"])
     overlap_ratio: float = 0.1
@@ -63,14 +66,16 @@ class BTXConfig:
         if not 1 <= self.top_k <= self.n_partitions:
             raise MoescopeError(f"top_k must be in 1..n_partitions={self.n_partitions}, got {self.top_k}")
 
-    def stage_run(self, *, data_dir: str, arch: str, steps: int, moe: MoEConfig | None = None) -> RunConfig:
+    def stage_run(
+        self, *, data_dir: str, arch: str, steps: int, moe: MoEConfig | None = None, lr: float | None = None
+    ) -> RunConfig:
         """The RunConfig of one training stage: shared shape, optimizer and batch; its own data and steps."""
         run = RunConfig(
             data_dir=data_dir,
             arch=arch,  # type: ignore[arg-type]
             model=self.model,
             moe=moe or MoEConfig(),
-            optim=self.optim,
+            optim=self.optim if lr is None else dataclasses.replace(self.optim, lr=lr),
             train=dataclasses.replace(self.train, steps=steps),
             tracking=self.tracking,
         )
