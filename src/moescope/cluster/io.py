@@ -127,10 +127,16 @@ def _recorded_data_dir(path: Path, section: str | None = None) -> str | None:
 
 
 def capture_batches(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, cfg: CaptureConfig) -> list[Path]:
-    """Run the model on each planned batch with routing capture on; write one batch directory each."""
+    """Run the model on each planned batch with routing capture on; write one batch directory each.
+
+    The forward pass and routing record are the analysis stage's
+    (moescope.analysis.capture.capture_routing); for `neurons` a pre-hook also
+    keeps the chosen MoE layer's input so the expert's hidden units can be computed.
+    """
     import torch
     from tqdm.auto import tqdm
 
+    from moescope.analysis.capture import capture_routing
     from moescope.data.blocks import BlockStore, tokenizer_dir
     from moescope.moe.gpt2 import load_moe_model, moe_layers
 
@@ -151,55 +157,41 @@ def capture_batches(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     plan = plan_batches(index, store.domains, cfg, store.block_size)
     out_paths = []
     for name, positions in tqdm(plan, desc="capture batches", unit="batch"):
-        tokens = store.gather(cfg.split, index[positions])
-        per_layer: dict[int, list[np.ndarray]] = {b: [] for b in layers}
-        per_weight: dict[int, list[np.ndarray]] = {b: [] for b in layers}
-        hidden: list[np.ndarray] = []
         layer_input: list[torch.Tensor] = []
         hook = None
         if cfg.components == "neurons":
             hook = layers[neuron_block].register_forward_pre_hook(lambda _m, args: layer_input.append(args[0].detach()))
-        for lay in layers.values():
-            lay.capture = True
         try:
-            with torch.no_grad():
-                for start in range(0, len(tokens), cfg.forward_batch_blocks):
-                    ids = torch.as_tensor(tokens[start : start + cfg.forward_batch_blocks], device=cfg.device)
-                    model(input_ids=ids)
-                    for b, lay in layers.items():
-                        rec = lay.last_record
-                        idx = rec.expert_index
-                        w = rec.gate_weight if cfg.weight == "gate" else rec.router_probs.gather(1, idx)
-                        per_layer[b].append(idx.cpu().numpy())
-                        per_weight[b].append(w.float().cpu().numpy())
-                    if cfg.components == "neurons":
-                        x = layer_input.pop().reshape(-1, layers[neuron_block].d_model)
-                        idx = layers[neuron_block].last_record.expert_index
-                        hidden.append(_expert_hidden(layers[neuron_block].experts[cfg.neuron_expert], x, (idx == cfg.neuron_expert).any(dim=1)))
+            result = capture_routing(model, store, split=cfg.split, rows=positions,
+                                     batch_blocks=cfg.forward_batch_blocks, progress=False)
         finally:
-            for lay in layers.values():
-                lay.capture = False
             if hook is not None:
                 hook.remove()
+        tables = result.tables
         if cfg.components == "experts":
-            acts, labels = expert_activations(
-                {b: np.concatenate(v) for b, v in per_layer.items()},
-                {b: np.concatenate(v) for b, v in per_weight.items()},
-                n_experts,
-            )
+            weights = {
+                b: t.gate_weight if cfg.weight == "gate"
+                else np.take_along_axis(t.router_probs, t.expert_index.astype(np.int64), axis=1)
+                for b, t in tables.items()
+            }
+            acts, labels = expert_activations({b: t.expert_index for b, t in tables.items()}, weights, n_experts)
         else:
-            acts = np.concatenate(hidden).astype(np.float32)
+            layer = layers[neuron_block]
+            x = torch.cat([h.reshape(-1, layer.d_model) for h in layer_input])
+            routed = torch.from_numpy((tables[neuron_block].expert_index == cfg.neuron_expert).any(axis=1))
+            with torch.no_grad():
+                acts = _expert_hidden(layer.experts[cfg.neuron_expert], x, routed.to(x.device))
             labels = [neuron_label(neuron_block, cfg.neuron_expert, u) for u in range(acts.shape[1])]
-        n_blocks, block = tokens.shape
-        token_ids = tokens.reshape(-1)
+        table = next(iter(tables.values()))
+        token_ids = table.token_id.astype(np.int64)
         token_type = (
             classify_tokens(_decode_each(tokenizer, token_ids)) if tokenizer is not None else np.full(token_ids.shape, -1)
         )
         arrays = {
             "token_id": token_ids,
-            "domain": np.repeat(index[positions, 0], block),
-            "block": np.repeat(positions, block),  # row in BlockStore.index(split), as in RoutingTable
-            "position": np.tile(np.arange(block), n_blocks),
+            "domain": table.domain.astype(np.int64),
+            "block": table.block.astype(np.int64),  # row in BlockStore.index(split), as in RoutingTable
+            "position": table.position.astype(np.int64),
             "token_type": token_type,
         }
         meta = {
