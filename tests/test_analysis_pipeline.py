@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from train_fixtures import one_thread  # noqa: F401
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from moescope.analysis.pipeline import AnalyzeConfig, analyze_run
+from moescope.analysis.pipeline import AnalyzeConfig, analyze_run, route_texts
 from moescope.analysis.summary import SummaryConfig
 from moescope.cli import main
 from moescope.data.blocks import FORMAT_VERSION, block_path, dtype_for_vocab, texts_path, tokenizer_dir
@@ -164,3 +164,21 @@ def test_analyze_cli_and_errors(run_dir: Path, capsys) -> None:
     with pytest.raises(MoescopeError, match="experiment.json"):
         analyze_run(run_dir / "arms", FAST, progress=False)
     assert main(["analyze", str(run_dir), "--set", "statistics.n_resample=5"]) == 2  # typo: one-line error
+
+
+def test_route_texts_batched_equals_alone(tmp_path: Path) -> None:
+    tokenizer = write_data(tmp_path / "data")
+    write_run(tmp_path / "run", tmp_path / "data", len(tokenizer))
+    from moescope.moe.gpt2 import load_moe_model
+
+    model = load_moe_model(tmp_path / "run" / "arms" / "moe" / "final")
+    for layer in moe_layers(model).values():
+        layer.capture = True
+    texts = ["def f(x):\n    return x", "What is 3 plus 4?\n\n3 + 4 = 7", "The cat."]
+    together = route_texts(model, tokenizer, texts, 64, batch_texts=3)
+    for text, (offsets, routed) in zip(texts, together):
+        (alone_offsets, alone), = route_texts(model, tokenizer, [text], 64)
+        assert list(offsets) == list(alone_offsets) and len(offsets) == len(tokenizer(text)["input_ids"])
+        for i in routed:
+            np.testing.assert_allclose(routed[i][0], alone[i][0], atol=1e-5)
+            np.testing.assert_array_equal(routed[i][1], alone[i][1])

@@ -157,15 +157,34 @@ def _split_content(text: str) -> tuple[str, str] | None:
 
 
 @torch.no_grad()
-def _route_text(model, tokenizer, text: str, max_tokens: int):
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, truncation=True,
+def route_texts(model, tokenizer, texts: list[str], max_tokens: int, batch_texts: int = 16):
+    """Route texts through the model: per text (offsets, {layer: (router_probs [T, E], first choice [T])}).
+
+    Texts are right-padded into batches; with causal attention and default
+    positions a real token never sees the padding, so its routing is the same as
+    alone (the padding rows are dropped). Capture must be on in every MoE layer.
+    """
+    layers = moe_layers(model)
+    enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False, truncation=True,
                     max_length=max_tokens)
-    ids = torch.tensor([enc["input_ids"]], dtype=torch.long)
-    model(input_ids=ids)
-    records = {i: layer.last_record for i, layer in moe_layers(model).items()}
-    return enc["offset_mapping"], {
-        i: (r.router_probs.float().numpy(), r.expert_index[:, 0].numpy()) for i, r in records.items()
-    }
+    out = []
+    for start in range(0, len(texts), batch_texts):
+        ids = enc["input_ids"][start : start + batch_texts]
+        width = max(len(x) for x in ids)
+        x = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, row in enumerate(ids):
+            x[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        model(input_ids=x)
+        routed = {}
+        for i, layer in layers.items():
+            rec = layer.last_record
+            routed[i] = (rec.router_probs.float().view(len(ids), width, -1).numpy(),
+                         rec.expert_index[:, 0].view(len(ids), width).numpy())
+        for r, row in enumerate(ids):
+            n = len(row)
+            out.append((enc["offset_mapping"][start + r],
+                        {i: (probs[r, :n], first[r, :n]) for i, (probs, first) in routed.items()}))
+    return out
 
 
 def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> dict:
@@ -182,49 +201,47 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
     per_layer: dict[int, dict[str, list]] = {
         i: {"a": [], "b": [], "ta": [], "tb": [], "text": [], "domain": []} for i in layers
     }
-    domain_means: dict[str, dict[int, np.ndarray]] = {}
+    cases: list[tuple[str, str, str, list]] = []  # (domain, plain, marked, segments)
     n_texts: dict[str, int] = {}
+    for domain in cfg.format_test_domains:
+        if domain not in store.domains:
+            continue
+        n_texts[domain] = 0
+        for record in store.texts("eval", domain):
+            if n_texts[domain] >= cfg.format_test_max_texts:
+                break
+            parts = _split_content(record["text"])
+            if parts is None:
+                continue
+            p, s = parts
+            segments = [(0, len(PROBLEM_MARKER), len(p)),
+                        (len(p) + 2, len(PROBLEM_MARKER) + len(p) + 1 + len(SOLUTION_MARKER), len(s))]
+            cases.append((domain, f"{p}\n\n{s}", f"{PROBLEM_MARKER}{p}\n{SOLUTION_MARKER}{s}", segments))
+            n_texts[domain] += 1
     previous = {i: layer.capture for i, layer in layers.items()}
     for layer in layers.values():
         layer.capture = True
-    text_no = 0
     try:
-        for domain in cfg.format_test_domains:
-            if domain not in store.domains:
-                continue
-            n_texts[domain] = 0
-            plain_sum: dict[int, np.ndarray] = {}
-            for record in store.texts("eval", domain):
-                if n_texts[domain] >= cfg.format_test_max_texts:
-                    break
-                parts = _split_content(record["text"])
-                if parts is None:
-                    continue
-                p, s = parts
-                plain = f"{p}\n\n{s}"
-                marked = f"{PROBLEM_MARKER}{p}\n{SOLUTION_MARKER}{s}"
-                segments = [(0, len(PROBLEM_MARKER), len(p)),
-                            (len(p) + 2, len(PROBLEM_MARKER) + len(p) + 1 + len(SOLUTION_MARKER), len(s))]
-                off_a, routed_a = _route_text(model, tokenizer, plain, max_tokens)
-                off_b, routed_b = _route_text(model, tokenizer, marked, max_tokens)
-                ia, ib = formattest.align_content_tokens(off_a, off_b, segments)
-                if ia.size == 0:
-                    continue
-                for i in layers:
-                    (pa, ea), (pb, eb) = routed_a[i], routed_b[i]
-                    acc = per_layer[i]
-                    for key, value in (("a", pa[ia]), ("b", pb[ib]), ("ta", ea[ia]), ("tb", eb[ib]),
-                                       ("text", np.full(ia.size, text_no)),
-                                       ("domain", np.full(ia.size, store.domains.index(domain)))):
-                        acc[key].append(value)
-                    plain_sum[i] = plain_sum.get(i, 0) + pa[ia].sum(axis=0)
-                n_texts[domain] += 1
-                text_no += 1
-            if n_texts[domain]:
-                domain_means[domain] = plain_sum
+        routed = route_texts(model, tokenizer, [t for c in cases for t in c[1:3]], max_tokens)
     finally:
         for i, layer in layers.items():
             layer.capture = previous[i]
+    plain_sums: dict[str, dict[int, np.ndarray]] = {}
+    for text_no, (domain, _, _, segments) in enumerate(cases):
+        (off_a, routed_a), (off_b, routed_b) = routed[2 * text_no], routed[2 * text_no + 1]
+        ia, ib = formattest.align_content_tokens(off_a, off_b, segments)
+        if ia.size == 0:
+            continue
+        for i in layers:
+            (pa, ea), (pb, eb) = routed_a[i], routed_b[i]
+            acc = per_layer[i]
+            for key, value in (("a", pa[ia]), ("b", pb[ib]), ("ta", ea[ia]), ("tb", eb[ib]),
+                               ("text", np.full(ia.size, text_no)),
+                               ("domain", np.full(ia.size, store.domains.index(domain)))):
+                acc[key].append(value)
+            sums = plain_sums.setdefault(domain, {})
+            sums[i] = sums.get(i, 0) + pa[ia].sum(axis=0)
+    domain_means = plain_sums
 
     out: dict[str, Any] = {"divergence": "Jensen-Shannon divergence in bits (squared scipy jensenshannon, base 2)",
                            "markers": [PROBLEM_MARKER.strip(), SOLUTION_MARKER.strip()],
@@ -265,8 +282,15 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
     return out
 
 
-def run_saturation(model_final, arm_dir: Path, store: BlockStore, cfg: AnalyzeConfig, progress: bool) -> dict:
-    """OLMoE router saturation: top-k overlap of every snapshot's choices with the final model's."""
+def run_saturation(
+    model_final, arm_dir: Path, store: BlockStore, cfg: AnalyzeConfig, progress: bool,
+    final_capture: capture.CaptureResult | None = None,
+) -> dict:
+    """OLMoE router saturation: top-k overlap of every snapshot's choices with the final model's.
+
+    The final model's choices come from ``final_capture`` when it holds the blocks
+    (no extra forward pass), else from a fresh pass.
+    """
     from moescope.analysis import metrics
 
     snaps = snapshot_dirs(arm_dir)
@@ -275,7 +299,13 @@ def run_saturation(model_final, arm_dir: Path, store: BlockStore, cfg: AnalyzeCo
     rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.saturation_max_blocks_per_domain)
     x = torch.from_numpy(store.gather("eval", store.index("eval")[rows]))
     batches = list(torch.split(x, cfg.batch_blocks))
-    final = capture.capture_expert_choices(model_final, batches)
+    position = {int(r): j for j, r in enumerate(final_capture.block_rows)} if final_capture is not None else {}
+    if final_capture is not None and final_capture.tables and all(int(r) in position for r in rows):
+        size = store.block_size
+        take = np.concatenate([np.arange(position[int(r)] * size, (position[int(r)] + 1) * size) for r in rows])
+        final = {i: t.expert_index[take] for i, t in final_capture.tables.items()}
+    else:
+        final = capture.capture_expert_choices(model_final, batches)
     steps, curves = [], {i: [] for i in final}
     from tqdm.auto import tqdm
 
@@ -376,7 +406,7 @@ def analyze_run(
                         for i, t in res.tables.items()
                     }
             arm["format_test"] = run_format_test(model, tokenizer, store, cfg)
-            arm["saturation"] = run_saturation(model, arm_dir, store, cfg, progress)
+            arm["saturation"] = run_saturation(model, arm_dir, store, cfg, progress, final_capture=res)
             arm["headline"] = headline(arm)
             sample_rows = choose_sample_rows(res.block_rows, res.block_domain, cfg.viewer_samples_per_domain)
             viewer["arms"][name] = viewer_arm(res.tables, sample_rows, store.domains,
