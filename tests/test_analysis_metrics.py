@@ -183,3 +183,14 @@ def test_router_saturation() -> None:
     np.testing.assert_allclose(m.topk_overlap(same_sets, final), [1.0, 0.5])
     np.testing.assert_allclose(m.router_saturation([disjoint, same_sets, final], final), [0.0, 0.75, 1.0])
     np.testing.assert_allclose(m.router_saturation([np.array([1, 2, 3, 3])], np.array([1, 2, 0, 3])), [0.75])
+
+
+def test_coactivation_by_hand() -> None:
+    # tokens {0,1}, {0,2}, {0,1}, {1,2}: expert 0 chosen 3 times, with 1 twice and with 2 once
+    idx = np.array([[0, 1], [0, 2], [1, 0], [1, 2]])
+    co = m.coactivation(idx, 4)
+    np.testing.assert_allclose(co[0], [0, 2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(co[1], [2 / 3, 0, 1 / 3, 0])
+    np.testing.assert_allclose(co[2], [1 / 2, 1 / 2, 0, 0])
+    assert np.isnan(co[3]).all()  # expert 3 never chosen
+    np.testing.assert_allclose(np.nansum(co, axis=1)[:3], 1.0)  # k - 1

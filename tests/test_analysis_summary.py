@@ -83,6 +83,9 @@ def test_summary_top2_reports_shared_experts() -> None:
     assert s["repetition"]["shared_topk_baseline_uniform"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
     assert s["repetition"]["shared_topk"]["estimate"] >= s["repetition"]["same_first_choice"]["estimate"]
     np.testing.assert_allclose(np.sum(s["specialization"]["domain_specialization"], axis=1), 2.0)
+    np.testing.assert_allclose(np.sum(s["specialization"]["coactivation"], axis=1), 1.0, atol=1e-5)  # k - 1
+    assert "coactivation" not in summarize_layer(synthetic_table(np.random.default_rng(1)), ["a", "b", "c"], CFG)[
+        "specialization"]
 
 
 def test_eval_loss_summary() -> None:

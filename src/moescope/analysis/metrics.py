@@ -299,6 +299,20 @@ def vocabulary_specialization(
     return VocabularySpecialization(ids, occurrences, top, frac, mean, weighted)
 
 
+def coactivation(expert_index: np.ndarray, n_experts: int) -> np.ndarray:
+    """OLMoE expert co-activation [E, E]: N(E_i, E_j) / N(E_i) for top-k routing (k > 1).
+
+    Row i: of the tokens that chose E_i, the share that also chose E_j (the
+    diagonal is 0; nan for an unused expert). Rows sum to k - 1.
+    """
+    idx = _as_2d_index(expert_index)
+    chosen = np.zeros((idx.shape[0], n_experts))
+    chosen[np.arange(idx.shape[0])[:, None], idx] = 1.0
+    pairs = chosen.T @ chosen
+    np.fill_diagonal(pairs, 0.0)
+    return _safe_divide(pairs, chosen.sum(axis=0)[:, None])
+
+
 # --------------------------------------------------------------------------- training dynamics
 
 

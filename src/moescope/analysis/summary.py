@@ -150,6 +150,7 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
         ),
     }
     if k > 1:
+        specialization["coactivation"] = _rounded(np.nan_to_num(metrics.coactivation(table.expert_index, n_exp)))
         repetition["shared_topk"] = boot(pair_sums, lambda s: s[..., 2] / s[..., 0]) if i.size else None
         repetition["shared_topk_baseline_uniform"] = metrics.repetition_baseline_uniform(n_exp, k)
 
