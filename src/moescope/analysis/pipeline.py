@@ -100,13 +100,6 @@ def _json_ready(obj: Any) -> Any:
 # --------------------------------------------------------------------------- pieces of the analysis
 
 
-def _block_starts_document(store: BlockStore, split: str, domain: str, row_in_domain: int) -> bool:
-    """True if the block begins a document: the first of its domain, or the previous block ends in EOS."""
-    if row_in_domain == 0:
-        return True
-    return int(store.blocks(split, domain)[row_in_domain - 1][-1]) == store.eos_token_id
-
-
 def _pieces_for_rows(store: BlockStore, tokenizer, rows: list[int] | np.ndarray) -> dict[int, list[str]]:
     index = store.index("eval")
     tokens = store.gather("eval", index[np.asarray(rows, dtype=np.int64)])
@@ -119,8 +112,8 @@ def token_types_for_capture(store: BlockStore, tokenizer, res: capture.CaptureRe
     The domain's eval texts are re-tokenized and typed whole, packed the builder's
     way (text + EOS, cut into blocks), and each captured block is located in that
     stream by its exact token ids, so blocks cut mid-document get full-file types.
-    A block that cannot be located (another packing) falls back to typing its own
-    document segments (:func:`tokentypes.block_token_types`).
+    A block that cannot be located (another packing) falls back to typing the
+    document heads inside it, after an EOS (:func:`tokentypes.block_token_types`).
     """
     d = store.domains.index(domain)
     index = store.index("eval")
@@ -140,9 +133,9 @@ def token_types_for_capture(store: BlockStore, tokenizer, res: capture.CaptureRe
             block_types = types[found * size : (found + 1) * size]
         else:
             n_fallback += 1
+            # where the block starts inside its document is unknown: type only what follows an EOS
             pieces = tokentypes.token_pieces(tokenizer, block)
-            starts = _block_starts_document(store, "eval", domain, int(index[row, 1]))
-            block_types = tokentypes.block_token_types(pieces, block, store.eos_token_id, starts_document=starts)
+            block_types = tokentypes.block_token_types(pieces, block, store.eos_token_id, starts_document=False)
         out[j * size : (j + 1) * size] = block_types
     if n_fallback:
         log.warning("token types: %d %s blocks not found in the re-tokenized texts; typed per block", n_fallback,
@@ -218,6 +211,8 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
                         (len(p) + 2, len(PROBLEM_MARKER) + len(p) + 1 + len(SOLUTION_MARKER), len(s))]
             cases.append((domain, f"{p}\n\n{s}", f"{PROBLEM_MARKER}{p}\n{SOLUTION_MARKER}{s}", segments))
             n_texts[domain] += 1
+    if not cases:
+        return {"n_texts": n_texts, "layers": {}}
     previous = {i: layer.capture for i, layer in layers.items()}
     for layer in layers.values():
         layer.capture = True
@@ -241,7 +236,6 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
                 acc[key].append(value)
             sums = plain_sums.setdefault(domain, {})
             sums[i] = sums.get(i, 0) + pa[ia].sum(axis=0)
-    domain_means = plain_sums
 
     out: dict[str, Any] = {"divergence": "Jensen-Shannon divergence in bits (squared scipy jensenshannon, base 2)",
                            "markers": [PROBLEM_MARKER.strip(), SOLUTION_MARKER.strip()],
@@ -272,10 +266,10 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
             "different domains": formattest.random_pair_js_divergence(plain_probs, token_domain, same_group=False,
                                                                       seed=cfg.statistics.seed),
         }
-        names = sorted(domain_means)
+        names = sorted(plain_sums)
         if len(names) >= 2:
             entry["reference_domain_js_divergence"] = {
-                f"{a} vs {b}": float(formattest.js_divergence(domain_means[a][i], domain_means[b][i]))
+                f"{a} vs {b}": float(formattest.js_divergence(plain_sums[a][i], plain_sums[b][i]))
                 for j, a in enumerate(names) for b in names[j + 1 :]
             }
         out["layers"][str(i)] = entry
