@@ -8,6 +8,35 @@ data directory, runs capture (layer 2) and the metric and statistics functions
     RUN/analysis/metrics.json              every number, with intervals and p-values
     RUN/analysis/viewer.json               per-token routing of sample blocks (INTERFACES.md)
     RUN/analysis/routing/ARM/LAYER.npz     the captured routing table of each MoE layer
+
+metrics.json (IV = {"estimate", "low", "high"}, a 95% block-bootstrap interval;
+LAYER = block index as a string; entropies in nats, JS divergences in bits)::
+
+    format_version, run, data_dir, domains [D], n_eval_blocks, block_size,
+    statistics {n_resamples, n_permutations, confidence_level, seed, ... how made},
+    config (AnalyzeConfig), environment,
+    arms.ARM.kind                      "moe" | "dense"
+    arms.ARM.eval_loss                 {domains {DOMAIN: IV}, token_weighted IV, domain_weighted IV}
+    arms.ARM.headline                  {best_layer, nmi IV, nmi_pvalue, load_cv_max, max_fraction_max}
+    arms.ARM.layers.LAYER              n_tokens, n_blocks, n_experts, top_k, domains,
+      specialization  nmi IV (equal domain weights), nmi_token_weighted IV, nmi_pvalue,
+                      nmi_permutation {statistic, pvalue, n_permutations, null_mean, null_q95},
+                      mutual_information, expert_given_domain [D][E], domain_given_expert [D][E],
+                      max_expert_given_domain IV, normalized_domain_entropy {DOMAIN: IV},
+                      domain_specialization [D][E] (OLMoE), domain_specialization_baseline (k/E),
+                      coactivation [E][E] (top-k > 1 only)
+      load            token_fraction [E], max_fraction IV, load_cv IV, effective_experts IV, dropped_fraction
+      entropy         router_entropy_token IV, router_entropy_of_mean IV, router_entropy_max (ln E)
+      repetition      n_pairs, same_first_choice IV, baseline_uniform (1/E), baseline_load (sum f^2),
+                      shared_topk IV + shared_topk_baseline_uniform (top-k > 1 only)
+      vocabulary      min_count, n_token_ids, mean, weighted_mean, baseline_shuffled, most_specialized [...]
+    arms.ARM.token_types.LAYER         type_names, n_tokens, counts [types][E], expert_given_type, top_expert
+                                       {TYPE: {expert, share, n_tokens}}, nmi IV (token-weighted)
+    arms.ARM.format_test               divergence, markers, n_texts {DOMAIN: n}, layers.LAYER {n_tokens,
+                                       js_divergence_of_means, mean_token_js_divergence IV, top1_changed_fraction IV,
+                                       reference_token_js_divergence {"same domain", "different domains"},
+                                       reference_domain_js_divergence {"A vs B"}}
+    arms.ARM.saturation                {steps [T], n_tokens, baseline (k/E), layers {LAYER: [T]}}
 """
 
 from __future__ import annotations
