@@ -80,6 +80,7 @@ class AnalyzeConfig:
     format_test_domains: list[str] = field(default_factory=lambda: ["math", "code"])
     format_test_max_texts: int = 32  # eval texts per domain routed with and without markers
     token_type_domain: str = "code"  # the domain whose blocks get Python token types
+    device: str = "auto"  # torch device for the forward passes; "auto" = cuda when available, else cpu
     statistics: SummaryConfig = field(default_factory=SummaryConfig)
 
 
@@ -196,12 +197,12 @@ def route_texts(model, tokenizer, texts: list[str], max_tokens: int, batch_texts
         x = torch.zeros((len(ids), width), dtype=torch.long)
         for r, row in enumerate(ids):
             x[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        model(input_ids=x)
+        model(input_ids=x.to(next(model.parameters()).device))
         routed = {}
         for i, layer in layers.items():
             rec = layer.last_record
-            routed[i] = (rec.router_probs.float().view(len(ids), width, -1).numpy(),
-                         rec.expert_index[:, 0].view(len(ids), width).numpy())
+            routed[i] = (rec.router_probs.float().view(len(ids), width, -1).cpu().numpy(),
+                         rec.expert_index[:, 0].view(len(ids), width).cpu().numpy())
         for r, row in enumerate(ids):
             n = len(row)
             out.append((enc["offset_mapping"][start + r],
@@ -333,7 +334,7 @@ def run_saturation(
     from tqdm.auto import tqdm
 
     for step, path in tqdm(snaps, desc="saturation", unit="snapshot", disable=not progress):
-        model = load_moe_model(path)
+        model = load_moe_model(path, device=next(model_final.parameters()).device)
         choices = capture.capture_expert_choices(model, batches)
         if sorted(choices) != sorted(final):
             raise MoescopeError(f"{path}: MoE layers {sorted(choices)} differ from the final model's {sorted(final)}")
@@ -388,6 +389,7 @@ def analyze_run(
         if not (run_dir / "arms" / name / "final").is_dir():
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(store.root)))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"
     rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.max_blocks_per_domain)
 
@@ -406,7 +408,7 @@ def analyze_run(
     viewer: dict[str, Any] = {"arms": {}}
     for name in names:
         arm_dir = run_dir / "arms" / name
-        model = load_moe_model(arm_dir / "final")
+        model = load_moe_model(arm_dir / "final", device=device)
         is_moe = bool(moe_layers(model))
         log.info("analyze: arm %s (%s)", name, "MoE" if is_moe else "dense")
         res = capture.capture_routing(model, store, rows=rows, batch_blocks=cfg.batch_blocks, capture=is_moe,
