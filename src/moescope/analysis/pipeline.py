@@ -96,7 +96,8 @@ def read_experiment(run_dir: Path) -> dict:
 
 def resolve_data_dir(run_dir: Path, experiment: dict, data_dir: str | Path | None) -> Path:
     candidate = Path(data_dir) if data_dir is not None else Path(experiment.get("experiment", {}).get("data_dir", ""))
-    for path in (candidate, run_dir / candidate):
+    # as recorded (relative to the working directory), relative to the run, or beside it (demo layout)
+    for path in (candidate, run_dir / candidate, run_dir.parent / candidate.name):
         if (path / "manifest.json").is_file():
             return path
     raise MoescopeError(
