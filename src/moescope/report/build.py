@@ -115,10 +115,10 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         vals = {k: v["mean_token_js_divergence"] for k, v in ft.items() if isinstance(v.get("mean_token_js_divergence"), dict)}
         if vals:
             worst = max(vals, key=lambda k: vals[k]["estimate"])
-            ref = ft[worst].get("reference_domain_js_divergence") or {}
-            ref_txt = f", against {max(ref.values()):.3f} bits between domains" if ref else ""
+            ref = (ft[worst].get("reference_token_js_divergence") or {}).get("same domain")
+            ref_txt = f", against {ref:.3f} bits between two random tokens of the same domain" if ref is not None else ""
             out.append(f"{arm}: adding 'Problem:'/'Solution:' markers moves the routing of the same content tokens by "
-                       f"at most {fmt_interval(vals[worst])} bits (JS divergence, layer {worst}){ref_txt}.")
+                       f"at most {fmt_interval(vals[worst])} bits per token (JS divergence, layer {worst}){ref_txt}.")
             break
     return out
 

@@ -201,28 +201,35 @@ def plot_saturation(metrics: dict, arms: list[str], path: Path) -> Path | None:
 
 
 def plot_format_test(metrics: dict, arms: list[str], path: Path) -> Path | None:
-    """How far content tokens' routing moves when 'Problem:'/'Solution:' markers are added."""
+    """How far content tokens' routing moves when 'Problem:'/'Solution:' markers are added.
+
+    Per-token divergences are compared with per-token references: two random content
+    tokens of the same domain, and of different domains (same scale, unlike a
+    divergence between mean distributions).
+    """
     bars = []
     for arm in arms:
         ft = metrics["arms"][arm].get("format_test") or {}
         for layer, entry in sorted((ft.get("layers") or {}).items(), key=lambda kv: int(kv[0])):
             js = entry.get("mean_token_js_divergence")
             if isinstance(js, dict):
-                ref = entry.get("reference_domain_js_divergence") or {}
+                ref = entry.get("reference_token_js_divergence") or {}
                 bars.append((f"{arm}\nlayer {layer}", js["estimate"], js["low"], js["high"],
-                             max(ref.values()) if ref else math.nan))
+                             ref.get("same domain", math.nan), ref.get("different domains", math.nan)))
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(bars)), 3.8))
     x = np.arange(len(bars))
     est = np.array([b[1] for b in bars])
     err = np.array([[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]])
-    ax.bar(x, est, yerr=err, capsize=4, color="#2f6fab", label="markers added: mean token JS divergence (95% CI)")
-    refs = np.array([b[4] for b in bars])
-    if np.isfinite(refs).any():
-        ax.scatter(x, refs, color="#d62728", marker="_", s=600, lw=2.5, label="reference: JS between domains' routing")
+    ax.bar(x, est, yerr=err, capsize=4, color="#2f6fab", label="same token, markers added (mean, 95% CI)")
+    for col, color, label in ((4, "#444444", "two random tokens, same domain"),
+                              (5, "#d62728", "two random tokens, different domains")):
+        ref = np.array([b[col] for b in bars], dtype=float)
+        if np.isfinite(ref).any():
+            ax.scatter(x, ref, color=color, marker="_", s=600, lw=2.5, label=label)
     ax.set_xticks(x, [b[0] for b in bars], fontsize=8)
-    ax.set_ylabel("JS divergence (bits)")
+    ax.set_ylabel("JS divergence per token (bits)")
     ax.set_title("Format test: does routing follow content or markers?")
     ax.legend(fontsize=7)
     return _save(fig, path)
