@@ -221,6 +221,7 @@ def test_balance_truncates_to_smallest_block_count(tmp_path: Path) -> None:
             pos = [next(i for i in range(len(full)) if (full[i] == row).all()) for row in kept]
             assert pos == sorted(pos)
             assert bal.manifest["splits"][split][d]["balanced_from_blocks"] == counts[d]
+            assert bal.manifest["splits"][split][d]["n_block_tokens"] == low * bal.block_size
     again = build_dataset(small_cfg(tmp_path, sizes, balance=True), tmp_path / "bal2")
     assert block_path(again.root, "train", "alpha").read_bytes() == block_path(bal.root, "train", "alpha").read_bytes()
 

@@ -113,6 +113,7 @@ def _balance(tmp: Path, cfg: DataBuildConfig, splits: dict[str, dict[str, dict]]
                 truncate_block_file(block_path(tmp, split, d), rows, cfg.block_size_tokens, dtype)
             splits[split][d]["balanced_from_blocks"] = n
             splits[split][d]["n_blocks"] = keep
+            splits[split][d]["n_block_tokens"] = keep * cfg.block_size_tokens
 
 
 def _imbalance_warnings(cfg: DataBuildConfig, splits: dict[str, dict[str, dict]]) -> list[str]:
@@ -186,6 +187,7 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
                     splits[split][name] = {
                         "n_texts": res.stats.n_texts, "n_chars": res.stats.n_chars, "n_bytes": res.bytes,
                         "n_tokens": res.stats.n_tokens, "n_blocks": res.stats.n_blocks,
+                        "n_block_tokens": res.stats.n_blocks * cfg.block_size_tokens,
                         "tail_tokens_dropped": res.stats.tail_tokens_dropped,
                         "texts_digest": digest_hashes(res.hashes),
                     }
