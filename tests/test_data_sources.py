@@ -287,3 +287,18 @@ def test_hf_missing_local_path_is_one_clear_error(tmp_path: Path) -> None:
     src = SourceConfig(backend="hf", name="Skylion007/openwebtext", path=str(tmp_path / "absent"))
     with pytest.raises(MoescopeError, match="local dataset path not found"):
         list(iter_hf(src, "p", 0))
+
+
+def test_unreadable_file_is_named(tmp_path: Path, monkeypatch) -> None:
+    locked = tmp_path / "locked.txt"
+    locked.write_text("some text " * 30)
+    real = Path.read_text
+
+    def deny(self, *a, **kw):
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", deny)  # chmod cannot lock root out, so simulate the OS error
+    with pytest.raises(MoescopeError, match=r"locked\.txt: cannot read \(Permission denied\)"):
+        list(iter_files(SourceConfig(backend="files", paths=[str(tmp_path)]), "d", 0))
