@@ -275,3 +275,13 @@ def test_single_process_training_goes_through_accelerate(data: Path, tmp_path: P
     out = trainer.train_step()  # step 0 has lr 0 (warmup); step 1 updates
     assert math.isfinite(out["loss"])
     assert not torch.equal(before, trainer.raw_model.transformer.h[1].mlp.router.weight)
+
+
+def test_resume_can_add_an_arm_to_a_finished_experiment(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_experiment(tiny_experiment(data, arms=["moe"], train__steps=2, base__steps=2), run)
+    moe_before = _tree(run / "arms" / "moe")
+    out = run_experiment(tiny_experiment(data, arms=["moe", "dense"], train__steps=2, base__steps=2), run, resume=True)
+    assert set(out) == {"base", "moe", "dense"} and _tree(run / "arms" / "moe") == moe_before
+    assert set(json.loads((run / "experiment.json").read_text())["arms"]) == {"moe", "dense"}
+    assert set(json.loads((run / "summary.json").read_text())) == {"base", "moe", "dense"}

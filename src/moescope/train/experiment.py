@@ -67,6 +67,7 @@ def run_experiment(
         "data_manifest_sha256": sha256_file(store.root / "manifest.json"),
     }
     exp_path = run_dir / EXPERIMENT_NAME
+    stored = None
     if resume and exp_path.is_file():
         stored = json.loads(exp_path.read_text(encoding="utf-8"))
         _check_same_experiment(stored, record, exp_path)
@@ -84,6 +85,9 @@ def run_experiment(
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
         shutil.copyfile(store.root / "manifest.json", run_dir / "data_manifest.json")
+    elif state.is_main_process and stored is not None and set(record["arms"]) - set(stored["arms"]):
+        # arms added to an existing experiment (same shared config, checked above) are recorded too
+        atomic_write_json(exp_path, {**stored, "arms": {**stored["arms"], **record["arms"]}})
 
     summaries: dict[str, dict[str, Any]] = {}
     if base_cfg is not None:
