@@ -365,3 +365,34 @@ def test_deterministic_under_seed_and_dtype_preserved() -> None:
         assert torch.equal(a(x), b(x))
         y = a.double()(x.double())
     assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
+@pytest.mark.parametrize("top_k,capacity_factor", [(1, None), (2, None), (1, 0.75)])
+def test_grouped_matmul_path_equals_calling_each_expert(expert_type: str, top_k: int, capacity_factor) -> None:
+    torch.manual_seed(0)
+    experts = build_experts(E, D, FF, expert_type=expert_type)
+    grouped = MoELayer(experts, D, top_k=top_k, capacity_factor=capacity_factor)
+    looped = MoELayer(build_experts(E, D, FF, expert_type=expert_type), D, top_k=top_k,
+                      capacity_factor=capacity_factor)
+    looped.load_state_dict(grouped.state_dict())
+    looped.grouped_experts = False
+    with torch.no_grad():  # skewed router: one expert gets a tiny slice, one gets none
+        grouped.router.weight.normal_(std=0.3)
+        grouped.router.weight[3] -= 5.0
+        looped.router.weight.copy_(grouped.router.weight)
+    x = torch.randn(45, D)
+    g = torch.randn(45, D)
+    outs, grads = [], []
+    for layer in (grouped, looped):
+        xx = x.clone().requires_grad_()
+        out = layer(xx)
+        out.backward(g)
+        outs.append(out)
+        grads.append([xx.grad] + [p.grad for p in layer.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        if b is None:  # an expert that got no tokens gets no gradient on either path
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

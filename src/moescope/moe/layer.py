@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from moescope.moe.grouped import MIN_EXPERT_ROWS, run_grouped_experts, supports_grouped
 
 
 @dataclass
@@ -68,11 +69,14 @@ def load_balancing_loss(
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    return _logsumexp_last(logits.float()).pow(2).mean()
 
 
-# Expert slices shorter than this are zero-padded (see MoELayer._run_expert).
-MIN_EXPERT_ROWS = 16
+def _logsumexp_last(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last (expert) dim, keepdim. Written out because the fused
+    softmax/logsumexp kernels are ~3x slower on a last dim of a few experts."""
+    m = logits.detach().amax(dim=-1, keepdim=True)
+    return torch.log(torch.exp(logits - m).sum(dim=-1, keepdim=True)) + m
 
 
 class _GatherRows(torch.autograd.Function):
@@ -167,6 +171,9 @@ class MoELayer(nn.Module):
         self.output_dropout = nn.Dropout(output_dropout)
         self.progress = 0.0
         self.capture = False
+        # Run moescope's own expert types through grouped matmuls (one per expert into
+        # shared buffers) instead of calling each expert module; other experts always loop.
+        self.grouped_experts = True
         self.last_record: RoutingRecord | None = None
 
     @classmethod
@@ -232,12 +239,17 @@ class MoELayer(nn.Module):
         if self.training and self.input_jitter > 0:
             router_in = h * torch.empty_like(h).uniform_(1.0 - self.input_jitter, 1.0 + self.input_jitter)
         logits = self.router(router_in).float()
-        z_loss = router_z_loss(logits)
+        lse = _logsumexp_last(logits)
+        z_loss = lse.pow(2).mean()
         noise_std = self.current_noise_std() if self.training else 0.0
-        route_logits = logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits
-        probs = torch.softmax(route_logits, dim=-1)
+        if noise_std > 0:
+            route_logits = logits + torch.randn_like(logits) * noise_std
+            log_probs = route_logits - _logsumexp_last(route_logits)
+        else:
+            log_probs = logits - lse
+        probs = log_probs.exp()
         with torch.no_grad():
-            entropy = -(probs * torch.log_softmax(route_logits, dim=-1)).sum(-1).mean()
+            entropy = -(probs * log_probs).sum(-1).mean()
         prob_sum = probs.sum(0)
         if k == 1:
             top_p, top_i = probs.max(dim=-1, keepdim=True)
@@ -277,10 +289,13 @@ class MoELayer(nn.Module):
         # --- experts on contiguous slices ---
         unique_rows = k == 1
         xs = _GatherRows.apply(h, token_of) if unique_rows else h.index_select(0, token_of)
-        outs = [
-            self._run_expert(e, chunk) for e, chunk in enumerate(torch.split(xs, sizes, dim=0)) if sizes[e] > 0
-        ]
-        ys = torch.cat(outs, dim=0) if len(outs) > 1 else (outs[0] if outs else xs.new_zeros(0, shape[-1]))
+        if self.grouped_experts and supports_grouped(self.experts):
+            ys = run_grouped_experts(self.experts, xs, sizes, self.training)
+        else:
+            outs = [
+                self._run_expert(e, chunk) for e, chunk in enumerate(torch.split(xs, sizes, dim=0)) if sizes[e] > 0
+            ]
+            ys = torch.cat(outs, dim=0) if len(outs) > 1 else (outs[0] if outs else xs.new_zeros(0, shape[-1]))
         w = gate.reshape(-1).index_select(0, order)
         out = _CombineRows.apply(ys, w, token_of, n, straight_through, unique_rows)
         out = self.output_dropout(out.to(x.dtype))

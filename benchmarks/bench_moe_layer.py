@@ -1,0 +1,253 @@
+"""MoE layer speed against its compute floor and transformers' own MoE blocks.
+
+Claim (issue 3): forward+backward of moescope's top-1 MoE layer (E=8) costs <= 1.15x
+the dense FFN of one expert's size at d=768/ff=3072 and <= 1.25x at d=256/ff=1024,
+and is ahead of transformers' Mixtral-style block (eager loop and grouped_mm) and of
+Switch Transformers' capacity-limited block configured to the same FLOPs.
+
+Variants (all top-1, E=8, same tokens, one fwd+bwd with a fixed upstream gradient;
+parameter grads set to None before each pass, as after optimizer.zero_grad()). Each
+is timed against the dense FFN of one expert of ITS OWN kind, because GPT-2's Python
+gelu_new chain costs ~1.5x a SwiGLU FFN of equal matmul FLOPs on CPU: comparing
+Mixtral's SwiGLU experts to a GELU floor would credit them with the activation.
+  floor-gelu       GPT-2 MLP (c_fc, gelu_new, c_proj), d_ff=ff, on all tokens
+  floor-swiglu     SwiGLU FFN, intermediate I = 2ff/3 (same matmul FLOPs), on all tokens
+  moescope         MoELayer, dropless, STE gating, GPT-2 GELU experts       (vs floor-gelu)
+  moescope-cf1.25  the same with capacity factor 1.25                        (vs floor-gelu)
+  moescope-swiglu  MoELayer with SwiGLU experts of width I                   (vs floor-swiglu)
+  mixtral-eager    transformers MixtralSparseMoeBlock, I, eager expert loop   (vs floor-swiglu)
+  mixtral-grouped  the same block, experts_implementation="grouped_mm"       (vs floor-swiglu)
+  switch-cf1.25    transformers SwitchTransformersSparseMLP, gelu_new, d_ff=ff,
+                   capacity 1.25 x tokens/E per 512-token sequence          (vs floor-gelu)
+  moescope-loop    (--all) MoELayer calling each GELU expert module in turn  (vs floor-gelu)
+Peers of moescope: switch-cf1.25; peers of moescope-swiglu: the two Mixtral variants.
+
+Two timings, each interleaved in rounds (every variant once per round) with the ratio
+to the floor taken within a round, then the median (and min) over rounds:
+  wall/2thr   wall-clock time at the default 2 threads: what training sees, but it
+              moves with whatever else runs on a shared machine;
+  cpu/1thr    CPU time of one thread (time.process_time): insensitive to other
+              processes, a cleaner view of the work each variant does.
+Peak memory: extra resident memory (VmHWM after reset, Linux) during one fwd+bwd.
+Optimizer step: one torch.optim.AdamW step over the layer's parameters (ms, min of 5).
+
+Run: .venv/bin/python benchmarks/bench_moe_layer.py [--quick] [--budget-s 240]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import MixtralConfig, SwitchTransformersConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+from moescope.moe.experts import GeluExpert, SwiGLUExpert, build_experts
+from moescope.moe.layer import MoELayer
+
+E = 8
+SEQ = 512
+CONFIGS = [(256, 1024, 2048), (256, 1024, 4096), (768, 3072, 2048), (768, 3072, 4096)]
+TARGET = {256: 1.25, 768: 1.15}
+
+
+def _init(module: nn.Module, seed: int) -> nn.Module:
+    """N(0, 0.02) weights, zero biases, for every variant alike (Mixtral's are torch.empty)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return module.train()
+
+
+def build_variants(d: int, ff: int, with_loop: bool) -> dict[str, tuple[nn.Module, str]]:
+    """{name: (module, name of its floor)}."""
+    # SwiGLU with 3 matrices of d x 2ff/3 = the GELU MLP's 2 of d x ff; a multiple of 8
+    # because grouped_mm needs 16-byte strides (680 at ff=1024: 0.4% fewer FLOPs)
+    inter = 8 * round(2 * ff / 3 / 8)
+
+    def mixtral(impl: str) -> MixtralSparseMoeBlock:
+        cfg = MixtralConfig(hidden_size=d, intermediate_size=inter, num_local_experts=E, num_experts_per_tok=1,
+                            router_jitter_noise=0.0)
+        cfg._experts_implementation = impl
+        return MixtralSparseMoeBlock(cfg)
+
+    switch = SwitchTransformersSparseMLP(SwitchTransformersConfig(
+        d_model=d, d_ff=ff, num_experts=E, expert_capacity=math.ceil(1.25 * SEQ / E), router_bias=False,
+        router_jitter_noise=0.0, dense_act_fn="gelu_new", dropout_rate=0.0))
+    variants = {
+        "floor-gelu": (GeluExpert(d, ff), "floor-gelu"),
+        "floor-swiglu": (SwiGLUExpert(d, inter), "floor-swiglu"),
+        "moescope": (MoELayer(build_experts(E, d, ff), d), "floor-gelu"),
+        "moescope-cf1.25": (MoELayer(build_experts(E, d, ff), d, capacity_factor=1.25), "floor-gelu"),
+        "switch-cf1.25": (switch, "floor-gelu"),
+        "moescope-swiglu": (MoELayer(build_experts(E, d, inter, expert_type="swiglu"), d), "floor-swiglu"),
+        "mixtral-eager": (mixtral("eager"), "floor-swiglu"),
+        "mixtral-grouped": (mixtral("grouped_mm"), "floor-swiglu"),
+    }
+    if with_loop:
+        loop = MoELayer(build_experts(E, d, ff), d)
+        loop.grouped_experts = False
+        variants["moescope-loop"] = (loop, "floor-gelu")
+    return {name: (_init(m, 1), floor) for name, (m, floor) in variants.items()}
+
+
+PEERS = {"moescope": ["switch-cf1.25"], "moescope-swiglu": ["mixtral-eager", "mixtral-grouped"]}
+
+
+def make_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    params = list(module.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        xx = x.detach().requires_grad_()
+        y = module(xx)
+        y.backward(grad)
+
+    return step
+
+
+def time_rounds(steps: dict[str, Callable[[], None]], clock: Callable[[], float], budget_s: float,
+                min_rounds: int, max_rounds: int) -> dict[str, list[float]]:
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    start = time.perf_counter()
+    for r in range(max_rounds):
+        for name, step in steps.items():
+            t0 = clock()
+            step()
+            times[name].append(clock() - t0)
+        if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+_libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def peak_extra_mb(step: Callable[[], None]) -> float:
+    """Extra resident memory (MB) at the peak of one call; nan off Linux."""
+    if _libc is None:
+        return float("nan")
+    gc.collect()
+    _libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS
+    base = _status_bytes("VmRSS:")
+    step()
+    return (_status_bytes("VmHWM:") - base) / 2**20
+
+
+def optimizer_ms(module: nn.Module, step: Callable[[], None], reps: int = 5) -> float:
+    """Fastest of `reps` AdamW steps over the module's parameters (ms): the least disturbed one."""
+    step()  # populate grads
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    opt.step()  # create state
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    for p in module.parameters():
+        p.grad = None
+    return min(times) * 1e3
+
+
+def ratios(times: dict[str, list[float]], floors: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """{name: (median, min)} over rounds of time / time of its floor in the same round."""
+    out = {}
+    for name, ts in times.items():
+        r = [a / b for a, b in zip(ts, times[floors[name]])]
+        out[name] = (statistics.median(r), min(r))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds, no memory/optimizer columns")
+    parser.add_argument("--all", action="store_true", help="also time moescope-loop")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="time budget for the timing rounds")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    n_threads = torch.get_num_threads()
+    t_start = time.perf_counter()
+    weights = [d * ff * n for d, ff, n in CONFIGS]  # spend the budget in proportion to work
+    rows = []
+    for (d, ff, n), w in zip(CONFIGS, weights):
+        variants = build_variants(d, ff, args.all)
+        floors = {k: f for k, (_, f) in variants.items()}
+        x = torch.randn(n // SEQ, SEQ, d)
+        grad = torch.randn(n // SEQ, SEQ, d)
+        steps = {k: make_step(m, x, grad) for k, (m, _) in variants.items()}
+        share = args.budget_s * w / sum(weights)
+        rounds = (2, 2) if args.quick else (3, 12)
+        torch.set_num_threads(n_threads)
+        wall = ratios(time_rounds(steps, time.perf_counter, share * 0.5, *rounds), floors)
+        torch.set_num_threads(1)
+        cpu_times = time_rounds(steps, time.process_time, share * 0.5, *rounds)
+        cpu = ratios(cpu_times, floors)
+        torch.set_num_threads(n_threads)
+        for name, (module, floor) in variants.items():
+            mem, opt_ms = (float("nan"), float("nan"))
+            if not args.quick:
+                mem, opt_ms = peak_extra_mb(steps[name]), optimizer_ms(module, steps[name])
+            note = ""
+            if name.startswith("floor"):
+                note = f"cpu/1thr {statistics.median(cpu_times[name]) * 1e3:.0f} ms"
+            elif isinstance(module, MoELayer) and module.last_record is not None and module.capacity_factor:
+                note = f"dropped {module.last_record.dropped.item() / n:.1%}"
+            n_params = sum(p.numel() for p in module.parameters())
+            rows.append(dict(d=d, ff=ff, n=n, name=name, floor=floor, wall=wall[name], cpu=cpu[name],
+                             mem=mem, opt_ms=opt_ms, n_params=n_params, note=note))
+    elapsed = time.perf_counter() - t_start
+
+    print(f"\nMoE layer fwd+bwd, top-1, E={E}; ratio = time / its floor (dense FFN of one expert) in the same round")
+    print(f"torch {torch.__version__}, {n_threads} threads for wall time; shared machine: wall ratios move with load")
+    head = (f"{'d/ff':>9} {'tokens':>6} {'variant':<16} {'floor':<12} {'wall/2thr med':>13} {'(min)':>6} "
+            f"{'cpu/1thr med':>12} {'(min)':>6} {'peak MB':>8} {'AdamW ms':>8} {'params':>7}  note")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['d']:>4}/{r['ff']:<4} {r['n']:>6} {r['name']:<16} {r['floor']:<12} {r['wall'][0]:>13.3f} "
+              f"{r['wall'][1]:>6.3f} {r['cpu'][0]:>12.3f} {r['cpu'][1]:>6.3f} {r['mem']:>8.0f} {r['opt_ms']:>8.1f} "
+              f"{r['n_params'] / 1e6:>6.2f}M  {r['note']}")
+    print()
+    for d, ff, n in CONFIGS:
+        sub = {r["name"]: r for r in rows if (r["d"], r["ff"], r["n"]) == (d, ff, n)}
+        for ours, peers in PEERS.items():
+            w, c = sub[ours]["wall"][0], sub[ours]["cpu"][0]
+            bw = min(sub[p]["wall"][0] for p in peers)
+            bc = min(sub[p]["cpu"][0] for p in peers)
+            print(f"d={d:<3} tokens={n:<5} {ours:<16} target <= {TARGET[d]:.2f}x: wall {w:.3f}x "
+                  f"{'met' if w <= TARGET[d] else 'MISSED'}, cpu {c:.3f}x {'met' if c <= TARGET[d] else 'MISSED'}"
+                  f" | ahead of peers: wall {'yes' if w < bw else 'NO'} (best {bw:.3f}x), "
+                  f"cpu {'yes' if c < bc else 'NO'} (best {bc:.3f}x)")
+    print(f"\nelapsed {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
