@@ -154,8 +154,8 @@ def test_collapse_is_detected_recorded_and_can_stop_early(data: Path, tmp_path: 
     summary = run_experiment(cfg, tmp_path / "run")["moe-nolb"]
     metrics = tmp_path / "run" / "arms" / "moe-nolb" / "metrics.jsonl"
     collapse = read_metrics(metrics, "collapse")
-    assert len(collapse) == 1 and collapse[0]["step"] == 2 and collapse[0]["layer"] == 1
-    assert collapse[0]["share"] > 0.26 and summary["stopped_early"] and summary["steps"] == 2
+    assert len(collapse) == 1 and collapse[0]["step"] == 4 and collapse[0]["layer"] == 1  # evals 2 and 4
+    assert collapse[0]["share"] > 0.26 and summary["stopped_early"] and summary["steps"] == 4
     assert read_metrics(metrics, "eval")[-1]["collapsed_layers"] == [1]
     assert [e["event"] for e in read_metrics(metrics, "event")] == ["early_stop"]
 
@@ -166,13 +166,19 @@ def test_pretrained_base_directory_is_upcycled(data: Path, tmp_path: Path) -> No
     base = tmp_path / "tiny-gpt2"
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(base)
-    cfg = tiny_experiment(data, arms=["dense", "moe"], base__init=str(base), moe__upcycle_noise_rel=0.0,
+    cfg = tiny_experiment(data, arms=["dense", "moe", "moe-top2"], base__init=str(base), moe__upcycle_noise_rel=0.0,
                           train__steps=2, train__eval_every_steps=2)
     run = tmp_path / "run"
     run_experiment(cfg, run)
     assert not (run / "base").exists()
-    ev0 = [read_metrics(run / "arms" / a / "metrics.jsonl", "eval")[0]["loss"]["token_weighted"] for a in ("dense", "moe")]
+    ev0 = [read_metrics(run / "arms" / a / "metrics.jsonl", "eval")[0]["loss"]["token_weighted"]
+           for a in ("dense", "moe", "moe-top2")]
     assert ev0[0] == pytest.approx(ev0[1], abs=1e-5)
+    assert ev0[0] == pytest.approx(ev0[2], abs=1e-5)  # top-2 of identical experts, renormalized: same output
+    top2 = load_moe_model(run / "arms" / "moe-top2" / "final")
+    assert moe_layers(top2)[1].top_k == 2
+    routing = read_metrics(run / "arms" / "moe-top2" / "metrics.jsonl", "eval")[-1]["routing"]["1"]
+    assert sum(routing["token_fraction"]) == pytest.approx(1.0, abs=1e-5) and routing["max_fraction"] <= 1.0
     assert json.loads((run / "arms" / "moe" / "config.json").read_text())["init"] == str(base)
 
     small = tmp_path / "vocab100"
@@ -285,3 +291,18 @@ def test_resume_can_add_an_arm_to_a_finished_experiment(data: Path, tmp_path: Pa
     assert set(out) == {"base", "moe", "dense"} and _tree(run / "arms" / "moe") == moe_before
     assert set(json.loads((run / "experiment.json").read_text())["arms"]) == {"moe", "dense"}
     assert set(json.loads((run / "summary.json").read_text())) == {"base", "moe", "dense"}
+
+
+def test_sigint_saves_a_checkpoint_and_stops(data: Path, tmp_path: Path) -> None:
+    run = resolve_arms(tiny_experiment(data, train__checkpoint_every_steps=0), ["moe"])["moe"]
+
+    def send_sigint(step: int, trainer) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer = Trainer(run, tmp_path / "arm", name="moe", on_step=send_sigint)
+    with pytest.raises(TrainingInterrupted, match="SIGINT at step 2"):
+        trainer.fit()
+    assert (tmp_path / "arm" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert read_metrics(tmp_path / "arm" / "metrics.jsonl", "event")[-1]["signal"] == "SIGINT"

@@ -89,7 +89,8 @@ class TrainConfig:
 
 @dataclass
 class CollapseConfig:
-    """An expert holding more than threshold_share of a layer's tokens in window_evals evals in a row."""
+    """An expert holding more than threshold_share of a layer's tokens in window_evals evals in a row
+    (evaluations after step 0; the untrained router's step-0 evaluation does not count)."""
 
     threshold_share: float = 0.6
     window_evals: int = 2

@@ -559,7 +559,9 @@ class Trainer:
 
     def _eval_and_record(self, tokens_per_s: float | None) -> dict[str, Any]:
         ev = self.evaluate()
-        collapsed = self._check_collapse(ev) if self.layers else []
+        # A fresh (or freshly upcycled) router can favour one expert before any training; collapse is
+        # a training dynamic, so the step-0 evaluation is recorded but not counted toward the window.
+        collapsed = self._check_collapse(ev) if self.layers and self.step > 0 else []
         record = {"kind": "eval", "step": self.step, "tokens_seen": self.step * self.tokens_per_step, **ev,
                   "collapsed_layers": [int(x) for x in collapsed], **peak_memory_mb()}
         if tokens_per_s is not None:
