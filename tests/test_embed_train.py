@@ -85,8 +85,16 @@ def test_aux_loss_gradients_reach_routers_only(moe_model):
 
 def test_training_updates_routers_and_logs_aux_terms(moe_model):
     routers_before = {i: l.router.weight.detach().clone() for i, l in encoder_moe_layers(moe_model).items()}
-    cfg = EmbedTrainConfig(steps=2, batch_size_pairs=4, logging_steps=1, learning_rate=1e-4, router_lr_mult=10.0)
+    bert = moe_model[0].auto_model
+    frozen_before = bert.encoder.layer[3].output.dense.weight.detach().clone()
+    emb_before = bert.embeddings.word_embeddings.weight.detach().clone()
+    cfg = EmbedTrainConfig(steps=2, batch_size_pairs=4, logging_steps=1, learning_rate=1e-4, router_lr_mult=10.0,
+                           freeze_below_layer=4)
     result = train_encoder(moe_model, build_loss_dataset(PAIRS, "mnrl", moe_model, cfg), cfg, show_progress_bar=False)
+    assert torch.equal(bert.encoder.layer[3].output.dense.weight, frozen_before)
+    assert torch.equal(bert.embeddings.word_embeddings.weight, emb_before)
+    for p in bert.parameters():  # leave the module-scoped model trainable for the next tests
+        p.requires_grad_(True)
     logged = [row for row in result.log_history if "load_balance" in row]
     assert len(logged) == 2 and all(row["router_z"] > 0 for row in logged)
     assert [row["step"] for row in result.routing_history] == [1, 2]

@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "moescope.commands.cluster",
     "moescope.commands.partition",
     "moescope.commands.btx",
+    "moescope.commands.embed",
 ]
 
 

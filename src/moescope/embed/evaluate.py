@@ -269,3 +269,52 @@ def select_knn_neighbours(train_pairs: Sequence[TextPair], *, per_domain: int, s
         take = sorted(rng.permutation(len(texts))[:per_domain])
         out += [(texts[i], domain) for i in take]
     return out
+
+
+def capture_encoder_routing(model, texts: Sequence[str], domain_ids: Sequence[int], *, batch_size: int = 64):
+    """{layer: RoutingTable} of an MoE encoder over `texts` (real tokens only).
+
+    `block` is the text's index and `position` the token's index in it, so the LM's
+    analysis code (moescope.analysis.summary.summarize_layer) applies unchanged: its
+    block bootstrap resamples texts.
+    """
+    import torch
+
+    from moescope.analysis.table import RoutingTable
+    from moescope.embed.encoder import encoder_moe_layers
+
+    layers = encoder_moe_layers(model)
+    if not layers:
+        return {}
+    cols: dict[int, dict[str, list]] = {i: {"expert_index": [], "gate_weight": [], "router_probs": []} for i in layers}
+    shared: dict[str, list] = {"token_id": [], "block": [], "position": [], "domain": []}
+    previous = {i: layer.capture for i, layer in layers.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers.values():
+            layer.capture = True
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = list(texts[start : start + batch_size])
+                features = model.preprocess(batch)
+                features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+                model(features)
+                mask = features["attention_mask"].bool().cpu()
+                b, t = mask.shape
+                text_idx = torch.arange(start, start + b).unsqueeze(1).expand(b, t)[mask]
+                shared["token_id"].append(features["input_ids"].cpu()[mask].numpy())
+                shared["block"].append(text_idx.numpy())
+                shared["position"].append(torch.arange(t).expand(b, t)[mask].numpy())
+                shared["domain"].append(np.asarray(domain_ids)[text_idx.numpy()])
+                for i, layer in layers.items():
+                    rec = layer.last_record
+                    cols[i]["expert_index"].append(rec.expert_index.cpu().numpy())
+                    cols[i]["gate_weight"].append(rec.gate_weight.float().cpu().numpy())
+                    cols[i]["router_probs"].append(rec.router_probs.float().cpu().numpy())
+    finally:
+        for i, layer in layers.items():
+            layer.capture = previous[i]
+        model.train(was_training)
+    base = {k: np.concatenate(v) for k, v in shared.items()}
+    return {i: RoutingTable(**base, **{k: np.concatenate(v) for k, v in c.items()}) for i, c in cols.items()}

@@ -344,3 +344,41 @@ def load_pair_dataset(
         source = hashlib.sha256(anchor.encode("utf-8")).hexdigest()[:16]
         pairs.append(TextPair(anchor, positive, domain, f"{domain}:{source}", "dataset"))
     return pairs
+
+
+# --------------------------------------------------------------------------- sources -> split
+
+
+def load_builtin_sources(domains: Sequence[str], texts_per_domain: int, seed: int) -> list:
+    """Source texts of the data stage's built-in corpora (stdlib code, generated math,
+    gensim's Wikipedia/news), `texts_per_domain` each, in the data stage's seeded order."""
+    from moescope.data.config import DomainConfig
+    from moescope.data.sources import load_domain_texts
+
+    out = []
+    for name in domains:
+        out += load_domain_texts(DomainConfig(name=name, target_mb=None, target_texts=texts_per_domain), seed)
+    return out
+
+
+def load_pairs(cfg) -> PairSplit:
+    """Training and held-out pairs for a `PairSourceConfig` (moescope.embed.config)."""
+    if cfg.source == "builtin":
+        sources = load_builtin_sources(cfg.domains, cfg.texts_per_domain, cfg.data_seed)
+        pairs = extract_pairs(sources, cfg.extract)
+    elif cfg.source == "hf":
+        pairs = load_pair_dataset(
+            cfg.name_or_path, split=cfg.split, subset=cfg.subset, anchor_column=cfg.anchor_column,
+            positive_column=cfg.positive_column, domain=cfg.hf_domain, max_pairs=cfg.max_pairs,
+        )
+    else:
+        raise MoescopeError(f"unknown pair source {cfg.source!r} (use builtin or hf)")
+    if not pairs:
+        raise MoescopeError(f"no pairs could be extracted from the {cfg.source} source")
+    split = split_pairs(
+        pairs, eval_fraction=cfg.eval_fraction, seed=cfg.split_seed,
+        max_eval_pairs_per_domain=cfg.max_eval_pairs_per_domain,
+    )
+    if not split.train or not split.eval:
+        raise MoescopeError(f"pair split left {len(split.train)} training and {len(split.eval)} held-out pairs")
+    return split

@@ -50,6 +50,10 @@ class EmbedTrainConfig:
     z_loss_coef: float = 0.001
     seed: int = 0
     logging_steps: int = 10
+    # Freeze the token embeddings and encoder layers below this index (None = train all).
+    # On a CPU, training only the top layers (where the MoE layers sit) cuts a step's
+    # backward pass and optimizer state by more than half; every arm freezes the same.
+    freeze_below_layer: int | None = None
     # Hard-negative mining (triplet / contrastive / cosine): skip the `negatives_range_min`
     # nearest candidates, which are often unlabeled positives.
     negatives_range_min: int = 3
@@ -105,8 +109,13 @@ class MoEAuxLoss(nn.Module):
         self._records: dict[int, list[RoutingRecord]] | None = None
         self.last_counts: dict[int, torch.Tensor] = {}
         self.last_raw: dict[str, float] = {}
-        for i, layer in self._layers.items():
-            layer.register_forward_hook(self._make_hook(i))
+        self._hooks = [layer.register_forward_hook(self._make_hook(i)) for i, layer in self._layers.items()]
+
+    def remove_hooks(self) -> None:
+        """Detach from the MoE layers (the model outlives one training run)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _make_hook(self, i: int):
         def hook(module: MoELayer, inputs, output) -> None:
@@ -257,6 +266,8 @@ def train_encoder(
     from sentence_transformers.base.sampler import BatchSamplers
 
     torch.manual_seed(cfg.seed)
+    if cfg.freeze_below_layer is not None:
+        freeze_lower_layers(model, cfg.freeze_below_layer)
     base_loss = make_loss(cfg.loss, model, cfg)
     loss = MoEAuxLoss(model, base_loss, load_balance_coef=cfg.load_balance_coef, z_loss_coef=cfg.z_loss_coef)
     callback = _progress_callback()
@@ -286,7 +297,10 @@ def train_encoder(
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=[callback], optimizers=optimizers,
         )
-        out = trainer.train()
+        try:
+            out = trainer.train()
+        finally:
+            loss.remove_hooks()
     model.eval()
     set_training_progress(model, 1.0)
     return TrainResult(
@@ -295,6 +309,22 @@ def train_encoder(
         train_seconds=float(out.metrics.get("train_runtime", float("nan"))),
         n_train_rows=len(train_dataset),
     )
+
+
+def freeze_lower_layers(model: nn.Module, below: int) -> int:
+    """Stop gradients to the embeddings and encoder layers < `below`; returns #frozen parameters."""
+    bert = model[0].auto_model
+    layers = getattr(getattr(bert, "encoder", None), "layer", None)
+    if layers is None:
+        raise MoescopeError(f"cannot freeze layers of {type(bert).__name__}: no encoder.layer list")
+    if not 0 <= below <= len(layers):
+        raise MoescopeError(f"train.freeze_below_layer must be in 0..{len(layers)}, got {below}")
+    frozen = 0
+    for module in [bert.embeddings, *list(layers)[:below]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
 
 
 def _optimizer(model: nn.Module, cfg: EmbedTrainConfig) -> torch.optim.Optimizer:
