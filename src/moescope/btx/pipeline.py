@@ -159,6 +159,17 @@ def _score(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> tuple[torch.Tensor, 
     return lp, continuation_losses(lp, ev.domain_ids, ev.domains, cfg.eval_context_tokens)
 
 
+def domain_routing(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> dict:
+    """{block: [domain][expert] share of eval tokens}: does a domain go to its branch's expert?"""
+    model = load_moe_model(model_dir)
+    blocks = torch.from_numpy(ev.blocks)
+    by_domain = [list(blocks[torch.from_numpy(ev.domain_ids == d)].split(cfg.train.eval_batch_sequences))
+                 for d in range(len(ev.domains))]
+    shares = routing_shares(model, by_domain)
+    del model
+    return {str(i): [[round(float(v), 3) for v in row] for row in m] for i, m in shares.items()}
+
+
 def cbtm_weights(cfg: BTXConfig, partition_dir: Path, ev: EvalSet, *, embedding_cache: Path | None = None) -> np.ndarray:
     """[n_blocks, N] c-BTM weights from each block's first eval_context_tokens tokens."""
     from transformers import AutoTokenizer
@@ -199,9 +210,11 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
     for strategy in cfg.strategies:
         init_dir = out / "merged" / strategy / "init"
         add(f"BTX merged ({strategy}), before fine-tune", _score(init_dir, ev, cfg), n * sb, cfg.top_k)
+        merged_dir = init_dir
         if sf > 0:
-            add(f"BTX merged ({strategy})", _score(_final(out / "merged" / strategy / "finetune"), ev, cfg),
-                n * sb + sf, cfg.top_k)
+            merged_dir = _final(out / "merged" / strategy / "finetune")
+            add(f"BTX merged ({strategy})", _score(merged_dir, ev, cfg), n * sb + sf, cfg.top_k)
+        extra[f"routing_by_domain_{strategy}"] = domain_routing(merged_dir, ev, cfg)
         extra[f"router_init_{strategy}"] = json.loads((init_dir / "router_init.json").read_text())["own_expert_share"]
         branch_lps = []
         for e in range(n):
@@ -259,7 +272,7 @@ def render_comparison(result: dict) -> str:
                      f"{r['domain_weighted']:.4f} | {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
                      f"{r['train_tokens']:,} | {r['experts_per_token']} |")
     for key, value in result.items():
-        if key.startswith(("router_init_", "cbtm_mean_weight")):
+        if key.startswith(("router_init_", "cbtm_mean_weight", "routing_by_domain")):
             lines += ["", f"- {key}: {json.dumps(value)}"]
     return "\n".join(lines) + "\n"
 
