@@ -102,7 +102,12 @@ def test_planted_pathways_are_stable_and_beat_the_null(tmp_path):
     # the MDL-optimal grouping is the planted one; each of its clusters serves most tokens of its own domain (= token kind) and few of the others
     assert res.summary["mdl_optimal_k"] == {"seed0": 4, "seed1": 4, "seed2": 4}
     clusters = res.summary["final_clusters"]["seed0"]["groups"]
+    acts, _, _ = read_batch(batches[0])
+    masks = np.asarray(acts) > 0
     for g in clusters:
+        cols = [res.normalized.labels.index(c) for c in g["components"]]
+        both, either = masks[:, cols].all(axis=1).sum(), masks[:, cols].any(axis=1).sum()
+        assert g["cohesion"] == pytest.approx(both / either, abs=1e-4) and g["cohesion"] > 0.5
         e = int(sorted(g["components"])[0].split(".e")[1])
         for d in range(4):
             assert (g["domains"][f"d{d}"] > 0.8) == (d == e)

@@ -381,6 +381,9 @@ def describe_clusters(history: MergeHistory, batch_dir: str | Path, step: int | 
     tt = arrays["token_type"].astype(np.int64)
     by_type = served_fraction(served[tt >= 0], tt[tt >= 0], len(types)) if (tt >= 0).any() else None
     groups = history.groups_at(step)
+    row = history.assignments[step]
+    # cohesion: tokens on which every member fires / tokens on which any fires (1 = always together)
+    together = [float(masks[:, row == g].all(axis=1).sum() / max(served[:, g].sum(), 1)) for g in range(len(groups))]
     return {
         "step": int(step),
         "n_groups": len(groups),
@@ -389,6 +392,7 @@ def describe_clusters(history: MergeHistory, batch_dir: str | Path, step: int | 
             {
                 "components": groups[g],
                 "token_fraction": float(served[:, g].mean()),
+                "cohesion": round(together[g], 4),
                 "domains": {d: _nan_to_none(by_domain[g, i]) for i, d in enumerate(domains)},
                 "token_types": None if by_type is None else {t: _nan_to_none(by_type[g, i]) for i, t in enumerate(types)},
             }

@@ -153,6 +153,8 @@ def analyze_batches(batch_dirs: list[Path], out_dir: str | Path, cfg: ClusterRun
     null_normalized, null_distances = _compare(null_histories, cfg.distance_methods) if null_histories else (None, {})
     clusters = {n: describe_clusters(histories[n], b) for n, b in zip(names, batch_dirs)}
     summary = summarize(names, histories, normalized, distances, null_normalized, null_distances, clusters)
+    if null_histories:
+        summary["null_mdl_optimal_k"] = {n: int(h.n_groups[h.best_step]) for n, h in null_histories.items()}
     summary["config"] = to_dict(cfg)
     summary["environment"] = environment_info()
     save_ensemble(out_dir, normalized, distances, names, prefix="ensemble")

@@ -84,10 +84,12 @@ def run(args: argparse.Namespace) -> int:
     res = cluster_analysis_pipeline(args.run_or_model, args.data, out, cfg, arm=args.arm)
     method = cfg.distance_methods[0]
     stab = res.summary["stability"][method]
-    print(f"{'batch':<12} {'tokens':>8} {'kept':>5} {'MDL-optimal k':>14}")
+    null_k = res.summary.get("null_mdl_optimal_k", {})
+    print(f"{'batch':<12} {'tokens':>8} {'kept':>5} {'MDL-optimal k':>14} {'null':>5}")
     for name in res.members:
         h = res.histories[name]
-        print(f"{name:<12} {h.n_tokens:>8} {len(h.labels):>5} {res.summary['mdl_optimal_k'][name]:>14}")
+        print(f"{name:<12} {h.n_tokens:>8} {len(h.labels):>5} {res.summary['mdl_optimal_k'][name]:>14} "
+              f"{null_k.get(name, '-'):>5}")
     if len(res.members) > 1:
         print(f"\n{method} between batches (fraction of {len(res.normalized.labels)} components):")
         print(f"{'k':>6} {'batches':>9} {'null':>9}")
@@ -100,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nMDL-optimal clusters of batch {res.members[0]} (k = {first['n_groups']}), share of each domain served:")
     for g in first["groups"]:
         doms = " ".join(f"{d}={v:.2f}" for d, v in g["domains"].items() if v is not None)
-        print(f"  [{', '.join(g['components'])}]  {doms}")
+        print(f"  [{', '.join(g['components'])}]  together {g['cohesion']:.2f}  {doms}")
     print(json.dumps({"out_dir": str(out), "plots": [str(p) for p in res.plots]}))
     return 0
