@@ -40,6 +40,7 @@ import argparse
 import ctypes
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -193,9 +194,15 @@ def main() -> int:
 
     torch.manual_seed(0)
     n_threads = torch.get_num_threads()
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     weights = [d * ff * n for d, ff, n in CONFIGS]  # spend the budget in proportion to work
     rows = []
+    print(f"\nMoE layer fwd+bwd, top-1, E={E}; ratio = time / its floor (dense FFN of one expert) in the same round")
+    print(f"torch {torch.__version__}, {n_threads} threads for wall time; shared machine: wall ratios move with load")
+    head = (f"{'d/ff':>9} {'tokens':>6} {'variant':<16} {'floor':<12} {'wall/2thr med':>13} {'(min)':>6} "
+            f"{'cpu/1thr med':>12} {'(min)':>6} {'peak MB':>8} {'AdamW ms':>8} {'params':>7}  note")
+    print(head)
+    print("-" * len(head), flush=True)
     for (d, ff, n), w in zip(CONFIGS, weights):
         variants = build_variants(d, ff, args.all)
         floors = {k: f for k, (_, f) in variants.items()}
@@ -220,20 +227,13 @@ def main() -> int:
             elif isinstance(module, MoELayer) and module.last_record is not None and module.capacity_factor:
                 note = f"dropped {module.last_record.dropped.item() / n:.1%}"
             n_params = sum(p.numel() for p in module.parameters())
-            rows.append(dict(d=d, ff=ff, n=n, name=name, floor=floor, wall=wall[name], cpu=cpu[name],
-                             mem=mem, opt_ms=opt_ms, n_params=n_params, note=note))
+            r = dict(d=d, ff=ff, n=n, name=name, floor=floor, wall=wall[name], cpu=cpu[name],
+                     mem=mem, opt_ms=opt_ms, n_params=n_params, note=note)
+            rows.append(r)
+            print(f"{r['d']:>4}/{r['ff']:<4} {r['n']:>6} {r['name']:<16} {r['floor']:<12} {r['wall'][0]:>13.3f} "
+                  f"{r['wall'][1]:>6.3f} {r['cpu'][0]:>12.3f} {r['cpu'][1]:>6.3f} {r['mem']:>8.0f} "
+                  f"{r['opt_ms']:>8.1f} {r['n_params'] / 1e6:>6.2f}M  {r['note']}", flush=True)
     elapsed = time.perf_counter() - t_start
-
-    print(f"\nMoE layer fwd+bwd, top-1, E={E}; ratio = time / its floor (dense FFN of one expert) in the same round")
-    print(f"torch {torch.__version__}, {n_threads} threads for wall time; shared machine: wall ratios move with load")
-    head = (f"{'d/ff':>9} {'tokens':>6} {'variant':<16} {'floor':<12} {'wall/2thr med':>13} {'(min)':>6} "
-            f"{'cpu/1thr med':>12} {'(min)':>6} {'peak MB':>8} {'AdamW ms':>8} {'params':>7}  note")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r['d']:>4}/{r['ff']:<4} {r['n']:>6} {r['name']:<16} {r['floor']:<12} {r['wall'][0]:>13.3f} "
-              f"{r['wall'][1]:>6.3f} {r['cpu'][0]:>12.3f} {r['cpu'][1]:>6.3f} {r['mem']:>8.0f} {r['opt_ms']:>8.1f} "
-              f"{r['n_params'] / 1e6:>6.2f}M  {r['note']}")
     print()
     for d, ff, n in CONFIGS:
         sub = {r["name"]: r for r in rows if (r["d"], r["ff"], r["n"]) == (d, ff, n)}
@@ -245,7 +245,9 @@ def main() -> int:
                   f"{'met' if w <= TARGET[d] else 'MISSED'}, cpu {c:.3f}x {'met' if c <= TARGET[d] else 'MISSED'}"
                   f" | ahead of peers: wall {'yes' if w < bw else 'NO'} (best {bw:.3f}x), "
                   f"cpu {'yes' if c < bc else 'NO'} (best {bc:.3f}x)")
-    print(f"\nelapsed {elapsed:.0f} s")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nelapsed {elapsed:.0f} s wall, {time.process_time() - cpu_start:.0f} s CPU of this process; "
+          f"load average {load:.1f} on {os.cpu_count()} cores")
     return 0
 
 

@@ -15,6 +15,7 @@ from moescope.moe.gpt2 import (
     MOE_CONFIG_NAME,
     generate_with_routing,
     install_moe,
+    install_moe_measured,
     load_moe_model,
     moe_layers,
     router_parameters,
@@ -74,13 +75,11 @@ def test_warm_start_parity_exact_without_noise(pretrained_dir: Path) -> None:
 def test_warm_start_with_noise_deviates_slightly(pretrained_dir: Path) -> None:
     model = GPT2LMHeadModel.from_pretrained(pretrained_dir).eval()
     ids = _ids()
-    with torch.no_grad():
-        dense = model(ids).logits
     dense_fc = model.transformer.h[3].mlp.c_fc.weight.detach().clone()
-    layers = install_moe(model, MoEConfig(n_experts=4, upcycle_noise_rel=1e-3), seed=5)
-    with torch.no_grad():
-        dev = (model(ids).logits - dense).abs().max().item()
+    layers, dev = install_moe_measured(model, MoEConfig(n_experts=4, upcycle_noise_rel=1e-3), ids, seed=5)
     assert 0 < dev < 1e-2
+    exact = GPT2LMHeadModel.from_pretrained(pretrained_dir)
+    assert install_moe_measured(exact, MoEConfig(n_experts=4, upcycle_noise_rel=0.0), ids)[1] == 0.0
     experts = layers[3].experts
     assert not torch.equal(experts[0].c_fc.weight, experts[1].c_fc.weight)
     rel = (experts[0].c_fc.weight - dense_fc).std() / dense_fc.std()

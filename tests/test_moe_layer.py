@@ -396,3 +396,12 @@ def test_grouped_matmul_path_equals_calling_each_expert(expert_type: str, top_k:
             assert a is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_output_does_not_depend_on_how_many_tokens_share_its_expert() -> None:
+    layer = _gelu_layer(top_k=1)
+    x = torch.randn(100, D)
+    with torch.no_grad():
+        full = layer(x)
+        for i in (0, 17, 99):  # alone, each token is an expert slice of one row
+            assert torch.equal(layer(x[i : i + 1]), full[i : i + 1])

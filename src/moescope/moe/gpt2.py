@@ -123,6 +123,24 @@ def install_moe(model: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: boo
     return installed
 
 
+@torch.no_grad()
+def install_moe_measured(
+    model: nn.Module, cfg: MoEConfig, input_ids: torch.Tensor, *, seed: int = 0
+) -> tuple[dict[int, MoELayer], float]:
+    """`install_moe` plus the warm-start deviation: max |logit change| on `input_ids` (eval mode).
+
+    0.0 for upcycled top-1 STE layers without noise; with upcycling or router noise it
+    says how far the model starts from its dense parent.
+    """
+    was_training = model.training
+    model.eval()
+    dense = model(input_ids).logits
+    layers = install_moe(model, cfg, seed=seed)
+    deviation = float((model(input_ids).logits - dense).abs().max())
+    model.train(was_training)
+    return layers, deviation
+
+
 def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
     """{block_index: MoELayer} of any module; the index is the last integer in the layer's path."""
     found: dict[int, MoELayer] = {}

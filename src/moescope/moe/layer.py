@@ -5,9 +5,16 @@ Pure computation: tensors in, tensors out. Nothing here reads files or prints.
 Dispatch (hand-written: no maintained library does dropless sort-based dispatch over
 arbitrary expert modules on CPU): the (token, choice) assignments are sorted by expert
 once, the routed rows are gathered in that order, each expert runs once on its
-contiguous slice (split sizes come from one bincount), and the results are scattered
-back with a single index_copy / index_add. No per-expert boolean masks, no calls on
-empty slices, no one-hot dispatch tensors.
+contiguous slice (split sizes come from one bincount, read on the host once), and the
+results are scattered back with a single index_copy (top-1) / index_add (top-k). No
+per-expert boolean masks, no calls on empty slices, no one-hot dispatch tensors.
+moescope's own GELU and SwiGLU experts go through `grouped.py` (per-expert matmuls
+into shared buffers, one activation pass); any other expert modules are called one
+by one on their slices.
+
+The routing probabilities are those of the (noisy, in training) logits that chose
+the experts; `prob_sum` and the gate weights come from them, the z-loss from the
+clean logits.
 
 Capacity rule (when `capacity_factor` is set): an expert takes at most
 C = ceil(capacity_factor * top_k * n_tokens / n_experts) assignments per forward pass.
@@ -172,7 +179,12 @@ class MoELayer(nn.Module):
         self.progress = 0.0
         self.capture = False
         # Run moescope's own expert types through grouped matmuls (one per expert into
-        # shared buffers) instead of calling each expert module; other experts always loop.
+        # shared buffers, one activation pass) instead of calling each expert module;
+        # other experts always loop. Measured on the shared 2-core machine (2 threads,
+        # fwd+bwd, 2048 tokens): median wall time 0.50x the loop's at d=128 and d=256,
+        # 0.62x at d=768 (far fewer parallel regions to stall when cores are contended);
+        # single-threaded CPU time is equal within noise, except that the loop's
+        # per-slice activation is cache-friendlier at 4096 tokens x d=768.
         self.grouped_experts = True
         self.last_record: RoutingRecord | None = None
 
