@@ -130,3 +130,23 @@ def test_bad_configs_are_named():
         build_encoder(moe=MoEConfig(n_experts=2, expert_type="swiglu"), max_seq_length_tokens=32)
     with pytest.raises(MoescopeError, match="unknown pooling"):
         build_encoder(pooling="median", max_seq_length_tokens=32)
+
+
+def test_routing_capture_feeds_the_lm_analysis():
+    from moescope.analysis.summary import SummaryConfig, summarize_layer
+    from moescope.embed.evaluate import capture_encoder_routing
+
+    moe = build_encoder(moe=MoEConfig(n_experts=4, top_k=2), max_seq_length_tokens=48)
+    domains = [0, 0, 1, 1, 1]
+    tables = capture_encoder_routing(moe, TEXTS, domains, batch_size=2)
+    assert sorted(tables) == [4, 5]
+    lengths = [len(moe.preprocess([t])["input_ids"][0]) for t in TEXTS]
+    table = tables[5]
+    assert table.n_tokens == sum(lengths)  # every real token once, no padding
+    assert [int((table.block == i).sum()) for i in range(len(TEXTS))] == lengths
+    for i, n in enumerate(lengths):
+        assert table.position[table.block == i].tolist() == list(range(n))
+        assert set(table.domain[table.block == i].tolist()) == {domains[i]}
+    assert table.expert_index.shape == (sum(lengths), 2) and table.router_probs.shape == (sum(lengths), 4)
+    summary = summarize_layer(table, ["code", "prose"], SummaryConfig(n_resamples=20, n_permutations=20))
+    assert 0.0 <= summary["specialization"]["nmi"]["estimate"] <= 1.0

@@ -216,7 +216,7 @@ def plot_comparison(doc: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(x, groups)
     ax.set_ylabel("MRR@10 (held-out pairs)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, ncol=len(arms), loc="lower center")
+    ax.legend(fontsize=8, ncol=len(arms), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title(f"{doc['config']['train']['steps']} steps each; bars: 95% bootstrap CI")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
