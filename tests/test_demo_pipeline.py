@@ -28,7 +28,7 @@ TINY = [
     "experiment.train.checkpoint_every_steps=6", "experiment.train.eval_max_blocks_per_domain=8",
     "experiment.tracking.progress_bar=false",
     "analysis.max_blocks_per_domain=24", "analysis.saturation_max_blocks_per_domain=4",
-    "analysis.format_test_max_texts=6", "analysis.statistics.n_resamples=200", "analysis.statistics.n_permutations=200",
+    "analysis.format_test_max_texts=6", "cluster.capture.n_batches=2", "cluster.capture.tokens_per_batch=256", "analysis.statistics.n_resamples=200", "analysis.statistics.n_permutations=200",
 ]
 
 
@@ -59,6 +59,8 @@ def test_demo_writes_every_stage_and_provenance(demo_run: tuple[Path, dict]) -> 
     assert resolved["data"]["block_size_tokens"] == 32
     assert json.loads((run / "experiment.json").read_text())["experiment"]["train"]["steps"] == 12
     page = (run / "report" / "report.html").read_text()
+    assert (run / "cluster" / "cluster_summary.json").is_file()
+    assert "Expert pathways" in page and "distance_vs_k" not in page  # figure inlined, not linked
     assert "What this run shows" in page and "viewer-data" in page and page.count("data:image/png;base64,") >= 4
 
 

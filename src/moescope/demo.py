@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moescope.analysis.pipeline import AnalyzeConfig
+from moescope.cluster.pipeline import ClusterRunConfig
 from moescope.data.config import DataBuildConfig
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
@@ -35,6 +36,8 @@ class DemoConfig:
     data: DataBuildConfig = field(default_factory=DataBuildConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     analysis: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    cluster: ClusterRunConfig = field(default_factory=ClusterRunConfig)
+    cluster_arm: str | None = "moe"  # arm whose experts are clustered by co-activation; None = skip
 
 
 def load_demo_config(preset: str = "demo", overrides: dict[str, Any] | None = None) -> DemoConfig:
@@ -87,6 +90,15 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
     log.info("demo 3/4: analysing routing on the held-out split")
     metrics = analyze_run(run_dir, cfg.analysis, progress=progress)
     timings["analyze_s"] = time.perf_counter() - t0
+
+    if cfg.cluster_arm and cfg.cluster_arm in metrics["arms"] and metrics["arms"][cfg.cluster_arm]["kind"] == "moe":
+        from moescope.cluster.pipeline import cluster_analysis_pipeline
+
+        t0 = time.perf_counter()
+        log.info("demo: clustering the experts of arm %s by co-activation", cfg.cluster_arm)
+        shutil.rmtree(run_dir / "cluster", ignore_errors=True)  # cheap to redo; never mix two runs' batches
+        cluster_analysis_pipeline(run_dir, data_dir, run_dir / "cluster", cfg.cluster, arm=cfg.cluster_arm)
+        timings["cluster_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     log.info("demo 4/4: writing the report")

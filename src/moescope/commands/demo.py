@@ -29,6 +29,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_summary_table(result["rows"]))
     print(f"\ntime: data {t['data_s']:.0f} s, training {t['train_s']:.0f} s, analysis {t['analyze_s']:.0f} s, "
-          f"report {t['report_s']:.0f} s")
+          f"clustering {t.get('cluster_s', 0):.0f} s, report {t['report_s']:.0f} s")
     print(f"report: {result['report']}")
     return 0

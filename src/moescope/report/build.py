@@ -209,6 +209,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         if extra:
             sections.append(Section("What the routers key on", [], figures=extra, anchor="keys"))
 
+    cluster_section = clustering_section(run_dir / "cluster")
+    if cluster_section is not None:
+        sections.append(cluster_section)
+
     content = ReportContent(
         title="moescope: what do the experts learn?",
         subtitle=f"run {run_dir.name} · arms {', '.join(arm_names)} · {metrics.get('n_eval_blocks', '?')} held-out blocks",
@@ -243,3 +247,44 @@ def setup_paragraphs(metrics: dict, experiment: dict, manifest: dict) -> list[st
     if diffs:
         out.append("Arms differ only by: " + "; ".join(f"{a}: {json.dumps(d) if d else 'the dense model'}" for a, d in diffs.items()) + ".")
     return out
+
+
+def clustering_section(cluster_dir: Path) -> Section | None:
+    """Expert pathways from `moescope cluster` (RUN/cluster), when it was run."""
+    path = cluster_dir / "cluster_summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    members = summary["members"]
+    ks = summary["mdl_optimal_k"]
+    paragraphs = [
+        f"Components are (layer, expert) pairs; each token's gate weights are its activations. A greedy MDL merge "
+        f"groups components that fire together, on {len(members)} disjoint batches of held-out tokens "
+        f"({', '.join(f'{m}: k={ks[m]}' for m in members)} at the MDL optimum; token-shuffled null: "
+        f"{', '.join(str(v) for v in summary.get('null_mdl_optimal_k', {}).values())})."
+    ]
+    stab = summary.get("stability", {}).get("perm_invariant_hamming")
+    if stab:
+        k = ks[members[0]]
+        if k in stab["n_groups"]:
+            i = stab["n_groups"].index(k)
+            paragraphs.append(
+                f"Stability at k={k}: batches disagree on {stab['mean_distance'][i]:.2f} of "
+                f"{summary['n_components']} components (permutation-invariant Hamming distance), against "
+                f"{stab['null_mean_distance'][i]:.2f} for token-shuffled batches. With top-1 routing in several layers "
+                f"the MDL favours some pairing across layers regardless of the data, so the signal is which pairs "
+                f"are chosen and how stable they are, not k itself.")
+    rows = []
+    first = summary["final_clusters"].get(members[0], {})
+    for g in first.get("groups", []):
+        doms = g.get("domains", {})
+        top = max(doms, key=doms.get) if doms else "-"
+        rows.append([" + ".join(g["components"]), round(g["token_fraction"], 3), round(g.get("cohesion", 0.0), 3),
+                     f"{top} ({doms.get(top, 0):.2f})" if doms else "-"])
+    tables = [Table(f"Groups at the MDL optimum ({members[0]})", ["components", "token share", "cohesion", "top domain"],
+                    rows)] if rows else []
+    figs = [Figure(title, cluster_dir / name) for title, name in (
+        ("Stability against k", "distance_vs_k.png"), ("Group sizes over merge steps", "cluster_sizes.png"),
+        (f"Final groups ({members[0]})", f"final_clusters_{members[0]}.png")) if (cluster_dir / name).is_file()]
+    return Section("Expert pathways: clustering by co-activation", paragraphs, figures=figs, tables=tables,
+                   anchor="clusters")
