@@ -29,7 +29,7 @@ to the floor taken within a round, then the median (and min) over rounds:
   cpu/1thr    CPU time of one thread (time.process_time): insensitive to other
               processes, a cleaner view of the work each variant does.
 Peak memory: extra resident memory (VmHWM after reset, Linux) during one fwd+bwd.
-Optimizer step: one torch.optim.AdamW step over the layer's parameters (ms, min of 5).
+Optimizer step: one torch.optim.AdamW step over the layer's parameters (CPU ms on one thread, min of 5).
 
 Run: .venv/bin/python benchmarks/bench_moe_layer.py [--quick] [--budget-s 240]
 """
@@ -123,7 +123,7 @@ def make_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callabl
 
 def time_rounds(steps: dict[str, Callable[[], None]], clock: Callable[[], float], budget_s: float,
                 min_rounds: int, max_rounds: int) -> dict[str, list[float]]:
-    for step in steps.values():  # warm-up
+    for step in steps.values() if max_rounds else ():  # warm-up
         step()
     times: dict[str, list[float]] = {k: [] for k in steps}
     start = time.perf_counter()
@@ -162,15 +162,22 @@ def peak_extra_mb(step: Callable[[], None]) -> float:
 
 
 def optimizer_ms(module: nn.Module, step: Callable[[], None], reps: int = 5) -> float:
-    """Fastest of `reps` AdamW steps over the module's parameters (ms): the least disturbed one."""
+    """One AdamW step over the module's parameters: CPU ms on one thread, fastest of `reps`.
+
+    Single-threaded CPU time, because a 2-thread step on a loaded machine waits for a
+    descheduled thread at every barrier and its wall time says more about the load.
+    """
     step()  # populate grads
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     opt.step()  # create state
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         opt.step()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
+    torch.set_num_threads(threads)
     for p in module.parameters():
         p.grad = None
     return min(times) * 1e3
@@ -180,7 +187,7 @@ def ratios(times: dict[str, list[float]], floors: dict[str, str]) -> dict[str, t
     """{name: (median, min)} over rounds of time / time of its floor in the same round."""
     out = {}
     for name, ts in times.items():
-        r = [a / b for a, b in zip(ts, times[floors[name]])]
+        r = [a / b for a, b in zip(ts, times[floors[name]])] or [float("nan")]
         out[name] = (statistics.median(r), min(r))
     return out
 
@@ -189,7 +196,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, no memory/optimizer columns")
     parser.add_argument("--all", action="store_true", help="also time moescope-loop")
-    parser.add_argument("--budget-s", type=float, default=150.0, help="time budget for the timing rounds")
+    parser.add_argument("--no-timing", action="store_true", help="only the memory and optimizer columns")
+    parser.add_argument("--budget-s", type=float, default=120.0, help="time budget for the timing rounds")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -210,7 +218,9 @@ def main() -> int:
         grad = torch.randn(n // SEQ, SEQ, d)
         steps = {k: make_step(m, x, grad) for k, (m, _) in variants.items()}
         share = args.budget_s * w / sum(weights)
-        rounds = (2, 2) if args.quick else (3, 12)
+        rounds = (2, 2) if args.quick else (2, 12)
+        if args.no_timing:
+            rounds = (0, 0)
         torch.set_num_threads(n_threads)
         wall = ratios(time_rounds(steps, time.perf_counter, share * 0.5, *rounds), floors)
         torch.set_num_threads(1)
@@ -223,7 +233,7 @@ def main() -> int:
                 mem, opt_ms = peak_extra_mb(steps[name]), optimizer_ms(module, steps[name])
             note = ""
             if name.startswith("floor"):
-                note = f"cpu/1thr {statistics.median(cpu_times[name]) * 1e3:.0f} ms"
+                note = f"cpu/1thr {statistics.median(cpu_times[name] or [float('nan')]) * 1e3:.0f} ms"
             elif isinstance(module, MoELayer) and module.last_record is not None and module.capacity_factor:
                 note = f"dropped {module.last_record.dropped.item() / n:.1%}"
             n_params = sum(p.numel() for p in module.parameters())
@@ -235,7 +245,7 @@ def main() -> int:
                   f"{r['opt_ms']:>8.1f} {r['n_params'] / 1e6:>6.2f}M  {r['note']}", flush=True)
     elapsed = time.perf_counter() - t_start
     print()
-    for d, ff, n in CONFIGS:
+    for d, ff, n in CONFIGS if not args.no_timing else ():
         sub = {r["name"]: r for r in rows if (r["d"], r["ff"], r["n"]) == (d, ff, n)}
         for ours, peers in PEERS.items():
             w, c = sub[ours]["wall"][0], sub[ours]["cpu"][0]
