@@ -31,7 +31,7 @@ to the floor taken within a round, then the median (and min) over rounds:
 Peak memory: extra resident memory (VmHWM after reset, Linux) during one fwd+bwd.
 Optimizer step: one torch.optim.AdamW step over the layer's parameters (CPU ms on one thread, min of 5).
 
-Run: .venv/bin/python benchmarks/bench_moe_layer.py [--quick] [--budget-s 240]
+Run: .venv/bin/python benchmarks/bench_moe_layer.py [--quick] [--all] [--no-timing] [--budget-s 120]
 """
 
 from __future__ import annotations
