@@ -9,6 +9,7 @@ config is identical and the experiment continues from its checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -64,8 +65,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
         shutil.rmtree(run_dir)
     resume = run_dir.exists()
     if resume and config_path.is_file():
-        import json
-
         previous = json.loads(config_path.read_text(encoding="utf-8")).get("config")
         if previous != _comparable(resolved, data_dir):
             raise MoescopeError(f"{out_dir} holds a demo run with a different configuration; "
