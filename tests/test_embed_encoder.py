@@ -150,3 +150,17 @@ def test_routing_capture_feeds_the_lm_analysis():
     assert table.expert_index.shape == (sum(lengths), 2) and table.router_probs.shape == (sum(lengths), 4)
     summary = summarize_layer(table, ["code", "prose"], SummaryConfig(n_resamples=20, n_permutations=20))
     assert 0.0 <= summary["specialization"]["nmi"]["estimate"] <= 1.0
+
+
+def test_drop_upcycling_redraws_whole_hidden_units(dense):
+    """Drop-Upcycling in the encoder: unit j's dense_in row, bias and dense_out column change together."""
+    moe = build_encoder(moe=MoEConfig(n_experts=2, upcycle_noise_rel=0.0, upcycle_reinit_ratio=0.5),
+                        max_seq_length_tokens=48)
+    ref = dense[0].model.encoder.layer[5]
+    w_in, w_out = ref.intermediate.dense.weight, ref.output.dense.weight
+    for expert in encoder_moe_layers(moe)[5].experts:
+        changed = (expert.dense_in.weight != w_in).any(1)
+        assert int(changed.sum()) == round(0.5 * w_in.shape[0])
+        assert torch.equal((expert.dense_out.weight != w_out).any(0), changed)
+        assert torch.equal(expert.dense_in.weight[~changed], w_in[~changed])
+        assert torch.equal(expert.dense_out.bias, ref.output.dense.bias)

@@ -39,6 +39,7 @@ from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig, default_moe_layers
 from moescope.moe.gpt2 import moe_layers
 from moescope.moe.layer import MoELayer
+from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_units
 
 WEIGHTS_NAME = "model.safetensors"
 ROUTER_KEY_MARK = ".moe.router.weight"  # present in a checkpoint's keys iff it holds MoE layers
@@ -127,19 +128,32 @@ def resolve_encoder_moe(cfg: MoEConfig, bert: nn.Module) -> MoEConfig:
 
 
 @torch.no_grad()
-def _copy_with_noise(dst: nn.Linear, src: nn.Linear, rel_noise: float, gen: torch.Generator) -> None:
-    for name in ("weight", "bias"):
-        value = getattr(src, name).detach().float().cpu().clone()
-        if rel_noise > 0 and value.numel() > 1:
-            value += torch.randn(value.shape, generator=gen) * (rel_noise * value.std())
-        getattr(dst, name).copy_(value.to(getattr(dst, name).dtype))
+def _upcycle_ffn(expert: BertFFNExpert, dense_in: nn.Linear, dense_out: nn.Linear, cfg: MoEConfig,
+                 gen: torch.Generator) -> None:
+    """Copy BERT's FFN into `expert`: relative noise, then Drop-Upcycling (see moescope.moe.upcycle).
+
+    nn.Linear stores dense_in.weight [ff, d] and dense_out.weight [d, ff]: hidden unit j is
+    row j of dense_in.weight, element j of its bias and column j of dense_out.weight.
+    """
+    pairs = [(expert.dense_in.weight, dense_in.weight, 0), (expert.dense_in.bias, dense_in.bias, 0),
+             (expert.dense_out.weight, dense_out.weight, 1), (expert.dense_out.bias, dense_out.bias, None)]
+    values = [add_relative_noise(src.detach().float().cpu().clone(), cfg.upcycle_noise_rel, gen) for _, src, _ in pairs]
+    if cfg.upcycle_reinit_ratio > 0:
+        units = dropped_units(dense_in.weight.shape[0], cfg.upcycle_reinit_ratio, gen)
+        for value, (_, src, axis) in zip(values, pairs):
+            if axis is not None:
+                fresh = resample_units(src.detach().float().cpu(), units, axis, gen)
+                value.index_copy_(axis, units, fresh.index_select(axis, units))
+    for value, (dst, _, _) in zip(values, pairs):
+        dst.copy_(value.to(dst.dtype))
 
 
 def install_encoder_moe(bert: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: bool = True) -> dict[int, MoELayer]:
     """Replace the FFNs of encoder layers `cfg.layers` by MoE layers; returns {layer: MoELayer}.
 
     With `upcycle`, every expert is a copy of the layer's dense FFN plus Gaussian noise of
-    std cfg.upcycle_noise_rel x the parameter's own std (0 = exact copies); the router
+    std cfg.upcycle_noise_rel x the parameter's own std (0 = exact copies), then
+    cfg.upcycle_reinit_ratio of its hidden units re-initialized (Drop-Upcycling); the router
     starts at N(0, initializer_range). Without, the parameters are left for a state dict
     loaded right after. The resolved config is kept as `bert.moe_config`.
     """
@@ -162,8 +176,7 @@ def install_encoder_moe(bert: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcyc
         if upcycle:
             gen = torch.Generator().manual_seed(seed * 1009 + i)
             for expert in experts:
-                _copy_with_noise(expert.dense_in, dense_in, resolved.upcycle_noise_rel, gen)
-                _copy_with_noise(expert.dense_out, dense_out, resolved.upcycle_noise_rel, gen)
+                _upcycle_ffn(expert, dense_in, dense_out, resolved, gen)
             with torch.no_grad():
                 moe.router.weight.copy_(torch.randn(moe.router.weight.shape, generator=gen) * std)
         moe.to(device=ref.device, dtype=ref.dtype)

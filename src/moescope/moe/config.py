@@ -42,6 +42,9 @@ class MoEConfig:
     expert_type: Literal["gelu", "swiglu"] = "gelu"
     # Upcycling noise: std of each copied parameter's noise = this x the parameter's own std.
     upcycle_noise_rel: float = 1e-3
+    # Drop-Upcycling: fraction of each expert's hidden units re-initialized from the dense
+    # weights' mean and std after copying (0 = plain copies; the paper's best was 0.5).
+    upcycle_reinit_ratio: float = 0.0
     # Hidden width of each expert; None = the dense MLP's width (required for upcycling).
     expert_ff: int | None = None
 
@@ -59,6 +62,8 @@ class MoEConfig:
         for name in ("router_noise_std", "input_jitter", "upcycle_noise_rel"):
             if getattr(self, name) < 0:
                 raise MoescopeError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.upcycle_reinit_ratio <= 1.0:
+            raise MoescopeError(f"moe.upcycle_reinit_ratio must be in [0, 1], got {self.upcycle_reinit_ratio}")
         if not 0.0 <= self.router_noise_anneal_frac <= 1.0:
             raise MoescopeError(f"moe.router_noise_anneal_frac must be in [0, 1], got {self.router_noise_anneal_frac}")
         if not 0.0 <= self.expert_dropout < 1.0:

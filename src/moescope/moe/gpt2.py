@@ -28,6 +28,7 @@ from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig, default_moe_layers
 from moescope.moe.experts import GeluExpert, build_experts
 from moescope.moe.layer import MoELayer
+from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_units
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -45,17 +46,28 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def _upcycle_into(expert: GeluExpert, dense: nn.Module, rel_noise: float, gen: torch.Generator) -> None:
-    """Copy the dense MLP's c_fc/c_proj into `expert`, plus N(0, (rel_noise * std(param))^2) noise."""
+def _upcycle_into(
+    expert: GeluExpert, dense: nn.Module, rel_noise: float, reinit_ratio: float, gen: torch.Generator
+) -> None:
+    """Copy the dense MLP's c_fc/c_proj into `expert`: relative noise, then Drop-Upcycling.
+
+    GPT-2's Conv1D stores c_fc.weight [d, ff] and c_proj.weight [ff, d], so hidden unit j
+    is column j of c_fc.weight, element j of c_fc.bias and row j of c_proj.weight.
+    """
+    values = {}
     for name in ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"):
         src = dense.get_parameter(name)
         dst = expert.get_parameter(name)
         if dst.shape != src.shape:
             raise MoescopeError(f"cannot upcycle {name}: dense shape {tuple(src.shape)} != expert {tuple(dst.shape)}")
-        value = src.detach().float().cpu().clone()
-        if rel_noise > 0 and value.numel() > 1:
-            value += torch.randn(value.shape, generator=gen) * (rel_noise * value.std())
-        dst.copy_(value.to(dst.dtype))
+        values[name] = add_relative_noise(src.detach().float().cpu().clone(), rel_noise, gen)
+    if reinit_ratio > 0:
+        units = dropped_units(values["c_fc.bias"].numel(), reinit_ratio, gen)
+        for name, axis in (("c_fc.weight", 1), ("c_fc.bias", 0), ("c_proj.weight", 0)):
+            src = dense.get_parameter(name).detach().float().cpu()
+            values[name].index_copy_(axis, units, resample_units(src, units, axis, gen).index_select(axis, units))
+    for name, value in values.items():
+        expert.get_parameter(name).copy_(value.to(expert.get_parameter(name).dtype))
 
 
 @torch.no_grad()
@@ -75,7 +87,8 @@ def install_moe(model: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: boo
 
     GELU experts of the dense width are upcycled: each is a copy of the dense MLP plus
     Gaussian noise of std cfg.upcycle_noise_rel x that parameter's own std (0 = exact
-    copies). Other expert types or widths start from GPT-2's init. The router always
+    copies), then a random cfg.upcycle_reinit_ratio of its hidden units re-initialized
+    (Drop-Upcycling; 0 = off). Other expert types or widths start from GPT-2's init. The router always
     starts fresh, N(0, initializer_range). `upcycle=False` skips the copy (used when
     weights are loaded right after). Returns {block_index: layer}; the resolved config
     is kept as `model.moe_config`.
@@ -109,7 +122,7 @@ def install_moe(model: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: boo
         can_upcycle = resolved.expert_type == "gelu" and resolved.expert_ff == dense.c_fc.nf
         if upcycle and can_upcycle:
             for expert in experts:
-                _upcycle_into(expert, dense, resolved.upcycle_noise_rel, gen)
+                _upcycle_into(expert, dense, resolved.upcycle_noise_rel, resolved.upcycle_reinit_ratio, gen)
         elif upcycle:
             _init_fresh(experts, std, n_blocks, gen)
         layer = MoELayer.from_config(resolved, experts, d_model, output_dropout=hf_cfg.resid_pdrop)
