@@ -4,10 +4,12 @@ Both arms are real `Trainer`s on the same synthetic data directory (the demo sha
 vocab 4096, 128-token blocks, 16 sequences per step); their steps are interleaved in
 rounds inside one process so that load from other processes hits both alike, and the
 table reports the median (and min / max) of the per-round ratio of tokens per second.
+The MoE arm uses the demo preset's MoE and loss settings (expert count, balancing, router
+noise); `--experts 8,16` times other expert counts in the same run.
 Target: moe / dense >= 0.97. The GPT-2 reference's own MoE code reached 0.93-0.94 (4 layers,
 d=128) and 0.95-0.97 (6 layers, d=256) on this kind of 2-core CPU (shared/research/anchors.md §7).
 
-    python benchmarks/bench_train.py [--rounds 20] [--steps-per-round 3] [--threads 2] [--sizes demo,large]
+    python benchmarks/bench_train.py [--rounds 20] [--steps-per-round 3] [--threads 2] [--sizes demo,large] [--experts 8,16]
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import numpy as np
 import torch
 
 from moescope.data.blocks import FORMAT_VERSION, block_path, dtype_for_vocab
+from moescope.demo import load_demo_config
+from moescope.io.config import to_dict
+from moescope.runtime import keep_freed_memory
 from moescope.train.config import experiment_config_from_dict, resolve_arms
 from moescope.train.trainer import Trainer
 
@@ -50,12 +55,17 @@ def write_random_store(root: Path, vocab: int = 4096, block: int = 128, n_train:
     return root
 
 
-def build_trainers(data: Path, size: dict, tmp: Path) -> dict[str, Trainer]:
+def build_trainers(data: Path, size: dict, tmp: Path, n_experts: int | None = None) -> dict[str, Trainer]:
+    """dense and moe Trainers with the demo preset's MoE and loss settings (experts, balancing, noise)."""
+    demo = to_dict(load_demo_config("demo").experiment)
+    moe = {**demo["moe"], "layers": size["moe_layers"]}
+    if n_experts is not None:
+        moe["n_experts"] = n_experts
     cfg = experiment_config_from_dict({
         "data_dir": str(data), "arms": ["dense", "moe"],
         "model": {"n_layers": size["n_layers"], "d_model": size["d_model"], "n_heads": size["n_heads"],
                   "context_tokens": 128},
-        "moe": {"n_experts": 8, "top_k": 1, "layers": size["moe_layers"], "router_noise_std": 0.1},
+        "moe": moe, "loss": demo["loss"], "optim": demo["optim"],
         "train": {"steps": 100_000, "batch_sequences": 16},
         "tracking": {"progress_bar": False},
     })
@@ -84,20 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-per-round", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--sizes", default="demo,large")
+    ap.add_argument("--experts", default="", help="comma-separated expert counts to time instead of the preset's")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as the CLI does for real runs
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds x {args.steps_per_round} "
           f"steps per arm, 16 x 128 tokens per step; machine shared with other processes")
-    print(f"{'size':<8} {'dense tok/s':>12} {'moe tok/s':>10} {'moe/dense median':>17} {'min':>6} {'max':>6}")
+    print(f"{'size':<10} {'dense tok/s':>10} {'moe tok/s':>10} {'moe/dense median':>17} {'min':>6} {'max':>6}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = write_random_store(tmp / "data")
+        experts = [int(e) for e in args.experts.split(",") if e] or [None]
         for size_name in args.sizes.split(","):
-            trainers = build_trainers(data, SIZES[size_name], tmp / size_name)
-            rates = measure(trainers, args.rounds, args.steps_per_round)
-            ratios = [m / d for m, d in zip(rates["moe"], rates["dense"])]
-            print(f"{size_name:<8} {statistics.median(rates['dense']):>12,.0f} {statistics.median(rates['moe']):>10,.0f} "
-                  f"{statistics.median(ratios):>17.3f} {min(ratios):>6.3f} {max(ratios):>6.3f}")
+            for n_exp in experts:
+                trainers = build_trainers(data, SIZES[size_name], tmp / f"{size_name}{n_exp}", n_exp)
+                rates = measure(trainers, args.rounds, args.steps_per_round)
+                ratios = [m / d for m, d in zip(rates["moe"], rates["dense"])]
+                e = trainers["moe"].cfg.moe.n_experts
+                print(f"{size_name + f'/E={e}':<10} {statistics.median(rates['dense']):>10,.0f} "
+                      f"{statistics.median(rates['moe']):>10,.0f} {statistics.median(ratios):>17.3f} "
+                      f"{min(ratios):>6.3f} {max(ratios):>6.3f}")
     print("reference (GPT-2 MoE project's code, same kind of machine): 0.93-0.94 (demo), 0.95-0.97 (large); target >= 0.97")
     return 0
 

@@ -22,7 +22,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from moescope.moe.config import MoEConfig
 from moescope.moe.experts import GeluExpert, SwiGLUExpert, build_experts
-from moescope.moe.layer import MoELayer, load_balancing_loss, router_z_loss
+from moescope.moe.layer import MoELayer, load_balancing_loss, router_z_loss, update_balance_bias
 
 D, FF, E = 32, 64, 4
 
@@ -405,3 +405,38 @@ def test_token_output_does_not_depend_on_how_many_tokens_share_its_expert() -> N
         full = layer(x)
         for i in (0, 17, 99):  # alone, each token is an expert slice of one row
             assert torch.equal(layer(x[i : i + 1]), full[i : i + 1])
+
+
+# --------------------------------------------------------------------------- auxiliary-loss-free balancing
+
+
+def test_update_balance_bias_moves_each_expert_by_the_sign_of_its_load_error():
+    bias = torch.tensor([0.0, 0.5, -0.5, 0.0])
+    update_balance_bias(bias, torch.tensor([10, 0, 5, 5]), 0.1)  # mean load 5
+    assert torch.allclose(bias, torch.tensor([-0.1, 0.6, -0.5, 0.0]))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_balance_bias_steers_selection_but_not_gates_or_losses(top_k):
+    torch.manual_seed(0)
+    d, n_exp = 16, 4
+    plain = MoELayer(build_experts(n_exp, d, 32), d, top_k=top_k).eval()
+    biased = MoELayer(build_experts(n_exp, d, 32), d, top_k=top_k, balance_bias=True).eval()
+    biased.load_state_dict({**plain.state_dict(), "selection_bias": torch.zeros(n_exp)})
+    plain.capture = biased.capture = True
+    x = torch.randn(64, d)
+    # a zero bias routes exactly like no bias
+    torch.testing.assert_close(biased(x), plain(x), rtol=0, atol=0)
+    # a large bias on expert 2 makes it every token's first choice; gate weights and the
+    # router statistics are still those of the unbiased probabilities
+    biased.selection_bias[2] = 100.0
+    biased(x)
+    rec, ref = biased.last_record, plain.last_record
+    assert torch.all(rec.expert_index[:, 0] == 2)
+    torch.testing.assert_close(rec.router_probs, ref.router_probs)
+    torch.testing.assert_close(rec.prob_sum, ref.prob_sum)
+    torch.testing.assert_close(rec.z_loss, ref.z_loss)
+    if top_k == 2:
+        chosen = rec.router_probs.gather(-1, rec.expert_index)
+        torch.testing.assert_close(rec.gate_weight, chosen / chosen.sum(-1, keepdim=True))
+    assert int(rec.tokens_per_expert[2]) == 64

@@ -156,3 +156,12 @@ def test_routing_summary_known_values() -> None:
     assert s["router_entropy_of_mean"] == pytest.approx(float(-(mean_p * np.log(mean_p)).sum()))
     assert s["router_entropy_token"] == pytest.approx(0.5) and s["z_loss"] == pytest.approx(2.0)
     assert s["lb_loss"] == pytest.approx(2 * (0.375 * 0.7 + 0.625 * 0.3))
+
+
+def test_nolb_also_switches_off_bias_balancing_and_the_bias_needs_a_layer_to_act_on(tmp_path: Path) -> None:
+    cfg = tiny_experiment(tmp_path, arms=["moe", "moe-nolb"], moe__balance_bias=True, loss__bias_update_rate=0.01)
+    runs = {k: to_dict(v) for k, v in resolve_arms(cfg).items()}
+    assert _diff_paths(runs["moe"], runs["moe-nolb"]) == ["loss.bias_update_rate", "loss.lb_coef"]
+    assert runs["moe-nolb"]["moe"]["balance_bias"] is True  # same model; its bias just stays at 0
+    with pytest.raises(MoescopeError, match="needs moe.balance_bias"):
+        resolve_arms(tiny_experiment(tmp_path, arms=["moe"], loss__bias_update_rate=0.01))

@@ -113,3 +113,24 @@ def test_logged_step_balance_equals_the_formula_on_the_whole_batch(data: Path) -
     expected = float(load_balancing_loss(rec.tokens_per_expert, rec.prob_sum, rec.n_tokens, 1))
     out = trainer.train_step()
     assert out["lb"]["1"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_balance_bias_update_uses_the_whole_steps_counts(data: Path) -> None:
+    """Auxiliary-loss-free balancing: after a step, bias = rate * sign(mean - counts over all micro-batches)."""
+    cfg = tiny_experiment(data, moe__balance_bias=True, loss__bias_update_rate=0.25, loss__lb_coef=0.0,
+                          train__grad_accum_steps=2, train__batch_sequences=4)
+    run = resolve_arms(cfg, ["moe"])["moe"]
+    trainer = Trainer(run, data.parent / "unused", name="moe", write=False)
+    seen: dict = {}
+    finish = trainer._finish_step
+
+    def capture(ce, stats, n_step):
+        seen.update({i: s["counts"].clone() for i, s in stats.items()})
+        return finish(ce, stats, n_step)
+
+    trainer._finish_step = capture
+    trainer.train_step()
+    counts = seen[1].double()
+    assert int(counts.sum()) == trainer.tokens_per_step  # both micro-batches, not just the last
+    expected = 0.25 * torch.sign(counts.mean() - counts)
+    torch.testing.assert_close(trainer.layers[1].selection_bias.double(), expected)

@@ -111,9 +111,13 @@ def test_eval_is_token_and_domain_weighted(tmp_path: Path) -> None:
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_sigterm_then_resume_equals_one_uninterrupted_run_bit_for_bit(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bias_balancing", [False, True])
+def test_sigterm_then_resume_equals_one_uninterrupted_run_bit_for_bit(data: Path, tmp_path: Path,
+                                                                       bias_balancing: bool) -> None:
     over = dict(arms=["moe"], model__dropout=0.1, moe__router_noise_std=0.5, train__checkpoint_every_steps=0,
                 train__grad_accum_steps=2, moe__expert_dropout=0.1)
+    if bias_balancing:  # the selection bias is model state: it must survive the checkpoint exactly
+        over.update(moe__balance_bias=True, loss__bias_update_rate=0.05)
     cfg = tiny_experiment(data, **over)
     straight = tmp_path / "straight"
     run_experiment(cfg, straight)
@@ -141,6 +145,9 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run_bit_for_bit(data: Path
     ma, mb = load_moe_model(straight / "arms/moe/final"), load_moe_model(interrupted / "arms/moe/final")
     for (ka, va), (kb, vb) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
+    if bias_balancing:
+        bias = moe_layers(ma)[1].selection_bias
+        assert bias.abs().sum() > 0 and torch.all((bias / 0.05).round() * 0.05 - bias < 1e-6)
     # a finished experiment resumes as a no-op
     before = _tree(interrupted)
     run_experiment(tiny_experiment(data, **over), interrupted, resume=True)

@@ -15,6 +15,7 @@ import sys
 
 from moescope import __version__
 from moescope.errors import MoescopeError
+from moescope.runtime import keep_freed_memory
 
 # One line per command module; keep the order of the study.
 COMMAND_MODULES: list[str] = [
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except MoescopeError as exc:

@@ -45,6 +45,10 @@ class MoEConfig:
     # Drop-Upcycling: fraction of each expert's hidden units re-initialized from the dense
     # weights' mean and std after copying (0 = plain copies; the paper's best was 0.5).
     upcycle_reinit_ratio: float = 0.0
+    # Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3): route with a per-expert
+    # bias on the log-probabilities (selection only; gates and aux losses stay unbiased). The
+    # bias is a buffer saved with the model; the trainer moves it by loss.bias_update_rate.
+    balance_bias: bool = False
     # Hidden width of each expert; None = the dense MLP's width (required for upcycling).
     expert_ff: int | None = None
 

@@ -74,6 +74,18 @@ def load_balancing_loss(
     return n_experts * torch.sum(f * p)
 
 
+@torch.no_grad()
+def update_balance_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing step: bias_i += rate * sign(mean load - load_i), in place.
+
+    Under-loaded experts become easier to choose, over-loaded ones harder, by a fixed step
+    (DeepSeek-V3's update rule); an expert exactly at the mean load is left alone. Pass the
+    assignment counts of a whole optimizer step (all micro-batches and processes).
+    """
+    counts = tokens_per_expert.to(bias.dtype)
+    return bias.add_(rate * torch.sign(counts.mean() - counts))
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
     return _logsumexp_last(logits.float()).pow(2).mean()
@@ -156,6 +168,7 @@ class MoELayer(nn.Module):
         router_noise_anneal_frac: float = 0.25,
         input_jitter: float = 0.0,
         output_dropout: float = 0.0,
+        balance_bias: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
@@ -174,6 +187,12 @@ class MoELayer(nn.Module):
         self.router_noise_anneal_frac = router_noise_anneal_frac
         self.input_jitter = input_jitter
         self.router = nn.Linear(d_model, self.n_experts, bias=False)
+        # Auxiliary-loss-free balancing (Wang et al. 2024, used by DeepSeek-V3): a per-expert
+        # bias added to the router's log-probabilities when experts are CHOSEN, never to the
+        # gate weights or the aux losses, and moved outside backprop by `update_balance_bias`.
+        self.balance_bias = balance_bias
+        if balance_bias:
+            self.register_buffer("selection_bias", torch.zeros(self.n_experts))
         self.experts = experts
         self.output_dropout = nn.Dropout(output_dropout)
         self.progress = 0.0
@@ -204,6 +223,7 @@ class MoELayer(nn.Module):
             router_noise_anneal_frac=cfg.router_noise_anneal_frac,
             input_jitter=cfg.input_jitter,
             output_dropout=output_dropout,
+            balance_bias=cfg.balance_bias,
         )
 
     def extra_repr(self) -> str:
@@ -263,7 +283,10 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             entropy = -(probs * log_probs).sum(-1).mean()
         prob_sum = probs.sum(0)
-        if k == 1:
+        if self.balance_bias:
+            top_i = (log_probs.detach() + self.selection_bias).topk(k, dim=-1).indices
+            top_p = probs.gather(-1, top_i)
+        elif k == 1:
             top_p, top_i = probs.max(dim=-1, keepdim=True)
         else:
             top_p, top_i = probs.topk(k, dim=-1)

@@ -52,9 +52,15 @@ def moe_arms(metrics: dict) -> list[str]:
     return [a for a, v in metrics["arms"].items() if v.get("kind") == "moe"]
 
 
-def arm_lb_coef(experiment: dict, arm: str) -> float | None:
+def arm_balancing(experiment: dict, arm: str) -> str | None:
+    """How an arm balances its experts, in words: aux loss, selection bias, both or neither."""
     cfg = experiment.get("arms", {}).get(arm, {}).get("config", {})
-    return cfg.get("loss", {}).get("lb_coef")
+    if not cfg:
+        return None
+    loss = cfg.get("loss", {})
+    lb, rate = loss.get("lb_coef") or 0.0, loss.get("bias_update_rate") or 0.0
+    parts = ([f"load-balancing loss {lb:g}"] if lb else []) + ([f"selection-bias balancing at rate {rate:g}"] if rate else [])
+    return " + ".join(parts) if parts else "no load balancing"
 
 
 # --------------------------------------------------------------------------- headline (pure)
@@ -70,8 +76,8 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         spec = layers[best]["specialization"]
         p = spec["nmi_pvalue"]
         nmi = spec["nmi"]
-        lb = arm_lb_coef(experiment, arm)
-        tag = f"{arm}" + (f" (load-balancing coefficient {lb:g})" if lb is not None else "")
+        balancing = arm_balancing(experiment, arm)
+        tag = f"{arm}" + (f" ({balancing})" if balancing else "")
         if p < SIGNIFICANCE_LEVEL and nmi["low"] >= STRONG_NMI:
             top = spec["max_expert_given_domain"]
             out.append(
@@ -193,7 +199,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                             "Rows: domains; columns: experts. Each row sums to 1.")],
             tables=[routing_table(metrics)], anchor="specialization"))
         figs = [Figure("Expert load over training", figures.plot_load_over_training(arm_records, moe, fig_dir / "load_over_training.png"),
-                       "With and without the load-balancing loss."),
+                       "With and without load balancing."),
                 Figure("Router entropy", figures.plot_router_entropy(arm_records, moe, fig_dir / "router_entropy.png"))]
         sections.append(Section("Load balance and collapse", [], figures=figs, anchor="balance"))
         extra = []

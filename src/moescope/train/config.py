@@ -68,6 +68,10 @@ class LossConfig:
     lb_coef_by_layer: dict[str, float] = field(default_factory=dict)  # block index -> coef override
     lb_scope: Literal["step", "microbatch", "sequence"] = "step"
     lb_accumulation: Literal["prepass", "keep_graphs"] = "prepass"
+    # Auxiliary-loss-free balancing: after every optimizer step each MoE layer's selection
+    # bias (moe.balance_bias) moves by this much toward balance, from the step's counts
+    # (DeepSeek-V3's bias update speed). 0 = the bias stays where it is.
+    bias_update_rate: float = 0.0
 
 
 @dataclass
@@ -138,13 +142,15 @@ class ExperimentConfig(RunConfig):
     base: BaseConfig = field(default_factory=BaseConfig)
 
 
-# The built-in arms. "moe-nolb" differs from "moe" ONLY in the load-balancing coefficient:
-# router noise, z-loss and everything else stay as in "moe".
+# The built-in arms. "moe-nolb" differs from "moe" ONLY in load balancing: the balancing
+# loss coefficient and the selection-bias update rate are 0 (a balance bias, if the model
+# has one, stays at 0); router noise, z-loss and everything else stay as in "moe".
 BUILTIN_ARMS: dict[str, dict[str, Any]] = {
     "dense": {"arch": "dense"},
     "moe": {"arch": "moe", "moe": {"top_k": 1}},
     "moe-top2": {"arch": "moe", "moe": {"top_k": 2}},
-    "moe-nolb": {"arch": "moe", "moe": {"top_k": 1}, "loss": {"lb_coef": 0.0, "lb_coef_by_layer": {}}},
+    "moe-nolb": {"arch": "moe", "moe": {"top_k": 1},
+                 "loss": {"lb_coef": 0.0, "lb_coef_by_layer": {}, "bias_update_rate": 0.0}},
 }
 
 # The only config paths an arm diff may change. Anything else (data, steps, batch, seed,
@@ -244,6 +250,13 @@ def validate_run(run: RunConfig, where: str = "run") -> None:
         raise MoescopeError(f"{where}: optim.warmup_fraction must be in [0, 1), got {run.optim.warmup_fraction}")
     if not 0.0 < run.collapse.threshold_share <= 1.0:
         raise MoescopeError(f"{where}: collapse.threshold_share must be in (0, 1]")
+    if run.loss.bias_update_rate < 0:
+        raise MoescopeError(f"{where}: loss.bias_update_rate must be >= 0, got {run.loss.bias_update_rate}")
+    if run.loss.bias_update_rate > 0 and run.arch == "moe" and not run.moe.balance_bias:
+        raise MoescopeError(
+            f"{where}: loss.bias_update_rate={run.loss.bias_update_rate} needs moe.balance_bias = true "
+            "(the selection bias it updates)"
+        )
     for key in run.loss.lb_coef_by_layer:
         if not str(key).isdigit():
             raise MoescopeError(f"{where}: loss.lb_coef_by_layer key {key!r} must be a block index")

@@ -50,7 +50,7 @@ from moescope.io.provenance import sha256_file
 from moescope.moe.gpt2 import (
     install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress,
 )
-from moescope.moe.layer import load_balancing_loss
+from moescope.moe.layer import load_balancing_loss, update_balance_bias
 from moescope.train.checkpoint import (
     latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
 )
@@ -447,6 +447,10 @@ class Trainer:
             lb, z, max_frac = {}, {}, {}
             for i, s in stats.items():
                 counts = self._reduce_sum(s["counts"].to(torch.float64))
+                layer = self.layers[i]
+                if cfg.loss.bias_update_rate > 0 and layer.balance_bias:
+                    # same reduced counts on every process, so every replica's bias stays equal
+                    update_balance_bias(layer.selection_bias, counts, cfg.loss.bias_update_rate)
                 prob_sum = self._reduce_sum(s["prob_sum"].to(torch.float64))
                 lb[str(i)] = float(load_balancing_loss(counts, prob_sum, n_step, self.top_k[i]))
                 z[str(i)] = s["z"] / max(s["n"], 1)

@@ -1,0 +1,42 @@
+"""Process-level settings for long CPU runs (orchestration layer: called by the CLI, never by library code).
+
+glibc hands every freed block above its mmap threshold (at most 32 MB, adjusted on the
+fly) back to the kernel, so a training step's large temporaries (the [16, 128, 4096]
+logits alone are 33 MB) are faulted in again page by page on every step. Measured on the
+demo model (2 threads, 15 steps): 600k page faults and 1.45 s of system time per 15 dense
+steps, 235 -> 176 ms per step once freed memory stays in the heap. Raising the mmap and
+trim thresholds with mallopt is the standard fix short of swapping in jemalloc/tcmalloc,
+which would add a native dependency. Peak memory is unchanged: the heap keeps what the
+process already used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory(limit_bytes: int = KEEP_BYTES) -> bool:
+    """Keep freed blocks up to `limit_bytes` in the heap (glibc on Linux); True if applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    ok = bool(mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, limit_bytes))
+    if not ok:
+        log.debug("mallopt refused the thresholds; keeping the allocator's defaults")
+    return ok
