@@ -54,6 +54,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from moescope.moe.experts import GeluExpert, SwiGLUExpert, build_experts
 from moescope.moe.layer import MoELayer
+from moescope.runtime import keep_freed_memory
 
 E = 8
 SEQ = 512
@@ -199,6 +200,7 @@ def main() -> int:
     parser.add_argument("--no-timing", action="store_true", help="only the memory and optimizer columns")
     parser.add_argument("--budget-s", type=float, default=120.0, help="time budget for the timing rounds")
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does for real runs (moescope.runtime)
 
     torch.manual_seed(0)
     n_threads = torch.get_num_threads()
