@@ -307,9 +307,10 @@ def test_sigint_saves_a_checkpoint_and_stops(data: Path, tmp_path: Path) -> None
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
     trainer = Trainer(run, tmp_path / "arm", name="moe", on_step=send_sigint)
     with pytest.raises(TrainingInterrupted, match="SIGINT at step 2"):
         trainer.fit()
     assert (tmp_path / "arm" / "checkpoints" / "latest").read_text().strip() == "step_000002"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
     assert read_metrics(tmp_path / "arm" / "metrics.jsonl", "event")[-1]["signal"] == "SIGINT"
