@@ -70,7 +70,10 @@ def plot_expert_given_domain(metrics: dict, arms: list[str], path: Path) -> Path
     domains = metrics["domains"]
     layers = {a: moe_layer_ids(metrics, a) for a in arms}
     ncol = max(len(v) for v in layers.values())
-    fig, axes = plt.subplots(len(arms), ncol, figsize=(3.6 * ncol + 0.6, 0.5 + 0.42 * len(domains) * len(arms) + 0.9 * len(arms)),
+    max_exp = max(len(metrics["arms"][a]["layers"][lay]["specialization"]["expert_given_domain"][0])
+                  for a in arms for lay in layers[a])
+    panel_w = max(3.6, 0.32 * max_exp + 0.9)  # room for a readable number in every cell
+    fig, axes = plt.subplots(len(arms), ncol, figsize=(panel_w * ncol + 0.6, 0.5 + 0.42 * len(domains) * len(arms) + 0.9 * len(arms)),
                              squeeze=False)
     for r, arm in enumerate(arms):
         for c in range(ncol):
@@ -82,10 +85,13 @@ def plot_expert_given_domain(metrics: dict, arms: list[str], path: Path) -> Path
             spec = metrics["arms"][arm]["layers"][layer]["specialization"]
             mat = np.asarray(spec["expert_given_domain"], dtype=float)
             n_exp = mat.shape[1]
-            im = ax.imshow(mat, cmap="magma", vmin=0, vmax=max(0.5, float(np.nanmax(mat))), aspect="auto")
+            # each panel scaled to its own maximum: a balanced arm's 0.2s must not look black next
+            # to a collapsed arm's 1.0 (the numbers in the cells carry the absolute values)
+            im = ax.imshow(mat, cmap="magma", vmin=0, vmax=max(0.05, float(np.nanmax(mat))), aspect="auto")
             for i in range(mat.shape[0]):
                 for j in range(n_exp):
-                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                    label = f"{mat[i, j]:.2f}" if n_exp <= 10 else f"{mat[i, j]:.2f}".lstrip("0")
+                    ax.text(j, i, label, ha="center", va="center", fontsize=6.5 if n_exp <= 10 else 6,
                             color="white" if mat[i, j] < 0.6 * im.norm.vmax else "black")
             nmi = spec["nmi"]
             ax.set_title(f"{arm} · layer {layer}\nNMI {nmi['estimate']:.3f} [{nmi['low']:.3f}, {nmi['high']:.3f}]"
