@@ -140,10 +140,10 @@ def _upcycle_ffn(expert: BertFFNExpert, dense_in: nn.Linear, dense_out: nn.Linea
     values = [add_relative_noise(src.detach().float().cpu().clone(), cfg.upcycle_noise_rel, gen) for _, src, _ in pairs]
     if cfg.upcycle_reinit_ratio > 0:
         units = dropped_units(dense_in.weight.shape[0], cfg.upcycle_reinit_ratio, gen)
-        for value, (_, src, axis) in zip(values, pairs):
-            if axis is not None:
-                fresh = resample_units(src.detach().float().cpu(), units, axis, gen)
-                value.index_copy_(axis, units, fresh.index_select(axis, units))
+        values = [
+            value if axis is None else resample_units(value, units, axis, gen, reference=src.detach().float().cpu())
+            for value, (_, src, axis) in zip(values, pairs)
+        ]
     for value, (dst, _, _) in zip(values, pairs):
         dst.copy_(value.to(dst.dtype))
 

@@ -64,8 +64,8 @@ def _upcycle_into(
     if reinit_ratio > 0:
         units = dropped_units(values["c_fc.bias"].numel(), reinit_ratio, gen)
         for name, axis in (("c_fc.weight", 1), ("c_fc.bias", 0), ("c_proj.weight", 0)):
-            src = dense.get_parameter(name).detach().float().cpu()
-            values[name].index_copy_(axis, units, resample_units(src, units, axis, gen).index_select(axis, units))
+            parent = dense.get_parameter(name).detach().float().cpu()
+            values[name] = resample_units(values[name], units, axis, gen, reference=parent)
     for name, value in values.items():
         expert.get_parameter(name).copy_(value.to(expert.get_parameter(name).dtype))
 

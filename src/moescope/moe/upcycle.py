@@ -30,14 +30,18 @@ def dropped_units(n_units: int, ratio: float, gen: torch.Generator) -> torch.Ten
     return torch.randperm(n_units, generator=gen)[:n].sort().values
 
 
-def resample_units(value: torch.Tensor, units: torch.Tensor, axis: int, gen: torch.Generator) -> torch.Tensor:
-    """A copy of `value` whose slices `units` along `axis` are redrawn from N(mean, std) of `value`."""
+def resample_units(
+    value: torch.Tensor, units: torch.Tensor, axis: int, gen: torch.Generator, reference: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A copy of `value` whose slices `units` along `axis` are redrawn from N(mean, std) of
+    `reference` (default: `value` itself; upcycling passes the dense parent's matrix)."""
+    ref = value if reference is None else reference
     out = value.clone()
     if units.numel() == 0:
         return out
     shape = list(value.shape)
     shape[axis] = units.numel()
-    std = value.std() if value.numel() > 1 else value.new_zeros(())
-    fresh = torch.randn(shape, generator=gen, dtype=value.dtype) * std + value.mean()
+    std = ref.std() if ref.numel() > 1 else ref.new_zeros(())
+    fresh = torch.randn(shape, generator=gen, dtype=value.dtype) * std + ref.mean()
     out.index_copy_(axis, units, fresh)
     return out
