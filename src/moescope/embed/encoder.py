@@ -137,7 +137,7 @@ def _upcycle_ffn(expert: BertFFNExpert, dense_in: nn.Linear, dense_out: nn.Linea
     """
     pairs = [(expert.dense_in.weight, dense_in.weight, 0), (expert.dense_in.bias, dense_in.bias, 0),
              (expert.dense_out.weight, dense_out.weight, 1), (expert.dense_out.bias, dense_out.bias, None)]
-    values = [add_relative_noise(src.detach().float().cpu().clone(), cfg.upcycle_noise_rel, gen) for _, src, _ in pairs]
+    values = [add_relative_noise(src.detach().float().cpu(), cfg.upcycle_noise_rel, gen) for _, src, _ in pairs]
     if cfg.upcycle_reinit_ratio > 0:
         units = dropped_units(dense_in.weight.shape[0], cfg.upcycle_reinit_ratio, gen)
         values = [

@@ -60,7 +60,7 @@ def _upcycle_into(
         dst = expert.get_parameter(name)
         if dst.shape != src.shape:
             raise MoescopeError(f"cannot upcycle {name}: dense shape {tuple(src.shape)} != expert {tuple(dst.shape)}")
-        values[name] = add_relative_noise(src.detach().float().cpu().clone(), rel_noise, gen)
+        values[name] = add_relative_noise(src.detach().float().cpu(), rel_noise, gen)
     if reinit_ratio > 0:
         units = dropped_units(values["c_fc.bias"].numel(), reinit_ratio, gen)
         for name, axis in (("c_fc.weight", 1), ("c_fc.bias", 0), ("c_proj.weight", 0)):

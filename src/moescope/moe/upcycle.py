@@ -16,7 +16,8 @@ import torch
 
 
 def add_relative_noise(value: torch.Tensor, rel: float, gen: torch.Generator) -> torch.Tensor:
-    """`value` plus N(0, (rel * std(value))^2) noise (unchanged for rel = 0 or a single element)."""
+    """`value` plus N(0, (rel * std(value))^2) noise, as a new tensor; `value` itself (never
+    modified) for rel = 0 or a single element."""
     if rel <= 0 or value.numel() <= 1:
         return value
     return value + torch.randn(value.shape, generator=gen, dtype=value.dtype) * (rel * value.std())
