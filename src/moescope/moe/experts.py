@@ -11,6 +11,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
+from moescope.moe.activation import BlockedActivation
+
 
 class GeluExpert(nn.Module):
     """GPT-2's MLP: c_fc (Conv1D d -> ff), activation, expert dropout, c_proj (Conv1D ff -> d).
@@ -25,7 +27,8 @@ class GeluExpert(nn.Module):
         super().__init__()
         self.c_fc = Conv1D(d_ff, d_model)
         self.c_proj = Conv1D(d_model, d_ff)
-        self.act = ACT2FN[activation]
+        # blocked: the same values, computed in cache-sized row blocks (moe/activation.py)
+        self.act = BlockedActivation(ACT2FN[activation])
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moescope.moe.activation import BlockedActivation
 from moescope.moe.experts import GeluExpert, SwiGLUExpert
 
 # Slices shorter than this are computed zero-padded: BLAS uses other kernels (other
@@ -94,11 +95,16 @@ def grouped_linear(
     return _GroupedLinear.apply(x, sizes, conv1d, n_out, len(weights), *weights, *(biases or []))
 
 
+def _act_kind(act: nn.Module) -> type:
+    """The activation's own type, seen through a BlockedActivation wrapper."""
+    return type(act.fn) if isinstance(act, BlockedActivation) else type(act)
+
+
 def supports_grouped(experts: nn.ModuleList) -> bool:
     """True when all experts are moescope's GELU (same activation) or all SwiGLU experts."""
     first = experts[0]
     if all(type(e) is GeluExpert for e in experts):
-        return all(type(e.act) is type(first.act) and e.dropout.p == first.dropout.p for e in experts)
+        return all(_act_kind(e.act) == _act_kind(first.act) and e.dropout.p == first.dropout.p for e in experts)
     if all(type(e) is SwiGLUExpert for e in experts):
         return all(e.dropout.p == first.dropout.p for e in experts)
     return False

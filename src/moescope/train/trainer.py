@@ -47,6 +47,7 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import to_dict
 from moescope.io.provenance import sha256_file
+from moescope.moe.activation import block_activations
 from moescope.moe.gpt2 import (
     install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress,
 )
@@ -152,6 +153,7 @@ class Trainer:
             model = self._initial_model(init)
         check_model_matches_data(model, self.store, where=f"{name}")
         model.config.use_cache = False
+        block_activations(model)  # same values, cache-sized blocks: every arm alike (moe/activation.py)
         self.init = str(init) if init is not None else "scratch"
         self.layers = moe_layers(model)
         if cfg.arch == "dense" and self.layers:
