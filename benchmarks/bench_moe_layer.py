@@ -10,7 +10,10 @@ parameter grads set to None before each pass, as after optimizer.zero_grad()). E
 is timed against the dense FFN of one expert of ITS OWN kind, because GPT-2's Python
 gelu_new chain costs ~1.5x a SwiGLU FFN of equal matmul FLOPs on CPU: comparing
 Mixtral's SwiGLU experts to a GELU floor would credit them with the activation.
-  floor-gelu       GPT-2 MLP (c_fc, gelu_new, c_proj), d_ff=ff, on all tokens
+  floor-gelu       GPT-2 MLP (c_fc, gelu_new, c_proj), d_ff=ff, on all tokens, as moescope runs
+                   it (GeluExpert: the activation in cache-sized row blocks, same values)
+  gpt2mlp-stock    transformers' GPT2MLP, the same FFN with the activation on the whole
+                   buffer (shows what the blocking is worth; not a peer)      (vs floor-gelu)
   floor-swiglu     SwiGLU FFN, intermediate I = 2ff/3 (same matmul FLOPs), on all tokens
   moescope         MoELayer, dropless, STE gating, GPT-2 GELU experts       (vs floor-gelu)
   moescope-cf1.25  the same with capacity factor 1.25                        (vs floor-gelu)
@@ -48,7 +51,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import MixtralConfig, SwitchTransformersConfig
+from transformers import GPT2Config, MixtralConfig, SwitchTransformersConfig
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
@@ -92,6 +96,7 @@ def build_variants(d: int, ff: int, with_loop: bool) -> dict[str, tuple[nn.Modul
     variants = {
         "floor-gelu": (GeluExpert(d, ff), "floor-gelu"),
         "floor-swiglu": (SwiGLUExpert(d, inter), "floor-swiglu"),
+        "gpt2mlp-stock": (GPT2MLP(ff, GPT2Config(n_embd=d, resid_pdrop=0.0)), "floor-gelu"),
         "moescope": (MoELayer(build_experts(E, d, ff), d), "floor-gelu"),
         "moescope-cf1.25": (MoELayer(build_experts(E, d, ff), d, capacity_factor=1.25), "floor-gelu"),
         "switch-cf1.25": (switch, "floor-gelu"),
@@ -205,7 +210,9 @@ def main() -> int:
     torch.manual_seed(0)
     n_threads = torch.get_num_threads()
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    weights = [d * ff * n for d, ff, n in CONFIGS]  # spend the budget in proportion to work
+    # budget in proportion to sqrt(work): in proportion to work, the small configs got 4-5 rounds
+    # (too few for a stable median) while the largest could not use its share for more than ~6
+    weights = [math.sqrt(d * ff * n) for d, ff, n in CONFIGS]
     rows = []
     print(f"\nMoE layer fwd+bwd, top-1, E={E}; ratio = time / its floor (dense FFN of one expert) in the same round")
     print(f"torch {torch.__version__}, {n_threads} threads for wall time; shared machine: wall ratios move with load")
@@ -220,7 +227,7 @@ def main() -> int:
         grad = torch.randn(n // SEQ, SEQ, d)
         steps = {k: make_step(m, x, grad) for k, (m, _) in variants.items()}
         share = args.budget_s * w / sum(weights)
-        rounds = (2, 2) if args.quick else (2, 12)
+        rounds = (2, 2) if args.quick else (2, 30)
         if args.no_timing:
             rounds = (0, 0)
         torch.set_num_threads(n_threads)
