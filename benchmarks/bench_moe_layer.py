@@ -218,8 +218,8 @@ def main() -> int:
     torch.manual_seed(0)
     n_threads = torch.get_num_threads()
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    # budget in proportion to sqrt(work): in proportion to work, the small configs got 4-5 rounds
-    # (too few for a stable median) while the largest could not use its share for more than ~6
+    # budget in proportion to sqrt(work), not to work: the d=256 configs' rounds are short, so
+    # this buys them many more rounds for a few seconds taken from the d=768 ones
     weights = [math.sqrt(d * ff * n) for d, ff, n in CONFIGS]
     rows = []
     print(f"\nMoE layer fwd+bwd, top-1, E={E}; ratio = time / its floor (dense FFN of one expert) in the same round")
