@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[all]'
+	$(PY) -c "from moescope.moe.native import grouped_kernels; grouped_kernels()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -19,12 +19,25 @@ from torch.nn import functional as F
 
 from moescope.moe.activation import BlockedActivation
 from moescope.moe.experts import GeluExpert, SwiGLUExpert
+from moescope.moe.native import grouped_kernels
 
 # Slices shorter than this are computed zero-padded: BLAS uses other kernels (other
 # rounding) for matrices of a few rows, and a token's output must not depend on how
 # many other tokens share its expert (this keeps an upcycled model bit-equal to its
 # dense parent). Costs nothing measurable.
 MIN_EXPERT_ROWS = 16
+
+
+def _kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
+    """The compiled grouped GEMM when it applies here (CPU, one dtype, no autocast), else None.
+
+    Its worker threads do not inherit autocast, so autocast runs take the Python loop.
+    """
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return None
+    if any(w.dtype != x.dtype for w in weights):
+        return None
+    return grouped_kernels()
 
 
 def _slices(sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -50,7 +63,13 @@ class _GroupedLinear(torch.autograd.Function):
         weights, biases = params[:n_weights], params[n_weights:]
         slices = _slices(sizes)
         out = x.new_empty(x.shape[0], n_out)
-        for e, s, t in slices:
+        kernels = _kernels(x, weights)
+        if kernels is not None:
+            kernels.grouped_rows_mm(out, x, list(weights), list(biases), list(sizes), not conv1d, MIN_EXPERT_ROWS)
+            slices_to_loop = []
+        else:
+            slices_to_loop = slices
+        for e, s, t in slices_to_loop:
             w = weights[e] if conv1d else weights[e].t()
             rows = x[s:t]
             if t - s < MIN_EXPERT_ROWS:
@@ -63,6 +82,7 @@ class _GroupedLinear(torch.autograd.Function):
                 torch.mm(rows, w, out=out[s:t])
         ctx.save_for_backward(x, *weights)
         ctx.slices, ctx.conv1d, ctx.n_weights, ctx.has_bias = slices, conv1d, n_weights, bool(biases)
+        ctx.sizes, ctx.native = list(sizes), kernels is not None
         return out
 
     @staticmethod
@@ -74,17 +94,50 @@ class _GroupedLinear(torch.autograd.Function):
             grad_x.zero_()
         grad_w: list[torch.Tensor | None] = [None] * n_w
         grad_b: list[torch.Tensor | None] = [None] * n_w
+        if ctx.native and (kernels := _kernels(grad, tuple(weights))) is not None:
+            _native_backward(kernels, ctx, grad.contiguous(), x, weights, grad_x, grad_w, grad_b)
+            tail = grad_b if ctx.has_bias else []
+            return (grad_x, None, None, None, None, *grad_w, *tail)
         for e, s, t in ctx.slices:
             g, rows = grad[s:t], x[s:t]
             w = weights[e]
             if grad_x is not None:
-                torch.mm(g, w.t() if ctx.conv1d else w, out=grad_x[s:t])
+                w_in = w.t() if ctx.conv1d else w
+                if t - s < MIN_EXPERT_ROWS:  # padded like the forward (same kernels, same rounding)
+                    padded = torch.cat([g, g.new_zeros(MIN_EXPERT_ROWS - (t - s), g.shape[1])])
+                    grad_x[s:t] = padded.mm(w_in)[: t - s]
+                else:
+                    torch.mm(g, w_in, out=grad_x[s:t])
             if ctx.needs_input_grad[5 + e]:
                 grad_w[e] = rows.t().mm(g) if ctx.conv1d else g.t().mm(rows)
             if ctx.has_bias and ctx.needs_input_grad[5 + n_w + e]:
                 grad_b[e] = g.sum(0)
         tail = grad_b if ctx.has_bias else []
         return (grad_x, None, None, None, None, *grad_w, *tail)
+
+
+def _native_backward(kernels, ctx, grad, x, weights, grad_x, grad_w, grad_b) -> None:
+    """Fills grad_x / grad_w / grad_b (in place) with the compiled kernels.
+
+    Gradients are produced for the experts that received rows and whose parameters need
+    them; the others stay None, as in the loop.
+    """
+    n_w, sizes = ctx.n_weights, ctx.sizes
+    if grad_x is not None:
+        kernels.grouped_rows_mm(grad_x, grad, list(weights), [], sizes, ctx.conv1d, MIN_EXPERT_ROWS)
+    want_w = [bool(n) and ctx.needs_input_grad[5 + e] for e, n in enumerate(sizes)]
+    want_b = [ctx.has_bias and bool(n) and ctx.needs_input_grad[5 + n_w + e] for e, n in enumerate(sizes)]
+    if not any(want_w) and not any(want_b):
+        return
+    # Experts with rows get a fresh buffer each (the kernel fills all of them at once);
+    # the empty placeholders of row-less experts are never touched.
+    gw = [w.new_empty(w.shape) if n else w.new_empty(0) for w, n in zip(weights, sizes)]
+    gb = [x.new_empty(grad.shape[1]) if n else x.new_empty(0) for n in sizes] if ctx.has_bias else []
+    kernels.grouped_weight_grads(gw, gb, x, grad, sizes, ctx.conv1d)
+    for e in range(n_w):
+        grad_w[e] = gw[e] if want_w[e] else None
+        if ctx.has_bias:
+            grad_b[e] = gb[e] if want_b[e] else None
 
 
 def grouped_linear(

@@ -284,7 +284,9 @@ class MoELayer(nn.Module):
             entropy = -(probs * log_probs).sum(-1).mean()
         prob_sum = probs.sum(0)
         if self.balance_bias:
-            top_i = (log_probs.detach() + self.selection_bias).topk(k, dim=-1).indices
+            biased = log_probs.detach() + self.selection_bias
+            # max for top-1: on CPU, [2048, 16], topk took 259 us, max 12 us
+            top_i = biased.max(dim=-1, keepdim=True).indices if k == 1 else biased.topk(k, dim=-1).indices
             top_p = probs.gather(-1, top_i)
         elif k == 1:
             top_p, top_i = probs.max(dim=-1, keepdim=True)

@@ -1,0 +1,151 @@
+// Grouped GEMM over expert-sorted rows, spread over torch's own intra-op thread team.
+//
+// Hand-written because no maintained library exposes a CPU grouped GEMM with groups of
+// different sizes: torch._grouped_mm and nested-tensor bmm run their groups one after
+// another, each as a small multi-threaded GEMM, and on two cores MKL threads a
+// 128-row GEMM poorly (anchors §5). Here every thread of at::parallel_for (the same
+// OpenMP team torch uses, so no second pool spins against it) runs whole GEMMs,
+// single-threaded, on its share of the work. Each GEMM is a plain at::mm / at::addmm,
+// so the arithmetic of every output row is the same as in the one-by-one loop.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct RowTask {
+  int64_t expert, start, rows;
+};
+
+// Splits the sorted rows into one contiguous run per thread, cut at expert-slice
+// boundaries or inside a slice only where both pieces keep >= min_rows rows (BLAS uses
+// other kernels, with other rounding, for matrices of a few rows).
+std::vector<std::vector<RowTask>> plan_rows(const std::vector<int64_t>& sizes, int64_t threads,
+                                            int64_t min_rows) {
+  std::vector<int64_t> starts(sizes.size() + 1, 0);
+  for (size_t e = 0; e < sizes.size(); ++e) starts[e + 1] = starts[e] + sizes[e];
+  const int64_t total = starts.back();
+  std::vector<int64_t> cuts(threads + 1, 0);
+  cuts[threads] = total;
+  for (int64_t t = 1; t < threads; ++t) {
+    int64_t cut = total * t / threads;
+    auto it = std::upper_bound(starts.begin(), starts.end(), cut);
+    const int64_t s = *(it - 1);
+    const int64_t e = (it == starts.end()) ? total : *it;
+    if (cut - s < min_rows) cut = s;
+    else if (e - cut < min_rows) cut = e;
+    cuts[t] = std::max(cut, cuts[t - 1]);
+  }
+  std::vector<std::vector<RowTask>> plan(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    for (size_t e = 0; e < sizes.size(); ++e) {
+      const int64_t a = std::max(cuts[t], starts[e]);
+      const int64_t b = std::min(cuts[t + 1], starts[e + 1]);
+      if (b > a) plan[t].push_back({static_cast<int64_t>(e), a, b - a});
+    }
+  }
+  return plan;
+}
+
+struct WeightTask {
+  int64_t expert, col_start, cols;
+};
+
+// Weight-gradient work per thread. The reduction runs over an expert's rows, so rows
+// are never split (that would change the summation order). With at least two experts
+// per thread, whole experts go to the least-loaded thread, largest first (LPT); with
+// fewer, every expert's output columns are cut into one piece per thread.
+std::vector<std::vector<WeightTask>> plan_weights(const std::vector<int64_t>& sizes, int64_t threads,
+                                                  int64_t cols) {
+  std::vector<int64_t> order;
+  for (size_t e = 0; e < sizes.size(); ++e)
+    if (sizes[e] > 0) order.push_back(static_cast<int64_t>(e));
+  std::vector<std::vector<WeightTask>> plan(threads);
+  if (static_cast<int64_t>(order.size()) < 2 * threads) {
+    for (int64_t t = 0; t < threads; ++t) {
+      const int64_t a = cols * t / threads, b = cols * (t + 1) / threads;
+      if (b > a)
+        for (int64_t e : order) plan[t].push_back({e, a, b - a});
+    }
+    return plan;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t e : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    load[t] += sizes[e];
+    plan[t].push_back({e, 0, cols});
+  }
+  return plan;
+}
+
+}  // namespace
+
+// out[slice e] = x[slice e] @ W_e (+ b_e), W_e = weights[e] or its transpose.
+// Slices shorter than min_rows are computed zero-padded to min_rows rows.
+void grouped_rows_mm(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                     const std::vector<at::Tensor>& biases, const std::vector<int64_t>& sizes,
+                     bool transpose_weights, int64_t min_rows) {
+  TORCH_CHECK(weights.size() == sizes.size(), "one weight per expert");
+  TORCH_CHECK(biases.empty() || biases.size() == sizes.size(), "one bias per expert, or none");
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const auto plan = plan_rows(sizes, threads, min_rows);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;
+    for (int64_t t = begin; t < end; ++t) {
+      for (const RowTask& task : plan[t]) {
+        const at::Tensor w = transpose_weights ? weights[task.expert].t() : weights[task.expert];
+        at::Tensor rows = x.narrow(0, task.start, task.rows);
+        at::Tensor dst = out.narrow(0, task.start, task.rows);
+        if (task.rows < min_rows) {
+          at::Tensor padded = at::zeros({min_rows, x.size(1)}, x.options());
+          padded.narrow(0, 0, task.rows).copy_(rows);
+          at::Tensor res = biases.empty() ? at::mm(padded, w) : at::addmm(biases[task.expert], padded, w);
+          dst.copy_(res.narrow(0, 0, task.rows));
+        } else if (biases.empty()) {
+          at::mm_out(dst, rows, w);
+        } else {
+          at::addmm_out(dst, biases[task.expert], rows, w);
+        }
+      }
+    }
+  });
+}
+
+// Per-expert weight (and bias) gradients of y = x @ W (+ b) from the output gradient g.
+// conv1d: W stored [in, out], grad = x_e^T g_e; else [out, in], grad = g_e^T x_e.
+// grad_weights[e] / grad_biases[e] are filled for every expert with rows (callers pass
+// preallocated tensors; grad_biases may be empty).
+void grouped_weight_grads(std::vector<at::Tensor> grad_weights, std::vector<at::Tensor> grad_biases,
+                          const at::Tensor& x, const at::Tensor& g, const std::vector<int64_t>& sizes,
+                          bool conv1d) {
+  TORCH_CHECK(grad_weights.size() == sizes.size(), "one weight gradient per expert");
+  std::vector<int64_t> starts(sizes.size() + 1, 0);
+  for (size_t e = 0; e < sizes.size(); ++e) starts[e + 1] = starts[e] + sizes[e];
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const auto plan = plan_weights(sizes, threads, g.size(1));
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;
+    for (int64_t t = begin; t < end; ++t) {
+      for (const WeightTask& task : plan[t]) {
+        const int64_t e = task.expert;
+        at::Tensor rows = x.narrow(0, starts[e], sizes[e]);
+        at::Tensor grad = g.narrow(0, starts[e], sizes[e]).narrow(1, task.col_start, task.cols);
+        at::Tensor dst = grad_weights[e].narrow(conv1d ? 1 : 0, task.col_start, task.cols);
+        if (conv1d) at::mm_out(dst, rows.t(), grad);
+        else at::mm_out(dst, grad.t(), rows);
+        if (!grad_biases.empty()) {
+          at::Tensor bias_dst = grad_biases[e].narrow(0, task.col_start, task.cols);
+          at::sum_out(bias_dst, grad, {0});
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("grouped_rows_mm", &grouped_rows_mm, "per-expert (add)mm over expert-sorted rows");
+  m.def("grouped_weight_grads", &grouped_weight_grads, "per-expert weight and bias gradients");
+}
