@@ -29,10 +29,15 @@ round is below 1 against every peer (a disturbed round slows both sides of the p
 
 Two timings, each interleaved in rounds (every variant once per round) with the ratio
 to the floor taken within a round, then the median (and min) over rounds:
-  wall/2thr   wall-clock time at the default 2 threads: what training sees, but it
-              moves with whatever else runs on a shared machine;
+  wall/2thr   wall-clock time at the default 2 threads: what training sees, and what the
+              issue's targets and "ahead" are about; it moves with whatever else runs
+              on a shared machine;
   cpu/1thr    CPU time of one thread (time.process_time): insensitive to other
-              processes, a cleaner view of the work each variant does.
+              processes, a view of the work each variant does. moescope's compiled
+              grouped GEMM (moe/csrc) spreads whole expert GEMMs over the threads, so it
+              gains nothing here: this column compares the same per-expert GEMMs done
+              one after another, where Switch's bias-free experts do slightly less work
+              than the GPT-2 experts (with biases) of moescope and the floor.
 Peak memory: extra resident memory (VmHWM after reset, Linux) during one fwd+bwd.
 Optimizer step: one torch.optim.AdamW step over the layer's parameters (CPU ms on one thread, min of 5).
 
