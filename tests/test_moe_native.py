@@ -127,3 +127,18 @@ def test_autocast_takes_the_loop_and_runs(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = layer(x)
     assert torch.equal(out, ref)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not native._clear_stale_lock(tmp_path)  # a build may be running
+    assert lock.exists()
+    old = time.time() - native.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert native._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    assert not native._clear_stale_lock(tmp_path)  # nothing to remove

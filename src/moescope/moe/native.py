@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_gemm.cpp"
 ENV_SWITCH = "MOESCOPE_NATIVE"
+STALE_LOCK_S = 600.0
 
 
 def native_enabled() -> bool:
@@ -39,18 +41,39 @@ def _build_directory(torch_version: str) -> Path:
     return path
 
 
+def _clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock left by a killed build; True if one was removed.
+
+    torch's JIT guards a build with a lock file and waits on it forever; a build
+    interrupted by Ctrl-C leaves it behind and every later import would hang. A build
+    takes ~20 s on two cores, so a lock older than `max_age_s` is stale.
+    """
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    lock.unlink(missing_ok=True)
+    log.warning("removed a stale build lock %s (%.0f s old)", lock, age)
+    return True
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     try:
         import torch
         from torch.utils.cpp_extension import load
 
-        log.info("building moescope's grouped GEMM (once per torch version)")
+        build_dir = _build_directory(torch.__version__)
+        _clear_stale_lock(build_dir)
+        log.info("loading moescope's grouped GEMM (built once per torch version, in %s)", build_dir)
         return load(
             name="moescope_grouped_gemm",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp"],
-            build_directory=str(_build_directory(torch.__version__)),
+            build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as exc:  # no compiler / ninja / headers: fall back, loudly once
