@@ -9,6 +9,14 @@ slices straight into one preallocated output (no torch.cat), the activation and 
 expert dropout run once over the whole [rows, ff] buffer (8 small elementwise passes
 become one), and the backward fills preallocated gradients slice by slice. The
 result equals running each expert module on its own slice.
+
+On CPU the per-expert GEMMs of a linear run in the compiled kernel (moe/native.py,
+csrc/grouped_gemm.cpp): whole GEMMs spread over torch's threads instead of one small
+multi-threaded GEMM after another. Measured on the 2-core machine (layer fwd+bwd,
+2048 tokens, 2 threads, interleaved medians, time / dense FFN of one expert's size):
+E=16 d=128 1.473x -> 1.316x, E=8 d=128 1.308x -> 1.216x, E=8 d=256 1.256x -> 1.126x,
+E=8 d=768 1.127x -> 1.109x. The Python loop below is the fallback and the reference
+the kernel is tested against.
 """
 
 from __future__ import annotations
