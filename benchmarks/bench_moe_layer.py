@@ -23,6 +23,8 @@ Mixtral's SwiGLU experts to a GELU floor would credit them with the activation.
   switch-cf1.25    transformers SwitchTransformersSparseMLP, gelu_new, d_ff=ff,
                    capacity 1.25 x tokens/E per 512-token sequence          (vs floor-gelu)
   moescope-loop    (--all) MoELayer calling each GELU expert module in turn  (vs floor-gelu)
+  moescope-python  (--all) moescope with its compiled grouped GEMM switched off
+                   (MOESCOPE_NATIVE=0): the same GEMMs one after another from Python (vs floor-gelu)
 Peers of moescope: switch-cf1.25; peers of moescope-swiglu: the two Mixtral variants.
 "Ahead" is judged pairwise: the median over rounds of our time / the peer's time in the same
 round is below 1 against every peer (a disturbed round slows both sides of the pair).
@@ -65,6 +67,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from moescope.moe.experts import GeluExpert, SwiGLUExpert, build_experts
 from moescope.moe.layer import MoELayer
+from moescope.moe.native import ENV_SWITCH
 from moescope.runtime import keep_freed_memory
 
 E = 8
@@ -83,6 +86,25 @@ def _init(module: nn.Module, seed: int) -> nn.Module:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return module.train()
+
+
+class _WithoutNative(nn.Module):
+    """Runs `layer` with the compiled grouped GEMM switched off; the backward follows the forward's path."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = os.environ.get(ENV_SWITCH)
+        os.environ[ENV_SWITCH] = "0"
+        try:
+            return self.layer(x)
+        finally:
+            if before is None:
+                del os.environ[ENV_SWITCH]
+            else:
+                os.environ[ENV_SWITCH] = before
 
 
 def build_variants(d: int, ff: int, with_loop: bool) -> dict[str, tuple[nn.Module, str]]:
@@ -115,6 +137,7 @@ def build_variants(d: int, ff: int, with_loop: bool) -> dict[str, tuple[nn.Modul
         loop = MoELayer(build_experts(E, d, ff), d)
         loop.grouped_experts = False
         variants["moescope-loop"] = (loop, "floor-gelu")
+        variants["moescope-python"] = (_WithoutNative(MoELayer(build_experts(E, d, ff), d)), "floor-gelu")
     return {name: (_init(m, 1), floor) for name, (m, floor) in variants.items()}
 
 
@@ -214,7 +237,7 @@ def paired(ours: list[float], peer: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, no memory/optimizer columns")
-    parser.add_argument("--all", action="store_true", help="also time moescope-loop")
+    parser.add_argument("--all", action="store_true", help="also time moescope-loop and moescope-python")
     parser.add_argument("--no-timing", action="store_true", help="only the memory and optimizer columns")
     parser.add_argument("--budget-s", type=float, default=120.0, help="time budget for the timing rounds")
     args = parser.parse_args()
