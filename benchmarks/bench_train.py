@@ -19,7 +19,7 @@ in a model whose vocabulary is not stated there; `--vocab 50257` times GPT-2's, 
 layer dominates a step and any MoE layer's overhead shows less.
 
     python benchmarks/bench_train.py [--rounds 20] [--steps-per-round 3] [--threads 2] [--sizes demo,large]
-                                     [--experts 8,16] [--vocab 4096] [--no-peer]
+                                     [--experts 8,16] [--vocab 4096] [--no-peer] [--breakdown]
 """
 
 from __future__ import annotations
@@ -127,6 +127,28 @@ def measure(trainers: dict[str, Trainer], rounds: int, steps_per_round: int) -> 
     return rates
 
 
+def forward_backward(trainer: Trainer) -> None:
+    """Forward and backward of the step's micro-batches on the cross-entropy only, gradients starting
+    empty as after zero_grad(set_to_none=True); the step counter does not move."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.train()
+    for x in trainer._micro_batches(trainer.step):
+        trainer.accelerator.backward(trainer._forward(x))
+
+
+def measure_breakdown(trainers: dict[str, Trainer], rounds: int, steps_per_round: int) -> dict[str, dict[str, float]]:
+    """Median ms per step of forward+backward and of the whole step, interleaved in rounds."""
+    times: dict[str, dict[str, list[float]]] = {n: {"fb": [], "step": []} for n in trainers}
+    for r in range(rounds):
+        for n in trainers if r % 2 == 0 else reversed(list(trainers)):
+            for part, fn in (("fb", forward_backward), ("step", Trainer.train_step)):
+                t0 = time.perf_counter()
+                for _ in range(steps_per_round):
+                    fn(trainers[n])
+                times[n][part].append((time.perf_counter() - t0) / steps_per_round * 1e3)
+    return {n: {part: statistics.median(v) for part, v in parts.items()} for n, parts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -136,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", default="", help="comma-separated expert counts to time instead of the preset's")
     ap.add_argument("--vocab", type=int, default=4096, help="vocabulary size (the demo's is 4096; GPT-2's 50257)")
     ap.add_argument("--no-peer", action="store_true", help="skip the transformers Switch peer arm")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also split each arm's step into forward+backward and the rest (aux losses, clip, AdamW, "
+                         "zero_grad, bookkeeping), in ms per step")
     args = ap.parse_args(argv)
     keep_freed_memory()  # as the CLI does for real runs
     torch.set_num_threads(args.threads)
@@ -145,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         head += f" {'peer tok/s':>10} {'peer/dense median':>18} {'min':>6} {'max':>6}"
     print(head)
+    breakdowns: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = write_random_store(tmp / "data", vocab=args.vocab)
@@ -162,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                     line += (f" {statistics.median(rates[arm]):>10,.0f} {statistics.median(ratios):>{width}.3f}"
                              f" {min(ratios):>6.3f} {max(ratios):>6.3f}")
                 print(line, flush=True)
+                if args.breakdown:
+                    parts = measure_breakdown(trainers, args.rounds, args.steps_per_round)
+                    for arm, p in parts.items():
+                        breakdowns.append(f"{size_name + f'/E={e}':<10} {arm:<6} {p['step']:>9.1f} {p['fb']:>15.1f} "
+                                          f"{p['step'] - p['fb']:>9.1f}")
+    if breakdowns:
+        print(f"\nms per step (medians over rounds)\n{'size':<10} {'arm':<6} {'step':>9} {'forward+backward':>15} "
+              f"{'rest':>9}")
+        print("\n".join(breakdowns))
     print("reference (GPT-2 MoE project's code, same kind of machine): 0.93-0.94 (demo), 0.95-0.97 (large); target >= 0.97")
     return 0
 
