@@ -58,6 +58,21 @@ def _slices(sizes: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
+def _loop_forward(out, x, slices, weights, biases, conv1d: bool) -> None:
+    """The forward of _GroupedLinear one expert after another (the kernel's reference)."""
+    for e, s, t in slices:
+        w = weights[e] if conv1d else weights[e].t()
+        rows = x[s:t]
+        if t - s < MIN_EXPERT_ROWS:
+            rows = torch.cat([rows, rows.new_zeros(MIN_EXPERT_ROWS - (t - s), rows.shape[1])])
+            res = torch.addmm(biases[e], rows, w) if biases else torch.mm(rows, w)
+            out[s:t].copy_(res[: t - s])
+        elif biases:
+            torch.addmm(biases[e], rows, w, out=out[s:t])
+        else:
+            torch.mm(rows, w, out=out[s:t])
+
+
 class _GroupedLinear(torch.autograd.Function):
     """out[s:t] = x[s:t] @ W_e (+ b_e) for each expert slice.
 
@@ -74,20 +89,8 @@ class _GroupedLinear(torch.autograd.Function):
         kernels = _kernels(x, weights)
         if kernels is not None:
             kernels.grouped_rows_mm(out, x, list(weights), list(biases), list(sizes), not conv1d, MIN_EXPERT_ROWS)
-            slices_to_loop = []
         else:
-            slices_to_loop = slices
-        for e, s, t in slices_to_loop:
-            w = weights[e] if conv1d else weights[e].t()
-            rows = x[s:t]
-            if t - s < MIN_EXPERT_ROWS:
-                rows = torch.cat([rows, rows.new_zeros(MIN_EXPERT_ROWS - (t - s), rows.shape[1])])
-                res = torch.addmm(biases[e], rows, w) if biases else torch.mm(rows, w)
-                out[s:t].copy_(res[: t - s])
-            elif biases:
-                torch.addmm(biases[e], rows, w, out=out[s:t])
-            else:
-                torch.mm(rows, w, out=out[s:t])
+            _loop_forward(out, x, slices, weights, biases, conv1d)
         ctx.save_for_backward(x, *weights)
         ctx.slices, ctx.conv1d, ctx.n_weights, ctx.has_bias = slices, conv1d, n_weights, bool(biases)
         ctx.sizes, ctx.native = list(sizes), kernels is not None

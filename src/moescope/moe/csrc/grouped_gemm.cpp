@@ -3,7 +3,8 @@
 // Hand-written because no maintained library exposes a CPU grouped GEMM with groups of
 // different sizes: torch._grouped_mm and nested-tensor bmm run their groups one after
 // another, each as a small multi-threaded GEMM, and on two cores MKL threads a
-// 128-row GEMM poorly (anchors §5). Here every thread of at::parallel_for (the same
+// 128-row GEMM poorly (measured, d=128: 16 GEMMs of 128 rows took 2815 us at 2 threads
+// against 1868 us for one GEMM of 2048 rows). Here every thread of at::parallel_for (the same
 // OpenMP team torch uses, so no second pool spins against it) runs whole GEMMs,
 // single-threaded, on its share of the work. Each GEMM is a plain at::mm / at::addmm,
 // so the arithmetic of every output row is the same as in the one-by-one loop.
