@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -142,3 +143,14 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     assert native._clear_stale_lock(tmp_path)
     assert not lock.exists()
     assert not native._clear_stale_lock(tmp_path)  # nothing to remove
+
+
+def test_an_unwritable_cache_root_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "cache"))  # mkdir fails under a file
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    path = native._build_directory("9.9.9+cpu")
+    tag = f"moescope-torch9.9.9_cpu-py{sys.version_info.major}{sys.version_info.minor}"
+    assert path == tmp_path / "tmp" / "torch_extensions" / tag
+    assert path.is_dir()

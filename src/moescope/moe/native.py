@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,9 +36,13 @@ def _build_directory(torch_version: str) -> Path:
     """One cache per torch version: torch's own cache key covers sources and flags, not
     the torch the library was compiled against."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
-    tag = f"moescope-torch{torch_version}-py{sys.version_info.major}{sys.version_info.minor}"
-    path = Path(root) / tag.replace("+", "_")
-    path.mkdir(parents=True, exist_ok=True)
+    tag = f"moescope-torch{torch_version}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    path = Path(root) / tag
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home: build in the temporary directory instead
+        path = Path(tempfile.gettempdir()) / "torch_extensions" / tag
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
