@@ -130,27 +130,48 @@ def test_autocast_takes_the_loop_and_runs(monkeypatch):
     assert torch.equal(out, ref)
 
 
-def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
-    import os
-    import time
-
-    lock = tmp_path / "lock"
-    lock.touch()
-    assert not native._clear_stale_lock(tmp_path)  # a build may be running
-    assert lock.exists()
-    old = time.time() - native.STALE_LOCK_S - 5
-    os.utime(lock, (old, old))
-    assert native._clear_stale_lock(tmp_path)
-    assert not lock.exists()
-    assert not native._clear_stale_lock(tmp_path)  # nothing to remove
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    (tmp_path / "lock").touch()  # what torch leaves behind when its build is SIGKILLed
+    with native._exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
 
 
-def test_an_unwritable_cache_root_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+def test_an_unusable_cache_root_falls_back_to_a_private_temporary_directory(monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "cache"))  # mkdir fails under a file
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
-    path = native._build_directory("9.9.9+cpu")
+    (tmp_path / "tmp").mkdir()
     tag = f"moescope-torch9.9.9_cpu-py{sys.version_info.major}{sys.version_info.minor}"
-    assert path == tmp_path / "tmp" / "torch_extensions" / tag
-    assert path.is_dir()
+    path = native._build_directory("9.9.9+cpu")
+    assert path.parent.parent == tmp_path / "tmp" and path.name == tag and path.is_dir()
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "readonly"))
+    monkeypatch.setattr("os.access", lambda p, mode: not str(p).startswith(str(tmp_path / "readonly")))
+    assert native._build_directory("9.9.9+cpu") == path  # exists but not writable: same fallback
+
+
+def test_inference_mode_runs_the_kernels_on_every_thread(threads):
+    """Worker threads take the caller's thread-local state; writing an inference tensor
+    from a thread outside inference mode would be refused."""
+    threads(2)
+    torch.manual_seed(0)
+    layer = MoELayer(build_experts(4, 64, 128), 64).eval()
+    x = torch.randn(512, 64)
+    with torch.no_grad():
+        ref = layer(x)
+    with torch.inference_mode():
+        out = layer(x)
+    assert torch.equal(out, ref)
+
+
+def test_double_backward_is_refused_not_silently_zero():
+    torch.manual_seed(0)
+    x = torch.randn(40, 8, requires_grad=True)
+    weights = [torch.randn(8, 8, requires_grad=True) for _ in range(2)]
+    out = grouped_linear(x, [20, 20], weights, None, conv1d=True)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    assert gx.requires_grad  # not a silently constant gradient ...
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # ... but a clear refusal
+        gx.sum().backward()

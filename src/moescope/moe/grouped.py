@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from moescope.moe.activation import BlockedActivation
@@ -97,6 +98,7 @@ class _GroupedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients are computed with out= GEMMs, outside autograd
     def backward(ctx, grad):  # type: ignore[override]
         x, *weights = ctx.saved_tensors
         n_w = ctx.n_weights

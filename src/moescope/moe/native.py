@@ -5,17 +5,18 @@ library under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); `make i
 builds it. Later imports only load it. It needs a C++ compiler and ninja, which a CPU
 training machine usually has. Without them, or with MOESCOPE_NATIVE=0,
 `grouped_kernels()` returns None and moescope runs the same GEMMs one after another
-from Python: same values, slower on small experts.
+from Python: the same values (bit for bit in float32, tested; float64 BLAS rounding can
+differ in the last bits), slower on small experts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "grouped_gemm.cpp"
 ENV_SWITCH = "MOESCOPE_NATIVE"
-STALE_LOCK_S = 600.0
 
 
 def native_enabled() -> bool:
@@ -34,35 +34,51 @@ def native_enabled() -> bool:
 
 def _build_directory(torch_version: str) -> Path:
     """One cache per torch version: torch's own cache key covers sources and flags, not
-    the torch the library was compiled against."""
+    the torch the library was compiled against. Falls back to a private directory under
+    the temporary directory when the cache root cannot be created or written."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
     tag = f"moescope-torch{torch_version}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
     path = Path(root) / tag
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError:  # read-only home: build in the temporary directory instead
-        path = Path(tempfile.gettempdir()) / "torch_extensions" / tag
-        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    private = Path(tempfile.gettempdir()) / f"moescope-extensions-{user}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    path = private / tag
+    path.mkdir(exist_ok=True)
     return path
 
 
-def _clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove a build lock left by a killed build; True if one was removed.
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path):
+    """Serialises moescope's builds and loads in `build_dir` across processes.
 
-    torch's JIT guards a build with a lock file and waits on it forever; a build
-    interrupted by Ctrl-C leaves it behind and every later import would hang. A build
-    takes ~20 s on two cores, so a lock older than `max_age_s` is stale.
+    torch's JIT guards a build with a `lock` file and waits on it with no timeout; a
+    build killed with SIGKILL (or by the OOM killer) leaves the file behind and every
+    later import would hang. Every moescope process takes this OS lock (released by the
+    kernel when its holder dies) before calling torch, so a `lock` file found while
+    holding it belongs to a dead build and is removed. Without fcntl (Windows) nothing
+    is cleared.
     """
-    lock = build_dir / "lock"
     try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age < max_age_s:
-        return False
-    lock.unlink(missing_ok=True)
-    log.warning("removed a stale build lock %s (%.0f s old)", lock, age)
-    return True
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(build_dir / "moescope.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        orphan = build_dir / "lock"
+        if orphan.exists():
+            orphan.unlink(missing_ok=True)
+            log.warning("removed a build lock left by a killed build: %s", orphan)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -72,15 +88,15 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         build_dir = _build_directory(torch.__version__)
-        _clear_stale_lock(build_dir)
         log.info("loading moescope's grouped GEMM (built once per torch version, in %s)", build_dir)
-        return load(
-            name="moescope_grouped_gemm",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with _exclusive_build(build_dir):
+            return load(
+                name="moescope_grouped_gemm",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as exc:  # no compiler / ninja / headers: fall back, loudly once
         detail = str(exc).strip()
         detail = detail if len(detail) <= 400 else detail[:200] + " ... " + detail[-200:]

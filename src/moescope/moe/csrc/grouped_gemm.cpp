@@ -10,6 +10,7 @@
 // so the arithmetic of every output row is the same as in the one-by-one loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <vector>
@@ -50,34 +51,21 @@ std::vector<std::vector<RowTask>> plan_rows(const std::vector<int64_t>& sizes, i
   return plan;
 }
 
-struct WeightTask {
-  int64_t expert, col_start, cols;
-};
-
-// Weight-gradient work per thread. The reduction runs over an expert's rows, so rows
-// are never split (that would change the summation order). With at least two experts
-// per thread, whole experts go to the least-loaded thread, largest first (LPT); with
-// fewer, every expert's output columns are cut into one piece per thread.
-std::vector<std::vector<WeightTask>> plan_weights(const std::vector<int64_t>& sizes, int64_t threads,
-                                                  int64_t cols) {
+// Weight-gradient work per thread: whole experts, each to the least-loaded thread,
+// largest first (LPT). An expert's GEMM is never split: splitting its rows would change
+// the summation order, and splitting its columns into narrow pieces makes MKL pick
+// kernels that round differently (seen from 4 threads on).
+std::vector<std::vector<int64_t>> plan_experts(const std::vector<int64_t>& sizes, int64_t threads) {
   std::vector<int64_t> order;
   for (size_t e = 0; e < sizes.size(); ++e)
     if (sizes[e] > 0) order.push_back(static_cast<int64_t>(e));
-  std::vector<std::vector<WeightTask>> plan(threads);
-  if (static_cast<int64_t>(order.size()) < 2 * threads) {
-    for (int64_t t = 0; t < threads; ++t) {
-      const int64_t a = cols * t / threads, b = cols * (t + 1) / threads;
-      if (b > a)
-        for (int64_t e : order) plan[t].push_back({e, a, b - a});
-    }
-    return plan;
-  }
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
+  std::vector<std::vector<int64_t>> plan(threads);
   std::vector<int64_t> load(threads, 0);
   for (int64_t e : order) {
     const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
     load[t] += sizes[e];
-    plan[t].push_back({e, 0, cols});
+    plan[t].push_back(e);
   }
   return plan;
 }
@@ -93,7 +81,11 @@ void grouped_rows_mm(at::Tensor out, const at::Tensor& x, const std::vector<at::
   TORCH_CHECK(biases.empty() || biases.size() == sizes.size(), "one bias per expert, or none");
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const auto plan = plan_rows(sizes, threads, min_rows);
+  // Workers start with default thread-local state; give them the caller's (inference
+  // mode, autocast, ...), or writing into an inference tensor would be refused.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard same_state(caller_state);
     at::NoGradGuard no_grad;
     for (int64_t t = begin; t < end; ++t) {
       for (const RowTask& task : plan[t]) {
@@ -126,21 +118,18 @@ void grouped_weight_grads(std::vector<at::Tensor> grad_weights, std::vector<at::
   std::vector<int64_t> starts(sizes.size() + 1, 0);
   for (size_t e = 0; e < sizes.size(); ++e) starts[e + 1] = starts[e] + sizes[e];
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const auto plan = plan_weights(sizes, threads, g.size(1));
+  const auto plan = plan_experts(sizes, threads);
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard same_state(caller_state);
     at::NoGradGuard no_grad;
     for (int64_t t = begin; t < end; ++t) {
-      for (const WeightTask& task : plan[t]) {
-        const int64_t e = task.expert;
+      for (int64_t e : plan[t]) {
         at::Tensor rows = x.narrow(0, starts[e], sizes[e]);
-        at::Tensor grad = g.narrow(0, starts[e], sizes[e]).narrow(1, task.col_start, task.cols);
-        at::Tensor dst = grad_weights[e].narrow(conv1d ? 1 : 0, task.col_start, task.cols);
-        if (conv1d) at::mm_out(dst, rows.t(), grad);
-        else at::mm_out(dst, grad.t(), rows);
-        if (!grad_biases.empty()) {
-          at::Tensor bias_dst = grad_biases[e].narrow(0, task.col_start, task.cols);
-          at::sum_out(bias_dst, grad, {0});
-        }
+        at::Tensor grad = g.narrow(0, starts[e], sizes[e]);
+        if (conv1d) at::mm_out(grad_weights[e], rows.t(), grad);
+        else at::mm_out(grad_weights[e], grad.t(), rows);
+        if (!grad_biases.empty()) at::sum_out(grad_biases[e], grad, {0});
       }
     }
   });
