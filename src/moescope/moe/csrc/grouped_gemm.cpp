@@ -17,6 +17,13 @@
 
 namespace {
 
+// starts[e] = first row of expert e's slice; starts[E] = total rows.
+std::vector<int64_t> slice_starts(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> starts(sizes.size() + 1, 0);
+  for (size_t e = 0; e < sizes.size(); ++e) starts[e + 1] = starts[e] + sizes[e];
+  return starts;
+}
+
 struct RowTask {
   int64_t expert, start, rows;
 };
@@ -26,8 +33,7 @@ struct RowTask {
 // other kernels, with other rounding, for matrices of a few rows).
 std::vector<std::vector<RowTask>> plan_rows(const std::vector<int64_t>& sizes, int64_t threads,
                                             int64_t min_rows) {
-  std::vector<int64_t> starts(sizes.size() + 1, 0);
-  for (size_t e = 0; e < sizes.size(); ++e) starts[e + 1] = starts[e] + sizes[e];
+  const std::vector<int64_t> starts = slice_starts(sizes);
   const int64_t total = starts.back();
   std::vector<int64_t> cuts(threads + 1, 0);
   cuts[threads] = total;
@@ -115,8 +121,7 @@ void grouped_weight_grads(std::vector<at::Tensor> grad_weights, std::vector<at::
                           const at::Tensor& x, const at::Tensor& g, const std::vector<int64_t>& sizes,
                           bool conv1d) {
   TORCH_CHECK(grad_weights.size() == sizes.size(), "one weight gradient per expert");
-  std::vector<int64_t> starts(sizes.size() + 1, 0);
-  for (size_t e = 0; e < sizes.size(); ++e) starts[e + 1] = starts[e] + sizes[e];
+  const std::vector<int64_t> starts = slice_starts(sizes);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const auto plan = plan_experts(sizes, threads);
   const at::ThreadLocalState caller_state;
