@@ -14,7 +14,7 @@ from moescope.io.config import to_dict
 from moescope.train.config import (
     ARM_MUTABLE_PATHS, load_experiment_config, resolve_arms,
 )
-from moescope.train.optim import build_optimizer, build_scheduler
+from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
 from moescope.train.routing import RoutingTotals, summarize_routing
 from train_fixtures import tiny_experiment
@@ -133,6 +133,38 @@ def test_optimizer_groups_and_warmup_cosine_schedule() -> None:
     assert lrs[10][0] == pytest.approx(1e-2)
     assert lrs[55][0] == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lrs[99][2] / lrs[99][0] == pytest.approx(0.5)  # router multiplier kept through the schedule
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 20.0, 1e9])
+def test_clip_equals_torchs_bit_for_bit_and_skips_only_the_unit_rescale(max_norm: float, monkeypatch) -> None:
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = [torch.randn(s) for s in shapes]
+    for p, q, g in zip(ours, ref, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    unused = torch.nn.Parameter(torch.ones(2))  # no grad: ignored by both
+    rescales = []
+    real = torch.nn.utils.clip_grads_with_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: rescales.append(1) or real(*a, **k))
+    norm = clip_grad_norm([*ours, unused], max_norm)
+    ref_norm = torch.nn.utils.clip_grad_norm_([*ref, unused], max_norm)
+    assert torch.equal(norm, ref_norm)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, ref))
+    assert unused.grad is None
+    assert len(rescales) == (1 if float(ref_norm) > max_norm else 0)
+    assert (max_norm == 0.5) == (len(rescales) == 1)  # the three cases: clipped, not clipped, not clipped
+
+
+def test_clip_applies_a_non_finite_norm_like_torch() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, float("nan"), 2.0])
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = p.grad.clone()
+    assert torch.isnan(clip_grad_norm([p], 1.0))
+    torch.nn.utils.clip_grad_norm_([q], 1.0)
+    assert torch.isnan(p.grad).all() and torch.isnan(q.grad).all()
 
 
 def test_routing_summary_known_values() -> None:

@@ -49,6 +49,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, router_params: list[nn.P
     )
 
 
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """torch's `clip_grad_norm_` (2-norm), minus the rescale when it would multiply by exactly 1.
+
+    torch always multiplies every gradient by min(1, max_norm / (norm + 1e-6)), even when that
+    is 1.0, to avoid a host sync on accelerators. Our trainer reads the norm on the host every
+    step anyway, so the pass over all gradients is skipped when nothing is clipped; the
+    gradients are bit-identical either way (x * 1.0 == x). That pass is a read and write of
+    every gradient: an MoE model has E times the FFN parameters, so it taxed the MoE arms more
+    than the dense one. A non-finite norm is still applied, as torch does.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    clip_coef = max_norm / (total + 1e-6)
+    if not bool(clip_coef >= 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 def warmup_steps_for(cfg: OptimConfig, total_steps: int) -> int:
     return int(math.ceil(cfg.warmup_fraction * total_steps))
 

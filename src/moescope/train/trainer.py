@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from torch.nn import functional as F
 
 from moescope.data.blocks import BlockStore
@@ -58,7 +59,7 @@ from moescope.train.checkpoint import (
 from moescope.train.config import RunConfig, comparable_config
 from moescope.train.metrics_log import MetricsLog
 from moescope.train.model import build_scratch_model, check_model_matches_data, load_init_model
-from moescope.train.optim import build_optimizer, build_scheduler
+from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
 from moescope.train.routing import RoutingTotals, summarize_routing
 
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
+# set-ups whose gradients are plain, whole tensors on every process (clipped by moescope itself)
+_PLAIN_CLIP_SETUPS = frozenset({DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU})
 
 
 class NonFiniteLoss(MoescopeError):
@@ -435,7 +438,7 @@ class Trainer:
         cfg = self.cfg
         grad_norm = None
         if cfg.optim.grad_clip_norm is not None:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip_norm))
+            grad_norm = float(self._clip_gradients(cfg.optim.grad_clip_norm))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -466,6 +469,18 @@ class Trainer:
         if not math.isfinite(out["loss"]):
             self._raise_non_finite(self.step)
         return out
+
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm`; returns the norm before clipping.
+
+        One process or DDP (gradients already averaged, so every process sees the same norm):
+        moescope's `clip_grad_norm`, which skips the no-op rescale. Sharded or compiled set-ups
+        (FSDP, DeepSpeed, XLA, ...) keep accelerate's own clipping.
+        """
+        if self.accelerator.distributed_type in _PLAIN_CLIP_SETUPS:
+            self.accelerator.unscale_gradients()
+            return clip_grad_norm(self.model.parameters(), max_norm)
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss.detach()).all()):
