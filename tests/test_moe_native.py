@@ -81,6 +81,23 @@ def _assert_same_grads(a, b):
         assert (x is None and y is None) or torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5) is None
 
 
+@pytest.mark.parametrize("conv1d", [True, False])
+def test_an_expert_over_an_even_share_runs_on_all_threads_and_still_equals_the_loop(monkeypatch, threads, conv1d):
+    """A collapsed router at a real layer's size: 1500 of 2048 rows on one expert. Its weight
+    gradient is one GEMM with all threads (where MKL really splits the work), the rest LPT."""
+    if native.grouped_kernels() is None:
+        pytest.skip("kernels unavailable")
+    threads(2)
+    sizes = [1500, 100, 0, 300, 148]
+    x, weights, biases, g = _case(sizes, conv1d, True, d_in=128, d_out=512)
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    fast = _run(x, sizes, weights, biases, conv1d, g)
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    loop = _run(x, sizes, weights, biases, conv1d, g)
+    assert torch.equal(fast[0], loop[0]) and torch.equal(fast[1], loop[1])
+    _assert_same_grads(fast, loop)
+
+
 def test_results_do_not_depend_on_the_thread_count(threads):
     """The work split moves with the thread count; no row's arithmetic may move with it."""
     if native.grouped_kernels() is None:

@@ -57,21 +57,35 @@ std::vector<std::vector<RowTask>> plan_rows(const std::vector<int64_t>& sizes, i
   return plan;
 }
 
-// Weight-gradient work per thread: whole experts, each to the least-loaded thread,
-// largest first (LPT). An expert's GEMM is never split: splitting its rows would change
-// the summation order, and splitting its columns into narrow pieces makes MKL pick
-// kernels that round differently (seen from 4 threads on).
-std::vector<std::vector<int64_t>> plan_experts(const std::vector<int64_t>& sizes, int64_t threads) {
+// Weight-gradient work. An expert holding more than an even share of the rows (a collapsed
+// router, a single expert) could not be balanced by any assignment of whole experts: its
+// GEMM goes to `shared`, run by the calling thread with all of MKL's threads (the very call
+// the one-by-one loop makes, so the same rounding). The other experts go whole to the
+// least-loaded thread, largest first (LPT). Such an expert's GEMM is never split by hand:
+// splitting its rows would change the summation order, and splitting its columns into
+// narrow pieces makes MKL pick kernels that round differently (seen from 4 threads on).
+struct ExpertPlan {
+  std::vector<int64_t> shared;
+  std::vector<std::vector<int64_t>> per_thread;
+};
+
+ExpertPlan plan_experts(const std::vector<int64_t>& sizes, int64_t threads) {
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  ExpertPlan plan;
   std::vector<int64_t> order;
-  for (size_t e = 0; e < sizes.size(); ++e)
-    if (sizes[e] > 0) order.push_back(static_cast<int64_t>(e));
+  for (size_t e = 0; e < sizes.size(); ++e) {
+    if (sizes[e] == 0) continue;
+    if (threads > 1 && sizes[e] * threads > total) plan.shared.push_back(static_cast<int64_t>(e));
+    else order.push_back(static_cast<int64_t>(e));
+  }
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
-  std::vector<std::vector<int64_t>> plan(threads);
+  plan.per_thread.resize(threads);
   std::vector<int64_t> load(threads, 0);
   for (int64_t e : order) {
     const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
     load[t] += sizes[e];
-    plan[t].push_back(e);
+    plan.per_thread[t].push_back(e);
   }
   return plan;
 }
@@ -123,20 +137,24 @@ void grouped_weight_grads(std::vector<at::Tensor> grad_weights, std::vector<at::
   TORCH_CHECK(grad_weights.size() == sizes.size(), "one weight gradient per expert");
   const std::vector<int64_t> starts = slice_starts(sizes);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const auto plan = plan_experts(sizes, threads);
+  const ExpertPlan plan = plan_experts(sizes, threads);
+  auto one_expert = [&](int64_t e) {
+    at::Tensor rows = x.narrow(0, starts[e], sizes[e]);
+    at::Tensor grad = g.narrow(0, starts[e], sizes[e]);
+    if (conv1d) at::mm_out(grad_weights[e], rows.t(), grad);
+    else at::mm_out(grad_weights[e], grad.t(), rows);
+    if (!grad_biases.empty()) at::sum_out(grad_biases[e], grad, {0});
+  };
+  {
+    at::NoGradGuard no_grad;
+    for (int64_t e : plan.shared) one_expert(e);
+  }
   const at::ThreadLocalState caller_state;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard same_state(caller_state);
     at::NoGradGuard no_grad;
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t e : plan[t]) {
-        at::Tensor rows = x.narrow(0, starts[e], sizes[e]);
-        at::Tensor grad = g.narrow(0, starts[e], sizes[e]);
-        if (conv1d) at::mm_out(grad_weights[e], rows.t(), grad);
-        else at::mm_out(grad_weights[e], grad.t(), rows);
-        if (!grad_biases.empty()) at::sum_out(grad_biases[e], grad, {0});
-      }
-    }
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t e : plan.per_thread[t]) one_expert(e);
   });
 }
 
