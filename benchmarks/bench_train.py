@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true", help="skip the transformers Switch peer arm")
     ap.add_argument("--breakdown", action="store_true",
                     help="also split each arm's step into forward+backward and the rest (aux losses, clip, AdamW, "
-                         "zero_grad, bookkeeping), in ms per step")
+                         "zero_grad, bookkeeping), in ms per step, with the ratio the rest alone allows")
     args = ap.parse_args(argv)
     keep_freed_memory()  # as the CLI does for real runs
     torch.set_num_threads(args.threads)
@@ -190,12 +190,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, flush=True)
                 if args.breakdown:
                     parts = measure_breakdown(trainers, args.rounds, args.steps_per_round)
+                    dense = parts["dense"]
                     for arm, p in parts.items():
+                        rest = p["step"] - p["fb"]
+                        # the ratio this arm would reach if its forward+backward cost no more than dense's
+                        cap = dense["step"] / (dense["fb"] + rest)
                         breakdowns.append(f"{size_name + f'/E={e}':<10} {arm:<6} {p['step']:>9.1f} {p['fb']:>15.1f} "
-                                          f"{p['step'] - p['fb']:>9.1f}")
+                                          f"{rest:>9.1f} {cap:>9.3f}")
     if breakdowns:
-        print(f"\nms per step (medians over rounds)\n{'size':<10} {'arm':<6} {'step':>9} {'forward+backward':>15} "
-              f"{'rest':>9}")
+        print(f"\nms per step (medians over rounds); cap = dense step / (dense forward+backward + this arm's rest):\n"
+              f"the x dense this arm would reach if its forward+backward cost nothing over dense's\n"
+              f"{'size':<10} {'arm':<6} {'step':>9} {'forward+backward':>15} {'rest':>9} {'cap':>9}")
         print("\n".join(breakdowns))
     print("reference (GPT-2 MoE project's code, same kind of machine): 0.93-0.94 (demo), 0.95-0.97 (large); target >= 0.97")
     return 0
