@@ -142,6 +142,9 @@ def measure_breakdown(trainers: dict[str, Trainer], rounds: int, steps_per_round
     for r in range(rounds):
         for n in trainers if r % 2 == 0 else reversed(list(trainers)):
             for part, fn in (("fb", forward_backward), ("step", Trainer.train_step)):
+                # forward_backward leaves its gradients in place; a step must start from none, as
+                # after the previous step's zero_grad, or its backward would add onto them (untimed)
+                trainers[n].optimizer.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
                 for _ in range(steps_per_round):
                     fn(trainers[n])

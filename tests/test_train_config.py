@@ -157,6 +157,15 @@ def test_clip_equals_torchs_bit_for_bit_and_skips_only_the_unit_rescale(max_norm
     assert (max_norm == 0.5) == (len(rescales) == 1)  # the three cases: clipped, not clipped, not clipped
 
 
+def test_clip_takes_a_single_tensor_like_torch() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), 10.0)
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = p.grad.clone()
+    assert torch.equal(clip_grad_norm(p, 1.0), torch.nn.utils.clip_grad_norm_(q, 1.0))
+    assert torch.equal(p.grad, q.grad) and float(p.grad.norm()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_clip_applies_a_non_finite_norm_like_torch() -> None:
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([1.0, float("nan"), 2.0])

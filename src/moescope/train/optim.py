@@ -55,10 +55,13 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     torch always multiplies every gradient by min(1, max_norm / (norm + 1e-6)), even when that
     is 1.0, to avoid a host sync on accelerators. Our trainer reads the norm on the host every
     step anyway, so the pass over all gradients is skipped when nothing is clipped; the
-    gradients are bit-identical either way (x * 1.0 == x). That pass is a read and write of
-    every gradient: an MoE model has E times the FFN parameters, so it taxed the MoE arms more
-    than the dense one. A non-finite norm is still applied, as torch does.
+    gradients are bit-identical either way (x * 1.0 == x; only with torch.set_flush_denormal(True)
+    would torch's pass also zero denormal gradients). That pass is a read and write of every
+    gradient: an MoE model has E times the FFN parameters, so it taxed the MoE arms more than
+    the dense one. A non-finite norm is still applied, as torch does.
     """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
     clip_coef = max_norm / (total + 1e-6)

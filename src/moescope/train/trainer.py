@@ -68,8 +68,15 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
-# set-ups whose gradients are plain, whole tensors on every process (clipped by moescope itself)
-_PLAIN_CLIP_SETUPS = frozenset({DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU})
+# Set-ups whose gradients are plain, whole tensors on every process (one process, or DDP on any
+# device), clipped by moescope itself; the others (FSDP, DeepSpeed, XLA, Megatron-LM) shard or
+# compile the gradients and keep accelerate's own clipping.
+_PLAIN_CLIP_SETUPS = frozenset(
+    getattr(DistributedType, name)
+    for name in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+                 "MULTI_HPU", "MULTI_NEURON")
+    if hasattr(DistributedType, name)
+)
 
 
 class NonFiniteLoss(MoescopeError):
@@ -473,9 +480,9 @@ class Trainer:
     def _clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm`; returns the norm before clipping.
 
-        One process or DDP (gradients already averaged, so every process sees the same norm):
-        moescope's `clip_grad_norm`, which skips the no-op rescale. Sharded or compiled set-ups
-        (FSDP, DeepSpeed, XLA, ...) keep accelerate's own clipping.
+        One process or DDP on any device (gradients already averaged, so every process sees the
+        same norm): moescope's `clip_grad_norm`, which skips the no-op rescale. FSDP, DeepSpeed,
+        XLA and Megatron-LM keep accelerate's own clipping (see _PLAIN_CLIP_SETUPS).
         """
         if self.accelerator.distributed_type in _PLAIN_CLIP_SETUPS:
             self.accelerator.unscale_gradients()

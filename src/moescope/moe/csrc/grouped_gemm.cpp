@@ -6,8 +6,10 @@
 // 128-row GEMM poorly (measured, d=128: 16 GEMMs of 128 rows took 2815 us at 2 threads
 // against 1868 us for one GEMM of 2048 rows). Here every thread of at::parallel_for (the same
 // OpenMP team torch uses, so no second pool spins against it) runs whole GEMMs,
-// single-threaded, on its share of the work. Each GEMM is a plain at::mm / at::addmm,
-// so the arithmetic of every output row is the same as in the one-by-one loop.
+// single-threaded, on its share of the work; only the weight gradient of an expert holding
+// more than an even share of the rows runs as one GEMM with all threads (see plan_experts).
+// Each GEMM is a plain at::mm / at::addmm, so the arithmetic of every output row is the
+// same as in the one-by-one loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
