@@ -10,23 +10,46 @@ import pytest
 
 from moescope.data.build import build_dataset
 from moescope.data.config import DataBuildConfig, TokenizerConfig, default_domains
-from moescope.train.experiment import run_experiment
+from moescope.cli import main
 from moescope.train.metrics_log import read_metrics
-from train_fixtures import one_thread, tiny_experiment  # noqa: F401
+from train_fixtures import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_experiment_on_the_builtin_corpus(tmp_path: Path) -> None:
+def test_experiment_on_the_builtin_corpus_through_the_cli(tmp_path: Path) -> None:
+    """The issue's "done when": `moescope train --experiment` (a YAML config) on the built-in corpus
+    runs dense / moe / moe-nolb at matched compute, each learns, writes metrics, checkpoints and its
+    final model; `--resume` of the finished run changes nothing."""
     domains = [replace(d, target_mb=0.03) for d in default_domains()]
     store = build_dataset(DataBuildConfig(domains=domains, block_size_tokens=32, eval_min_texts=4,
                                           tokenizer=TokenizerConfig(vocab_size=512)), tmp_path / "data")
-    cfg = tiny_experiment(store.root, base__steps=3, train__steps=3, train__eval_every_steps=3)
-    summary = run_experiment(cfg, tmp_path / "run")
-    assert set(summary) == {"base", "dense", "moe", "moe-nolb"}
+    cfg = tmp_path / "experiment.yaml"
+    cfg.write_text(
+        "arms: [dense, moe, moe-nolb]\n"
+        "base: {steps: 4}\n"
+        "model: {n_layers: 2, d_model: 32, n_heads: 2, context_tokens: 32}\n"
+        "moe: {n_experts: 4, layers: [1]}\n"
+        "optim: {lr: 0.01, warmup_fraction: 0.2}\n"
+        "train: {steps: 6, batch_sequences: 4, eval_every_steps: 3, checkpoint_every_steps: 3,\n"
+        "        eval_max_blocks_per_domain: 4, log_every_steps: 1}\n"
+        "tracking: {progress_bar: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--experiment", "--data", str(store.root), "--out", str(run)]) == 0
+    rows = {}
     for arm in ("dense", "moe", "moe-nolb"):
-        ev = read_metrics(tmp_path / "run" / "arms" / arm / "metrics.jsonl", "eval")[-1]
-        assert set(ev["domains"]) == set(store.domains) == {"code", "math", "prose"}
-        assert ev["loss"]["token_weighted"] < 7.0  # below ln(512) = 6.24 + slack: it learned something
-    manifest = json.loads((tmp_path / "run" / "data_manifest.json").read_text())
+        adir = run / "arms" / arm
+        ev = read_metrics(adir / "metrics.jsonl", "eval")
+        assert [e["step"] for e in ev] == [0, 3, 6]
+        assert set(ev[-1]["domains"]) == set(store.domains) == {"code", "math", "prose"}
+        assert ev[-1]["loss"]["domain_weighted"] < ev[0]["loss"]["domain_weighted"]  # it learned
+        rows[arm] = [(r["step"], r["tokens_seen"], r["lr"]) for r in read_metrics(adir / "metrics.jsonl", "train")]
+        assert (adir / "checkpoints" / "latest").read_text().strip() == "step_000006"
+        assert (adir / "final").is_dir() and (adir / "config.json").is_file()
+    assert rows["dense"] == rows["moe"] == rows["moe-nolb"] and len(rows["dense"]) == 6  # matched compute
+    manifest = json.loads((run / "data_manifest.json").read_text())
     assert manifest["vocab_size"] == 512 and manifest["block_size"] == 32
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", str(cfg), "--experiment", "--data", str(store.root), "--out", str(run), "--resume"]) == 0
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing trained again

@@ -41,7 +41,6 @@ progress_bar = false
 """
 
 
-@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.is_file() and shutil.which("torchrun") is None:

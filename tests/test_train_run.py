@@ -64,6 +64,7 @@ def test_experiment_writes_every_arm_at_matched_compute(data: Path, tmp_path: Pa
         ev = read_metrics(adir / "metrics.jsonl", "eval")
         assert [e["step"] for e in ev] == [0, 3, 6]
         assert ev[-1]["peak_rss_mb"] > 0 and ev[-1]["tokens_per_s"] > 0
+        assert ev[-1]["peak_rss_scope"] == ("stage" if Path("/proc/self/clear_refs").exists() else "process")
         if arm != "dense":
             routing = ev[-1]["routing"]["1"]
             for key in ("token_fraction", "max_fraction", "load_cv", "router_entropy_token",
@@ -314,3 +315,69 @@ def test_sigint_saves_a_checkpoint_and_stops(data: Path, tmp_path: Path) -> None
     assert (tmp_path / "arm" / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is restored
     assert read_metrics(tmp_path / "arm" / "metrics.jsonl", "event")[-1]["signal"] == "SIGINT"
+
+
+def _fake_eval(share: float) -> dict:
+    return {"routing": {"1": {"max_fraction": share, "argmax_expert": 2}}}
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_collapse_window_counts_consecutive_evals_warns_and_stops_only_when_asked(
+        data: Path, tmp_path: Path, monkeypatch, caplog, early_stop: bool) -> None:
+    cfg = tiny_experiment(data, collapse__threshold_share=0.6, collapse__window_evals=2,
+                          collapse__early_stop=early_stop)
+    trainer = Trainer(resolve_arms(cfg, ["moe"])["moe"], tmp_path / "x", name="moe", write=False)
+    shares = iter([0.7, 0.5, 0.7, 0.7, 0.7])  # the 0.5 breaks the streak: collapse at the 4th eval
+    monkeypatch.setattr(trainer, "evaluate", lambda: _fake_eval(next(shares)))
+    collapsed = []
+    with caplog.at_level("WARNING", logger="moescope.train.trainer"):
+        for step in range(1, 6):
+            trainer.step = step
+            collapsed.append(trainer._eval_and_record(None)["collapsed_layers"])
+            if step < 4:
+                assert trainer._stop_reason is None
+    assert collapsed == [[], [], [], [1], [1]]
+    assert [(e["step"], e["layer"], e["share"]) for e in trainer.collapse_events] == [(4, 1, 0.7)]  # once
+    assert sum("collapsed at step 4" in r.getMessage() for r in caplog.records) == 1
+    assert (trainer._stop_reason is not None) == early_stop  # a warning only, unless early_stop
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_trainer_clips_the_gradients_the_optimizer_sees_and_logs_the_norm_before(
+        data: Path, tmp_path: Path, clip: float | None) -> None:
+    cfg = tiny_experiment(data, optim__grad_clip_norm=clip)
+    trainer = Trainer(resolve_arms(cfg, ["moe"])["moe"], tmp_path / "x", name="moe", write=False)
+    seen = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for p in trainer.raw_model.parameters() if p.grad is not None]
+        seen.append(float(torch.nn.utils.get_total_norm(grads)))
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    out = trainer.train_step()
+    if clip is None:
+        assert "grad_norm" not in out and seen[0] > 1e-3
+    else:
+        assert out["grad_norm"] > 10 * clip  # logged: the norm before clipping
+        assert seen[0] == pytest.approx(clip, rel=1e-3)  # the optimizer saw clipped gradients
+
+
+def test_peak_memory_is_per_stage_not_inherited_from_earlier_stages() -> None:
+    import mmap
+
+    from moescope.train.trainer import peak_memory_mb, reset_peak_memory
+
+    if not reset_peak_memory():
+        pytest.skip("no resettable VmHWM here (not Linux /proc)")
+    size = 256 * 2**20
+    buf = mmap.mmap(-1, size)  # outside the allocator, so freeing it really returns the pages
+    buf.write(b"\1" * size)
+    buf.close()
+    earlier = peak_memory_mb(True)
+    assert earlier["peak_rss_scope"] == "stage"
+    assert reset_peak_memory()
+    later = peak_memory_mb(True)["peak_rss_mb"]
+    assert later < earlier["peak_rss_mb"] - 200  # the next stage does not inherit the 256 MiB peak
+    assert peak_memory_mb(False)["peak_rss_scope"] == "process"

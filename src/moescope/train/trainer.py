@@ -100,8 +100,45 @@ def open_store(data_dir: str | Path) -> BlockStore:
     return store
 
 
-def peak_memory_mb() -> dict[str, float]:
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # Linux: KiB
+def _vm_hwm_mb() -> float | None:
+    """This process's resident high-water mark (VmHWM, Linux), or None where /proc has none."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window (one per training stage): the arms of an experiment run one
+    after another in one process, and a process-wide peak would hand every later arm the largest
+    peak of the stages before it. Resets CUDA's peak counter and, on Linux, VmHWM (via
+    /proc/self/clear_refs). Returns False when the RSS peak cannot be reset here (then
+    `peak_memory_mb` reports the process-wide peak and says so)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current RSS
+        return _vm_hwm_mb() is not None
+    except OSError:
+        return False
+
+
+def peak_memory_mb(stage_scoped: bool = False) -> dict[str, Any]:
+    """Peak resident memory (and CUDA peak) since the last `reset_peak_memory`, in MiB.
+
+    `peak_rss_scope` says what the RSS peak covers: "stage" when the window was reset for this
+    stage, "process" otherwise (ru_maxrss, the whole process's life)."""
+    hwm = _vm_hwm_mb() if stage_scoped else None
+    if hwm is not None:
+        out: dict[str, Any] = {"peak_rss_mb": hwm, "peak_rss_scope": "stage"}
+    else:
+        out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux: KiB
+               "peak_rss_scope": "process"}
     if torch.cuda.is_available():
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -146,6 +183,7 @@ class Trainer:
         self.collapse_events: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         self._stop_reason: str | None = None
+        self._peak_window = False  # True once fit() has reset the peak-memory window for this stage
         self.last_good_checkpoint: Path | None = None
 
         ckpt = self._checkpoint_to_resume() if resume else None
@@ -591,7 +629,7 @@ class Trainer:
         # a training dynamic, so the step-0 evaluation is recorded but not counted toward the window.
         collapsed = self._check_collapse(ev) if self.layers and self.step > 0 else []
         record = {"kind": "eval", "step": self.step, "tokens_seen": self.step * self.tokens_per_step, **ev,
-                  "collapsed_layers": [int(x) for x in collapsed], **peak_memory_mb()}
+                  "collapsed_layers": [int(x) for x in collapsed], **peak_memory_mb(self._peak_window)}
         if tokens_per_s is not None:
             record["tokens_per_s"] = tokens_per_s
         self.metrics.write(record)
@@ -610,6 +648,7 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, self._on_signal)
+        self._peak_window = reset_peak_memory()
         try:
             if self.step == 0:
                 self._eval_and_record(None)
@@ -662,7 +701,7 @@ class Trainer:
                                                                    ("loss", "ppl", "domains", "routing")},
                 "collapse_events": self.collapse_events,
                 "train_tokens_per_s": self.tokens_per_step * train_steps / train_time if train_time else None,
-                **peak_memory_mb(),
+                **peak_memory_mb(self._peak_window),
             }
             if self.write and self.accelerator.is_main_process:
                 save_moe_model(self.raw_model, self.out_dir / "final")
