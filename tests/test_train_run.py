@@ -381,3 +381,106 @@ def test_peak_memory_is_per_stage_not_inherited_from_earlier_stages() -> None:
     later = peak_memory_mb(True)["peak_rss_mb"]
     assert later < earlier["peak_rss_mb"] - 200  # the next stage does not inherit the 256 MiB peak
     assert peak_memory_mb(False)["peak_rss_scope"] == "process"
+
+
+def test_tensorboard_and_wandb_log_the_metrics_offline(data: Path, tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_experiment(data, arms=["moe"], base__steps=2, train__steps=3, tracking__tensorboard=True,
+                          tracking__wandb=True)
+    run_experiment(cfg, tmp_path / "run")
+    arm = tmp_path / "run" / "arms" / "moe"
+    evals = read_metrics(arm / "metrics.jsonl", "eval")
+    tb = EventAccumulator(str(arm / "tensorboard"))
+    tb.Reload()
+    logged = [(e.step, e.value) for e in tb.Scalars("eval/loss/domain_weighted")]
+    assert logged == [(e["step"], pytest.approx(e["loss"]["domain_weighted"], rel=1e-6)) for e in evals]
+    # W&B offline: a local run (nothing sent anywhere) whose record log holds the same scalars
+    (run_log,) = (arm / "wandb").glob("offline-run-*/run-*.wandb")
+    blob = run_log.read_bytes()
+    assert b"eval/loss/domain_weighted" in blob and b"train/ce" in blob and b"eval/routing/1/load_cv" in blob
+
+
+def test_a_checkpoint_that_fails_mid_write_leaves_the_previous_one_whole(data: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    import moescope.train.checkpoint as ckpt
+
+    run = resolve_arms(tiny_experiment(data), ["moe"])["moe"]
+    trainer = Trainer(run, tmp_path / "arm", name="moe")
+    for _ in range(3):
+        trainer.train_step()
+    first = trainer.save_checkpoint()
+    good = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    trainer.train_step()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)  # the model is written, the trainer state fails
+    with pytest.raises(OSError, match="No space"):
+        trainer.save_checkpoint()
+    root = tmp_path / "arm" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003"]  # no half-written step_000004
+    assert ckpt.latest_checkpoint(root) == first
+    assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == good
+    monkeypatch.undo()
+    _, state = ckpt.load_checkpoint(first)
+    assert state["step"] == 3
+    trainer.metrics.close()
+
+
+@pytest.mark.parametrize("cuda,precision,expected", [(True, "auto", "bf16"), (False, "auto", "no"),
+                                                      (True, "fp32", "no"), (False, "bf16", "bf16")])
+def test_precision_is_bf16_autocast_on_gpu_and_fp32_on_cpu(data: Path, monkeypatch, cuda: bool, precision: str,
+                                                           expected: str) -> None:
+    import accelerate
+
+    from moescope.train.trainer import make_accelerator
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: seen.update(kwargs) or "accelerator")
+    run = resolve_arms(tiny_experiment(data, train__precision=precision), ["moe"])["moe"]
+    assert make_accelerator(run) == "accelerator"
+    assert seen["mixed_precision"] == expected and seen["cpu"] == (not cuda)
+
+
+def test_hub_id_base_goes_to_transformers_and_fails_clearly_offline(monkeypatch) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moescope.train.model import load_init_model
+
+    asked = []
+    tiny = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", lambda name, *a, **k: asked.append(name) or tiny)
+    assert load_init_model("gpt2") is tiny and asked == ["gpt2"] and tiny.config.use_cache is False
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-moescope-hf-home")  # nothing cached
+    with pytest.raises(MoescopeError, match="cannot load pretrained 'gpt2'.*local Hugging Face cache"):
+        load_init_model("gpt2")
+
+
+def test_cli_base_and_data_flags_start_the_arms_from_a_model_directory(data: Path, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = tmp_path / "tiny-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(base)
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(
+        'data_dir = "/nonexistent"\narms = ["dense", "moe"]\n'
+        '[model]\nn_layers = 2\nd_model = 32\nn_heads = 2\ncontext_tokens = 32\n'
+        '[moe]\nn_experts = 4\nlayers = [1]\nupcycle_noise_rel = 0.0\n'
+        '[train]\nsteps = 2\nbatch_sequences = 4\neval_every_steps = 2\neval_max_blocks_per_domain = 2\n'
+        '[tracking]\nprogress_bar = false\n'
+    )
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--experiment", "--base", str(base), "--data", str(data), "--out", str(out)]) == 0
+    assert not (out / "base").exists()  # no base stage: the arms start from the directory
+    ev0 = [read_metrics(out / "arms" / a / "metrics.jsonl", "eval")[0]["loss"]["token_weighted"] for a in ("dense", "moe")]
+    assert ev0[0] == pytest.approx(ev0[1], abs=1e-5)  # the exact upcycle of the same pretrained model
+    resolved = json.loads((out / "arms" / "moe" / "config.json").read_text())
+    assert resolved["config"]["data_dir"] == str(data) and resolved["init"] == str(base)
