@@ -484,3 +484,22 @@ def test_cli_base_and_data_flags_start_the_arms_from_a_model_directory(data: Pat
     assert ev0[0] == pytest.approx(ev0[1], abs=1e-5)  # the exact upcycle of the same pretrained model
     resolved = json.loads((out / "arms" / "moe" / "config.json").read_text())
     assert resolved["config"]["data_dir"] == str(data) and resolved["init"] == str(base)
+
+
+def test_a_collapse_streak_survives_a_resume(data: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg = tiny_experiment(data, collapse__threshold_share=0.6, collapse__window_evals=3)
+    run = resolve_arms(cfg, ["moe"])["moe"]
+    first = Trainer(run, tmp_path / "arm", name="moe")
+    monkeypatch.setattr(first, "evaluate", lambda: _fake_eval(0.7))
+    for _ in range(2):  # two evals over the threshold, then the run stops
+        first.train_step()
+        first._eval_and_record(None)
+    first.save_checkpoint()
+    first.metrics.close()
+    resumed = Trainer(run, tmp_path / "arm", name="moe", resume=True)
+    assert resumed.step == 2 and resumed.collapse_streak == {"1": 2}
+    monkeypatch.setattr(resumed, "evaluate", lambda: _fake_eval(0.7))
+    resumed.train_step()
+    assert resumed._eval_and_record(None)["collapsed_layers"] == [1]  # the third eval in a row, across the resume
+    assert [e["step"] for e in resumed.collapse_events] == [3]
+    resumed.metrics.close()
