@@ -116,8 +116,10 @@ def reset_peak_memory() -> bool:
     """Start a new peak-memory window (one per training stage): the arms of an experiment run one
     after another in one process, and a process-wide peak would hand every later arm the largest
     peak of the stages before it. Resets CUDA's peak counter and, on Linux, VmHWM (via
-    /proc/self/clear_refs). Returns False when the RSS peak cannot be reset here (then
-    `peak_memory_mb` reports the process-wide peak and says so)."""
+    /proc/self/clear_refs) to the current RSS: a stage's peak still includes what is resident
+    when it starts (memory the allocator kept from earlier stages), never an earlier stage's
+    transient peak. Returns False when the RSS peak cannot be reset here (then `peak_memory_mb`
+    reports the process-wide peak and says so)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
