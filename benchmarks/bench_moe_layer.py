@@ -68,7 +68,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 from moescope.moe.experts import GeluExpert, SwiGLUExpert, build_experts
 from moescope.moe.layer import MoELayer
 from moescope.moe.native import ENV_SWITCH
-from moescope.runtime import keep_freed_memory
+from moescope.runtime import keep_freed_memory, proc_status_mb, reset_resident_peak
 
 E = 8
 SEQ = 512
@@ -176,25 +176,17 @@ def time_rounds(steps: dict[str, Callable[[], None]], clock: Callable[[], float]
 _libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def peak_extra_mb(step: Callable[[], None]) -> float:
     """Extra resident memory (MB) at the peak of one call; nan off Linux."""
     if _libc is None:
         return float("nan")
     gc.collect()
     _libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
-    base = _status_bytes("VmRSS:")
+    if not reset_resident_peak():
+        return float("nan")
+    base = proc_status_mb("VmRSS")
     step()
-    return (_status_bytes("VmHWM:") - base) / 2**20
+    return proc_status_mb("VmHWM") - base
 
 
 def optimizer_ms(module: nn.Module, step: Callable[[], None], reps: int = 5) -> float:

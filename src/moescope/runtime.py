@@ -1,4 +1,7 @@
-"""Process-level settings for long CPU runs (orchestration layer: called by the CLI, never by library code).
+"""Process-level settings for long CPU runs, and the process's own memory readings.
+
+`keep_freed_memory` is orchestration (called by the CLI, never by library code); the
+/proc readings below serve the trainer's per-stage peak memory and the benchmarks.
 
 glibc hands every freed block above its mmap threshold (at most 32 MB, adjusted on the
 fly) back to the kernel, so a training step's large temporaries (the [16, 128, 4096]
@@ -40,3 +43,26 @@ def keep_freed_memory(limit_bytes: int = KEEP_BYTES) -> bool:
     if not ok:
         log.debug("mallopt refused the thresholds; keeping the allocator's defaults")
     return ok
+
+
+def proc_status_mb(key: str) -> float | None:
+    """One memory line of /proc/self/status ("VmRSS", "VmHWM", ...) in MiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_resident_peak() -> bool:
+    """Reset this process's resident high-water mark (VmHWM) to its current RSS (Linux,
+    /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return proc_status_mb("VmHWM") is not None

@@ -53,6 +53,7 @@ from moescope.moe.gpt2 import (
     install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress,
 )
 from moescope.moe.layer import load_balancing_loss, update_balance_bias
+from moescope.runtime import proc_status_mb, reset_resident_peak
 from moescope.train.checkpoint import (
     latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
 )
@@ -100,18 +101,6 @@ def open_store(data_dir: str | Path) -> BlockStore:
     return store
 
 
-def _vm_hwm_mb() -> float | None:
-    """This process's resident high-water mark (VmHWM, Linux), or None where /proc has none."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return None
-
-
 def reset_peak_memory() -> bool:
     """Start a new peak-memory window (one per training stage): the arms of an experiment run one
     after another in one process, and a process-wide peak would hand every later arm the largest
@@ -122,12 +111,7 @@ def reset_peak_memory() -> bool:
     reports the process-wide peak and says so)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset VmHWM to the current RSS
-        return _vm_hwm_mb() is not None
-    except OSError:
-        return False
+    return reset_resident_peak()
 
 
 def peak_memory_mb(stage_scoped: bool = False) -> dict[str, Any]:
@@ -135,7 +119,7 @@ def peak_memory_mb(stage_scoped: bool = False) -> dict[str, Any]:
 
     `peak_rss_scope` says what the RSS peak covers: "stage" when the window was reset for this
     stage, "process" otherwise (ru_maxrss, the whole process's life)."""
-    hwm = _vm_hwm_mb() if stage_scoped else None
+    hwm = proc_status_mb("VmHWM") if stage_scoped else None
     if hwm is not None:
         out: dict[str, Any] = {"peak_rss_mb": hwm, "peak_rss_scope": "stage"}
     else:
