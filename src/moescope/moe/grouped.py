@@ -37,6 +37,12 @@ from moescope.moe.native import grouped_kernels
 MIN_EXPERT_ROWS = 16
 
 
+def pad_rows(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` followed by zero rows up to MIN_EXPERT_ROWS (unchanged if it already has as many)."""
+    missing = MIN_EXPERT_ROWS - rows.shape[0]
+    return torch.cat([rows, rows.new_zeros(missing, rows.shape[1])]) if missing > 0 else rows
+
+
 def _kernels(x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
     """The compiled grouped GEMM when it applies here (CPU, one dtype, no autocast), else None.
 
@@ -65,7 +71,7 @@ def _loop_forward(out, x, slices, weights, biases, conv1d: bool) -> None:
         w = weights[e] if conv1d else weights[e].t()
         rows = x[s:t]
         if t - s < MIN_EXPERT_ROWS:
-            rows = torch.cat([rows, rows.new_zeros(MIN_EXPERT_ROWS - (t - s), rows.shape[1])])
+            rows = pad_rows(rows)
             res = torch.addmm(biases[e], rows, w) if biases else torch.mm(rows, w)
             out[s:t].copy_(res[: t - s])
         elif biases:
@@ -117,8 +123,7 @@ class _GroupedLinear(torch.autograd.Function):
             if grad_x is not None:
                 w_in = w.t() if ctx.conv1d else w
                 if t - s < MIN_EXPERT_ROWS:  # padded like the forward (same kernels, same rounding)
-                    padded = torch.cat([g, g.new_zeros(MIN_EXPERT_ROWS - (t - s), g.shape[1])])
-                    grad_x[s:t] = padded.mm(w_in)[: t - s]
+                    grad_x[s:t] = pad_rows(g).mm(w_in)[: t - s]
                 else:
                     torch.mm(g, w_in, out=grad_x[s:t])
             if ctx.needs_input_grad[5 + e]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moescope.moe.grouped import MIN_EXPERT_ROWS, run_grouped_experts, supports_grouped
+from moescope.moe.grouped import MIN_EXPERT_ROWS, pad_rows, run_grouped_experts, supports_grouped
 
 
 @dataclass
@@ -268,8 +268,7 @@ class MoELayer(nn.Module):
         m = rows.shape[0]
         if m >= MIN_EXPERT_ROWS:
             return self.experts[e](rows)
-        padded = torch.cat([rows, rows.new_zeros(MIN_EXPERT_ROWS - m, rows.shape[1])])
-        return self.experts[e](padded)[:m]
+        return self.experts[e](pad_rows(rows))[:m]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
