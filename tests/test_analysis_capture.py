@@ -111,7 +111,10 @@ def test_table_file_round_trip(tmp_path: Path) -> None:
     res = capture.capture_routing(tiny_moe(), store, progress=False)
     path = capture.save_table(res.tables[1], tmp_path / "routing" / "1.npz")
     back = capture.load_table(path)
+    assert back.n_experts == res.tables[1].n_experts
     for name, value in res.tables[1].arrays().items():
+        if name == "expert_count":
+            continue
         np.testing.assert_array_equal(getattr(back, name), value)
         assert getattr(back, name).dtype == value.dtype
     (tmp_path / "bad.npz").write_bytes(b"nope")

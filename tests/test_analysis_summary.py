@@ -119,3 +119,22 @@ def test_token_type_summary() -> None:
     assert counts[0, :3].sum() == 0
     assert out["nmi"]["estimate"] == pytest.approx(float(metrics.normalized_mutual_information(counts[:2])))
     assert out["nmi"]["low"] <= out["nmi"]["estimate"] <= out["nmi"]["high"]
+
+
+def test_table_without_router_probs_keeps_top_k_statistics() -> None:
+    """A released-model table (top-k + entropy, no [N, E] probabilities) gives the same
+    specialization, load and token entropy as the full table, and no entropy of the mean."""
+    full = synthetic_table(np.random.default_rng(0))
+    compact = RoutingTable(
+        full.token_id, full.block, full.position, full.domain, full.expert_index, full.gate_weight,
+        router_probs=None, router_entropy=full.token_entropy(), expert_count=full.n_experts,
+    )
+    a = summarize_layer(full, ["code", "math", "prose"], CFG)
+    b = summarize_layer(compact, ["code", "math", "prose"], CFG)
+    assert b["specialization"]["nmi"] == a["specialization"]["nmi"]
+    assert b["load"] == a["load"]
+    assert b["entropy"]["router_entropy_token"] == pytest.approx(a["entropy"]["router_entropy_token"], rel=1e-12)
+    assert b["entropy"]["router_entropy_of_mean"] is None
+    np.testing.assert_array_equal(compact.chosen_probability(), full.gate_weight[:, 0].astype(np.float32))
+    with pytest.raises(ValueError, match="router_entropy and expert_count"):
+        RoutingTable(full.token_id, full.block, full.position, full.domain, full.expert_index, full.gate_weight, None)

@@ -125,13 +125,18 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
     }
 
     # --- router entropy ---
-    tok_entropy = metrics.token_router_entropy(table.router_probs)
-    probs = np.asarray(table.router_probs, dtype=np.float64)
-    per_token = np.column_stack([tok_entropy, np.ones_like(tok_entropy), probs])
-    _, ent_sums = stats.sum_by_block(per_token, table.block, block_ids)  # [B, 2 + E]
+    tok_entropy = table.token_entropy()
+    columns = [tok_entropy, np.ones_like(tok_entropy)]
+    if table.router_probs is not None:
+        columns.append(np.asarray(table.router_probs, dtype=np.float64))
+    _, ent_sums = stats.sum_by_block(np.column_stack(columns), table.block, block_ids)  # [B, 2 (+ E)]
     entropy = {
         "router_entropy_token": boot(ent_sums, lambda s: s[..., 0] / s[..., 1]),
-        "router_entropy_of_mean": boot(ent_sums, lambda s: metrics.mean_distribution_entropy(s[..., 2:])),
+        # Needs every token's full distribution: absent for tables that keep only the top-k.
+        "router_entropy_of_mean": (
+            boot(ent_sums, lambda s: metrics.mean_distribution_entropy(s[..., 2:]))
+            if table.router_probs is not None else None
+        ),
         "router_entropy_max": math.log(n_exp),
     }
 

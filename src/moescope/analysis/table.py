@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from moescope.analysis.metrics import token_router_entropy
+
 
 @dataclass(frozen=True)
 class RoutingTable:
@@ -14,6 +16,11 @@ class RoutingTable:
     block is the eval block's row in ``BlockStore.index("eval")`` (unique across
     domains); position is the token's index inside its block. router_probs may be
     float16 to halve the file size (enough for entropies and the viewer).
+
+    router_probs may be None where N x E is too large to keep (released models with
+    64-256 experts over a million tokens): then router_entropy holds each token's
+    router entropy and expert_count says E. Statistics that need the full
+    distribution (entropy of the mean, the format test) are left out for such tables.
     """
 
     token_id: np.ndarray  # int [N]
@@ -22,20 +29,34 @@ class RoutingTable:
     domain: np.ndarray  # int [N]
     expert_index: np.ndarray  # int [N, k]
     gate_weight: np.ndarray  # float [N, k]; 0 = assignment dropped by capacity
-    router_probs: np.ndarray  # float [N, E]
+    router_probs: np.ndarray | None  # float [N, E], or None when not kept
+    router_entropy: np.ndarray | None = None  # float [N] nats; derived from router_probs when None
+    expert_count: int = 0  # E; required when router_probs is None
 
     def __post_init__(self) -> None:
         n = self.token_id.shape[0]
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in self.columns():
+            value = getattr(self, name)
+            if value is None:
+                continue
             if value.shape[0] != n:
                 raise ValueError(f"routing table column {f.name} has {value.shape[0]} rows, token_id has {n}")
         if self.expert_index.ndim != 2 or self.expert_index.shape != self.gate_weight.shape:
             raise ValueError(
                 f"expert_index {self.expert_index.shape} and gate_weight {self.gate_weight.shape} must be [N, k]"
             )
-        if self.router_probs.ndim != 2:
+        if self.router_probs is None:
+            if self.router_entropy is None or self.expert_count <= 0:
+                raise ValueError("a table without router_probs needs router_entropy and expert_count")
+        elif self.router_probs.ndim != 2:
             raise ValueError(f"router_probs must be [N, E], got {self.router_probs.shape}")
+        elif self.expert_count not in (0, self.router_probs.shape[1]):
+            raise ValueError(f"expert_count {self.expert_count} != router_probs width {self.router_probs.shape[1]}")
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        """Names of the token-aligned array columns (everything but expert_count)."""
+        return [f.name for f in fields(cls) if f.name != "expert_count"]
 
     @property
     def n_tokens(self) -> int:
@@ -43,25 +64,42 @@ class RoutingTable:
 
     @property
     def n_experts(self) -> int:
-        return int(self.router_probs.shape[1])
+        return int(self.router_probs.shape[1]) if self.router_probs is not None else int(self.expert_count)
 
     @property
     def top_k(self) -> int:
         return int(self.expert_index.shape[1])
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Column name -> array (the npz layout)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Column name -> array (the npz layout); absent optional columns are left out."""
+        out = {name: getattr(self, name) for name in self.columns() if getattr(self, name) is not None}
+        out["expert_count"] = np.asarray(self.n_experts, dtype=np.int64)
+        return out
 
     @classmethod
     def from_arrays(cls, arrays) -> "RoutingTable":
-        return cls(**{f.name: np.asarray(arrays[f.name]) for f in fields(cls)})
+        present = set(arrays.keys()) if hasattr(arrays, "keys") else set(arrays)
+        cols = {name: (np.asarray(arrays[name]) if name in present else None) for name in cls.columns()}
+        count = int(np.asarray(arrays["expert_count"])) if "expert_count" in present else 0
+        return cls(**cols, expert_count=count)
 
     def select(self, mask: np.ndarray) -> "RoutingTable":
         """The rows where ``mask`` is true (e.g. one domain)."""
-        return RoutingTable(**{name: value[mask] for name, value in self.arrays().items()})
+        cols = {name: (None if (v := getattr(self, name)) is None else v[mask]) for name in self.columns()}
+        return RoutingTable(**cols, expert_count=self.expert_count)
+
+    def token_entropy(self) -> np.ndarray:
+        """Router entropy (nats) of every token [N]: stored, or computed from router_probs."""
+        if self.router_entropy is not None:
+            return np.asarray(self.router_entropy, dtype=np.float64)
+        return token_router_entropy(self.router_probs)
 
     def chosen_probability(self) -> np.ndarray:
-        """Router probability of each token's first-choice expert [N] (what the viewer shows on hover)."""
+        """Probability of each token's first-choice expert [N] (what the viewer shows on hover).
+
+        The router probability where router_probs is kept, else the first gate weight.
+        """
+        if self.router_probs is None:
+            return np.asarray(self.gate_weight[:, 0], dtype=np.float32)
         first = self.expert_index[:, 0].astype(np.int64)
         return self.router_probs[np.arange(self.n_tokens), first].astype(np.float32)
