@@ -133,6 +133,8 @@ def run_build(args: argparse.Namespace) -> int:
                   f"blocks {s['n_blocks']:6d}  tail dropped {s['tail_tokens_dropped']}")
     for w in m.get("warnings", []):
         print(f"  warning: {w}")
+    removed = m.get("near_duplicates", {}).get("eval_removed", {})
+    print(f"  near-duplicates removed from eval: {', '.join(f'{d} {n}' for d, n in removed.items())}")
     print(f"  leakage check passed; manifest: {store.root / 'manifest.json'}")
     return 0
 
@@ -141,9 +143,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moescope.data.blocks import BlockStore
-    from moescope.data.inspect import draw_samples, plot_length_distribution, summary_rows
+    from moescope.data.inspect import draw_samples, leakage_lines, plot_length_distribution, summary_rows
 
     store = BlockStore.open(args.dir)
+    for line in leakage_lines(store):
+        print(line)
     rows = summary_rows(store)
     cols = list(rows[0])
     print("  ".join(f"{c:>14s}" for c in cols))

@@ -138,7 +138,8 @@ def source_info(src: SourceConfig, seed: int) -> dict[str, Any]:
 def _iter_codeparrot(ds: Iterable[dict], domain: str) -> Iterator[SourceText]:
     for row in ds:
         yield SourceText(text=row["content"], domain=domain, id=f"{row.get('repo_name', '')}/{row.get('path', '')}",
-                         meta={"repo_name": row.get("repo_name"), "path": row.get("path"), "license": row.get("license")})
+                         meta={"repo_name": row.get("repo_name"), "path": row.get("path"), "license": row.get("license"),
+                               "document": f"file:{row.get('repo_name', '')}/{row.get('path', '')}"})
 
 
 def _iter_text(ds: Iterable[dict], domain: str, field: str, prefix: str) -> Iterator[SourceText]:
@@ -210,7 +211,8 @@ def _iter_wikitext(rows: Any, domain: str, seed: int, buffer: int) -> Iterator[S
     sections = IterableDataset.from_generator(_wikitext_section_rows, gen_kwargs={"rows": rows})
     for i, row in enumerate(_shuffled(sections, seed, buffer)):
         yield SourceText(text=row["text"], domain=domain, id=f"wikitext:{row['title']}:{row['section_index']}",
-                         meta={"title": row["title"], "section": row["section"]})
+                         meta={"title": row["title"], "section": row["section"],
+                               "document": f"wikitext:{row['title']}"})
 
 
 def mathqa_text(problem: str, rationale: str) -> tuple[str, str]:
