@@ -16,7 +16,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moescope.data.blocks import (
-    FORMAT_VERSION, MANIFEST_NAME, SPLITS, BlockStore, block_path, dtype_for_vocab, texts_path, tokenizer_dir,
+    FORMAT_VERSION, MANIFEST_NAME, SPLITS, BlockStore, block_path, dtype_for_vocab, read_manifest, texts_path,
+    tokenizer_dir,
 )
 from moescope.data.config import DataBuildConfig
 from moescope.data.packing import PackStats, choose_rows, encoder_for, pack_to_file, truncate_block_file
@@ -56,8 +57,8 @@ def _existing_build(out_dir: Path, fingerprint: str, overwrite: bool) -> BlockSt
         raise MoescopeError(f"output directory {out_dir} is not empty and holds no moescope build; "
                             "choose another --out or pass --overwrite")
     try:
-        old = json.loads(manifest.read_text(encoding="utf-8")).get("config_fingerprint")
-    except (json.JSONDecodeError, OSError):
+        old = read_manifest(manifest).get("config_fingerprint")
+    except MoescopeError:
         old = None
     if old != fingerprint:
         raise MoescopeError(f"output directory {out_dir} already holds a different build "

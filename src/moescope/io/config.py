@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -44,6 +45,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_scalar(raw: str) -> Any:
+    """A `--set` value as a YAML scalar, except that every decimal number is a number.
+
+    YAML 1.1 (PyYAML) reads `1e4` and `3e-4` as strings (it wants a dot before the exponent);
+    a user writing `optim.lr=1e4` means the number.
+    """
+    if raw == "":
+        return ""
+    if _NUMBER.fullmatch(raw.strip()):
+        text = raw.strip()
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    return yaml.safe_load(raw)
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """Turn ["train.steps=100", "moe.top_k=2"] into a nested dict; values parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -51,7 +69,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise MoescopeError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_scalar(raw)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -148,6 +166,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise MoescopeError(f"config {where}: expected true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e4 reads as a float but names a whole number
         if isinstance(value, bool) or not isinstance(value, int):
             raise MoescopeError(f"config {where}: expected an integer, got {value!r}")
         return value
