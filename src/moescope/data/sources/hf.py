@@ -94,6 +94,14 @@ def resolve_local_files(location: str, split: str) -> tuple[str, list[str]]:
     return builders.pop() or "json", files
 
 
+def decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise MoescopeError(f"{where}: line {line}: not UTF-8 (byte {exc.start})") from exc
+
+
 def validate_json_file(path: str) -> None:
     """Fail with file and line on a local JSON / JSON-lines file that is not UTF-8 JSON.
 
@@ -109,11 +117,7 @@ def validate_json_file(path: str) -> None:
         data = gzip.decompress(p.read_bytes()) if p.name.lower().endswith(".gz") else p.read_bytes()
     except (OSError, EOFError) as exc:
         raise MoescopeError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise MoescopeError(f"{p}: line {line}: not UTF-8 (byte {exc.start})") from exc
+    text = decode_utf8(data, str(p))
     try:
         json.loads(text)
         return
@@ -271,11 +275,7 @@ def read_json_file(path: Path, data: bytes | None = None, member: str = "") -> A
             data = path.read_bytes()
         except OSError as exc:
             raise MoescopeError(f"{where}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise MoescopeError(f"{where}: line {line}: not UTF-8 (byte {exc.start})") from exc
+    text = decode_utf8(data, where)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
