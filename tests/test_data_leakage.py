@@ -36,6 +36,21 @@ def test_one_math_problem_with_two_solution_wordings_stays_on_one_side() -> None
         assert find_leakage(train, evals).document_overlap == 0
 
 
+def test_generated_math_never_puts_one_problem_on_both_sides() -> None:
+    """The built-in generator repeats problems (small parameter ranges) with new solution wording;
+    a whole-text split put 108 of 394 held-out problems of the default build into train too."""
+    from moescope.data.sources.builtin import iter_builtin
+
+    stream = iter_builtin("math", "math", 42)
+    texts = [next(stream) for _ in range(4000)]
+    statements = [" ".join(t.meta["problem"].split()).lower() for t in texts]
+    assert len(set(statements)) < len(texts) - 100  # the generator does repeat problems
+    train, evals = split_texts(texts, domain="math", seed=42, eval_fraction=0.05, eval_min_texts=20)
+    train_problems = {(" ".join(t.meta["problem"].split()).lower(), t.meta["answer_text"]) for t in train}
+    assert len(evals) >= 200
+    assert not [t for t in evals if (" ".join(t.meta["problem"].split()).lower(), t.meta["answer_text"]) in train_problems]
+
+
 def test_article_sections_and_file_definitions_stay_together() -> None:
     texts = [SourceText(text=f"section {s} of article {a}", domain="prose", id=f"w{a}:{s}",
                         meta={"title": f"Article {a}", "document": f"enwiki:Article {a}"})

@@ -53,6 +53,12 @@ def test_set_overrides_parse_exponent_numbers() -> None:
         from_dict(Outer, parse_overrides(["steps=1.5e0"]))
 
 
+def test_yaml_config_file_reads_exponent_numbers(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 1e3\ninner:\n  lr: 3e-4\n")
+    assert from_dict(Outer, load_config_file(p)) == Outer(steps=1000, inner=Inner(lr=3e-4))
+
+
 def test_set_exponent_through_a_command() -> None:
     from moescope.cli import build_parser
     from moescope.commands.data import build_config_from_args

@@ -33,7 +33,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
@@ -45,21 +45,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+class _Loader(yaml.SafeLoader):
+    """YAML safe loading where `1e4` and `3e-4` are numbers: PyYAML follows YAML 1.1, which wants a
+    dot before the exponent and reads them as strings; users (and YAML 1.2, JSON) mean numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 def parse_scalar(raw: str) -> Any:
-    """A `--set` value as a YAML scalar, except that every decimal number is a number.
-
-    YAML 1.1 (PyYAML) reads `1e4` and `3e-4` as strings (it wants a dot before the exponent);
-    a user writing `optim.lr=1e4` means the number.
-    """
-    if raw == "":
-        return ""
-    if _NUMBER.fullmatch(raw.strip()):
-        text = raw.strip()
-        return int(text) if text.lstrip("+-").isdigit() else float(text)
-    return yaml.safe_load(raw)
+    """A `--set` value read as a YAML scalar (or flow list/mapping); `1e4` is a number."""
+    return yaml.load(raw, Loader=_Loader) if raw != "" else ""  # noqa: S506 (a SafeLoader subclass)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
