@@ -141,6 +141,17 @@ def test_cli_repeated_hf_keeps_every_source(tmp_path: Path, capsys) -> None:
     assert [s["name"] for s in store.manifest["sources"]["math"]["sources"]] == ["mathqa", "openai/gsm8k"]
 
 
+def test_cli_repeated_files_for_one_domain_keeps_every_path(tmp_path: Path) -> None:
+    from moescope.cli import build_parser
+    from moescope.commands.data import build_config_from_args
+
+    args = build_parser().parse_args(["data", "build", "--domains", "notes", "--files", "notes=a.txt,b.txt",
+                                      "--files", "notes=c.txt", "--hf", "notes=Skylion007/openwebtext@2"])
+    (notes,) = build_config_from_args(args).domains
+    assert notes.source.backend == "files" and notes.source.paths == ["a.txt", "b.txt", "c.txt"]
+    assert [(s.backend, s.name, s.weight) for s in notes.extra_sources] == [("hf", "Skylion007/openwebtext", 2.0)]
+
+
 def test_cli_hf_source_errors(tmp_path: Path, capsys) -> None:
     base = ["--domains", "math", "--hf", "math=mathqa", "--hf", "math=openai/gsm8k"]
     bad_build(tmp_path, capsys, [*base, "--hf-path", f"math={tmp_path}"], r"has 2 --hf datasets; write --hf-path math:")

@@ -158,7 +158,7 @@ def find_near_duplicates(
     out = NearDuplicates(removed=[])
     for t, m in zip(evals, minhashes(evals, num_perm)):
         best, best_j = None, 0.0
-        for i in lsh.query(m):
+        for i in sorted(lsh.query(m)):  # sorted: ties resolve the same way every run
             j = m.jaccard(train_mh[i])
             if j > best_j:
                 best, best_j = i, j
