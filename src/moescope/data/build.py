@@ -1,5 +1,6 @@
-"""`build_dataset`: sources -> filters/dedup -> text-level split -> leakage check -> tokenizer
--> streaming packing -> balance -> manifest, all inside a temporary directory renamed at the end.
+"""`build_dataset`: sources -> filters/dedup -> split by source document -> cross-split near-duplicate
+removal -> leakage check -> tokenizer -> streaming packing -> balance -> manifest, all inside a
+temporary directory renamed at the end.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
         timings[f"read_{dom.name}_s"] = time.perf_counter() - t0
         log.info("%s: %d texts (%s)", dom.name, len(collected[dom.name].texts), collected[dom.name].stats.stopped_by)
 
-    # 2. text-level split + leakage check across all domains
+    # 2. split by source document, drop eval near-duplicates of train texts, leakage check (all domains)
     t0 = time.perf_counter()
     parts: dict[str, dict[str, list[SourceText]]] = {"train": {}, "eval": {}}
     for name, dt in collected.items():
