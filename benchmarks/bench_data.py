@@ -18,6 +18,9 @@ Columns
 Variants are interleaved in rounds in one process so load from other processes on a
 shared machine hits both alike.
 
+Near-duplicates: CPU time of moescope.data.split.find_near_duplicates (MinHash signatures of
+both sides, LSH index of the train side, queries) with 5% of the texts as the eval side.
+
 Peak memory: each size is packed in a fresh spawned process that streams its texts from
 a JSONL file; we report ru_maxrss after set-up and at the end (the growth is what packing
 costs; it must not grow with corpus size). The whole build_dataset also holds the kept
@@ -150,6 +153,16 @@ def main() -> int:
             mem[name] = q.get()
             proc.join()
 
+        # cross-split near-duplicate removal (MinHash LSH), 5% of each corpus as the eval side
+        near = {}
+        for name, items in sizes.items():
+            from moescope.data.split import find_near_duplicates
+
+            n_eval = len(items) // 20
+            c0 = time.process_time()
+            found = find_near_duplicates(items[n_eval:], items[:n_eval])
+            near[name] = (time.process_time() - c0, len(items), len(found.removed))
+
         # whole build (sources + split + BPE training + pack), default built-in config
         from moescope.data.build import build_dataset
 
@@ -171,6 +184,9 @@ def main() -> int:
     for name in sizes:
         m = mem[name]
         print(f"{name:8s} {mb[name]:6.2f} {m['base_mb']:20.1f} {m['peak_mb']:12.1f} {m['peak_mb'] - m['base_mb']:10.1f}")
+    print(f"\n{'corpus':8s} {'MB':>6s} {'texts':>7s} {'near-dup CPU s':>15s} {'MB/CPU-s':>9s} {'found':>6s}")
+    for name, (cpu, n, found) in near.items():
+        print(f"{name:8s} {mb[name]:6.2f} {n:7d} {cpu:15.2f} {mb[name] / cpu:9.2f} {found:6d}")
     print(f"\nfull default build: {full_mb:.2f} MB of text in {full_s:.1f} s ({full_mb / full_s:.2f} MB/s); stage times (s): "
           + ", ".join(f"{k}={v}" for k, v in timings.items()))
     return 0

@@ -91,6 +91,7 @@ def test_leakage_check_detects_planted_duplicates() -> None:
 
 def test_build_fails_on_planted_leak_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
     import moescope.data.build as build_mod
+    from moescope.data.split import NearDuplicates
 
     real = build_mod.split_texts
 
@@ -99,10 +100,38 @@ def test_build_fails_on_planted_leak_and_writes_nothing(tmp_path: Path, monkeypa
         return train, evals + [SourceText(text=train[0].text.replace(" ", "  "), domain=train[0].domain, id="leak")]
 
     monkeypatch.setattr(build_mod, "split_texts", leaky)
+    # with the near-duplicate removal switched off, the leakage check is the last line of defence
+    monkeypatch.setattr(build_mod, "find_near_duplicates", lambda train, evals: NearDuplicates(removed=[]))
     out = tmp_path / "out"
     with pytest.raises(MoescopeError, match="leakage"):
         build_dataset(small_cfg(tmp_path), out)
     assert not out.exists() and no_temp_leftovers(tmp_path)
+
+
+def test_build_removes_planted_near_duplicate_from_eval(tmp_path: Path, monkeypatch) -> None:
+    import moescope.data.build as build_mod
+
+    real = build_mod.split_texts
+
+    def leaky(texts, **kw):
+        train, evals = real(texts, **kw)
+        if kw["domain"] != "alpha":
+            return train, evals
+        # a re-spaced copy and a copy with one word changed (Jaccard of 5-word shingles >= 0.8)
+        words = train[1].text.split()
+        edited = " ".join(words[:-1] + ["zebra."])
+        return train, evals + [
+            SourceText(text=train[0].text.replace(" ", "  "), domain="alpha", id="leak-respaced"),
+            SourceText(text=edited, domain="alpha", id="leak-edited"),
+        ]
+
+    monkeypatch.setattr(build_mod, "split_texts", leaky)
+    store = build_dataset(small_cfg(tmp_path, {"alpha": 60, "beta": 60}), tmp_path / "out")
+    near = store.manifest["near_duplicates"]
+    assert near["eval_removed"] == {"alpha": 2, "beta": 0}
+    assert {e["eval"] for e in near["examples"]} == {"leak-respaced", "leak-edited"}
+    assert not {"leak-respaced", "leak-edited"} & {r["id"] for r in store.texts("eval", "alpha")}
+    assert store.manifest["splits"]["eval"]["alpha"]["n_texts"] == 20
 
 
 # ------------------------------------------------------------------ the build itself

@@ -237,9 +237,9 @@ def test_mathqa_from_source_zip(tmp_path: Path) -> None:
     dev = list(iter_hf(SourceConfig(backend="hf", name="mathqa", path=str(zpath), split="validation"), "math", 0))
     assert len(dev) == 5
     assert mathqa_text("p", '"r"') == ("p\n\nr", "r")
-    (tmp_path / "x.json").write_text("[]")
-    with pytest.raises(MoescopeError, match="not a zip"):
-        list(iter_hf(SourceConfig(backend="hf", name="mathqa", path=str(tmp_path / "x.json")), "m", 0))
+    (tmp_path / "x.bin").write_text("[]")
+    with pytest.raises(MoescopeError, match="not a zip file or a MathQA .json"):
+        list(iter_hf(SourceConfig(backend="hf", name="mathqa", path=str(tmp_path / "x.bin")), "m", 0))
 
 
 def test_gsm8k_local_parquet(tmp_path: Path) -> None:

@@ -41,6 +41,33 @@ def test_config_round_trip_and_overrides(tmp_path: Path) -> None:
     assert from_dict(Outer, to_dict(cfg)) == cfg
 
 
+def test_set_overrides_parse_exponent_numbers() -> None:
+    """`--set optim.lr=1e4` was refused as "not a number": PyYAML reads 1e4 as a string."""
+    got = parse_overrides(["inner.lr=1e4", "steps=2E3", "name=1e4x", "layers=[1, 2]", "inner.mode=b"])
+    assert got == {"inner": {"lr": 10000.0, "mode": "b"}, "steps": 2000.0, "name": "1e4x", "layers": [1, 2]}
+    assert parse_overrides(["inner.lr=-3e-4", "steps=.5e1", "name=12"]) == {
+        "inner": {"lr": -3e-4}, "steps": 5.0, "name": 12}
+    cfg = from_dict(Outer, parse_overrides(["inner.lr=1e4", "steps=1e4"]))
+    assert cfg.inner.lr == 10000.0 and cfg.steps == 10000 and isinstance(cfg.steps, int)
+    with pytest.raises(MoescopeError, match="expected an integer"):
+        from_dict(Outer, parse_overrides(["steps=1.5e0"]))
+
+
+def test_yaml_config_file_reads_exponent_numbers(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 1e3\ninner:\n  lr: 3e-4\n")
+    assert from_dict(Outer, load_config_file(p)) == Outer(steps=1000, inner=Inner(lr=3e-4))
+
+
+def test_set_exponent_through_a_command() -> None:
+    from moescope.cli import build_parser
+    from moescope.commands.data import build_config_from_args
+
+    args = build_parser().parse_args(["data", "build", "--set", "eval_fraction=5e-2", "--set", "seed=1e1"])
+    cfg = build_config_from_args(args)
+    assert cfg.eval_fraction == 0.05 and cfg.seed == 10
+
+
 def test_unknown_key_names_closest_valid_key() -> None:
     with pytest.raises(MoescopeError, match=r"inner\.lrr.*did you mean 'lr'"):
         from_dict(Outer, {"inner": {"lrr": 1.0}})

@@ -28,10 +28,12 @@ def register(subparsers: Any) -> None:
     b.add_argument("--balance", action="store_true", help="truncate every domain to the smallest block count")
     b.add_argument("--files", action="append", default=[], metavar="DOMAIN=PATH[,PATH...]",
                    help="take DOMAIN from your .txt/.jsonl/.py files, directories or globs (repeatable)")
-    b.add_argument("--hf", action="append", default=[], metavar="DOMAIN=DATASET[:CONFIG]",
-                   help="take DOMAIN from a Hugging Face dataset, e.g. code=codeparrot/codeparrot-clean (repeatable)")
-    b.add_argument("--hf-path", action="append", default=[], metavar="DOMAIN=PATH",
-                   help="local stand-in (file/dir/glob/zip) for DOMAIN's --hf dataset")
+    b.add_argument("--hf", action="append", default=[], metavar="DOMAIN=DATASET[:CONFIG][@WEIGHT]",
+                   help="take DOMAIN from a Hugging Face dataset, e.g. code=codeparrot/codeparrot-clean; repeat "
+                        "for one domain to mix sources, weights are shares of its size target "
+                        "(--hf math=mathqa@0.7 --hf math=openai/gsm8k@0.3; default equal)")
+    b.add_argument("--hf-path", action="append", default=[], metavar="DOMAIN[:DATASET]=PATH",
+                   help="local stand-in (file/dir/glob/zip) for DOMAIN's --hf dataset (DATASET picks one of several)")
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("inspect", help="random samples, statistics and a length plot of a data directory")
@@ -44,16 +46,77 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
+def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+    """DOMAIN=VALUE items in command-line order (a domain may repeat)."""
     from moescope.errors import MoescopeError
 
-    out = {}
+    out = []
     for item in items:
         if "=" not in item:
             raise MoescopeError(f"{flag} {item!r} must look like DOMAIN=VALUE")
         k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        if not k.strip() or not v.strip():
+            raise MoescopeError(f"{flag} {item!r} must look like DOMAIN=VALUE")
+        out.append((k.strip(), v.strip()))
     return out
+
+
+def parse_hf_value(value: str) -> tuple[str, str | None, float | None]:
+    """DATASET[:CONFIG][@WEIGHT] -> (dataset, config, weight); a URL keeps its ':'."""
+    from moescope.errors import MoescopeError
+
+    weight = None
+    if "@" in value:
+        value, _, raw = value.rpartition("@")
+        try:
+            weight = float(raw)
+        except ValueError:
+            raise MoescopeError(f"--hf weight {raw!r} is not a number (DOMAIN=DATASET[:CONFIG][@WEIGHT])") from None
+        if not weight > 0:
+            raise MoescopeError(f"--hf weight must be > 0, got {raw!r}")
+    if value.startswith(("http://", "https://")):
+        return value, None, weight
+    ds, _, conf = value.partition(":")
+    if not ds:
+        raise MoescopeError(f"--hf value {value!r} names no dataset")
+    return ds, conf or None, weight
+
+
+def _hf_sources(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """Each domain's --hf sources in order, with their --hf-path stand-ins attached.
+
+    `--hf-path DOMAIN=PATH` names the domain's only --hf dataset; with several, write
+    `--hf-path DOMAIN:DATASET=PATH`. Every --hf-path must find its dataset.
+    """
+    from moescope.data.config import SourceConfig
+    from moescope.errors import MoescopeError
+
+    by_domain: dict[str, list[tuple[str, str | None, float | None]]] = {}
+    for name, value in _pairs(args.hf, "--hf"):
+        by_domain.setdefault(name, []).append(parse_hf_value(value))
+    paths: dict[tuple[str, int], str] = {}
+    for key, path in _pairs(args.hf_path, "--hf-path"):
+        name, _, ds = key.partition(":")
+        entries = by_domain.get(name, [])
+        if not entries:
+            raise MoescopeError(f"--hf-path {key}=...: domain {name!r} has no --hf dataset")
+        if ds:
+            hits = [i for i, e in enumerate(entries) if e[0] == ds]
+            if not hits:
+                raise MoescopeError(f"--hf-path {key}=...: domain {name!r} has no --hf dataset {ds!r} "
+                                    f"(its --hf: {', '.join(e[0] for e in entries)})")
+        elif len(entries) > 1:
+            raise MoescopeError(f"--hf-path {key}=...: domain {name!r} has {len(entries)} --hf datasets; "
+                                f"write --hf-path {name}:DATASET=PATH")
+        else:
+            hits = [0]
+        for i in hits:
+            if (name, i) in paths:
+                raise MoescopeError(f"--hf-path given twice for {key}")
+            paths[(name, i)] = path
+    return {name: [SourceConfig(backend="hf", name=ds, config=conf, weight=w, path=paths.get((name, i)))
+                   for i, (ds, conf, w) in enumerate(entries)]
+            for name, entries in by_domain.items()}
 
 
 def build_config_from_args(args: argparse.Namespace) -> Any:
@@ -61,39 +124,42 @@ def build_config_from_args(args: argparse.Namespace) -> Any:
     import dataclasses
 
     from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig
-    from moescope.errors import MoescopeError
     from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
 
     raw = load_config_file(args.config) if args.config else {}
     cfg = from_dict(DataBuildConfig, deep_merge(raw, parse_overrides(args.overrides)))
+
+    # every source named on the command line, per domain: --files (paths merged) then each --hf
+    given: dict[str, list[SourceConfig]] = {}
+    for name, value in _pairs(args.files, "--files"):
+        paths = [p for p in value.split(",") if p]
+        if name in given:
+            given[name][0].paths.extend(paths)
+        else:
+            given[name] = [SourceConfig(backend="files", paths=paths)]
+    for name, srcs in _hf_sources(args).items():
+        given.setdefault(name, []).extend(srcs)
 
     domains = list(cfg.domains)
     if args.domains:
         by_name = {d.name: d for d in domains}
         names = [n.strip() for n in args.domains.split(",") if n.strip()]
         # Domains named in --files/--hf are added below with their source; others must be built-in.
-        given = set(_pairs(args.files, "--files")) | set(_pairs(args.hf, "--hf"))
         domains = [by_name.get(n) or DomainConfig(name=n) for n in names if n in by_name or n not in given]
-    for name, value in _pairs(args.files, "--files").items():
-        src = SourceConfig(backend="files", paths=[p for p in value.split(",") if p])
-        domains = _put_domain(domains, name, src)
-    hf_paths = _pairs(args.hf_path, "--hf-path")
-    for name, value in _pairs(args.hf, "--hf").items():
-        ds, _, conf = value.partition(":") if not value.startswith("http") else (value, "", "")
-        src = SourceConfig(backend="hf", name=ds, config=conf or None, path=hf_paths.pop(name, None))
-        domains = _put_domain(domains, name, src)
-    if hf_paths:
-        raise MoescopeError(f"--hf-path for domain(s) without --hf: {', '.join(hf_paths)}")
+    for name, srcs in given.items():
+        domains = _put_domain(domains, name, srcs)
     if args.target_mb is not None or args.target_texts is not None:
         domains = [dataclasses.replace(d, target_mb=args.target_mb if args.target_mb is not None else
                                        (None if args.target_texts is not None else d.target_mb),
                                        target_texts=args.target_texts if args.target_texts is not None else d.target_texts)
                    for d in domains]
     tok = cfg.tokenizer
-    if args.tokenizer or args.tokenizer_path or args.vocab_size:
+    if args.tokenizer or args.tokenizer_path or args.vocab_size is not None:
+        # `is not None`: --vocab-size 0 must reach the config's check, not fall back to the default
         tok = dataclasses.replace(
             tok, kind=args.tokenizer or ("gpt2" if args.tokenizer_path else tok.kind),
-            name_or_path=args.tokenizer_path or tok.name_or_path, vocab_size=args.vocab_size or tok.vocab_size)
+            name_or_path=args.tokenizer_path or tok.name_or_path,
+            vocab_size=args.vocab_size if args.vocab_size is not None else tok.vocab_size)
     changes: dict[str, Any] = {"domains": domains, "tokenizer": tok}
     if args.block_size is not None:
         changes["block_size_tokens"] = args.block_size
@@ -106,7 +172,8 @@ def build_config_from_args(args: argparse.Namespace) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
-def _put_domain(domains: list, name: str, source: Any) -> list:
+def _put_domain(domains: list, name: str, sources: list) -> list:
+    """The domain `name` with exactly `sources` (first is `source`, the rest are mixed in)."""
     import dataclasses
 
     from moescope.data.config import DomainConfig
@@ -114,9 +181,9 @@ def _put_domain(domains: list, name: str, source: Any) -> list:
     for i, d in enumerate(domains):
         if d.name == name:
             domains = list(domains)
-            domains[i] = dataclasses.replace(d, source=source)
+            domains[i] = dataclasses.replace(d, source=sources[0], extra_sources=list(sources[1:]))
             return domains
-    return [*domains, DomainConfig(name=name, source=source)]
+    return [*domains, DomainConfig(name=name, source=sources[0], extra_sources=list(sources[1:]))]
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -133,6 +200,8 @@ def run_build(args: argparse.Namespace) -> int:
                   f"blocks {s['n_blocks']:6d}  tail dropped {s['tail_tokens_dropped']}")
     for w in m.get("warnings", []):
         print(f"  warning: {w}")
+    removed = m.get("near_duplicates", {}).get("eval_removed", {})
+    print(f"  near-duplicates removed from eval: {', '.join(f'{d} {n}' for d, n in removed.items())}")
     print(f"  leakage check passed; manifest: {store.root / 'manifest.json'}")
     return 0
 
@@ -141,9 +210,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moescope.data.blocks import BlockStore
-    from moescope.data.inspect import draw_samples, plot_length_distribution, summary_rows
+    from moescope.data.inspect import draw_samples, leakage_lines, plot_length_distribution, summary_rows
 
     store = BlockStore.open(args.dir)
+    for line in leakage_lines(store):
+        print(line)
     rows = summary_rows(store)
     cols = list(rows[0])
     print("  ".join(f"{c:>14s}" for c in cols))

@@ -46,6 +46,64 @@ def tokenizer_dir(root: str | Path) -> Path:
     return Path(root) / "tokenizer"
 
 
+def read_manifest(path: Path) -> dict:
+    """A manifest.json as a dict, or one error naming the file (binary, not JSON, not an object)."""
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MoescopeError(f"{path}: unreadable manifest: not UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise MoescopeError(f"{path}: unreadable manifest: line {exc.lineno}: {exc.msg}") from exc
+    except OSError as exc:
+        raise MoescopeError(f"{path}: cannot read manifest ({exc.strerror or exc})") from exc
+    if not isinstance(manifest, dict):
+        raise MoescopeError(f"{path}: manifest must be a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def check_manifest(path: Path, m: dict) -> None:
+    """Types and ranges of the keys every stage reads, so a hand-edited manifest fails here, once."""
+
+    def positive_int(key: str) -> int:
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise MoescopeError(f"{path}: {key} must be a positive integer, got {v!r}")
+        return v
+
+    positive_int("block_size")
+    vocab = positive_int("vocab_size")
+    eos = m.get("eos_token_id")
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < vocab):
+        raise MoescopeError(f"{path}: eos_token_id {eos!r} is outside the vocabulary (0..{vocab - 1})")
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise MoescopeError(f"{path}: dtype must be 'uint16' or 'uint32', got {m['dtype']!r}")
+    if m["dtype"] == "uint16" and dtype_for_vocab(vocab) != np.dtype(np.uint16):
+        raise MoescopeError(f"{path}: vocab_size {vocab} does not fit dtype uint16")
+    domains = m["domains"]
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+        raise MoescopeError(f"{path}: domains must be a list of names")
+    splits = m["splits"]
+    if not isinstance(splits, dict):
+        raise MoescopeError(f"{path}: splits must be an object")
+    for split, per_domain in splits.items():
+        for d, entry in (per_domain.items() if isinstance(per_domain, dict) else []):
+            n = entry.get("n_blocks") if isinstance(entry, dict) else None
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise MoescopeError(f"{path}: splits.{split}.{d}.n_blocks must be an integer >= 0, got {n!r}")
+
+
+def tokenizer_ids(tokenizer_json: Path) -> set[int]:
+    """Every token id of a saved HF tokenizer (model vocabulary plus added tokens), read as JSON."""
+    try:
+        data = json.loads(tokenizer_json.read_bytes().decode("utf-8"))
+        vocab = data["model"]["vocab"]
+        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+        ids.update(int(t["id"]) for t in data.get("added_tokens") or [])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MoescopeError(f"{tokenizer_json}: unreadable tokenizer ({type(exc).__name__}: {exc})") from exc
+    return {int(i) for i in ids}
+
+
 @dataclass(frozen=True)
 class BlockStore:
     """Read-only view of a built data directory (memmaps, no copies)."""
@@ -59,14 +117,40 @@ class BlockStore:
         path = root / MANIFEST_NAME
         if not path.is_file():
             raise MoescopeError(f"not a moescope data directory (no {MANIFEST_NAME}): {root}")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise MoescopeError(f"{path}: unreadable manifest: {exc}") from exc
+        manifest = read_manifest(path)
         for key in ("block_size", "vocab_size", "dtype", "domains", "splits"):
             if key not in manifest:
                 raise MoescopeError(f"{path}: manifest lacks {key!r}")
-        return cls(root=root, manifest=manifest)
+        check_manifest(path, manifest)
+        store = cls(root=root, manifest=manifest)
+        store.check_tokenizer()
+        return store
+
+    def check_tokenizer(self) -> None:
+        """The manifest's vocabulary and EOS id must be the tokenizer's (when DIR/tokenizer exists).
+
+        A model is sized from `vocab_size`, so a manifest that disagrees with its tokenizer
+        builds a wrong-sized model or indexes past the embedding during training.
+        """
+        tj = tokenizer_dir(self.root) / "tokenizer.json"
+        if not tj.is_file():
+            return
+        expected = (self.manifest.get("tokenizer") or {}).get("sha256") if isinstance(
+            self.manifest.get("tokenizer"), dict) else None
+        if expected:
+            from moescope.io.provenance import sha256_file
+
+            if sha256_file(tj) != expected:
+                raise MoescopeError(f"{tj}: sha256 differs from the manifest's tokenizer.sha256 "
+                                    f"({self.root / MANIFEST_NAME}); the tokenizer was changed after the build")
+        ids = tokenizer_ids(tj)
+        size = max(ids) + 1 if ids else 0
+        if self.vocab_size != size:
+            raise MoescopeError(f"{self.root / MANIFEST_NAME}: vocab_size {self.vocab_size} disagrees with the "
+                                f"tokenizer ({tj}: {size} token ids)")
+        eos = self.manifest.get("eos_token_id")
+        if eos is not None and eos not in ids:
+            raise MoescopeError(f"{self.root / MANIFEST_NAME}: eos_token_id {eos} is not a token of {tj}")
 
     @property
     def block_size(self) -> int:

@@ -1,5 +1,6 @@
-"""`build_dataset`: sources -> filters/dedup -> text-level split -> leakage check -> tokenizer
--> streaming packing -> balance -> manifest, all inside a temporary directory renamed at the end.
+"""`build_dataset`: sources -> filters/dedup -> split by source document -> cross-split near-duplicate
+removal -> leakage check -> tokenizer -> streaming packing -> balance -> manifest, all inside a
+temporary directory renamed at the end.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moescope.data.blocks import (
-    FORMAT_VERSION, MANIFEST_NAME, SPLITS, BlockStore, block_path, dtype_for_vocab, texts_path, tokenizer_dir,
+    FORMAT_VERSION, MANIFEST_NAME, SPLITS, BlockStore, block_path, dtype_for_vocab, read_manifest, texts_path,
+    tokenizer_dir,
 )
 from moescope.data.config import DataBuildConfig
 from moescope.data.packing import PackStats, choose_rows, encoder_for, pack_to_file, truncate_block_file
 from moescope.data.sources import DomainTexts, collect_domain
-from moescope.data.split import check_leakage, domain_seed, split_texts
+from moescope.data.split import (
+    NEAR_DUP_NUM_PERM, NEAR_DUP_SHINGLE_WORDS, NEAR_DUP_THRESHOLD, check_leakage, document_key,
+    domain_seed, find_near_duplicates, split_texts,
+)
 from moescope.data.text import SourceText, digest_hashes, hash_text
 from moescope.data.tokenizer import make_tokenizer, save_tokenizer, tokenizer_size
 from moescope.errors import MoescopeError
@@ -53,8 +58,8 @@ def _existing_build(out_dir: Path, fingerprint: str, overwrite: bool) -> BlockSt
         raise MoescopeError(f"output directory {out_dir} is not empty and holds no moescope build; "
                             "choose another --out or pass --overwrite")
     try:
-        old = json.loads(manifest.read_text(encoding="utf-8")).get("config_fingerprint")
-    except (json.JSONDecodeError, OSError):
+        old = read_manifest(manifest).get("config_fingerprint")
+    except MoescopeError:
         old = None
     if old != fingerprint:
         raise MoescopeError(f"output directory {out_dir} already holds a different build "
@@ -151,16 +156,25 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
         timings[f"read_{dom.name}_s"] = time.perf_counter() - t0
         log.info("%s: %d texts (%s)", dom.name, len(collected[dom.name].texts), collected[dom.name].stats.stopped_by)
 
-    # 2. text-level split + leakage check across all domains
+    # 2. split by source document, drop eval near-duplicates of train texts, leakage check (all domains)
     t0 = time.perf_counter()
     parts: dict[str, dict[str, list[SourceText]]] = {"train": {}, "eval": {}}
     for name, dt in collected.items():
         parts["train"][name], parts["eval"][name] = split_texts(
             dt.texts, domain=name, seed=cfg.seed, eval_fraction=cfg.eval_fraction, eval_min_texts=cfg.eval_min_texts)
     all_train = [t for ts in parts["train"].values() for t in ts]
-    all_eval = [t for ts in parts["eval"].values() for t in ts]
-    leakage = check_leakage(all_train, all_eval)
     timings["split_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    near = find_near_duplicates(all_train, [t for ts in parts["eval"].values() for t in ts])
+    if near.removed:
+        gone = {id(t) for t in near.removed}
+        log.info("removed %d eval texts that near-duplicate a train text (%s)", len(near.removed),
+                 ", ".join(f"{d}: {n}" for d, n in sorted(near.per_domain.items())))
+        parts["eval"] = {d: [t for t in ts if id(t) not in gone] for d, ts in parts["eval"].items()}
+    all_eval = [t for ts in parts["eval"].values() for t in ts]
+    # near-duplicates were all removed just above (same signatures), so the check here is exact + document
+    leakage = check_leakage(all_train, all_eval)
+    timings["near_duplicates_s"] = time.perf_counter() - t0
 
     exists = out_dir.exists()
     with atomic_directory(out_dir, overwrite=overwrite or exists) as tmp:
@@ -185,6 +199,7 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
                     res = _write_split(tmp, split, name, parts[split][name], encode, eos_id, cfg, dtype, bar)
                     hashes[split][name] = res.hashes
                     splits[split][name] = {
+                        "n_documents": len({document_key(t) for t in parts[split][name]}),
                         "n_texts": res.stats.n_texts, "n_chars": res.stats.n_chars, "n_bytes": res.bytes,
                         "n_tokens": res.stats.n_tokens, "n_blocks": res.stats.n_blocks,
                         "n_block_tokens": res.stats.n_blocks * cfg.block_size_tokens,
@@ -217,13 +232,24 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
             "domains": list(collected),
             "seed": cfg.seed,
             "split_rule": {"eval_fraction": cfg.eval_fraction, "eval_min_texts": cfg.eval_min_texts,
-                           "level": "text, before tokenization and packing"},
+                           "level": "source document (article, code file, math problem statement), "
+                                    "before tokenization and packing"},
             "splits": splits,
             "sources": {n: dt.source for n, dt in collected.items()},
             "filtering": {n: dt.stats.as_dict() for n, dt in collected.items()},
             "leakage_check": {"passed": True, "raw_overlap": leakage.raw_overlap,
                               "normalized_overlap": leakage.normalized_overlap,
-                              "method": "sha256 of every train and eval text, raw and whitespace-normalized"},
+                              "document_overlap": leakage.document_overlap,
+                              "method": "sha256 of every train and eval text, raw and whitespace-normalized; "
+                                        "source documents of both splits; near-duplicates removed before"},
+            "near_duplicates": {
+                "method": f"MinHash LSH (datasketch, {NEAR_DUP_NUM_PERM} permutations) on lower-cased "
+                          f"{NEAR_DUP_SHINGLE_WORDS}-word shingles, estimated Jaccard >= {NEAR_DUP_THRESHOLD} "
+                          "against any train text (all domains); the eval copy is dropped",
+                "threshold": NEAR_DUP_THRESHOLD,
+                "eval_removed": {d: near.per_domain.get(d, 0) for d in collected},
+                "examples": [{"eval": e, "train": t, "jaccard": j} for e, t, j in near.examples],
+            },
             "tokenizer": {"kind": cfg.tokenizer.kind, "vocab_size": vocab,
                           "requested_vocab_size": cfg.tokenizer.vocab_size if cfg.tokenizer.kind == "bpe" else None,
                           "name_or_path": cfg.tokenizer.name_or_path if cfg.tokenizer.kind == "gpt2" else None,

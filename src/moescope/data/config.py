@@ -23,6 +23,10 @@ Example (TOML)::
     [domains.source]
     backend = "hf"
     name = "mathqa"          # the source zip; path = "MathQA.zip" for a local copy
+    [[domains.extra_sources]]   # mixed in: 70% / 30% of the domain's size target
+    backend = "hf"
+    name = "openai/gsm8k"
+    weight = 0.3                # the first source's weight: [domains.source] weight = 0.7
     [[domains]]
     name = "prose"
     [domains.source]
@@ -32,12 +36,14 @@ Example (TOML)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from moescope.errors import MoescopeError
 
 BACKENDS = ("builtin", "hf", "files")
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 BUILTIN_DOMAINS = ("code", "math", "prose")
 
 # Per-domain length filters (characters) used when a domain config leaves them unset.
@@ -66,8 +72,11 @@ class SourceConfig:
     shuffle_buffer_texts: int = 10_000
     python_unit: Literal["definition", "file"] = "definition"
     txt_unit: Literal["file", "paragraph"] = "file"
+    weight: float | None = None  # share of the domain's size target when the domain mixes sources
 
     def __post_init__(self) -> None:
+        if self.weight is not None and not self.weight > 0:
+            raise MoescopeError(f"source weight must be > 0, got {self.weight}")
         if self.backend not in BACKENDS:
             raise MoescopeError(f"unknown source backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
         if self.shuffle_buffer_texts < 1:
@@ -80,14 +89,21 @@ class DomainConfig:
 
     name: str
     source: SourceConfig = field(default_factory=SourceConfig)
+    extra_sources: list[SourceConfig] = field(default_factory=list)  # mixed with `source` (see all_sources)
     min_chars: int | None = None
     max_chars: int | None = None
     target_mb: float | None = 1.5
     target_texts: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise MoescopeError(f"bad domain name {self.name!r}")
+        if not isinstance(self.name, str) or not DOMAIN_NAME.fullmatch(self.name) or self.name.startswith("."):
+            # the name becomes a file name (blocks/{split}/{name}.bin) and a label in reports
+            raise MoescopeError(f"bad domain name {self.name!r}: use 1-32 letters, digits, '_', '.' or '-' "
+                                "(not starting with '.')")
+        for extra in self.extra_sources:
+            if extra.backend == "builtin" and (extra.name or self.name) not in BUILTIN_DOMAINS:
+                raise MoescopeError(f"domain {self.name}: unknown built-in corpus {extra.name or self.name!r} "
+                                    f"in extra_sources (built-in: {', '.join(BUILTIN_DOMAINS)})")
         if self.source.backend == "builtin" and self.builtin_name not in BUILTIN_DOMAINS:
             raise MoescopeError(
                 f"unknown built-in domain {self.builtin_name!r} (built-in: {', '.join(BUILTIN_DOMAINS)}; "
@@ -101,6 +117,12 @@ class DomainConfig:
     @property
     def builtin_name(self) -> str:
         return self.source.name or self.name
+
+    @property
+    def all_sources(self) -> list[SourceConfig]:
+        """`source` then `extra_sources`; with several, each gets a share of the size target
+        proportional to its weight (unset weights count 1)."""
+        return [self.source, *self.extra_sources]
 
     @property
     def resolved_min_chars(self) -> int:

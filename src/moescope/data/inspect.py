@@ -42,6 +42,30 @@ def summary_rows(store: BlockStore) -> list[dict[str, Any]]:
     return rows
 
 
+def leakage_lines(store: BlockStore) -> list[str]:
+    """What the build did to keep eval held out (manifest keys; older builds lack some)."""
+    m = store.manifest
+    lines = []
+    rule = m.get("split_rule", {}).get("level")
+    if rule:
+        lines.append(f"split by: {rule}")
+    docs = {s: {d: m["splits"][s][d].get("n_documents") for d in store.domains} for s in SPLITS}
+    if all(v is not None for s in SPLITS for v in docs[s].values()):
+        lines.append("source documents: " + ", ".join(
+            f"{d} {docs['train'][d]} train / {docs['eval'][d]} eval" for d in store.domains))
+    near = m.get("near_duplicates")
+    if near:
+        removed = near.get("eval_removed", {})
+        lines.append(f"near-duplicates removed from eval (Jaccard >= {near.get('threshold')}): "
+                     + ", ".join(f"{d} {removed.get(d, 0)}" for d in store.domains))
+    check = m.get("leakage_check")
+    if check:
+        lines.append(f"leakage check: {'passed' if check.get('passed') else 'FAILED'} "
+                     f"(exact {check.get('raw_overlap')}, whitespace-normalized {check.get('normalized_overlap')}, "
+                     f"shared documents {check.get('document_overlap', 'not checked')})")
+    return lines
+
+
 def draw_samples(store: BlockStore, n: int, seed: int = 0) -> list[Sample]:
     """`n` random raw texts and `n` random decoded blocks per domain and split."""
     from transformers import AutoTokenizer

@@ -1,20 +1,30 @@
-"""Text-level train/eval split (before tokenization and packing) and the leakage check.
+"""Text-level train/eval split by source document (before tokenization and packing), the
+cross-split near-duplicate removal, and the leakage check.
 
-Splitting whole texts before packing is what keeps eval honest: packed blocks cut
-documents at arbitrary points, so splitting blocks would put halves of one
-document on both sides.
+Splitting whole documents before packing is what keeps eval honest: packed blocks cut
+texts at arbitrary points, and one document often yields several texts (the sections
+of an article, the definitions of a code file, one math problem with differently
+worded solutions), so splitting texts or blocks would put parts of one document on
+both sides.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from moescope.data.text import SourceText, hash_normalized, hash_text
+from moescope.data.text import SourceText, hash_normalized, hash_text, normalize_whitespace
 from moescope.errors import MoescopeError
+
+NEAR_DUP_THRESHOLD = 0.8
+NEAR_DUP_SHINGLE_WORDS = 5
+NEAR_DUP_NUM_PERM = 128
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
 def eval_count(n_texts: int, eval_fraction: float, eval_min_texts: int) -> int:
@@ -27,23 +37,140 @@ def domain_seed(seed: int, domain: str) -> list[int]:
     return [seed, zlib.crc32(domain.encode("utf-8"))]
 
 
+def normalize_problem(problem: str) -> str:
+    """A math problem statement compared case- and whitespace-insensitively."""
+    return normalize_whitespace(problem).lower()
+
+
+def document_key(t: SourceText) -> str:
+    """The source document a text comes from; all texts of one document go to the same split.
+
+    A math problem (any text with a `problem` field: generated, MathQA, GSM8K) is keyed by
+    its normalized statement, so one problem with two solution wordings is one document.
+    Sources that cut documents into several texts (article sections, a file's definitions)
+    name the document in `meta["document"]`; any other text is its own document.
+    """
+    problem = t.meta.get("problem")
+    if isinstance(problem, str) and problem.strip():
+        return "problem:" + normalize_problem(problem)
+    doc = t.meta.get("document")
+    if isinstance(doc, str) and doc:
+        return doc
+    return "text:" + t.id
+
+
 def split_texts(
     texts: Sequence[SourceText], *, domain: str, seed: int, eval_fraction: float, eval_min_texts: int
 ) -> tuple[list[SourceText], list[SourceText]]:
-    """Seeded random split; both sides keep the source order of their texts."""
+    """Seeded random split of whole documents; both sides keep the source order of their texts.
+
+    Documents are drawn in a seeded random order into eval until it holds at least
+    `eval_count(...)` texts, so eval may hold a few texts more than that count.
+    """
     n = len(texts)
     n_eval = eval_count(n, eval_fraction, eval_min_texts)
-    if n_eval >= n:
+    keys = [document_key(t) for t in texts]
+    docs = list(dict.fromkeys(keys))  # first-appearance order, independent of hash seeds
+    sizes: dict[str, int] = {}
+    for k in keys:
+        sizes[k] = sizes.get(k, 0) + 1
+    perm = np.random.default_rng(domain_seed(seed, domain)).permutation(len(docs))
+    chosen: set[str] = set()
+    got = 0
+    for i in perm:
+        if got >= n_eval:
+            break
+        chosen.add(docs[int(i)])
+        got += sizes[docs[int(i)]]
+    if got < n_eval or len(chosen) == len(docs):
         raise MoescopeError(
-            f"domain {domain!r}: too few texts for the split ({n} texts, {n_eval} needed for eval "
-            f"= max({eval_min_texts}, {eval_fraction:g} x {n}) plus at least one for train)"
+            f"domain {domain!r}: too few texts for the split ({n} texts in {len(docs)} source documents, "
+            f"{n_eval} needed for eval = max({eval_min_texts}, {eval_fraction:g} x {n}) plus at least one "
+            "document for train)"
         )
-    perm = np.random.default_rng(domain_seed(seed, domain)).permutation(n)
-    is_eval = np.zeros(n, dtype=bool)
-    is_eval[perm[:n_eval]] = True
-    train = [t for t, e in zip(texts, is_eval) if not e]
-    evals = [t for t, e in zip(texts, is_eval) if e]
+    train = [t for t, k in zip(texts, keys) if k not in chosen]
+    evals = [t for t, k in zip(texts, keys) if k in chosen]
     return train, evals
+
+
+# ------------------------------------------------------------------ near duplicates
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_MULT = np.uint64(0x01000193)  # FNV-1 32-bit prime: mixes word hashes into a shingle hash
+
+
+def shingle_hashes(text: str, n: int = NEAR_DUP_SHINGLE_WORDS) -> np.ndarray:
+    """32-bit hashes of the text's lower-cased word (and punctuation) n-grams, unique, sorted.
+
+    crc32 per word, then a polynomial over each window of n word hashes (vectorized), because
+    hashing ~10^6 shingle strings one by one dominated the build; a text shorter than n words
+    is one shingle. Deterministic across processes (Python's str hash is not).
+    """
+    words = _WORD.findall(text.lower())
+    h = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+    width = min(n, len(h))
+    m = len(h) - width + 1
+    acc = np.zeros(max(m, 1), dtype=np.uint64)
+    for k in range(width):
+        acc = (acc * _MULT + h[k : k + m]) & _MASK32
+    return np.unique(acc)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def minhashes(texts: Sequence[SourceText], num_perm: int = NEAR_DUP_NUM_PERM) -> list:
+    """datasketch MinHash signature of each text's shingle set (seed fixed: both sides comparable)."""
+    from datasketch import MinHash
+
+    return MinHash.bulk((shingle_hashes(t.text) for t in texts), num_perm=num_perm, seed=1, hashfunc=_identity)
+
+
+@dataclass
+class NearDuplicates:
+    """Eval texts with a train text at estimated Jaccard >= threshold, per domain, with examples."""
+
+    removed: list[SourceText]
+    per_domain: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[str, str, float]] = field(default_factory=list)  # (eval id, train id, jaccard)
+
+
+def find_near_duplicates(
+    train: Sequence[SourceText], evals: Sequence[SourceText], threshold: float = NEAR_DUP_THRESHOLD,
+    num_perm: int = NEAR_DUP_NUM_PERM,
+) -> NearDuplicates:
+    """Eval texts that near-duplicate any train text (all domains), by MinHash LSH on word shingles.
+
+    LSH finds candidates; each is kept only when the two signatures' estimated Jaccard
+    similarity reaches `threshold` (LSH alone also returns some pairs below it).
+    """
+    from datasketch import MinHashLSH
+
+    if not train or not evals:
+        return NearDuplicates(removed=[])
+    train_mh = minhashes(train, num_perm)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    with lsh.insertion_session() as session:
+        for i, m in enumerate(train_mh):
+            session.insert(i, m, check_duplication=False)
+    out = NearDuplicates(removed=[])
+    for t, m in zip(evals, minhashes(evals, num_perm)):
+        best, best_j = None, 0.0
+        for i in sorted(lsh.query(m)):  # sorted: ties resolve the same way every run
+            j = m.jaccard(train_mh[i])
+            if j > best_j:
+                best, best_j = i, j
+        if best is not None and best_j >= threshold:
+            out.removed.append(t)
+            out.per_domain[t.domain] = out.per_domain.get(t.domain, 0) + 1
+            if len(out.examples) < 5:
+                out.examples.append((t.id, train[best].id, round(best_j, 3)))
+    return out
+
+
+# ------------------------------------------------------------------ leakage check
 
 
 @dataclass
@@ -51,27 +178,44 @@ class LeakageReport:
     raw_overlap: int
     normalized_overlap: int
     examples: list[str]
+    document_overlap: int = 0
+    near_duplicates: int = 0
 
     @property
     def clean(self) -> bool:
-        return self.raw_overlap == 0 and self.normalized_overlap == 0
+        return not (self.raw_overlap or self.normalized_overlap or self.document_overlap or self.near_duplicates)
 
 
-def find_leakage(train: Sequence[SourceText], evals: Sequence[SourceText]) -> LeakageReport:
-    """Eval texts whose exact or whitespace-normalized hash also occurs in train."""
+def find_leakage(
+    train: Sequence[SourceText], evals: Sequence[SourceText], *, near: bool = False,
+    threshold: float = NEAR_DUP_THRESHOLD,
+) -> LeakageReport:
+    """Eval texts whose exact or whitespace-normalized hash, or source document, also occurs in
+    train; with `near`, also eval texts that near-duplicate a train text (MinHash LSH)."""
     train_raw = {hash_text(t.text) for t in train}
     train_norm = {hash_normalized(t.text) for t in train}
+    train_docs = {document_key(t) for t in train}
     raw = [t for t in evals if hash_text(t.text) in train_raw]
     norm = [t for t in evals if hash_normalized(t.text) in train_norm]
-    return LeakageReport(raw_overlap=len(raw), normalized_overlap=len(norm), examples=[t.id for t in norm[:5]])
+    docs = [t for t in evals if document_key(t) in train_docs]
+    near_dups = find_near_duplicates(train, evals, threshold).removed if near else []
+    examples = [t.id for t in (norm or docs or near_dups)[:5]]
+    return LeakageReport(raw_overlap=len(raw), normalized_overlap=len(norm), examples=examples,
+                         document_overlap=len(docs), near_duplicates=len(near_dups))
 
 
-def check_leakage(train: Sequence[SourceText], evals: Sequence[SourceText]) -> LeakageReport:
-    """Raise (failing the build) when any eval text also appears in train, even re-spaced."""
-    report = find_leakage(train, evals)
+def check_leakage(
+    train: Sequence[SourceText], evals: Sequence[SourceText], *, near: bool = False,
+    threshold: float = NEAR_DUP_THRESHOLD,
+) -> LeakageReport:
+    """Raise (failing the build) when any eval text also appears in train, even re-spaced, shares a
+    source document with a train text, or (with `near`) near-duplicates one."""
+    report = find_leakage(train, evals, near=near, threshold=threshold)
     if not report.clean:
         raise MoescopeError(
             f"train/eval leakage: {report.raw_overlap} eval texts identical to train texts, "
-            f"{report.normalized_overlap} identical after whitespace normalization (e.g. {', '.join(report.examples)})"
+            f"{report.normalized_overlap} identical after whitespace normalization, "
+            f"{report.document_overlap} from a source document that train also holds, "
+            f"{report.near_duplicates} near-duplicates (e.g. {', '.join(report.examples)})"
         )
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -32,7 +33,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
@@ -44,6 +45,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML safe loading where `1e4` and `3e-4` are numbers: PyYAML follows YAML 1.1, which wants a
+    dot before the exponent and reads them as strings; users (and YAML 1.2, JSON) mean numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def parse_scalar(raw: str) -> Any:
+    """A `--set` value read as a YAML scalar (or flow list/mapping); `1e4` is a number."""
+    return yaml.load(raw, Loader=_Loader) if raw != "" else ""  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """Turn ["train.steps=100", "moe.top_k=2"] into a nested dict; values parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -51,7 +66,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise MoescopeError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_scalar(raw)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -148,6 +163,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise MoescopeError(f"config {where}: expected true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e4 reads as a float but names a whole number
         if isinstance(value, bool) or not isinstance(value, int):
             raise MoescopeError(f"config {where}: expected an integer, got {value!r}")
         return value

@@ -108,7 +108,8 @@ def iter_wiki_texts(domain: str, path: Path | None = None) -> Iterator[SourceTex
                 for c_idx, chunk in enumerate(_chunk_paragraphs(body, SECTION_CHUNK_CHARS)):
                     yield SourceText(
                         text=chunk, domain=domain, id=f"enwiki:{pageid}:{s_idx}:{c_idx}",
-                        meta={"source": "enwiki-excerpt", "title": title, "section": heading, "pageid": pageid},
+                        meta={"source": "enwiki-excerpt", "title": title, "section": heading, "pageid": pageid,
+                              "document": f"enwiki:{title}"},
                     )
 
 

@@ -72,7 +72,8 @@ def _iter_file(path: Path, src: SourceConfig, domain: str) -> Iterator[SourceTex
     elif path.suffix == ".txt" and src.txt_unit == "paragraph":
         for i, para in enumerate(p.strip() for p in text.split("\n\n")):
             if para:
-                yield SourceText(text=para, domain=domain, id=f"{name}:{i}", meta={"file": name, "paragraph": i})
+                yield SourceText(text=para, domain=domain, id=f"{name}:{i}", meta={"file": name, "paragraph": i,
+                                                                                 "document": f"file:{name}"})
     else:
         yield SourceText(text=text, domain=domain, id=name, meta={"file": name})
 

@@ -94,6 +94,47 @@ def resolve_local_files(location: str, split: str) -> tuple[str, list[str]]:
     return builders.pop() or "json", files
 
 
+def decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise MoescopeError(f"{where}: line {line}: not UTF-8 (byte {exc.start})") from exc
+
+
+def validate_json_file(path: str) -> None:
+    """Fail with file and line on a local JSON / JSON-lines file that is not UTF-8 JSON.
+
+    datasets would raise deep inside the streaming iterator with neither; a whole JSON
+    document (e.g. a list of rows) is accepted as well as one object per line.
+    """
+    import gzip
+
+    p = Path(path)
+    if p.name.lower().endswith(".zst"):
+        return  # needs zstandard to read; datasets reports its own errors for these
+    try:
+        data = gzip.decompress(p.read_bytes()) if p.name.lower().endswith(".gz") else p.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise MoescopeError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    text = decode_utf8(data, str(p))
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as whole:
+        first_error = whole
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            # a pretty-printed document fails on its first line as JSON lines: report the whole-file error then
+            bad = first_error if lineno == 1 and first_error.lineno > 1 else exc
+            line_no = bad.lineno if bad is first_error else lineno
+            raise MoescopeError(f"{p}: line {line_no}: invalid JSON ({bad.msg})") from exc
+
+
 def _open_rows(src: SourceConfig, default_config: str | None) -> Any:
     """A streaming datasets.IterableDataset over the source's raw rows."""
     from datasets import load_dataset
@@ -101,6 +142,9 @@ def _open_rows(src: SourceConfig, default_config: str | None) -> Any:
     try:
         if src.path:
             builder, files = resolve_local_files(src.path, src.split)
+            if builder == "json":
+                for f in files:
+                    validate_json_file(f)
             return load_dataset(builder, data_files={src.split: files}, split=src.split, streaming=True)
         return load_dataset(src.name, src.config or default_config, split=src.split, revision=src.revision,
                             streaming=True)
@@ -138,7 +182,8 @@ def source_info(src: SourceConfig, seed: int) -> dict[str, Any]:
 def _iter_codeparrot(ds: Iterable[dict], domain: str) -> Iterator[SourceText]:
     for row in ds:
         yield SourceText(text=row["content"], domain=domain, id=f"{row.get('repo_name', '')}/{row.get('path', '')}",
-                         meta={"repo_name": row.get("repo_name"), "path": row.get("path"), "license": row.get("license")})
+                         meta={"repo_name": row.get("repo_name"), "path": row.get("path"), "license": row.get("license"),
+                               "document": f"file:{row.get('repo_name', '')}/{row.get('path', '')}"})
 
 
 def _iter_text(ds: Iterable[dict], domain: str, field: str, prefix: str) -> Iterator[SourceText]:
@@ -210,7 +255,8 @@ def _iter_wikitext(rows: Any, domain: str, seed: int, buffer: int) -> Iterator[S
     sections = IterableDataset.from_generator(_wikitext_section_rows, gen_kwargs={"rows": rows})
     for i, row in enumerate(_shuffled(sections, seed, buffer)):
         yield SourceText(text=row["text"], domain=domain, id=f"wikitext:{row['title']}:{row['section_index']}",
-                         meta={"title": row["title"], "section": row["section"]})
+                         meta={"title": row["title"], "section": row["section"],
+                               "document": f"wikitext:{row['title']}"})
 
 
 def mathqa_text(problem: str, rationale: str) -> tuple[str, str]:
@@ -221,8 +267,24 @@ def mathqa_text(problem: str, rationale: str) -> tuple[str, str]:
     return f"{problem.strip()}\n\n{r}", r
 
 
-def read_mathqa_zip(location: str, split: str) -> list[dict]:
-    """Rows of one split of the MathQA source zip (local path, or URL fetched through datasets' cache)."""
+def read_json_file(path: Path, data: bytes | None = None, member: str = "") -> Any:
+    """A whole-file JSON document; errors name the file (and zip member) and the line."""
+    where = f"{path}:{member}" if member else str(path)
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise MoescopeError(f"{where}: cannot read ({exc.strerror or exc})") from exc
+    text = decode_utf8(data, where)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MoescopeError(f"{where}: line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+
+
+def read_mathqa(location: str, split: str) -> list[dict]:
+    """Rows of one split of MathQA: the source zip (local path, or URL fetched through datasets'
+    cache), one of its JSON files (train.json, a list of problems) or a directory holding them."""
     if split not in MATHQA_SPLIT_FILES:
         raise MoescopeError(f"MathQA has no split {split!r} (choose from {', '.join(MATHQA_SPLIT_FILES)})")
     if location.startswith(("http://", "https://")):
@@ -233,27 +295,39 @@ def read_mathqa_zip(location: str, split: str) -> list[dict]:
         except Exception as exc:
             raise MoescopeError(f"cannot download MathQA zip {location}: {exc}") from exc
     path = Path(location)
-    if not path.is_file():
-        raise MoescopeError(f"MathQA zip not found: {location}")
     want = MATHQA_SPLIT_FILES[split]
-    try:
+    if path.is_dir():
+        found = sorted(f for f in path.rglob(want) if f.is_file())
+        if not found:
+            raise MoescopeError(f"MathQA directory {path} holds no {want} (split {split!r})")
+        path = found[0]
+    if not path.is_file():
+        raise MoescopeError(f"MathQA data not found: {location}")
+    member = ""
+    if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             members = [m for m in zf.namelist() if Path(m).name == want]
             if not members:
                 raise MoescopeError(f"{path}: no {want} inside (members: {', '.join(zf.namelist()[:10])})")
-            rows = json.loads(zf.read(members[0]).decode("utf-8"))
-    except zipfile.BadZipFile as exc:
-        raise MoescopeError(f"{path}: not a zip file") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MoescopeError(f"{path}:{want}: not UTF-8 JSON ({exc})") from exc
+            member = members[0]
+            rows = read_json_file(path, zf.read(member), member)
+    elif path.suffix.lower() == ".json":
+        rows = read_json_file(path)
+    else:
+        raise MoescopeError(f"{path}: not a zip file or a MathQA .json file")
+    where = f"{path}:{member}" if member else str(path)
     if not isinstance(rows, list):
-        raise MoescopeError(f"{path}:{want}: expected a JSON list of problems")
+        raise MoescopeError(f"{where}: expected a JSON list of problems, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("Problem"), str) or not isinstance(
+                row.get("Rationale"), str):
+            raise MoescopeError(f"{where}: problem #{i} lacks string fields 'Problem' and 'Rationale'")
     return rows
 
 
 def _iter_mathqa(src: SourceConfig, domain: str, seed: int) -> Iterator[SourceText]:
     location = src.path or (src.name if src.name.startswith("http") else MATHQA_URL)
-    rows = read_mathqa_zip(location, src.split)
+    rows = read_mathqa(location, src.split)
     for i in np.random.default_rng(seed).permutation(len(rows)):
         row = rows[int(i)]
         text, rationale = mathqa_text(row["Problem"], row["Rationale"])
@@ -264,7 +338,22 @@ def _iter_mathqa(src: SourceConfig, domain: str, seed: int) -> Iterator[SourceTe
 
 
 def iter_hf(src: SourceConfig, domain: str, seed: int) -> Iterator[SourceText]:
-    """Texts of a Hugging Face source in seeded (shuffle-buffer) order."""
+    """Texts of a Hugging Face source in seeded (shuffle-buffer) order; any failure while
+    reading is one error naming the dataset (datasets raises many types mid-stream)."""
+    try:
+        for t in _iter_hf(src, domain, seed):
+            if not isinstance(t.text, str):
+                raise MoescopeError(f"dataset {src.path or src.name!r}: row {t.id} has no text string "
+                                    f"(got {type(t.text).__name__})")
+            yield t
+    except MoescopeError:
+        raise
+    except Exception as exc:
+        raise MoescopeError(f"cannot read dataset {src.path or src.name!r} (split {src.split!r}): "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _iter_hf(src: SourceConfig, domain: str, seed: int) -> Iterator[SourceText]:
     fmt, default_config = dataset_format(src)
     if fmt == "mathqa":
         yield from _iter_mathqa(src, domain, seed)

@@ -58,7 +58,7 @@ def split_definitions(source: str, *, module: str, domain: str, path: str) -> It
             domain=domain,
             id=f"{module}:{node.name}{suffix}",
             meta={"module": module, "qualname": node.name, "kind": kind, "path": path,
-                  "lineno": start, "docstring": doc},
+                  "lineno": start, "docstring": doc, "document": f"file:{path}"},
         )
 
 

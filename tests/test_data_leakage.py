@@ -1,0 +1,180 @@
+"""Held-out data that is really held out: splits by source document (article, code file, math
+problem), near-duplicates removed across splits, and an independent check that decodes every
+held-out block of a built-in build and finds nothing of it in the training split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moescope.data.blocks import BlockStore, tokenizer_dir
+from moescope.data.build import build_dataset
+from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig, TokenizerConfig
+from moescope.data.split import check_leakage, document_key, find_leakage, find_near_duplicates, split_texts
+from moescope.data.text import SourceText
+from moescope.errors import MoescopeError
+
+
+def _math(i: int, problem: str, rationale: str) -> SourceText:
+    return SourceText(text=f"{problem}\n\n{rationale}", domain="math", id=f"m{i}",
+                      meta={"problem": problem, "rationale": rationale})
+
+
+def test_one_math_problem_with_two_solution_wordings_stays_on_one_side() -> None:
+    texts = []
+    for i in range(60):
+        p = f"a train running at {i} km / hr crosses a pole in 9 sec . what is the length ?"
+        texts.append(_math(2 * i, p, f"speed = {i} × 5 / 18 . answer : {i * 2.5}"))
+        # the same problem (re-spaced, upper case) with a differently worded solution
+        texts.append(_math(2 * i + 1, p.upper().replace(" ", "  "), f"solution : {i} * 5 / 18 m/s ; hence {i * 2.5}"))
+    for seed in range(5):
+        train, evals = split_texts(texts, domain="math", seed=seed, eval_fraction=0.05, eval_min_texts=20)
+        assert len(evals) == 20 and len(train) == 100
+        assert {document_key(t) for t in train}.isdisjoint(document_key(t) for t in evals)
+        assert find_leakage(train, evals).document_overlap == 0
+
+
+def test_generated_math_never_puts_one_problem_on_both_sides() -> None:
+    """The built-in generator repeats problems (small parameter ranges) with new solution wording;
+    a whole-text split put 108 of 394 held-out problems of the default build into train too."""
+    from moescope.data.sources.builtin import iter_builtin
+
+    stream = iter_builtin("math", "math", 42)
+    texts = [next(stream) for _ in range(4000)]
+    statements = [" ".join(t.meta["problem"].split()).lower() for t in texts]
+    assert len(set(statements)) < len(texts) - 100  # the generator does repeat problems
+    train, evals = split_texts(texts, domain="math", seed=42, eval_fraction=0.05, eval_min_texts=20)
+    train_problems = {(" ".join(t.meta["problem"].split()).lower(), t.meta["answer_text"]) for t in train}
+    assert len(evals) >= 200
+    assert not [t for t in evals if (" ".join(t.meta["problem"].split()).lower(), t.meta["answer_text"]) in train_problems]
+
+
+def test_article_sections_and_file_definitions_stay_together() -> None:
+    texts = [SourceText(text=f"section {s} of article {a}", domain="prose", id=f"w{a}:{s}",
+                        meta={"title": f"Article {a}", "document": f"enwiki:Article {a}"})
+             for a in range(30) for s in range(4)]
+    train, evals = split_texts(texts, domain="prose", seed=0, eval_fraction=0.05, eval_min_texts=20)
+    assert len(evals) == 20  # five whole articles
+    assert {t.meta["title"] for t in train}.isdisjoint(t.meta["title"] for t in evals)
+    one_file = [SourceText(text=f"s{i}", domain="code", id=str(i), meta={"document": "file:a.py"}) for i in range(40)]
+    with pytest.raises(MoescopeError, match="1 source documents"):
+        split_texts(one_file, domain="code", seed=0, eval_fraction=0.05, eval_min_texts=20)
+
+
+def test_leakage_check_names_shared_documents() -> None:
+    train = [_math(0, "what is 2 + 2 ?", "4")]
+    evals = [_math(1, "What is 2 +  2 ?", "two plus two is 4")]
+    rep = find_leakage(train, evals)
+    assert (rep.raw_overlap, rep.normalized_overlap, rep.document_overlap) == (0, 0, 1)
+    with pytest.raises(MoescopeError, match="1 from a source document"):
+        check_leakage(train, evals)
+
+
+def test_near_duplicates_found_by_minhash_lsh() -> None:
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(500)]
+    train = [SourceText(text=" ".join(rng.choice(vocab, 120)), domain="d", id=f"t{i}") for i in range(50)]
+    words = train[7].text.split()
+    words[60] = "changed"  # one word in 120: Jaccard of 5-word shingles ~ 0.92
+    copy = SourceText(text=" ".join(words), domain="d", id="copy")
+    words = train[9].text.split()
+    half = SourceText(text=" ".join(words[:60] + list(rng.choice(vocab, 60))), domain="d", id="half")  # ~ 0.33
+    fresh = [SourceText(text=" ".join(rng.choice(vocab, 120)), domain="d", id=f"e{i}") for i in range(10)]
+    near = find_near_duplicates(train, [*fresh, copy, half])
+    assert [t.id for t in near.removed] == ["copy"] and near.per_domain == {"d": 1}
+    assert near.examples[0][:2] == ("copy", "t7") and near.examples[0][2] >= 0.8
+    assert find_leakage(train, [copy], near=True).near_duplicates == 1
+
+
+def test_wikitext_sections_split_by_article(tmp_path: Path) -> None:
+    """WikiText (the HF loader, local parquet in the dataset's format): an article's sections
+    all land on one side of the split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = []
+    for a in range(12):
+        lines += ["", f" = Article number {a} = \n", "", f" Lead paragraph of article {a} , long enough . \n"]
+        for s in range(3):
+            lines += ["", f" = = Section {s} = = \n", "", f" Body {s} of article {a} says something new . \n"]
+    path = tmp_path / "wt" / "wikitext-103-raw-v1" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"text": lines}), str(path))
+    dom = DomainConfig(name="prose", source=SourceConfig(backend="hf", name="Salesforce/wikitext",
+                                                         path=str(tmp_path / "wt")), min_chars=1, target_mb=None)
+    cfg = DataBuildConfig(domains=[dom], block_size_tokens=8, tokenizer=TokenizerConfig(vocab_size=300),
+                          eval_min_texts=8)
+    store = build_dataset(cfg, tmp_path / "out")
+    titles = {s: {r["title"] for r in store.texts(s, "prose")} for s in ("train", "eval")}
+    assert len(titles["eval"]) == 2 and titles["train"].isdisjoint(titles["eval"])
+    assert store.manifest["splits"]["eval"]["prose"]["n_texts"] == 8
+
+
+# ------------------------------------------------------------------ the independent check
+
+
+def _first_paragraph(text: str) -> str:
+    return " ".join(text.split("\n\n", 1)[0].split()).lower()
+
+
+def _eval_stream_texts(store: BlockStore, domain: str, tok) -> list[str]:
+    """Every complete text of the held-out blocks, recovered by decoding the blocks (in order they
+    are one token stream: texts joined by EOS, cut into blocks), not read from texts/*.jsonl."""
+    ids = np.asarray(store.blocks("eval", domain)).reshape(-1)
+    cuts = np.flatnonzero(ids == store.eos_token_id)
+    pieces = np.split(ids, cuts)
+    texts = [tok.decode(p[1:] if k else p) for k, p in enumerate(pieces[:-1])]  # the last one may be cut
+    return [t for t in texts if t.strip()]
+
+
+@pytest.fixture(scope="module")
+def builtin_store(tmp_path_factory) -> BlockStore:
+    # small targets, but enough that the generated math repeats problems and articles have several sections
+    cfg = DataBuildConfig(
+        domains=[DomainConfig(name="code", target_texts=300), DomainConfig(name="math", target_texts=600),
+                 DomainConfig(name="prose", target_texts=300)],
+        block_size_tokens=128, tokenizer=TokenizerConfig(vocab_size=1000), eval_min_texts=40)
+    return build_dataset(cfg, tmp_path_factory.mktemp("builtin") / "data")
+
+
+def test_held_out_blocks_share_no_problem_article_or_file_with_train(builtin_store: BlockStore) -> None:
+    from transformers import AutoTokenizer
+
+    store = builtin_store
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(store.root)))
+    train = {d: list(store.texts("train", d)) for d in store.domains}
+    evals = {d: {r["text"]: r for r in store.texts("eval", d)} for d in store.domains}
+    decoded = {d: _eval_stream_texts(store, d, tok) for d in store.domains}
+    for d in store.domains:
+        assert len(decoded[d]) >= 10
+        assert all(t in evals[d] for t in decoded[d])  # what the blocks hold is the eval split's texts
+
+    # math: the problem statement is read off the decoded text itself
+    train_problems = {_first_paragraph(r["text"]) for r in train["math"]}
+    held_out = [_first_paragraph(t) for t in decoded["math"]]
+    assert not [p for p in held_out if p in train_problems]
+    # prose: article titles; code: source files
+    train_titles = {r["title"] for r in train["prose"] if r.get("title")}
+    eval_titles = {evals["prose"][t]["title"] for t in decoded["prose"] if evals["prose"][t].get("title")}
+    assert eval_titles and not eval_titles & train_titles
+    train_files = {r["path"] for r in train["code"]}
+    eval_files = {evals["code"][t]["path"] for t in decoded["code"]}
+    assert eval_files and not eval_files & train_files
+    # no decoded held-out text is a near-duplicate of a training text of any domain
+    all_train = [SourceText.from_record(r) for rs in train.values() for r in rs]
+    held = [SourceText(text=t, domain=d, id=f"{d}:{i}") for d in store.domains for i, t in enumerate(decoded[d])]
+    assert not find_near_duplicates(all_train, held).removed
+
+
+def test_manifest_and_inspect_report_near_duplicates(builtin_store: BlockStore, capsys) -> None:
+    from moescope.cli import main
+
+    m = builtin_store.manifest
+    assert set(m["near_duplicates"]["eval_removed"]) == {"code", "math", "prose"}
+    assert m["leakage_check"]["document_overlap"] == 0
+    assert main(["data", "inspect", str(builtin_store.root), "--samples", "1",
+                 "--png", str(builtin_store.root.parent / "len.png")]) == 0
+    out = capsys.readouterr().out
+    assert "near-duplicates removed from eval" in out and "source documents" in out
