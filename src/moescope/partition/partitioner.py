@@ -83,6 +83,7 @@ def partition_texts(
             max_tokens=opts.max_tokens,
             show_progress=opts.show_progress,
             seed=cfg.seed,
+            backend=cfg.embedding_backend,
         )
         vectors = run.vectors
     elif cfg.strategy == "curriculum":
@@ -120,6 +121,7 @@ def summarize_outcome(outcome: PartitionOutcome, *, n_terms: int = 10) -> dict:
             "balance_tolerance": outcome.cfg.balance_tolerance,
             "balance_unit": outcome.cfg.balance_unit,
             "curriculum_score": outcome.cfg.curriculum_score,
+            "embedding_backend": outcome.cfg.embedding_backend,
         },
         "n_texts_input": outcome.extra.get("n_input", len(outcome.texts)),
         "n_texts_kept": len(outcome.texts),
