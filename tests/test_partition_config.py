@@ -14,6 +14,12 @@ from moescope.partition.config import PartitionConfig
 from test_partition_command import files_args, write_domain_files
 
 
+@pytest.fixture(scope="module")
+def minilm_cache(tmp_path_factory):
+    """One embedding cache for this module's MiniLM runs."""
+    return tmp_path_factory.mktemp("minilm-cache")
+
+
 def test_invalid_settings_raise_the_user_error_type():
     with pytest.raises(MoescopeError, match="overlap_ratio"):
         PartitionConfig(overlap_ratio=2.0)
@@ -84,3 +90,21 @@ def test_curriculum_model_without_a_tokenizer_takes_tokenizer_flag(tmp_path, cap
     rc = main([*args, "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "b")])
     assert rc == 0
     assert json.loads((tmp_path / "b" / "report.json").read_text())["config"]["curriculum_score"] == "perplexity"
+
+
+@pytest.mark.parametrize("per_domain", [100, 200, pytest.param(None, marks=pytest.mark.slow)])
+def test_default_balance_keeps_domains_together_on_the_builtin_corpus(per_domain, minilm_cache):
+    """Clustered ARI >= 0.8 against the domains on the full built-in corpus (balanced in characters)
+    and on per-domain subsamples (balanced in texts), where each fixed unit fails one of them."""
+    from moescope.data.config import DataBuildConfig
+    from moescope.partition.io import read_source_corpus
+    from moescope.partition.partitioner import EmbeddingOptions, partition_texts, summarize_outcome
+
+    corpus = read_source_corpus(DataBuildConfig()).subsample(per_domain, 0)
+    outcome = partition_texts(corpus.texts, PartitionConfig(), domains=corpus.domains,
+                              embedding=EmbeddingOptions(cache_dir=minilm_cache, show_progress=False))
+    report = summarize_outcome(outcome)
+    assert report["adjusted_rand_index"] >= 0.8, report["silhouette_by_unit"]
+    # the unit auto chose is the one whose clustering alone recovers the domains
+    fixed = "texts" if per_domain else "chars"
+    assert report["balance_unit_chosen"] == fixed

@@ -36,8 +36,9 @@ def register(subparsers: Any) -> None:
     cfg.add_argument("--min-article-length", type=int, metavar="CHARS",
                      help="drop texts shorter than this many characters first (default 0)")
     cfg.add_argument("--balance-tolerance", type=float, help="allowed deviation from the mean size (default 0.2)")
-    cfg.add_argument("--balance-unit", choices=["chars", "texts"],
-                     help="what partition size counts (default texts; chars ~ training tokens)")
+    cfg.add_argument("--balance-unit", choices=["auto", "chars", "texts"],
+                     help="what partition size counts: chars (~ training tokens) or texts; default auto: "
+                          "clustered tries both and keeps the better-separated partitions (silhouette)")
     cfg.add_argument("--embedding-backend", choices=["minilm", "tfidf"],
                      help="clustered: all-MiniLM-L6-v2 sentence embeddings (default) or tf-idf + truncated SVD")
     p.add_argument("--curriculum-model", metavar="DIR",

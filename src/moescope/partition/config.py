@@ -9,6 +9,7 @@ from moescope.errors import MoescopeError
 
 STRATEGIES = ("random", "clustered", "curriculum")
 EMBEDDING_BACKENDS = ("minilm", "tfidf")
+BALANCE_UNITS = ("auto", "chars", "texts")
 
 
 @dataclass
@@ -29,10 +30,14 @@ class PartitionConfig:
     min_article_length_chars: int = 0
     # after overlap every partition ends within +-balance_tolerance of the mean size
     balance_tolerance: float = 0.2
-    # what "size" counts: texts, or characters (~ training tokens, so branches cost alike).
-    # Texts by default: counting characters forces the partition of short texts (math
-    # problems) to absorb long code files and articles, which undoes the clustering.
-    balance_unit: Literal["chars", "texts"] = "texts"
+    # what partition "size" counts, for overlap, rebalancing and KMeans' point weights:
+    # characters (~ training tokens, so branches cost alike) or texts. "auto" (clustered):
+    # cluster both ways and keep the clustering whose partitions are better separated
+    # (higher cosine silhouette), because each unit undoes the clustering when the natural
+    # groups differ in it: the built-in corpus is balanced in characters, a per-domain
+    # subsample in texts (tests/test_partition_config.py measures both). Other
+    # strategies take "auto" as characters.
+    balance_unit: Literal["auto", "chars", "texts"] = "auto"
     # curriculum score: mean word length (the seed's proxy) or a trained model's perplexity
     curriculum_score: Literal["word_length", "perplexity"] = "word_length"
     # clustered: sentence embeddings (all-MiniLM-L6-v2) or tf-idf + truncated SVD
@@ -47,8 +52,8 @@ class PartitionConfig:
             raise MoescopeError(f"overlap_ratio must be in [0, 1], got {self.overlap_ratio}")
         if not 0.0 <= self.balance_tolerance < 1.0:
             raise MoescopeError(f"balance_tolerance must be in [0, 1), got {self.balance_tolerance}")
-        if self.balance_unit not in ("chars", "texts"):
-            raise MoescopeError(f"balance_unit must be 'chars' or 'texts', got {self.balance_unit!r}")
+        if self.balance_unit not in BALANCE_UNITS:
+            raise MoescopeError(f"balance_unit must be one of {list(BALANCE_UNITS)}, got {self.balance_unit!r}")
         if self.min_article_length_chars < 0:
             raise MoescopeError(f"min_article_length_chars must be >= 0, got {self.min_article_length_chars}")
         if self.embedding_backend not in EMBEDDING_BACKENDS:
