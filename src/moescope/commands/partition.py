@@ -16,25 +16,35 @@ def register(subparsers: Any) -> None:
     src = p.add_argument_group("corpus (default: the built-in code / math / prose domains)")
     src.add_argument("--data", help="a built data directory: partition its texts of --split")
     src.add_argument("--split", default="train", choices=["train", "eval"], help="split of --data (default train)")
-    src.add_argument("--config", help="data build config file (.toml/.yaml/.json): partition its domains' sources")
+    src.add_argument("--data-config", metavar="FILE",
+                     help="data build config file (.toml/.yaml/.json): partition its domains' sources")
     src.add_argument("--files", action="append", default=[], metavar="DOMAIN=PATH[,PATH...]",
                      help="take DOMAIN from .txt/.jsonl/.py files, directories or globs (repeatable)")
     src.add_argument("--target-mb", type=float, help="size target per source domain in MB (default: the data config's)")
     src.add_argument("--max-texts-per-domain", type=int, help="seeded subsample: at most this many texts per domain")
     p.add_argument("--out", required=True, help="output directory (one partition_NN/ per partition + report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("-n", "--n-partitions", type=int, default=3, help="number of partitions (default 3)")
-    p.add_argument("--strategy", default="clustered", choices=["random", "clustered", "curriculum"],
-                   help="default clustered (all-MiniLM-L6-v2 + KMeans)")
-    p.add_argument("--overlap-ratio", type=float, default=0.1, help="extra share of texts from other partitions (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-article-length", type=int, default=0, metavar="CHARS",
-                   help="drop texts shorter than this many characters first (default 0)")
-    p.add_argument("--balance-tolerance", type=float, default=0.2, help="allowed deviation from the mean size (default 0.2)")
-    p.add_argument("--balance-unit", default="chars", choices=["chars", "texts"],
-                   help="what partition size counts (default chars, ~ training tokens)")
+    cfg = p.add_argument_group("partitioning (PartitionConfig; flags override --config and --set)")
+    cfg.add_argument("--config", help="config file (.toml/.yaml/.json) mapping onto PartitionConfig")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a PartitionConfig field, e.g. --set balance_tolerance=0.1 (repeatable)")
+    cfg.add_argument("-n", "--n-partitions", type=int, help="number of partitions (default 3)")
+    cfg.add_argument("--strategy", choices=["random", "clustered", "curriculum"],
+                     help="default clustered (sentence embeddings + KMeans)")
+    cfg.add_argument("--overlap-ratio", type=float, help="extra share of texts from other partitions (default 0.1)")
+    cfg.add_argument("--seed", type=int)
+    cfg.add_argument("--min-article-length", type=int, metavar="CHARS",
+                     help="drop texts shorter than this many characters first (default 0)")
+    cfg.add_argument("--balance-tolerance", type=float, help="allowed deviation from the mean size (default 0.2)")
+    cfg.add_argument("--balance-unit", choices=["auto", "chars", "texts"],
+                     help="what partition size counts: chars (~ training tokens) or texts; default auto: "
+                          "clustered tries both and keeps the better-separated partitions (silhouette)")
+    cfg.add_argument("--embedding-backend", choices=["minilm", "tfidf"],
+                     help="clustered: all-MiniLM-L6-v2 sentence embeddings (default) or tf-idf + truncated SVD")
     p.add_argument("--curriculum-model", metavar="DIR",
                    help="curriculum: score texts by this trained model's perplexity instead of mean word length")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer of --curriculum-model (default: the one saved beside or inside the model)")
     p.add_argument("--embedding-model", help="sentence-transformers model path or hub name (default all-MiniLM-L6-v2)")
     p.add_argument("--embedding-cache", help="embedding cache directory (default ~/.cache/moescope/embeddings)")
     p.add_argument("--no-embedding-cache", action="store_true", help="do not read or write the embedding cache")
@@ -50,14 +60,14 @@ def _corpus_from_args(args: argparse.Namespace):
     from moescope.io.config import from_dict, load_config_file
     from moescope.partition.io import read_data_dir_corpus, read_source_corpus
 
-    if args.data and (args.config or args.files):
-        raise MoescopeError("--data reads a built data directory; do not combine it with --config or --files")
+    if args.data and (args.data_config or args.files):
+        raise MoescopeError("--data reads a built data directory; do not combine it with --data-config or --files")
     if args.data:
         return read_data_dir_corpus(args.data, args.split)
-    cfg = from_dict(DataBuildConfig, load_config_file(args.config)) if args.config else DataBuildConfig()
+    cfg = from_dict(DataBuildConfig, load_config_file(args.data_config)) if args.data_config else DataBuildConfig()
     domains = list(cfg.domains)
     if args.files:
-        domains = [] if not args.config else domains
+        domains = [] if not args.data_config else domains
         for item in args.files:
             if "=" not in item:
                 raise MoescopeError(f"--files {item!r} must look like DOMAIN=PATH[,PATH...]")
@@ -69,13 +79,35 @@ def _corpus_from_args(args: argparse.Namespace):
     return read_source_corpus(dataclasses.replace(cfg, domains=domains))
 
 
-def _perplexity_scorer(model_dir: str):
+def _perplexity_scorer(model_dir: str, tokenizer_dir: str | None):
     def score(texts: list[str]):
         from moescope.partition.scoring import score_perplexity
 
-        return score_perplexity(texts, model_dir)
+        return score_perplexity(texts, model_dir, tokenizer_dir=tokenizer_dir)
 
     return score
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Config file, then --set overrides, then the dedicated flags (last wins)."""
+    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+    from moescope.partition.config import PartitionConfig
+
+    raw = load_config_file(args.config) if args.config else {}
+    flags = {
+        "n_partitions": args.n_partitions,
+        "strategy": args.strategy,
+        "overlap_ratio": args.overlap_ratio,
+        "seed": args.seed,
+        "min_article_length_chars": args.min_article_length,
+        "balance_tolerance": args.balance_tolerance,
+        "balance_unit": args.balance_unit,
+        "embedding_backend": args.embedding_backend,
+        "curriculum_score": "perplexity" if args.curriculum_model else None,
+    }
+    raw = deep_merge(raw, parse_overrides(list(args.overrides)))
+    raw = deep_merge(raw, {key: value for key, value in flags.items() if value is not None})
+    return from_dict(PartitionConfig, raw)
 
 
 def run_partition(args: argparse.Namespace) -> int:
@@ -84,7 +116,6 @@ def run_partition(args: argparse.Namespace) -> int:
 
     from moescope.errors import MoescopeError
     from moescope.io.provenance import environment_info
-    from moescope.partition.config import PartitionConfig
     from moescope.partition.embedding import default_cache_dir
     from moescope.partition.io import write_partitions
     from moescope.partition.partitioner import EmbeddingOptions, partition_texts, summarize_outcome
@@ -92,21 +123,13 @@ def run_partition(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MoescopeError(f"{out} already exists (pass --overwrite to replace it)")
-    try:
-        cfg = PartitionConfig(
-            n_partitions=args.n_partitions,
-            strategy=args.strategy,
-            overlap_ratio=args.overlap_ratio,
-            seed=args.seed,
-            min_article_length_chars=args.min_article_length,
-            balance_tolerance=args.balance_tolerance,
-            balance_unit=args.balance_unit,
-            curriculum_score="perplexity" if args.curriculum_model else "word_length",
-        )
-    except ValueError as exc:
-        raise MoescopeError(str(exc)) from exc
+    cfg = build_config(args)
     if args.curriculum_model and cfg.strategy != "curriculum":
         raise MoescopeError("--curriculum-model only applies to --strategy curriculum")
+    if cfg.curriculum_score == "perplexity" and not args.curriculum_model:
+        raise MoescopeError("curriculum_score = perplexity needs --curriculum-model DIR")
+    if args.tokenizer and not args.curriculum_model:
+        raise MoescopeError("--tokenizer goes with --curriculum-model")
 
     start = time.perf_counter()
     corpus = _corpus_from_args(args).subsample(args.max_texts_per_domain, args.seed)
@@ -117,7 +140,7 @@ def run_partition(args: argparse.Namespace) -> int:
             corpus.texts,
             cfg,
             domains=corpus.domains,
-            scores=_perplexity_scorer(args.curriculum_model) if args.curriculum_model else None,
+            scores=_perplexity_scorer(args.curriculum_model, args.tokenizer) if args.curriculum_model else None,
             embedding=EmbeddingOptions(model=args.embedding_model, cache_dir=cache, max_tokens=args.embed_max_tokens),
         )
     except ValueError as exc:

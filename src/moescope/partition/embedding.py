@@ -244,9 +244,16 @@ def embed_corpus(
     show_progress: bool = True,
     seed: int = 0,
     fallback_dim: int = 128,
+    backend: str = "minilm",
 ) -> EmbeddingRun:
-    """Embed every text with all-MiniLM-L6-v2, or tf-idf + SVD (with a warning) when unavailable."""
+    """Embed every text with all-MiniLM-L6-v2, or tf-idf + SVD (with a warning) when unavailable.
+
+    backend="tfidf" asks for tf-idf + SVD directly (no warning, no model load).
+    """
     start = time.perf_counter()
+    if backend == "tfidf":
+        tf = TfidfSvdEncoder.fit(texts, dim=fallback_dim, seed=seed)
+        return EmbeddingRun(tf.encode(texts), tf, time.perf_counter() - start, 0, len(texts))
     reason = None
     try:
         enc = open_sentence_encoder(model, cache_dir=cache_dir, max_tokens=max_tokens, show_progress=show_progress)

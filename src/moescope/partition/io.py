@@ -189,9 +189,14 @@ def render_report_markdown(report: dict) -> str:
         "",
         f"- texts: {report['n_texts_kept']} kept of {report['n_texts_input']} "
         f"({report['n_dropped_short']} shorter than {cfg['min_article_length_chars']} chars dropped)",
-        f"- overlap ratio {cfg['overlap_ratio']}, balance +-{cfg['balance_tolerance']:.0%} in {cfg['balance_unit']}: "
+        f"- overlap ratio {cfg['overlap_ratio']}, balance +-{cfg['balance_tolerance']:.0%} in "
+        f"{report.get('balance_unit_chosen') or cfg['balance_unit']}: "
         f"{'met' if report['within_band'] else 'NOT met'}; {report['n_moved_by_rebalance']} texts moved",
     ]
+    if "silhouette_by_unit" in report:
+        sil = report["silhouette_by_unit"]
+        lines.append(f"- balance unit auto: cosine silhouette {', '.join(f'{u} {v:.3f}' for u, v in sil.items())}; "
+                     "the better-separated clustering is kept")
     if "adjusted_rand_index" in report:
         lines.append(
             f"- against domains {report['domains']}: ARI {report['adjusted_rand_index']:.3f} "

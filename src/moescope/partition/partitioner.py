@@ -83,6 +83,7 @@ def partition_texts(
             max_tokens=opts.max_tokens,
             show_progress=opts.show_progress,
             seed=cfg.seed,
+            backend=cfg.embedding_backend,
         )
         vectors = run.vectors
     elif cfg.strategy == "curriculum":
@@ -92,8 +93,25 @@ def partition_texts(
             kept_scores = np.asarray(scores(kept_texts), dtype=np.float64)
         else:
             kept_scores = np.asarray(scores, dtype=np.float64)[kept]
-    weights = np.array([len(t) for t in kept_texts], dtype=np.float64) if cfg.balance_unit == "chars" else None
-    assignment = assign_partitions(len(kept_texts), cfg, embeddings=vectors, scores=kept_scores, weights=weights)
+    chars = np.array([len(t) for t in kept_texts], dtype=np.float64)
+    extra: dict = {"n_input": len(texts)}
+    if cfg.balance_unit == "auto" and cfg.strategy == "clustered":
+        candidates = {
+            unit: assign_partitions(len(kept_texts), cfg, embeddings=vectors, weights=chars if unit == "chars" else None)
+            for unit in ("texts", "chars")
+        }
+        silhouettes = {
+            unit: quality.separation(vectors, a.base_labels, seed=cfg.seed) for unit, a in candidates.items()
+        }
+        unit = max(silhouettes, key=lambda u: (silhouettes[u], u == "chars"))
+        assignment = candidates[unit]
+        extra["balance_unit_chosen"] = unit
+        extra["silhouette_by_unit"] = {u: round(v, 4) for u, v in silhouettes.items()}
+    else:
+        unit = "texts" if cfg.balance_unit == "texts" else "chars"
+        weights = chars if unit == "chars" else None
+        assignment = assign_partitions(len(kept_texts), cfg, embeddings=vectors, scores=kept_scores, weights=weights)
+        extra["balance_unit_chosen"] = unit
     return PartitionOutcome(
         cfg=cfg,
         texts=kept_texts,
@@ -102,7 +120,7 @@ def partition_texts(
         assignment=assignment,
         embedding=run,
         scores=kept_scores,
-        extra={"n_input": len(texts)},
+        extra=extra,
     )
 
 
@@ -120,6 +138,7 @@ def summarize_outcome(outcome: PartitionOutcome, *, n_terms: int = 10) -> dict:
             "balance_tolerance": outcome.cfg.balance_tolerance,
             "balance_unit": outcome.cfg.balance_unit,
             "curriculum_score": outcome.cfg.curriculum_score,
+            "embedding_backend": outcome.cfg.embedding_backend,
         },
         "n_texts_input": outcome.extra.get("n_input", len(outcome.texts)),
         "n_texts_kept": len(outcome.texts),
@@ -131,8 +150,11 @@ def summarize_outcome(outcome: PartitionOutcome, *, n_terms: int = 10) -> dict:
         "overlap_added": a.n_overlap_added.tolist(),
         "n_moved_by_rebalance": a.n_moved,
         "overlap_counts": quality.overlap_counts(a.member).tolist(),
+        "balance_unit_chosen": outcome.extra.get("balance_unit_chosen"),
         "top_terms": quality.top_terms([outcome.partition_texts(p) for p in range(n)], n_terms=n_terms),
     }
+    if "silhouette_by_unit" in outcome.extra:
+        summary["silhouette_by_unit"] = outcome.extra["silhouette_by_unit"]
     if outcome.embedding is not None:
         run = outcome.embedding
         summary["embedding"] = {

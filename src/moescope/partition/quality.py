@@ -72,3 +72,14 @@ def top_terms(texts_by_partition: Sequence[Sequence[str]], n_terms: int = 10) ->
         order = np.lexsort((vocab, -row))  # by weight, ties alphabetical
         out.append([str(vocab[j]) for j in order[:n_terms] if raw[j] > 0])
     return out
+
+
+def separation(vectors: np.ndarray, labels: np.ndarray, *, max_points: int = 3000, seed: int = 0) -> float:
+    """Cosine silhouette of a hard clustering (-1..1, higher = better separated), on a seeded
+    sample of at most max_points texts (the exact score is quadratic in the number of texts)."""
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(labels)) < 2:
+        return -1.0
+    n = len(labels)
+    return float(silhouette_score(vectors, labels, metric="cosine", sample_size=min(n, max_points), random_state=seed))
