@@ -40,6 +40,8 @@ def statistics_header(cfg: SummaryConfig) -> dict:
         "interval": "percentile bootstrap over eval blocks, resampled within each domain",
         "pvalue": "block-level permutation of domain labels, (1 + #{null >= observed}) / (1 + n_permutations)",
         "nmi": "I(domain; expert) / H(domain), equal domain weights unless noted",
+        "nmi_assignments": "nmi counts each of a token's top-k experts once; nmi_first_choice only its first choice",
+        "coactivation": "all pairs within a token's top-k, k(k-1)/2 per token, not only rank-adjacent pairs",
         "entropy_unit": "nats",
     }
 
@@ -93,6 +95,15 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
     perm = stats.permutation_test_nmi(
         block_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
     )
+    if k > 1:
+        # The first choice alone: the expert with the largest gate, what top-1 analyses report.
+        _, _, first_counts = stats.block_expert_counts(table.expert_index[:, :1], table.block, table.domain, n_exp)
+        first_nmi = boot(stats.domain_tables(first_counts, block_domain, n_dom), nmi_equal)
+        first_perm = stats.permutation_test_nmi(
+            first_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
+        )
+    else:
+        first_nmi, first_perm = None, perm  # identical to the top-k numbers; filled in below
     entropy_by_domain = {
         domains[d]: boot(tables, lambda t, d=d: metrics.normalized_domain_entropy(t)[..., d])
         for d in range(n_dom)
@@ -110,7 +121,11 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
         "normalized_domain_entropy": entropy_by_domain,
         "domain_specialization": _rounded(metrics.domain_specialization(total, k)),
         "domain_specialization_baseline": metrics.specialization_baseline(n_exp, k),
+        # One number per layer for curves: each domain's most specialized expert, averaged over domains.
+        "domain_specialization_top": boot(tables, lambda t: metrics.top_domain_specialization(t, k)),
     }
+    specialization["nmi_first_choice"] = first_nmi if first_nmi is not None else specialization["nmi"]
+    specialization["nmi_first_choice_pvalue"] = first_perm.pvalue
 
     # --- load ---
     expert_totals = block_counts  # [B, E]
@@ -250,10 +265,11 @@ def summarize_token_types(
     keep = types >= 0
     n_types, n_exp = len(type_names), table.n_experts
     first = table.expert_index[keep, 0].astype(np.int64)
-    one_hot = np.zeros((int(keep.sum()), n_types * n_exp))
-    one_hot[np.arange(first.size), types[keep] * n_exp + first] = 1.0
-    block_ids, sums = stats.sum_by_block(one_hot, table.block[keep])
-    tables = sums.reshape(block_ids.size, n_types, n_exp)
+    # Per-block (type, expert) counts by bincount: no [N, types x E] one-hot array.
+    block_ids, inverse = np.unique(table.block[keep], return_inverse=True)
+    cells = n_types * n_exp
+    flat = inverse * cells + types[keep] * n_exp + first
+    tables = np.bincount(flat, minlength=block_ids.size * cells).reshape(block_ids.size, n_types, n_exp).astype(float)
     total = tables.sum(axis=0)
     given_type = metrics.expert_given_domain(total)
     out: dict = {

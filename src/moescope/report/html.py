@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,18 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _json_for_script(obj: Any) -> str:
-    # A JSON blob inside <script> must not contain "</" (it would close the tag early).
-    return json.dumps(obj, ensure_ascii=False).replace("</", "<\\/")
+# Characters that must never appear raw in JSON embedded in HTML: "<" and ">" could open
+# "</script>" or "<!--" (which makes the parser swallow the rest of the page), "&" an
+# entity, and U+2028/U+2029 end a line in older JavaScript. JSON's \uXXXX escapes keep the
+# parsed value identical.
+_SCRIPT_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_JSON_UNSAFE = re.compile("[<>&\u2028\u2029]")
+
+
+def json_for_script(obj: Any) -> str:
+    """JSON text safe inside <script type="application/json">: JSON.parse gives back ``obj``."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return _SCRIPT_JSON_UNSAFE.sub(lambda m: _SCRIPT_JSON_ESCAPES[m.group(0)], text)
 
 
 def _slug(text: str) -> str:
@@ -186,8 +196,8 @@ expert and the router probability.</p>
 </div>
 <div id="viewer-samples"></div>
 <div id="tip"></div>
-<script type="application/json" id="viewer-data">{_json_for_script(viewer)}</script>
-<script type="application/json" id="viewer-palette">{_json_for_script(EXPERT_PALETTE)}</script>
+<script type="application/json" id="viewer-data">{json_for_script(viewer)}</script>
+<script type="application/json" id="viewer-palette">{json_for_script(EXPERT_PALETTE)}</script>
 <script>{_VIEWER_JS}</script>
 </section>"""
 
