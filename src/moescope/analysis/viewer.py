@@ -2,10 +2,11 @@
 
 For a few eval blocks of every domain: each token's text and, per MoE layer, its
 first-choice expert and that expert's router probability ("experts", "probs").
-With top-k routing (k > 1) every token also carries all k experts and their gate
-weights ("topk", "topk_weights"), packed as base64 so that a 24-layer top-8
-model stays a few MB: ids as little-endian uint8 (E <= 256) or uint16, weights as
-uint8 levels w * 255 (resolution 0.004), k per token, in block order.
+With top-k routing (k > 1) every token carries instead all k experts and their gate
+weights ("topk", "topk_weights"; the first choice is the first of them), packed as
+base64 so that a 24-layer top-8 model stays a few MB: ids as little-endian uint8
+(E <= 256) or uint16, weights as uint8 levels w * 255 (resolution 0.004), k per
+token, in block order.
 
 Per layer, "expert_domain" gives every expert's dominant domain (the domain d
 maximizing P(expert | domain), -1 for an unused expert) and "expert_domain_share"
@@ -88,9 +89,7 @@ def viewer_arm(
     n_experts, top_k = tables[layers[0]].n_experts, tables[layers[0]].top_k
     samples = []
     for row in rows:
-        sample: dict = {"experts": {}, "probs": {}}
-        if top_k > 1:
-            sample["topk"], sample["topk_weights"] = {}, {}
+        sample: dict = {"experts": {}, "probs": {}} if top_k == 1 else {"topk": {}, "topk_weights": {}}
         for layer in layers:
             table = tables[layer]
             mask = table.block == row
@@ -98,15 +97,17 @@ def viewer_arm(
                 raise ValueError(f"block {row} is not in the routing table of layer {layer}")
             order = np.argsort(table.position[mask], kind="stable")[:max_tokens]
             part = table.select(np.flatnonzero(mask)[order])
-            sample["experts"][str(layer)] = part.expert_index[:, 0].astype(int).tolist()
-            sample["probs"][str(layer)] = np.round(part.chosen_probability(), 4).tolist()
-            if top_k > 1:
+            if top_k == 1:
+                sample["experts"][str(layer)] = part.expert_index[:, 0].astype(int).tolist()
+                sample["probs"][str(layer)] = np.round(part.chosen_probability(), 4).tolist()
+            else:
                 ids, weights = pack_topk(part.expert_index, part.gate_weight, n_experts)
                 sample["topk"][str(layer)], sample["topk_weights"][str(layer)] = ids, weights
             domain = int(part.domain[0])
+            n_shown = part.n_tokens
         tokens = list(pieces[row])[:max_tokens]
-        if len(tokens) != len(sample["experts"][str(layers[0])]):
-            raise ValueError(f"block {row}: {len(tokens)} token texts for {len(sample['experts'][str(layers[0])])} tokens")
+        if len(tokens) != n_shown:
+            raise ValueError(f"block {row}: {len(tokens)} token texts for {n_shown} tokens")
         sample["domain"] = domain_names[domain]
         sample["text_id"] = f"{domain_names[domain]}:eval-block-{row}"
         sample["tokens"] = tokens

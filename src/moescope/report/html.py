@@ -156,9 +156,11 @@ _VIEWER_JS = """
       const meta = document.createElement('div'); meta.className = 'meta';
       meta.textContent = s.domain + ' \\u00b7 ' + (s.text_id || ('sample ' + i)) + ' \\u00b7 ' + s.tokens.length + ' tokens';
       const toks = document.createElement('div'); toks.className = 'tokens';
-      const ex = s.experts[layer] || [], pr = s.probs[layer] || [];
       const tk = (k > 1 && s.topk) ? decode(s.topk[layer], wide) : null;
       const tw = (k > 1 && s.topk_weights) ? decode(s.topk_weights[layer], false) : null;
+      // top-k samples carry only the packed arrays: the first choice is each token's first entry
+      const ex = tk ? s.tokens.map((_, j) => tk[j * k]) : ((s.experts || {})[layer] || []);
+      const pr = tw ? s.tokens.map((_, j) => tw[j * k] / 255) : ((s.probs || {})[layer] || []);
       s.tokens.forEach((t, j) => {
         const sp = document.createElement('span'); sp.className = 'tok';
         sp.textContent = t;
