@@ -386,3 +386,37 @@ def plot_format_test(metrics: dict, arms: list[str], path: Path) -> Path | None:
     ax.set_title("Format test: does routing follow content or markers?")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_saturation_by_layer(saturation: dict[str, dict[str, float]], reference: str, baseline: float | None,
+                             path: Path) -> Path | None:
+    """Router saturation against a reference analysis: per layer (left) and averaged over layers (right).
+
+    saturation: label -> {layer: |TopK ∩ TopK_reference| / k}, labels in the order given
+    (e.g. checkpoints over training). None when there is nothing to draw.
+    """
+    labels = [lab for lab, curve in saturation.items() if curve]
+    if not labels:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.0), gridspec_kw={"width_ratios": [2, 1]})
+    means = []
+    for n, label in enumerate(labels):
+        layers = sorted(saturation[label], key=int)
+        values = [saturation[label][k] for k in layers]
+        left.plot([int(k) for k in layers], values, "-", marker="o" if len(layers) <= 32 else None, ms=3,
+                  color=ARM_COLORS[n % len(ARM_COLORS)], label=label)
+        means.append(float(np.mean(values)))
+    right.plot(range(len(labels)), means, "o-", color="#2f6fab")
+    right.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    right.set_title("mean over layers", fontsize=9)
+    for ax in (left, right):
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", ls=":", lw=1, label="chance k/E" if ax is left else None)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_ylabel(f"top-k overlap with {reference}", fontsize=8)
+    left.set_xlabel("layer", fontsize=8)
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=12))
+    left.legend(fontsize=7)
+    fig.suptitle(f"Router saturation (OLMoE): |TopK ∩ TopK of {reference}| / k on the same tokens", fontsize=10)
+    return _save(fig, path)
