@@ -97,3 +97,20 @@ def test_report_for_a_released_model_analysis(tmp_path: Path) -> None:
     assert "Routing per layer" in page and "NMI first choice" in page and "Loss curves" not in page
     assert (out / "report" / "figures" / "layer_curves.png").is_file()
     assert "experts specialize by domain. Best layer 23" in page
+
+
+def test_shared_experts_are_named_and_not_counted() -> None:
+    from report_fixtures import DOMAINS, planted_table
+
+    from moescope.analysis.summary import SummaryConfig, summarize_layer
+
+    cfg = SummaryConfig(n_resamples=30, n_permutations=19, vocab_min_count=3)
+    t = planted_table(0)
+    plain, shared = summarize_layer(t, DOMAINS, cfg), summarize_layer(t, DOMAINS, cfg, n_shared_experts=2)
+    assert "n_shared_experts" not in plain and shared.pop("n_shared_experts") == 2
+    assert shared == plain  # routed-expert statistics are untouched
+    m = metrics_with({"0": {**layer(iv(0.2, 0.15, 0.25), 0.001, iv(0.2, 0.1, 0.25), k=8, n_exp=64),
+                            "n_shared_experts": 2}})
+    assert "64 routed experts the layer has 2 shared expert(s)" in headline_sentences(m, {}, {})[1]
+    table = routing_table(m)
+    assert table.columns[-1] == "shared experts (not counted)" and table.rows[0][-1] == 2

@@ -75,8 +75,15 @@ def _rounded(matrix: np.ndarray) -> list:
     return np.round(np.asarray(matrix, dtype=float), 6).tolist()
 
 
-def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig | None = None) -> dict:
-    """All routing metrics of one layer: specialization, load, entropy, repetition, vocabulary."""
+def summarize_layer(
+    table: RoutingTable, domains: list[str], cfg: SummaryConfig | None = None, *, n_shared_experts: int = 0
+) -> dict:
+    """All routing metrics of one layer: specialization, load, entropy, repetition, vocabulary.
+
+    n_shared_experts: experts every token passes through besides its routed top-k
+    (DeepSeek, Qwen-MoE). They are not in the table, so NMI, load and entropy are
+    over the routed experts only; the count is recorded so reports can say so.
+    """
     cfg = cfg or SummaryConfig()
     n_dom, n_exp, k = len(domains), table.n_experts, table.top_k
     block_ids, block_domain, block_counts = stats.block_expert_counts(
@@ -174,11 +181,13 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
         repetition["shared_topk"] = boot(pair_sums, lambda s: s[..., 2] / s[..., 0]) if i.size else None
         repetition["shared_topk_baseline_uniform"] = metrics.repetition_baseline_uniform(n_exp, k)
 
+    shared = {"n_shared_experts": int(n_shared_experts)} if n_shared_experts else {}
     return {
         "n_tokens": table.n_tokens,
         "n_blocks": int(block_ids.size),
         "n_experts": n_exp,
         "top_k": k,
+        **shared,
         "domains": list(domains),
         "specialization": specialization,
         "load": load,

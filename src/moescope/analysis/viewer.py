@@ -75,13 +75,15 @@ def viewer_arm(
     pieces: Mapping[int, Sequence[str]],
     *,
     max_tokens: int | None = None,
+    n_shared_experts: int = 0,
 ) -> dict:
     """One arm's entry of viewer.json.
 
     tables: {layer: routing table}; rows: the eval block rows to show; pieces: the
     decoded text of each token of each of those rows (block order). max_tokens:
     show only the first tokens of each block (keeps viewer.json small for long
-    contexts and many layers).
+    contexts and many layers). n_shared_experts: always-active experts outside the
+    routed top-k, named in the hover text.
     """
     layers = sorted(tables)
     if not layers:
@@ -121,4 +123,5 @@ def viewer_arm(
         "expert_domain": {layer: d.tolist() for layer, (d, _) in dominant.items()},
         "expert_domain_share": {layer: np.round(s, 3).tolist() for layer, (_, s) in dominant.items()},
         "samples": samples,
+        **({"n_shared_experts": int(n_shared_experts)} if n_shared_experts else {}),
     }

@@ -136,9 +136,12 @@ def load_sentence(arm: str, layers: dict, records: list[dict]) -> str:
     maxf = layers[worst]["load"]["max_fraction"]
     k = layers[worst].get("top_k", 1)
     share = "assignments" if k > 1 else "tokens"
+    n_shared = layers[worst].get("n_shared_experts", 0)
+    shared_txt = (f" Besides its {layers[worst]['n_experts']} routed experts the layer has {n_shared} shared "
+                  f"expert(s) that every token uses; they are not counted in load or NMI." if n_shared else "")
     sentence = (f"{arm}: load is {balance} (load CV threshold {BALANCED_LOAD_CV}; 0 = perfectly balanced): "
                 f"worst layer {worst} has load CV {fmt_interval(cv, 2)} and its busiest expert takes "
-                f"{fmt_interval(maxf, 2)} of {share} (uniform {1 / layers[worst]['n_experts']:.3f}).")
+                f"{fmt_interval(maxf, 2)} of {share} (uniform {1 / layers[worst]['n_experts']:.3f}).{shared_txt}")
     events = [r for r in records if r.get("kind") == "collapse"]
     if events:
         e = events[0]
@@ -216,11 +219,15 @@ def routing_table(metrics: dict) -> Table:
                 (f"{fmt_interval(rep['same_first_choice'], 2)} vs {rep['baseline_uniform']:.3f}"
                  if rep.get("same_first_choice") else "n/a"),
             ])
+    shared = any(v.get("n_shared_experts") for a in arms for v in metrics["arms"][a]["layers"].values())
+    if shared:
+        for row, (arm, layer) in zip(rows, [(a, k) for a in arms for k in sorted(metrics["arms"][a]["layers"], key=int)]):
+            row.append(metrics["arms"][arm]["layers"][layer].get("n_shared_experts", 0))
     columns = ["arm · layer", "NMI (95% CI)", "perm. p"]
     if topk:
         columns += ["NMI first choice", "domain specialization vs k/E"]
     columns += ["max P(e|d)", "load CV", "max share", "effective experts", "entropy / ln E",
-                "same expert as previous token vs 1/E"]
+                "same expert as previous token vs 1/E"] + (["shared experts (not counted)"] if shared else [])
     caption = ("NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
                "between blocks. Balance is judged from the token shares themselves, not from the aux loss.")
     if topk:

@@ -191,6 +191,7 @@ _VIEWER_JS = """
         const [e, w] = pair.split(':');
         text += '\\n  expert ' + e + '  ' + w + (dom && dom[e] >= 0 ? '  (' + arm.domains[dom[e]] + ')' : '');
       });
+      if (arm.n_shared_experts) text += '\\n  + ' + arm.n_shared_experts + ' shared expert(s), always active';
     } else {
       text += ' \\u00b7 expert ' + t.dataset.expert + ' \\u00b7 p = ' + Number(t.dataset.prob).toFixed(3);
     }
