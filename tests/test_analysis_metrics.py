@@ -238,3 +238,6 @@ def test_top_domain_specialization() -> None:
     assert m.top_domain_specialization(table, 2) == pytest.approx((1.0 + 0.5) / 2)
     batched = m.top_domain_specialization(np.stack([table, table]), 2)
     np.testing.assert_allclose(batched, [0.75, 0.75])
+    # fixed experts: domain 0 judged on expert 1 (5 of 10 tokens), domain 1 on expert 3 (5 of 10)
+    fixed = m.top_domain_specialization(np.stack([table, table]), 2, experts=np.array([1, 3, 0]))
+    np.testing.assert_allclose(fixed, [0.5, 0.5])

@@ -44,7 +44,7 @@ def test_strong_specialization_states_interval_p_and_null() -> None:
     spec, load = headline_sentences(m, {}, {})
     assert spec.startswith("moe: experts specialize by domain. Best layer 2")
     assert "0.310 [0.280, 0.350]" in spec and "p = 0.001" in spec
-    assert "chance alone reaches 0.020 (95th percentile of 999 block-label permutations)" in spec
+    assert "95% of 999 permutations stay at or below 0.020" in spec
     assert "against 0.250 for uniform routing" in spec
     assert load.startswith("moe: load is balanced") and "worst layer 2" in load and "0.20 [0.10, 0.25]" in load
 

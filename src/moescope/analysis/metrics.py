@@ -157,15 +157,22 @@ def domain_specialization(table: np.ndarray, top_k: int) -> np.ndarray:
     return _safe_divide(table, tokens)
 
 
-def top_domain_specialization(table: np.ndarray, top_k: int) -> np.ndarray:
-    """Each domain's most specialized expert, max_E N_k(E, D) / N_D, averaged over non-empty domains [...].
+def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray | None = None) -> np.ndarray:
+    """Each domain's most specialized expert, N_k(E, D) / N_D, averaged over non-empty domains [...].
 
     One number per layer for curves; k / E under uniform routing, 1 when every domain
-    has one expert that all its tokens choose.
+    has one expert that all its tokens choose. ``experts`` [D] fixes which expert counts
+    for each domain (e.g. the one chosen on the full sample, so that bootstrap resamples
+    do not re-pick the maximum and inflate the interval); default: the maximum of ``table``.
     """
     spec = domain_specialization(table, top_k)
     present = ~np.isnan(spec).any(axis=-1)
-    best = np.where(present, np.where(np.isnan(spec), -np.inf, spec).max(axis=-1), 0.0)
+    if experts is None:
+        best = np.where(np.isnan(spec), -np.inf, spec).max(axis=-1)
+    else:
+        best = np.take_along_axis(spec, np.broadcast_to(np.asarray(experts)[:, None], spec.shape[:-1] + (1,)),
+                                  axis=-1)[..., 0]
+    best = np.where(present, best, 0.0)
     return _safe_divide(best.sum(axis=-1), present.sum(axis=-1))
 
 

@@ -128,8 +128,11 @@ def summarize_layer(
         "normalized_domain_entropy": entropy_by_domain,
         "domain_specialization": _rounded(metrics.domain_specialization(total, k)),
         "domain_specialization_baseline": metrics.specialization_baseline(n_exp, k),
-        # One number per layer for curves: each domain's most specialized expert, averaged over domains.
-        "domain_specialization_top": boot(tables, lambda t: metrics.top_domain_specialization(t, k)),
+        # One number per layer for curves: each domain's most specialized expert (chosen once, on all
+        # blocks, so the resamples do not re-pick the maximum), averaged over domains.
+        "domain_specialization_top": boot(
+            tables, lambda t: metrics.top_domain_specialization(t, k, experts=total.argmax(axis=-1))
+        ),
     }
     specialization["nmi_first_choice"] = first_nmi if first_nmi is not None else specialization["nmi"]
     specialization["nmi_first_choice_pvalue"] = first_perm.pvalue

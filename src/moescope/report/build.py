@@ -97,8 +97,8 @@ def specialization_sentence(arm: str, tag: str, layers: dict) -> str:
     spec = layers[best]["specialization"]
     p, nmi = spec["nmi_pvalue"], spec["nmi"]
     null = spec.get("nmi_permutation") or {}
-    null_txt = (f"; chance alone reaches {null['null_q95']:.3f} (95th percentile of {null['n_permutations']} "
-                f"block-label permutations)" if null.get("null_q95") is not None else "")
+    null_txt = (f"; with domain labels shuffled between blocks, 95% of {null['n_permutations']} permutations "
+                f"stay at or below {null['null_q95']:.3f}" if null.get("null_q95") is not None else "")
     k = layers[best].get("top_k", 1)
     first = spec.get("nmi_first_choice")
     first_txt = (f" Counting only each token's first choice: NMI = {fmt_interval(first)}, "
