@@ -194,3 +194,50 @@ def test_coactivation_by_hand() -> None:
     np.testing.assert_allclose(co[2], [1 / 2, 1 / 2, 0, 0])
     assert np.isnan(co[3]).all()  # expert 3 never chosen
     np.testing.assert_allclose(np.nansum(co, axis=1)[:3], 1.0)  # k - 1
+
+
+def test_coactivation_counts_all_pairs_not_only_adjacent_ranks() -> None:
+    # one token with top-3 (0, 1, 2): pairs (0,1), (1,2) AND (0,2) count; an adjacent-rank
+    # count would leave (0,2) at zero.
+    counts = m.coactivation_counts(np.array([[0, 1, 2], [3, 0, 1]]), 4)
+    expected = np.zeros((4, 4))
+    for a, b in [(0, 1), (1, 2), (0, 2), (3, 0), (0, 1), (3, 1)]:
+        expected[a, b] += 1
+        expected[b, a] += 1
+    np.testing.assert_array_equal(counts, expected)
+    # parity with the dense [N, E] indicator product on random top-8 of 64
+    rng = np.random.default_rng(0)
+    idx = np.argsort(rng.random((500, 64)), axis=1)[:, :8]
+    chosen = np.zeros((500, 64))
+    chosen[np.arange(500)[:, None], idx] = 1.0
+    dense = chosen.T @ chosen
+    np.fill_diagonal(dense, 0.0)
+    np.testing.assert_array_equal(m.coactivation_counts(idx, 64), dense)
+
+
+def test_vocabulary_specialization_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    idx = np.argsort(rng.random((3000, 16)), axis=1)[:, :4]
+    tok = rng.integers(0, 300, 3000)
+    whole = m.vocabulary_specialization(tok, idx, 16, min_count=5)
+    monkeypatch.setattr(m, "_COUNT_CELLS", 40)  # a few ids per chunk
+    chunked = m.vocabulary_specialization(tok, idx, 16, min_count=5)
+    for a, b in zip((whole.token_ids, whole.top_expert, whole.top_fraction, whole.occurrences),
+                    (chunked.token_ids, chunked.top_expert, chunked.top_fraction, chunked.occurrences)):
+        np.testing.assert_array_equal(a, b)
+    # brute force for one id
+    t = int(whole.token_ids[0])
+    counts = np.bincount(idx[tok == t].ravel(), minlength=16)
+    assert whole.top_expert[0] == counts.argmax() and whole.top_fraction[0] == counts.max() / (tok == t).sum()
+
+
+def test_top_domain_specialization() -> None:
+    # top-2 over 4 experts: domain 0 puts all tokens on expert 0 (N_k/N_D = 1), domain 1 splits evenly,
+    # domain 2 is empty (left out of the mean)
+    table = np.array([[10, 5, 5, 0], [5, 5, 5, 5], [0, 0, 0, 0]], dtype=float)
+    assert m.top_domain_specialization(table, 2) == pytest.approx((1.0 + 0.5) / 2)
+    batched = m.top_domain_specialization(np.stack([table, table]), 2)
+    np.testing.assert_allclose(batched, [0.75, 0.75])
+    # fixed experts: domain 0 judged on expert 1 (5 of 10 tokens), domain 1 on expert 3 (5 of 10)
+    fixed = m.top_domain_specialization(np.stack([table, table]), 2, experts=np.array([1, 3, 0]))
+    np.testing.assert_allclose(fixed, [0.5, 0.5])

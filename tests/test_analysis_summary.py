@@ -138,3 +138,29 @@ def test_table_without_router_probs_keeps_top_k_statistics() -> None:
     np.testing.assert_array_equal(compact.chosen_probability(), full.gate_weight[:, 0].astype(np.float32))
     with pytest.raises(ValueError, match="router_entropy and expert_count"):
         RoutingTable(full.token_id, full.block, full.position, full.domain, full.expert_index, full.gate_weight, None)
+
+
+def test_first_choice_nmi_differs_from_topk_nmi_when_only_the_first_choice_knows_the_domain() -> None:
+    """Domain d's first choice is always expert d; the other 3 of the top-4 are random. The
+    first-choice NMI is then 1 while the top-k NMI (all 4 assignments) is diluted."""
+    rng = np.random.default_rng(3)
+    n_blocks, block_len, n_exp, k = 12, 32, 16, 4
+    block = np.repeat(np.arange(n_blocks), block_len)
+    domain = block % 3
+    n = block.size
+    rest = np.argsort(rng.random((n, n_exp - 3)), axis=1)[:, : k - 1] + 3  # experts 3..15
+    idx = np.column_stack([domain, rest])
+    table = RoutingTable(rng.integers(0, 50, n), block, np.tile(np.arange(block_len), n_blocks), domain, idx,
+                         np.full((n, k), 0.25), None, np.ones(n), n_exp)
+    s = summarize_layer(table, ["a", "b", "c"], CFG)["specialization"]
+    assert s["nmi_first_choice"]["estimate"] == pytest.approx(1.0)
+    first = metrics.count_domain_expert(idx[:, 0], domain, n_exp, 3)
+    assert s["nmi_first_choice"]["estimate"] == pytest.approx(
+        float(metrics.normalized_mutual_information(first, equal_domain_weights=True)))
+    assert s["nmi"]["estimate"] < 0.6
+    assert s["nmi_first_choice_pvalue"] == pytest.approx(1 / 200)
+    # each domain's top expert (its first choice) is chosen by all its tokens
+    assert s["domain_specialization_top"]["estimate"] == pytest.approx(1.0)
+    # top-1: the first-choice numbers are the top-k numbers
+    s1 = summarize_layer(synthetic_table(np.random.default_rng(0)), ["a", "b", "c"], CFG)["specialization"]
+    assert s1["nmi_first_choice"] == s1["nmi"] and s1["nmi_first_choice_pvalue"] == s1["nmi_pvalue"]

@@ -46,3 +46,26 @@ def test_choose_sample_rows() -> None:
     domain = np.array([0] * 6 + [1] * 4)
     assert choose_sample_rows(rows, domain, 3) == [20, 22, 25, 26, 28, 29]  # numpy rounds halves to even
     assert choose_sample_rows(rows, domain, 10) == list(range(20, 30))
+
+
+def test_viewer_topk_packing_and_dominant_domains() -> None:
+    from report_fixtures import planted_table
+
+    from moescope.analysis.viewer import expert_domains, unpack_topk
+
+    tables = {layer: planted_table(layer) for layer in (3, 7)}
+    pieces = {row: [f"t{j}" for j in range(48)] for row in range(10)}
+    arm = viewer_arm(tables, [0, 1], [f"d{i}" for i in range(5)], pieces, max_tokens=20)
+    assert arm["top_k"] == 8 and arm["n_experts"] == 64 and arm["layers"] == [3, 7]
+    sample = arm["samples"][1]  # block 1, domain 1
+    assert len(sample["tokens"]) == 20 and "experts" not in sample  # the first choice is topk's first column
+    ids, weights = unpack_topk(sample["topk"]["7"], sample["topk_weights"]["7"], 8, 64)
+    t = tables[7]
+    rows = np.flatnonzero(t.block == 1)[:20]
+    np.testing.assert_array_equal(ids, t.expert_index[rows])
+    np.testing.assert_allclose(weights, t.gate_weight[rows], atol=0.5 / 255 + 1e-7)
+    # planted: domain d owns experts 8d .. 8d+7
+    dominant, share = expert_domains(t, 5)
+    np.testing.assert_array_equal(dominant[:40], np.repeat(np.arange(5), 8))
+    assert arm["expert_domain"]["7"] == dominant.tolist()
+    assert (share[:40] > 0.5).all() and (share <= 1).all()

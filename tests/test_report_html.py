@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -93,3 +94,23 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
         page.select_option("#viewer-domain", "prose")
         assert page.locator("#viewer-samples .sample").count() == 1
         browser.close()
+
+
+HOSTILE = ["m<!--<script>", "</script><b>x</b>", "a&amp;b", "line\u2028sep\u2029para", "<!-- x -->"]
+
+
+def test_embedded_json_survives_hostile_text(tmp_path: Path) -> None:
+    """Domain names and token texts that would open a comment or close the script tag
+    come back unchanged from the page's JSON, and the page keeps its provenance."""
+    from moescope.report.html import json_for_script, render_html
+
+    viewer = {"arms": {"moe": {"layers": [0], "n_experts": 2, "samples": [
+        {"domain": name, "text_id": name, "tokens": [name, "ok"], "experts": {"0": [0, 1]}, "probs": {"0": [0.5, 0.5]}}
+        for name in HOSTILE]}}}
+    page = render_html(ReportContent(title="t", viewer=viewer, provenance={"domains": HOSTILE}))
+    blob = re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(blob) == viewer
+    assert not re.search("[<>&\u2028\u2029]", blob)
+    assert json.loads(json_for_script(HOSTILE)) == HOSTILE
+    # everything after the viewer is still there: the provenance block and the closing tags
+    assert page.count("</script>") == 3 and "Provenance" in page and page.rstrip().endswith("</html>")

@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "moescope.commands.train",
     "moescope.commands.analyze",
     "moescope.commands.report",
+    "moescope.commands.compare",
     "moescope.commands.cluster",
     "moescope.commands.partition",
     "moescope.commands.btx",

@@ -157,6 +157,25 @@ def domain_specialization(table: np.ndarray, top_k: int) -> np.ndarray:
     return _safe_divide(table, tokens)
 
 
+def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray | None = None) -> np.ndarray:
+    """Each domain's most specialized expert, N_k(E, D) / N_D, averaged over non-empty domains [...].
+
+    One number per layer for curves; k / E under uniform routing, 1 when every domain
+    has one expert that all its tokens choose. ``experts`` [D] fixes which expert counts
+    for each domain (e.g. the one chosen on the full sample, so that bootstrap resamples
+    do not re-pick the maximum and inflate the interval); default: the maximum of ``table``.
+    """
+    spec = domain_specialization(table, top_k)
+    present = ~np.isnan(spec).any(axis=-1)
+    if experts is None:
+        best = np.where(np.isnan(spec), -np.inf, spec).max(axis=-1)
+    else:
+        best = np.take_along_axis(spec, np.broadcast_to(np.asarray(experts)[:, None], spec.shape[:-1] + (1,)),
+                                  axis=-1)[..., 0]
+    best = np.where(present, best, 0.0)
+    return _safe_divide(best.sum(axis=-1), present.sum(axis=-1))
+
+
 def specialization_baseline(n_experts: int, top_k: int) -> float:
     """k / E: what every expert gets of every domain under uniform routing."""
     return top_k / n_experts
@@ -260,6 +279,10 @@ def repetition_baseline_load(expert_counts: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- vocabulary
 
+# Largest count array (cells) built at once by the token-level counters below: keeps a
+# million tokens x 256 experts in bounded memory (no [N, E] or [V, E] arrays).
+_COUNT_CELLS = 1 << 22
+
 
 @dataclass(frozen=True)
 class VocabularySpecialization:
@@ -288,29 +311,58 @@ def vocabulary_specialization(
     if tok.shape != (idx.shape[0],):
         raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
     ids, inverse, occurrences = np.unique(tok, return_inverse=True, return_counts=True)
-    counts = np.zeros((ids.size, n_experts))
-    np.add.at(counts, (np.repeat(inverse, idx.shape[1]), idx.ravel()), 1.0)
     keep = occurrences >= min_count
-    ids, occurrences, counts = ids[keep], occurrences[keep], counts[keep]
-    top = counts.argmax(axis=1)
-    frac = counts[np.arange(ids.size), top] / occurrences if ids.size else np.zeros(0)
+    # Count only the ids that pass the threshold, and in chunks of ids, so memory stays
+    # bounded by _COUNT_CELLS cells however large the vocabulary and E are.
+    slot = np.full(ids.size, -1, dtype=np.int64)
+    slot[keep] = np.arange(int(keep.sum()))
+    ids, occurrences = ids[keep], occurrences[keep]
+    row = slot[inverse]
+    top = np.zeros(ids.size, dtype=np.int64)
+    top_count = np.zeros(ids.size)
+    step = max(1, _COUNT_CELLS // max(1, n_experts))
+    for lo in range(0, ids.size, step):
+        hi = min(ids.size, lo + step)
+        mine = (row >= lo) & (row < hi)
+        flat = ((row[mine] - lo)[:, None] * n_experts + idx[mine]).ravel()
+        counts = np.bincount(flat, minlength=(hi - lo) * n_experts).reshape(hi - lo, n_experts)
+        top[lo:hi] = counts.argmax(axis=1)
+        top_count[lo:hi] = counts[np.arange(hi - lo), top[lo:hi]]
+    frac = top_count / occurrences if ids.size else np.zeros(0)
     mean = float(frac.mean()) if ids.size else float("nan")
     weighted = float((frac * occurrences).sum() / occurrences.sum()) if ids.size else float("nan")
     return VocabularySpecialization(ids, occurrences, top, frac, mean, weighted)
+
+
+def coactivation_counts(expert_index: np.ndarray, n_experts: int) -> np.ndarray:
+    """Co-activation counts [E, E]: tokens that have both E_i and E_j among their top-k (i != j).
+
+    Every unordered pair of a token's k choices counts once (k(k-1)/2 pairs per token),
+    whatever their ranks. A count of only the pairs adjacent in the ranked list
+    ((1st, 2nd), (2nd, 3rd), ...: k - 1 pairs per token) would miss e.g. (1st, 3rd) and
+    weight ranks unevenly. Memory is O(N + E^2): one pass per pair of ranks, no [N, E] array.
+    """
+    idx = _as_2d_index(expert_index)
+    k = idx.shape[1]
+    pairs = np.zeros(n_experts * n_experts)
+    for a in range(k):
+        for b in range(a + 1, k):
+            pairs += np.bincount(idx[:, a] * n_experts + idx[:, b], minlength=n_experts * n_experts)
+    pairs = pairs.reshape(n_experts, n_experts)
+    pairs = pairs + pairs.T
+    np.fill_diagonal(pairs, 0.0)  # a repeated expert in one token's top-k is not a pair
+    return pairs
 
 
 def coactivation(expert_index: np.ndarray, n_experts: int) -> np.ndarray:
     """OLMoE expert co-activation [E, E]: N(E_i, E_j) / N(E_i) for top-k routing (k > 1).
 
     Row i: of the tokens that chose E_i, the share that also chose E_j (the
-    diagonal is 0; nan for an unused expert). Rows sum to k - 1.
+    diagonal is 0; nan for an unused expert). Rows sum to k - 1. Pairs are all
+    pairs within a token's top-k (see :func:`coactivation_counts`).
     """
     idx = _as_2d_index(expert_index)
-    chosen = np.zeros((idx.shape[0], n_experts))
-    chosen[np.arange(idx.shape[0])[:, None], idx] = 1.0
-    pairs = chosen.T @ chosen
-    np.fill_diagonal(pairs, 0.0)
-    return _safe_divide(pairs, chosen.sum(axis=0)[:, None])
+    return _safe_divide(coactivation_counts(idx, n_experts), count_experts(idx, n_experts)[:, None])
 
 
 # --------------------------------------------------------------------------- training dynamics

@@ -24,7 +24,9 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
                       mutual_information, expert_given_domain [D][E], domain_given_expert [D][E],
                       max_expert_given_domain IV, normalized_domain_entropy {DOMAIN: IV},
                       domain_specialization [D][E] (OLMoE), domain_specialization_baseline (k/E),
-                      coactivation [E][E] (top-k > 1 only)
+                      domain_specialization_top IV (each domain's most-used expert, mean over domains),
+                      nmi_first_choice IV + nmi_first_choice_pvalue (first choice only; = nmi for top-1),
+                      coactivation [E][E] (top-k > 1 only; all pairs within a token's top-k)
       load            token_fraction [E], max_fraction IV, load_cv IV, effective_experts IV, dropped_fraction
       entropy         router_entropy_token IV, router_entropy_of_mean IV, router_entropy_max (ln E)
       repetition      n_pairs, same_first_choice IV, baseline_uniform (1/E), baseline_load (sum f^2),

@@ -40,6 +40,8 @@ def statistics_header(cfg: SummaryConfig) -> dict:
         "interval": "percentile bootstrap over eval blocks, resampled within each domain",
         "pvalue": "block-level permutation of domain labels, (1 + #{null >= observed}) / (1 + n_permutations)",
         "nmi": "I(domain; expert) / H(domain), equal domain weights unless noted",
+        "nmi_assignments": "nmi counts each of a token's top-k experts once; nmi_first_choice only its first choice",
+        "coactivation": "all pairs within a token's top-k, k(k-1)/2 per token, not only rank-adjacent pairs",
         "entropy_unit": "nats",
     }
 
@@ -73,8 +75,15 @@ def _rounded(matrix: np.ndarray) -> list:
     return np.round(np.asarray(matrix, dtype=float), 6).tolist()
 
 
-def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig | None = None) -> dict:
-    """All routing metrics of one layer: specialization, load, entropy, repetition, vocabulary."""
+def summarize_layer(
+    table: RoutingTable, domains: list[str], cfg: SummaryConfig | None = None, *, n_shared_experts: int = 0
+) -> dict:
+    """All routing metrics of one layer: specialization, load, entropy, repetition, vocabulary.
+
+    n_shared_experts: experts every token passes through besides its routed top-k
+    (DeepSeek, Qwen-MoE). They are not in the table, so NMI, load and entropy are
+    over the routed experts only; the count is recorded so reports can say so.
+    """
     cfg = cfg or SummaryConfig()
     n_dom, n_exp, k = len(domains), table.n_experts, table.top_k
     block_ids, block_domain, block_counts = stats.block_expert_counts(
@@ -93,6 +102,15 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
     perm = stats.permutation_test_nmi(
         block_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
     )
+    if k > 1:
+        # The first choice alone: the expert with the largest gate, what top-1 analyses report.
+        _, _, first_counts = stats.block_expert_counts(table.expert_index[:, :1], table.block, table.domain, n_exp)
+        first_nmi = boot(stats.domain_tables(first_counts, block_domain, n_dom), nmi_equal)
+        first_perm = stats.permutation_test_nmi(
+            first_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
+        )
+    else:
+        first_nmi, first_perm = None, perm  # identical to the top-k numbers; filled in below
     entropy_by_domain = {
         domains[d]: boot(tables, lambda t, d=d: metrics.normalized_domain_entropy(t)[..., d])
         for d in range(n_dom)
@@ -110,7 +128,14 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
         "normalized_domain_entropy": entropy_by_domain,
         "domain_specialization": _rounded(metrics.domain_specialization(total, k)),
         "domain_specialization_baseline": metrics.specialization_baseline(n_exp, k),
+        # One number per layer for curves: each domain's most specialized expert (chosen once, on all
+        # blocks, so the resamples do not re-pick the maximum), averaged over domains.
+        "domain_specialization_top": boot(
+            tables, lambda t: metrics.top_domain_specialization(t, k, experts=total.argmax(axis=-1))
+        ),
     }
+    specialization["nmi_first_choice"] = first_nmi if first_nmi is not None else specialization["nmi"]
+    specialization["nmi_first_choice_pvalue"] = first_perm.pvalue
 
     # --- load ---
     expert_totals = block_counts  # [B, E]
@@ -159,11 +184,13 @@ def summarize_layer(table: RoutingTable, domains: list[str], cfg: SummaryConfig 
         repetition["shared_topk"] = boot(pair_sums, lambda s: s[..., 2] / s[..., 0]) if i.size else None
         repetition["shared_topk_baseline_uniform"] = metrics.repetition_baseline_uniform(n_exp, k)
 
+    shared = {"n_shared_experts": int(n_shared_experts)} if n_shared_experts else {}
     return {
         "n_tokens": table.n_tokens,
         "n_blocks": int(block_ids.size),
         "n_experts": n_exp,
         "top_k": k,
+        **shared,
         "domains": list(domains),
         "specialization": specialization,
         "load": load,
@@ -250,10 +277,11 @@ def summarize_token_types(
     keep = types >= 0
     n_types, n_exp = len(type_names), table.n_experts
     first = table.expert_index[keep, 0].astype(np.int64)
-    one_hot = np.zeros((int(keep.sum()), n_types * n_exp))
-    one_hot[np.arange(first.size), types[keep] * n_exp + first] = 1.0
-    block_ids, sums = stats.sum_by_block(one_hot, table.block[keep])
-    tables = sums.reshape(block_ids.size, n_types, n_exp)
+    # Per-block (type, expert) counts by bincount: no [N, types x E] one-hot array.
+    block_ids, inverse = np.unique(table.block[keep], return_inverse=True)
+    cells = n_types * n_exp
+    flat = inverse * cells + types[keep] * n_exp + first
+    tables = np.bincount(flat, minlength=block_ids.size * cells).reshape(block_ids.size, n_types, n_exp).astype(float)
     total = tables.sum(axis=0)
     given_type = metrics.expert_given_domain(total)
     out: dict = {

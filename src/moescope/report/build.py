@@ -17,10 +17,15 @@ from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.write import write_report
 
+# A permutation p-value below this calls routing dependent on the domain.
 SIGNIFICANCE_LEVEL = 0.01
 # Below this NMI a significant dependence is reported as weak: with many tokens a tiny
 # effect is "significant" but says little about what experts learned.
 STRONG_NMI = 0.1
+# Load CV (std / mean of the experts' token shares) up to which a layer is called balanced:
+# at 0.3 the typical expert is within 30% of the uniform share 1/E. Judged on the interval:
+# balanced when its upper end is below, imbalanced when its lower end is above.
+BALANCED_LOAD_CV = 0.3
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -63,50 +68,98 @@ def arm_balancing(experiment: dict, arm: str) -> str | None:
     return " + ".join(parts) if parts else "no load balancing"
 
 
+LAYER_CURVES_CAPTION = (
+    "Per layer, with 95% block-bootstrap bands. NMI: solid counts all top-k assignments, dashed only the first "
+    "choice. Domain specialization: share of a domain's tokens whose top-k includes its most-used expert, averaged "
+    "over domains (grey: k/E, uniform routing). Vocabulary specialization: occurrence-weighted share of a token id's "
+    "occurrences that include its most-used expert, against the same with token ids shuffled. Co-activation (in "
+    "metrics.json) counts every pair within a token's top-k, not only rank-adjacent pairs.")
+
+
+def _records_of(arm_records: dict[str, list[dict]], arm: str, kind: str) -> list[dict]:
+    return [r for r in arm_records.get(arm, []) if r.get("kind") == kind]
+
+
 # --------------------------------------------------------------------------- headline (pure)
 
 
+def _low(iv: Any) -> float:
+    return float(iv["low"]) if isinstance(iv, dict) and iv.get("low") is not None else _estimate(iv)
+
+
+def _high(iv: Any) -> float:
+    return float(iv["high"]) if isinstance(iv, dict) and iv.get("high") is not None else _estimate(iv)
+
+
+def specialization_sentence(arm: str, tag: str, layers: dict) -> str:
+    """The domain-specialization verdict of one arm: best layer, NMI with CI, p-value and the permutation null."""
+    best = max(layers, key=lambda k: layers[k]["specialization"]["nmi"]["estimate"])
+    spec = layers[best]["specialization"]
+    p, nmi = spec["nmi_pvalue"], spec["nmi"]
+    null = spec.get("nmi_permutation") or {}
+    null_txt = (f"; with domain labels shuffled between blocks, 95% of {null['n_permutations']} permutations "
+                f"stay at or below {null['null_q95']:.3f}" if null.get("null_q95") is not None else "")
+    k = layers[best].get("top_k", 1)
+    first = spec.get("nmi_first_choice")
+    first_txt = (f" Counting only each token's first choice: NMI = {fmt_interval(first)}, "
+                 f"p = {spec.get('nmi_first_choice_pvalue', float('nan')):.3g}."
+                 if k > 1 and isinstance(first, dict) else "")
+    nmi_name = f"NMI(domain; expert){' over all top-' + str(k) + ' assignments' if k > 1 else ''}"
+    if p < SIGNIFICANCE_LEVEL and nmi["low"] >= STRONG_NMI:
+        top = spec["max_expert_given_domain"]
+        return (f"{tag}: experts specialize by domain. Best layer {best}: {nmi_name} = {fmt_interval(nmi)} "
+                f"(95% CI), permutation p = {p:.3g}{null_txt}; the largest P(expert | domain) is "
+                f"{fmt_interval(top, 2)} against {1 / layers[best]['n_experts']:.3f} for uniform routing.{first_txt}")
+    if p < SIGNIFICANCE_LEVEL:
+        return (f"{tag}: routing depends on the domain only weakly: best layer {best} {nmi_name} = {fmt_interval(nmi)} "
+                f"(permutation p = {p:.3g}{null_txt}: detectable, but not above {STRONG_NMI} with its whole "
+                f"interval).{first_txt}")
+    n_perm = null.get("n_permutations")
+    floor_txt = (f"; with {n_perm} permutations p cannot go below {1 / (1 + n_perm):.3g}, so this test cannot "
+                 f"show significance: rerun with more permutations"
+                 if n_perm and 1 / (1 + n_perm) >= SIGNIFICANCE_LEVEL else "")
+    return (f"{tag}: no significant specialization by domain (best layer {best}: {nmi_name} = {fmt_interval(nmi)}, "
+            f"permutation p = {p:.3g} >= {SIGNIFICANCE_LEVEL}{null_txt}{floor_txt}).{first_txt}")
+
+
+def load_sentence(arm: str, layers: dict, records: list[dict]) -> str:
+    """The load verdict of one arm: its worst layer's load CV and busiest expert, against uniform routing."""
+    cvs = {k: layers[k]["load"]["load_cv"] for k in layers}
+    worst = max(cvs, key=lambda k: _estimate(cvs[k]))
+    cv = cvs[worst]
+    if _high(cv) <= BALANCED_LOAD_CV:
+        balance = "balanced"
+    elif _low(cv) > BALANCED_LOAD_CV:
+        balance = "imbalanced"
+    else:
+        balance = "near the balance threshold"
+    maxf = layers[worst]["load"]["max_fraction"]
+    k = layers[worst].get("top_k", 1)
+    share = "assignments" if k > 1 else "tokens"
+    n_shared = layers[worst].get("n_shared_experts", 0)
+    shared_txt = (f" Besides its {layers[worst]['n_experts']} routed experts the layer has {n_shared} shared "
+                  f"expert(s) that every token uses; they are not counted in load or NMI." if n_shared else "")
+    sentence = (f"{arm}: load is {balance} (load CV threshold {BALANCED_LOAD_CV}; 0 = perfectly balanced): "
+                f"worst layer {worst} has load CV {fmt_interval(cv, 2)} and its busiest expert takes "
+                f"{fmt_interval(maxf, 2)} of {share} (uniform {1 / layers[worst]['n_experts']:.3f}).{shared_txt}")
+    events = [r for r in records if r.get("kind") == "collapse"]
+    if events:
+        e = events[0]
+        sentence += (f" Collapse detected at step {e['step']} in layer {e['layer']}: expert {e['expert']} held "
+                     f"{100 * e['share']:.0f}% of tokens.")
+    return sentence
+
+
 def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, list[dict]]) -> list[str]:
-    """Plain-language claims, each with its number, interval and test."""
+    """Plain-language claims, each with its number, interval and test or null."""
     out: list[str] = []
     arms = metrics["arms"]
     for arm in moe_arms(metrics):
         layers = arms[arm]["layers"]
-        best = max(layers, key=lambda k: layers[k]["specialization"]["nmi"]["estimate"])
-        spec = layers[best]["specialization"]
-        p = spec["nmi_pvalue"]
-        nmi = spec["nmi"]
         balancing = arm_balancing(experiment, arm)
         tag = f"{arm}" + (f" ({balancing})" if balancing else "")
-        if p < SIGNIFICANCE_LEVEL and nmi["low"] >= STRONG_NMI:
-            top = spec["max_expert_given_domain"]
-            out.append(
-                f"{tag}: experts specialize by domain. Best layer {best}: NMI(domain; expert) = {fmt_interval(nmi)} "
-                f"(95% CI), permutation p = {p:.3g}; the largest P(expert | domain) is {fmt_interval(top, 2)} "
-                f"against {1 / layers[best]['n_experts']:.3f} for uniform routing."
-            )
-        elif p < SIGNIFICANCE_LEVEL:
-            out.append(
-                f"{tag}: routing depends on the domain only weakly: best layer {best} NMI = {fmt_interval(nmi)} "
-                f"(permutation p = {p:.3g}: detectable, but below {STRONG_NMI} with its whole interval)."
-            )
-        else:
-            out.append(
-                f"{tag}: no significant specialization by domain (best layer {best}: NMI = {fmt_interval(nmi)}, "
-                f"permutation p = {p:.3g} >= {SIGNIFICANCE_LEVEL})."
-            )
-        cvs = {k: layers[k]["load"]["load_cv"] for k in layers}
-        worst = max(cvs, key=lambda k: _estimate(cvs[k]))
-        maxf = layers[worst]["load"]["max_fraction"]
-        events = [r for r in arm_records.get(arm, []) if r.get("kind") == "collapse"]
-        balance = "balanced" if _estimate(cvs[worst]) <= 0.3 else "imbalanced"
-        sentence = (f"{arm}: load is {balance}: worst layer {worst} has load CV {fmt_interval(cvs[worst], 2)} and its "
-                    f"busiest expert takes {fmt_interval(maxf, 2)} of tokens (uniform {1 / layers[worst]['n_experts']:.3f}).")
-        if events:
-            e = events[0]
-            sentence += (f" Collapse detected at step {e['step']} in layer {e['layer']}: expert {e['expert']} held "
-                         f"{100 * e['share']:.0f}% of tokens.")
-        out.append(sentence)
+        out.append(specialization_sentence(arm, tag, layers))
+        out.append(load_sentence(arm, layers, arm_records.get(arm, [])))
     losses = {a: v["eval_loss"]["domain_weighted"] for a, v in arms.items() if "eval_loss" in v}
     if losses:
         ordered = sorted(losses, key=lambda a: _estimate(losses[a]))
@@ -148,23 +201,40 @@ def loss_table(metrics: dict) -> Table:
 
 
 def routing_table(metrics: dict) -> Table:
+    """One row per MoE arm and layer; top-k models get the first-choice NMI and OLMoE specialization too."""
+    arms = moe_arms(metrics)
+    topk = any(v.get("top_k", 1) > 1 for a in arms for v in metrics["arms"][a]["layers"].values())
     rows = []
-    for arm in moe_arms(metrics):
+    for arm in arms:
         for layer, v in sorted(metrics["arms"][arm]["layers"].items(), key=lambda kv: int(kv[0])):
             s, ld, en, rep = v["specialization"], v["load"], v["entropy"], v["repetition"]
-            rows.append([
-                f"{arm} · {layer}", fmt_interval(s["nmi"]), f"{s['nmi_pvalue']:.3g}",
+            row = [f"{arm} · {layer}", fmt_interval(s["nmi"]), f"{s['nmi_pvalue']:.3g}"]
+            if topk:
+                row += [fmt_interval(s.get("nmi_first_choice")),
+                        f"{fmt_interval(s.get('domain_specialization_top'), 2)} vs {s['domain_specialization_baseline']:.3f}"]
+            rows.append(row + [
                 fmt_interval(s["max_expert_given_domain"], 2), fmt_interval(ld["load_cv"], 2),
                 fmt_interval(ld["max_fraction"], 2), fmt_interval(ld["effective_experts"], 2),
                 f"{_estimate(en['router_entropy_token']) / en['router_entropy_max']:.3f}",
                 (f"{fmt_interval(rep['same_first_choice'], 2)} vs {rep['baseline_uniform']:.3f}"
                  if rep.get("same_first_choice") else "n/a"),
             ])
-    return Table("Routing on held-out data, per MoE arm and layer",
-                 ["arm · layer", "NMI (95% CI)", "perm. p", "max P(e|d)", "load CV", "max share",
-                  "effective experts", "entropy / ln E", "same expert as previous token vs 1/E"], rows,
-                 "NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
-                 "between blocks. Balance is judged from the token shares themselves, not from the aux loss.")
+    shared = any(v.get("n_shared_experts") for a in arms for v in metrics["arms"][a]["layers"].values())
+    if shared:
+        for row, (arm, layer) in zip(rows, [(a, k) for a in arms for k in sorted(metrics["arms"][a]["layers"], key=int)]):
+            row.append(metrics["arms"][arm]["layers"][layer].get("n_shared_experts", 0))
+    columns = ["arm · layer", "NMI (95% CI)", "perm. p"]
+    if topk:
+        columns += ["NMI first choice", "domain specialization vs k/E"]
+    columns += ["max P(e|d)", "load CV", "max share", "effective experts", "entropy / ln E",
+                "same expert as previous token vs 1/E"] + (["shared experts (not counted)"] if shared else [])
+    caption = ("NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
+               "between blocks. Balance is judged from the token shares themselves, not from the aux loss.")
+    if topk:
+        caption += (" With top-k routing, NMI counts each of a token's k experts once; 'first choice' counts only "
+                    "the expert with the largest gate. Domain specialization (OLMoE): the share of a domain's tokens "
+                    "that have its most-used expert among their top-k, averaged over domains.")
+    return Table("Routing on held-out data, per MoE arm and layer", columns, rows, caption)
 
 
 # --------------------------------------------------------------------------- assembly (I/O)
@@ -174,7 +244,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     """Write RUN/report/ from an analysed run; returns the path of report.html."""
     run_dir = Path(run_dir)
     metrics = _read_json(run_dir / "analysis" / "metrics.json")
-    experiment = _read_json(run_dir / "experiment.json")
+    # Released models analysed with `moescope analyze --model` have no training run: no experiment.json.
+    experiment_path = run_dir / "experiment.json"
+    experiment = json.loads(experiment_path.read_text(encoding="utf-8")) if experiment_path.is_file() else {}
     viewer_path = run_dir / "analysis" / "viewer.json"
     viewer = json.loads(viewer_path.read_text(encoding="utf-8")) if viewer_path.is_file() else None
     arm_names = list(metrics["arms"])
@@ -187,21 +259,28 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     manifest_path = run_dir / "data_manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     sections.append(Section("Set-up", setup_paragraphs(metrics, experiment, manifest), anchor="setup"))
-    sections.append(Section(
-        "Loss", ["All arms start from the same dense base and see the same batches in the same order under the same "
-                 "schedule; only the arm's own difference changes."],
-        figures=[Figure("Loss curves", figures.plot_loss_curves(arm_records, fig_dir / "loss_curves.png"))],
-        tables=[loss_table(metrics)], anchor="loss"))
+    trained = any(r.get("kind") in ("train", "eval") for recs in arm_records.values() for r in recs)
+    if trained or any("eval_loss" in v for v in metrics["arms"].values()):
+        sections.append(Section(
+            "Loss", ["All arms start from the same dense base and see the same batches in the same order under the same "
+                     "schedule; only the arm's own difference changes."] if trained else [],
+            figures=[Figure("Loss curves", figures.plot_loss_curves(arm_records, fig_dir / "loss_curves.png"))]
+            if trained else [],
+            tables=[loss_table(metrics)], anchor="loss"))
     if moe:
+        spec_figs = [Figure("P(expert | domain)", figures.plot_expert_given_domain(metrics, moe, fig_dir / "expert_given_domain.png"),
+                            "Rows: domains; columns: experts. Each row sums to 1.")]
+        curves = figures.plot_layer_curves({a: metrics["arms"][a] for a in moe}, fig_dir / "layer_curves.png")
+        if curves:
+            spec_figs.append(Figure("Routing per layer", curves, LAYER_CURVES_CAPTION))
         sections.append(Section(
             "Do experts specialize by domain?", [],
-            figures=[Figure("P(expert | domain)", figures.plot_expert_given_domain(metrics, moe, fig_dir / "expert_given_domain.png"),
-                            "Rows: domains; columns: experts. Each row sums to 1.")],
-            tables=[routing_table(metrics)], anchor="specialization"))
-        figs = [Figure("Expert load over training", figures.plot_load_over_training(arm_records, moe, fig_dir / "load_over_training.png"),
-                       "With and without load balancing."),
-                Figure("Router entropy", figures.plot_router_entropy(arm_records, moe, fig_dir / "router_entropy.png"))]
-        sections.append(Section("Load balance and collapse", [], figures=figs, anchor="balance"))
+            figures=spec_figs, tables=[routing_table(metrics)], anchor="specialization"))
+        if any(_records_of(arm_records, a, "eval") for a in moe):
+            figs = [Figure("Expert load over training", figures.plot_load_over_training(arm_records, moe, fig_dir / "load_over_training.png"),
+                           "With and without load balancing."),
+                    Figure("Router entropy", figures.plot_router_entropy(arm_records, moe, fig_dir / "router_entropy.png"))]
+            sections.append(Section("Load balance and collapse", [], figures=figs, anchor="balance"))
         extra = []
         tt = figures.plot_token_types(metrics, moe[0], fig_dir / "token_types.png")
         if tt:
@@ -211,7 +290,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             extra.append(Figure("Router saturation", sat))
         fmt = figures.plot_format_test(metrics, moe, fig_dir / "format_test.png")
         if fmt:
-            extra.append(Figure("Format test", fmt, "Same math/code content with and without fixed markers (seed 002)."))
+            extra.append(Figure("Format test", fmt, "Same math/code content with and without fixed 'Problem:'/'Solution:' markers."))
         if extra:
             sections.append(Section("What the routers key on", [], figures=extra, anchor="keys"))
 

@@ -14,19 +14,18 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from moescope.io.figure import save_figure  # noqa: E402
 
 ARM_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
 DPI = 110
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI)
 
 
 def _records(records: list[dict], kind: str) -> list[dict]:
@@ -65,13 +64,49 @@ def plot_loss_curves(arm_records: dict[str, list[dict]], path: Path) -> Path:
     return _save(fig, path)
 
 
+# Above these sizes the heatmaps switch to the compact layout (no numbers in cells, experts
+# grouped by dominant domain, a few chosen layers): cell labels are unreadable beyond them.
+CELL_LABEL_MAX_EXPERTS = 16
+HEATMAP_MAX_LAYERS = 6
+
+
+def heatmap_layers(metrics: dict, arm: str, max_layers: int = HEATMAP_MAX_LAYERS) -> list[str]:
+    """At most ``max_layers`` layers to draw: the first, the last, the best-NMI one, and evenly spaced others."""
+    ids = moe_layer_ids(metrics, arm)
+    if len(ids) <= max_layers:
+        return ids
+    layers = metrics["arms"][arm]["layers"]
+    best = max(ids, key=lambda k: layers[k]["specialization"]["nmi"]["estimate"])
+    picked = {ids[0], ids[-1], best}
+    for pos in np.linspace(0, len(ids) - 1, max_layers):
+        if len(picked) >= max_layers:
+            break
+        picked.add(ids[int(round(pos))])
+    return sorted(picked, key=int)
+
+
+def expert_order(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of P(expert | domain) [D, E] grouped by dominant domain, strongest first: (order [E], domain [E])."""
+    mat = np.nan_to_num(np.asarray(mat, dtype=float))
+    dominant = mat.argmax(axis=0)
+    used = mat.sum(axis=0) > 0
+    dominant = np.where(used, dominant, mat.shape[0])  # unused experts last
+    order = np.lexsort((-mat.max(axis=0), dominant))
+    return order, dominant[order]
+
+
 def plot_expert_given_domain(metrics: dict, arms: list[str], path: Path) -> Path:
-    """P(expert | domain) heatmaps, one row per MoE arm, one column per MoE layer."""
+    """P(expert | domain) heatmaps, one row per MoE arm, one column per MoE layer.
+
+    With many experts or layers: the compact layout of :func:`plot_expert_given_domain_compact`.
+    """
+    max_exp = max(len(metrics["arms"][a]["layers"][lay]["specialization"]["expert_given_domain"][0])
+                  for a in arms for lay in moe_layer_ids(metrics, a))
+    if max_exp > CELL_LABEL_MAX_EXPERTS or max(len(moe_layer_ids(metrics, a)) for a in arms) > HEATMAP_MAX_LAYERS:
+        return plot_expert_given_domain_compact(metrics, arms, path)
     domains = metrics["domains"]
     layers = {a: moe_layer_ids(metrics, a) for a in arms}
     ncol = max(len(v) for v in layers.values())
-    max_exp = max(len(metrics["arms"][a]["layers"][lay]["specialization"]["expert_given_domain"][0])
-                  for a in arms for lay in layers[a])
     panel_w = max(3.6, 0.32 * max_exp + 0.9)  # room for a readable number in every cell
     fig, axes = plt.subplots(len(arms), ncol, figsize=(panel_w * ncol + 0.6, 0.5 + 0.42 * len(domains) * len(arms) + 0.9 * len(arms)),
                              squeeze=False)
@@ -100,6 +135,118 @@ def plot_expert_given_domain(metrics: dict, arms: list[str], path: Path) -> Path
             ax.set_xticks(range(n_exp), [str(j) for j in range(n_exp)], fontsize=7)
             ax.set_xlabel("expert", fontsize=8)
     fig.suptitle(f"P(expert | domain) on held-out data (uniform = {1 / n_exp:.3f})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_expert_given_domain_compact(metrics: dict, arms: list[str], path: Path) -> Path:
+    """P(expert | domain) for 16-256 experts and 16-80 layers: one full-width strip per chosen layer.
+
+    Experts are reordered by their dominant domain (strongest first), with the domain
+    groups marked, so a block structure is visible at a glance; no numbers in cells.
+    """
+    domains = metrics["domains"]
+    panels = [(a, lay) for a in arms for lay in heatmap_layers(metrics, a)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11.0, 0.6 + (0.3 * len(domains) + 0.75) * len(panels)),
+                             squeeze=False)
+    for ax, (arm, layer) in zip(axes[:, 0], panels):
+        v = metrics["arms"][arm]["layers"][layer]
+        spec = v["specialization"]
+        mat = np.asarray(spec["expert_given_domain"], dtype=float)
+        order, group = expert_order(mat)
+        shown = mat[:, order]
+        im = ax.imshow(shown, cmap="magma", vmin=0, vmax=max(0.05, float(np.nanmax(shown))), aspect="auto",
+                       interpolation="nearest")
+        n_exp = mat.shape[1]
+        for g in range(len(domains)):
+            cols = np.flatnonzero(group == g)
+            if cols.size:
+                ax.axvline(cols[0] - 0.5, color="white", lw=0.8)
+        step = 1 if n_exp <= 64 else 8
+        ax.set_xticks(range(0, n_exp, step), [str(e) for e in order[::step]], fontsize=5 if n_exp > 32 else 6,
+                      rotation=90)
+        ax.set_yticks(range(len(domains)), domains, fontsize=7)
+        nmi, first = spec["nmi"], spec.get("nmi_first_choice", spec["nmi"])
+        ax.set_title(f"{arm} · layer {layer}: NMI top-{v['top_k']} {nmi['estimate']:.3f} "
+                     f"[{nmi['low']:.3f}, {nmi['high']:.3f}], first choice {first['estimate']:.3f}, "
+                     f"p={spec['nmi_pvalue']:.3g}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    axes[-1, 0].set_xlabel("expert (grouped by dominant domain, strongest first; white lines separate domains)",
+                           fontsize=8)
+    fig.suptitle(f"P(expert | domain) on held-out data (uniform = {1 / n_exp:.4f}; top-k assignments)", fontsize=10)
+    return _save(fig, path)
+
+
+def _iv(entry: Any) -> tuple[float, float, float]:
+    if isinstance(entry, dict):
+        return (entry["estimate"], entry["low"] if entry["low"] is not None else math.nan,
+                entry["high"] if entry["high"] is not None else math.nan)
+    if entry is None:
+        return (math.nan, math.nan, math.nan)
+    return (float(entry), math.nan, math.nan)
+
+
+# (title, getter(layer dict) -> interval-like, reference line getter or None)
+LAYER_CURVES = [
+    ("NMI(domain; expert)\nsolid: all top-k, dashed: first choice", lambda v: v["specialization"]["nmi"], None),
+    ("domain specialization\n(each domain's top expert, OLMoE)",
+     lambda v: v["specialization"].get("domain_specialization_top"),
+     lambda v: v["specialization"]["domain_specialization_baseline"]),
+    ("load CV (0 = balanced)", lambda v: v["load"]["load_cv"], None),
+    ("busiest expert's share", lambda v: v["load"]["max_fraction"], lambda v: 1 / v["n_experts"]),
+    ("router entropy / ln E", lambda v: {k: (x / v["entropy"]["router_entropy_max"] if x is not None else None)
+                                         for k, x in v["entropy"]["router_entropy_token"].items()}, lambda v: 1.0),
+]
+
+
+def plot_layer_curves(arms: dict[str, dict], path: Path) -> Path | None:
+    """Per-layer curves (NMI, specialization, load CV, max share, entropy) for any number of layers.
+
+    arms: label -> an arm's metrics (``metrics["arms"][ARM]``); every label is one line
+    with its 95% interval as a band. Dotted grey: the uniform-routing reference.
+    None when no arm has two MoE layers or more.
+    """
+    arms = {label: arm for label, arm in arms.items() if len(arm.get("layers") or {}) >= 1}
+    if not arms or max(len(a["layers"]) for a in arms.values()) < 2:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(13.0, 6.6), squeeze=False)
+    flat = axes.ravel()
+    for n, (label, arm) in enumerate(arms.items()):
+        color = ARM_COLORS[n % len(ARM_COLORS)]
+        ids = sorted(arm["layers"], key=int)
+        x = np.array([int(i) for i in ids])
+        marker = "o" if len(ids) <= 32 else None
+        for ax, (title, get, ref) in zip(flat, LAYER_CURVES):
+            vals = np.array([_iv(get(arm["layers"][i])) for i in ids], dtype=float)
+            ax.plot(x, vals[:, 0], "-", color=color, marker=marker, ms=3, lw=1.4, label=label)
+            if np.isfinite(vals[:, 1:]).any():
+                ax.fill_between(x, vals[:, 1], vals[:, 2], color=color, alpha=0.18, lw=0)
+            if ref is not None:
+                refs = [ref(arm["layers"][i]) for i in ids]
+                ax.plot(x, refs, ":", color="grey", lw=1)
+            ax.set_title(title, fontsize=9)
+        first = np.array([_iv(arm["layers"][i]["specialization"].get("nmi_first_choice")) for i in ids])
+        if arm["layers"][ids[0]].get("top_k", 1) > 1 and np.isfinite(first[:, 0]).any():
+            flat[0].plot(x, first[:, 0], "--", color=color, lw=1.2)
+            flat[0].fill_between(x, first[:, 1], first[:, 2], color=color, alpha=0.1, lw=0)
+    # last panel: vocabulary specialization against its shuffled-token-id null
+    ax = flat[5]
+    for n, (label, arm) in enumerate(arms.items()):
+        color = ARM_COLORS[n % len(ARM_COLORS)]
+        ids = sorted(arm["layers"], key=int)
+        x = [int(i) for i in ids]
+        voc = [arm["layers"][i].get("vocabulary") or {} for i in ids]
+        ax.plot(x, [v.get("weighted_mean", math.nan) for v in voc], "-", color=color, lw=1.4,
+                marker="o" if len(ids) <= 32 else None, ms=3)
+        ax.plot(x, [v.get("baseline_shuffled") if v.get("baseline_shuffled") is not None else math.nan for v in voc],
+                ":", color=color, lw=1)
+    ax.set_title("vocabulary specialization (OLMoE)\nsolid: observed, dotted: token ids shuffled", fontsize=9)
+    for ax in flat:
+        ax.set_xlabel("layer", fontsize=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=12))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Routing per layer (bands: 95% block-bootstrap intervals; grey dotted: uniform routing)", fontsize=10)
     return _save(fig, path)
 
 
@@ -238,4 +385,38 @@ def plot_format_test(metrics: dict, arms: list[str], path: Path) -> Path | None:
     ax.set_ylabel("JS divergence per token (bits)")
     ax.set_title("Format test: does routing follow content or markers?")
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_saturation_by_layer(saturation: dict[str, dict[str, float]], reference: str, baseline: float | None,
+                             path: Path) -> Path | None:
+    """Router saturation against a reference analysis: per layer (left) and averaged over layers (right).
+
+    saturation: label -> {layer: |TopK ∩ TopK_reference| / k}, labels in the order given
+    (e.g. checkpoints over training). None when there is nothing to draw.
+    """
+    labels = [lab for lab, curve in saturation.items() if curve]
+    if not labels:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12.0, 4.0), gridspec_kw={"width_ratios": [2, 1]})
+    means = []
+    for n, label in enumerate(labels):
+        layers = sorted(saturation[label], key=int)
+        values = [saturation[label][k] for k in layers]
+        left.plot([int(k) for k in layers], values, "-", marker="o" if len(layers) <= 32 else None, ms=3,
+                  color=ARM_COLORS[n % len(ARM_COLORS)], label=label)
+        means.append(float(np.mean(values)))
+    right.plot(range(len(labels)), means, "o-", color="#2f6fab")
+    right.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    right.set_title("mean over layers", fontsize=9)
+    for ax in (left, right):
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", ls=":", lw=1, label="chance k/E" if ax is left else None)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_ylabel(f"top-k overlap with {reference}", fontsize=8)
+    left.set_xlabel("layer", fontsize=8)
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=12))
+    left.legend(fontsize=7)
+    fig.suptitle(f"Router saturation (OLMoE): |TopK ∩ TopK of {reference}| / k on the same tokens", fontsize=10)
     return _save(fig, path)

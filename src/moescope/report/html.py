@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,13 @@ table.data th:first-child, table.data td:first-child { text-align:left; }
 table.data th { background:var(--panel); }
 .caption { color:var(--muted); font-size:13px; }
 #viewer .controls { display:flex; gap:16px; align-items:center; flex-wrap:wrap; margin:8px 0; }
+#viewer .legend-row { margin:2px 0; font-size:12px; }
 #viewer .legend span { display:inline-block; padding:1px 7px; margin:2px; border-radius:3px; color:#fff; font-size:12px; }
 .sample { border:1px solid var(--line); border-radius:6px; padding:10px 12px; margin:10px 0; }
 .sample .meta { color:var(--muted); font-size:12px; margin-bottom:6px; }
 .tokens { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; white-space:pre-wrap; word-break:break-word; line-height:1.9; }
 .tok { border-radius:2px; padding:1px 0; cursor:default; box-shadow: inset -1px 0 0 rgba(255,255,255,.9); }
-#tip { position:fixed; pointer-events:none; background:#1d232a; color:#fff; font-size:12px; padding:4px 8px; border-radius:4px; display:none; z-index:10; }
+#tip { position:fixed; pointer-events:none; white-space:pre; background:#1d232a; color:#fff; font-size:12px; padding:4px 8px; border-radius:4px; display:none; z-index:10; }
 details.prov pre { background:var(--panel); padding:10px; overflow:auto; font-size:12px; }
 """
 
@@ -61,44 +63,104 @@ _VIEWER_JS = """
   const armSel = document.getElementById('viewer-arm');
   const layerSel = document.getElementById('viewer-layer');
   const domSel = document.getElementById('viewer-domain');
+  const modeSel = document.getElementById('viewer-colour');
   const out = document.getElementById('viewer-samples');
   const legend = document.getElementById('viewer-legend');
   const tip = document.getElementById('tip');
   const arms = Object.keys(data.arms || {});
+  // Domain hues spread around the colour wheel; lightness cycles with the expert's rank
+  // inside its domain group so that neighbouring experts of one domain differ.
+  const LIGHT = [34, 46, 58, 70, 40, 52, 64];
+  function hex2(x) { return Math.round(x * 255).toString(16).padStart(2, '0'); }
+  function alpha(p) { return 0.35 + 0.65 * Math.max(0, Math.min(1, p)); }
+  function decode(b64, wide) {
+    const bin = atob(b64 || ''); const n = wide ? bin.length / 2 : bin.length; const outv = new Array(n);
+    for (let i = 0; i < n; i++) outv[i] = wide ? (bin.charCodeAt(2 * i) | (bin.charCodeAt(2 * i + 1) << 8)) : bin.charCodeAt(i);
+    return outv;
+  }
+  let expertColour = {};  // expert id -> css colour (without alpha) for the current arm/layer/mode
+  function layerColours(arm, layer) {
+    const cols = {}; const mode = modeSel.value;
+    const dom = (arm.expert_domain || {})[layer]; const share = (arm.expert_domain_share || {})[layer] || [];
+    if (mode === 'expert' || !dom) {
+      for (let e = 0; e < arm.n_experts; e++) cols[e] = {hex: palette[e % palette.length]};
+      return cols;
+    }
+    const nd = arm.domains.length; const rank = {};
+    for (let e = 0; e < arm.n_experts; e++) {
+      const d = dom[e];
+      if (d < 0) { cols[e] = {hsl: [0, 0, 75]}; continue; }
+      rank[d] = (rank[d] || 0);
+      // saturation: how strongly the expert belongs to its domain (1/D = not at all)
+      const strength = nd > 1 ? Math.max(0, (share[e] - 1 / nd) / (1 - 1 / nd)) : 1;
+      cols[e] = {hsl: [Math.round(360 * d / nd + 15) % 360, Math.round(20 + 70 * strength), LIGHT[rank[d] % LIGHT.length]]};
+      rank[d] += 1;
+    }
+    return cols;
+  }
   function colour(e, p) {
-    const c = palette[e % palette.length];
-    // Opacity follows the router probability of the chosen expert: pale = unsure router.
-    const a = Math.round((0.35 + 0.65 * Math.max(0, Math.min(1, p))) * 255).toString(16).padStart(2, '0');
-    return c + a;
+    const c = expertColour[e];
+    if (!c) return '';
+    if (c.hex) return c.hex + hex2(alpha(p));
+    return 'hsla(' + c.hsl[0] + ',' + c.hsl[1] + '%,' + c.hsl[2] + '%,' + alpha(p).toFixed(2) + ')';
+  }
+  function chip(text, bg) {
+    const s = document.createElement('span'); s.style.background = bg; s.textContent = text; return s;
   }
   function fill(sel, values, label) {
     sel.innerHTML = '';
     values.forEach(v => { const o = document.createElement('option'); o.value = v; o.textContent = label(v); sel.appendChild(o); });
+  }
+  function drawLegend() {
+    const arm = data.arms[armSel.value]; const layer = layerSel.value;
+    legend.innerHTML = '';
+    if (modeSel.value === 'expert' || !(arm.expert_domain || {})[layer]) {
+      for (let e = 0; e < arm.n_experts; e++) legend.appendChild(chip('expert ' + e, colour(e, 1)));
+      return;
+    }
+    // per domain: its strongest experts in this layer (by P(domain | expert))
+    const dom = arm.expert_domain[layer], share = arm.expert_domain_share[layer];
+    arm.domains.forEach((name, d) => {
+      const mine = []; for (let e = 0; e < arm.n_experts; e++) if (dom[e] === d) mine.push(e);
+      mine.sort((a, b) => share[b] - share[a]);
+      const row = document.createElement('div'); row.className = 'legend-row';
+      const head = document.createElement('b'); head.textContent = name + ' (' + mine.length + ' experts): '; row.appendChild(head);
+      mine.slice(0, 6).forEach(e => row.appendChild(chip('e' + e + ' ' + share[e].toFixed(2), colour(e, 1))));
+      if (mine.length > 6) row.appendChild(document.createTextNode(' +' + (mine.length - 6)));
+      legend.appendChild(row);
+    });
   }
   function armChanged() {
     const arm = data.arms[armSel.value];
     fill(layerSel, arm.layers.map(String), v => 'layer ' + v);
     const doms = Array.from(new Set(arm.samples.map(s => s.domain)));
     fill(domSel, ['all'].concat(doms), v => v);
-    legend.innerHTML = '';
-    for (let e = 0; e < arm.n_experts; e++) {
-      const s = document.createElement('span'); s.style.background = palette[e % palette.length];
-      s.textContent = 'expert ' + e; legend.appendChild(s);
-    }
+    modeSel.value = (arm.expert_domain && arm.n_experts > palette.length) ? 'domain' : 'expert';
     render();
+  }
+  function stepLayer(delta) {
+    const i = Math.max(0, Math.min(layerSel.options.length - 1, layerSel.selectedIndex + delta));
+    if (i !== layerSel.selectedIndex) { layerSel.selectedIndex = i; render(); }
   }
   function render() {
     const arm = data.arms[armSel.value];
     const layer = layerSel.value;
     const dom = domSel.value;
+    const k = arm.top_k || 1, wide = arm.n_experts > 256;
+    expertColour = layerColours(arm, layer);
+    drawLegend();
     out.innerHTML = '';
     arm.samples.forEach((s, i) => {
       if (dom !== 'all' && s.domain !== dom) return;
       const box = document.createElement('div'); box.className = 'sample';
       const meta = document.createElement('div'); meta.className = 'meta';
-      meta.textContent = s.domain + ' \u00b7 ' + (s.text_id || ('sample ' + i)) + ' \u00b7 ' + s.tokens.length + ' tokens';
+      meta.textContent = s.domain + ' \\u00b7 ' + (s.text_id || ('sample ' + i)) + ' \\u00b7 ' + s.tokens.length + ' tokens';
       const toks = document.createElement('div'); toks.className = 'tokens';
-      const ex = s.experts[layer] || [], pr = s.probs[layer] || [];
+      const tk = (k > 1 && s.topk) ? decode(s.topk[layer], wide) : null;
+      const tw = (k > 1 && s.topk_weights) ? decode(s.topk_weights[layer], false) : null;
+      // top-k samples carry only the packed arrays: the first choice is each token's first entry
+      const ex = tk ? s.tokens.map((_, j) => tk[j * k]) : ((s.experts || {})[layer] || []);
+      const pr = tw ? s.tokens.map((_, j) => tw[j * k] / 255) : ((s.probs || {})[layer] || []);
       s.tokens.forEach((t, j) => {
         const sp = document.createElement('span'); sp.className = 'tok';
         sp.textContent = t;
@@ -106,6 +168,11 @@ _VIEWER_JS = """
         if (e !== undefined && e >= 0) {
           sp.style.background = colour(e, p === undefined ? 1 : p);
           sp.dataset.expert = e; sp.dataset.prob = (p === undefined ? NaN : p);
+          if (tk) {
+            const parts = [];
+            for (let r = 0; r < k; r++) parts.push(tk[j * k + r] + ':' + (tw[j * k + r] / 255).toFixed(2));
+            sp.dataset.topk = parts.join(' ');
+          }
         }
         toks.appendChild(sp);
       });
@@ -115,7 +182,20 @@ _VIEWER_JS = """
   function showTip(ev) {
     const t = ev.target;
     if (!t.classList || !t.classList.contains('tok') || t.dataset.expert === undefined) { tip.style.display = 'none'; return; }
-    tip.textContent = 'layer ' + layerSel.value + ' \u00b7 expert ' + t.dataset.expert + ' \u00b7 p = ' + Number(t.dataset.prob).toFixed(3) + ' \u00b7 ' + JSON.stringify(t.textContent);
+    const arm = data.arms[armSel.value];
+    const dom = (arm.expert_domain || {})[layerSel.value];
+    let text = 'layer ' + layerSel.value + ' \\u00b7 ' + JSON.stringify(t.textContent);
+    if (t.dataset.topk) {
+      text += '\\ntop-' + arm.top_k + ' experts (gate weight):';
+      t.dataset.topk.split(' ').forEach(pair => {
+        const [e, w] = pair.split(':');
+        text += '\\n  expert ' + e + '  ' + w + (dom && dom[e] >= 0 ? '  (' + arm.domains[dom[e]] + ')' : '');
+      });
+      if (arm.n_shared_experts) text += '\\n  + ' + arm.n_shared_experts + ' shared expert(s), always active';
+    } else {
+      text += ' \\u00b7 expert ' + t.dataset.expert + ' \\u00b7 p = ' + Number(t.dataset.prob).toFixed(3);
+    }
+    tip.textContent = text;
     tip.style.left = (ev.clientX + 12) + 'px'; tip.style.top = (ev.clientY + 12) + 'px'; tip.style.display = 'block';
   }
   out.addEventListener('mouseover', showTip);
@@ -125,6 +205,9 @@ _VIEWER_JS = """
   armSel.addEventListener('change', armChanged);
   layerSel.addEventListener('change', render);
   domSel.addEventListener('change', render);
+  modeSel.addEventListener('change', render);
+  document.getElementById('viewer-prev').addEventListener('click', () => stepLayer(-1));
+  document.getElementById('viewer-next').addEventListener('click', () => stepLayer(1));
   if (arms.length) armChanged();
 })();
 """
@@ -134,9 +217,18 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _json_for_script(obj: Any) -> str:
-    # A JSON blob inside <script> must not contain "</" (it would close the tag early).
-    return json.dumps(obj, ensure_ascii=False).replace("</", "<\\/")
+# Characters that must never appear raw in JSON embedded in HTML: "<" and ">" could open
+# "</script>" or "<!--" (which makes the parser swallow the rest of the page), "&" an
+# entity, and U+2028/U+2029 end a line in older JavaScript. JSON's \uXXXX escapes keep the
+# parsed value identical.
+_SCRIPT_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_JSON_UNSAFE = re.compile("[<>&\u2028\u2029]")
+
+
+def json_for_script(obj: Any) -> str:
+    """JSON text safe inside <script type="application/json">: JSON.parse gives back ``obj``."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return _SCRIPT_JSON_UNSAFE.sub(lambda m: _SCRIPT_JSON_ESCAPES[m.group(0)], text)
 
 
 def _slug(text: str) -> str:
@@ -176,18 +268,20 @@ def _viewer_html(viewer: dict[str, Any]) -> str:
     return f"""
 <section id="viewer"><h2>Per-token routing viewer</h2>
 <p>Held-out texts from each domain, every token coloured by the expert its router chose
-(top-1) in the selected layer; paler means a less confident router. Hover a token for the
-expert and the router probability.</p>
+first in the selected layer; paler means a less confident router. With many experts the
+colour is the expert's dominant domain (the domain that relies on it most; greyer = less
+tied to one domain), shaded by expert. Hover a token for its experts and their weights.</p>
 <div class="controls">
  <label>arm <select id="viewer-arm"></select></label>
- <label>layer <select id="viewer-layer"></select></label>
+ <label>layer <button type="button" id="viewer-prev" title="previous layer">&#9664;</button><select id="viewer-layer"></select><button type="button" id="viewer-next" title="next layer">&#9654;</button></label>
  <label>domain <select id="viewer-domain"></select></label>
- <span class="legend" id="viewer-legend"></span>
+ <label>colour by <select id="viewer-colour"><option value="expert">expert</option><option value="domain">expert's dominant domain</option></select></label>
 </div>
+<div class="legend" id="viewer-legend"></div>
 <div id="viewer-samples"></div>
 <div id="tip"></div>
-<script type="application/json" id="viewer-data">{_json_for_script(viewer)}</script>
-<script type="application/json" id="viewer-palette">{_json_for_script(EXPERT_PALETTE)}</script>
+<script type="application/json" id="viewer-data">{json_for_script(viewer)}</script>
+<script type="application/json" id="viewer-palette">{json_for_script(EXPERT_PALETTE)}</script>
 <script>{_VIEWER_JS}</script>
 </section>"""
 

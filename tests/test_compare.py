@@ -1,0 +1,91 @@
+"""`moescope compare`: two analyses side by side, router saturation from saved routing tables."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moescope.analysis.capture import save_table
+from moescope.analysis.summary import SummaryConfig, summarize_layer
+from moescope.cli import main
+from moescope.errors import MoescopeError
+from moescope.report.compare import build_comparison
+from report_fixtures import DOMAINS, planted_table
+
+CFG = SummaryConfig(n_resamples=50, n_permutations=99, vocab_min_count=3)
+LAYERS = (0, 1, 2)
+
+
+def write_analysis(out: Path, tables: dict, arm: str = "model") -> Path:
+    layers = {str(i): summarize_layer(t, DOMAINS, CFG) for i, t in tables.items()}
+    (out / "analysis").mkdir(parents=True)
+    (out / "analysis" / "metrics.json").write_text(json.dumps(
+        {"domains": DOMAINS, "arms": {arm: {"kind": "moe", "layers": layers}}}))
+    for i, t in tables.items():
+        save_table(t, out / "analysis" / "routing" / arm / f"{i}.npz")
+    return out
+
+
+def not_chosen(expert_index: np.ndarray, n_experts: int) -> np.ndarray:
+    """For every token, the smallest expert id outside its top-k."""
+    chosen = np.zeros((expert_index.shape[0], n_experts), dtype=bool)
+    chosen[np.arange(expert_index.shape[0])[:, None], expert_index] = True
+    return (~chosen).argmax(axis=1)
+
+
+@pytest.fixture(scope="module")
+def analyses(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    final = {i: planted_table(i, strength=1.0 + i) for i in LAYERS}
+    ckpt = {}
+    for i, t in final.items():
+        idx = t.expert_index.copy()
+        if i == 1:
+            # every token of even position swaps its last (8th) expert for one it did not choose:
+            # overlap 7/8 there, 1 elsewhere -> (7/8 + 1) / 2 = 0.9375
+            even = t.position % 2 == 0
+            idx[even, -1] = not_chosen(idx, 64)[even]
+        ckpt_table = replace(t, expert_index=idx)
+        order = np.random.default_rng(i).permutation(t.n_tokens)  # saved in another row order
+        ckpt[i] = ckpt_table.select(order)
+    return write_analysis(root / "ckpt-100", ckpt), write_analysis(root / "final", final)
+
+
+def test_two_analyses_side_by_side_with_saturation(analyses: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, final = analyses
+    page = build_comparison([ckpt, final], tmp_path / "cmp", saturation=True).read_text()
+    result = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    sat = result["saturation"]
+    assert sat["reference"] == "final" and sat["baseline"] == pytest.approx(8 / 64)
+    assert sat["layers"]["ckpt-100"]["0"] == 1.0 and sat["layers"]["ckpt-100"]["2"] == 1.0
+    assert sat["layers"]["ckpt-100"]["1"] == pytest.approx(0.9375)
+    assert "ckpt-100" in page and "final" in page and "Analyses side by side" in page
+    assert "router saturation against final = 0.979" in page  # (1 + 0.9375 + 1) / 3
+    assert page.count("data:image/png;base64,") == 2  # per-layer curves + saturation
+    assert (tmp_path / "cmp" / "figures" / "layer_curves.png").is_file()
+
+
+def test_saturation_refuses_different_tokens(analyses: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, final = analyses
+    other = {i: replace(t, token_id=t.token_id + 1) for i, t in ((i, planted_table(i)) for i in LAYERS)}
+    foreign = write_analysis(tmp_path / "foreign", other)
+    with pytest.raises(MoescopeError, match="different tokens.*token_id differs"):
+        build_comparison([foreign, final], tmp_path / "cmp", saturation=True)
+    assert not (tmp_path / "cmp").exists(), "nothing is written before the inputs are checked"
+    # without --saturation different models compare fine
+    assert build_comparison([foreign, final], tmp_path / "cmp2").is_file()
+
+
+def test_compare_cli(analyses: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, final = analyses
+    assert main(["compare", str(ckpt), str(final), "--out", str(tmp_path / "c"), "--label", "early",
+                 "--label", "late", "--saturation"]) == 0
+    assert "early" in (tmp_path / "c" / "comparison.html").read_text()
+    assert main(["compare", str(ckpt), "--out", str(tmp_path / "d")]) == 2
+    assert "at least two analyses" in capsys.readouterr().err
+    assert main(["compare", str(ckpt), str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
+    assert "metrics.json not found" in capsys.readouterr().err

@@ -1,0 +1,116 @@
+"""The report's headline sentences state the numbers, intervals and nulls they rest on; the report builds for
+a released-model analysis (no training run, 24 layers, 64 experts, top-8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moescope.report.build import (
+    BALANCED_LOAD_CV, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences, routing_table,
+)
+
+
+def iv(estimate: float, low: float, high: float) -> dict:
+    return {"estimate": estimate, "low": low, "high": high}
+
+
+def layer(nmi: dict, p: float, cv: dict, *, k: int = 1, n_exp: int = 4, first: dict | None = None) -> dict:
+    spec = {"nmi": nmi, "nmi_pvalue": p, "max_expert_given_domain": iv(0.8, 0.7, 0.9),
+            "nmi_permutation": {"statistic": nmi["estimate"], "pvalue": p, "n_permutations": 999,
+                                "null_mean": 0.01, "null_q95": 0.02},
+            "domain_specialization_baseline": k / n_exp, "domain_specialization_top": iv(0.5, 0.4, 0.6)}
+    if first is not None:
+        spec["nmi_first_choice"], spec["nmi_first_choice_pvalue"] = first, 0.001
+    return {"n_experts": n_exp, "top_k": k, "specialization": spec,
+            "load": {"load_cv": cv, "max_fraction": iv(0.4, 0.35, 0.45), "effective_experts": iv(3.0, 2.9, 3.1)},
+            "entropy": {"router_entropy_token": iv(1.0, 0.9, 1.1), "router_entropy_max": 1.386},
+            "repetition": {"same_first_choice": iv(0.3, 0.25, 0.35), "baseline_uniform": 0.25}}
+
+
+def metrics_with(layers: dict) -> dict:
+    return {"domains": ["a", "b"], "arms": {"moe": {"kind": "moe", "layers": layers}}}
+
+
+def test_thresholds_are_named() -> None:
+    assert (SIGNIFICANCE_LEVEL, STRONG_NMI, BALANCED_LOAD_CV) == (0.01, 0.1, 0.3)
+
+
+def test_strong_specialization_states_interval_p_and_null() -> None:
+    m = metrics_with({"1": layer(iv(0.05, 0.04, 0.06), 0.001, iv(0.1, 0.05, 0.2)),
+                      "2": layer(iv(0.31, 0.28, 0.35), 0.001, iv(0.2, 0.1, 0.25))})
+    spec, load = headline_sentences(m, {}, {})
+    assert spec.startswith("moe: experts specialize by domain. Best layer 2")
+    assert "0.310 [0.280, 0.350]" in spec and "p = 0.001" in spec
+    assert "95% of 999 permutations stay at or below 0.020" in spec
+    assert "against 0.250 for uniform routing" in spec
+    assert load.startswith("moe: load is balanced") and "worst layer 2" in load and "0.20 [0.10, 0.25]" in load
+
+
+def test_weak_and_null_specialization_and_load_verdicts() -> None:
+    weak = headline_sentences(metrics_with({"0": layer(iv(0.12, 0.09, 0.15), 0.001, iv(0.5, 0.4, 0.6))}), {}, {})
+    assert "only weakly" in weak[0] and f"not above {STRONG_NMI}" in weak[0]
+    assert "load is imbalanced" in weak[1]
+    none = headline_sentences(metrics_with({"0": layer(iv(0.02, 0.0, 0.04), 0.2, iv(0.3, 0.25, 0.35))}), {}, {})
+    assert "no significant specialization" in none[0] and "p = 0.2 >= 0.01" in none[0]
+    assert "cannot go below" not in none[0]
+    few = layer(iv(0.5, 0.4, 0.6), 0.02, iv(0.3, 0.25, 0.35))
+    few["specialization"]["nmi_permutation"]["n_permutations"] = 49
+    assert "with 49 permutations p cannot go below 0.02" in headline_sentences(metrics_with({"0": few}), {}, {})[0]
+    # an interval straddling the threshold is not called balanced or imbalanced
+    assert "near the balance threshold" in none[1]
+
+
+def test_topk_sentence_and_table_carry_first_choice_nmi() -> None:
+    m = metrics_with({"0": layer(iv(0.2, 0.15, 0.25), 0.001, iv(0.2, 0.1, 0.25), k=8, n_exp=64,
+                                 first=iv(0.6, 0.55, 0.65))})
+    spec = headline_sentences(m, {}, {})[0]
+    assert "NMI(domain; expert) over all top-8 assignments = 0.200" in spec
+    assert "first choice: NMI = 0.600 [0.550, 0.650], p = 0.001" in spec
+    table = routing_table(m)
+    assert "NMI first choice" in table.columns and table.rows[0][3] == "0.600 [0.550, 0.650]"
+    # top-1 tables keep their columns
+    assert "NMI first choice" not in routing_table(metrics_with({"0": layer(iv(0.2, 0.1, 0.3), 0.001,
+                                                                            iv(0.2, 0.1, 0.25))})).columns
+
+
+def test_report_for_a_released_model_analysis(tmp_path: Path) -> None:
+    """OUT/analysis/{metrics,viewer}.json only (no experiment.json, no training records)."""
+    from report_fixtures import DOMAINS, planted_table
+
+    from moescope.analysis.summary import SummaryConfig, summarize_layer
+    from moescope.analysis.viewer import viewer_arm
+
+    cfg = SummaryConfig(n_resamples=50, n_permutations=199, vocab_min_count=3)
+    tables = {i: planted_table(i, strength=0.15 * i) for i in range(24)}
+    layers = {str(i): summarize_layer(t, DOMAINS, cfg) for i, t in tables.items()}
+    out = tmp_path / "out"
+    (out / "analysis").mkdir(parents=True)
+    (out / "analysis" / "metrics.json").write_text(json.dumps(
+        {"domains": DOMAINS, "n_eval_blocks": 10, "arms": {"olmoe": {"kind": "moe", "layers": layers}}}))
+    pieces = {row: [f"<t{j}>" for j in range(48)] for row in range(10)}
+    viewer = {"arms": {"olmoe": viewer_arm(tables, list(range(5)), DOMAINS, pieces)}}
+    (out / "analysis" / "viewer.json").write_text(json.dumps(viewer))
+    page = build_report(out).read_text()
+    assert "Routing per layer" in page and "NMI first choice" in page and "Loss curves" not in page
+    assert (out / "report" / "figures" / "layer_curves.png").is_file()
+    assert "experts specialize by domain. Best layer 23" in page
+
+
+def test_shared_experts_are_named_and_not_counted() -> None:
+    from report_fixtures import DOMAINS, planted_table
+
+    from moescope.analysis.summary import SummaryConfig, summarize_layer
+
+    cfg = SummaryConfig(n_resamples=30, n_permutations=19, vocab_min_count=3)
+    t = planted_table(0)
+    plain, shared = summarize_layer(t, DOMAINS, cfg), summarize_layer(t, DOMAINS, cfg, n_shared_experts=2)
+    assert "n_shared_experts" not in plain and shared.pop("n_shared_experts") == 2
+    assert shared == plain  # routed-expert statistics are untouched
+    m = metrics_with({"0": {**layer(iv(0.2, 0.15, 0.25), 0.001, iv(0.2, 0.1, 0.25), k=8, n_exp=64),
+                            "n_shared_experts": 2}})
+    assert "64 routed experts the layer has 2 shared expert(s)" in headline_sentences(m, {}, {})[1]
+    table = routing_table(m)
+    assert table.columns[-1] == "shared experts (not counted)" and table.rows[0][-1] == 2
