@@ -106,6 +106,10 @@ def analyze_released(
     """Analyse a released MoE causal LM on held-out texts; writes OUT/ and returns metrics.json's content."""
     cfg = cfg or ReleasedConfig()
     out = Path(out)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would break the one-line contract on errors
     if (data_dir is None) == (texts_file is None):
         raise MoescopeError("pass exactly one of --data DIR and --texts FILE.jsonl")
     source = str(model)
@@ -173,8 +177,6 @@ def _replace(src: Path, dst: Path) -> None:
 
 def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, stage: Path, name: str,
          cfg: ReleasedConfig, in_device, progress: bool, *, source, data_dir, texts_file) -> dict:
-    from moescope.report.build import build_report
-
     analysis = stage / "analysis"
     stream = capture.RoutingStream(stage / "stream")
     with RoutingRecorder(adapter, sites) as recorder:
@@ -223,11 +225,58 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
     }
     atomic_write_json(analysis / "metrics.json", json_ready(metrics))
     atomic_write_json(analysis / "viewer.json", json_ready(viewer), indent=None)
-    # build_report reads RUN/experiment.json; a released model has no training experiment, only this record
+    # what was analysed, in the place `moescope report` looks for a run's description
     atomic_write_json(stage / "experiment.json", json_ready({
         "experiment": {"released_model": info, "data_dir": metrics["data_dir"], "texts_file": metrics["texts_file"],
                        "config": asdict(cfg)},
         "arms": {name: {}},
     }))
-    build_report(stage)
+    write_released_report(metrics, viewer, stage / "report")
     return metrics
+
+
+def write_released_report(metrics: dict, viewer: dict, out_dir: Path) -> Path:
+    """The report of a released model from the run report's own parts (moescope.report.build).
+
+    build_report expects a training run (loss curves, load over training); a
+    released model has none of that, so only the held-out parts are assembled here.
+    """
+    from moescope.report import build, figures
+    from moescope.report.content import Figure, ReportContent, Section
+    from moescope.report.write import write_report
+
+    name, arm = next(iter(metrics["arms"].items()))
+    info = arm["model"]
+    # the run report's headline minus its comparison of arms (one model here)
+    headline = [s for s in build.headline_sentences(metrics, {}, {}) if not s.startswith("Held-out loss")]
+    headline.append(f"Held-out loss of {name} (nats/token, domain-weighted, 95% CI): "
+                    f"{build.fmt_interval(arm['eval_loss']['domain_weighted'])}.")
+    setup = [
+        f"Model: {info['source']} ({info['architecture']}, {info['n_layers']} layers, MoE in layers "
+        f"{', '.join(map(str, info['moe_layers']))}: {info['n_experts']} routed experts, top-{info['top_k']}"
+        + (f", {info['n_shared_experts']} shared expert(s) always on, not counted as routed" if info["n_shared_experts"]
+           else "") + f"), {info['dtype']} on {info['device']}.",
+        f"Routing read by the {info['adapter']!r} adapter: {info['selection']}. Router entropy is that of the "
+        + ("normalized sigmoid scores." if info["router_scores"] == "sigmoid" else "softmax of the router logits."),
+        f"Held-out texts: {metrics['n_eval_blocks']} blocks of {metrics['block_size']} tokens of the model's own "
+        f"tokenizer over {', '.join(metrics['domains'])}.",
+    ]
+    fig_dir = out_dir / "figures"
+    sections = [
+        Section("Set-up", setup, anchor="setup"),
+        Section("Held-out loss", [], tables=[build.loss_table(metrics)], anchor="loss"),
+        Section("Do experts specialize by domain?", [], figures=[Figure(
+            "P(expert | domain)", figures.plot_expert_given_domain(metrics, [name], fig_dir / "expert_given_domain.png"),
+            "Rows: domains; columns: experts. Each row sums to 1.")], tables=[build.routing_table(metrics)],
+            anchor="specialization"),
+    ]
+    content = ReportContent(
+        title=f"moescope: what do the experts of {name} learn?",
+        subtitle=f"{info['source']} · {metrics['n_eval_blocks']} held-out blocks",
+        headline=headline,
+        sections=sections,
+        viewer=viewer if viewer.get("arms") else None,
+        provenance={"model": info, "statistics": metrics.get("statistics"), "environment": metrics.get("environment"),
+                    "data_dir": metrics.get("data_dir"), "texts_file": metrics.get("texts_file")},
+    )
+    return write_report(content, out_dir)
