@@ -75,7 +75,9 @@ def bench_hf(rounds: int, blocks_per_domain: int) -> None:
 
     from moescope.hf.adapters import find_sites
     from moescope.hf.recorder import RoutingRecorder
-    from moescope.runtime import proc_status_mb, reset_resident_peak
+    from moescope.runtime import keep_freed_memory, proc_status_mb, reset_resident_peak
+
+    keep_freed_memory()  # as the CLI does
 
     print(f"\nHF MoE models, fp32 CPU, batch 4 x {HF_CTX} tokens (capture = hooks + streaming to disk)")
     print(f"{'model':<28} {'tokens':>7} {'plain s':>8} {'capture s':>9} {'median ratio':>13} {'min ratio':>10}")
@@ -119,7 +121,9 @@ def bench_hf(rounds: int, blocks_per_domain: int) -> None:
                 ratios.append(took[True] / took[False])
             print(f"{label:<28} {tokens.size:>7} {statistics.median(plain):>8.3f} {statistics.median(cap):>9.3f} "
                   f"{statistics.median(ratios):>13.3f} {min(ratios):>10.3f}")
-            for n_per_domain in (blocks_per_domain, 8 * blocks_per_domain):
+            # both counts fill whole batches of 4 blocks, so only the number of tokens differs
+            base = 4 * max(1, blocks_per_domain // 4)
+            for n_per_domain in (base, 8 * base):
                 more, more_domain = blocks(n_per_domain)
                 reset_resident_peak()
                 before = proc_status_mb("VmRSS")
