@@ -36,6 +36,11 @@ def _dispatched(model, tokens: torch.Tensor) -> dict[int, tuple[np.ndarray, np.n
     seen: dict[int, list] = {}
     handles = []
     for path, module in model.named_modules():
+        if path.endswith(".shared_expert_gate"):
+            layer = [int(p) for p in path.split(".") if p.isdigit()][-1]
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, layer=layer: seen.setdefault(("shared", layer), []).append(
+                    (torch.sigmoid(out).reshape(-1).numpy(), None))))
         if path.endswith(".experts") and type(module).__name__.endswith("Experts"):
             layer = [int(p) for p in path.split(".") if p.isdigit()][-1]
 
@@ -49,7 +54,8 @@ def _dispatched(model, tokens: torch.Tensor) -> dict[int, tuple[np.ndarray, np.n
     finally:
         for h in handles:
             h.remove()
-    got = {layer: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v])) for layer, v in seen.items()}
+    got = {layer: (np.concatenate([a for a, _ in v]), None if v[0][1] is None else np.concatenate([b for _, b in v]))
+           for layer, v in seen.items()}
     return got, out.router_logits
 
 
@@ -78,7 +84,7 @@ def test_capture_equals_dispatch(arch: str, tokenizer, tmp_path) -> None:
 
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     dispatched, router_logits = _dispatched(reference, torch.from_numpy(blocks.tokens))
-    assert sorted(dispatched) == [s.layer for s in sites]
+    assert sorted(k for k in dispatched if isinstance(k, int)) == [s.layer for s in sites]
     for j, site in enumerate(sites):
         table = capture.streamed_table(stream, site.layer, blocks.tokens, blocks.domain, site.n_experts)
         assert table.n_experts == 8 and table.top_k == site.top_k
@@ -99,3 +105,7 @@ def test_capture_equals_dispatch(arch: str, tokenizer, tmp_path) -> None:
         ent = -(p * torch.log(p)).sum(-1).numpy()
         np.testing.assert_allclose(np.asarray(table.router_entropy), ent, rtol=1e-4, atol=1e-5)
         assert float(np.asarray(table.router_entropy).std()) > 0  # not a constant: the routers do differ per token
+        shared = stream.columns(site.layer).get("shared_gate")
+        assert (shared is not None) == (arch == "qwen2_moe")  # the only family here with a gated shared expert
+        if shared is not None:
+            np.testing.assert_allclose(shared, dispatched[("shared", site.layer)][0], rtol=1e-6)

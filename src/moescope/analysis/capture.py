@@ -308,8 +308,11 @@ def stream_routing(
                     if routing.expert_index.shape[0] != x.numel():
                         raise MoescopeError(f"MoE layer {layer} routed {routing.expert_index.shape[0]} tokens, "
                                             f"expected {x.numel()}")
-                    stream.append(layer, {"expert_index": routing.expert_index, "gate_weight": routing.gate_weight,
-                                          "router_entropy": routing.router_entropy})
+                    columns = {"expert_index": routing.expert_index, "gate_weight": routing.gate_weight,
+                               "router_entropy": routing.router_entropy}
+                    if routing.shared_gate is not None:
+                        columns["shared_gate"] = routing.shared_gate
+                    stream.append(layer, columns)
     return StreamedCapture(loss_sum, np.full(n_blocks, context - 1, dtype=np.int64))
 
 

@@ -161,6 +161,19 @@ def analyze_released(
     return metrics
 
 
+def shared_expert_summary(n_shared: int, gate: np.ndarray | None, token_domain: np.ndarray,
+                          domains: list[str]) -> dict:
+    """Shared experts, reported beside (not among) the routed ones: how many, and their per-token gate if any."""
+    out: dict[str, Any] = {"n_shared_experts": int(n_shared), "gate": None}
+    if gate is not None:
+        gate = np.asarray(gate, dtype=np.float64)
+        out["gate"] = "sigmoid(shared_expert_gate(x)), multiplies the shared expert's output"
+        out["gate_mean"] = float(gate.mean())
+        out["gate_mean_by_domain"] = {d: float(gate[token_domain == i].mean()) for i, d in enumerate(domains)
+                                      if (token_domain == i).any()}
+    return out
+
+
 def _replace(src: Path, dst: Path) -> None:
     """Move a finished file or directory over an old one (old one removed only after the move)."""
     if not src.exists():
@@ -202,6 +215,9 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
         table = capture.streamed_table(stream, site.layer, blocks.tokens, blocks.domain, site.n_experts)
         capture.save_table(table, analysis / "routing" / name / f"{site.layer}.npz")
         arm["layers"][str(site.layer)] = summarize_layer(table, blocks.domains, cfg.statistics)
+        if site.n_shared_experts:
+            arm["layers"][str(site.layer)]["shared_expert"] = shared_expert_summary(
+                site.n_shared_experts, stream.columns(site.layer).get("shared_gate"), table.domain, blocks.domains)
         keep = np.flatnonzero(sample_mask_blocks[table.block])
         samples[site.layer] = table.select(keep)
         del table

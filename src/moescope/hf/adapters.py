@@ -36,6 +36,7 @@ class Adapter:
     scores: str = "softmax"  # "softmax" | "sigmoid": the router distribution whose entropy is reported
     shared_attrs: tuple[str, ...] = ()  # attribute names of always-on shared experts on the MoE block
     experts_attr: str = "experts"  # the block's experts module, called as experts(hidden, index, weights)
+    shared_gate_attr: str = ""  # a [hidden -> 1] module whose sigmoid scales the shared expert per token
     architectures: tuple[str, ...] = ()  # transformers model types known to use it (for messages and docs)
 
 
@@ -51,6 +52,7 @@ class MoESite:
     router: nn.Module | None = field(default=None, repr=False)
     experts: nn.Module | None = field(default=None, repr=False)
     block: nn.Module | None = field(default=None, repr=False)
+    shared_gate: nn.Module | None = field(default=None, repr=False)
 
 
 MOESCOPE = Adapter(
@@ -68,6 +70,7 @@ ADAPTERS: tuple[Adapter, ...] = (
          "MiniMaxTopKRouter", "Qwen3NextTopKRouter"),
         "softmax over all experts, top-k, renormalized over the k when the config says so (norm_topk_prob)",
         shared_attrs=("shared_expert",),
+        shared_gate_attr="shared_expert_gate",
         architectures=("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "jamba", "minimax", "qwen3_next"),
     ),
     Adapter(
@@ -182,7 +185,9 @@ def find_sites(model: nn.Module) -> tuple[Adapter, list[MoESite]]:
                  or getattr(config, "num_experts_per_tok", None))
         parent = model.get_submodule(block_path.rsplit(".", 1)[0]) if "." in block_path else model
         sites.append(MoESite(layer, block_path, int(n_experts), int(top_k), _n_shared([block, parent], adapter, config),
-                             router=module, experts=experts, block=block))
+                             router=module, experts=experts, block=block,
+                             shared_gate=getattr(block, adapter.shared_gate_attr, None) if adapter.shared_gate_attr
+                             else None))
     layers = [s.layer for s in sites]
     if len(set(layers)) != len(layers):
         raise MoescopeError(f"{type(model).__name__}: two MoE blocks in one layer ({layers}); cannot analyse")

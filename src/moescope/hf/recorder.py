@@ -32,6 +32,7 @@ class LayerRouting:
     expert_index: np.ndarray  # int16 [N, k], first choice in column 0
     gate_weight: np.ndarray  # float16 [N, k], the weight each expert's output is multiplied by
     router_entropy: np.ndarray  # float32 [N], nats
+    shared_gate: np.ndarray | None = None  # float32 [N]: sigmoid gate of the shared expert (Qwen2-MoE), if any
 
 
 def router_entropy(logits: torch.Tensor, scores: str) -> torch.Tensor:
@@ -85,6 +86,11 @@ class RoutingRecorder:
             self._pending.setdefault(layer, {}).update(expert_index=index, gate_weight=weight)
         return hook
 
+    def _on_shared_gate(self, layer: int):
+        def hook(module: nn.Module, args, output) -> None:
+            self._pending.setdefault(layer, {})["shared_gate"] = torch.sigmoid(output.detach().float()).reshape(-1)
+        return hook
+
     def _on_moescope_layer(self, layer: int):
         def hook(module: nn.Module, args, output) -> None:
             rec = module.last_record
@@ -105,6 +111,8 @@ class RoutingRecorder:
                 self._handles.append(site.router.register_forward_hook(self._on_router(site.layer)))
                 self._handles.append(
                     site.experts.register_forward_pre_hook(self._on_experts(site.layer), with_kwargs=True))
+                if site.shared_gate is not None:
+                    self._handles.append(site.shared_gate.register_forward_hook(self._on_shared_gate(site.layer)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -120,12 +128,15 @@ class RoutingRecorder:
         out = {}
         for site in self.sites:
             got = self._pending.get(site.layer, {})
-            if set(got) != {"expert_index", "gate_weight", "router_entropy"}:
+            expected = {"expert_index", "gate_weight", "router_entropy"} | (
+                {"shared_gate"} if site.shared_gate is not None else set())
+            if set(got) != expected:
                 raise RuntimeError(f"MoE layer {site.layer} ({site.path}) recorded {sorted(got)} in this forward")
             out[site.layer] = LayerRouting(
                 expert_index=got["expert_index"].to(torch.int16).cpu().numpy(),
                 gate_weight=got["gate_weight"].to(torch.float16).cpu().numpy(),
                 router_entropy=got["router_entropy"].to(torch.float32).cpu().numpy(),
+                shared_gate=got["shared_gate"].cpu().numpy() if "shared_gate" in got else None,
             )
         self._pending = {}
         return out
