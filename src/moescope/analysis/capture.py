@@ -14,10 +14,12 @@ layer's expert choices and router probabilities off the forward pass
 from __future__ import annotations
 
 import contextlib
-import io
+import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,6 @@ from tqdm.auto import tqdm
 from moescope.analysis.table import RoutingTable
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_bytes
 from moescope.moe.gpt2 import moe_layers
 
 
@@ -175,10 +176,71 @@ def capture_expert_choices(
 
 
 def save_table(table: RoutingTable, path: str | Path) -> Path:
-    """Write one layer's routing table as an uncompressed .npz, atomically."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **table.arrays())
-    return atomic_write_bytes(path, buffer.getvalue())
+    """Write one layer's routing table as an uncompressed .npz, atomically.
+
+    Written column by column into a temporary file beside ``path`` (then renamed),
+    so memmapped columns are copied through without a second copy in memory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **table.arrays())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class RoutingStream:
+    """Append-only per-layer routing columns on disk, so capture memory does not grow with the tokens.
+
+    Each forward's rows are appended to raw files ``DIR/LAYER.COLUMN.bin`` (plain
+    writes, not a memmap: the page cache, not this process, holds what was
+    written). :meth:`columns` maps them back read-only once capture is done.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files: dict[tuple[int, str], Any] = {}
+        self._layout: dict[tuple[int, str], tuple[np.dtype, tuple[int, ...]]] = {}
+        self.rows: dict[int, int] = {}
+
+    def append(self, layer: int, arrays: dict[str, np.ndarray]) -> None:
+        n = None
+        for name, value in arrays.items():
+            value = np.ascontiguousarray(value)
+            key = (layer, name)
+            if key not in self._files:
+                self._files[key] = open(self.directory / f"{layer}.{name}.bin", "wb")
+                self._layout[key] = (value.dtype, value.shape[1:])
+            elif self._layout[key] != (value.dtype, value.shape[1:]):
+                raise MoescopeError(f"layer {layer} column {name}: {value.dtype}{value.shape[1:]} after "
+                                    f"{self._layout[key][0]}{self._layout[key][1]}")
+            self._files[key].write(value.tobytes())
+            n = value.shape[0] if n is None else n
+        self.rows[layer] = self.rows.get(layer, 0) + int(n or 0)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+
+    def columns(self, layer: int) -> dict[str, np.ndarray]:
+        """Read-only memmaps of one layer's columns (call after :meth:`close`)."""
+        out = {}
+        for (lay, name), (dtype, tail) in self._layout.items():
+            if lay == layer:
+                shape = (self.rows[layer], *tail)
+                path = self.directory / f"{layer}.{name}.bin"
+                out[name] = (np.memmap(path, dtype=dtype, mode="r", shape=shape) if self.rows[layer]
+                             else np.zeros(shape, dtype))
+        return out
 
 
 def load_table(path: str | Path) -> RoutingTable:
@@ -189,3 +251,87 @@ def load_table(path: str | Path) -> RoutingTable:
             return RoutingTable.from_arrays(data)
     except (OSError, KeyError, ValueError) as exc:
         raise MoescopeError(f"{path}: not a routing table ({exc})") from exc
+
+
+@dataclass
+class StreamedCapture:
+    """What :func:`stream_routing` leaves: per-block loss in RAM, routing per layer in a RoutingStream."""
+
+    block_loss_sum: np.ndarray  # [B] summed next-token cross-entropy (nats)
+    block_tokens: np.ndarray  # [B] predicted tokens (context - 1)
+
+
+def block_loss_sums(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of every row [B], one row at a time (a full-vocabulary float copy of
+    the whole batch's logits would dominate memory for 100k+ vocabularies)."""
+    tokens = tokens.to(logits.device)
+    return torch.stack([
+        F.cross_entropy(logits[b, :-1].float(), tokens[b, 1:], reduction="sum") for b in range(tokens.shape[0])
+    ])
+
+
+@torch.no_grad()
+def stream_routing(
+    model: nn.Module,
+    tokens: np.ndarray,
+    block_domain: np.ndarray,
+    domains: list[str],
+    *,
+    recorder=None,
+    stream: RoutingStream | None = None,
+    input_device: torch.device | str = "cpu",
+    batch_blocks: int = 8,
+    progress: bool = True,
+) -> StreamedCapture:
+    """Forward every block (grouped by domain, one progress bar each) and append its routing to ``stream``.
+
+    ``recorder`` (a :class:`moescope.hf.recorder.RoutingRecorder`, entered by the
+    caller) gives each forward's routing per layer; without it only losses are
+    computed (the plain baseline of benchmarks/bench_capture.py). Rows land in the
+    stream in block order, so row r of a layer is token r % T of block r // T.
+    """
+    n_blocks, context = tokens.shape
+    loss_sum = np.zeros(n_blocks)
+    for d, domain in enumerate(domains):
+        mine = np.flatnonzero(block_domain == d)
+        if mine.size == 0:
+            continue
+        if mine.size and not np.array_equal(mine, np.arange(mine[0], mine[0] + mine.size)):
+            raise MoescopeError("blocks must be grouped by domain")
+        for s in tqdm(range(0, mine.size, batch_blocks), desc=domain, unit="batch", disable=not progress):
+            rows = mine[s : s + batch_blocks]
+            x = torch.from_numpy(np.ascontiguousarray(tokens[rows])).to(input_device)
+            logits = model(input_ids=x).logits
+            loss_sum[rows] = block_loss_sums(logits, x).cpu().numpy()
+            if recorder is not None:
+                for layer, routing in recorder.take().items():
+                    if routing.expert_index.shape[0] != x.numel():
+                        raise MoescopeError(f"MoE layer {layer} routed {routing.expert_index.shape[0]} tokens, "
+                                            f"expected {x.numel()}")
+                    columns = {"expert_index": routing.expert_index, "gate_weight": routing.gate_weight,
+                               "router_entropy": routing.router_entropy}
+                    if routing.shared_gate is not None:
+                        columns["shared_gate"] = routing.shared_gate
+                    stream.append(layer, columns)
+    return StreamedCapture(loss_sum, np.full(n_blocks, context - 1, dtype=np.int64))
+
+
+def streamed_table(stream: RoutingStream, layer: int, tokens: np.ndarray, block_domain: np.ndarray,
+                   n_experts: int) -> RoutingTable:
+    """One layer's RoutingTable over memmapped stream columns (top-k and entropy only, no router_probs)."""
+    n_blocks, context = tokens.shape
+    cols = stream.columns(layer)
+    n = n_blocks * context
+    if cols["expert_index"].shape[0] != n:
+        raise MoescopeError(f"MoE layer {layer}: {cols['expert_index'].shape[0]} captured tokens, expected {n}")
+    return RoutingTable(
+        token_id=tokens.reshape(-1).astype(np.int32),
+        block=np.repeat(np.arange(n_blocks, dtype=np.int32), context),
+        position=np.tile(np.arange(context, dtype=np.int32), n_blocks),
+        domain=np.repeat(block_domain.astype(np.int16), context),
+        expert_index=cols["expert_index"],
+        gate_weight=cols["gate_weight"],
+        router_probs=None,
+        router_entropy=cols["router_entropy"],
+        expert_count=int(n_experts),
+    )

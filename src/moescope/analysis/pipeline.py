@@ -117,17 +117,20 @@ def snapshot_dirs(arm_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _json_ready(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     """NaN/inf -> None so the files are valid JSON for browsers."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, np.generic):
-        return _json_ready(obj.item())
+        return json_ready(obj.item())
     return obj
+
+
+_json_ready = json_ready  # the name the rest of this module (and other branches) use
 
 
 # --------------------------------------------------------------------------- pieces of the analysis

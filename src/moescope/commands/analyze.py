@@ -1,4 +1,5 @@
-"""`moescope analyze RUN`: routing metrics with intervals and p-values for every arm of a run."""
+"""`moescope analyze RUN` (every arm of a moescope run) or `moescope analyze --model ID_OR_DIR` (a released
+MoE model on held-out texts): routing metrics with intervals and p-values, the viewer and the report."""
 
 from __future__ import annotations
 
@@ -14,11 +15,25 @@ def register(subparsers: Any) -> None:
             "For every arm of a finished run: eval loss per domain, and per MoE layer NMI(domain; expert) with a "
             "block-bootstrap interval and a permutation p-value, P(expert | domain), load and router entropy, "
             "consecutive-token repetition, vocabulary and token-type specialization, router saturation over the "
-            "saved snapshots and the Problem:/Solution: format test. Writes RUN/analysis/."
+            "saved snapshots and the Problem:/Solution: format test. Writes RUN/analysis/. "
+            "With --model ID_OR_DIR instead of RUN: any transformers MoE causal LM (Mixtral, OLMoE, Qwen-MoE, "
+            "DeepSeek, GPT-OSS, Granite-MoE, PhiMoE, DBRX, Jamba, ...) on the held-out texts of --data (or --texts), "
+            "re-tokenized by the model's tokenizer; writes OUT/analysis/ and OUT/report/report.html."
         ),
     )
-    p.add_argument("run", metavar="RUN", help="run directory written by `moescope train`")
-    p.add_argument("--data", metavar="DIR", help="data directory (default: the one the run recorded)")
+    p.add_argument("run", metavar="RUN", nargs="?", help="run directory written by `moescope train`")
+    p.add_argument("--data", metavar="DIR",
+                   help="data directory (default: the one the run recorded; with --model: its held-out texts)")
+    released = p.add_argument_group("released models (--model)")
+    released.add_argument("--model", metavar="ID_OR_DIR", help="hub id or local directory of an MoE causal LM")
+    released.add_argument("--out", metavar="DIR", help="output directory (with --model)")
+    released.add_argument("--name", help="name of the model in metrics and report (default: last path part)")
+    released.add_argument("--texts", metavar="FILE.jsonl", help='held-out texts as {"text", "domain"} rows')
+    released.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (default auto)")
+    released.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (cuda: all visible GPUs)")
+    released.add_argument("--context", type=int, metavar="N", help="tokens per block (default min(512, model's))")
+    released.add_argument("--batch-blocks", type=int, metavar="N", help="blocks per forward pass (default 4)")
+    released.add_argument("--force", action="store_true", help="load even when the memory estimate says no")
     p.add_argument("--arms", help="comma-separated arms to analyse (default: all)")
     p.add_argument("--config", help="config file (.toml/.yaml/.json) mapping onto AnalyzeConfig")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -31,9 +46,10 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def build_config(args: argparse.Namespace) -> Any:
+def build_config(args: argparse.Namespace, released: bool = False) -> Any:
     """Config file, then --set overrides, then the dedicated flags (last wins)."""
     from moescope.analysis.pipeline import AnalyzeConfig
+    from moescope.analysis.released import ReleasedConfig
     from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
 
     raw = load_config_file(args.config) if args.config else {}
@@ -43,19 +59,56 @@ def build_config(args: argparse.Namespace) -> Any:
         "statistics.n_permutations": args.permutations,
         "statistics.seed": args.seed,
     }
+    if released:
+        flags.update({"context_tokens": args.context, "dtype": args.dtype, "device": args.device,
+                      "batch_blocks": args.batch_blocks})
     flag_overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
     raw = deep_merge(raw, parse_overrides(list(args.overrides) + flag_overrides))
-    return from_dict(AnalyzeConfig, raw)
+    return from_dict(ReleasedConfig if released else AnalyzeConfig, raw)
+
+
+def run_released(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moescope.analysis.released import analyze_released
+    from moescope.errors import MoescopeError
+
+    if args.run is not None or args.arms:
+        raise MoescopeError("--model analyses one released model: drop RUN and --arms")
+    if not args.out:
+        raise MoescopeError("--model needs --out DIR")
+    cfg = build_config(args, released=True)
+    result = analyze_released(args.model, args.out, data_dir=args.data, texts_file=args.texts, name=args.name,
+                              cfg=cfg, force=args.force, progress=not args.no_progress)
+    _print_summary(result)
+    print(f"wrote {Path(args.out) / 'analysis' / 'metrics.json'} and {Path(args.out) / 'report' / 'report.html'}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moescope.analysis.pipeline import analyze_run
+    from moescope.errors import MoescopeError
 
+    if args.model:
+        return run_released(args)
+    if args.run is None:
+        raise MoescopeError("pass a run directory RUN, or --model ID_OR_DIR --data DIR --out DIR")
+    released_only = [flag for flag, value in (("--out", args.out), ("--name", args.name), ("--texts", args.texts),
+                                              ("--dtype", args.dtype), ("--device", args.device),
+                                              ("--context", args.context), ("--force", args.force)) if value]
+    if released_only:
+        raise MoescopeError(f"{', '.join(released_only)} only apply with --model")
     cfg = build_config(args)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     result = analyze_run(Path(args.run), cfg, arms=arms, data_dir=args.data, progress=not args.no_progress)
+    _print_summary(result)
+    print(f"wrote {Path(args.run) / 'analysis' / 'metrics.json'} and viewer.json")
+    return 0
+
+
+def _print_summary(result: dict) -> None:
     for name, arm in result["arms"].items():
         loss = arm["eval_loss"]["token_weighted"]
         line = f"{name:<12} eval loss {loss['estimate']:.3f} [{loss['low']:.3f}, {loss['high']:.3f}]"
@@ -65,5 +118,3 @@ def run(args: argparse.Namespace) -> int:
             line += (f"  NMI {nmi['estimate']:.3f} [{nmi['low']:.3f}, {nmi['high']:.3f}] p={head['nmi_pvalue']:.4f}"
                      f" (layer {head['best_layer']})  max load CV {head['load_cv_max']:.2f}")
         print(line)
-    print(f"wrote {Path(args.run) / 'analysis' / 'metrics.json'} and viewer.json")
-    return 0

@@ -1,0 +1,298 @@
+"""`moescope analyze --model ID_OR_DIR`: the routing analysis of a released MoE model (orchestration).
+
+Steps, each refusing bad input before anything is written under OUT:
+the model's config and MoE layers on an empty copy (adapter found from its router
+classes, memory estimate), its tokenizer, the held-out texts re-tokenized into
+blocks of ``context`` tokens, then the weights; one forward pass per batch streams
+every MoE layer's top-k, gate weights and router entropy to disk; each layer is
+then summarized alone (the same statistics as for moescope's own runs) and the
+report is built. Everything is written into a staging directory inside OUT and
+moved into place at the end::
+
+    OUT/experiment.json                   what was analysed (model, texts, config)
+    OUT/analysis/metrics.json             pipeline.py's schema; arms.NAME.model says which model
+    OUT/analysis/viewer.json              per-token routing of sample blocks
+    OUT/analysis/routing/NAME/LAYER.npz   RoutingTable per MoE layer (top-k + entropy, no router_probs)
+    OUT/report/report.html                the report (moescope.report.build)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moescope.analysis import capture, tokentypes
+from moescope.analysis.pipeline import headline, json_ready
+from moescope.analysis.summary import SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer
+from moescope.analysis.viewer import choose_sample_rows, viewer_arm
+from moescope.errors import MoescopeError
+from moescope.hf import loading, texts
+from moescope.hf.adapters import find_sites
+from moescope.hf.recorder import RoutingRecorder
+from moescope.io.atomic import atomic_write_json
+from moescope.io.provenance import environment_info
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_CONTEXT = 512
+
+
+@dataclass
+class ReleasedConfig:
+    """What `moescope analyze --model` captures and how."""
+
+    context_tokens: int | None = None  # tokens per block; None = min(512, the model's context)
+    max_blocks_per_domain: int | None = None  # blocks per domain to analyse (None = all the texts give)
+    batch_blocks: int = 4  # blocks per forward pass
+    viewer_samples_per_domain: int = 3  # blocks per domain shown in the token viewer
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 ("auto" = the checkpoint's dtype)
+    device: str = "auto"  # auto | cpu | cuda (cuda: device_map="auto" over all visible GPUs)
+    statistics: SummaryConfig = field(default_factory=SummaryConfig)
+
+
+def _model_info(adapter, sites, config, source: str, dtype: str, device: str, context: int) -> dict:
+    return {
+        "source": source,
+        "architecture": (getattr(config, "architectures", None) or [None])[0],
+        "model_type": getattr(config, "model_type", None),
+        "adapter": adapter.name,
+        "selection": adapter.selection,
+        "router_scores": adapter.scores,
+        "n_layers": getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
+        "moe_layers": [s.layer for s in sites],
+        "n_experts": sites[0].n_experts,
+        "top_k": sites[0].top_k,
+        "n_shared_experts": sites[0].n_shared_experts,
+        "dtype": dtype,
+        "device": device,
+        "context_tokens": context,
+    }
+
+
+def _prepare_moescope(source: str, data_dir, cfg: ReleasedConfig):
+    """A model trained by moescope (moe_config.json): its own loader; tokenizer beside it or the data dir's."""
+    from moescope.data.blocks import tokenizer_dir
+    from moescope.moe.gpt2 import load_moe_model
+
+    device = loading.resolve_device(cfg.device)
+    model = load_moe_model(source, device=device)
+    tok_src = source if (Path(source) / "tokenizer_config.json").is_file() else (
+        str(tokenizer_dir(data_dir)) if data_dir is not None else None)
+    if tok_src is None:
+        raise MoescopeError(f"{source}: no tokenizer beside the model; pass --data DIR of the data it was trained on")
+    return model, loading.load_tokenizer(tok_src), model.config, loading.model_context(model.config), device
+
+
+def analyze_released(
+    model: str,
+    out: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    texts_file: str | Path | None = None,
+    name: str | None = None,
+    cfg: ReleasedConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Analyse a released MoE causal LM on held-out texts; writes OUT/ and returns metrics.json's content."""
+    cfg = cfg or ReleasedConfig()
+    out = Path(out)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would break the one-line contract on errors
+    if (data_dir is None) == (texts_file is None):
+        raise MoescopeError("pass exactly one of --data DIR and --texts FILE.jsonl")
+    source = str(model)
+    name = name or Path(source.rstrip("/")).name or "model"
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise MoescopeError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
+
+    # ---- everything that can refuse, before a byte is written or a weight is read
+    by_domain = texts.read_data_dir_texts(data_dir) if data_dir is not None else texts.read_texts_file(texts_file)
+    if loading.is_moescope_dir(source):
+        net, tokenizer, config, max_context, device = _prepare_moescope(source, data_dir, cfg)
+        adapter, sites = find_sites(net)
+        dtype_name = str(next(net.parameters()).dtype).removeprefix("torch.")
+        plan = None
+    else:
+        plan = loading.plan_model(source, cfg.dtype, cfg.device)
+        config, max_context, device = plan.config, plan.context, plan.device
+        tokenizer = loading.load_tokenizer(source)
+        dtype_name = str(plan.dtype).removeprefix("torch.")
+    context = cfg.context_tokens or min(DEFAULT_CONTEXT, max_context or DEFAULT_CONTEXT)
+    if max_context is not None and context > max_context:
+        raise MoescopeError(f"--context {context} is larger than the model's context ({max_context} tokens)")
+    blocks = texts.pack_texts(by_domain, tokenizer, context, cfg.max_blocks_per_domain)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and int(blocks.tokens.max()) >= int(vocab):
+        raise MoescopeError(f"{source}: the tokenizer gives id {int(blocks.tokens.max())} but the model has "
+                            f"{vocab} embeddings (tokenizer and model do not match)")
+    if plan is not None:
+        loading.check_memory(plan, force)
+        net = loading.load_model(plan)
+        adapter, sites = find_sites(net)
+    in_device = loading.input_device(net)
+    info = _model_info(adapter, sites, config, source, dtype_name, device, context)
+    log.info("analyze %s: %s, adapter %s, MoE layers %s, %d experts, top-%d, %d blocks of %d tokens", source,
+             info["architecture"], adapter.name, info["moe_layers"], info["n_experts"], info["top_k"],
+             len(blocks.domain), context)
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging_parent = Path(tempfile.mkdtemp(prefix=".analyze-", suffix=".tmp", dir=out))
+    try:
+        stage = staging_parent / out.resolve().name  # the report names the directory it is built in
+        stage.mkdir()
+        metrics = _run(net, tokenizer, adapter, sites, blocks, info, stage, name, cfg, in_device, progress,
+                       source=source, data_dir=data_dir, texts_file=texts_file)
+        for part in ("analysis", "report", "experiment.json"):
+            _replace(stage / part, out / part)
+    finally:
+        shutil.rmtree(staging_parent, ignore_errors=True)
+    return metrics
+
+
+def shared_expert_summary(n_shared: int, gate: np.ndarray | None, token_domain: np.ndarray,
+                          domains: list[str]) -> dict:
+    """Shared experts, reported beside (not among) the routed ones: how many, and their per-token gate if any."""
+    out: dict[str, Any] = {"n_shared_experts": int(n_shared), "gate": None}
+    if gate is not None:
+        gate = np.asarray(gate, dtype=np.float64)
+        out["gate"] = "sigmoid(shared_expert_gate(x)), multiplies the shared expert's output"
+        out["gate_mean"] = float(gate.mean())
+        out["gate_mean_by_domain"] = {d: float(gate[token_domain == i].mean()) for i, d in enumerate(domains)
+                                      if (token_domain == i).any()}
+    return out
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Move a finished file or directory over an old one (old one removed only after the move)."""
+    if not src.exists():
+        return
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+    else:
+        os.replace(src, dst)
+
+
+def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, stage: Path, name: str,
+         cfg: ReleasedConfig, in_device, progress: bool, *, source, data_dir, texts_file) -> dict:
+    analysis = stage / "analysis"
+    stream = capture.RoutingStream(stage / "stream")
+    with RoutingRecorder(adapter, sites) as recorder:
+        res = capture.stream_routing(net, blocks.tokens, blocks.domain, blocks.domains, recorder=recorder,
+                                     stream=stream, input_device=in_device, batch_blocks=cfg.batch_blocks,
+                                     progress=progress)
+    stream.close()
+    del net
+
+    block_rows = np.arange(len(blocks.domain))
+    sample_rows = choose_sample_rows(block_rows, blocks.domain, cfg.viewer_samples_per_domain)
+    sample_mask_blocks = np.zeros(len(block_rows), dtype=bool)
+    sample_mask_blocks[sample_rows] = True
+    arm: dict[str, Any] = {
+        "kind": "moe",
+        "model": info,
+        "eval_loss": summarize_eval_loss(res.block_loss_sum, res.block_tokens, blocks.domain, blocks.domains,
+                                         cfg.statistics),
+        "layers": {},
+    }
+    samples = {}
+    for site in sites:
+        table = capture.streamed_table(stream, site.layer, blocks.tokens, blocks.domain, site.n_experts)
+        capture.save_table(table, analysis / "routing" / name / f"{site.layer}.npz")
+        arm["layers"][str(site.layer)] = summarize_layer(table, blocks.domains, cfg.statistics)
+        if site.n_shared_experts:
+            arm["layers"][str(site.layer)]["shared_expert"] = shared_expert_summary(
+                site.n_shared_experts, stream.columns(site.layer).get("shared_gate"), table.domain, blocks.domains)
+        keep = np.flatnonzero(sample_mask_blocks[table.block])
+        samples[site.layer] = table.select(keep)
+        del table
+    shutil.rmtree(stage / "stream", ignore_errors=True)
+    arm["headline"] = headline(arm)
+    pieces = {int(r): tokentypes.token_pieces(tokenizer, blocks.tokens[r]) for r in sample_rows}
+    viewer = {"arms": {name: viewer_arm(samples, sample_rows, blocks.domains, pieces)}}
+
+    metrics = {
+        "format_version": FORMAT_VERSION,
+        "run": str(source),
+        "data_dir": str(data_dir) if data_dir is not None else None,
+        "texts_file": str(texts_file) if texts_file is not None else None,
+        "domains": blocks.domains,
+        "n_eval_blocks": int(len(blocks.domain)),
+        "block_size": int(blocks.tokens.shape[1]),
+        "statistics": statistics_header(cfg.statistics),
+        "config": asdict(cfg),
+        "environment": environment_info(),
+        "arms": {name: arm},
+    }
+    atomic_write_json(analysis / "metrics.json", json_ready(metrics))
+    atomic_write_json(analysis / "viewer.json", json_ready(viewer), indent=None)
+    # what was analysed, in the place `moescope report` looks for a run's description
+    atomic_write_json(stage / "experiment.json", json_ready({
+        "experiment": {"released_model": info, "data_dir": metrics["data_dir"], "texts_file": metrics["texts_file"],
+                       "config": asdict(cfg)},
+        "arms": {name: {}},
+    }))
+    write_released_report(metrics, viewer, stage / "report")
+    return metrics
+
+
+def write_released_report(metrics: dict, viewer: dict, out_dir: Path) -> Path:
+    """The report of a released model from the run report's own parts (moescope.report.build).
+
+    build_report expects a training run (loss curves, load over training); a
+    released model has none of that, so only the held-out parts are assembled here.
+    """
+    from moescope.report import build, figures
+    from moescope.report.content import Figure, ReportContent, Section
+    from moescope.report.write import write_report
+
+    name, arm = next(iter(metrics["arms"].items()))
+    info = arm["model"]
+    # the run report's headline minus its comparison of arms (one model here)
+    headline = [s for s in build.headline_sentences(metrics, {}, {}) if not s.startswith("Held-out loss")]
+    headline.append(f"Held-out loss of {name} (nats/token, domain-weighted, 95% CI): "
+                    f"{build.fmt_interval(arm['eval_loss']['domain_weighted'])}.")
+    setup = [
+        f"Model: {info['source']} ({info['architecture']}, {info['n_layers']} layers, MoE in layers "
+        f"{', '.join(map(str, info['moe_layers']))}: {info['n_experts']} routed experts, top-{info['top_k']}"
+        + (f", {info['n_shared_experts']} shared expert(s) always on, not counted as routed" if info["n_shared_experts"]
+           else "") + f"), {info['dtype']} on {info['device']}.",
+        f"Routing read by the {info['adapter']!r} adapter: {info['selection']}. Router entropy is that of the "
+        + ("normalized sigmoid scores." if info["router_scores"] == "sigmoid" else "softmax of the router logits."),
+        f"Held-out texts: {metrics['n_eval_blocks']} blocks of {metrics['block_size']} tokens of the model's own "
+        f"tokenizer over {', '.join(metrics['domains'])}.",
+    ]
+    fig_dir = out_dir / "figures"
+    sections = [
+        Section("Set-up", setup, anchor="setup"),
+        Section("Held-out loss", [], tables=[build.loss_table(metrics)], anchor="loss"),
+        Section("Do experts specialize by domain?", [], figures=[Figure(
+            "P(expert | domain)", figures.plot_expert_given_domain(metrics, [name], fig_dir / "expert_given_domain.png"),
+            "Rows: domains; columns: experts. Each row sums to 1.")], tables=[build.routing_table(metrics)],
+            anchor="specialization"),
+    ]
+    content = ReportContent(
+        title=f"moescope: what do the experts of {name} learn?",
+        subtitle=f"{info['source']} · {metrics['n_eval_blocks']} held-out blocks",
+        headline=headline,
+        sections=sections,
+        viewer=viewer if viewer.get("arms") else None,
+        provenance={"model": info, "statistics": metrics.get("statistics"), "environment": metrics.get("environment"),
+                    "data_dir": metrics.get("data_dir"), "texts_file": metrics.get("texts_file")},
+    )
+    return write_report(content, out_dir)

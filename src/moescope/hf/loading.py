@@ -1,0 +1,176 @@
+"""Load a released causal LM and its tokenizer through transformers, checking first that it can work (layer 2).
+
+Order matters: config (no code from the repository, ever), then the MoE layers and
+the memory need on an empty ("meta") copy of the model, then the tokenizer, and
+only then the weights. A model that cannot be analysed is refused before
+gigabytes are read.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moescope.errors import MoescopeError
+from moescope.hf.adapters import Adapter, MoESite, find_sites
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Weights plus activations, the logits of one batch and allocator slack.
+MEMORY_OVERHEAD = 1.2
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def is_moescope_dir(source: str | Path) -> bool:
+    from moescope.moe.gpt2 import MOE_CONFIG_NAME
+
+    return (Path(source) / MOE_CONFIG_NAME).is_file()
+
+
+def read_config(source: str) -> Any:
+    """The model's transformers config; refuses repositories that need their own code."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise MoescopeError(
+                f"{source}: this model needs its own code from the repository (trust_remote_code); moescope does "
+                "not run code from model repositories"
+            ) from exc
+        raise MoescopeError(f"{source}: cannot read the model config: {exc}") from exc
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoescopeError(f"{source}: not a local model directory and not reachable on the hub ({first})") from exc
+
+
+def model_context(config: Any) -> int | None:
+    """The longest sequence the model was built for (None when the config does not say)."""
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_dtype(name: str, config: Any) -> torch.dtype:
+    if name in DTYPES:
+        return DTYPES[name]
+    if name != "auto":
+        raise MoescopeError(f"--dtype {name!r}: choose auto, bf16, fp16 or fp32")
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MoescopeError("--device cuda: no CUDA device is visible")
+    if name not in ("cpu", "cuda"):
+        raise MoescopeError(f"--device {name!r}: choose auto, cpu or cuda")
+    return name
+
+
+def available_bytes(device: str) -> int:
+    """Memory the model may use: free RAM (MemAvailable), plus free memory of every GPU on cuda."""
+    ram = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    ram = int(line.split()[1]) * 1024
+    except OSError:
+        ram = 0
+    if device == "cuda":
+        # device_map="auto" fills the GPUs first and may place the rest in RAM
+        return ram + sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return ram
+
+
+@dataclass
+class ModelPlan:
+    """What is known about a model before its weights are read."""
+
+    source: str
+    config: Any
+    adapter: Adapter
+    sites: list[MoESite]  # on the empty model; re-found on the loaded one
+    weight_bytes: int
+    dtype: torch.dtype
+    device: str
+    context: int | None
+
+
+def plan_model(source: str, dtype: str = "auto", device: str = "auto") -> ModelPlan:
+    """Config, MoE layers and memory need of a model, from an empty copy (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(source)
+    torch_dtype = resolve_dtype(dtype, config)
+    try:
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except ValueError as exc:
+        raise MoescopeError(f"{source}: {type(config).__name__} is not a causal language model transformers "
+                            f"can build ({str(exc).splitlines()[0]})") from exc
+    adapter, sites = find_sites(empty)
+    n_params = sum(p.numel() for p in empty.parameters())
+    weight_bytes = n_params * torch.empty(0, dtype=torch_dtype).element_size()
+    return ModelPlan(source, config, adapter, sites, int(weight_bytes), torch_dtype, resolve_device(device),
+                     model_context(config))
+
+
+def check_memory(plan: ModelPlan, force: bool = False) -> None:
+    need = int(plan.weight_bytes * MEMORY_OVERHEAD)
+    have = available_bytes(plan.device)
+    if need > have and not force:
+        raise MoescopeError(
+            f"{plan.source}: needs about {need / 2**30:.1f} GiB ({plan.weight_bytes / 2**30:.1f} GiB of "
+            f"{str(plan.dtype).removeprefix('torch.')} weights) but {have / 2**30:.1f} GiB is free on {plan.device}; "
+            "use a smaller --dtype, a GPU, or --force to try anyway"
+        )
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise MoescopeError(f"{source}: no usable tokenizer beside the model ({type(exc).__name__})") from exc
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False) and not hasattr(tokenizer, "encode"):
+        raise MoescopeError(f"{source}: no usable tokenizer beside the model")
+    return tokenizer
+
+
+def load_model(plan: ModelPlan) -> torch.nn.Module:
+    """The weights, on the planned device and dtype (device_map="auto" over all visible GPUs on cuda)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": plan.dtype, "trust_remote_code": False}
+    if plan.device == "cuda":
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(plan.source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise MoescopeError(f"{plan.source}: cannot load the weights: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where input ids must go (the embedding's device under device_map)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is not None and hasattr(embed, "weight"):
+        return embed.weight.device
+    return next(model.parameters()).device

@@ -1,0 +1,203 @@
+"""`moescope analyze --model`: end to end on tiny HF MoE models, and every bad input refused cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import corpus, make_tokenizer, save_model_dir, write_texts_data_dir
+from train_fixtures import one_thread  # noqa: F401
+
+from moescope.analysis.capture import load_table
+from moescope.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = ["--no-progress", "--context", "32", "--max-blocks-per-domain", "6",
+        "--set", "statistics.n_resamples=30", "--set", "statistics.n_permutations=30"]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    tok = make_tokenizer()
+    data = write_texts_data_dir(root / "data")
+    return root, tok, data
+
+
+def _analyze(model: Path, out: Path, *extra: str) -> int:
+    return main(["analyze", "--model", str(model), "--out", str(out), *extra])
+
+
+def _refused(capsys, model: Path, out: Path, args: list[str], *needles: str) -> None:
+    """analyze exits 2 with one line on stderr naming the problem, and leaves nothing under OUT."""
+    capsys.readouterr()  # drop what building the fixture printed
+    assert _analyze(model, out, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(n in err[0] for n in needles), err
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize("arch, source", [("olmoe", "data"), ("deepseek_v3", "data"), ("gpt_oss", "texts")])
+def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_path: Path) -> None:
+    root, tok, data = shared
+    model = save_model_dir(tmp_path / arch, arch, tokenizer=tok)
+    out = tmp_path / "out"
+    if source == "data":
+        args = ["--data", str(data)]
+    else:
+        rows = [{"text": t, "domain": d} for d, ts in corpus(seed=1).items() for t in ts]
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = ["--texts", str(tmp_path / "t.jsonl")]
+    assert _analyze(model, out, *args, "--name", "tiny", *FAST) == 0
+
+    metrics = json.loads((out / "analysis" / "metrics.json").read_text())
+    arm = metrics["arms"]["tiny"]
+    info = arm["model"]
+    assert arm["kind"] == "moe" and metrics["domains"] == ["code", "math", "prose"]
+    assert info["n_experts"] == 8 and info["architecture"].lower().startswith(arch.split("_")[0][:4])
+    assert sorted(arm["layers"], key=int) == [str(i) for i in info["moe_layers"]]
+    assert info["n_shared_experts"] == (1 if arch == "deepseek_v3" else 0)
+    n_blocks = metrics["n_eval_blocks"]
+    assert n_blocks == 18  # 6 blocks of 32 tokens from each domain
+    for layer, entry in arm["layers"].items():
+        assert entry["n_tokens"] == n_blocks * 32 and entry["top_k"] == info["top_k"]
+        assert 0.0 <= entry["specialization"]["nmi"]["estimate"] <= 1.0
+        assert abs(sum(entry["load"]["token_fraction"]) - 1.0) < 1e-4  # rounded to 6 places
+        table = load_table(out / "analysis" / "routing" / "tiny" / f"{layer}.npz")
+        assert table.router_probs is None and table.n_experts == 8 and table.n_tokens == n_blocks * 32
+        # token rows follow the blocks: block b holds positions 0..31 of one domain
+        assert np.array_equal(table.position.reshape(n_blocks, 32), np.tile(np.arange(32), (n_blocks, 1)))
+        assert np.all(table.domain.reshape(n_blocks, 32) == table.domain.reshape(n_blocks, 32)[:, :1])
+        # the viewer's first choice equals the table's
+    viewer = json.loads((out / "analysis" / "viewer.json").read_text())["arms"]["tiny"]
+    assert viewer["layers"] == info["moe_layers"] and viewer["n_experts"] == 8
+    assert len(viewer["samples"]) == 9 and all(len(s["tokens"]) == 32 for s in viewer["samples"])
+    html = (out / "report" / "report.html").read_text()
+    assert "tiny" in html and "NMI" in html
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_moescope_model_through_the_same_path(shared, tmp_path: Path) -> None:
+    """moescope's own MoE checkpoints go through the same capture (tokenizer taken from the data directory)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moescope.data.blocks import tokenizer_dir
+    from moescope.moe.config import MoEConfig
+    from moescope.moe.gpt2 import install_moe, load_moe_model, save_moe_model
+
+    root, tok, data = shared
+    tok.save_pretrained(tokenizer_dir(data))
+    torch.manual_seed(0)
+    net = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok)))
+    install_moe(net, MoEConfig(n_experts=4, top_k=2, layers=[1]), seed=0)
+    save_moe_model(net, tmp_path / "final")
+    out = tmp_path / "out"
+    assert _analyze(tmp_path / "final", out, "--data", str(data), "--name", "own", *FAST) == 0
+    table = load_table(out / "analysis" / "routing" / "own" / "1.npz")
+    # independent: the layer's own record on the same tokens
+    model = load_moe_model(tmp_path / "final")
+    layer = model.transformer.h[1].mlp
+    layer.capture = True
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(table.token_id.reshape(-1, 32).astype(np.int64)))
+    rec = layer.last_record
+    ids = np.sort(rec.expert_index.numpy(), axis=1)
+    np.testing.assert_array_equal(np.sort(table.expert_index, axis=1), ids)
+    probs = rec.router_probs.double().numpy()
+    np.testing.assert_allclose(table.router_entropy, -(probs * np.log(probs)).sum(1), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_dense_model_refused(shared, tmp_path: Path, capsys) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok, data = shared
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "out"
+    _refused(capsys, tmp_path / "dense", out, ["--data", str(data), *FAST], "no MoE layer")
+
+
+def test_unknown_moe_architecture_refused(shared, tmp_path: Path, capsys) -> None:
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+
+    _, tok, data = shared
+    JetMoeForCausalLM(JetMoeConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_key_value_heads=2,
+                                   kv_channels=16, intermediate_size=32, num_local_experts=4,
+                                   num_experts_per_tok=2)).save_pretrained(tmp_path / "jet")
+    tok.save_pretrained(tmp_path / "jet")
+    out = tmp_path / "out"
+    _refused(capsys, tmp_path / "jet", out, ["--data", str(data), *FAST],
+                    "unknown MoE architecture", "mixtral", "deepseek_v3", "gpt_oss")
+
+
+def test_model_without_tokenizer_refused(shared, tmp_path: Path, capsys) -> None:
+    from hf_fixtures import build_model
+
+    _, tok, data = shared
+    build_model("mixtral", len(tok)).save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    _refused(capsys, tmp_path / "m", out, ["--data", str(data), *FAST], "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(shared, tmp_path_factory):
+    _, tok, _ = shared
+    return save_model_dir(tmp_path_factory.mktemp("mixtral"), "mixtral", tokenizer=tok)
+
+
+def test_data_dir_without_texts_refused(mixtral_dir, tmp_path: Path, capsys) -> None:
+    data = write_texts_data_dir(tmp_path / "data")
+    for path in (data / "texts" / "eval").iterdir():
+        path.unlink()
+    out = tmp_path / "out"
+    _refused(capsys, mixtral_dir, out, ["--data", str(data), *FAST], "no held-out texts")
+
+
+def test_bad_texts_row_names_file_and_line(mixtral_dir, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a", "domain": "x"}\n{"text": 3, "domain": "x"}\n')
+    out = tmp_path / "out"
+    _refused(capsys, mixtral_dir, out, ["--texts", str(path), *FAST], f"{path}:2")
+
+
+def test_context_above_model_context_refused(shared, mixtral_dir, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    _refused(capsys, mixtral_dir, out, ["--data", str(shared[2]), "--no-progress", "--context", "257"],
+             "--context 257", "256")
+
+
+def test_too_large_refused_unless_forced(shared, mixtral_dir, tmp_path: Path, capsys, monkeypatch) -> None:
+    from moescope.hf import loading
+
+    monkeypatch.setattr(loading, "available_bytes", lambda device: 1000)
+    out = tmp_path / "out"
+    _refused(capsys, mixtral_dir, out, ["--data", str(shared[2]), *FAST], "GiB", "--force")
+    assert _analyze(mixtral_dir, out, "--data", str(shared[2]), "--force", *FAST) == 0
+    assert (out / "analysis" / "metrics.json").is_file()
+
+
+def test_memory_estimate_counts_the_weights(mixtral_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from moescope.hf import loading
+
+    plan = loading.plan_model(str(mixtral_dir), "bf16", "cpu")
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(mixtral_dir).parameters())
+    assert plan.weight_bytes == 2 * n
+
+
+def test_remote_code_model_refused(shared, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "remote"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "my_secret_moe", "architectures": ["MyMoe"],
+                                                    "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    out = tmp_path / "out"
+    _refused(capsys, model, out, ["--data", str(shared[2]), *FAST], "trust_remote_code")
