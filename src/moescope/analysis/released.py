@@ -39,11 +39,15 @@ from moescope.hf.adapters import find_sites
 from moescope.hf.recorder import RoutingRecorder
 from moescope.io.atomic import atomic_write_json
 from moescope.io.provenance import environment_info
+from moescope.report.build import build_report
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_CONTEXT = 512
+# Tokens per viewer sample: k experts and weights per token and layer make a 512-token
+# block of an 80-layer model several MB; the first 256 tokens of each sample are shown.
+VIEWER_MAX_TOKENS = 256
 
 
 @dataclass
@@ -224,7 +228,9 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
     shutil.rmtree(stage / "stream", ignore_errors=True)
     arm["headline"] = headline(arm)
     pieces = {int(r): tokentypes.token_pieces(tokenizer, blocks.tokens[r]) for r in sample_rows}
-    viewer = {"arms": {name: viewer_arm(samples, sample_rows, blocks.domains, pieces)}}
+    n_shared = max((site.n_shared_experts for site in sites), default=0)
+    viewer = {"arms": {name: viewer_arm(samples, sample_rows, blocks.domains, pieces,
+                                        max_tokens=VIEWER_MAX_TOKENS, n_shared_experts=n_shared)}}
 
     metrics = {
         "format_version": FORMAT_VERSION,
@@ -247,52 +253,5 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
                        "config": asdict(cfg)},
         "arms": {name: {}},
     }))
-    write_released_report(metrics, viewer, stage / "report")
+    build_report(stage, stage / "report")
     return metrics
-
-
-def write_released_report(metrics: dict, viewer: dict, out_dir: Path) -> Path:
-    """The report of a released model from the run report's own parts (moescope.report.build).
-
-    build_report expects a training run (loss curves, load over training); a
-    released model has none of that, so only the held-out parts are assembled here.
-    """
-    from moescope.report import build, figures
-    from moescope.report.content import Figure, ReportContent, Section
-    from moescope.report.write import write_report
-
-    name, arm = next(iter(metrics["arms"].items()))
-    info = arm["model"]
-    # the run report's headline minus its comparison of arms (one model here)
-    headline = [s for s in build.headline_sentences(metrics, {}, {}) if not s.startswith("Held-out loss")]
-    headline.append(f"Held-out loss of {name} (nats/token, domain-weighted, 95% CI): "
-                    f"{build.fmt_interval(arm['eval_loss']['domain_weighted'])}.")
-    setup = [
-        f"Model: {info['source']} ({info['architecture']}, {info['n_layers']} layers, MoE in layers "
-        f"{', '.join(map(str, info['moe_layers']))}: {info['n_experts']} routed experts, top-{info['top_k']}"
-        + (f", {info['n_shared_experts']} shared expert(s) always on, not counted as routed" if info["n_shared_experts"]
-           else "") + f"), {info['dtype']} on {info['device']}.",
-        f"Routing read by the {info['adapter']!r} adapter: {info['selection']}. Router entropy is that of the "
-        + ("normalized sigmoid scores." if info["router_scores"] == "sigmoid" else "softmax of the router logits."),
-        f"Held-out texts: {metrics['n_eval_blocks']} blocks of {metrics['block_size']} tokens of the model's own "
-        f"tokenizer over {', '.join(metrics['domains'])}.",
-    ]
-    fig_dir = out_dir / "figures"
-    sections = [
-        Section("Set-up", setup, anchor="setup"),
-        Section("Held-out loss", [], tables=[build.loss_table(metrics)], anchor="loss"),
-        Section("Do experts specialize by domain?", [], figures=[Figure(
-            "P(expert | domain)", figures.plot_expert_given_domain(metrics, [name], fig_dir / "expert_given_domain.png"),
-            "Rows: domains; columns: experts. Each row sums to 1.")], tables=[build.routing_table(metrics)],
-            anchor="specialization"),
-    ]
-    content = ReportContent(
-        title=f"moescope: what do the experts of {name} learn?",
-        subtitle=f"{info['source']} · {metrics['n_eval_blocks']} held-out blocks",
-        headline=headline,
-        sections=sections,
-        viewer=viewer if viewer.get("arms") else None,
-        provenance={"model": info, "statistics": metrics.get("statistics"), "environment": metrics.get("environment"),
-                    "data_dir": metrics.get("data_dir"), "texts_file": metrics.get("texts_file")},
-    )
-    return write_report(content, out_dir)

@@ -161,7 +161,10 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         out.append(specialization_sentence(arm, tag, layers))
         out.append(load_sentence(arm, layers, arm_records.get(arm, [])))
     losses = {a: v["eval_loss"]["domain_weighted"] for a, v in arms.items() if "eval_loss" in v}
-    if losses:
+    if len(losses) == 1:
+        (arm, loss), = losses.items()
+        out.append(f"Held-out loss of {arm} (nats/token, domain-weighted, 95% CI): {fmt_interval(loss)}.")
+    elif losses:
         ordered = sorted(losses, key=lambda a: _estimate(losses[a]))
         parts = ", ".join(f"{a} {fmt_interval(losses[a])}" for a in ordered)
         best, rest = ordered[0], ordered[1:]
@@ -310,8 +313,25 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     return write_report(content, out_dir)
 
 
+def released_setup_paragraphs(metrics: dict, info: dict) -> list[str]:
+    """Set-up of a released model analysed with `moescope analyze --model` (no training run)."""
+    shared = (f", {info['n_shared_experts']} shared expert(s) always on, not counted as routed"
+              if info.get("n_shared_experts") else "")
+    scores = "normalized sigmoid scores" if info.get("router_scores") == "sigmoid" else "softmax of the router logits"
+    return [
+        f"Model: {info['source']} ({info['architecture']}, {info['n_layers']} layers, MoE in layers "
+        f"{', '.join(map(str, info['moe_layers']))}: {info['n_experts']} routed experts, top-{info['top_k']}{shared}), "
+        f"{info['dtype']} on {info['device']}.",
+        f"Routing read by the {info['adapter']!r} adapter: {info['selection']}. Router entropy is that of the {scores}.",
+        f"Held-out texts: {metrics['n_eval_blocks']} blocks of {metrics['block_size']} tokens of the model's own "
+        f"tokenizer over {', '.join(metrics['domains'])}.",
+    ]
+
+
 def setup_paragraphs(metrics: dict, experiment: dict, manifest: dict) -> list[str]:
     exp = experiment.get("experiment", {})
+    if "released_model" in exp:
+        return released_setup_paragraphs(metrics, exp["released_model"])
     out = []
     splits = manifest.get("splits", {})
     if splits:
