@@ -75,4 +75,9 @@ def _remove_if_empty(created: list[Path]) -> None:
 def is_empty_ignoring_lock(directory: str | Path) -> bool:
     """True when `directory` is missing or holds nothing but its lock files."""
     directory = Path(directory)
-    return not directory.exists() or all(p.name in LOCK_FILES for p in directory.iterdir())
+    return not directory.exists() or all(_is_lock_file(p.name) for p in directory.iterdir())
+
+
+def _is_lock_file(name: str) -> bool:
+    # includes the PID file's temporary name while atomic_write_text writes it
+    return name in LOCK_FILES or (name.startswith(f".{PID_NAME}.") and name.endswith(".tmp"))
