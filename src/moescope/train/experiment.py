@@ -29,7 +29,8 @@ from moescope.train.config import (
     ExperimentConfig, arm_diff, base_run_config, comparable_config, resolve_arms,
 )
 from moescope.train.model import check_model_matches_data, load_init_model
-from moescope.train.trainer import _dict_diff, open_store, process_state, train_run
+from moescope.train.rundir import dict_diff
+from moescope.train.trainer import open_store, process_state, train_run
 
 EXPERIMENT_NAME = "experiment.json"
 
@@ -129,7 +130,7 @@ def _check_same_experiment(stored: dict, current: dict, where: Path) -> None:
         if name in stored.get("arms", {}):
             a = comparable_config(stored["arms"][name]["config"])
             b = comparable_config(arm["config"])
-            problems.extend(f"arm {name}: {d}" for d in _dict_diff(a, b))
+            problems.extend(f"arm {name}: {d}" for d in dict_diff(a, b))
     if stored.get("base", {}).get("init", "scratch") != current["base"].get("init", "scratch"):
         problems.append("base.init")
     if problems:

@@ -61,18 +61,18 @@ from moescope.train.checkpoint import (
     NonFiniteState, last_verified_checkpoint, newest_intact_checkpoint, point_latest, restore_rng_state,
     save_checkpoint,
 )
-from moescope.train.config import RunConfig, comparable_config
+from moescope.train.config import RunConfig
 from moescope.train.metrics_log import MetricsLog, read_metrics
 from moescope.train.model import build_scratch_model, check_model_matches_data, load_init_model
 from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
 from moescope.train.routing import RoutingTotals, summarize_routing
+from moescope.train.rundir import (
+    CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, check_same_config, read_stored_config,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-SUMMARY_NAME = "summary.json"
-METRICS_NAME = "metrics.jsonl"
 # Set-ups whose gradients are plain, whole tensors on every process (one process, or DDP on any
 # device), clipped by moescope itself; the others (FSDP, DeepSpeed, XLA, Megatron-LM) shard or
 # compile the gradients and keep accelerate's own clipping.
@@ -288,20 +288,11 @@ class Trainer:
     def _checkpoint_to_resume(self) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
         stored = self.out_dir / CONFIG_NAME
         if stored.is_file():
-            self._compare_configs(_read_stored_config(stored), str(stored))
+            check_same_config(self.cfg, read_stored_config(stored), str(stored))
         return newest_intact_checkpoint(self.ckpt_dir)
 
-    def _compare_configs(self, stored: dict, where: str) -> None:
-        mine, theirs = comparable_config(self.cfg), comparable_config(stored)
-        if mine != theirs:
-            diffs = _dict_diff(theirs, mine)
-            raise MoescopeError(
-                f"{where} was written by another config; differing keys: {', '.join(diffs[:6])}"
-                f"{' ...' if len(diffs) > 6 else ''} (use a new --out, or the original config)"
-            )
-
     def _check_state_matches(self, state: dict, ckpt: Path) -> None:
-        self._compare_configs(state["config"], f"checkpoint {ckpt}")
+        check_same_config(self.cfg, state["config"], f"checkpoint {ckpt}")
         if state.get("data_manifest_sha256") != self.manifest_sha:
             raise MoescopeError(
                 f"checkpoint {ckpt} was trained on another data directory (manifest hash differs from "
@@ -806,24 +797,12 @@ def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, 
     lock = run_directory_lock(out_dir) if process_state().is_main_process else contextlib.nullcontext()
     with lock:
         if resume and (out_dir / SUMMARY_NAME).is_file() and (out_dir / "final").is_dir():
-            stored = _read_stored_config(out_dir / CONFIG_NAME)
-            mine, theirs = comparable_config(cfg), comparable_config(stored)
-            if mine != theirs:
-                raise MoescopeError(f"{out_dir / CONFIG_NAME} was written by another config; differing keys: "
-                                    f"{', '.join(_dict_diff(theirs, mine)[:6])}")
+            check_same_config(cfg, read_stored_config(out_dir / CONFIG_NAME), str(out_dir / CONFIG_NAME))
             return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
         return Trainer(cfg, out_dir, init=init, name=name, resume=resume, on_step=on_step).fit()
 
 
 # ---------------------------------------------------------------------- small helpers
-
-
-def _read_stored_config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return dict(data["config"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise MoescopeError(f"{path}: not a readable run config ({type(exc).__name__}: {exc})") from None
 
 
 def _json_float(x: float | None) -> float | str | None:
@@ -840,19 +819,6 @@ def _store_output(store: dict, key: int):
         store[key] = output
 
     return hook
-
-
-def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b)):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a or key not in b:
-                out.append(path)
-            else:
-                out.extend(_dict_diff(a[key], b[key], path))
-        return out
-    return [] if a == b else [f"{prefix} ({a!r} -> {b!r})"]
 
 
 __all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted", "open_store"]
