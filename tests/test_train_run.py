@@ -371,7 +371,7 @@ def test_trainer_clips_the_gradients_the_optimizer_sees_and_logs_the_norm_before
 def test_peak_memory_is_per_stage_not_inherited_from_earlier_stages() -> None:
     import mmap
 
-    from moescope.train.trainer import peak_memory_mb, reset_peak_memory
+    from moescope.runtime import peak_memory_mb, reset_peak_memory
 
     if not reset_peak_memory():
         pytest.skip("no resettable VmHWM here (not Linux /proc)")

@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import math
-import resource
 import signal
 import threading
 import time
@@ -56,7 +55,7 @@ from moescope.moe.gpt2 import (
     install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress,
 )
 from moescope.moe.layer import load_balancing_loss, update_balance_bias
-from moescope.runtime import proc_status_mb, reset_resident_peak
+from moescope.runtime import peak_memory_mb, reset_peak_memory
 from moescope.train.checkpoint import (
     NonFiniteState, last_verified_checkpoint, newest_intact_checkpoint, point_latest, restore_rng_state,
     save_checkpoint,
@@ -104,35 +103,6 @@ def open_store(data_dir: str | Path) -> BlockStore:
         if sum(store.n_blocks(split, d) for d in store.domains) == 0:
             raise MoescopeError(f"{path}: the {split} split has no blocks")
     return store
-
-
-def reset_peak_memory() -> bool:
-    """Start a new peak-memory window (one per training stage): the arms of an experiment run one
-    after another in one process, and a process-wide peak would hand every later arm the largest
-    peak of the stages before it. Resets CUDA's peak counter and, on Linux, VmHWM (via
-    /proc/self/clear_refs) to the current RSS: a stage's peak still includes what is resident
-    when it starts (memory the allocator kept from earlier stages), never an earlier stage's
-    transient peak. Returns False when the RSS peak cannot be reset here (then `peak_memory_mb`
-    reports the process-wide peak and says so)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    return reset_resident_peak()
-
-
-def peak_memory_mb(stage_scoped: bool = False) -> dict[str, Any]:
-    """Peak resident memory (and CUDA peak) since the last `reset_peak_memory`, in MiB.
-
-    `peak_rss_scope` says what the RSS peak covers: "stage" when the window was reset for this
-    stage, "process" otherwise (ru_maxrss, the whole process's life)."""
-    hwm = proc_status_mb("VmHWM") if stage_scoped else None
-    if hwm is not None:
-        out: dict[str, Any] = {"peak_rss_mb": hwm, "peak_rss_scope": "stage"}
-    else:
-        out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux: KiB
-               "peak_rss_scope": "process"}
-    if torch.cuda.is_available():
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
 
 
 def make_accelerator(cfg: RunConfig):
