@@ -39,10 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from torch.nn import functional as F
 
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
@@ -65,7 +63,7 @@ from moescope.train.metrics_log import MetricsLog, read_metrics
 from moescope.train.model import build_scratch_model, check_model_matches_data, load_init_model
 from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
-from moescope.train.routing import RoutingTotals, summarize_routing
+from moescope.train.evaluator import evaluate_model
 from moescope.train.rundir import (
     CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, check_same_config, read_stored_config,
 )
@@ -555,45 +553,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Loss / perplexity per domain (token- and domain-weighted) and routing metrics on the eval split."""
-        model, store, t = self.raw_model, self.store, self.cfg.train
-        was_training = model.training
-        model.eval()
-        totals = {i: RoutingTotals(layer.n_experts, layer.top_k) for i, layer in self.layers.items()}
-        per_domain: dict[str, dict[str, float]] = {}
-        with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training RNG stream
-            for d_id, domain in enumerate(store.domains):
-                n = store.n_blocks("eval", domain)
-                if n == 0:
-                    continue
-                cap = n if t.eval_max_blocks_per_domain is None else min(n, t.eval_max_blocks_per_domain)
-                rows = np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))  # spread over the split
-                loss_sum, n_tok = 0.0, 0
-                for s in range(0, len(rows), t.eval_batch_sequences):
-                    part = rows[s : s + t.eval_batch_sequences]
-                    idx = np.stack([np.full(len(part), d_id), part], axis=1)
-                    x = torch.from_numpy(store.gather("eval", idx)).to(self.accelerator.device)
-                    with self.accelerator.autocast():
-                        logits = model(input_ids=x).logits
-                    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                         x[:, 1:].reshape(-1), reduction="sum")
-                    loss_sum += float(ce)
-                    n_tok += x[:, 1:].numel()
-                    for i, layer in self.layers.items():
-                        totals[i].add(layer.last_record)
-                per_domain[domain] = {"loss": loss_sum / n_tok, "tokens": n_tok,
-                                      "ppl": _ppl(loss_sum / n_tok)}
-        model.train(was_training)
-        tok_loss = sum(v["loss"] * v["tokens"] for v in per_domain.values()) / sum(v["tokens"] for v in per_domain.values())
-        dom_loss = sum(v["loss"] for v in per_domain.values()) / len(per_domain)
-        return {
-            "loss": {"token_weighted": tok_loss, "domain_weighted": dom_loss},
-            "ppl": {"token_weighted": _ppl(tok_loss), "domain_weighted": _ppl(dom_loss)},
-            "domains": per_domain,
-            "routing": {str(i): summarize_routing(tt) for i, tt in totals.items()},
-        }
+        return evaluate_model(self.raw_model, self.layers, self.store, self.cfg.train, self.accelerator)
 
     def _check_collapse(self, ev: dict[str, Any]) -> list[str]:
         """Update the per-layer streaks of max share > threshold; returns layers collapsed now."""
@@ -778,10 +740,6 @@ def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, 
 def _json_float(x: float | None) -> float | str | None:
     """Non-finite floats as strings: strict JSON readers (browsers) reject NaN/Infinity tokens."""
     return x if x is None or math.isfinite(x) else str(x)
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def _store_output(store: dict, key: int):
