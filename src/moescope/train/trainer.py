@@ -64,6 +64,9 @@ from moescope.train.model import build_scratch_model, check_model_matches_data, 
 from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
 from moescope.train.evaluator import evaluate_model
+from moescope.train.step_loss import (
+    StepRoutingSums, microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term,
+)
 from moescope.train.rundir import (
     CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, check_same_config, read_stored_config,
 )
@@ -298,25 +301,12 @@ class Trainer:
             return self._train_step_per_sequence(batches)
 
         ce_sum = 0.0
-        stats = {i: {"counts": 0, "prob_sum": 0, "z": 0.0, "n": 0} for i in layers}
+        sums = StepRoutingSums(layers)
+        stats = sums.by_layer
         n_local = sum(b.numel() for b in batches)
-
-        def add_stats(micro_records) -> None:
-            for i, rec in micro_records.items():
-                s = stats[i]
-                s["counts"] = s["counts"] + rec.tokens_per_expert
-                s["prob_sum"] = s["prob_sum"] + rec.prob_sum.detach()
-                s["z"] += float(rec.z_loss.detach()) * rec.n_tokens
-                s["n"] += rec.n_tokens
 
         def records():
             return {i: layer.last_record for i, layer in layers.items()}
-
-        def z_term(recs) -> torch.Tensor:
-            total = 0.0
-            for rec in recs.values():
-                total = total + rec.z_loss * (rec.n_tokens / n_local)
-            return cfg.loss.z_coef * total
 
         # Step-scope counts: all tokens of the step, all processes, known before any backward.
         step_counts: dict[int, torch.Tensor] | None = None
@@ -336,15 +326,8 @@ class Trainer:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
 
-        def lb_term_step(recs_prob_sum: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]) -> torch.Tensor:
-            total = 0.0
-            for i, ps in recs_prob_sum.items():
-                if self._lb_coefs[i] == 0.0:
-                    continue
-                # x world: DDP averages gradients over processes; the global loss is a sum over them.
-                total = total + self._lb_coefs[i] * load_balancing_loss(counts[i], ps * self.world, n_step,
-                                                                         self.top_k[i])
-            return total
+        def lb_term_step(prob_sums: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]):
+            return step_balance_term(prob_sums, counts, self._lb_coefs, self.top_k, self.world, n_step)
 
         if layers and scope == "step" and m > 1 and cfg.loss.lb_accumulation == "keep_graphs":
             total = 0.0
@@ -352,11 +335,11 @@ class Trainer:
             for x in batches:
                 ce = self._forward(x)
                 recs = records()
-                add_stats(recs)
+                sums.add(recs)
                 for i, rec in recs.items():
                     prob_sums[i] = prob_sums[i] + rec.prob_sum
                 ce_sum += float(ce.detach())
-                total = total + ce / m + z_term(recs)
+                total = total + ce / m + z_term(recs, n_local, cfg.loss.z_coef)
             counts = {i: self._reduce_sum(stats[i]["counts"]) for i in layers}
             total = total + lb_term_step(prob_sums, counts)
             self._note_loss(total)
@@ -368,8 +351,8 @@ class Trainer:
                 with ctx:
                     ce = self._forward(x)
                     recs = records()
-                    add_stats(recs)
-                    loss = ce / m + z_term(recs) if layers else ce / m
+                    sums.add(recs)
+                    loss = ce / m + z_term(recs, n_local, cfg.loss.z_coef) if layers else ce / m
                     if need_lb and scope == "step":
                         if step_counts is None:  # one micro-batch: its counts are the step's
                             counts = {i: self._reduce_sum(rec.tokens_per_expert) for i, rec in recs.items()}
@@ -377,12 +360,7 @@ class Trainer:
                             counts = step_counts
                         loss = loss + lb_term_step({i: rec.prob_sum for i, rec in recs.items()}, counts)
                     elif layers and scope == "microbatch":
-                        lb = 0.0
-                        for i, rec in recs.items():
-                            if self._lb_coefs[i]:
-                                lb = lb + self._lb_coefs[i] * load_balancing_loss(
-                                    rec.tokens_per_expert, rec.prob_sum, rec.n_tokens, self.top_k[i])
-                        loss = loss + lb / m
+                        loss = loss + microbatch_balance_term(recs, self._lb_coefs, self.top_k) / m
                     ce_sum += float(ce.detach())
                     self._note_loss(loss)
                     self.accelerator.backward(loss)
@@ -404,7 +382,8 @@ class Trainer:
         cfg, layers, m = self.cfg, self.layers, len(batches)
         n_seq_local = sum(b.shape[0] for b in batches)
         n_local = sum(b.numel() for b in batches)
-        stats = {i: {"counts": 0, "prob_sum": 0, "z": 0.0, "n": 0} for i in layers}
+        sums = StepRoutingSums(layers)
+        stats = sums.by_layer
         ce_sum = 0.0
         logits_seen: dict[int, torch.Tensor] = {}
         hooks = [layer.router.register_forward_hook(_store_output(logits_seen, i)) for i, layer in layers.items()]
@@ -417,24 +396,14 @@ class Trainer:
                     ce = self._forward(x)
                     b, t = x.shape
                     loss = ce / m
+                    sums.add({i: layer.last_record for i, layer in layers.items()})
                     for i, layer in layers.items():
                         rec = layer.last_record
-                        s = stats[i]
-                        s["counts"] = s["counts"] + rec.tokens_per_expert
-                        s["prob_sum"] = s["prob_sum"] + rec.prob_sum.detach()
-                        s["z"] += float(rec.z_loss.detach()) * rec.n_tokens
-                        s["n"] += rec.n_tokens
                         loss = loss + cfg.loss.z_coef * rec.z_loss * (rec.n_tokens / n_local)
                         if not self._lb_coefs[i]:
                             continue
-                        e, k = layer.n_experts, layer.top_k
-                        probs = torch.softmax(logits_seen[i].float().reshape(b, t, e), dim=-1)
-                        idx = rec.expert_index.reshape(b, t * k)
-                        seq_counts = torch.zeros(b, e, device=idx.device).scatter_add_(
-                            1, idx, torch.ones_like(idx, dtype=torch.float32))
-                        f = seq_counts / (t * k)
-                        p = probs.mean(dim=1)
-                        lb_per_seq = e * (f * p).sum(dim=1)
+                        lb_per_seq = sequence_balance_terms(logits_seen[i], rec.expert_index, b, t,
+                                                            layer.n_experts, layer.top_k)
                         loss = loss + self._lb_coefs[i] * lb_per_seq.sum() / n_seq_local
                     ce_sum += float(ce.detach())
                     self._note_loss(loss)
