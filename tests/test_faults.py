@@ -281,6 +281,19 @@ def test_a_crafted_pickle_never_runs(world: dict, tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_manifest_vouching_for_foreign_bytes_is_still_one_clear_error(world: dict, tmp_path: Path) -> None:
+    """sha256 is no signature: whoever writes the files can write a matching manifest. The loaders
+    behind it still refuse bad bytes with one MoescopeError (no traceback, nothing run)."""
+    from moescope.train.checkpoint import write_manifest
+
+    run = _unfinished_copy(world, tmp_path)
+    for ckpt in checkpoint_steps(run / ARM / "checkpoints"):
+        (ckpt / "model" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+        write_manifest(ckpt, int(ckpt.name.split("_")[1]))
+    with pytest.raises(MoescopeError, match=r"no intact checkpoint.*cannot rebuild the model"):
+        _resume(world, run)
+
+
 # ------------------------------------------------------------------------------- idempotent resume
 
 

@@ -260,7 +260,7 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     state_path, tensors_path = path / STATE_NAME, path / TENSORS_NAME
     try:
         tree = json.loads(state_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MoescopeError(f"{state_path}: not valid JSON ({exc})") from None
     try:
         tensors = load_file(str(tensors_path), device="cpu")
@@ -276,7 +276,11 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
             raise MoescopeError(f"{state_path}: no {key!r} entry")
     if not isinstance(state["step"], int) or state["step"] < 0 or f"step_{state['step']:06d}" != path.name:
         raise MoescopeError(f"{state_path}: step {state['step']!r} does not match the directory name {path.name}")
-    model = load_moe_model(path / MODEL_DIR)
+    try:
+        model = load_moe_model(path / MODEL_DIR)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        # reachable only with a manifest that vouches for bytes moescope did not write
+        raise MoescopeError(f"{path / MODEL_DIR}: cannot rebuild the model ({type(exc).__name__}: {exc})") from None
     check_finite(model.state_dict(), str(path / MODEL_DIR / "model.safetensors"))
     return model, state
 
