@@ -1,4 +1,4 @@
-"""Evaluation of a training run on the held-out split: loss per domain and routing metrics.
+"""Evaluation of a training run on the held-out split: loss per domain, routing metrics, collapse streaks.
 
 Runs under its own RNG fork, so an evaluation never shifts the training RNG stream (exact resume
 relies on it) and in eval mode (no dropout, no router noise).
@@ -58,6 +58,22 @@ def evaluate_model(model: torch.nn.Module, layers: dict, store: BlockStore, t: T
         "domains": per_domain,
         "routing": {str(i): summarize_routing(tt) for i, tt in totals.items()},
     }
+
+
+def update_collapse_streaks(streaks: dict[str, int], routing: dict[str, dict[str, Any]], threshold_share: float,
+                            window_evals: int) -> tuple[list[str], list[str]]:
+    """Advance each layer's count of evaluations in a row in which one expert held more than
+    `threshold_share` of the tokens (reset to 0 otherwise), in place. Returns (layers collapsed
+    now, layers whose streak reached `window_evals` at this evaluation)."""
+    collapsed, new = [], []
+    for layer, r in routing.items():
+        streak = streaks.get(layer, 0) + 1 if r["max_fraction"] > threshold_share else 0
+        streaks[layer] = streak
+        if streak >= window_evals:
+            collapsed.append(layer)
+            if streak == window_evals:
+                new.append(layer)
+    return collapsed, new
 
 
 def _ppl(loss: float) -> float:

@@ -63,7 +63,7 @@ from moescope.train.metrics_log import MetricsLog, read_metrics
 from moescope.train.model import build_scratch_model, check_model_matches_data, load_init_model
 from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
-from moescope.train.evaluator import evaluate_model
+from moescope.train.evaluator import evaluate_model, update_collapse_streaks
 from moescope.train.step_loss import (
     StepRoutingSums, microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term,
 )
@@ -527,23 +527,21 @@ class Trainer:
         return evaluate_model(self.raw_model, self.layers, self.store, self.cfg.train, self.accelerator)
 
     def _check_collapse(self, ev: dict[str, Any]) -> list[str]:
-        """Update the per-layer streaks of max share > threshold; returns layers collapsed now."""
+        """Update the per-layer streaks of max share > threshold; returns layers collapsed now,
+        recording (and warning about) each layer whose streak reaches the window this evaluation."""
         c = self.cfg.collapse
-        collapsed = []
-        for layer, r in ev["routing"].items():
-            streak = self.collapse_streak.get(layer, 0) + 1 if r["max_fraction"] > c.threshold_share else 0
-            self.collapse_streak[layer] = streak
-            if streak >= c.window_evals:
-                collapsed.append(layer)
-                if streak == c.window_evals:
-                    event = {"kind": "collapse", "step": self.step, "layer": int(layer),
-                             "expert": r["argmax_expert"], "share": r["max_fraction"],
-                             "window_evals": c.window_evals, "threshold_share": c.threshold_share,
-                             "early_stop": c.early_stop}
-                    self.collapse_events.append(event)
-                    self.metrics.write(event)
-                    log.warning("%s: layer %s collapsed at step %d: expert %d holds %.0f%% of tokens for %d evals",
-                                self.name, layer, self.step, r["argmax_expert"], 100 * r["max_fraction"], streak)
+        collapsed, new = update_collapse_streaks(self.collapse_streak, ev["routing"], c.threshold_share, c.window_evals)
+        for layer in new:
+            r = ev["routing"][layer]
+            event = {"kind": "collapse", "step": self.step, "layer": int(layer),
+                     "expert": r["argmax_expert"], "share": r["max_fraction"],
+                     "window_evals": c.window_evals, "threshold_share": c.threshold_share,
+                     "early_stop": c.early_stop}
+            self.collapse_events.append(event)
+            self.metrics.write(event)
+            log.warning("%s: layer %s collapsed at step %d: expert %d holds %.0f%% of tokens for %d evals",
+                        self.name, layer, self.step, r["argmax_expert"], 100 * r["max_fraction"],
+                        self.collapse_streak[layer])
         return collapsed
 
     # ------------------------------------------------------------------ checkpoints and the loop
