@@ -134,3 +134,24 @@ def test_balance_bias_update_uses_the_whole_steps_counts(data: Path) -> None:
     assert int(counts.sum()) == trainer.tokens_per_step  # both micro-batches, not just the last
     expected = 0.25 * torch.sign(counts.mean() - counts)
     torch.testing.assert_close(trainer.layers[1].selection_bias.double(), expected)
+
+
+def test_sequence_balance_terms_are_the_layer_loss_of_each_sequence() -> None:
+    from moescope.train.step_loss import sequence_balance_terms, step_balance_term
+
+    torch.manual_seed(0)
+    b, t, e, k = 3, 5, 4, 2
+    logits = torch.randn(b * t, e)
+    idx = torch.topk(logits, k, dim=-1).indices
+    per_seq = sequence_balance_terms(logits, idx, b, t, e, k)
+    for s in range(b):
+        rows = slice(s * t, (s + 1) * t)
+        counts = torch.bincount(idx[rows].reshape(-1), minlength=e)
+        ref = load_balancing_loss(counts, torch.softmax(logits[rows], dim=-1).sum(0), t, k)
+        assert float(per_seq[s]) == pytest.approx(float(ref), rel=1e-6)
+    # the step term: coefficient x layer loss, summed over layers, a zero coefficient left out
+    counts = torch.bincount(idx.reshape(-1), minlength=e)
+    probs = torch.softmax(logits, dim=-1).sum(0)
+    total = step_balance_term({1: probs, 2: probs}, {1: counts, 2: counts}, {1: 0.5, 2: 0.0}, {1: k, 2: k},
+                              world=1, n_step=b * t)
+    assert float(total) == pytest.approx(0.5 * float(load_balancing_loss(counts, probs, b * t, k)), rel=1e-6)

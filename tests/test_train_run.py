@@ -227,15 +227,19 @@ def test_bad_inputs_raise_clear_errors_and_overwrite_nothing(data: Path, tmp_pat
     # a checkpoint whose config differs from the run's (e.g. copied in from another run)
     arm_dir = run / "arms" / "moe"
     (arm_dir / "summary.json").rename(tmp_path / "summary.json")
-    state_file = arm_dir / "checkpoints" / "step_000003" / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=False)
+    from moescope.train.checkpoint import write_manifest
+
+    ckpt_dir = arm_dir / "checkpoints" / "step_000003"
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     state["config"]["moe"]["top_k"] = 2
-    torch.save(state, state_file)
+    (ckpt_dir / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(ckpt_dir, 3)  # intact, but another run's
     with pytest.raises(MoescopeError, match=r"checkpoint .*step_000003 was written by another config.*moe.top_k"):
         train_run(resolve_arms(cfg, ["moe"])["moe"], arm_dir, resume=True)
     (tmp_path / "summary.json").rename(arm_dir / "summary.json")
-    assert _tree(run) == {k: v for k, v in before.items()} | {
-        "arms/moe/checkpoints/step_000003/trainer_state.pt": _tree(run)["arms/moe/checkpoints/step_000003/trainer_state.pt"]}
+    changed = {f"arms/moe/checkpoints/step_000003/{n}" for n in ("trainer_state.json", "manifest.json")}
+    assert {k: v for k, v in _tree(run).items() if k not in changed} == \
+        {k: v for k, v in before.items() if k not in changed}
 
 
 def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(data: Path, tmp_path: Path) -> None:
@@ -252,7 +256,7 @@ def test_non_finite_loss_stops_naming_step_and_last_good_checkpoint(data: Path, 
     ckpts = run / "arms" / "moe" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000002" and not (ckpts / "step_000004").exists()
     assert not (run / "arms" / "moe" / "final").exists()
-    assert read_metrics(run / "arms" / "moe" / "metrics.jsonl", "event")[-1]["event"] == "non_finite_loss"
+    assert read_metrics(run / "arms" / "moe" / "metrics.jsonl", "event")[-1]["event"] == "nonfinite_stop"
 
 
 def test_cli_trains_one_arm_and_rejects_unknown_keys(data: Path, tmp_path: Path, capsys) -> None:
@@ -367,7 +371,7 @@ def test_trainer_clips_the_gradients_the_optimizer_sees_and_logs_the_norm_before
 def test_peak_memory_is_per_stage_not_inherited_from_earlier_stages() -> None:
     import mmap
 
-    from moescope.train.trainer import peak_memory_mb, reset_peak_memory
+    from moescope.runtime import peak_memory_mb, reset_peak_memory
 
     if not reset_peak_memory():
         pytest.skip("no resettable VmHWM here (not Linux /proc)")
@@ -418,12 +422,14 @@ def test_a_checkpoint_that_fails_mid_write_leaves_the_previous_one_whole(data: P
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", disk_full)  # the model is written, the trainer state fails
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)  # the model is written, the trainer state fails
     with pytest.raises(OSError, match="No space"):
         trainer.save_checkpoint()
     root = tmp_path / "arm" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003"]  # no half-written step_000004
-    assert ckpt.latest_checkpoint(root) == first
+    assert ckpt.newest_intact_checkpoint(root)[0] == first and (root / "latest").read_text().strip() == first.name
     assert {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()} == good
     monkeypatch.undo()
     _, state = ckpt.load_checkpoint(first)

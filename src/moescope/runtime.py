@@ -1,7 +1,8 @@
 """Process-level settings for long CPU runs, and the process's own memory readings.
 
 `keep_freed_memory` is orchestration (called by the CLI, never by library code); the
-/proc readings below serve the trainer's per-stage peak memory and the benchmarks.
+/proc readings below serve the trainer's per-stage peak memory (`reset_peak_memory`,
+`peak_memory_mb`) and the benchmarks.
 
 glibc hands every freed block above its mmap threshold (at most 32 MB, adjusted on the
 fly) back to the kernel, so a training step's large temporaries (the [16, 128, 4096]
@@ -19,6 +20,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +68,38 @@ def reset_resident_peak() -> bool:
     except OSError:
         return False
     return proc_status_mb("VmHWM") is not None
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window (one per training stage): the arms of an experiment run one
+    after another in one process, and a process-wide peak would hand every later arm the largest
+    peak of the stages before it. Resets CUDA's peak counter and, on Linux, VmHWM (via
+    /proc/self/clear_refs) to the current RSS: a stage's peak still includes what is resident
+    when it starts (memory the allocator kept from earlier stages), never an earlier stage's
+    transient peak. Returns False when the RSS peak cannot be reset here (then `peak_memory_mb`
+    reports the process-wide peak and says so)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return reset_resident_peak()
+
+
+def peak_memory_mb(stage_scoped: bool = False) -> dict[str, Any]:
+    """Peak resident memory (and CUDA peak) since the last `reset_peak_memory`, in MiB.
+
+    `peak_rss_scope` says what the RSS peak covers: "stage" when the window was reset for this
+    stage, "process" otherwise (ru_maxrss, the whole process's life)."""
+    import resource
+
+    import torch
+
+    hwm = proc_status_mb("VmHWM") if stage_scoped else None
+    if hwm is not None:
+        out: dict[str, Any] = {"peak_rss_mb": hwm, "peak_rss_scope": "stage"}
+    else:
+        out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux: KiB
+               "peak_rss_scope": "process"}
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

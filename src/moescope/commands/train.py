@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
              s.get("train_tokens_per_s")) for name, s in summary.items()]
     print(f"{'run':<12} {'eval loss (tok)':>16} {'eval loss (dom)':>16} {'tokens/s':>10}")
     for name, a, b, tps in rows:
-        print(f"{name:<12} {a:>16.4f} {b:>16.4f} {tps if tps is None else f'{tps:,.0f}':>10}")
+        # tps is None when no step was timed (e.g. a run resumed from its final checkpoint by an older moescope)
+        print(f"{name:<12} {a:>16.4f} {b:>16.4f} {'-' if tps is None else f'{tps:,.0f}':>10}")
     print(json.dumps({"run_dir": args.out}))
     return 0

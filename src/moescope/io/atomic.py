@@ -30,6 +30,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_directory(path.parent)  # the rename itself survives a power loss only once the directory is synced
     return path
 
 
@@ -50,19 +51,64 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def fsync_directory(path: str | Path) -> None:
+    """fsync a directory, so that the names created or renamed in it are on disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under `root` (and `root` itself)."""
+    root = Path(root)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(dirpath)
+
+
+def remove_orphaned_temporaries(parent: str | Path) -> list[Path]:
+    """Delete what a killed `atomic_directory` / `atomic_write_bytes` left in `parent`: `.NAME.*.tmp`
+    (an unfinished write) and `.NAME.old` (a replaced directory not yet deleted). Call it only while
+    no other process writes into `parent` (e.g. under the run-directory lock). Returns what was removed."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in sorted(parent.iterdir()):
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(final: str | Path, *, overwrite: bool = False, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `final` only if the block succeeds.
 
     If `final` exists and `overwrite` is False, the caller must have decided what
     to do before (e.g. refuse a different build); here it is replaced only when
-    `overwrite` is True, and only after the new one is complete.
+    `overwrite` is True, and only after the new one is complete. `durable`: fsync
+    every file and directory before the rename and the parent after it, so that a
+    power loss cannot leave a renamed directory whose files are empty.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        if durable:
+            fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -77,3 +123,5 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    if durable:
+        fsync_directory(final.parent)

@@ -1,19 +1,30 @@
-"""Training checkpoints: model, optimizer, scheduler, RNG states and data position, written atomically.
+"""Training checkpoints: model, optimizer, scheduler, RNG states and data position; no pickle, verified.
 
 Layout of one checkpoint::
 
-    checkpoints/step_000100/model/            save_moe_model (safetensors + config.json [+ moe_config.json])
-    checkpoints/step_000100/trainer_state.pt  optimizer, scheduler, RNG states, step, data position,
-                                              the resolved config it belongs to
-    checkpoints/latest                        text file naming the newest complete checkpoint
+    checkpoints/step_000100/model/                       save_moe_model (safetensors + JSON configs)
+    checkpoints/step_000100/trainer_state.json           step, data position, the resolved config, scheduler
+                                                         and optimizer structure, RNG states (JSON)
+    checkpoints/step_000100/trainer_tensors.safetensors  every tensor of that state (optimizer moments,
+                                                         torch RNG state), referenced from the JSON by key
+    checkpoints/step_000100/manifest.json                size + sha256 of every other file, written LAST
+    checkpoints/latest                                   text file naming the newest complete checkpoint
 
-A checkpoint directory appears only when complete (temporary directory + rename), and
-`latest` is rewritten atomically after it, so a crash mid-save leaves the previous one.
+Nothing is ever unpickled: a checkpoint is JSON and safetensors only, so a crafted file can
+at worst be refused. A checkpoint directory appears only when complete (temporary directory,
+every file and directory fsynced, then rename); resume takes the newest checkpoint whose
+manifest verifies and whose tensors are all finite, warning about (and skipping) any newer
+one that does not. An older moescope checkpoint (trainer_state.pt, a pickle) has no manifest
+and is skipped the same way.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,12 +33,26 @@ import numpy as np
 import torch
 
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_directory, atomic_write_text
+from moescope.io.atomic import atomic_directory, atomic_write_text, fsync_directory
+from moescope.io.provenance import sha256_file
 from moescope.moe.gpt2 import load_moe_model, save_moe_model
 
-STATE_NAME = "trainer_state.pt"
+log = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.json"
+TENSORS_NAME = "trainer_tensors.safetensors"
+MANIFEST_NAME = "manifest.json"
+MODEL_DIR = "model"
 LATEST_NAME = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_REQUIRED = (STATE_NAME, TENSORS_NAME, f"{MODEL_DIR}/config.json", f"{MODEL_DIR}/model.safetensors")
+_STEP_DIR = re.compile(r"step_(\d+)")
+# numpy arrays inside RNG states (numpy's MT19937 key); nothing else is rebuilt from a dtype name
+_NDARRAY_DTYPES = frozenset({"uint32", "int64", "uint64", "int32"})
+
+
+class NonFiniteState(MoescopeError):
+    """A tensor about to be checkpointed (or read from a checkpoint) holds NaN or inf."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -46,59 +71,268 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise MoescopeError(f"checkpoint RNG state is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+# ---------------------------------------------------------------------------- JSON + tensors encoding
+
+
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A nested state (dicts, lists, tuples, scalars, strings, tensors, numpy arrays) as a JSON-able
+    tree plus the tensors it references by key; `decode_state` inverts it exactly (tuples stay tuples,
+    integer dict keys stay integers: optimizer and RNG states depend on both)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            if x.dtype.name not in _NDARRAY_DTYPES:
+                raise TypeError(f"cannot checkpoint a numpy array of dtype {x.dtype}")
+            return {"__ndarray__": x.tolist(), "dtype": x.dtype.name}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: enc(v) for k, v in x.items()}
+            return {"__items__": [[enc(k), enc(v)] for k, v in x.items()]}
+        if isinstance(x, np.integer):
+            return int(x)
+        if isinstance(x, np.floating):
+            return float(x)
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot checkpoint a value of type {type(x).__name__}")
+
+    return enc(obj), tensors
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                key = x["__tensor__"]
+                if set(x) != {"__tensor__"} or key not in tensors:
+                    raise MoescopeError(f"{where}: reference to a missing tensor {key!r}")
+                return tensors[key]
+            if "__ndarray__" in x:
+                if set(x) != {"__ndarray__", "dtype"} or x["dtype"] not in _NDARRAY_DTYPES:
+                    raise MoescopeError(f"{where}: malformed array entry")
+                return np.array(x["__ndarray__"], dtype=x["dtype"])
+            if "__tuple__" in x:
+                if set(x) != {"__tuple__"} or not isinstance(x["__tuple__"], list):
+                    raise MoescopeError(f"{where}: malformed tuple entry")
+                return tuple(dec(v) for v in x["__tuple__"])
+            if "__items__" in x:
+                items = x["__items__"]
+                if set(x) != {"__items__"} or not all(isinstance(i, list) and len(i) == 2 for i in items):
+                    raise MoescopeError(f"{where}: malformed mapping entry")
+                out = {}
+                for k, v in items:
+                    k = dec(k)
+                    if not isinstance(k, (str, int, float, bool, tuple)) and k is not None:
+                        raise MoescopeError(f"{where}: unhashable mapping key")
+                    out[k] = dec(v)
+                return out
+            return {k: dec(v) for k, v in x.items()}
+        return x
+
+    return dec(tree)
+
+
+# ---------------------------------------------------------------------------- manifest
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_NAME)
+
+
+def write_manifest(directory: Path, step: int) -> Path:
+    """Record size and sha256 of every file of the checkpoint in `directory`; must be written last."""
+    files = {rel: {"bytes": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
+             for rel in _files(directory)}
+    path = directory / MANIFEST_NAME
+    payload = json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files}, indent=1) + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(payload)
+    return path
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise MoescopeError naming the offending file unless every file of checkpoint `path` is
+    listed in its manifest with the recorded size and sha256 (and nothing else is there)."""
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise MoescopeError(f"{manifest_path} is missing (an unfinished checkpoint, or one written by an "
+                            f"older moescope, whose pickled state is never loaded)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
+            raise ValueError(f"format {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        expected = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MoescopeError(f"{manifest_path}: not a valid checkpoint manifest ({exc})") from None
+    for rel in _REQUIRED:
+        if rel not in expected:
+            raise MoescopeError(f"{manifest_path} does not list {rel}")
+    present = _files(path)
+    for rel in present:
+        if rel not in expected:
+            raise MoescopeError(f"{path / rel} is not listed in {manifest_path}")
+    for rel, (size, digest) in expected.items():
+        file = path / rel
+        if rel not in present:
+            raise MoescopeError(f"{file} is listed in {manifest_path} but missing")
+        if file.stat().st_size != size:
+            raise MoescopeError(f"{file} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)")
+        if sha256_file(file) != digest:
+            raise MoescopeError(f"{file} does not match its sha256 in {manifest_path} (corrupted)")
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteState(f"{where}: {len(bad)} tensors hold NaN/inf (first: {bad[0]})")
 
 
 def save_checkpoint(
     root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     state: dict[str, Any], *, keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write checkpoint `step` under `root` durably and atomically, point `latest` at it, keep the
+    newest `keep`. Refuses (NonFiniteState, nothing written) if any weight or optimizer tensor is
+    not finite: a checkpoint is always a state worth resuming from."""
+    from safetensors.torch import save_file
+
     final = root / checkpoint_name(step)
-    payload = {
+    check_finite(model.state_dict(), f"model at step {step}")
+    tree, tensors = encode_state({
         "format_version": FORMAT_VERSION,
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": capture_rng_state(),
         **state,
-    }
-    with atomic_directory(final, overwrite=True) as tmp:
-        save_moe_model(model, tmp / "model")
-        torch.save(payload, tmp / STATE_NAME)
-    atomic_write_text(root / LATEST_NAME, final.name + "\n")
+    })
+    check_finite(tensors, f"optimizer state at step {step}")
+    with atomic_directory(final, overwrite=True, durable=True) as tmp:
+        save_moe_model(model, tmp / MODEL_DIR)
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "moescope-trainer-state"})
+        (tmp / STATE_NAME).write_text(json.dumps(tree) + "\n", encoding="utf-8")
+        write_manifest(tmp, step)  # last: its presence means every file above is complete
+    point_latest(root, final)
     _prune(root, keep=max(1, keep), protect=final.name)
     return final
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def point_latest(root: Path, path: Path) -> None:
+    """Make `latest` name checkpoint `path` (other tools read it to find the newest model)."""
     pointer = root / LATEST_NAME
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text(encoding="utf-8").strip()
-    if not (path / STATE_NAME).is_file():
-        raise MoescopeError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
+    if not pointer.is_file() or pointer.read_text(encoding="utf-8").strip() != path.name:
+        atomic_write_text(pointer, path.name + "\n")
 
 
 def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model, trainer state) of one checkpoint directory."""
-    state_path = path / STATE_NAME
-    if not state_path.is_file():
-        raise MoescopeError(f"not a checkpoint (no {STATE_NAME}): {path}")
-    # Our own file, written by save_checkpoint: it holds RNG tuples and numpy arrays, hence weights_only=False.
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise MoescopeError(f"{state_path}: checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}")
-    return load_moe_model(path / "model"), state
+    """(model, trainer state) of one checkpoint directory, after verifying its manifest and that
+    every tensor is finite. Raises MoescopeError naming the file otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    verify_checkpoint(path)
+    state_path, tensors_path = path / STATE_NAME, path / TENSORS_NAME
+    try:
+        tree = json.loads(state_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MoescopeError(f"{state_path}: not valid JSON ({exc})") from None
+    try:
+        tensors = load_file(str(tensors_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MoescopeError(f"{tensors_path}: cannot read ({exc})") from None
+    check_finite(tensors, str(tensors_path))
+    state = decode_state(tree, tensors, str(state_path))
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise MoescopeError(f"{state_path}: checkpoint format {state.get('format_version') if isinstance(state, dict) else None}, "
+                            f"expected {FORMAT_VERSION}")
+    for key in ("step", "optimizer", "scheduler", "rng", "config"):
+        if key not in state:
+            raise MoescopeError(f"{state_path}: no {key!r} entry")
+    if not isinstance(state["step"], int) or state["step"] < 0 or f"step_{state['step']:06d}" != path.name:
+        raise MoescopeError(f"{state_path}: step {state['step']!r} does not match the directory name {path.name}")
+    try:
+        model = load_moe_model(path / MODEL_DIR)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        # reachable only with a manifest that vouches for bytes moescope did not write
+        raise MoescopeError(f"{path / MODEL_DIR}: cannot rebuild the model ({type(exc).__name__}: {exc})") from None
+    check_finite(model.state_dict(), str(path / MODEL_DIR / "model.safetensors"))
+    return model, state
+
+
+def checkpoint_steps(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`, newest (highest step) first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_intact_checkpoint(root: Path) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
+    """The newest checkpoint under `root` that verifies and loads, as (path, model, state).
+
+    Each newer one that fails is skipped with a warning naming the file. None when there is no
+    checkpoint at all; MoescopeError (listing why each failed) when there are some but none is intact.
+    """
+    failures = []
+    for path in checkpoint_steps(root):
+        try:
+            model, state = load_checkpoint(path)
+        except MoescopeError as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+            failures.append(f"{path.name}: {exc}")
+            continue
+        return path, model, state
+    if failures:
+        raise MoescopeError(f"{root}: no intact checkpoint to resume from ({'; '.join(failures)})")
+    return None
+
+
+def last_verified_checkpoint(root: Path, hint: Path | None = None) -> Path | None:
+    """`hint` if it still verifies, else the newest checkpoint under `root` that does (None if none).
+    What error messages call the "last good checkpoint": verified and (by save_checkpoint) finite."""
+    candidates = ([hint] if hint is not None else []) + [p for p in checkpoint_steps(root) if p != hint]
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except MoescopeError:
+            continue
+        return path
+    return None
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
-    ckpts = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in ckpts[:-keep]:
+    for old in checkpoint_steps(root)[keep:]:
         if old.name != protect:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first, so that a crash mid-delete leaves an orphan (removed at the next start),
+            # never a half-deleted step_* directory
+            trash = old.with_name(f".{old.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    fsync_directory(root)

@@ -89,6 +89,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     snapshot_at_eval: bool = True  # model-only snapshot at every eval (router saturation analysis)
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    # A step whose loss or gradient norm is NaN/inf is never applied. "stop": training stops at once
+    # (the last checkpoint, verified and finite, is named); "skip": that update is dropped, counted,
+    # and training goes on, stopping only at max_nonfinite_skips_in_a_row dropped updates in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips_in_a_row: int = 5
 
 
 @dataclass
@@ -229,7 +234,9 @@ def comparable_config(run: RunConfig | dict) -> dict[str, Any]:
     """The part of a run config a checkpoint must match to be resumed (not tracking/logging)."""
     d = to_dict(run) if not isinstance(run, dict) else dict(run)
     d = {k: v for k, v in d.items() if k != "tracking"}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("log_every_steps", "keep_checkpoints")}
+    # how to react to a NaN is policy, not trajectory: a stopped run may be resumed with "skip"
+    d["train"] = {k: v for k, v in d["train"].items()
+                  if k not in ("log_every_steps", "keep_checkpoints", "on_nonfinite", "max_nonfinite_skips_in_a_row")}
     return d
 
 
@@ -244,6 +251,8 @@ def validate_run(run: RunConfig, where: str = "run") -> None:
             f"{where}: train.batch_sequences={t.batch_sequences} is not divisible by "
             f"train.grad_accum_steps={t.grad_accum_steps}"
         )
+    if t.max_nonfinite_skips_in_a_row < 1:
+        raise MoescopeError(f"{where}: train.max_nonfinite_skips_in_a_row must be >= 1, got {t.max_nonfinite_skips_in_a_row}")
     if t.eval_every_steps < 1:
         raise MoescopeError(f"{where}: train.eval_every_steps must be >= 1")
     if not 0.0 <= run.optim.warmup_fraction < 1.0:

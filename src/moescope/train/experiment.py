@@ -13,6 +13,7 @@ Run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -22,12 +23,14 @@ from typing import Any
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import to_dict
+from moescope.io.lock import is_empty_ignoring_lock, run_directory_lock
 from moescope.io.provenance import environment_info, sha256_file
 from moescope.train.config import (
     ExperimentConfig, arm_diff, base_run_config, comparable_config, resolve_arms,
 )
 from moescope.train.model import check_model_matches_data, load_init_model
-from moescope.train.trainer import _dict_diff, open_store, train_run
+from moescope.train.rundir import dict_diff
+from moescope.train.trainer import open_store, process_state, train_run
 
 EXPERIMENT_NAME = "experiment.json"
 
@@ -66,17 +69,28 @@ def run_experiment(
         "base": to_dict(base_cfg) if base_cfg is not None else {"init": cfg.base.init},
         "data_manifest_sha256": sha256_file(store.root / "manifest.json"),
     }
+    state = process_state()
+    # the main process holds RUN's lock from here to the end: every check below sees a directory no
+    # other moescope process is writing, and a second `train`/`--resume` on RUN is refused
+    lock = run_directory_lock(run_dir) if state.is_main_process else contextlib.nullcontext()
+    with lock:
+        return _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, store.root, on_step)
+
+
+def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_root, on_step) -> dict[str, dict[str, Any]]:
     exp_path = run_dir / EXPERIMENT_NAME
     stored = None
     if resume and exp_path.is_file():
-        stored = json.loads(exp_path.read_text(encoding="utf-8"))
+        try:
+            stored = json.loads(exp_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise MoescopeError(f"{exp_path}: not valid JSON ({exc})") from None
         _check_same_experiment(stored, record, exp_path)
-    elif run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    elif not is_empty_ignoring_lock(run_dir) and not resume:
         raise MoescopeError(f"run directory {run_dir} already exists and is not empty; "
                             f"pass --resume to continue it, or choose another --out")
     # Under `accelerate launch` / torchrun every process runs this function; all of them have
     # checked the directory above before the main process writes anything.
-    state = _process_state()
     state.wait_for_everyone()
     if state.is_main_process and not exp_path.is_file():
         atomic_write_json(exp_path, record)
@@ -84,7 +98,7 @@ def run_experiment(
             **environment_info(), "seeds": {"train.seed": cfg.train.seed, "moe.install_seed": cfg.train.seed},
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
-        shutil.copyfile(store.root / "manifest.json", run_dir / "data_manifest.json")
+        shutil.copyfile(data_root / "manifest.json", run_dir / "data_manifest.json")
     elif state.is_main_process and stored is not None and set(record["arms"]) - set(stored["arms"]):
         # arms added to an existing experiment (same shared config, checked above) are recorded too
         atomic_write_json(exp_path, {**stored, "arms": {**stored["arms"], **record["arms"]}})
@@ -100,18 +114,11 @@ def run_experiment(
         previous = {}
         if (run_dir / "summary.json").is_file():
             previous = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        atomic_write_json(run_dir / "summary.json", {**previous, **summaries})
+        merged = {**previous, **summaries}
+        if merged != previous:  # resuming a finished experiment rewrites nothing
+            atomic_write_json(run_dir / "summary.json", merged)
     state.wait_for_everyone()
     return summaries
-
-
-def _process_state():
-    """accelerate's view of this process (rank, world); one CPU process unless launched distributed."""
-    import torch
-    from accelerate import PartialState
-
-    # cpu=True lets accelerate see a CPU launch (torchrun / mpirun) as MULTI_CPU with gloo.
-    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _check_same_experiment(stored: dict, current: dict, where: Path) -> None:
@@ -123,7 +130,7 @@ def _check_same_experiment(stored: dict, current: dict, where: Path) -> None:
         if name in stored.get("arms", {}):
             a = comparable_config(stored["arms"][name]["config"])
             b = comparable_config(arm["config"])
-            problems.extend(f"arm {name}: {d}" for d in _dict_diff(a, b))
+            problems.extend(f"arm {name}: {d}" for d in dict_diff(a, b))
     if stored.get("base", {}).get("init", "scratch") != current["base"].get("init", "scratch"):
         problems.append("base.init")
     if problems:

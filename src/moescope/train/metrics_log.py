@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_text, _json_default
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,11 @@ class MetricsLog:
                                          mode="offline", config=config or {}, reinit=True)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records written after the checkpoint's step (they will be produced again)."""
+        """On resume: drop records written after the checkpoint's step (they will be produced again),
+        and a last line torn by a crash mid-write (with a warning)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line, r in _parse(self.path, cut_torn=True) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -73,10 +74,34 @@ class MetricsLog:
 
 
 def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a writer killed mid-line, or still writing)
+    is left out with a warning, a bad line anywhere else raises MoescopeError naming it."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r.get("kind") == kind]
+    return [r for _, r in _parse(path, cut_torn=True) if kind is None or r.get("kind") == kind]
+
+
+def _parse(path: Path, *, cut_torn: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) per whole line of `path`."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as exc:
+            last = all(not rest.strip() for rest in lines[n:])
+            if cut_torn and last:
+                log.warning("%s: line %d is torn (%s), cut back to the last whole record", path, n, exc)
+                break
+            raise MoescopeError(f"{path}:{n}: not a JSON record ({exc})") from None
+        rows.append((text, record))
+    return rows
 
 
 def _flatten_scalars(obj: Any, prefix: str):

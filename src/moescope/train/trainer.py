@@ -4,7 +4,8 @@ Run directory of one stage (see DEVELOPERS.md, "Run directory")::
 
     config.json        resolved RunConfig (+ where the weights came from)
     metrics.jsonl      train / eval / collapse / event records
-    checkpoints/       step_XXXXXX/{model/, trainer_state.pt}, latest
+    checkpoints/       step_XXXXXX/{model/, trainer_state.json, trainer_tensors.safetensors, manifest.json},
+                       latest (see train/checkpoint.py)
     snapshots/         step_XXXXXX/ model only, one per evaluation
     final/             the trained model (save_moe_model)
     summary.json       final evaluation and run statistics (present = stage complete)
@@ -30,45 +31,48 @@ import contextlib
 import json
 import logging
 import math
-import resource
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from torch.nn import functional as F
 
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json
+from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
+from moescope.io.lock import is_empty_ignoring_lock, run_directory_lock
 from moescope.io.provenance import sha256_file
 from moescope.moe.activation import block_activations
 from moescope.moe.gpt2 import (
     install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress,
 )
 from moescope.moe.layer import load_balancing_loss, update_balance_bias
-from moescope.runtime import proc_status_mb, reset_resident_peak
+from moescope.runtime import peak_memory_mb, reset_peak_memory
 from moescope.train.checkpoint import (
-    latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint,
+    NonFiniteState, last_verified_checkpoint, newest_intact_checkpoint, point_latest, restore_rng_state,
+    save_checkpoint,
 )
-from moescope.train.config import RunConfig, comparable_config
-from moescope.train.metrics_log import MetricsLog
+from moescope.train.config import RunConfig
+from moescope.train.metrics_log import MetricsLog, read_metrics
 from moescope.train.model import build_scratch_model, check_model_matches_data, load_init_model
 from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
-from moescope.train.routing import RoutingTotals, summarize_routing
+from moescope.train.evaluator import evaluate_model, update_collapse_streaks
+from moescope.train.step_loss import (
+    StepRoutingSums, microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term,
+)
+from moescope.train.rundir import (
+    CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, check_same_config, read_stored_config,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-SUMMARY_NAME = "summary.json"
-METRICS_NAME = "metrics.jsonl"
 # Set-ups whose gradients are plain, whole tensors on every process (one process, or DDP on any
 # device), clipped by moescope itself; the others (FSDP, DeepSpeed, XLA, Megatron-LM) shard or
 # compile the gradients and keep accelerate's own clipping.
@@ -81,7 +85,8 @@ _PLAIN_CLIP_SETUPS = frozenset(
 
 
 class NonFiniteLoss(MoescopeError):
-    """The loss became NaN or infinite: training stops without writing a checkpoint."""
+    """A loss, gradient norm, evaluation loss or weight became NaN or infinite and training stopped
+    (train.on_nonfinite = "stop", or too many skipped updates in a row); nothing non-finite was saved."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -99,35 +104,6 @@ def open_store(data_dir: str | Path) -> BlockStore:
         if sum(store.n_blocks(split, d) for d in store.domains) == 0:
             raise MoescopeError(f"{path}: the {split} split has no blocks")
     return store
-
-
-def reset_peak_memory() -> bool:
-    """Start a new peak-memory window (one per training stage): the arms of an experiment run one
-    after another in one process, and a process-wide peak would hand every later arm the largest
-    peak of the stages before it. Resets CUDA's peak counter and, on Linux, VmHWM (via
-    /proc/self/clear_refs) to the current RSS: a stage's peak still includes what is resident
-    when it starts (memory the allocator kept from earlier stages), never an earlier stage's
-    transient peak. Returns False when the RSS peak cannot be reset here (then `peak_memory_mb`
-    reports the process-wide peak and says so)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    return reset_resident_peak()
-
-
-def peak_memory_mb(stage_scoped: bool = False) -> dict[str, Any]:
-    """Peak resident memory (and CUDA peak) since the last `reset_peak_memory`, in MiB.
-
-    `peak_rss_scope` says what the RSS peak covers: "stage" when the window was reset for this
-    stage, "process" otherwise (ru_maxrss, the whole process's life)."""
-    hwm = proc_status_mb("VmHWM") if stage_scoped else None
-    if hwm is not None:
-        out: dict[str, Any] = {"peak_rss_mb": hwm, "peak_rss_scope": "stage"}
-    else:
-        out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux: KiB
-               "peak_rss_scope": "process"}
-    if torch.cuda.is_available():
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
 
 
 def make_accelerator(cfg: RunConfig):
@@ -171,13 +147,19 @@ class Trainer:
         self._stop_reason: str | None = None
         self._peak_window = False  # True once fit() has reset the peak-memory window for this stage
         self.last_good_checkpoint: Path | None = None
+        self.nonfinite_skips_in_a_row = 0
+        self.nonfinite_skips_total = 0
+        self.train_seconds = 0.0  # training time of the steps so far, over every resume (for tokens/s)
+        self.timed_steps = 0
+        self._resumed_at: int | None = None
 
-        ckpt = self._checkpoint_to_resume() if resume else None
-        if ckpt is None and write and not resume and self.out_dir.exists() and any(self.out_dir.iterdir()):
+        found = self._checkpoint_to_resume() if resume else None
+        if found is None and write and not resume and not is_empty_ignoring_lock(self.out_dir):
             raise MoescopeError(f"{self.out_dir} already exists and is not empty; pass --resume or choose another --out")
         state: dict[str, Any] | None = None
-        if ckpt is not None:
-            model, state = load_checkpoint(ckpt)
+        ckpt: Path | None = None
+        if found is not None:
+            ckpt, model, state = found
             self._check_state_matches(state, ckpt)
             self.last_good_checkpoint = ckpt
         else:
@@ -212,8 +194,12 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim, router_parameters(model))
         self.scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise MoescopeError(f"checkpoint {ckpt}: optimizer/scheduler state does not fit this model "
+                                    f"({type(exc).__name__}: {exc})") from None
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
         self.order = TrainOrder(self.store.index("train"), t.seed, t.batch_sequences)
@@ -223,6 +209,11 @@ class Trainer:
             self.step = int(state["step"])
             self.collapse_streak = dict(state.get("collapse_streak", {}))
             self.collapse_events = list(state.get("collapse_events", []))
+            self.nonfinite_skips_in_a_row = int(state.get("nonfinite_skips_in_a_row", 0))
+            self.nonfinite_skips_total = int(state.get("nonfinite_skips_total", 0))
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.timed_steps = int(state.get("timed_steps", 0))
+            self._resumed_at = self.step
             restore_rng_state(state["rng"])
         acc.wait_for_everyone()  # every process has checked the directory before the main one writes
         self.metrics = MetricsLog(
@@ -234,9 +225,13 @@ class Trainer:
             enabled=write and acc.is_main_process,
         )
         if write and acc.is_main_process:
+            # orphans of a checkpoint write or prune killed mid-way; callers hold the run-directory lock
+            for orphan in remove_orphaned_temporaries(self.ckpt_dir):
+                log.warning("%s: removed %s, left by an interrupted checkpoint write", name, orphan)
             if state is None and resume:
                 self.metrics.truncate_after(-1)  # an attempt that never reached a checkpoint starts over
             if state is not None:
+                point_latest(self.ckpt_dir, ckpt)  # killed between commit and pointer, or fell back
                 self.metrics.truncate_after(self.step)
                 self.metrics.write({"kind": "event", "step": self.step, "event": "resume", "checkpoint": str(ckpt)})
             else:
@@ -261,25 +256,14 @@ class Trainer:
         model.train()
         return model
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        ckpt = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+    def _checkpoint_to_resume(self) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
         stored = self.out_dir / CONFIG_NAME
         if stored.is_file():
-            data = json.loads(stored.read_text(encoding="utf-8"))
-            self._compare_configs(data["config"], str(stored))
-        return ckpt
-
-    def _compare_configs(self, stored: dict, where: str) -> None:
-        mine, theirs = comparable_config(self.cfg), comparable_config(stored)
-        if mine != theirs:
-            diffs = _dict_diff(theirs, mine)
-            raise MoescopeError(
-                f"{where} was written by another config; differing keys: {', '.join(diffs[:6])}"
-                f"{' ...' if len(diffs) > 6 else ''} (use a new --out, or the original config)"
-            )
+            check_same_config(self.cfg, read_stored_config(stored), str(stored))
+        return newest_intact_checkpoint(self.ckpt_dir)
 
     def _check_state_matches(self, state: dict, ckpt: Path) -> None:
-        self._compare_configs(state["config"], f"checkpoint {ckpt}")
+        check_same_config(self.cfg, state["config"], f"checkpoint {ckpt}")
         if state.get("data_manifest_sha256") != self.manifest_sha:
             raise MoescopeError(
                 f"checkpoint {ckpt} was trained on another data directory (manifest hash differs from "
@@ -306,6 +290,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (all micro-batches); returns the logged scalars."""
         cfg, step = self.cfg, self.step
+        self._local_nonfinite = False
         self.model.train()
         set_training_progress(self.raw_model, step / cfg.train.steps)
         batches = self._micro_batches(step)
@@ -316,25 +301,12 @@ class Trainer:
             return self._train_step_per_sequence(batches)
 
         ce_sum = 0.0
-        stats = {i: {"counts": 0, "prob_sum": 0, "z": 0.0, "n": 0} for i in layers}
+        sums = StepRoutingSums(layers)
+        stats = sums.by_layer
         n_local = sum(b.numel() for b in batches)
-
-        def add_stats(micro_records) -> None:
-            for i, rec in micro_records.items():
-                s = stats[i]
-                s["counts"] = s["counts"] + rec.tokens_per_expert
-                s["prob_sum"] = s["prob_sum"] + rec.prob_sum.detach()
-                s["z"] += float(rec.z_loss.detach()) * rec.n_tokens
-                s["n"] += rec.n_tokens
 
         def records():
             return {i: layer.last_record for i, layer in layers.items()}
-
-        def z_term(recs) -> torch.Tensor:
-            total = 0.0
-            for rec in recs.values():
-                total = total + rec.z_loss * (rec.n_tokens / n_local)
-            return cfg.loss.z_coef * total
 
         # Step-scope counts: all tokens of the step, all processes, known before any backward.
         step_counts: dict[int, torch.Tensor] | None = None
@@ -354,15 +326,8 @@ class Trainer:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
 
-        def lb_term_step(recs_prob_sum: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]) -> torch.Tensor:
-            total = 0.0
-            for i, ps in recs_prob_sum.items():
-                if self._lb_coefs[i] == 0.0:
-                    continue
-                # x world: DDP averages gradients over processes; the global loss is a sum over them.
-                total = total + self._lb_coefs[i] * load_balancing_loss(counts[i], ps * self.world, n_step,
-                                                                         self.top_k[i])
-            return total
+        def lb_term_step(prob_sums: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]):
+            return step_balance_term(prob_sums, counts, self._lb_coefs, self.top_k, self.world, n_step)
 
         if layers and scope == "step" and m > 1 and cfg.loss.lb_accumulation == "keep_graphs":
             total = 0.0
@@ -370,14 +335,14 @@ class Trainer:
             for x in batches:
                 ce = self._forward(x)
                 recs = records()
-                add_stats(recs)
+                sums.add(recs)
                 for i, rec in recs.items():
                     prob_sums[i] = prob_sums[i] + rec.prob_sum
                 ce_sum += float(ce.detach())
-                total = total + ce / m + z_term(recs)
+                total = total + ce / m + z_term(recs, n_local, cfg.loss.z_coef)
             counts = {i: self._reduce_sum(stats[i]["counts"]) for i in layers}
             total = total + lb_term_step(prob_sums, counts)
-            self._check_finite(total)
+            self._note_loss(total)
             self.accelerator.backward(total)
         else:
             for j, x in enumerate(batches):
@@ -386,8 +351,8 @@ class Trainer:
                 with ctx:
                     ce = self._forward(x)
                     recs = records()
-                    add_stats(recs)
-                    loss = ce / m + z_term(recs) if layers else ce / m
+                    sums.add(recs)
+                    loss = ce / m + z_term(recs, n_local, cfg.loss.z_coef) if layers else ce / m
                     if need_lb and scope == "step":
                         if step_counts is None:  # one micro-batch: its counts are the step's
                             counts = {i: self._reduce_sum(rec.tokens_per_expert) for i, rec in recs.items()}
@@ -395,14 +360,9 @@ class Trainer:
                             counts = step_counts
                         loss = loss + lb_term_step({i: rec.prob_sum for i, rec in recs.items()}, counts)
                     elif layers and scope == "microbatch":
-                        lb = 0.0
-                        for i, rec in recs.items():
-                            if self._lb_coefs[i]:
-                                lb = lb + self._lb_coefs[i] * load_balancing_loss(
-                                    rec.tokens_per_expert, rec.prob_sum, rec.n_tokens, self.top_k[i])
-                        loss = loss + lb / m
+                        loss = loss + microbatch_balance_term(recs, self._lb_coefs, self.top_k) / m
                     ce_sum += float(ce.detach())
-                    self._check_finite(loss)
+                    self._note_loss(loss)
                     self.accelerator.backward(loss)
             if step_counts is not None:
                 for i in layers:
@@ -422,7 +382,8 @@ class Trainer:
         cfg, layers, m = self.cfg, self.layers, len(batches)
         n_seq_local = sum(b.shape[0] for b in batches)
         n_local = sum(b.numel() for b in batches)
-        stats = {i: {"counts": 0, "prob_sum": 0, "z": 0.0, "n": 0} for i in layers}
+        sums = StepRoutingSums(layers)
+        stats = sums.by_layer
         ce_sum = 0.0
         logits_seen: dict[int, torch.Tensor] = {}
         hooks = [layer.router.register_forward_hook(_store_output(logits_seen, i)) for i, layer in layers.items()]
@@ -435,27 +396,17 @@ class Trainer:
                     ce = self._forward(x)
                     b, t = x.shape
                     loss = ce / m
+                    sums.add({i: layer.last_record for i, layer in layers.items()})
                     for i, layer in layers.items():
                         rec = layer.last_record
-                        s = stats[i]
-                        s["counts"] = s["counts"] + rec.tokens_per_expert
-                        s["prob_sum"] = s["prob_sum"] + rec.prob_sum.detach()
-                        s["z"] += float(rec.z_loss.detach()) * rec.n_tokens
-                        s["n"] += rec.n_tokens
                         loss = loss + cfg.loss.z_coef * rec.z_loss * (rec.n_tokens / n_local)
                         if not self._lb_coefs[i]:
                             continue
-                        e, k = layer.n_experts, layer.top_k
-                        probs = torch.softmax(logits_seen[i].float().reshape(b, t, e), dim=-1)
-                        idx = rec.expert_index.reshape(b, t * k)
-                        seq_counts = torch.zeros(b, e, device=idx.device).scatter_add_(
-                            1, idx, torch.ones_like(idx, dtype=torch.float32))
-                        f = seq_counts / (t * k)
-                        p = probs.mean(dim=1)
-                        lb_per_seq = e * (f * p).sum(dim=1)
+                        lb_per_seq = sequence_balance_terms(logits_seen[i], rec.expert_index, b, t,
+                                                            layer.n_experts, layer.top_k)
                         loss = loss + self._lb_coefs[i] * lb_per_seq.sum() / n_seq_local
                     ce_sum += float(ce.detach())
-                    self._check_finite(loss)
+                    self._note_loss(loss)
                     self.accelerator.backward(loss)
         finally:
             for h in hooks:
@@ -464,29 +415,32 @@ class Trainer:
                 layer.capture = False
         return self._finish_step(ce_sum / m, stats, n_local * self.world)
 
+    def _note_loss(self, loss: torch.Tensor) -> None:
+        # Only noted here: every process still runs its backward (DDP's all-reduce needs all of them);
+        # the decision to apply or drop the update is taken in _finish_step, on values all processes share.
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._local_nonfinite = True
+
     def _finish_step(self, ce_local: float, stats: dict, n_step: int) -> dict[str, Any]:
-        """Clip, step optimizer and schedule; the logged values are over the whole step (all processes)."""
+        """Clip, check every value is finite, then step optimizer and schedule; the logged values are
+        over the whole step (all processes). A non-finite loss or gradient norm never reaches the
+        weights: the update is dropped and training stops or (train.on_nonfinite = "skip") goes on."""
         cfg = self.cfg
-        grad_norm = None
-        if cfg.optim.grad_clip_norm is not None:
-            grad_norm = float(self._clip_gradients(cfg.optim.grad_clip_norm))
+        # the norm is needed for the finiteness check even without clipping (an infinite limit never clips)
+        norm = float(self._clip_gradients(cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm is not None
+                                          else math.inf))
+        grad_norm = norm if cfg.optim.grad_clip_norm is not None else None
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         ce = float(self._reduce_sum(torch.tensor(ce_local, device=self.accelerator.device))) / self.world
         out: dict[str, Any] = {"ce": ce, "lr": lr}
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
+        step_counts: dict[int, torch.Tensor] = {}
         if self.layers:
             lb, z, max_frac = {}, {}, {}
             for i, s in stats.items():
                 counts = self._reduce_sum(s["counts"].to(torch.float64))
-                layer = self.layers[i]
-                if cfg.loss.bias_update_rate > 0 and layer.balance_bias:
-                    # same reduced counts on every process, so every replica's bias stays equal
-                    update_balance_bias(layer.selection_bias, counts, cfg.loss.bias_update_rate)
+                step_counts[i] = counts
                 prob_sum = self._reduce_sum(s["prob_sum"].to(torch.float64))
                 lb[str(i)] = float(load_balancing_loss(counts, prob_sum, n_step, self.top_k[i]))
                 z[str(i)] = s["z"] / max(s["n"], 1)
@@ -497,9 +451,52 @@ class Trainer:
             out["loss"] = ce + sum(self._lb_coefs[int(i)] * v for i, v in lb.items()) + cfg.loss.z_coef * sum(z.values())
         else:
             out["loss"] = ce
-        if not math.isfinite(out["loss"]):
-            self._raise_non_finite(self.step)
+        bad = [name for name, v in (("loss", out["loss"]), ("ce", ce), ("gradient norm", norm)) if not math.isfinite(v)]
+        if self._local_nonfinite and "loss" not in bad:
+            bad.insert(0, "loss")
+        if self.world > 1:  # one decision for all processes, or they would leave the collectives out of step
+            flag = self._reduce_sum(torch.tensor(float(bool(bad)), device=self.accelerator.device))
+            if float(flag) > 0 and not bad:
+                bad = ["loss on another process"]
+        if bad:
+            return self._drop_update(out, bad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, counts in step_counts.items():
+            layer = self.layers[i]
+            if cfg.loss.bias_update_rate > 0 and layer.balance_bias:
+                # same reduced counts on every process, so every replica's bias stays equal
+                update_balance_bias(layer.selection_bias, counts, cfg.loss.bias_update_rate)
+        self.step += 1
+        self.nonfinite_skips_in_a_row = 0
         return out
+
+    def _drop_update(self, out: dict[str, Any], bad: list[str]) -> dict[str, Any]:
+        """The step's values are not finite: no optimizer step, no balance-bias update. "stop" (or the
+        max_nonfinite_skips_in_a_row-th skip in a row) raises NonFiniteLoss; "skip" advances the step
+        and the learning-rate schedule (the batch is consumed: it would fail again) and goes on."""
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        what = f"{' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} NaN/inf"
+        step = self.step + 1
+        if t.on_nonfinite == "stop":
+            self._raise_non_finite(step, what)
+        self.nonfinite_skips_in_a_row += 1
+        self.nonfinite_skips_total += 1
+        self.metrics.write({"kind": "event", "step": step, "event": "nonfinite_skip", "reason": what,
+                            "in_a_row": self.nonfinite_skips_in_a_row, "total": self.nonfinite_skips_total,
+                            **{k: _json_float(out[k]) for k in ("ce", "loss", "grad_norm") if k in out}})
+        log.warning("%s: %s at step %d; update skipped (%d in a row, %d in total)", self.name, what, step,
+                    self.nonfinite_skips_in_a_row, self.nonfinite_skips_total)
+        if self.nonfinite_skips_in_a_row >= t.max_nonfinite_skips_in_a_row:
+            self._raise_non_finite(step, what, f" ({self.nonfinite_skips_in_a_row} skipped updates in a row, "
+                                               f"train.max_nonfinite_skips_in_a_row={t.max_nonfinite_skips_in_a_row})")
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": deliberate here
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.step = step
+        return {**out, "skipped_update": True}
 
     def _clip_gradients(self, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm`; returns the norm before clipping.
@@ -513,78 +510,38 @@ class Trainer:
             return clip_grad_norm(self.model.parameters(), max_norm)
         return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._raise_non_finite(self.step + 1)
-
-    def _raise_non_finite(self, step: int) -> None:
-        last = self.last_good_checkpoint
-        self.metrics.write({"kind": "event", "step": step, "event": "non_finite_loss"})
+    def _raise_non_finite(self, step: int, what: str, detail: str = "") -> None:
+        # "last good" = verified now (manifest digests) and finite (save_checkpoint refuses anything else)
+        last = last_verified_checkpoint(self.ckpt_dir, self.last_good_checkpoint) if self.write else None
+        self.metrics.write({"kind": "event", "step": step, "event": "nonfinite_stop", "reason": what,
+                            "checkpoint": str(last) if last is not None else None})
         raise NonFiniteLoss(
-            f"{self.name}: loss is NaN/inf at step {step}; training stopped, nothing saved; last good "
+            f"{self.name}: {what} at step {step}{detail}; training stopped, nothing saved from it; last good "
             f"checkpoint: {last if last is not None else 'none (no checkpoint written yet)'}"
         )
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Loss / perplexity per domain (token- and domain-weighted) and routing metrics on the eval split."""
-        model, store, t = self.raw_model, self.store, self.cfg.train
-        was_training = model.training
-        model.eval()
-        totals = {i: RoutingTotals(layer.n_experts, layer.top_k) for i, layer in self.layers.items()}
-        per_domain: dict[str, dict[str, float]] = {}
-        with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training RNG stream
-            for d_id, domain in enumerate(store.domains):
-                n = store.n_blocks("eval", domain)
-                if n == 0:
-                    continue
-                cap = n if t.eval_max_blocks_per_domain is None else min(n, t.eval_max_blocks_per_domain)
-                rows = np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))  # spread over the split
-                loss_sum, n_tok = 0.0, 0
-                for s in range(0, len(rows), t.eval_batch_sequences):
-                    part = rows[s : s + t.eval_batch_sequences]
-                    idx = np.stack([np.full(len(part), d_id), part], axis=1)
-                    x = torch.from_numpy(store.gather("eval", idx)).to(self.accelerator.device)
-                    with self.accelerator.autocast():
-                        logits = model(input_ids=x).logits
-                    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                         x[:, 1:].reshape(-1), reduction="sum")
-                    loss_sum += float(ce)
-                    n_tok += x[:, 1:].numel()
-                    for i, layer in self.layers.items():
-                        totals[i].add(layer.last_record)
-                per_domain[domain] = {"loss": loss_sum / n_tok, "tokens": n_tok,
-                                      "ppl": _ppl(loss_sum / n_tok)}
-        model.train(was_training)
-        tok_loss = sum(v["loss"] * v["tokens"] for v in per_domain.values()) / sum(v["tokens"] for v in per_domain.values())
-        dom_loss = sum(v["loss"] for v in per_domain.values()) / len(per_domain)
-        return {
-            "loss": {"token_weighted": tok_loss, "domain_weighted": dom_loss},
-            "ppl": {"token_weighted": _ppl(tok_loss), "domain_weighted": _ppl(dom_loss)},
-            "domains": per_domain,
-            "routing": {str(i): summarize_routing(tt) for i, tt in totals.items()},
-        }
+        return evaluate_model(self.raw_model, self.layers, self.store, self.cfg.train, self.accelerator)
 
     def _check_collapse(self, ev: dict[str, Any]) -> list[str]:
-        """Update the per-layer streaks of max share > threshold; returns layers collapsed now."""
+        """Update the per-layer streaks of max share > threshold; returns layers collapsed now,
+        recording (and warning about) each layer whose streak reaches the window this evaluation."""
         c = self.cfg.collapse
-        collapsed = []
-        for layer, r in ev["routing"].items():
-            streak = self.collapse_streak.get(layer, 0) + 1 if r["max_fraction"] > c.threshold_share else 0
-            self.collapse_streak[layer] = streak
-            if streak >= c.window_evals:
-                collapsed.append(layer)
-                if streak == c.window_evals:
-                    event = {"kind": "collapse", "step": self.step, "layer": int(layer),
-                             "expert": r["argmax_expert"], "share": r["max_fraction"],
-                             "window_evals": c.window_evals, "threshold_share": c.threshold_share,
-                             "early_stop": c.early_stop}
-                    self.collapse_events.append(event)
-                    self.metrics.write(event)
-                    log.warning("%s: layer %s collapsed at step %d: expert %d holds %.0f%% of tokens for %d evals",
-                                self.name, layer, self.step, r["argmax_expert"], 100 * r["max_fraction"], streak)
+        collapsed, new = update_collapse_streaks(self.collapse_streak, ev["routing"], c.threshold_share, c.window_evals)
+        for layer in new:
+            r = ev["routing"][layer]
+            event = {"kind": "collapse", "step": self.step, "layer": int(layer),
+                     "expert": r["argmax_expert"], "share": r["max_fraction"],
+                     "window_evals": c.window_evals, "threshold_share": c.threshold_share,
+                     "early_stop": c.early_stop}
+            self.collapse_events.append(event)
+            self.metrics.write(event)
+            log.warning("%s: layer %s collapsed at step %d: expert %d holds %.0f%% of tokens for %d evals",
+                        self.name, layer, self.step, r["argmax_expert"], 100 * r["max_fraction"],
+                        self.collapse_streak[layer])
         return collapsed
 
     # ------------------------------------------------------------------ checkpoints and the loop
@@ -592,16 +549,28 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if not (self.write and self.accelerator.is_main_process):
             return None
-        path = save_checkpoint(
-            self.ckpt_dir, self.step, self.raw_model, self.optimizer.optimizer
-            if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
-            {"config": to_dict(self.cfg), "data_position_sequences": self.order.sequences_consumed(self.step),
-             "data_manifest_sha256": self.manifest_sha, "collapse_streak": self.collapse_streak,
-             "collapse_events": self.collapse_events, "name": self.name},
-            keep=self.cfg.train.keep_checkpoints,
-        )
+        try:
+            path = save_checkpoint(
+                self.ckpt_dir, self.step, self.raw_model, self.optimizer.optimizer
+                if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
+                {"config": to_dict(self.cfg), "data_position_sequences": self.order.sequences_consumed(self.step),
+                 "data_manifest_sha256": self.manifest_sha, "collapse_streak": self.collapse_streak,
+                 "collapse_events": self.collapse_events, "name": self.name,
+                 "nonfinite_skips_in_a_row": self.nonfinite_skips_in_a_row,
+                 "nonfinite_skips_total": self.nonfinite_skips_total,
+                 "train_seconds": self.train_seconds, "timed_steps": self.timed_steps},
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        except NonFiniteState as exc:  # e.g. an update so large that finite gradients made infinite weights
+            self._raise_non_finite(self.step, f"the state to checkpoint is NaN/inf ({exc})")
         self.last_good_checkpoint = path
         return path
+
+    def _recorded_eval(self, step: int) -> dict[str, Any] | None:
+        if not self.metrics.enabled:
+            return None
+        found = [r for r in read_metrics(self.metrics.path, "eval") if r.get("step") == step]
+        return found[-1] if found else None
 
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
@@ -611,6 +580,10 @@ class Trainer:
 
     def _eval_and_record(self, tokens_per_s: float | None) -> dict[str, Any]:
         ev = self.evaluate()
+        bad = sorted(d for d, v in ev.get("domains", {}).items() if not math.isfinite(v["loss"]))
+        if bad or not all(math.isfinite(v) for v in ev.get("loss", {}).values()):
+            # nothing non-finite is recorded as an evaluation, snapshotted or checkpointed
+            self._raise_non_finite(self.step, f"evaluation loss is NaN/inf (domains: {', '.join(bad) or 'all'})")
         # A fresh (or freshly upcycled) router can favour one expert before any training; collapse is
         # a training dynamic, so the step-0 evaluation is recorded but not counted toward the window.
         collapsed = self._check_collapse(ev) if self.layers and self.step > 0 else []
@@ -640,20 +613,23 @@ class Trainer:
                 self._eval_and_record(None)
             bar = tqdm(total=t.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
                        disable=not (self.cfg.tracking.progress_bar and self.accelerator.is_main_process))
-            window_time, window_steps, last_eval = 0.0, 0, None
-            train_time, train_steps = 0.0, 0
+            window_time, window_steps = 0.0, 0
+            # resumed from the final checkpoint (killed before the summary): its evaluation is on record
+            last_eval = self._recorded_eval(self.step) if self._resumed_at is not None else None
             while self.step < t.steps and self._stop_reason is None:
                 t0 = time.perf_counter()
                 out = self.train_step()
                 dt = time.perf_counter() - t0
-                train_time += dt
-                train_steps += 1
+                self.train_seconds += dt
+                self.timed_steps += 1
                 window_time += dt
                 window_steps += 1
                 tps = self.tokens_per_step / dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                if self.step % t.log_every_steps == 0 or self.step == t.steps:
+                if out.get("skipped_update"):
+                    pass  # recorded as a nonfinite_skip event; a train record would hold NaN
+                elif self.step % t.log_every_steps == 0 or self.step == t.steps:
                     self.metrics.write({"kind": "train", "step": self.step,
                                         "tokens_seen": self.step * self.tokens_per_step, **out,
                                         "tokens_per_s": tps})
@@ -679,14 +655,17 @@ class Trainer:
                                     "reason": self._stop_reason})
             if last_eval is None or last_eval["step"] != self.step:
                 last_eval = self._eval_and_record(None)
-            self.save_checkpoint()
+            if self._resumed_at != self.step:  # else the checkpoint it resumed from holds this very state
+                self.save_checkpoint()
             summary = {
                 "name": self.name, "arch": self.cfg.arch, "init": self.init, "steps": self.step,
                 "tokens_seen": self.step * self.tokens_per_step,
                 "stopped_early": self._stop_reason, "final_eval": {k: last_eval[k] for k in
                                                                    ("loss", "ppl", "domains", "routing")},
                 "collapse_events": self.collapse_events,
-                "train_tokens_per_s": self.tokens_per_step * train_steps / train_time if train_time else None,
+                "train_tokens_per_s": (self.tokens_per_step * self.timed_steps / self.train_seconds
+                                       if self.train_seconds else None),
+                "nonfinite_skips": self.nonfinite_skips_total,
                 **peak_memory_mb(self._peak_window),
             }
             if self.write and self.accelerator.is_main_process:
@@ -700,26 +679,34 @@ class Trainer:
             self.metrics.close()
 
 
+def process_state():
+    """accelerate's view of this process (rank, world); one CPU process unless launched distributed."""
+    from accelerate import PartialState
+
+    # cpu=True lets accelerate see a CPU launch (torchrun / mpirun) as MULTI_CPU with gloo.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, name: str = "run",
               resume: bool = False, on_step=None) -> dict[str, Any]:
-    """Train one run into `out_dir`; with `resume`, continue from its latest checkpoint (or return
-    the stored summary if it already finished)."""
+    """Train one run into `out_dir`; with `resume`, continue from its latest intact checkpoint (or
+    return the stored summary if it already finished). The main process holds `out_dir`'s lock
+    throughout: a second process on the same directory is refused, naming the holder."""
     out_dir = Path(out_dir)
-    if resume and (out_dir / SUMMARY_NAME).is_file() and (out_dir / "final").is_dir():
-        stored = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-        mine, theirs = comparable_config(cfg), comparable_config(stored["config"])
-        if mine != theirs:
-            raise MoescopeError(f"{out_dir / CONFIG_NAME} was written by another config; differing keys: "
-                                f"{', '.join(_dict_diff(theirs, mine)[:6])}")
-        return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
-    return Trainer(cfg, out_dir, init=init, name=name, resume=resume, on_step=on_step).fit()
+    lock = run_directory_lock(out_dir) if process_state().is_main_process else contextlib.nullcontext()
+    with lock:
+        if resume and (out_dir / SUMMARY_NAME).is_file() and (out_dir / "final").is_dir():
+            check_same_config(cfg, read_stored_config(out_dir / CONFIG_NAME), str(out_dir / CONFIG_NAME))
+            return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+        return Trainer(cfg, out_dir, init=init, name=name, resume=resume, on_step=on_step).fit()
 
 
 # ---------------------------------------------------------------------- small helpers
 
 
-def _ppl(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
+def _json_float(x: float | None) -> float | str | None:
+    """Non-finite floats as strings: strict JSON readers (browsers) reject NaN/Infinity tokens."""
+    return x if x is None or math.isfinite(x) else str(x)
 
 
 def _store_output(store: dict, key: int):
@@ -727,19 +714,6 @@ def _store_output(store: dict, key: int):
         store[key] = output
 
     return hook
-
-
-def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b)):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a or key not in b:
-                out.append(path)
-            else:
-                out.extend(_dict_diff(a[key], b[key], path))
-        return out
-    return [] if a == b else [f"{prefix} ({a!r} -> {b!r})"]
 
 
 __all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted", "open_store"]

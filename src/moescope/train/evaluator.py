@@ -1,0 +1,80 @@
+"""Evaluation of a training run on the held-out split: loss per domain, routing metrics, collapse streaks.
+
+Runs under its own RNG fork, so an evaluation never shifts the training RNG stream (exact resume
+relies on it) and in eval mode (no dropout, no router noise).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from moescope.data.blocks import BlockStore
+from moescope.train.config import TrainConfig
+from moescope.train.routing import RoutingTotals, summarize_routing
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, layers: dict, store: BlockStore, t: TrainConfig,
+                   accelerator) -> dict[str, Any]:
+    """Loss / perplexity per domain (token- and domain-weighted) and routing metrics of `model` on the
+    eval split: up to t.eval_max_blocks_per_domain blocks per domain, spread evenly over it."""
+    was_training = model.training
+    model.eval()
+    totals = {i: RoutingTotals(layer.n_experts, layer.top_k) for i, layer in layers.items()}
+    per_domain: dict[str, dict[str, float]] = {}
+    with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training RNG stream
+        for d_id, domain in enumerate(store.domains):
+            n = store.n_blocks("eval", domain)
+            if n == 0:
+                continue
+            cap = n if t.eval_max_blocks_per_domain is None else min(n, t.eval_max_blocks_per_domain)
+            rows = np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))  # spread over the split
+            loss_sum, n_tok = 0.0, 0
+            for s in range(0, len(rows), t.eval_batch_sequences):
+                part = rows[s : s + t.eval_batch_sequences]
+                idx = np.stack([np.full(len(part), d_id), part], axis=1)
+                x = torch.from_numpy(store.gather("eval", idx)).to(accelerator.device)
+                with accelerator.autocast():
+                    logits = model(input_ids=x).logits
+                ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                     x[:, 1:].reshape(-1), reduction="sum")
+                loss_sum += float(ce)
+                n_tok += x[:, 1:].numel()
+                for i, layer in layers.items():
+                    totals[i].add(layer.last_record)
+            per_domain[domain] = {"loss": loss_sum / n_tok, "tokens": n_tok,
+                                  "ppl": _ppl(loss_sum / n_tok)}
+    model.train(was_training)
+    tok_loss = sum(v["loss"] * v["tokens"] for v in per_domain.values()) / sum(v["tokens"] for v in per_domain.values())
+    dom_loss = sum(v["loss"] for v in per_domain.values()) / len(per_domain)
+    return {
+        "loss": {"token_weighted": tok_loss, "domain_weighted": dom_loss},
+        "ppl": {"token_weighted": _ppl(tok_loss), "domain_weighted": _ppl(dom_loss)},
+        "domains": per_domain,
+        "routing": {str(i): summarize_routing(tt) for i, tt in totals.items()},
+    }
+
+
+def update_collapse_streaks(streaks: dict[str, int], routing: dict[str, dict[str, Any]], threshold_share: float,
+                            window_evals: int) -> tuple[list[str], list[str]]:
+    """Advance each layer's count of evaluations in a row in which one expert held more than
+    `threshold_share` of the tokens (reset to 0 otherwise), in place. Returns (layers collapsed
+    now, layers whose streak reached `window_evals` at this evaluation)."""
+    collapsed, new = [], []
+    for layer, r in routing.items():
+        streak = streaks.get(layer, 0) + 1 if r["max_fraction"] > threshold_share else 0
+        streaks[layer] = streak
+        if streak >= window_evals:
+            collapsed.append(layer)
+            if streak == window_evals:
+                new.append(layer)
+    return collapsed, new
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
