@@ -265,7 +265,8 @@ def save_moe_model(model: nn.Module, directory: str | Path, *, tokenizer: Any = 
         if cfg is None:
             raise MoescopeError("model has MoE layers but no moe_config (install them with install_moe)")
         activation = decoder_family(model).activation(model.config)
-        atomic_write_json(directory / MOE_CONFIG_NAME, {"format": MOE_FORMAT, "moe": to_dict(cfg), "activation": activation})
+        atomic_write_json(directory / MOE_CONFIG_NAME,
+                          {"format": MOE_FORMAT, "moe": to_dict(cfg), "activation": activation})
     else:
         with contextlib.suppress(FileNotFoundError):
             (directory / MOE_CONFIG_NAME).unlink()
