@@ -172,3 +172,25 @@ def test_cli_trains_moe_from_a_tiny_llama_base(tmp_path: Path, capsys) -> None:
     summary = json.loads((run / "summary.json").read_text())["moe"]
     assert summary["steps"] == 3 and summary["final_eval"]["loss"]["token_weighted"] < 20
     assert "moe" in capsys.readouterr().out
+
+
+def test_sharded_base_loads_exactly_and_a_missing_weight_is_an_error(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from moescope.train.model import load_init_model
+
+    model = _dense("Qwen2")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded: transformers' loader, not ours
+    assert not (tmp_path / "model.safetensors").exists()
+    ids = _ids()
+    assert torch.equal(_logits(load_init_model(tmp_path).eval(), ids), _logits(model, ids))
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = "lm_head.weight"
+    shard = tmp_path / index["weight_map"].pop(key)
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(MoescopeError, match=r"lacks or mis-shapes \['lm_head.weight'\]"):
+        load_init_model(tmp_path)
