@@ -36,7 +36,6 @@ from transformers.activations import ACT2FN
 
 from moescope.errors import MoescopeError
 from moescope.io.config import from_dict, to_dict
-from moescope.moe.activation import BlockedActivation
 from moescope.moe.config import MoEConfig, default_moe_layers
 from moescope.moe.gpt2 import moe_layers
 from moescope.moe.layer import MoELayer
@@ -68,7 +67,7 @@ class BertFFNExpert(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu", dropout: float = 0.0) -> None:
         super().__init__()
         self.dense_in = nn.Linear(d_model, d_ff)
-        self.act = BlockedActivation(ACT2FN[activation])  # same values, cache-sized blocks
+        self.act = ACT2FN[activation]
         self.dropout = nn.Dropout(dropout)  # Switch's expert dropout, after the activation
         self.dense_out = nn.Linear(d_ff, d_model)
 

@@ -39,7 +39,8 @@ class MoEConfig:
     input_jitter: float = 0.0
     # Dropout probability inside each expert, after the activation (Switch's expert dropout).
     expert_dropout: float = 0.0
-    expert_type: Literal["gelu", "swiglu"] = "gelu"
+    # "auto": the kind of the dense MLP being upcycled (SwiGLU for Llama-style decoders).
+    expert_type: Literal["gelu", "swiglu", "auto"] = "gelu"
     # Upcycling noise: std of each copied parameter's noise = this x the parameter's own std.
     upcycle_noise_rel: float = 1e-3
     # Drop-Upcycling: fraction of each expert's hidden units re-initialized from the dense
@@ -59,8 +60,8 @@ class MoEConfig:
             raise MoescopeError(f"moe.top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}")
         if self.gating not in ("ste", "switch"):
             raise MoescopeError(f"moe.gating must be 'ste' or 'switch', got {self.gating!r}")
-        if self.expert_type not in ("gelu", "swiglu"):
-            raise MoescopeError(f"moe.expert_type must be 'gelu' or 'swiglu', got {self.expert_type!r}")
+        if self.expert_type not in ("gelu", "swiglu", "auto"):
+            raise MoescopeError(f"moe.expert_type must be 'gelu', 'swiglu' or 'auto', got {self.expert_type!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise MoescopeError(f"moe.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
         for name in ("router_noise_std", "input_jitter", "upcycle_noise_rel"):

@@ -30,7 +30,7 @@ class ModelConfig:
     context_tokens: int = 128
     d_ff: int | None = None  # None = 4 * d_model (GPT-2's choice)
     dropout: float = 0.0
-    activation: str = "gelu_new"
+    activation: str = "gelu_pytorch_tanh"  # torch's fused GELU; "gelu_new" (same function) is mapped to it
 
 
 @dataclass
