@@ -226,7 +226,7 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
     ``reference_token_js_divergence`` (randomly paired tokens, same / different domains).
     """
     layers = moe_layers(model)
-    max_tokens = int(model.config.n_positions)
+    max_tokens = int(model.config.max_position_embeddings)  # every family; GPT-2 maps it to n_positions
     per_layer: dict[int, dict[str, list]] = {
         i: {"a": [], "b": [], "ta": [], "tb": [], "text": [], "domain": []} for i in layers
     }
