@@ -44,7 +44,7 @@ def test_train_eval_encode(tmp_path, pair_file, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["pairs"]["eval"]["dataset"] >= 2 and "mrr@10" in metrics["retrieval_all"]
     assert metrics["routing_history"] and metrics["routing_history"][0]["load_balance"] > 0
-    assert json.loads((run / "model" / "modules.json").read_text())[0]["type"].endswith("MoETransformer")
+    assert json.loads((run / "model" / "config.json").read_text())["model_type"] == "moescope_moe_bert"
     # training again into the same directory needs --overwrite
     assert main(["embed", "train", "--out", str(run), "--pairs-hf", str(pair_file), *TINY]) == 2
 

@@ -15,6 +15,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="train/evaluate on a Hugging Face pair dataset (hub id, parquet/jsonl/csv file, or save_to_disk dir)")
 
 
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model whose modules.json names custom module classes (runs their code); "
+                        "moescope's own MoE encoders never need it")
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("embed", help="MoE sentence-embedding encoders: train, evaluate, encode, compare")
     sub = parser.add_subparsers(dest="embed_command", metavar="ACTION")
@@ -29,6 +35,10 @@ def register(subparsers: Any) -> None:
     e = sub.add_parser("eval", help="IR metrics per domain (+ intervals) and k-NN domain accuracy of a saved encoder")
     e.add_argument("model", help="sentence-transformers model directory (e.g. RUN/model)")
     e.add_argument("--out", help="metrics JSON path (default: print only)")
+    e.add_argument("--pairs", metavar="FILE",
+                   help="evaluate on your own pairs instead: .csv/.tsv (header) or .jsonl with sentence1, sentence2, "
+                        "score (STS -> Spearman with a bootstrap interval) or query, positive (retrieval -> IR metrics)")
+    _trust_arg(e)
     _config_args(e)
     e.set_defaults(func=run_eval)
 
@@ -40,6 +50,7 @@ def register(subparsers: Any) -> None:
     c.add_argument("--query", action="append", default=[], help="print the --top-k nearest texts (repeatable)")
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--batch-size", type=int, default=64)
+    _trust_arg(c)
     c.set_defaults(func=run_encode)
 
     m = sub.add_parser("compare", help="base vs dense fine-tune vs MoE top-1/top-2 at matched steps (table + plot)")
@@ -112,31 +123,56 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_stats(stats: dict) -> None:
+    if stats:
+        print(f"{'geometry':>10}: mean pairwise cosine {stats['mean_cosine']:.3f}, "
+              f"effective rank {stats['effective_rank']:.1f} of {stats['dim']} ({stats['n_texts']} texts)")
+
+
+def _print_retrieval(report: dict) -> None:
+    for domain, row in report["retrieval"].items():
+        print(f"{domain:>10}: MRR@10 {row['mrr@10']:.3f} [{row['mrr@10_ci'][0]:.3f}, {row['mrr@10_ci'][1]:.3f}]"
+              f"  nDCG@10 {row['ndcg@10']:.3f}  R@1 {row['recall@1']:.3f}  ({row['n_queries']} queries)")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moescope.embed.config import EmbedRunConfig
     from moescope.embed.encoder import load_encoder
-    from moescope.embed.evaluate import evaluate_encoder
-    from moescope.embed.pairs import load_pairs
+    from moescope.embed.evaluate import evaluate_encoder, evaluate_user_pairs
+    from moescope.embed.pairs import load_pairs, read_pair_file
     from moescope.io.atomic import atomic_write_json
 
     _quiet_libraries()
     model_dir = Path(args.model)
     run_config = model_dir.parent / "config.json"
-    if not args.config and run_config.is_file():
+    if not args.config and not args.pairs and run_config.is_file():
         # Same pairs recipe as training, so the held-out side is the one training never saw.
         args.config = str(run_config)
     cfg = _load_config(EmbedRunConfig, args)
-    split = load_pairs(cfg.pairs)
-    report = evaluate_encoder(load_encoder(model_dir), split.eval, split.train, cfg.eval, show_progress_bar=True)
-    report.pop("per_query")
-    for domain, row in report["retrieval"].items():
-        print(f"{domain:>10}: MRR@10 {row['mrr@10']:.3f} [{row['mrr@10_ci'][0]:.3f}, {row['mrr@10_ci'][1]:.3f}]"
-              f"  nDCG@10 {row['ndcg@10']:.3f}  R@1 {row['recall@1']:.3f}  ({row['n_queries']} queries)")
-    knn = report["knn"]
-    if "accuracy" in knn:
-        print(f"{'k-NN':>10}: domain accuracy {knn['accuracy']:.3f}")
+    if args.pairs:
+        user = read_pair_file(args.pairs)  # refused before the model loads
+        report = evaluate_user_pairs(load_encoder(model_dir, trust_remote_code=args.trust_remote_code), user,
+                                     cfg.eval, name=Path(args.pairs).stem, show_progress_bar=True)
+        report.pop("per_query", None)
+        report.pop("cosine", None)
+        if user.kind == "sts":
+            lo, hi = report["spearman_ci"]
+            print(f"{'STS':>10}: Spearman {report['spearman']:.3f} [{lo:.3f}, {hi:.3f}]  "
+                  f"Pearson {report['pearson']:.3f}  ({report['n_pairs']} pairs, cosine similarity)")
+        else:
+            _print_retrieval(report)
+    else:
+        split = load_pairs(cfg.pairs)
+        model = load_encoder(model_dir, trust_remote_code=args.trust_remote_code)
+        report = evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True)
+        report.pop("per_query")
+        _print_retrieval(report)
+        knn = report["knn"]
+        if "accuracy" in knn:
+            print(f"{'k-NN':>10}: domain accuracy {knn['accuracy']:.3f}")
+    _print_stats(report["embedding_stats"])
     if args.out:
         atomic_write_json(args.out, report)
     return 0
@@ -178,7 +214,7 @@ def run_encode(args: argparse.Namespace) -> int:
     texts = _read_texts(args.input, args.field)
     if not texts:
         raise MoescopeError(f"{args.input}: no texts")
-    model = load_encoder(args.model)
+    model = load_encoder(args.model, trust_remote_code=args.trust_remote_code)
     emb = model.encode(texts, batch_size=args.batch_size, show_progress_bar=True, convert_to_numpy=True,
                        normalize_embeddings=True).astype(np.float32)
     if args.out:
