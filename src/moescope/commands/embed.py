@@ -26,7 +26,8 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="embed_command", metavar="ACTION")
 
     t = sub.add_parser("train", help="upcycle (or keep dense) an encoder, fine-tune it on pairs, evaluate, save")
-    t.add_argument("--out", required=True, help="run directory: model/ (a sentence-transformers model), metrics.json")
+    t.add_argument("--out", required=True, help="run directory: model/ (a sentence-transformers model: the best "
+                   "validated checkpoint when train.eval_every_steps is set), metrics.json")
     t.add_argument("--dense", action="store_true", help="fine-tune the dense encoder (no MoE)")
     t.add_argument("--overwrite", action="store_true")
     _config_args(t)
@@ -54,7 +55,8 @@ def register(subparsers: Any) -> None:
     c.set_defaults(func=run_encode)
 
     m = sub.add_parser("compare", help="base vs dense fine-tune vs MoE top-1/top-2 at matched steps (table + plot)")
-    m.add_argument("--out", required=True, help="output directory: results.json, table.md, comparison.png")
+    m.add_argument("--out", required=True, help="output directory: results.json, table.md, comparison.png, "
+                   "embedding_pca.png / embedding_umap.png (held-out embeddings by domain and first-choice expert)")
     m.add_argument("--overwrite", action="store_true")
     _config_args(m)
     m.set_defaults(func=run_compare)
@@ -89,7 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
     from moescope.embed.encoder import build_encoder
     from moescope.embed.evaluate import evaluate_encoder
     from moescope.embed.pairs import load_pairs, pair_stats
-    from moescope.embed.train import build_loss_dataset, train_encoder
+    from moescope.embed.train import build_loss_dataset, train_encoder, validation_evaluator
     from moescope.errors import MoescopeError
     from moescope.io.atomic import atomic_directory, atomic_write_json
     from moescope.io.config import to_dict
@@ -107,7 +109,9 @@ def run_train(args: argparse.Namespace) -> int:
     miner = None
     if cfg.train.loss != "mnrl":
         miner = build_encoder(enc.base_model, None, pooling=enc.pooling, max_seq_length_tokens=enc.max_seq_length_tokens)
-    result = train_encoder(model, build_loss_dataset(split.train, cfg.train.loss, miner, cfg.train), cfg.train)
+    evaluator = validation_evaluator(split.validation, batch_size=cfg.eval.batch_size) if cfg.train.eval_every_steps else None
+    result = train_encoder(model, build_loss_dataset(split.train, cfg.train.loss, miner, cfg.train), cfg.train,
+                           evaluator=evaluator)
     report = evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True)
     report.pop("per_query")
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
@@ -115,8 +119,14 @@ def run_train(args: argparse.Namespace) -> int:
         atomic_write_json(tmp / "config.json", to_dict(cfg))
         atomic_write_json(tmp / "metrics.json", {
             "pairs": pair_stats(split), **report, "log_history": result.log_history,
-            "routing_history": result.routing_history, "environment": environment_info(),
+            "routing_history": result.routing_history, "validation": result.validation,
+            "environment": environment_info(),
         })
+    if result.validation:
+        v = result.validation
+        history = ", ".join(f"{h['step']}: {h['value']:.3f}" for h in v["history"])
+        print(f"validation {v['metric']} by step ({history}); the saved model is the best checkpoint, "
+              f"step {v['best_step']} of {v['last_step']} ({v['best_value']:.3f})")
     pooled = report["retrieval_all"]
     print(f"saved {out / 'model'}; held-out MRR@10 {pooled['mrr@10']:.3f} "
           f"[{pooled['mrr@10_ci'][0]:.3f}, {pooled['mrr@10_ci'][1]:.3f}], nDCG@10 {pooled['ndcg@10']:.3f}")
@@ -245,5 +255,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
-    print(f"results: {args.out}/results.json, plot: {args.out}/comparison.png ({doc['seconds_total']:.0f} s)")
+    maps = ", ".join(f"{args.out}/embedding_{m}.png" for m in cfg.projections)
+    print(f"results: {args.out}/results.json, plot: {args.out}/comparison.png, embedding maps: {maps or 'none'} "
+          f"({doc['seconds_total']:.0f} s)")
     return 0

@@ -280,6 +280,16 @@ def select_knn_neighbours(train_pairs: Sequence[TextPair], *, per_domain: int, s
     return out
 
 
+def first_choice_experts(table, n_texts: int) -> np.ndarray:
+    """Per text, the expert that is most often its tokens' first choice in `table` (a RoutingTable
+    from `capture_encoder_routing`, `block` = text index); ties go to the lower index, -1 = no tokens."""
+    first = np.asarray(table.expert_index).reshape(len(table.block), -1)[:, 0]
+    n_experts = int(first.max()) + 1 if first.size else 1
+    counts = np.zeros((n_texts, n_experts), dtype=np.int64)
+    np.add.at(counts, (np.asarray(table.block), first), 1)
+    return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
+
+
 def capture_encoder_routing(model, texts: Sequence[str], domain_ids: Sequence[int], *, batch_size: int = 64):
     """{layer: RoutingTable} of an MoE encoder over `texts` (real tokens only).
 

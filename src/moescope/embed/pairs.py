@@ -78,6 +78,9 @@ class PairSplit:
     eval: list[TextPair]
     dropped_for_leakage: int = 0
     dropped_duplicates: int = 0
+    # drawn from the training side (by source, same leakage guard) for checkpoint selection,
+    # so the held-out `eval` pairs stay untouched by any choice made during training
+    validation: list[TextPair] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- extractors
@@ -277,8 +280,9 @@ def find_leaks(split: PairSplit) -> dict[str, int]:
 def pair_stats(split: PairSplit) -> dict[str, Any]:
     """Per-domain counts for the run's metrics file."""
     out: dict[str, Any] = {}
-    for name, pairs in (("train", split.train), ("eval", split.eval)):
-        out[name] = dict(sorted(Counter(p.domain for p in pairs).items()))
+    for name, pairs in (("train", split.train), ("validation", split.validation), ("eval", split.eval)):
+        if pairs or name != "validation":
+            out[name] = dict(sorted(Counter(p.domain for p in pairs).items()))
     out["dropped_for_leakage"] = split.dropped_for_leakage
     out["dropped_duplicates"] = split.dropped_duplicates
     return out
@@ -381,6 +385,18 @@ def load_pairs(cfg) -> PairSplit:
     )
     if not split.train or not split.eval:
         raise MoescopeError(f"pair split left {len(split.train)} training and {len(split.eval)} held-out pairs")
+    if cfg.validation_fraction > 0:
+        inner = split_pairs(
+            split.train, eval_fraction=cfg.validation_fraction, seed=cfg.split_seed + 1,
+            max_eval_pairs_per_domain=cfg.max_eval_pairs_per_domain,
+        )
+        if not inner.train or not inner.eval:
+            raise MoescopeError(
+                f"validation split (pairs.validation_fraction={cfg.validation_fraction}) left {len(inner.train)} "
+                f"training and {len(inner.eval)} validation pairs"
+            )
+        split.train, split.validation = inner.train, inner.eval
+        split.dropped_for_leakage += inner.dropped_for_leakage
     return split
 
 

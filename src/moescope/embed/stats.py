@@ -49,3 +49,30 @@ def embedding_stats(embeddings: np.ndarray) -> dict[str, float | int]:
         "mean_cosine": mean_pairwise_cosine(x),
         "effective_rank": effective_rank(x),
     }
+
+
+PROJECTIONS = ("pca", "umap")
+
+
+def project_2d(embeddings: np.ndarray, method: str, *, seed: int = 0) -> np.ndarray:
+    """[n, 2] coordinates of `embeddings` by scikit-learn's PCA or umap-learn's UMAP (cosine metric).
+
+    UMAP gets a fixed random_state (deterministic, single-threaded) and, for the few points
+    of a tiny held-out set, n_neighbors below n and a random initialization (its spectral
+    initialization needs more points than neighbours).
+    """
+    x = np.asarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] < 3:
+        raise ValueError(f"need at least 3 embeddings to project, got shape {x.shape}")
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    if method == "umap":
+        import umap
+
+        n = x.shape[0]
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed, n_jobs=1,
+                            init="spectral" if n > 50 else "random")
+        return np.asarray(reducer.fit_transform(x))
+    raise ValueError(f"unknown projection {method!r} (use {', '.join(PROJECTIONS)})")
