@@ -77,3 +77,31 @@ def test_dense_and_bad_modules_json(dense_dir, tmp_path):
     (bad / "modules.json").write_bytes(b"\xff\x00not json")
     with pytest.raises(MoescopeError, match="modules.json"):
         load_encoder(bad)
+
+
+def test_remote_code_in_config_json_is_refused(dense_dir, tmp_path):
+    """A config.json that asks transformers for its own model class (auto_map) is refused too."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(dense_dir, model)
+    marker = tmp_path / "code_ran"
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="evilbert", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+    with pytest.raises(MoescopeError, match="custom code.*--trust-remote-code"):
+        load_encoder(model)
+    assert not marker.exists()
+
+
+def test_models_saved_by_older_moescope_get_a_clear_message(dense_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(dense_dir, model)
+    modules = json.loads((model / "modules.json").read_text())
+    modules[0]["type"] = "moescope.embed.encoder.MoETransformer"
+    (model / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(MoescopeError, match="older moescope"):
+        load_encoder(model, trust_remote_code=True)

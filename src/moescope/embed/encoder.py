@@ -51,6 +51,7 @@ WEIGHTS_NAME = "model.safetensors"
 ROUTER_KEY_MARK = ".moe.router.weight"  # present in a checkpoint's keys iff it holds MoE layers
 POOLING_MODES = ("mean", "max", "cls", "mean+max")
 MOE_BERT_MODEL_TYPE = "moescope_moe_bert"
+LEGACY_MODULE = "moescope.embed.encoder.MoETransformer"  # how MoE encoders were saved before MoEBertModel
 
 
 def default_base_model() -> str:
@@ -365,6 +366,11 @@ def load_encoder(path: str | Path, *, device: str = "cpu", trust_remote_code: bo
 
     path = Path(path)
     custom = custom_modules(path)
+    if LEGACY_MODULE in custom:
+        raise MoescopeError(
+            f"{path} was saved by an older moescope ({LEGACY_MODULE}, removed so that loading needs no "
+            "trust_remote_code); train it again, or load it with that moescope version"
+        )
     if custom and not trust_remote_code:
         raise MoescopeError(
             f"{path / 'modules.json'} names custom module {custom[0]!r}, whose code would run on loading; "
