@@ -278,9 +278,11 @@ def plot_embedding_map(
             row[1].text(0.5, 0.5, "dense encoder: no experts", ha="center", va="center", transform=row[1].transAxes)
             row[1].set_axis_off()
             continue
+        # a palette unlike the domains' (tab10), so a colour never reads as both a domain and an expert
+        palette = plt.cm.Dark2 if experts.max() < 8 else plt.cm.tab20
         for e in sorted(set(experts.tolist())):
             sel = experts == e
-            row[1].scatter(xy[sel, 0], xy[sel, 1], s=8, color=plt.cm.tab20(e % 20) if e >= 0 else "grey",
+            row[1].scatter(xy[sel, 0], xy[sel, 1], s=8, color=palette(e % palette.N) if e >= 0 else "grey",
                            label=f"expert {e}" if e >= 0 else "no tokens")
         row[1].set_title(f"{arm}: by first-choice expert (last MoE layer)", fontsize=9)
         row[1].legend(fontsize=7, markerscale=1.5, loc="best", ncol=2)
