@@ -361,6 +361,8 @@ def spearman_interval(
     denom = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = np.where(denom > 0, (rx * ry).sum(1) / denom, np.nan)
+    if np.isnan(rho).all():  # every resample constant: no interval
+        return float("nan"), float("nan")
     alpha = (1.0 - confidence) / 2
     lo, hi = np.nanquantile(rho, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
