@@ -131,3 +131,33 @@ def test_other_losses_datasets_and_one_step(moe_model, name, columns):
 def test_config_checks():
     with pytest.raises(MoescopeError, match="loss must be one of"):
         EmbedTrainConfig(loss="infonce")
+
+
+VALIDATION = [
+    TextPair("Multiply two numbers.", "def mul(a, b):\n    return a * b", "code", "code:v0", "docstring_body"),
+    TextPair("what is 7 plus 5 ?", "7 + 5 = 12 . answer : 12", "math", "math:v0", "problem_rationale"),
+    TextPair("The Alps are a mountain range.", "They stretch across eight countries in Europe.",
+             "prose", "prose:v0", "lead_paragraph"),
+    TextPair("Sort a list of numbers.", "def sort_list(xs):\n    return sorted(xs)", "code", "code:v1",
+             "docstring_body"),
+]
+
+
+def test_validation_keeps_the_best_checkpoint_as_the_final_model():
+    from moescope.embed.train import validation_evaluator
+
+    model = build_encoder(moe=MoEConfig(n_experts=2, top_k=1), max_seq_length_tokens=24)
+    evaluator = validation_evaluator(VALIDATION)
+    # a learning rate this high wrecks the encoder step by step, so an early step validates best
+    cfg = EmbedTrainConfig(steps=3, batch_size_pairs=4, learning_rate=3e-3, warmup_fraction=0.0, eval_every_steps=2)
+    result = train_encoder(model, build_loss_dataset(PAIRS, "mnrl", model, cfg), cfg, show_progress_bar=False,
+                           evaluator=evaluator)
+    v = result.validation
+    assert [h["step"] for h in v["history"]] == [2, 3]  # every 2 steps and after the last
+    assert v["metric"] == "validation_cosine_ndcg@10" and v["last_step"] == 3
+    assert v["best_value"] == max(h["value"] for h in v["history"])
+    assert v["best_step"] == 2 and v["history"][1]["value"] < v["best_value"]
+    # the model handed back is the best checkpoint, not the last step's weights
+    assert evaluator(model)[v["metric"]] == pytest.approx(v["best_value"], abs=1e-6)
+    with pytest.raises(MoescopeError, match="eval_every_steps"):
+        train_encoder(model, build_loss_dataset(PAIRS, "mnrl", model, cfg), cfg, show_progress_bar=False)
