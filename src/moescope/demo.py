@@ -52,10 +52,8 @@ def load_demo_config(preset: str = "demo", overrides: dict[str, Any] | None = No
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the study into `out_dir` (data/, run/, run/analysis/, run/report/); returns a summary."""
-    from moescope.analysis.pipeline import analyze_run
     from moescope.data.build import build_dataset
     from moescope.report.build import build_report
-    from moescope.train.experiment import run_experiment
 
     out_dir = Path(out_dir)
     data_dir, run_dir = out_dir / "data", out_dir / "run"
@@ -69,35 +67,25 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
         if previous != _comparable(resolved, data_dir):
             raise MoescopeError(f"{out_dir} holds a demo run with a different configuration; "
                                 f"pass --overwrite to replace it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config_path, {"config": _comparable(resolved, data_dir), "environment": environment_info(),
-                                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    created_out = not out_dir.exists()
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     log.info("demo 1/4: building the data in %s", data_dir)
-    store = build_dataset(cfg.data, data_dir, overwrite=overwrite)
+    try:
+        store = build_dataset(cfg.data, data_dir, overwrite=overwrite)
+    except BaseException:
+        # The data build is atomic; a failed first stage leaves no trace (not even --out) behind.
+        if created_out and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     timings["data_s"] = time.perf_counter() - t0
+    # Written once the data exists, so a study that could not start leaves nothing behind.
+    atomic_write_json(config_path, {"config": _comparable(resolved, data_dir), "environment": environment_info(),
+                                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
-    t0 = time.perf_counter()
-    log.info("demo 2/4: training %s (and the dense base) in %s", ", ".join(cfg.experiment.arms), run_dir)
-    experiment = dataclasses.replace(cfg.experiment, data_dir=str(store.root))
-    summary = run_experiment(experiment, run_dir, resume=resume)
-    timings["train_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log.info("demo 3/4: analysing routing on the held-out split")
-    metrics = analyze_run(run_dir, cfg.analysis, progress=progress)
-    timings["analyze_s"] = time.perf_counter() - t0
-
-    if cfg.cluster_arm and cfg.cluster_arm in metrics["arms"] and metrics["arms"][cfg.cluster_arm]["kind"] == "moe":
-        from moescope.cluster.pipeline import cluster_analysis_pipeline
-
-        t0 = time.perf_counter()
-        log.info("demo: clustering the experts of arm %s by co-activation", cfg.cluster_arm)
-        shutil.rmtree(run_dir / "cluster", ignore_errors=True)  # cheap to redo; never mix two runs' batches
-        cluster_analysis_pipeline(run_dir, data_dir, run_dir / "cluster", cfg.cluster, arm=cfg.cluster_arm)
-        timings["cluster_s"] = time.perf_counter() - t0
+    summary, metrics, stage_timings = train_and_analyze(cfg, store.root, run_dir, resume=resume, progress=progress)
+    timings.update(stage_timings)
 
     t0 = time.perf_counter()
     log.info("demo 4/4: writing the report")
@@ -107,6 +95,41 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
               "train_summary": summary, "rows": summary_rows(metrics)}
     atomic_write_json(out_dir / "demo_summary.json", result)
     return result
+
+
+def train_and_analyze(
+    cfg: DemoConfig, data_dir: str | Path, run_dir: Path, *, resume: bool, progress: bool = True,
+    cluster: bool = True,
+) -> tuple[dict, dict, dict[str, float]]:
+    """Stages 2-3 of the study on a built data directory: (train summary, metrics, timings).
+
+    Shared by the demo and by every cell of `moescope sweep`.
+    """
+    from moescope.analysis.pipeline import analyze_run
+    from moescope.train.experiment import run_experiment
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log.info("demo 2/4: training %s (and the dense base) in %s", ", ".join(cfg.experiment.arms), run_dir)
+    experiment = dataclasses.replace(cfg.experiment, data_dir=str(data_dir))
+    summary = run_experiment(experiment, run_dir, resume=resume)
+    timings["train_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log.info("demo 3/4: analysing routing on the held-out split")
+    metrics = analyze_run(run_dir, cfg.analysis, progress=progress)
+    timings["analyze_s"] = time.perf_counter() - t0
+
+    arm = cfg.cluster_arm
+    if cluster and arm and arm in metrics["arms"] and metrics["arms"][arm]["kind"] == "moe":
+        from moescope.cluster.pipeline import cluster_analysis_pipeline
+
+        t0 = time.perf_counter()
+        log.info("demo: clustering the experts of arm %s by co-activation", arm)
+        shutil.rmtree(run_dir / "cluster", ignore_errors=True)  # cheap to redo; never mix two runs' batches
+        cluster_analysis_pipeline(run_dir, Path(data_dir), run_dir / "cluster", cfg.cluster, arm=arm)
+        timings["cluster_s"] = time.perf_counter() - t0
+    return summary, metrics, timings
 
 
 def _comparable(resolved: dict[str, Any], data_dir: Path) -> dict[str, Any]:
@@ -120,6 +143,9 @@ def summary_rows(metrics: dict) -> list[dict[str, Any]]:
     rows = []
     for arm, v in metrics["arms"].items():
         row: dict[str, Any] = {"arm": arm, "eval_loss": v["eval_loss"]["domain_weighted"]}
+        if "eval_loss_vs_dense" in v:
+            row["loss_vs_dense"] = {**v["eval_loss_vs_dense"]["domain_weighted"],
+                                    "pvalue": v["eval_loss_vs_dense"]["pvalue"]}
         if v.get("kind") == "moe":
             h = v["headline"]
             row.update(best_layer=h["best_layer"], nmi=h["nmi"], nmi_pvalue=h["nmi_pvalue"],
@@ -132,10 +158,13 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
     def iv(x: Any, d: int = 3) -> str:
         return f"{x['estimate']:.{d}f} [{x['low']:.{d}f}, {x['high']:.{d}f}]" if isinstance(x, dict) else "-"
 
-    head = f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}"
+    head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<36} "
+            f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}")
     lines = [head, "-" * len(head)]
     for r in rows:
         p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
         cv = f"{r['load_cv_max']:.2f}" if "load_cv_max" in r else "-"
-        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}")
+        diff = r.get("loss_vs_dense")
+        paired = f"{diff['estimate']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] p={diff['pvalue']:.2g}" if diff else "-"
+        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<36} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}")
     return "\n".join(lines)
