@@ -45,13 +45,16 @@ def plot_nmi_vs_loss_difference(rows: list[dict[str, Any]], path: Path, confiden
         y, yerr = _err(r["nmi"])
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=markers[arms.index(r["arm"]) % len(markers)], capsize=3,
                     alpha=0.85)
-        ax.annotate(f"{r['point_id']} ({r['arm']})", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        label = "/".join(format(v, "g") if isinstance(v, float) else str(v) for v in r["point"].values())
+        ax.annotate(label + (f" ({r['arm']})" if len(arms) > 1 else ""), (x, y), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
     ax.axvline(0.0, color="grey", lw=0.8, ls="--")
     n = sorted({r["nmi"]["n"] for r in pts})
     ax.set_xlabel("held-out loss - dense (nats/token, paired; < 0 = MoE better)")
     ax.set_ylabel("best-layer NMI(domain; expert)")
+    keys = " / ".join(k.rsplit(".", 1)[-1] for k in pts[0]["point"])
     ax.set_title(f"Specialization against cost: mean over seeds, {100 * confidence_level:.0f}% t-interval "
-                 f"(n = {', '.join(map(str, n))})", fontsize=9)
+                 f"(n = {', '.join(map(str, n))})" + (f"\npoints: {keys}" if keys else ""), fontsize=9)
     return _save(fig, path)
 
 
