@@ -63,7 +63,7 @@ def test_demo_writes_every_stage_and_provenance(demo_run: tuple[Path, dict]) -> 
         assert set(diff["domains"]) == set(metrics["domains"]) and 0 < diff["pvalue"] <= 1
     assert "eval_loss_vs_dense" not in metrics["arms"]["dense"]
     row = {r["arm"]: r for r in result["rows"]}["moe"]
-    assert f"{row['loss_vs_dense']['estimate']:+.3f}" in table
+    assert f"{row['loss_vs_dense']['estimate']:+.4f}" in table
     # The resolved config is what ran: the data manifest and the experiment agree with it.
     resolved = json.loads((out / "demo_config.json").read_text())["config"]
     assert resolved["data"]["block_size_tokens"] == 32

@@ -158,15 +158,16 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
     def iv(x: Any, d: int = 3) -> str:
         return f"{x['estimate']:.{d}f} [{x['low']:.{d}f}, {x['high']:.{d}f}]" if isinstance(x, dict) else "-"
 
-    head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<36} "
+    head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<40} "
             f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}")
     lines = [head, "-" * len(head)]
     for r in rows:
         p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
         cv = f"{r['load_cv_max']:.2f}" if "load_cv_max" in r else "-"
         diff = r.get("loss_vs_dense")
-        paired = f"{diff['estimate']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] p={diff['pvalue']:.2g}" if diff else "-"
-        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<36} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}")
+        paired = (f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] p={diff['pvalue']:.2g}"
+                  if diff else "-")
+        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}")
     return "\n".join(lines)
 
 

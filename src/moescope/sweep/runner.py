@@ -370,12 +370,13 @@ def write_summary(results: list[dict[str, Any]], scfg: SweepConfig, out_dir: Pat
 
     rows = grid_mod.aggregate_cells(results, scfg.confidence_level)
     figs = {}
+    fig_dir = out_dir / "figures"
     for name, path in (
-        ("nmi_vs_loss_difference", plots.plot_nmi_vs_loss_difference(rows, out_dir / "figures" / "nmi_vs_loss_difference.png",
+        ("nmi_vs_loss_difference", plots.plot_nmi_vs_loss_difference(rows, fig_dir / "nmi_vs_loss_difference.png",
                                                                      scfg.confidence_level)),
         ("loss_vs_dense", plots.plot_cells(rows, "loss_vs_dense", "held-out loss - dense (nats/token, paired)",
-                                           out_dir / "figures" / "loss_vs_dense.png")),
-        ("nmi", plots.plot_cells(rows, "nmi", "best-layer NMI(domain; expert)", out_dir / "figures" / "nmi.png")),
+                                           fig_dir / "loss_vs_dense.png")),
+        ("nmi", plots.plot_cells(rows, "nmi", "best-layer NMI(domain; expert)", fig_dir / "nmi.png")),
     ):
         if path is not None:
             figs[name] = str(path)
