@@ -59,3 +59,26 @@ def test_aggregate_cells_groups_seeds_of_one_point_and_arm() -> None:
     assert a_moe["seeds"] == [0, 1] and a_moe["loss_vs_dense"]["mean"] == pytest.approx(0.02)
     assert a_moe["nmi"]["n"] == 2 and a_moe["nmi"]["mean"] == pytest.approx(0.4)
     assert "loss_vs_dense" not in rows[0] and rows[3]["nmi"]["low"] is None
+
+
+def test_load_sweep_reads_the_shipped_upcycling_sweep(tmp_path) -> None:
+    from pathlib import Path
+
+    from moescope.sweep.runner import load_sweep, plan_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    study, scfg = load_sweep(str(root / "configs" / "sweep_upcycling.toml"))
+    specs = plan_sweep(study, scfg, tmp_path)  # every cell's config validates; nothing is written
+    assert len(specs) == 4 * 2 * 2 * 3 and not any(tmp_path.iterdir())
+    assert study["experiment"]["arms"] == ["dense", "moe"] and study["experiment"]["base"]["steps"] == 400
+    # cells of one seed share one base; the dense arm is shared by the 8 MoE settings of each (seed, length)
+    assert len({s["base_dir"] for s in specs}) == 3
+    dense = [s["shared_arms"]["dense"] for s in specs]
+    assert len(set(dense)) == 6 and all("moe" not in s["shared_arms"] for s in specs)
+    # --grid replaces an axis, --seeds the seeds; a study file without [sweep] is the study itself
+    study, scfg = load_sweep(str(root / "configs" / "sweep_upcycling.toml"), ["experiment.train.steps=5"], [7])
+    assert scfg.grid["experiment.train.steps"] == [5] and scfg.seeds == [7]
+    plain = tmp_path / "study.toml"
+    plain.write_text("[experiment.train]\nsteps = 9\n")
+    study, scfg = load_sweep(str(plain))
+    assert study == {"experiment": {"train": {"steps": 9}}} and scfg.grid == {}

@@ -66,7 +66,10 @@ def load_sweep(config: str, grid_items: list[str] | None = None, seeds: list[int
         if not path.is_file():
             raise MoescopeError(f"sweep config {config!r}: not a preset ({', '.join(PRESETS)}) nor a file")
         raw = load_config_file(path)
-        sweep_raw, root = raw.pop("sweep", {}), path.parent
+        # without a [sweep] table the file is the study itself (a demo-style config)
+        sweep_raw, root = raw.pop("sweep", None), path.parent
+        if sweep_raw is None:
+            sweep_raw, raw = {"study": str(path.resolve())}, {}
     scfg = from_dict(SweepConfig, sweep_raw, "sweep")
     if scfg.study in PRESETS:
         study_path = preset_path(scfg.study)
