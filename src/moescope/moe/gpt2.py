@@ -26,6 +26,7 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig, default_moe_layers
+from moescope.moe.designs import refuse_generation_if_noncausal, split_experts
 from moescope.moe.experts import GeluExpert, build_experts
 from moescope.moe.layer import MoELayer
 from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_units
@@ -125,7 +126,8 @@ def install_moe(model: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: boo
                 _upcycle_into(expert, dense, resolved.upcycle_noise_rel, resolved.upcycle_reinit_ratio, gen)
         elif upcycle:
             _init_fresh(experts, std, n_blocks, gen)
-        layer = MoELayer.from_config(resolved, experts, d_model, output_dropout=hf_cfg.resid_pdrop)
+        experts, shared = split_experts(experts, resolved)  # fine-grained / shared experts (moe/designs.py)
+        layer = MoELayer.from_config(resolved, experts, d_model, output_dropout=hf_cfg.resid_pdrop, shared_experts=shared)
         with torch.no_grad():
             layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=gen) * std)
         layer.to(device=ref.device, dtype=ref.dtype)
@@ -133,6 +135,7 @@ def install_moe(model: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: boo
         blocks[i].mlp = layer
         installed[i] = layer
     model.moe_config = resolved
+    refuse_generation_if_noncausal(model, resolved)
     return installed
 
 
