@@ -32,6 +32,7 @@ from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig, default_moe_layers
 from moescope.moe.activation import fuse_config_activation
 from moescope.moe.decoders import DecoderFamily, ExpertTensors, decoder_family
+from moescope.moe.designs import refuse_generation_if_noncausal, split_experts
 from moescope.moe.experts import build_experts
 from moescope.moe.layer import MoELayer
 from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_units
@@ -148,7 +149,9 @@ def install_moe(model: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: boo
                               resolved.upcycle_reinit_ratio, gen)
         elif upcycle:
             _init_fresh(experts, std, n_blocks, gen)
-        layer = MoELayer.from_config(resolved, experts, d_model, output_dropout=family.output_dropout(hf_cfg))
+        experts, shared = split_experts(experts, resolved)  # fine-grained / shared experts (moe/designs.py)
+        layer = MoELayer.from_config(resolved, experts, d_model, output_dropout=family.output_dropout(hf_cfg),
+                                     shared_experts=shared)
         with torch.no_grad():
             layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=gen) * std)
         layer.to(device=ref.device, dtype=ref.dtype)
@@ -156,6 +159,7 @@ def install_moe(model: nn.Module, cfg: MoEConfig, *, seed: int = 0, upcycle: boo
         blocks[i].mlp = layer
         installed[i] = layer
     model.moe_config = resolved
+    refuse_generation_if_noncausal(model, resolved)
     return installed
 
 
