@@ -109,3 +109,17 @@ def test_target_logprobs_and_continuation_losses():
     assert res["domains"]["a"]["tokens"] == 24 and res["domains"]["b"]["tokens"] == 12
     assert res["domains"]["b"]["loss"] == pytest.approx(float(ref[2, 3:].mean()), rel=1e-5)
     assert res["domain_weighted"] == pytest.approx((res["domains"]["a"]["loss"] + res["domains"]["b"]["loss"]) / 2)
+
+
+def test_forward_flops_known_value_and_top1_moe_costs_a_dense_mlp_plus_router():
+    from moescope.btx.scoring import forward_flops_per_token
+
+    d, f, v, L, T = 16, 64, 40, 2, 16
+    dense = tiny_gpt2(0)
+    # per block: qkv 3d^2 + proj d^2 + MLP 2 d f; the tied unembedding d v; attention 2 x 2 T d
+    expected = 2 * (L * (4 * d * d + 2 * d * f) + d * v) + 4 * L * T * d
+    assert forward_flops_per_token(dense, T) == expected
+    merged = merge_branches([tiny_gpt2(s) for s in range(3)], MoEConfig(n_experts=3, top_k=1, layers=[0, 1]))
+    assert forward_flops_per_token(merged, T) == pytest.approx(expected + 2 * L * d * 3)  # + two 3-way routers
+    top2 = merge_branches([tiny_gpt2(s) for s in range(3)], MoEConfig(n_experts=3, top_k=2, layers=[1]))
+    assert forward_flops_per_token(top2, T) == pytest.approx(expected + 2 * d * f * 2 + 2 * d * 3)
