@@ -123,3 +123,21 @@ def test_forward_flops_known_value_and_top1_moe_costs_a_dense_mlp_plus_router():
     assert forward_flops_per_token(merged, T) == pytest.approx(expected + 2 * L * d * 3)  # + two 3-way routers
     top2 = merge_branches([tiny_gpt2(s) for s in range(3)], MoEConfig(n_experts=3, top_k=2, layers=[1]))
     assert forward_flops_per_token(top2, T) == pytest.approx(expected + 2 * d * f * 2 + 2 * d * 3)
+
+
+def test_fitted_router_separates_partitions_the_bias_free_means_router_misroutes():
+    from moescope.btx.merge import fit_router
+
+    # two partitions on one side of the origin with a shared constant feature (like ln_2's bias):
+    # x . mu_e favours the partition with the larger mean for every token; a fitted router does not
+    torch.manual_seed(0)
+    feats = [torch.stack([1 + 0.3 * torch.randn(400), torch.ones(400)], 1),
+             torch.stack([3 + 0.3 * torch.randn(400), torch.ones(400)], 1)]
+    means = router_from_means(torch.stack([f.mean(0) for f in feats]), 0.09)
+    fitted = fit_router(feats)
+
+    def own_share(w):
+        return float(np.mean([(f @ w.T).argmax(1).eq(e).float().mean() for e, f in enumerate(feats)]))
+
+    assert own_share(means) == pytest.approx(0.5)  # everything goes to partition 1's expert
+    assert own_share(fitted) > 0.95

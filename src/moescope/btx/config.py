@@ -38,9 +38,13 @@ class BTXConfig:
     moe_layers: list[int] | None = None
     top_k: int = 1
     lb_coef: float = 0.01
-    # "means": router rows from each partition's mean hidden state; "random": install_moe's init
-    router_init: Literal["means", "random"] = "means"
-    router_init_blocks: int = 64  # blocks per partition used to measure the mean hidden state
+    # "fit": router rows fitted (bias-free logistic regression, block by block on the merged model's own
+    # MLP inputs) to send each partition's tokens to its branch's expert; "means": rows from each
+    # partition's mean hidden state (no bias term, so it can misroute whole partitions); "random":
+    # install_moe's init
+    router_init: Literal["fit", "means", "random"] = "fit"
+    router_init_blocks: int = 64  # blocks per partition used to fit the router / measure the mean hidden state
+    router_fit_l2: float = 1e-2  # "fit": L2 penalty on the (unit-scale) router weights
     # c-BTM: weights softmax(-d^2 / T) over partition centroids, optionally top-k experts only
     cbtm_temperature: float = 0.1
     cbtm_top_k: int | None = None
@@ -63,6 +67,8 @@ class BTXConfig:
                 raise MoescopeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cbtm_temperature <= 0:
             raise MoescopeError(f"cbtm_temperature must be > 0, got {self.cbtm_temperature}")
+        if self.router_init not in ("fit", "means", "random"):
+            raise MoescopeError(f"router_init must be fit, means or random, got {self.router_init!r}")
         if not 1 <= self.top_k <= self.n_partitions:
             raise MoescopeError(f"top_k must be in 1..n_partitions={self.n_partitions}, got {self.top_k}")
 

@@ -27,14 +27,22 @@ import torch
 from moescope.btx.config import BTXConfig
 from moescope.btx.data import EvalSet, load_eval_set, write_branch_data
 from moescope.btx.ensemble import ensemble_weights, mix_target_logprobs
-from moescope.btx.merge import average_models, merge_branches, mlp_input_moments, router_from_means, routing_shares
+from moescope.btx.merge import (
+    average_models,
+    fit_router,
+    merge_branches,
+    mlp_input_moments,
+    mlp_inputs,
+    router_from_means,
+    routing_shares,
+)
 from moescope.btx.scoring import continuation_losses, forward_flops_per_token, target_logprobs
 from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import load_moe_model, save_moe_model
+from moescope.moe.gpt2 import load_moe_model, moe_layers, save_moe_model
 from moescope.train.trainer import train_run
 
 log = logging.getLogger(__name__)
@@ -106,7 +114,7 @@ def merge_moe_config(cfg: BTXConfig, n_blocks: int) -> MoEConfig:
 
 
 def run_merge(cfg: BTXConfig, out: Path, strategy: str, branch_dirs: list[Path]) -> Path:
-    """Build the BTX MoE (router from partition means), then fine-tune it briefly with the LB loss."""
+    """Build the BTX MoE (router fitted to the partitions), then fine-tune it briefly with the LB loss."""
     init_dir = out / "merged" / strategy / "init"
     branches = None
     if not (init_dir / "model.safetensors").is_file():
@@ -124,6 +132,11 @@ def run_merge(cfg: BTXConfig, out: Path, strategy: str, branch_dirs: list[Path])
             }
             del soup
         merged = merge_branches(branches, moe_cfg, router)
+        if cfg.router_init == "fit":
+            # in block order: block i's inputs depend only on blocks < i, whose routers are already set
+            for i in sorted(moe_cfg.layers):
+                weight = fit_router([mlp_inputs(merged, b, i) for b in batches], l2=cfg.router_fit_l2)
+                moe_layers(merged)[i].router.weight.data.copy_(weight)
         shares = routing_shares(merged, batches)
         save_moe_model(merged, init_dir)
         atomic_write_json(init_dir / "router_init.json", {
