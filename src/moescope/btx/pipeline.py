@@ -220,7 +220,9 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
                                                     ev.domain_ids)})
 
     base_dir = Path(cfg.base_init) if cfg.base_init != "scratch" else _final(out / "base")
-    add("dense base (start of all)", _score(base_dir, ev, cfg), 0, 1, "shared starting point")
+    base_note = (f"shared starting point, trained {cfg.base_steps * tokens_per_step:,} tokens before every row"
+                 if cfg.base_init == "scratch" else "shared starting point")
+    add("dense base (start of all)", _score(base_dir, ev, cfg), 0, 1, base_note)
     add("dense baseline", (dense_lp, dense_res), n * sb + sf, 1)
     extra: dict = {}
     for strategy in cfg.strategies:
@@ -276,7 +278,7 @@ def paired_delta(block_nll: np.ndarray, ref_block_nll: np.ndarray, tokens_per_bl
 def render_comparison(result: dict) -> str:
     domains = list(result["rows"][0]["domains"])
     head = ("| model | " + " | ".join(domains) +
-            " | token-weighted | domain-weighted | vs dense [95% CI] | train tokens | inference FLOPs/token "
+            " | token-weighted | domain-weighted | vs dense [95% CI] | train tokens after the base | inference FLOPs/token "
             "| experts/token |")
     lines = [
         "# Held-out loss (nats/token) after the first "
@@ -291,6 +293,7 @@ def render_comparison(result: dict) -> str:
         lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['token_weighted']:.4f} | "
                      f"{r['domain_weighted']:.4f} | {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
                      f"{r['train_tokens']:,} | {r['inference_flops_per_token'] / 1e6:.2f} M | {r['experts_per_token']} |")
+    lines += [""] + [f"- {r['model']}: {r['note']}" for r in result["rows"] if r.get("note")]
     for key, value in result.items():
         if key.startswith(("router_init_", "cbtm_mean_weight", "routing_by_domain")):
             lines += ["", f"- {key}: {json.dumps(value)}"]
