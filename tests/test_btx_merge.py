@@ -141,3 +141,12 @@ def test_fitted_router_separates_partitions_the_bias_free_means_router_misroutes
 
     assert own_share(means) == pytest.approx(0.5)  # everything goes to partition 1's expert
     assert own_share(fitted) > 0.95
+
+
+def test_fine_tune_lr_defaults_to_where_the_branch_schedules_ended():
+    from moescope.btx.config import BTXConfig
+    from moescope.train.config import OptimConfig
+
+    cfg = BTXConfig(optim=OptimConfig(lr=2e-3, min_lr_ratio=0.1))
+    assert cfg.resolved_finetune_lr() == pytest.approx(2e-4)
+    assert BTXConfig(finetune_lr=5e-4).resolved_finetune_lr() == 5e-4

@@ -27,8 +27,10 @@ class BTXConfig:
     base_steps: int = 300
     branch_steps: int = 100
     finetune_steps: int = 60
-    # peak learning rate of the merged model's brief fine-tune; None = optim.lr. The merge starts
-    # from branches whose schedules have decayed, so a full-size restart can undo their training
+    # peak learning rate of the merged model's brief fine-tune; None = optim.lr x optim.min_lr_ratio,
+    # where the branches' schedules ended. A full-size restart with a fresh AdamW moves every weight
+    # by ~lr per step: it shifts the MLP inputs enough that the fitted routers send whole partitions
+    # to another expert within a few steps
     finetune_lr: float | None = None
     n_partitions: int = 3
     strategies: list[str] = field(default_factory=lambda: ["clustered", "random"])
@@ -88,6 +90,9 @@ class BTXConfig:
         run.loss = dataclasses.replace(run.loss, lb_coef=self.lb_coef)
         validate_run(run, where=f"btx stage ({arch}, {steps} steps)")
         return run
+
+    def resolved_finetune_lr(self) -> float:
+        return self.finetune_lr if self.finetune_lr is not None else self.optim.lr * self.optim.min_lr_ratio
 
     def total_dense_steps(self) -> int:
         return self.n_partitions * self.branch_steps + self.finetune_steps
