@@ -438,7 +438,8 @@ def clustering_section(cluster_dir: Path) -> Section | None:
     rows = []
     first = summary["final_clusters"].get(members[0], {})
     for g in first.get("groups", []):
-        doms = g.get("domains", {})
+        # a group that no token of the batch fired has no domain shares (None in the JSON)
+        doms = {d: v for d, v in (g.get("domains") or {}).items() if v is not None}
         top = max(doms, key=doms.get) if doms else "-"
         rows.append([" + ".join(g["components"]), round(g["token_fraction"], 3), round(g.get("cohesion", 0.0), 3),
                      f"{top} ({doms.get(top, 0):.2f})" if doms else "-"])
