@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,13 @@ import pytest
 
 from moescope.train.metrics_log import read_metrics
 from train_fixtures import make_block_store
+
+
+def _free_port() -> int:
+    """A port no other process listens on now (a fixed one collides with a concurrent test run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 CONFIG = """
 data_dir = "{data}"
@@ -52,7 +60,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     one = subprocess.run([sys.executable, "-m", "moescope.cli", "train", str(cfg), "--experiment",
                           "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29531", "-m", "moescope.cli",
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "moescope.cli",
                           "train", str(cfg), "--experiment", "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

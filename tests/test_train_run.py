@@ -458,10 +458,14 @@ def test_hub_id_base_goes_to_transformers_and_fails_clearly_offline(monkeypatch)
 
     from moescope.train.model import load_init_model
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     asked = []
     tiny = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2))
-    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", lambda name, *a, **k: asked.append(name) or tiny)
-    assert load_init_model("gpt2") is tiny and asked == ["gpt2"] and tiny.config.use_cache is False
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda name, *a, **k: asked.append(name) or tiny.config)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda name, *a, **k: asked.append(name) or (tiny, {"missing_keys": [], "mismatched_keys": []}))
+    assert load_init_model("gpt2") is tiny and asked == ["gpt2", "gpt2"] and tiny.config.use_cache is False
     monkeypatch.undo()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-moescope-hf-home")  # nothing cached
