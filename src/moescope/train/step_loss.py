@@ -77,3 +77,25 @@ def sequence_balance_terms(router_logits: torch.Tensor, expert_index: torch.Tens
     f = seq_counts / (t * k)
     p = probs.mean(dim=1)
     return e * (f * p).sum(dim=1)
+
+
+def step_routing_metrics(reduced: dict[int, tuple[torch.Tensor, torch.Tensor]], stats: dict[int, dict[str, Any]],
+                         n_step: int, top_k: dict[int, int]) -> dict[str, dict[str, float]]:
+    """The step's logged routing values per layer: balance loss (`lb`) and `max_fraction` from the
+    step's counts and probability sums over all processes (`reduced[i] = (counts, prob_sum)`, as
+    float64), and the token-weighted mean z-loss of this process (`z`)."""
+    lb, z, max_frac = {}, {}, {}
+    for i, (counts, prob_sum) in reduced.items():
+        s = stats[i]
+        lb[str(i)] = float(load_balancing_loss(counts, prob_sum, n_step, top_k[i]))
+        z[str(i)] = s["z"] / max(s["n"], 1)
+        max_frac[str(i)] = float(counts.max() / counts.sum().clamp_min(1))
+    return {"lb": lb, "z": z, "max_fraction": max_frac}
+
+
+def step_total_loss(ce: float, routing: dict[str, dict[str, float]], lb_coefs: dict[int, float],
+                    z_coef: float) -> float:
+    """The logged loss of a step: cross-entropy plus each layer's weighted balance and z terms."""
+    if not routing:
+        return ce
+    return ce + sum(lb_coefs[int(i)] * v for i, v in routing["lb"].items()) + z_coef * sum(routing["z"].values())
