@@ -88,6 +88,25 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def layered_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
+                   flags: dict[str, Any] | None = None) -> T:
+    """Config `cls` from a file (if given), then `key.sub=value` overrides, then a command's dedicated
+    flags ({"dotted.key": value}, None = flag not given); later wins. Every command that takes
+    --config, --set and its own flags builds its config here, so all of them layer alike."""
+    raw = load_config_file(path) if path else {}
+    raw = deep_merge(raw, parse_overrides(list(overrides or [])))
+    given: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        node = given
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(cls, deep_merge(raw, given))
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass (possibly nested) -> plain JSON-able dict."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
