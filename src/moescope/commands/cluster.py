@@ -1,4 +1,5 @@
-"""`moescope cluster RUN_OR_MODEL [--data DIR] ...`: cluster experts by co-activation (seed 004)."""
+"""`moescope cluster RUN_OR_MODEL [--data DIR] ...`: cluster experts by co-activation
+(experts that fire together on the same tokens merge into one cluster)."""
 
 from __future__ import annotations
 
