@@ -45,7 +45,7 @@ _EXPORTS = {
     "load_balancing_loss": "moescope.moe.layer",
     "router_z_loss": "moescope.moe.layer",
     "record_routing": "moescope.moe.capture",
-    "RoutingRecorder": "moescope.moe.capture",
+    "RoutingView": "moescope.moe.capture",
     "RoutingTotals": "moescope.train.routing",
     "summarize_routing": "moescope.train.routing",
     "install_moe": "moescope.moe.gpt2",

@@ -22,7 +22,7 @@ from torch import nn
 from moescope.moe.layer import MoELayer, RoutingRecord
 
 
-class RoutingRecorder:
+class RoutingView:
     """The MoE layers being listened to ({block index: MoELayer}) and their latest records."""
 
     def __init__(self, layers: dict[int, MoELayer]) -> None:
@@ -37,7 +37,7 @@ class RoutingRecorder:
 
 
 @contextlib.contextmanager
-def record_routing(model: nn.Module | dict[int, MoELayer], *, per_token: bool = True) -> Iterator[RoutingRecorder]:
+def record_routing(model: nn.Module | dict[int, MoELayer], *, per_token: bool = True) -> Iterator[RoutingView]:
     """Listen to the MoE layers of `model` (or to a {block index: MoELayer} dict) within the block.
 
     With `per_token` (the default) every layer also records each token's experts, gate weights
@@ -52,10 +52,10 @@ def record_routing(model: nn.Module | dict[int, MoELayer], *, per_token: bool = 
         for layer in layers.values():
             layer.capture = True
     try:
-        yield RoutingRecorder(layers)
+        yield RoutingView(layers)
     finally:
         for i, layer in layers.items():
             layer.capture = previous[i]
 
 
-__all__ = ["RoutingRecorder", "record_routing"]
+__all__ = ["RoutingView", "record_routing"]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moescope.moe.capture import record_routing
 from moescope.train.config import LossConfig
 from moescope.train.step_loss import (
     StepRoutingSums, microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term,
@@ -160,31 +161,32 @@ class StepRunner:
         ce_sum = 0.0
         logits_seen: dict[int, torch.Tensor] = {}
         hooks = [layer.router.register_forward_hook(_store_output(logits_seen, i)) for i, layer in layers.items()]
-        for layer in layers.values():
-            layer.capture = True
         try:
-            for j, x in enumerate(batches):
-                with self._sync_unless_last(j, m):
-                    ce = forward(x)
-                    b, t = x.shape
-                    loss = ce / m
-                    sums.add(self._records())
-                    for i, layer in layers.items():
-                        rec = layer.last_record
-                        loss = loss + loss_cfg.z_coef * rec.z_loss * (rec.n_tokens / n_local)
-                        if not self.lb_coefs[i]:
-                            continue
-                        lb_per_seq = sequence_balance_terms(logits_seen[i], rec.expert_index, b, t,
-                                                            layer.n_experts, layer.top_k)
-                        loss = loss + self.lb_coefs[i] * lb_per_seq.sum() / n_seq_local
-                    ce_sum += float(ce.detach())
-                    self._backward(loss)
+            with record_routing(layers):  # each token's experts, for the per-sequence counts
+                for j, x in enumerate(batches):
+                    with self._sync_unless_last(j, m):
+                        ce = forward(x)
+                        sums.add(self._records())
+                        ce_sum += float(ce.detach())
+                        self._backward(self._sequence_loss(ce / m, x, logits_seen, n_local, n_seq_local))
         finally:
             for h in hooks:
                 h.remove()
-            for layer in layers.values():
-                layer.capture = False
         return StepPasses(ce_sum / m, sums.by_layer, n_local * self.world, self._nonfinite)
+
+
+    def _sequence_loss(self, total, x: torch.Tensor, logits_seen: dict[int, torch.Tensor], n_local: int,
+                       n_seq_local: int):
+        """`total` (the micro-batch's CE share) plus its z and per-sequence balance terms, layer by layer."""
+        b, t = x.shape
+        for i, layer in self.layers.items():
+            rec = layer.last_record
+            total = total + self.loss.z_coef * rec.z_loss * (rec.n_tokens / n_local)
+            if not self.lb_coefs[i]:
+                continue
+            lb_per_seq = sequence_balance_terms(logits_seen[i], rec.expert_index, b, t, layer.n_experts, layer.top_k)
+            total = total + self.lb_coefs[i] * lb_per_seq.sum() / n_seq_local
+        return total
 
 
 def _store_output(store: dict, key: int):
