@@ -88,7 +88,7 @@ def test_training_updates_routers_and_logs_aux_terms(moe_model):
     bert = moe_model[0].auto_model
     frozen_before = bert.encoder.layer[3].output.dense.weight.detach().clone()
     emb_before = bert.embeddings.word_embeddings.weight.detach().clone()
-    cfg = EmbedTrainConfig(steps=2, batch_size_pairs=4, logging_steps=1, learning_rate=1e-4, router_lr_mult=10.0,
+    cfg = EmbedTrainConfig(steps=2, batch_size_pairs=4, logging_steps=1, learning_rate=1e-4, router_learning_rate_mult=10.0,
                            freeze_below_layer=4)
     result = train_encoder(moe_model, build_loss_dataset(PAIRS, "mnrl", moe_model, cfg), cfg, show_progress_bar=False)
     assert torch.equal(bert.encoder.layer[3].output.dense.weight, frozen_before)

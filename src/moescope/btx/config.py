@@ -27,9 +27,9 @@ class BTXConfig:
     base_steps: int = 300
     branch_steps: int = 100
     finetune_steps: int = 60
-    # peak learning rate of the merged model's brief fine-tune; None = optim.lr. The merge starts
+    # peak learning rate of the merged model's brief fine-tune; None = optim.learning_rate. The merge starts
     # from branches whose schedules have decayed, so a full-size restart can undo their training
-    finetune_lr: float | None = None
+    finetune_learning_rate: float | None = None
     n_partitions: int = 3
     strategies: list[str] = field(default_factory=lambda: ["clustered", "random"])
     overlap_ratio: float = 0.1
@@ -37,7 +37,7 @@ class BTXConfig:
     # blocks whose MLPs become MoE layers in the merge; None = every block (as in BTX)
     moe_layers: list[int] | None = None
     top_k: int = 1
-    lb_coef: float = 0.01
+    load_balance_coef: float = 0.01
     # "means": router rows from each partition's mean hidden state; "random": install_moe's init
     router_init: Literal["means", "random"] = "means"
     router_init_blocks: int = 64  # blocks per partition used to measure the mean hidden state
@@ -75,11 +75,11 @@ class BTXConfig:
             arch=arch,  # type: ignore[arg-type]
             model=self.model,
             moe=moe or MoEConfig(),
-            optim=self.optim if lr is None else dataclasses.replace(self.optim, lr=lr),
+            optim=self.optim if lr is None else dataclasses.replace(self.optim, learning_rate=lr),
             train=dataclasses.replace(self.train, steps=steps),
             tracking=self.tracking,
         )
-        run.loss = dataclasses.replace(run.loss, lb_coef=self.lb_coef)
+        run.loss = dataclasses.replace(run.loss, load_balance_coef=self.load_balance_coef)
         validate_run(run, where=f"btx stage ({arch}, {steps} steps)")
         return run
 

@@ -65,7 +65,7 @@ class EmbedRunConfig:
 
     pairs: PairSourceConfig = field(default_factory=PairSourceConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    train: EmbedTrainConfig = field(default_factory=lambda: EmbedTrainConfig(router_lr_mult=10.0))
+    train: EmbedTrainConfig = field(default_factory=lambda: EmbedTrainConfig(router_learning_rate_mult=10.0))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -81,7 +81,7 @@ class CompareConfig:
     # 40 steps of 16 pairs, top third of the encoder trained (where the MoE layers are):
     # sized so the four arms run in minutes on a 2-core CPU
     train: EmbedTrainConfig = field(
-        default_factory=lambda: EmbedTrainConfig(steps=40, router_lr_mult=10.0, freeze_below_layer=4)
+        default_factory=lambda: EmbedTrainConfig(steps=40, router_learning_rate_mult=10.0, freeze_below_layer=4)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     arms: list[str] = field(default_factory=lambda: list(ARMS))

@@ -41,7 +41,7 @@ class EmbedTrainConfig:
     steps: int = 60  # optimizer steps
     batch_size_pairs: int = 16  # (anchor, positive[, negative]) rows per step
     learning_rate: float = 5e-5
-    router_lr_mult: float = 1.0  # router learning rate = learning_rate x this
+    router_learning_rate_mult: float = 1.0  # router learning rate = learning_rate x this
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     # Per MoE layer, on the counts and router probabilities of the whole step (every text
@@ -293,7 +293,7 @@ def train_encoder(
             disable_tqdm=not show_progress_bar,
             batch_sampler=BatchSamplers.NO_DUPLICATES if cfg.loss == "mnrl" else BatchSamplers.BATCH_SAMPLER,
         )
-        optimizers = (_optimizer(model, cfg), None) if cfg.router_lr_mult != 1.0 and moe_layers(model) else (None, None)
+        optimizers = (_optimizer(model, cfg), None) if cfg.router_learning_rate_mult != 1.0 and moe_layers(model) else (None, None)
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=[callback], optimizers=optimizers,
         )
@@ -328,7 +328,7 @@ def freeze_lower_layers(model: nn.Module, below: int) -> int:
 
 
 def _optimizer(model: nn.Module, cfg: EmbedTrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the routers at learning_rate x router_lr_mult; no decay on biases/LayerNorms."""
+    """AdamW with the routers at learning_rate x router_learning_rate_mult; no decay on biases/LayerNorms."""
     routers = {id(p) for p in router_parameters(model)}
     decay, no_decay, router = [], [], []
     for name, p in model.named_parameters():
@@ -343,7 +343,7 @@ def _optimizer(model: nn.Module, cfg: EmbedTrainConfig) -> torch.optim.Optimizer
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate},
         {"params": no_decay, "weight_decay": 0.0, "lr": cfg.learning_rate},
-        {"params": router, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.router_lr_mult},
+        {"params": router, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.router_learning_rate_mult},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
 

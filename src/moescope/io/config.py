@@ -120,6 +120,31 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# Keys that were renamed so that one concept has one name everywhere (old -> new). An old key in a
+# user's config is an error naming the new one; stored configs of older runs are read through
+# `upgrade_keys`.
+RENAMED_KEYS = {
+    "lb_coef": "load_balance_coef",
+    "lb_coef_by_layer": "load_balance_coef_by_layer",
+    "z_coef": "z_loss_coef",
+    "lb_scope": "load_balance_scope",
+    "lb_accumulation": "load_balance_accumulation",
+    "lr": "learning_rate",
+    "min_lr_ratio": "min_learning_rate_ratio",
+    "router_lr_mult": "router_learning_rate_mult",
+    "finetune_lr": "finetune_learning_rate",
+}
+
+
+def upgrade_keys(data: Any) -> Any:
+    """A stored config dict with every renamed key (RENAMED_KEYS) under its new name, at any depth."""
+    if isinstance(data, dict):
+        return {RENAMED_KEYS.get(k, k) if isinstance(k, str) else k: upgrade_keys(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [upgrade_keys(v) for v in data]
+    return data
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass `cls` from `data`, strictly: unknown keys raise with a suggestion."""
     data = data or {}
@@ -129,6 +154,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if key not in fields and RENAMED_KEYS.get(key) in fields:
+            raise MoescopeError(f"config key {_join(where, key)!r} was renamed to {RENAMED_KEYS[key]!r}")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"

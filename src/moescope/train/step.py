@@ -74,7 +74,7 @@ class StepRunner:
     def run(self, batches: list[torch.Tensor], forward: Callable[[torch.Tensor], torch.Tensor],
             step: int) -> StepPasses:
         self._nonfinite = False
-        if self.loss.lb_scope == "sequence":
+        if self.loss.load_balance_scope == "sequence":
             return self._run_per_sequence(batches, forward)
         loss_cfg, layers, m = self.loss, self.layers, len(batches)
         ce_sum = 0.0
@@ -82,17 +82,17 @@ class StepRunner:
         stats = sums.by_layer
         n_local = sum(b.numel() for b in batches)
         n_step = n_local * self.world
-        scope = loss_cfg.lb_scope
+        scope = loss_cfg.load_balance_scope
         need_lb = any(self.lb_coefs.values())
         # Step-scope counts: all tokens of the step, all processes, known before any backward.
         step_counts: dict[int, torch.Tensor] | None = None
-        if need_lb and scope == "step" and m > 1 and loss_cfg.lb_accumulation == "prepass":
+        if need_lb and scope == "step" and m > 1 and loss_cfg.load_balance_accumulation == "prepass":
             step_counts = self._prepass_counts(batches, forward)
 
         def lb_term_step(prob_sums: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]):
             return step_balance_term(prob_sums, counts, self.lb_coefs, self.top_k, self.world, n_step)
 
-        if layers and scope == "step" and m > 1 and loss_cfg.lb_accumulation == "keep_graphs":
+        if layers and scope == "step" and m > 1 and loss_cfg.load_balance_accumulation == "keep_graphs":
             total = 0.0
             prob_sums: dict[int, torch.Tensor] = {i: 0 for i in layers}
             for x in batches:
@@ -102,7 +102,7 @@ class StepRunner:
                 for i, rec in recs.items():
                     prob_sums[i] = prob_sums[i] + rec.prob_sum
                 ce_sum += float(ce.detach())
-                total = total + ce / m + z_term(recs, n_local, loss_cfg.z_coef)
+                total = total + ce / m + z_term(recs, n_local, loss_cfg.z_loss_coef)
             counts = {i: self.reduce_sum(stats[i]["counts"]) for i in layers}
             self._backward(total + lb_term_step(prob_sums, counts))
             return StepPasses(ce_sum / m, stats, n_step, self._nonfinite)
@@ -111,7 +111,7 @@ class StepRunner:
                 ce = forward(x)
                 recs = self._records()
                 sums.add(recs)
-                loss = ce / m + z_term(recs, n_local, loss_cfg.z_coef) if layers else ce / m
+                loss = ce / m + z_term(recs, n_local, loss_cfg.z_loss_coef) if layers else ce / m
                 if need_lb and scope == "step":
                     if step_counts is None:  # one micro-batch: its counts are the step's
                         counts = {i: self.reduce_sum(rec.tokens_per_expert) for i, rec in recs.items()}
@@ -148,7 +148,7 @@ class StepRunner:
         return step_counts
 
     def _run_per_sequence(self, batches: list[torch.Tensor], forward) -> StepPasses:
-        """lb_scope = "sequence": the balance loss of every sequence, averaged over the step's sequences.
+        """load_balance_scope = "sequence": the balance loss of every sequence, averaged over the step's sequences.
 
         P per sequence needs per-token router probabilities with gradient; the layer only sums
         them over its whole input, so they are taken from the router's output via a forward
@@ -181,7 +181,7 @@ class StepRunner:
         b, t = x.shape
         for i, layer in self.layers.items():
             rec = layer.last_record
-            total = total + self.loss.z_coef * rec.z_loss * (rec.n_tokens / n_local)
+            total = total + self.loss.z_loss_coef * rec.z_loss * (rec.n_tokens / n_local)
             if not self.lb_coefs[i]:
                 continue
             lb_per_seq = sequence_balance_terms(logits_seen[i], rec.expert_index, b, t, layer.n_experts, layer.top_k)

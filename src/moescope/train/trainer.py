@@ -117,7 +117,8 @@ class Trainer:
         self.layers = moe_layers(model)
         if cfg.arch == "dense" and self.layers:
             raise MoescopeError(f"{name}: arch is dense but the starting model {init} has MoE layers")
-        self._lb_coefs = {i: float(cfg.loss.lb_coef_by_layer.get(str(i), cfg.loss.lb_coef)) for i in self.layers}
+        loss = cfg.loss
+        self._lb_coefs = {i: float(loss.load_balance_coef_by_layer.get(str(i), loss.load_balance_coef)) for i in self.layers}
 
         if cfg.train.cpu_threads is not None:
             torch.set_num_threads(cfg.train.cpu_threads)
@@ -236,14 +237,14 @@ class Trainer:
         clip = cfg.optim.grad_clip_norm
         norm = float(clip_gradients(self.accelerator, self.model, clip if clip is not None else math.inf))
         ce = float(reduce_sum(torch.tensor(ce_local, device=self.accelerator.device))) / self.world
-        out: dict[str, Any] = {"ce": ce, "lr": self.scheduler.get_last_lr()[0]}
+        out: dict[str, Any] = {"ce": ce, "learning_rate": self.scheduler.get_last_lr()[0]}
         if clip is not None:
             out["grad_norm"] = norm
         reduced = {i: (reduce_sum(s["counts"].to(torch.float64)), reduce_sum(s["prob_sum"].to(torch.float64)))
                    for i, s in stats.items()} if self.layers else {}
         routing = step_routing_metrics(reduced, stats, n_step, self.passes.top_k) if self.layers else {}
         out.update(routing)
-        out["loss"] = step_total_loss(ce, routing, self._lb_coefs, cfg.loss.z_coef)
+        out["loss"] = step_total_loss(ce, routing, self._lb_coefs, cfg.loss.z_loss_coef)
         bad = [name for name, v in (("loss", out["loss"]), ("ce", ce), ("gradient norm", norm)) if not math.isfinite(v)]
         if self._local_nonfinite and "loss" not in bad:
             bad.insert(0, "loss")
