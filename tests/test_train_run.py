@@ -214,7 +214,7 @@ def test_bad_inputs_raise_clear_errors_and_overwrite_nothing(data: Path, tmp_pat
     with pytest.raises(MoescopeError, match="already exists.*--resume"):
         run_experiment(cfg, run)
     with pytest.raises(MoescopeError, match=r"another experiment.*optim.learning_rate"):
-        run_experiment(tiny_experiment(data, arms=["moe"], train__steps=3, optim__lr=1e-2), run, resume=True)
+        run_experiment(tiny_experiment(data, arms=["moe"], train__steps=3, optim__learning_rate=1e-2), run, resume=True)
     other = resolve_arms(tiny_experiment(data, arms=["moe"], train__steps=3, moe__n_experts=2), ["moe"])["moe"]
     with pytest.raises(MoescopeError, match=r"another config.*moe.n_experts"):
         train_run(other, run / "arms" / "moe", resume=True)
