@@ -25,6 +25,12 @@ Mixtral's SwiGLU experts to a GELU floor would credit them with the activation.
   moescope-loop    (--all) MoELayer calling each GELU expert module in turn  (vs floor-gelu)
   moescope-python  (--all) moescope with its compiled grouped GEMM switched off
                    (MOESCOPE_NATIVE=0): the same GEMMs one after another from Python (vs floor-gelu)
+  (--designs) the designs of issue 20 at the active compute of "moescope" (vs floor-gelu),
+  each also paired per round with the coarse layer (target: fine4 <= 1.3x of it):
+  design-fine4     every expert split in 4: 4E experts of ff/4, top-4 (grouped kernel)
+  design-shared    design-fine4 with one of the 4 active slices shared: 1 + top-3 of 4E-1
+  design-ec        expert-choice routing, capacity factor 1 (each expert takes tokens/E)
+  design-sigmoid   DeepSeek-V3 sigmoid scores with the selection bias, top-1
 Peers of moescope: switch-cf1.25; peers of moescope-swiglu: the two Mixtral variants.
 "Ahead" is judged pairwise: the median over rounds of our time / the peer's time in the same
 round is below 1 against every peer (a disturbed round slows both sides of the pair).
@@ -65,6 +71,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
+from moescope.moe.config import MoEConfig
 from moescope.moe.experts import GeluExpert, SwiGLUExpert, build_experts
 from moescope.moe.layer import MoELayer
 from moescope.moe.native import ENV_SWITCH
@@ -107,7 +114,25 @@ class _WithoutNative(nn.Module):
                 os.environ[ENV_SWITCH] = before
 
 
-def build_variants(d: int, ff: int, with_loop: bool) -> dict[str, tuple[nn.Module, str]]:
+DESIGNS = {
+    "design-fine4": {"expert_granularity": 4},
+    "design-shared": {"expert_granularity": 4, "n_shared_experts": 1},
+    "design-ec": {"routing": "expert_choice", "capacity_factor": 1.0},
+    "design-sigmoid": {"router_score": "sigmoid", "balance_bias": True},
+}
+# Target of the issue: a fine-grained layer at m=4 costs <= 1.3x the coarse one.
+DESIGN_TARGET = {"design-fine4": 1.3}
+
+
+def design_layer(d: int, ff: int, **options) -> MoELayer:
+    """A layer of E coarse GELU experts of width ff, top-1, laid out by MoEConfig `options`."""
+    cfg = MoEConfig(n_experts=E, top_k=1, **options)
+    width = ff // cfg.expert_granularity
+    shared = build_experts(cfg.n_shared_experts, d, width) if cfg.n_shared_experts else None
+    return MoELayer.from_config(cfg, build_experts(cfg.routed_experts, d, width), d, shared_experts=shared)
+
+
+def build_variants(d: int, ff: int, with_loop: bool, designs: bool = False) -> dict[str, tuple[nn.Module, str]]:
     """{name: (module, name of its floor)}."""
     # SwiGLU with 3 matrices of d x 2ff/3 = the GELU MLP's 2 of d x ff; a multiple of 8
     # because grouped_mm needs 16-byte strides (680 at ff=1024: 0.4% fewer FLOPs)
@@ -138,6 +163,8 @@ def build_variants(d: int, ff: int, with_loop: bool) -> dict[str, tuple[nn.Modul
         loop.grouped_experts = False
         variants["moescope-loop"] = (loop, "floor-gelu")
         variants["moescope-python"] = (_WithoutNative(MoELayer(build_experts(E, d, ff), d)), "floor-gelu")
+    if designs:
+        variants.update({name: (design_layer(d, ff, **opts), "floor-gelu") for name, opts in DESIGNS.items()})
     return {name: (_init(m, 1), floor) for name, (m, floor) in variants.items()}
 
 
@@ -230,6 +257,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, no memory/optimizer columns")
     parser.add_argument("--all", action="store_true", help="also time moescope-loop and moescope-python")
+    parser.add_argument("--designs", action="store_true", help="also time the designs of issue 20 (fine, shared, EC)")
+    parser.add_argument("--configs", default="", help="only these d/ff/tokens, e.g. 256/1024/2048,768/3072/2048")
     parser.add_argument("--no-timing", action="store_true", help="only the memory and optimizer columns")
     parser.add_argument("--budget-s", type=float, default=120.0, help="time budget for the timing rounds")
     args = parser.parse_args()
@@ -240,7 +269,8 @@ def main() -> int:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     # budget in proportion to sqrt(work), not to work: the d=256 configs' rounds are short, so
     # this buys them many more rounds for a few seconds taken from the d=768 ones
-    weights = [math.sqrt(d * ff * n) for d, ff, n in CONFIGS]
+    configs = [c for c in CONFIGS if not args.configs or "/".join(map(str, c)) in args.configs.split(",")]
+    weights = [math.sqrt(d * ff * n) for d, ff, n in configs]
     rows = []
     print(f"\nMoE layer fwd+bwd, top-1, E={E}; ratio = time / its floor (dense FFN of one expert) in the same round")
     print(f"torch {torch.__version__}, {n_threads} threads for wall time; shared machine: wall ratios move with load")
@@ -248,8 +278,8 @@ def main() -> int:
             f"{'cpu/1thr med':>12} {'(min)':>6} {'peak MB':>8} {'AdamW ms':>8} {'params':>7}  note")
     print(head)
     print("-" * len(head), flush=True)
-    for (d, ff, n), w in zip(CONFIGS, weights):
-        variants = build_variants(d, ff, args.all)
+    for (d, ff, n), w in zip(configs, weights):
+        variants = build_variants(d, ff, args.all, args.designs)
         floors = {k: f for k, (_, f) in variants.items()}
         x = torch.randn(n // SEQ, SEQ, d)
         grad = torch.randn(n // SEQ, SEQ, d)
@@ -272,6 +302,8 @@ def main() -> int:
             note = ""
             if name.startswith("floor"):
                 note = f"cpu/1thr {statistics.median(cpu_times[name] or [float('nan')]) * 1e3:.0f} ms"
+            elif isinstance(module, MoELayer) and module.last_record is not None and module.last_record.unrouted is not None:
+                note = f"unrouted {module.last_record.unrouted.item() / n:.1%}"
             elif isinstance(module, MoELayer) and module.last_record is not None and module.capacity_factor:
                 note = f"dropped {module.last_record.dropped.item() / n:.1%}"
             n_params = sum(p.numel() for p in module.parameters())
@@ -284,8 +316,14 @@ def main() -> int:
                   f"{r['opt_ms']:>8.1f} {r['n_params'] / 1e6:>6.2f}M  {r['note']}", flush=True)
     elapsed = time.perf_counter() - t_start
     print()
-    for d, ff, n in CONFIGS if not args.no_timing else ():
+    for d, ff, n in configs if not args.no_timing else ():
         sub = {r["name"]: r for r in rows if (r["d"], r["ff"], r["n"]) == (d, ff, n)}
+        for name in DESIGNS if args.designs else ():
+            pw = paired(sub[name]["wall_times"], sub["moescope"]["wall_times"])
+            pc = paired(sub[name]["cpu_times"], sub["moescope"]["cpu_times"])
+            target = DESIGN_TARGET.get(name)
+            verdict = "" if target is None else f" (target <= {target:.1f}x: {'met' if pw <= target else 'MISSED'} on wall)"
+            print(f"d={d:<3} tokens={n:<5} {name:<16} / coarse moescope per round: wall {pw:.3f}x, cpu {pc:.3f}x{verdict}")
         for ours, peers in PEERS.items():
             w, c = sub[ours]["wall"][0], sub[ours]["cpu"][0]
             # paired within each round (ours / peer): a disturbed round slows both sides of

@@ -149,3 +149,47 @@ def test_sum_by_block_aligns_to_given_ids() -> None:
     np.testing.assert_allclose(sums, [0.0, 2.0, 5.0])
     with pytest.raises(ValueError):
         stats.sum_by_block(np.ones(2), np.array([3, 5]), np.array([1, 3]))
+
+
+# --------------------------------------------------------------------------- paired loss difference
+
+
+def test_paired_loss_difference_hand_computed() -> None:
+    # domain 0: (10-9 + 12-12) / (5+5) = 0.1; domain 1: (0 + 2 - 1) / 12 = 1/12
+    a = np.array([10.0, 12.0, 8.0, 8.0, 8.0])
+    b = np.array([9.0, 12.0, 8.0, 6.0, 9.0])
+    tokens = np.array([5, 5, 4, 4, 4])
+    domain = np.array([0, 0, 1, 1, 1])
+    res = stats.paired_loss_difference(a, b, tokens, domain, 2, n_resamples=200, n_permutations=200)
+    assert res.domain_weighted.estimate == pytest.approx((0.1 + 1 / 12) / 2)
+    assert res.domains[0].estimate == pytest.approx(0.1) and res.domains[1].estimate == pytest.approx(1 / 12)
+    assert res.n_blocks == 5
+    d = res.to_dict(["math", "prose"])
+    assert set(d["domains"]) == {"math", "prose"} and 0 < d["pvalue"] <= 1
+
+
+def test_paired_loss_difference_finds_a_planted_difference_that_unpaired_intervals_miss() -> None:
+    rng = np.random.default_rng(0)
+    n, tokens = 120, 100
+    domain = np.repeat([0, 1, 2], n // 3)
+    # Blocks differ a lot in difficulty (shared by both arms); arm A is 0.02 nats/token worse.
+    difficulty = rng.normal(3.5, 0.5, n) * tokens
+    b = difficulty + rng.normal(0, 0.05, n) * tokens
+    a = difficulty + 0.02 * tokens + rng.normal(0, 0.05, n) * tokens
+    res = stats.paired_loss_difference(a, b, np.full(n, tokens), domain, 3, n_resamples=500, n_permutations=500)
+    iv = res.domain_weighted
+    assert iv.low > 0 and iv.low < 0.02 < iv.high
+    assert res.pvalue < 0.01
+    # Unpaired, the two losses' own intervals overlap: the pairing is what resolves the difference.
+    sums = lambda x: np.stack([np.eye(3)[domain] * x[:, None], np.eye(3)[domain] * tokens], axis=-1)  # noqa: E731
+    stat = lambda t: (t[..., 0] / t[..., 1]).mean(-1)  # noqa: E731
+    ia = stats.bootstrap_interval(sums(a), stat, strata=domain, n_resamples=500)
+    ib = stats.bootstrap_interval(sums(b), stat, strata=domain, n_resamples=500)
+    assert ia.low < ib.high
+    # Same arms swapped: the sign flips, the p-value is the same test.
+    swapped = stats.paired_loss_difference(b, a, np.full(n, tokens), domain, 3, n_resamples=500, n_permutations=500)
+    assert swapped.domain_weighted.estimate == pytest.approx(-iv.estimate)
+    # No planted difference: not significant.
+    null = stats.paired_loss_difference(b + rng.normal(0, 0.05, n) * tokens, b, np.full(n, tokens), domain, 3,
+                                        n_resamples=200, n_permutations=500)
+    assert null.domain_weighted.low < 0 < null.domain_weighted.high and null.pvalue > 0.05

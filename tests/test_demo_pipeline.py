@@ -53,7 +53,17 @@ def test_demo_writes_every_stage_and_provenance(demo_run: tuple[Path, dict]) -> 
     assert metrics["arms"]["dense"]["kind"] == "dense" and metrics["arms"]["moe"]["kind"] == "moe"
     assert [r["arm"] for r in result["rows"]] == ["dense", "moe", "moe-nolb"]
     table = format_summary_table(result["rows"])
-    assert "moe-nolb" in table and "NMI" in table
+    assert "moe-nolb" in table and "NMI" in table and "loss - dense" in table
+    # The paired difference is the difference of the two arms' domain-weighted losses, block for block.
+    for arm in ("moe", "moe-nolb"):
+        diff = metrics["arms"][arm]["eval_loss_vs_dense"]
+        own, dense = (metrics["arms"][a]["eval_loss"]["domain_weighted"]["estimate"] for a in (arm, "dense"))
+        assert diff["reference"] == "dense" and diff["domain_weighted"]["estimate"] == pytest.approx(own - dense)
+        assert diff["domain_weighted"]["low"] <= diff["domain_weighted"]["estimate"] <= diff["domain_weighted"]["high"]
+        assert set(diff["domains"]) == set(metrics["domains"]) and 0 < diff["pvalue"] <= 1
+    assert "eval_loss_vs_dense" not in metrics["arms"]["dense"]
+    row = {r["arm"]: r for r in result["rows"]}["moe"]
+    assert f"{row['loss_vs_dense']['estimate']:+.4f}" in table
     # The resolved config is what ran: the data manifest and the experiment agree with it.
     resolved = json.loads((out / "demo_config.json").read_text())["config"]
     assert resolved["data"]["block_size_tokens"] == 32
@@ -61,6 +71,7 @@ def test_demo_writes_every_stage_and_provenance(demo_run: tuple[Path, dict]) -> 
     page = (run / "report" / "report.html").read_text()
     assert (run / "cluster" / "cluster_summary.json").is_file()
     assert "Expert pathways" in page and "distance_vs_k" not in page  # figure inlined, not linked
+    assert "paired over the same" in page and "sign-flip" in page
     assert "What this run shows" in page and "viewer-data" in page and page.count("data:image/png;base64,") >= 4
 
 
@@ -109,3 +120,16 @@ def test_demo_report_in_headless_chromium(demo_run: tuple[Path, dict], tmp_path:
         after = page.locator("#viewer-samples .tok").evaluate_all("els => els.map(e => e.dataset.expert)")
         assert len(before) == len(after) and before != after
         browser.close()
+
+
+def test_failed_gpt2_demo_leaves_nothing_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Offline, the gpt2 preset's Hugging Face datasets cannot be reached: the study cannot start.
+    out = tmp_path / "g2"
+    assert main(["demo", "--scale", "gpt2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moescope: error:")
+    assert not out.exists()
+    # an existing, empty --out stays, but nothing is written into it
+    out.mkdir()
+    assert main(["demo", "--scale", "gpt2", "--out", str(out)]) == 2
+    assert list(out.iterdir()) == []

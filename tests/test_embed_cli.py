@@ -43,8 +43,12 @@ def test_train_eval_encode(tmp_path, pair_file, capsys):
     assert main(["embed", "train", "--out", str(run), "--pairs-hf", str(pair_file), *TINY]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["pairs"]["eval"]["dataset"] >= 2 and "mrr@10" in metrics["retrieval_all"]
-    assert metrics["routing_history"] and metrics["routing_history"][0]["load_balance"] > 0
-    assert json.loads((run / "model" / "modules.json").read_text())[0]["type"].endswith("MoETransformer")
+    assert metrics["routing_history"] and metrics["routing_history"][0]["load_balance_loss"] > 0
+    # validation pairs come from the training side; the final model is the best validated step
+    assert metrics["pairs"]["validation"]["dataset"] >= 1
+    assert metrics["validation"]["best_step"] == metrics["validation"]["last_step"] == 1
+    assert "best checkpoint, step 1 of 1" in capsys.readouterr().out
+    assert json.loads((run / "model" / "config.json").read_text())["model_type"] == "moescope_moe_bert"
     # training again into the same directory needs --overwrite
     assert main(["embed", "train", "--out", str(run), "--pairs-hf", str(pair_file), *TINY]) == 2
 
@@ -52,6 +56,21 @@ def test_train_eval_encode(tmp_path, pair_file, capsys):
     again = json.loads((tmp_path / "eval.json").read_text())
     # eval reuses the run's pair recipe: same held-out queries, same numbers
     assert again["retrieval_all"]["mrr@10"] == pytest.approx(metrics["retrieval_all"]["mrr@10"])
+    assert again["embedding_stats"] == pytest.approx(metrics["embedding_stats"])
+    assert again["knn"] == metrics["knn"]
+
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{p.splitlines()[0]}\t{i % 3}\n"
+                                                             for i, (a, p) in enumerate(ROWS)))
+    capsys.readouterr()
+    assert main(["embed", "eval", str(run / "model"), "--pairs", str(sts), "--out", str(tmp_path / "sts.json")]) == 0
+    assert "Spearman" in capsys.readouterr().out
+    rho = json.loads((tmp_path / "sts.json").read_text())
+    assert rho["kind"] == "sts" and rho["n_pairs"] == len(ROWS) and rho["spearman_ci"][0] <= rho["spearman"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence1,sentence2,score\na,b,1\nc,d,x\n")
+    assert main(["embed", "eval", str(run / "model"), "--pairs", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == "moescope: error: " + f"{bad}:3: score must be a number, got 'x'"
 
     texts = tmp_path / "texts.jsonl"  # multi-line code texts need jsonl (a .txt is one text per line)
     texts.write_text("".join(json.dumps({"body": p}) + "\n" for _, p in ROWS))
@@ -80,4 +99,9 @@ def test_compare_writes_table_and_plot(tmp_path, pair_file):
     table = (out / "table.md").read_text()
     assert "| moe_top1 |" in table and "NMI" in table
     assert (out / "comparison.png").stat().st_size > 1000
+    for method in ("pca", "umap"):  # held-out embeddings by domain and first-choice expert
+        assert (out / f"embedding_{method}.png").read_bytes()[:4] == b"\x89PNG"
+    stats = doc["arms"]["moe_top1"]["embedding_stats"]
+    assert -1.0 <= stats["mean_cosine"] <= 1.0 and 1.0 <= stats["effective_rank"] <= stats["n_texts"]
+    assert "effective rank" in table
     assert main(["embed", "compare", "--out", str(out), "--set", "arms=[bogus]"]) == 2

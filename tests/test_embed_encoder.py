@@ -9,8 +9,8 @@ import torch
 
 from moescope.embed.encoder import (
     BertFFNExpert,
+    MoEBertModel,
     MoEFeedForward,
-    MoETransformer,
     build_encoder,
     encoder_moe_layers,
     load_encoder,
@@ -93,15 +93,14 @@ def test_save_load_round_trip(tmp_path, dense):
     before = _encode(moe)
     moe.save(str(tmp_path / "m"))
     modules = json.loads((tmp_path / "m" / "modules.json").read_text())
-    assert modules[0]["type"] == "moescope.embed.encoder.MoETransformer"
-    assert modules[1]["type"].startswith("sentence_transformers.")
-    # sentence-transformers >= 6 refuses module classes outside its package without the flag
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        SentenceTransformer(str(tmp_path / "m"), device="cpu")
-    loaded = SentenceTransformer(str(tmp_path / "m"), device="cpu", trust_remote_code=True)
-    assert isinstance(loaded[0], MoETransformer)
-    assert loaded[0].moe_config["top_k"] == 2 and loaded.max_seq_length == 48
+    # only sentence-transformers' own module classes: nothing for trust_remote_code to gate
+    assert all(m["type"].startswith("sentence_transformers.") for m in modules)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "moescope_moe_bert"
+    loaded = SentenceTransformer(str(tmp_path / "m"), device="cpu")  # plain loader, no trust_remote_code
+    assert isinstance(loaded[0].auto_model, MoEBertModel) and not loaded.trust_remote_code
+    assert loaded[0].auto_model.config.moe_config["top_k"] == 2 and loaded.max_seq_length == 48
     torch.testing.assert_close(_encode(loaded), before, rtol=0, atol=0)
+    torch.testing.assert_close(_encode(load_encoder(tmp_path / "m")), before, rtol=0, atol=0)
     hits = util.semantic_search(_encode(loaded, TEXTS[:2]), _encode(loaded), top_k=1)
     assert [h[0]["corpus_id"] for h in hits] == [0, 1]
     # dense encoders save as plain sentence-transformers models
@@ -117,7 +116,7 @@ def test_loading_is_strict(tmp_path):
     weights = load_file(str(tmp_path / "m" / "model.safetensors"))
     del weights["encoder.layer.5.output.moe.experts.1.dense_in.weight"]
     save_file(weights, str(tmp_path / "m" / "model.safetensors"))
-    with pytest.raises(MoescopeError, match="missing.*experts.1.dense_in"):
+    with pytest.raises(MoescopeError, match="missing.*experts.1.dense_in"):  # not silently re-initialized
         load_encoder(tmp_path / "m")
     with pytest.raises(MoescopeError, match="not a sentence-transformers model"):
         load_encoder(tmp_path)

@@ -48,7 +48,7 @@ def test_aggregated_balance_loss_equals_one_pass_over_the_whole_batch():
         layer(part)
         records.append(layer.last_record)
     agg = aggregate_records(records, 2)
-    torch.testing.assert_close(agg["load_balance"], whole)
+    torch.testing.assert_close(agg["load_balance_loss"], whole)
     assert int(agg["counts"].sum()) == 80
 
 
@@ -67,11 +67,11 @@ def test_aux_loss_gradients_reach_routers_only(moe_model):
     moe_model.train()
     feats = [_features(moe_model, [p.anchor for p in PAIRS]), _features(moe_model, [p.positive for p in PAIRS])]
     out = loss(feats, None)
-    assert set(out) == {"task", "load_balance", "router_z"}
+    assert set(out) == {"task", "load_balance_loss", "z_loss"}
     # both forward passes (anchors and positives) are in the balance loss: 2 layers x ~1.0
-    assert 1.5 < loss.last_raw["load_balance"] < 2 * 4
+    assert 1.5 < loss.last_raw["load_balance_loss"] < 2 * 4
     moe_model.zero_grad()
-    (out["load_balance"] + out["router_z"]).backward()
+    (out["load_balance_loss"] + out["z_loss"]).backward()
     layers = encoder_moe_layers(moe_model)
     for layer in layers.values():
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
@@ -95,8 +95,8 @@ def test_training_updates_routers_and_logs_aux_terms(moe_model):
     assert torch.equal(bert.embeddings.word_embeddings.weight, emb_before)
     for p in bert.parameters():  # leave the module-scoped model trainable for the next tests
         p.requires_grad_(True)
-    logged = [row for row in result.log_history if "load_balance" in row]
-    assert len(logged) == 2 and all(row["router_z"] > 0 for row in logged)
+    logged = [row for row in result.log_history if "load_balance_loss" in row]
+    assert len(logged) == 2 and all(row["z_loss"] > 0 for row in logged)
     assert [row["step"] for row in result.routing_history] == [1, 2]
     for i, layer in encoder_moe_layers(moe_model).items():
         assert not torch.equal(layer.router.weight, routers_before[i])
@@ -125,9 +125,39 @@ def test_other_losses_datasets_and_one_step(moe_model, name, columns):
     else:
         assert all(n != p for p, n in zip(ds["positive"], ds["negative"]))
     result = train_encoder(moe_model, ds, cfg, show_progress_bar=False)
-    assert result.routing_history and result.routing_history[0]["load_balance"] > 0
+    assert result.routing_history and result.routing_history[0]["load_balance_loss"] > 0
 
 
 def test_config_checks():
     with pytest.raises(MoescopeError, match="loss must be one of"):
         EmbedTrainConfig(loss="infonce")
+
+
+VALIDATION = [
+    TextPair("Multiply two numbers.", "def mul(a, b):\n    return a * b", "code", "code:v0", "docstring_body"),
+    TextPair("what is 7 plus 5 ?", "7 + 5 = 12 . answer : 12", "math", "math:v0", "problem_rationale"),
+    TextPair("The Alps are a mountain range.", "They stretch across eight countries in Europe.",
+             "prose", "prose:v0", "lead_paragraph"),
+    TextPair("Sort a list of numbers.", "def sort_list(xs):\n    return sorted(xs)", "code", "code:v1",
+             "docstring_body"),
+]
+
+
+def test_validation_keeps_the_best_checkpoint_as_the_final_model():
+    from moescope.embed.train import validation_evaluator
+
+    model = build_encoder(moe=MoEConfig(n_experts=2, top_k=1), max_seq_length_tokens=24)
+    evaluator = validation_evaluator(VALIDATION)
+    # a learning rate this high wrecks the encoder step by step, so an early step validates best
+    cfg = EmbedTrainConfig(steps=3, batch_size_pairs=4, learning_rate=3e-3, warmup_fraction=0.0, eval_every_steps=2)
+    result = train_encoder(model, build_loss_dataset(PAIRS, "mnrl", model, cfg), cfg, show_progress_bar=False,
+                           evaluator=evaluator)
+    v = result.validation
+    assert [h["step"] for h in v["history"]] == [2, 3]  # every 2 steps and after the last
+    assert v["metric"] == "validation_cosine_ndcg@10" and v["last_step"] == 3
+    assert v["best_value"] == max(h["value"] for h in v["history"])
+    assert v["best_step"] == 2 and v["history"][1]["value"] < v["best_value"]
+    # the model handed back is the best checkpoint, not the last step's weights
+    assert evaluator(model)[v["metric"]] == pytest.approx(v["best_value"], abs=1e-6)
+    with pytest.raises(MoescopeError, match="eval_every_steps"):
+        train_encoder(model, build_loss_dataset(PAIRS, "mnrl", model, cfg), cfg, show_progress_bar=False)

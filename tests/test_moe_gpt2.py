@@ -26,9 +26,10 @@ from moescope.moe.layer import MoELayer
 
 
 def _tiny_config() -> GPT2Config:
+    # the fused GELU, as every GPT-2 that moescope builds or loads (test_moe_activation.py)
     return GPT2Config(
         n_layer=4, n_embd=32, n_head=4, n_positions=64, vocab_size=101, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0,
+        pad_token_id=0, activation_function="gelu_pytorch_tanh",
     )
 
 
@@ -141,6 +142,27 @@ def test_save_load_round_trip_on_logits(pretrained_dir: Path, tmp_path: Path) ->
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_saved_model_carries_its_tokenizer(pretrained_dir: Path, tmp_path: Path) -> None:
+    from moescope.data.tokenizer import train_bpe
+
+    tok = train_bpe(["a tiny corpus for a tiny tokenizer"] * 20, vocab_size=260)
+    tok.save_pretrained(tmp_path / "tok")
+    model = GPT2LMHeadModel.from_pretrained(pretrained_dir)
+    by_dir = save_moe_model(model, tmp_path / "a", tokenizer=tmp_path / "tok")
+    assert (by_dir / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert json.loads((by_dir / "config.json").read_text())["model_type"] == "gpt2"  # ours, not the tokenizer's
+    by_object = save_moe_model(model, tmp_path / "b", tokenizer=tok)
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(str(by_object))
+    assert again("tiny corpus")["input_ids"] == tok("tiny corpus")["input_ids"]
+    assert not [f for f in by_object.iterdir() if f.name.startswith(".")]  # no staging leftovers
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MoescopeError, match="no tokenizer files"):
+        save_moe_model(model, tmp_path / "c", tokenizer=tmp_path / "empty")
+    assert not (tmp_path / "c").exists()  # nothing written
 
 
 def test_dense_model_round_trips(pretrained_dir: Path, tmp_path: Path) -> None:

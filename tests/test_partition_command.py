@@ -76,7 +76,7 @@ def test_clustered_fallback_from_a_data_directory_records_centroids(tmp_path, mo
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["embedding"]["backend"] == "tfidf-svd" and report["adjusted_rand_index"] == pytest.approx(1.0)
-    assert np.load(out / "centroids.npy").shape[0] == 3 and (out / "encoder.pkl").is_file()
+    assert np.load(out / "centroids.npy").shape[0] == 3 and (out / "encoder.npz").is_file()
     ids = {r["id"] for d in partition_dirs(out) for r in read_partition_texts(d)}
     assert ids == {f"{d}-{i}" for d in ("code", "math", "prose") for i in range(10)}
 

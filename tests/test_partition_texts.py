@@ -105,8 +105,8 @@ def test_fallback_on_all_identical_texts_is_balanced(monkeypatch):
 def test_tfidf_encoder_round_trips_through_save(tmp_path):
     texts, _ = three_domains(n_each=5)
     enc = TfidfSvdEncoder.fit(texts, dim=8, seed=0)
-    enc.save(tmp_path / "tfidf.pkl")
-    again = TfidfSvdEncoder.load(tmp_path / "tfidf.pkl")
+    enc.save(tmp_path / "tfidf.npz")
+    again = TfidfSvdEncoder.load(tmp_path / "tfidf.npz")
     assert np.allclose(enc.encode(texts[:4]), again.encode(texts[:4]))
     assert np.allclose(np.linalg.norm(enc.encode(texts), axis=1), 1.0, atol=1e-5)
 

@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "moescope.commands.demo",
     "moescope.commands.data",
     "moescope.commands.train",
+    "moescope.commands.sweep",
     "moescope.commands.analyze",
     "moescope.commands.report",
     "moescope.commands.compare",

@@ -52,10 +52,8 @@ def load_demo_config(preset: str = "demo", overrides: dict[str, Any] | None = No
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the study into `out_dir` (data/, run/, run/analysis/, run/report/); returns a summary."""
-    from moescope.analysis.pipeline import analyze_run
     from moescope.data.build import build_dataset
     from moescope.report.build import build_report
-    from moescope.train.experiment import run_experiment
 
     out_dir = Path(out_dir)
     data_dir, run_dir = out_dir / "data", out_dir / "run"
@@ -69,35 +67,25 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
         if previous != _comparable(resolved, data_dir):
             raise MoescopeError(f"{out_dir} holds a demo run with a different configuration; "
                                 f"pass --overwrite to replace it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config_path, {"config": _comparable(resolved, data_dir), "environment": environment_info(),
-                                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    created_out = not out_dir.exists()
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     log.info("demo 1/4: building the data in %s", data_dir)
-    store = build_dataset(cfg.data, data_dir, overwrite=overwrite)
+    try:
+        store = build_dataset(cfg.data, data_dir, overwrite=overwrite)
+    except BaseException:
+        # The data build is atomic; a failed first stage leaves no trace (not even --out) behind.
+        if created_out and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     timings["data_s"] = time.perf_counter() - t0
+    # Written once the data exists, so a study that could not start leaves nothing behind.
+    atomic_write_json(config_path, {"config": _comparable(resolved, data_dir), "environment": environment_info(),
+                                    "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
-    t0 = time.perf_counter()
-    log.info("demo 2/4: training %s (and the dense base) in %s", ", ".join(cfg.experiment.arms), run_dir)
-    experiment = dataclasses.replace(cfg.experiment, data_dir=str(store.root))
-    summary = run_experiment(experiment, run_dir, resume=resume)
-    timings["train_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    log.info("demo 3/4: analysing routing on the held-out split")
-    metrics = analyze_run(run_dir, cfg.analysis, progress=progress)
-    timings["analyze_s"] = time.perf_counter() - t0
-
-    if cfg.cluster_arm and cfg.cluster_arm in metrics["arms"] and metrics["arms"][cfg.cluster_arm]["kind"] == "moe":
-        from moescope.cluster.pipeline import cluster_analysis_pipeline
-
-        t0 = time.perf_counter()
-        log.info("demo: clustering the experts of arm %s by co-activation", cfg.cluster_arm)
-        shutil.rmtree(run_dir / "cluster", ignore_errors=True)  # cheap to redo; never mix two runs' batches
-        cluster_analysis_pipeline(run_dir, data_dir, run_dir / "cluster", cfg.cluster, arm=cfg.cluster_arm)
-        timings["cluster_s"] = time.perf_counter() - t0
+    summary, metrics, stage_timings = train_and_analyze(cfg, store.root, run_dir, resume=resume, progress=progress)
+    timings.update(stage_timings)
 
     t0 = time.perf_counter()
     log.info("demo 4/4: writing the report")
@@ -107,6 +95,41 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
               "train_summary": summary, "rows": summary_rows(metrics)}
     atomic_write_json(out_dir / "demo_summary.json", result)
     return result
+
+
+def train_and_analyze(
+    cfg: DemoConfig, data_dir: str | Path, run_dir: Path, *, resume: bool, progress: bool = True,
+    cluster: bool = True,
+) -> tuple[dict, dict, dict[str, float]]:
+    """Stages 2-3 of the study on a built data directory: (train summary, metrics, timings).
+
+    Shared by the demo and by every cell of `moescope sweep`.
+    """
+    from moescope.analysis.pipeline import analyze_run
+    from moescope.train.experiment import run_experiment
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log.info("demo 2/4: training %s (and the dense base) in %s", ", ".join(cfg.experiment.arms), run_dir)
+    experiment = dataclasses.replace(cfg.experiment, data_dir=str(data_dir))
+    summary = run_experiment(experiment, run_dir, resume=resume)
+    timings["train_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log.info("demo 3/4: analysing routing on the held-out split")
+    metrics = analyze_run(run_dir, cfg.analysis, progress=progress)
+    timings["analyze_s"] = time.perf_counter() - t0
+
+    arm = cfg.cluster_arm
+    if cluster and arm and arm in metrics["arms"] and metrics["arms"][arm]["kind"] == "moe":
+        from moescope.cluster.pipeline import cluster_analysis_pipeline
+
+        t0 = time.perf_counter()
+        log.info("demo: clustering the experts of arm %s by co-activation", arm)
+        shutil.rmtree(run_dir / "cluster", ignore_errors=True)  # cheap to redo; never mix two runs' batches
+        cluster_analysis_pipeline(run_dir, Path(data_dir), run_dir / "cluster", cfg.cluster, arm=arm)
+        timings["cluster_s"] = time.perf_counter() - t0
+    return summary, metrics, timings
 
 
 def _comparable(resolved: dict[str, Any], data_dir: Path) -> dict[str, Any]:
@@ -120,6 +143,9 @@ def summary_rows(metrics: dict) -> list[dict[str, Any]]:
     rows = []
     for arm, v in metrics["arms"].items():
         row: dict[str, Any] = {"arm": arm, "eval_loss": v["eval_loss"]["domain_weighted"]}
+        if "eval_loss_vs_dense" in v:
+            row["loss_vs_dense"] = {**v["eval_loss_vs_dense"]["domain_weighted"],
+                                    "pvalue": v["eval_loss_vs_dense"]["pvalue"]}
         if v.get("kind") == "moe":
             h = v["headline"]
             row.update(best_layer=h["best_layer"], nmi=h["nmi"], nmi_pvalue=h["nmi_pvalue"],
@@ -132,10 +158,74 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
     def iv(x: Any, d: int = 3) -> str:
         return f"{x['estimate']:.{d}f} [{x['low']:.{d}f}, {x['high']:.{d}f}]" if isinstance(x, dict) else "-"
 
-    head = f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}"
+    head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<40} "
+            f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}")
     lines = [head, "-" * len(head)]
     for r in rows:
         p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
         cv = f"{r['load_cv_max']:.2f}" if "load_cv_max" in r else "-"
-        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}")
+        diff = r.get("loss_vs_dense")
+        paired = (f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] p={diff['pvalue']:.2g}"
+                  if diff else "-")
+        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- several seeds
+
+
+def run_demo_seeds(cfg: DemoConfig, out_dir: str | Path, n_seeds: int, *, overwrite: bool = False,
+                   workers: int = 1) -> dict[str, Any]:
+    """The study over `n_seeds` seeds (experiment.train.seed, +1, ...) through the sweep runner.
+
+    Layout is the sweep's (OUT/cells/base,seed=S/run/...); every seed's report gets an
+    "Over seeds" section with the between-seed means and t-intervals, and
+    OUT/summary.{md,json} hold the same table.
+    """
+    from moescope.report.build import build_report
+    from moescope.sweep.grid import aggregate_cells, format_seed_interval
+    from moescope.sweep.runner import SweepConfig, run_sweep
+
+    if n_seeds < 1:
+        raise MoescopeError(f"--seeds must be >= 1, got {n_seeds}")
+    out_dir = Path(out_dir)
+    if overwrite:
+        for part in ("cells", "bases", "summary.json", "summary.md", "figures"):
+            path = out_dir / part
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    first = cfg.experiment.train.seed
+    scfg = SweepConfig(study="demo", seeds=list(range(first, first + n_seeds)), share_base=False, cluster=True)
+    t0 = time.perf_counter()
+    summary = run_sweep(to_dict(cfg), scfg, out_dir, workers=workers)
+    results = [json.loads(p.read_text(encoding="utf-8"))
+               for p in sorted((out_dir / "cells").glob("*/result.json"))]
+    rows = aggregate_cells(results, scfg.confidence_level)
+    seeds_table = {
+        "title": f"Between seeds: mean [{100 * scfg.confidence_level:.0f}% t-interval] over {n_seeds} seeds "
+                 f"({', '.join(map(str, scfg.seeds))})",
+        "columns": ["arm", "n", "eval loss (domain-weighted)", "loss - dense (paired)", "best-layer NMI",
+                    "max load CV"],
+        "rows": [[r["arm"], len(r["seeds"]), format_seed_interval(r.get("eval_loss")),
+                  format_seed_interval(r.get("loss_vs_dense"), 4, True), format_seed_interval(r.get("nmi")),
+                  format_seed_interval(r.get("load_cv_max"), 2)] for r in rows],
+        "caption": "Each seed reruns the whole study (base, arms, analysis) with another experiment.train.seed on "
+                   "the same data; the interval is a Student-t interval over the per-seed estimates (n - 1 degrees "
+                   "of freedom), so it shows how much a result moves between reruns.",
+    }
+    reports = []
+    for res in results:
+        run_dir = Path(res["run_dir"])
+        atomic_write_json(run_dir / "analysis" / "seeds.json", seeds_table)
+        reports.append(str(build_report(run_dir)))
+    result = {"reports": reports, "seeds": scfg.seeds, "rows": rows, "seeds_table": seeds_table,
+              "wall_s": time.perf_counter() - t0, "cell_seconds": summary["cell_seconds"]}
+    atomic_write_json(out_dir / "demo_summary.json", result)
+    return result
+
+
+def format_seeds_table(seeds_table: dict[str, Any]) -> str:
+    widths = [12, 3, 28, 32, 26, 18]
+    head = " ".join(f"{c:<{w}}" for c, w in zip(seeds_table["columns"], widths))
+    lines = [seeds_table["title"], head, "-" * len(head)]
+    lines += [" ".join(f"{str(c):<{w}}" for c, w in zip(row, widths)) for row in seeds_table["rows"]]
     return "\n".join(lines)

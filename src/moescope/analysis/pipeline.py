@@ -18,6 +18,9 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
     arms.ARM.kind                      "moe" | "dense"
     arms.ARM.eval_loss                 {domains {DOMAIN: IV}, token_weighted IV, domain_weighted IV}
     arms.ARM.headline                  {best_layer, nmi IV, nmi_pvalue, load_cv_max, max_fraction_max}
+    arms.ARM.eval_loss_vs_dense        (non-dense arms) {reference, domain_weighted IV, domains {DOMAIN: IV},
+                                       pvalue, n_permutations, n_blocks, test}: ARM minus dense, nats/token,
+                                       paired over the same eval blocks
     arms.ARM.layers.LAYER              n_tokens, n_blocks, n_experts, top_k, domains,
       specialization  nmi IV (equal domain weights), nmi_token_weighted IV, nmi_pvalue,
                       nmi_permutation {statistic, pvalue, n_permutations, null_mean, null_q95},
@@ -43,6 +46,7 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -226,7 +230,7 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
     ``reference_token_js_divergence`` (randomly paired tokens, same / different domains).
     """
     layers = moe_layers(model)
-    max_tokens = int(model.config.n_positions)
+    max_tokens = int(model.config.max_position_embeddings)  # every family; GPT-2 maps it to n_positions
     per_layer: dict[int, dict[str, list]] = {
         i: {"a": [], "b": [], "ta": [], "tb": [], "text": [], "domain": []} for i in layers
     }
@@ -372,6 +376,34 @@ def headline(arm: dict) -> dict:
     }
 
 
+def add_paired_loss_differences(metrics_out: dict, captures: dict[str, capture.CaptureResult], domains: list[str],
+                                sc: SummaryConfig) -> None:
+    """arms.ARM.eval_loss_vs_dense for every non-dense arm: its loss minus the dense arm's, block by block.
+
+    The reference is the arm named "dense" (else the first dense arm). Every arm was
+    captured on the same eval rows, which the paired test relies on (checked).
+    """
+    dense = [a for a, v in metrics_out["arms"].items() if v["kind"] == "dense" and a in captures]
+    if not dense:
+        return
+    ref = "dense" if "dense" in dense else dense[0]
+    r = captures[ref]
+    for name, res in captures.items():
+        if name == ref or metrics_out["arms"][name]["kind"] == "dense":
+            continue
+        if not np.array_equal(res.block_rows, r.block_rows):
+            raise MoescopeError(f"arms {name} and {ref} were captured on different eval blocks")
+        diff = stats.paired_loss_difference(
+            res.block_loss_sum, r.block_loss_sum, res.block_tokens, res.block_domain, len(domains),
+            n_resamples=sc.n_resamples, n_permutations=sc.n_permutations, confidence_level=sc.confidence_level,
+            seed=sc.seed)
+        metrics_out["arms"][name]["eval_loss_vs_dense"] = {
+            "reference": ref, **diff.to_dict(domains),
+            "test": "paired block bootstrap within domains (same blocks for both arms); p from sign flips "
+                    "of whole blocks' differences, two-sided",
+        }
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -412,6 +444,7 @@ def analyze_run(
         "arms": {},
     }
     viewer: dict[str, Any] = {"arms": {}}
+    block_losses: dict[str, capture.CaptureResult] = {}
     for name in names:
         arm_dir = run_dir / "arms" / name
         model = load_moe_model(arm_dir / "final", device=device)
@@ -443,7 +476,10 @@ def analyze_run(
             viewer["arms"][name] = viewer_arm(res.tables, sample_rows, store.domains,
                                               _pieces_for_rows(store, tokenizer, sample_rows))
         metrics_out["arms"][name] = arm
+        block_losses[name] = dataclasses.replace(res, tables={})  # the losses only: routing tables are large
         del model
+
+    add_paired_loss_differences(metrics_out, block_losses, store.domains, cfg.statistics)
 
     atomic_write_json(out_dir / "metrics.json", _json_ready(metrics_out))
     atomic_write_json(out_dir / "viewer.json", _json_ready(viewer), indent=None)

@@ -254,3 +254,87 @@ def permutation_test_nmi(
     return permutation_test_blocks(
         counts, block_domain, n_domains, stat, n_permutations=n_permutations, seed=seed
     )
+
+
+# --------------------------------------------------------------------------- paired arms
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Held-out loss of arm A minus arm B on the same eval blocks (nats/token).
+
+    domain_weighted: the mean over domains of each domain's per-token difference (the
+    difference of the two arms' domain-weighted losses); domains: per-domain differences
+    (domain id -> Interval). pvalue: two-sided sign-flip permutation test of "no
+    difference", flipping whole blocks' differences (the block is the unit).
+    """
+
+    domain_weighted: Interval
+    domains: dict[int, Interval]
+    pvalue: float
+    n_permutations: int
+    n_blocks: int
+
+    def to_dict(self, domain_names: list[str] | None = None) -> dict:
+        name = (lambda d: domain_names[d]) if domain_names is not None else str
+        return {
+            "domain_weighted": {k: getattr(self.domain_weighted, k) for k in ("estimate", "low", "high")},
+            "domains": {name(d): {k: getattr(iv, k) for k in ("estimate", "low", "high")}
+                        for d, iv in self.domains.items()},
+            "pvalue": self.pvalue,
+            "n_permutations": self.n_permutations,
+            "n_blocks": self.n_blocks,
+        }
+
+
+def paired_loss_difference(
+    loss_sum_a: np.ndarray,
+    loss_sum_b: np.ndarray,
+    block_tokens: np.ndarray,
+    block_domain: np.ndarray,
+    n_domains: int,
+    *,
+    n_resamples: int = 1000,
+    n_permutations: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """Paired comparison of two arms' summed block losses [B] on the same blocks (A - B).
+
+    The interval resamples blocks within their domain and takes the SAME blocks for
+    both arms (a resample is a set of per-block differences), so the large
+    between-block spread of loss that both arms share cancels; unpaired intervals of
+    the two losses overlap long before this one covers 0. The null flips the sign of
+    each block's difference (exchangeable under "A and B are the same model").
+    """
+    a = np.asarray(loss_sum_a, dtype=float)
+    b = np.asarray(loss_sum_b, dtype=float)
+    tokens = np.asarray(block_tokens, dtype=float)
+    dom = np.asarray(block_domain, dtype=np.int64)
+    if not (a.shape == b.shape == tokens.shape == dom.shape) or a.ndim != 1:
+        raise ValueError(f"paired arms need the same blocks: shapes {a.shape}, {b.shape}, {tokens.shape}, {dom.shape}")
+    present = np.flatnonzero(np.bincount(dom, minlength=n_domains) > 0)
+    one_hot = np.eye(n_domains)[dom]  # [B, D]
+    domain_tokens = tokens @ one_hot  # [D]
+
+    # Per-block sums laid out per domain: [B, D, 2] = (difference, tokens) in the block's domain row.
+    sums = np.stack([one_hot * (a - b)[:, None], one_hot * tokens[:, None]], axis=-1)
+
+    def weighted(t: np.ndarray) -> np.ndarray:
+        return (t[..., present, 0] / t[..., present, 1]).mean(-1)
+
+    common = dict(strata=dom, n_resamples=n_resamples, confidence_level=confidence_level, seed=seed)
+    overall = bootstrap_interval(sums, weighted, **common)
+    per_domain = {int(d): bootstrap_interval(sums, lambda t, d=d: t[..., d, 0] / t[..., d, 1], **common)
+                  for d in present}
+
+    def flipped(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        # x, y: [..., B] after scipy swapped some pairs (= flipped those blocks' differences)
+        per_domain_diff = (np.asarray(x) - np.asarray(y)) @ one_hot / domain_tokens  # [..., D]
+        return per_domain_diff[..., present].mean(-1)
+
+    perm = scipy.stats.permutation_test(
+        (a, b), flipped, permutation_type="samples", vectorized=True, n_resamples=n_permutations,
+        alternative="two-sided", rng=np.random.default_rng(seed),
+    )
+    return PairedDifference(overall, per_domain, float(perm.pvalue), int(np.size(perm.null_distribution)), int(a.size))

@@ -16,6 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="override a setting, e.g. --set experiment.train.steps=200 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start over")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run the study over N seeds (experiment.train.seed, +1, ...) and report the between-seed "
+                        "spread (default 1: one run, the layout above)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="with --seeds > 1: seeds run at once in separate processes (torch threads = cores / N)")
     p.set_defaults(func=run)
 
 
@@ -24,6 +29,16 @@ def run(args: argparse.Namespace) -> int:
     from moescope.io.config import parse_overrides
 
     cfg = load_demo_config(args.scale, parse_overrides(args.overrides))
+    if args.seeds != 1:
+        from moescope.demo import format_seeds_table, run_demo_seeds
+
+        result = run_demo_seeds(cfg, args.out, args.seeds, overwrite=args.overwrite, workers=args.workers)
+        print()
+        print(format_seeds_table(result["seeds_table"]))
+        print(f"\ntime: {result['wall_s']:.0f} s wall for this invocation ({result['cell_seconds']:.0f} s summed over "
+              f"seeds)")
+        print("reports: " + ", ".join(result["reports"]))
+        return 0
     result = run_demo(cfg, args.out, overwrite=args.overwrite)
     t = result["timings"]
     print()

@@ -15,12 +15,19 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="train/evaluate on a Hugging Face pair dataset (hub id, parquet/jsonl/csv file, or save_to_disk dir)")
 
 
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model whose modules.json names custom module classes (runs their code); "
+                        "moescope's own MoE encoders never need it")
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("embed", help="MoE sentence-embedding encoders: train, evaluate, encode, compare")
     sub = parser.add_subparsers(dest="embed_command", metavar="ACTION")
 
     t = sub.add_parser("train", help="upcycle (or keep dense) an encoder, fine-tune it on pairs, evaluate, save")
-    t.add_argument("--out", required=True, help="run directory: model/ (a sentence-transformers model), metrics.json")
+    t.add_argument("--out", required=True, help="run directory: model/ (a sentence-transformers model: the best "
+                   "validated checkpoint when train.eval_every_steps is set), metrics.json")
     t.add_argument("--dense", action="store_true", help="fine-tune the dense encoder (no MoE)")
     t.add_argument("--overwrite", action="store_true")
     _config_args(t)
@@ -29,6 +36,10 @@ def register(subparsers: Any) -> None:
     e = sub.add_parser("eval", help="IR metrics per domain (+ intervals) and k-NN domain accuracy of a saved encoder")
     e.add_argument("model", help="sentence-transformers model directory (e.g. RUN/model)")
     e.add_argument("--out", help="metrics JSON path (default: print only)")
+    e.add_argument("--pairs", metavar="FILE",
+                   help="evaluate on your own pairs instead: .csv/.tsv (header) or .jsonl with sentence1, sentence2, "
+                        "score (STS -> Spearman with a bootstrap interval) or query, positive (retrieval -> IR metrics)")
+    _trust_arg(e)
     _config_args(e)
     e.set_defaults(func=run_eval)
 
@@ -40,10 +51,12 @@ def register(subparsers: Any) -> None:
     c.add_argument("--query", action="append", default=[], help="print the --top-k nearest texts (repeatable)")
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--batch-size", type=int, default=64)
+    _trust_arg(c)
     c.set_defaults(func=run_encode)
 
     m = sub.add_parser("compare", help="base vs dense fine-tune vs MoE top-1/top-2 at matched steps (table + plot)")
-    m.add_argument("--out", required=True, help="output directory: results.json, table.md, comparison.png")
+    m.add_argument("--out", required=True, help="output directory: results.json, table.md, comparison.png, "
+                   "embedding_pca.png / embedding_umap.png (held-out embeddings by domain and first-choice expert)")
     m.add_argument("--overwrite", action="store_true")
     _config_args(m)
     m.set_defaults(func=run_compare)
@@ -78,7 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
     from moescope.embed.encoder import build_encoder
     from moescope.embed.evaluate import evaluate_encoder
     from moescope.embed.pairs import load_pairs, pair_stats
-    from moescope.embed.train import build_loss_dataset, train_encoder
+    from moescope.embed.train import build_loss_dataset, train_encoder, validation_evaluator
     from moescope.errors import MoescopeError
     from moescope.io.atomic import atomic_directory, atomic_write_json
     from moescope.io.config import to_dict
@@ -96,7 +109,9 @@ def run_train(args: argparse.Namespace) -> int:
     miner = None
     if cfg.train.loss != "mnrl":
         miner = build_encoder(enc.base_model, None, pooling=enc.pooling, max_seq_length_tokens=enc.max_seq_length_tokens)
-    result = train_encoder(model, build_loss_dataset(split.train, cfg.train.loss, miner, cfg.train), cfg.train)
+    evaluator = validation_evaluator(split.validation, batch_size=cfg.eval.batch_size) if cfg.train.eval_every_steps else None
+    result = train_encoder(model, build_loss_dataset(split.train, cfg.train.loss, miner, cfg.train), cfg.train,
+                           evaluator=evaluator)
     report = evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True)
     report.pop("per_query")
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
@@ -104,12 +119,30 @@ def run_train(args: argparse.Namespace) -> int:
         atomic_write_json(tmp / "config.json", to_dict(cfg))
         atomic_write_json(tmp / "metrics.json", {
             "pairs": pair_stats(split), **report, "log_history": result.log_history,
-            "routing_history": result.routing_history, "environment": environment_info(),
+            "routing_history": result.routing_history, "validation": result.validation,
+            "environment": environment_info(),
         })
+    if result.validation:
+        v = result.validation
+        history = ", ".join(f"{h['step']}: {h['value']:.3f}" for h in v["history"])
+        print(f"validation {v['metric']} by step ({history}); the saved model is the best checkpoint, "
+              f"step {v['best_step']} of {v['last_step']} ({v['best_value']:.3f})")
     pooled = report["retrieval_all"]
     print(f"saved {out / 'model'}; held-out MRR@10 {pooled['mrr@10']:.3f} "
           f"[{pooled['mrr@10_ci'][0]:.3f}, {pooled['mrr@10_ci'][1]:.3f}], nDCG@10 {pooled['ndcg@10']:.3f}")
     return 0
+
+
+def _print_stats(stats: dict) -> None:
+    if stats:
+        print(f"{'geometry':>10}: mean pairwise cosine {stats['mean_cosine']:.3f}, "
+              f"effective rank {stats['effective_rank']:.1f} of {stats['dim']} ({stats['n_texts']} texts)")
+
+
+def _print_retrieval(report: dict) -> None:
+    for domain, row in report["retrieval"].items():
+        print(f"{domain:>10}: MRR@10 {row['mrr@10']:.3f} [{row['mrr@10_ci'][0]:.3f}, {row['mrr@10_ci'][1]:.3f}]"
+              f"  nDCG@10 {row['ndcg@10']:.3f}  R@1 {row['recall@1']:.3f}  ({row['n_queries']} queries)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -117,26 +150,39 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from moescope.embed.config import EmbedRunConfig
     from moescope.embed.encoder import load_encoder
-    from moescope.embed.evaluate import evaluate_encoder
-    from moescope.embed.pairs import load_pairs
+    from moescope.embed.evaluate import evaluate_encoder, evaluate_user_pairs
+    from moescope.embed.pairs import load_pairs, read_pair_file
     from moescope.io.atomic import atomic_write_json
 
     _quiet_libraries()
     model_dir = Path(args.model)
     run_config = model_dir.parent / "config.json"
-    if not args.config and run_config.is_file():
+    if not args.config and not args.pairs and run_config.is_file():
         # Same pairs recipe as training, so the held-out side is the one training never saw.
         args.config = str(run_config)
     cfg = _load_config(EmbedRunConfig, args)
-    split = load_pairs(cfg.pairs)
-    report = evaluate_encoder(load_encoder(model_dir), split.eval, split.train, cfg.eval, show_progress_bar=True)
-    report.pop("per_query")
-    for domain, row in report["retrieval"].items():
-        print(f"{domain:>10}: MRR@10 {row['mrr@10']:.3f} [{row['mrr@10_ci'][0]:.3f}, {row['mrr@10_ci'][1]:.3f}]"
-              f"  nDCG@10 {row['ndcg@10']:.3f}  R@1 {row['recall@1']:.3f}  ({row['n_queries']} queries)")
-    knn = report["knn"]
-    if "accuracy" in knn:
-        print(f"{'k-NN':>10}: domain accuracy {knn['accuracy']:.3f}")
+    if args.pairs:
+        user = read_pair_file(args.pairs)  # refused before the model loads
+        report = evaluate_user_pairs(load_encoder(model_dir, trust_remote_code=args.trust_remote_code), user,
+                                     cfg.eval, name=Path(args.pairs).stem, show_progress_bar=True)
+        report.pop("per_query", None)
+        report.pop("cosine", None)
+        if user.kind == "sts":
+            lo, hi = report["spearman_ci"]
+            print(f"{'STS':>10}: Spearman {report['spearman']:.3f} [{lo:.3f}, {hi:.3f}]  "
+                  f"Pearson {report['pearson']:.3f}  ({report['n_pairs']} pairs, cosine similarity)")
+        else:
+            _print_retrieval(report)
+    else:
+        split = load_pairs(cfg.pairs)
+        model = load_encoder(model_dir, trust_remote_code=args.trust_remote_code)
+        report = evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True)
+        report.pop("per_query")
+        _print_retrieval(report)
+        knn = report["knn"]
+        if "accuracy" in knn:
+            print(f"{'k-NN':>10}: domain accuracy {knn['accuracy']:.3f}")
+    _print_stats(report["embedding_stats"])
     if args.out:
         atomic_write_json(args.out, report)
     return 0
@@ -178,7 +224,7 @@ def run_encode(args: argparse.Namespace) -> int:
     texts = _read_texts(args.input, args.field)
     if not texts:
         raise MoescopeError(f"{args.input}: no texts")
-    model = load_encoder(args.model)
+    model = load_encoder(args.model, trust_remote_code=args.trust_remote_code)
     emb = model.encode(texts, batch_size=args.batch_size, show_progress_bar=True, convert_to_numpy=True,
                        normalize_embeddings=True).astype(np.float32)
     if args.out:
@@ -209,5 +255,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
-    print(f"results: {args.out}/results.json, plot: {args.out}/comparison.png ({doc['seconds_total']:.0f} s)")
+    maps = ", ".join(f"{args.out}/embedding_{m}.png" for m in cfg.projections)
+    print(f"results: {args.out}/results.json, plot: {args.out}/comparison.png, embedding maps: {maps or 'none'} "
+          f"({doc['seconds_total']:.0f} s)")
     return 0

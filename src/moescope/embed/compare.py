@@ -5,8 +5,9 @@ same order (same seed, same sampler) for the same number of optimizer steps with
 learning-rate schedule; only the FFN sublayers differ. All arms are evaluated on the same
 held-out pairs (split by source text before training). Results: per-domain IR metrics
 with bootstrap intervals, paired differences against the dense arm on the same queries,
-k-NN domain accuracy, and for MoE arms the routing analysis of the LM (P(expert | domain),
-NMI, load) on the held-out texts.
+k-NN domain accuracy, embedding statistics (mean pairwise cosine, effective rank), for MoE
+arms the routing analysis of the LM (P(expert | domain), NMI, load) on the held-out texts,
+and PCA / UMAP maps of each arm's held-out embeddings by domain and first-choice expert.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ import numpy as np
 
 from moescope.embed.config import CompareConfig, moe_arm_top_k
 from moescope.embed.encoder import build_encoder, default_base_model
-from moescope.embed.evaluate import capture_encoder_routing, evaluate_encoder, paired_difference_interval
+from moescope.embed.evaluate import (
+    capture_encoder_routing,
+    evaluate_encoder,
+    first_choice_experts,
+    paired_difference_interval,
+)
 from moescope.embed.pairs import PairSplit, load_pairs, pair_stats
 from moescope.embed.train import build_loss_dataset, train_encoder
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from moescope.embed.stats import project_2d
+from moescope.io.atomic import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 from moescope.io.config import to_dict
 from moescope.io.provenance import environment_info
 
@@ -34,17 +41,25 @@ logger = logging.getLogger(__name__)
 HEADLINE = ("mrr@10", "ndcg@10", "recall@1")
 
 
-def routing_summary(model, split: PairSplit, cfg: CompareConfig) -> dict[int, dict[str, Any]]:
-    """The LM's per-layer routing summary over the held-out texts (anchors and positives)."""
+def held_out_items(split: PairSplit) -> list[tuple[str, str]]:
+    """(text, domain) of every held-out anchor and positive, sorted: the texts that the routing
+    summary, the statistics and the pictures describe."""
+    return sorted({(t, p.domain) for p in split.eval for t in (p.anchor, p.positive)})
+
+
+def routing_summary(model, split: PairSplit, cfg: CompareConfig) -> tuple[dict[int, dict[str, Any]], np.ndarray]:
+    """The LM's per-layer routing summary over the held-out texts (anchors and positives), and
+    each text's first-choice expert in the last MoE layer."""
     from moescope.analysis.summary import SummaryConfig, summarize_layer
 
     domains = sorted({p.domain for p in split.eval})
-    items = sorted({(t, p.domain) for p in split.eval for t in (p.anchor, p.positive)})
+    items = held_out_items(split)
     tables = capture_encoder_routing(
         model, [t for t, _ in items], [domains.index(d) for _, d in items], batch_size=cfg.eval.batch_size
     )
     summary_cfg = SummaryConfig(n_resamples=cfg.routing_resamples, n_permutations=cfg.routing_resamples, seed=cfg.eval.seed)
-    return {i: summarize_layer(table, domains, summary_cfg) for i, table in tables.items()}
+    summary = {i: summarize_layer(table, domains, summary_cfg) for i, table in tables.items()}
+    return summary, first_choice_experts(tables[max(tables)], len(items))
 
 
 def run_arm(arm: str, split: PairSplit, cfg: CompareConfig, train_dataset, *, progress: bool = True):
@@ -78,6 +93,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, *, overwrite: bool =
                               max_seq_length_tokens=cfg.encoder.max_seq_length_tokens)
     train_dataset = build_loss_dataset(split.train, cfg.train.loss, miner, cfg.train)
     results: dict[str, Any] = {}
+    maps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # arm -> held-out embeddings, first-choice experts
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for arm in cfg.arms:
             t0 = time.perf_counter()
@@ -85,8 +101,12 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, *, overwrite: bool =
             model, info = run_arm(arm, split, cfg, train_dataset, progress=progress)
             report = evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=progress)
             entry: dict[str, Any] = {"train": info, **report}
+            experts = None
             if moe_arm_top_k(arm) is not None:
-                entry["routing"] = routing_summary(model, split, cfg)
+                entry["routing"], experts = routing_summary(model, split, cfg)
+            texts = [t for t, _ in held_out_items(split)]
+            maps[arm] = (model.encode(texts, batch_size=cfg.eval.batch_size, convert_to_numpy=True,
+                                      normalize_embeddings=True, show_progress_bar=False), experts)
             if cfg.save_models:
                 model.save(str(tmp / "models" / arm))
             entry["seconds"] = time.perf_counter() - t0
@@ -109,6 +129,9 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, *, overwrite: bool =
         atomic_write_json(tmp / "results.json", doc)
         atomic_write_text(tmp / "table.md", format_table(doc))
         plot_comparison(doc, tmp / "comparison.png")
+        domains = [d for _, d in held_out_items(split)]
+        for method in cfg.projections:
+            plot_embedding_map(maps, domains, method, tmp / f"embedding_{method}.png", seed=cfg.eval.seed)
     return doc
 
 
@@ -160,7 +183,8 @@ def format_table(doc: dict[str, Any]) -> str:
     lines = [f"MRR@10 per domain and pooled (95% bootstrap CI over queries); "
              f"steps {doc['config']['train']['steps']} x {doc['config']['train']['batch_size_pairs']} pairs, "
              f"loss {doc['config']['train']['loss']}", ""]
-    header = ["arm", *domains, "all: MRR@10", "all: nDCG@10", "all: R@1", "kNN domain acc"]
+    header = ["arm", *domains, "all: MRR@10", "all: nDCG@10", "all: R@1", "kNN domain acc", "mean cosine",
+              "effective rank"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, e in arms.items():
         cells = [arm]
@@ -169,6 +193,8 @@ def format_table(doc: dict[str, Any]) -> str:
         cells += [_ci(pooled[m], pooled[f"{m}_ci"]) for m in HEADLINE]
         knn = e["knn"]
         cells.append(_ci(knn["accuracy"], knn["accuracy_ci"]) if "accuracy_ci" in knn else "n/a")
+        stats = e.get("embedding_stats") or {}
+        cells += [f"{stats['mean_cosine']:.3f}", f"{stats['effective_rank']:.1f}"] if stats else ["n/a", "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
     if doc.get("differences"):
         lines += ["", "Paired differences on the same queries (estimate [95% CI])", "",
@@ -222,4 +248,51 @@ def plot_comparison(doc: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def plot_embedding_map(
+    maps: dict[str, tuple[np.ndarray, np.ndarray | None]], domains: list[str], method: str, path: Path, *, seed: int = 0
+) -> Path:
+    """One row per arm: its held-out embeddings projected to 2-D (`method`: pca or umap), coloured
+    by domain (left) and, for MoE arms, by each text's first-choice expert (right). Written
+    atomically (temporary path, then rename)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(set(domains))
+    domain_index = np.array([names.index(d) for d in domains])
+    fig, axes = plt.subplots(len(maps), 2, figsize=(8.5, 3.6 * len(maps)), squeeze=False)
+    for row, (arm, (emb, experts)) in zip(axes, maps.items()):
+        xy = project_2d(emb, method, seed=seed)
+        for j, name in enumerate(names):
+            sel = domain_index == j
+            row[0].scatter(xy[sel, 0], xy[sel, 1], s=8, color=plt.cm.tab10(j % 10), label=name)
+        row[0].set_title(f"{arm}: by domain ({method.upper()})", fontsize=9)
+        row[0].legend(fontsize=7, markerscale=1.5, loc="best")
+        if experts is None:
+            row[1].text(0.5, 0.5, "dense encoder: no experts", ha="center", va="center", transform=row[1].transAxes)
+            row[1].set_axis_off()
+            continue
+        # a palette unlike the domains' (tab10), so a colour never reads as both a domain and an expert
+        palette = plt.cm.Dark2 if experts.max() < 8 else plt.cm.tab20
+        for e in sorted(set(experts.tolist())):
+            sel = experts == e
+            row[1].scatter(xy[sel, 0], xy[sel, 1], s=8, color=palette(e % palette.N) if e >= 0 else "grey",
+                           label=f"expert {e}" if e >= 0 else "no tokens")
+        row[1].set_title(f"{arm}: by first-choice expert (last MoE layer)", fontsize=9)
+        row[1].legend(fontsize=7, markerscale=1.5, loc="best", ncol=2)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"held-out texts ({len(domains)}), {method.upper()} of each arm's own embeddings", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -33,6 +33,9 @@ class PairSourceConfig:
     eval_fraction: float = 0.2
     max_eval_pairs_per_domain: int | None = 100
     split_seed: int = 0
+    # validation pairs for checkpoint selection (train.eval_every_steps), split by source from
+    # the training side; 0 = none
+    validation_fraction: float = 0.0
     extract: PairConfig = field(default_factory=PairConfig)
 
     def __post_init__(self) -> None:
@@ -40,6 +43,8 @@ class PairSourceConfig:
             raise MoescopeError("pairs.source = 'hf' needs pairs.name_or_path (hub id, data file or directory)")
         if self.texts_per_domain < 1:
             raise MoescopeError(f"pairs.texts_per_domain must be >= 1, got {self.texts_per_domain}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise MoescopeError(f"pairs.validation_fraction must be in [0, 1), got {self.validation_fraction}")
 
 
 def default_encoder_moe() -> MoEConfig:
@@ -59,14 +64,43 @@ class EncoderConfig:
     moe: MoEConfig = field(default_factory=default_encoder_moe)
 
 
+# The stages' own defaults live in subclasses, not in default_factory lambdas: the config
+# loader builds a nested table from the field's class, so a lambda's values would be lost as
+# soon as the user overrides any one key of that table.
+
+
+@dataclass
+class RunPairSourceConfig(PairSourceConfig):
+    validation_fraction: float = 0.1
+
+
+@dataclass
+class RunTrainConfig(EmbedTrainConfig):
+    router_learning_rate_mult: float = 10.0
+    eval_every_steps: int | None = 20  # validation every 20 of the 60 steps; the best checkpoint is saved
+
+
+@dataclass
+class CompareTrainConfig(EmbedTrainConfig):
+    # 40 steps of 16 pairs, top third of the encoder trained (where the MoE layers are):
+    # sized so the four arms run in minutes on a 2-core CPU
+    steps: int = 40
+    router_learning_rate_mult: float = 10.0
+    freeze_below_layer: int | None = 4
+
+
 @dataclass
 class EmbedRunConfig:
     """`moescope embed train`: one encoder, fine-tuned and evaluated on held-out pairs."""
 
-    pairs: PairSourceConfig = field(default_factory=PairSourceConfig)
+    pairs: RunPairSourceConfig = field(default_factory=RunPairSourceConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    train: EmbedTrainConfig = field(default_factory=lambda: EmbedTrainConfig(router_learning_rate_mult=10.0))
+    train: RunTrainConfig = field(default_factory=RunTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.eval_every_steps and self.pairs.validation_fraction <= 0:
+            raise MoescopeError("train.eval_every_steps needs validation pairs: set pairs.validation_fraction > 0")
 
 
 ARMS = ("base", "dense", "moe_top1", "moe_top2")
@@ -78,17 +112,17 @@ class CompareConfig:
 
     pairs: PairSourceConfig = field(default_factory=PairSourceConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # moe.top_k is set per arm
-    # 40 steps of 16 pairs, top third of the encoder trained (where the MoE layers are):
-    # sized so the four arms run in minutes on a 2-core CPU
-    train: EmbedTrainConfig = field(
-        default_factory=lambda: EmbedTrainConfig(steps=40, router_learning_rate_mult=10.0, freeze_below_layer=4)
-    )
+    train: CompareTrainConfig = field(default_factory=CompareTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     save_models: bool = False
+    # 2-D maps of the held-out embeddings written as embedding_{method}.png
+    projections: list[Literal["pca", "umap"]] = field(default_factory=lambda: ["pca", "umap"])
     routing_resamples: int = 500  # block bootstrap resamples / NMI permutations of the routing summary
 
     def __post_init__(self) -> None:
+        if self.train.eval_every_steps:
+            raise MoescopeError("embed compare trains every arm for exactly train.steps: unset train.eval_every_steps")
         bad = [a for a in self.arms if a not in ("base", "dense") and not _is_moe_arm(a)]
         if bad:
             raise MoescopeError(f"unknown comparison arms {bad} (use base, dense, moe_top1, moe_top2, ... moe_topK)")

@@ -1,8 +1,8 @@
 """Sentence encoders whose BERT feed-forward sublayers are mixtures of experts.
 
-A sentence-transformers model is Transformer -> Pooling -> Normalize. Here the
-Transformer module is `MoETransformer`, a subclass of sentence-transformers' own
-`Transformer` whose BERT encoder has chosen layers' FFNs upcycled into `MoELayer`s:
+A sentence-transformers model is Transformer -> Pooling -> Normalize. Here the BERT
+model inside the Transformer module is `MoEBertModel`, a BertModel whose
+chosen layers' FFNs are upcycled into `MoELayer`s:
 
     BertLayer (transformers 5.x):  h = attention(x)
                                    out = LayerNorm(dropout(W_out act(W_in h)) + h)   <- BertIntermediate + BertOutput
@@ -15,11 +15,14 @@ dense parent bit for bit. Padding tokens are not routed (they would skew the loa
 load-balancing loss, and they cannot influence real tokens: attention masks them out and
 pooling ignores them).
 
-Pooling and normalization are sentence-transformers' own `Pooling` and `Normalize`.
-A model saves as a sentence-transformers directory; reload it with
-``SentenceTransformer(path, trust_remote_code=True)`` (sentence-transformers >= 6 asks for
-that flag before importing any module class outside its own package; here the class is
-moescope's, imported from the installed package, no code is read from the directory).
+Pooling and normalization are sentence-transformers' own `Pooling` and `Normalize`, and
+the first module is its own `Transformer`, holding a `MoEBertModel`: a BertModel subclass
+registered with transformers' Auto classes (model_type "moescope_moe_bert") when this
+module is imported. A saved MoE encoder therefore names only sentence-transformers'
+module classes in modules.json and reloads with plain ``SentenceTransformer(path)`` once
+moescope's embed package is imported: no trust_remote_code, no code read from the
+directory (sentence-transformers >= 6 asks for that flag before importing any module
+class outside its own package).
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.dataclasses import strict
 from sentence_transformers.base.modules.transformer import Transformer
 from torch import nn
+from transformers import BertConfig, BertModel
 from transformers.activations import ACT2FN
 
 from moescope.errors import MoescopeError
 from moescope.io.config import from_dict, to_dict
-from moescope.moe.activation import BlockedActivation
 from moescope.moe.config import MoEConfig, default_moe_layers
 from moescope.moe.gpt2 import moe_layers
 from moescope.moe.layer import MoELayer
@@ -45,6 +49,8 @@ from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_uni
 WEIGHTS_NAME = "model.safetensors"
 ROUTER_KEY_MARK = ".moe.router.weight"  # present in a checkpoint's keys iff it holds MoE layers
 POOLING_MODES = ("mean", "max", "cls", "mean+max")
+MOE_BERT_MODEL_TYPE = "moescope_moe_bert"
+LEGACY_MODULE = "moescope.embed.encoder.MoETransformer"  # how MoE encoders were saved before MoEBertModel
 
 
 def default_base_model() -> str:
@@ -68,7 +74,7 @@ class BertFFNExpert(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu", dropout: float = 0.0) -> None:
         super().__init__()
         self.dense_in = nn.Linear(d_model, d_ff)
-        self.act = BlockedActivation(ACT2FN[activation])  # same values, cache-sized blocks
+        self.act = ACT2FN[activation]
         self.dropout = nn.Dropout(dropout)  # Switch's expert dropout, after the activation
         self.dense_out = nn.Linear(d_ff, d_model)
 
@@ -79,7 +85,7 @@ class BertFFNExpert(nn.Module):
 class MoEFeedForward(nn.Module):
     """Takes BertOutput's place: LayerNorm(MoE(h) + h) (the MoE layer applies BERT's dropout).
 
-    `token_mask` ([batch, seq] bool, set by `MoETransformer.forward`) selects the real
+    `token_mask` ([batch, seq] bool, set by `MoEBertModel.forward`) selects the real
     tokens; only those are routed, padding positions get a zero FFN output.
     """
 
@@ -201,85 +207,98 @@ def checkpoint_has_moe(directory: str | Path) -> bool:
         return any(ROUTER_KEY_MARK in key for key in fh.keys())
 
 
-# --------------------------------------------------------------------------- sentence-transformers module
+# --------------------------------------------------------------------------- transformers architecture
 
 
-class MoETransformer(Transformer):
-    """sentence-transformers' Transformer module with an MoE-upcycled BERT encoder.
+@strict
+class MoEBertConfig(BertConfig):
+    """BertConfig plus the MoE layout; config.json of a saved MoE encoder.
 
-    `MoETransformer(dense_model_path, moe_config={...})` upcycles a dense checkpoint;
-    `MoETransformer(saved_moe_dir, moe_config=...)` (what SentenceTransformer's loader
-    calls with the saved config) rebuilds the layout and loads every weight strictly.
-    `moe_config` is a plain dict of MoEConfig fields so that it round-trips through
-    sentence_bert_config.json.
+    `moe_config` is a plain dict of resolved MoEConfig fields (layers and expert width
+    filled in), so that it round-trips through JSON; `upcycle_seed` records how the
+    experts were drawn from the dense parent.
     """
 
-    config_keys: list[str] = [*Transformer.config_keys, "moe_config", "upcycle_seed"]
+    model_type = MOE_BERT_MODEL_TYPE
+    moe_config: dict | None = None
+    upcycle_seed: int = 0
 
-    def __init__(
-        self, model_name_or_path: str, *, moe_config: dict[str, Any] | None = None, upcycle_seed: int = 0, **kwargs
-    ) -> None:
-        if not moe_config:
-            raise MoescopeError("MoETransformer needs moe_config (use sentence-transformers' Transformer for dense models)")
-        # Read by _load_model, which Transformer.__init__ calls before returning.
-        object.__setattr__(self, "_pending_moe", (from_dict(MoEConfig, moe_config, where="moe_config"), upcycle_seed))
-        super().__init__(model_name_or_path, **kwargs)
-        self.moe_config = to_dict(self.model.moe_config)
-        self.upcycle_seed = upcycle_seed
 
-    def _load_model(self, model_name_or_path, transformer_task, config, backend, is_peft_model, **model_kwargs):
-        cfg, seed = self.__dict__.pop("_pending_moe")
-        if backend != "torch" or transformer_task != "feature-extraction":
-            raise MoescopeError(f"MoE encoders need backend='torch' and feature extraction, got {backend!r}/{transformer_task!r}")
-        if checkpoint_has_moe(model_name_or_path):
-            from safetensors.torch import load_model
-            from transformers import AutoModel
+class MoEBertModel(BertModel):
+    """A BertModel whose chosen layers' FFNs are `MoEFeedForward`s (see `install_encoder_moe`).
 
-            model = AutoModel.from_config(config)
-            install_encoder_moe(model, cfg, upcycle=False)
-            path = Path(model_name_or_path) / WEIGHTS_NAME
-            try:
-                missing, unexpected = load_model(model, str(path), strict=False)
-            except RuntimeError as exc:  # shape mismatches
-                raise MoescopeError(f"{path} does not match its MoE layout: {exc}") from exc
-            if missing or unexpected:
-                raise MoescopeError(
-                    f"{path} does not match its MoE layout: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-                )
-            model.eval()
-            return model
-        model = super()._load_model(model_name_or_path, transformer_task, config, backend, is_peft_model, **model_kwargs)
-        install_encoder_moe(model, cfg, seed=seed, upcycle=True)
-        return model
+    Registered with transformers' AutoConfig/AutoModel under model_type
+    "moescope_moe_bert" when this module is imported, so sentence-transformers' own
+    `Transformer` module loads a saved MoE encoder through `AutoModel.from_pretrained`
+    with no module class of ours named in modules.json, hence without trust_remote_code.
+    """
 
-    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
-        ffns = [m for m in self.model.modules() if isinstance(m, MoEFeedForward)]
-        mask = features.get("attention_mask")
-        mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    config_class = MoEBertConfig
+
+    def __init__(self, config: MoEBertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        if not config.moe_config:
+            raise MoescopeError(f"{MOE_BERT_MODEL_TYPE} config without moe_config")
+        # Layout only: the weights come from the checkpoint (from_pretrained) or a state dict.
+        install_encoder_moe(self, from_dict(MoEConfig, config.moe_config, where="moe_config"), upcycle=False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, made strict: a checkpoint that does not fill the MoE layout
+        exactly (missing or unexpected weights) is refused instead of re-initialized."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing, unexpected = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+        mismatched = sorted(str(m) for m in info.get("mismatched_keys", ()))
+        if missing or unexpected or mismatched:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise MoescopeError(
+                f"{where}/{WEIGHTS_NAME} does not match its MoE layout: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, mismatched {mismatched[:3]}"
+            )
+        return (model, info) if want_info else model
+
+    def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
+        # Only real tokens are routed: the MoE sublayers read the attention mask from here.
+        ffns = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+        mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         for ffn in ffns:
             ffn.token_mask = mask
         try:
-            return super().forward(features, **kwargs)
+            return super().forward(input_ids, attention_mask, *args, **kwargs)
         finally:
             for ffn in ffns:
                 ffn.token_mask = None
 
-    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        """config.json, model.safetensors (every weight, strict on reload), tokenizer, module config."""
-        from safetensors.torch import save_model
 
-        out = Path(output_path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(str(out))
-        save_model(self.model, str(out / WEIGHTS_NAME))
-        self.processor.save_pretrained(str(out))
-        self.save_config(str(out))
+def register_architecture() -> None:
+    """Make transformers' Auto classes know moescope's MoE BERT (idempotent)."""
+    from transformers import AutoConfig, AutoModel
 
-    def get_config_dict(self) -> dict[str, Any]:
-        config = super().get_config_dict()
-        config["moe_config"] = self.moe_config
-        config["upcycle_seed"] = self.upcycle_seed
-        return config
+    try:
+        AutoConfig.register(MOE_BERT_MODEL_TYPE, MoEBertConfig)
+    except ValueError:  # already registered by an earlier import
+        pass
+    try:
+        AutoModel.register(MoEBertConfig, MoEBertModel)
+    except ValueError:
+        pass
+
+
+register_architecture()
+
+
+def upcycle_bert(dense: nn.Module, cfg: MoEConfig, *, seed: int = 0) -> MoEBertModel:
+    """A MoEBertModel from a dense BertModel: every non-FFN weight copied, the chosen layers'
+    FFNs upcycled into experts (install_encoder_moe), loaded strictly into the new class."""
+    install_encoder_moe(dense, cfg, seed=seed, upcycle=True)
+    fields = {k: v for k, v in dense.config.to_dict().items() if k in BertConfig.__dataclass_fields__}
+    config = MoEBertConfig(**fields, moe_config=to_dict(dense.moe_config), upcycle_seed=seed)
+    config.architectures = [MoEBertModel.__name__]
+    ref = next(dense.parameters())
+    model = MoEBertModel(config, add_pooling_layer=getattr(dense, "pooler", None) is not None)
+    model.load_state_dict(dense.state_dict(), strict=True)
+    return model.to(device=ref.device, dtype=ref.dtype).train(dense.training)
 
 
 # --------------------------------------------------------------------------- whole models
@@ -311,26 +330,58 @@ def build_encoder(
     base = base_model or default_base_model()
     kwargs: dict[str, Any] = {"max_seq_length": max_seq_length_tokens} if max_seq_length_tokens else {}
     try:
-        if moe is None:
-            first = Transformer(base, **kwargs)
-        else:
-            first = MoETransformer(base, moe_config=to_dict(moe), upcycle_seed=seed, **kwargs)
+        first = Transformer(base, **kwargs)
     except OSError as exc:
         raise MoescopeError(f"cannot load base model {base!r}: {exc}") from exc
+    if moe is not None:
+        first.model = upcycle_bert(first.model, moe, seed=seed)
     pool = Pooling(first.get_embedding_dimension(), pooling_mode=pooling_mode_of(pooling))
     return SentenceTransformer(modules=[first, pool, Normalize()], device=device)
 
 
-def load_encoder(path: str | Path, *, device: str = "cpu"):
-    """Load a saved encoder (dense or MoE) through sentence-transformers' standard loader."""
+def custom_modules(path: str | Path) -> list[str]:
+    """Module classes that `path/modules.json` names outside sentence-transformers' package
+    (loading those imports Python from the model directory or the environment)."""
+    path = Path(path)
+    file = path / "modules.json"
+    if not file.is_file():
+        raise MoescopeError(f"{path} is not a sentence-transformers model directory (no modules.json)")
+    try:
+        modules = json.loads(file.read_text(encoding="utf-8"))
+        types = [str(m["type"]) for m in modules]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MoescopeError(f"{file}: not a list of modules with a 'type' each ({exc})") from exc
+    return [t for t in types if not t.startswith("sentence_transformers.")]
+
+
+def load_encoder(path: str | Path, *, device: str = "cpu", trust_remote_code: bool = False):
+    """Load a saved encoder (dense or MoE) through sentence-transformers' standard loader.
+
+    moescope's MoE encoders need no flag: their modules are sentence-transformers' own and
+    their architecture is registered with transformers by this module. Any other custom
+    module (or a config.json with remote code) is refused unless `trust_remote_code`.
+    """
     from sentence_transformers import SentenceTransformer
 
     path = Path(path)
-    if not (path / "modules.json").is_file():
-        raise MoescopeError(f"{path} is not a sentence-transformers model directory (no modules.json)")
-    modules = json.loads((path / "modules.json").read_text())
-    custom = any(not m["type"].startswith("sentence_transformers.") for m in modules)
-    return SentenceTransformer(str(path), device=device, trust_remote_code=custom)
+    custom = custom_modules(path)
+    if LEGACY_MODULE in custom:
+        raise MoescopeError(
+            f"{path} was saved by an older moescope ({LEGACY_MODULE}, removed so that loading needs no "
+            "trust_remote_code); train it again, or load it with that moescope version"
+        )
+    if custom and not trust_remote_code:
+        raise MoescopeError(
+            f"{path / 'modules.json'} names custom module {custom[0]!r}, whose code would run on loading; "
+            "pass --trust-remote-code if you trust it"
+        )
+    try:
+        return SentenceTransformer(str(path), device=device, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        raise MoescopeError(f"{path}: loading would run custom code ({first}); pass --trust-remote-code if you trust it") from exc
 
 
 def encoder_moe_layers(model: nn.Module) -> dict[int, MoELayer]:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from moescope.embed.pairs import TextPair
+from moescope.embed.pairs import TextPair, UserPairs
+from moescope.embed.stats import embedding_stats
 
 # Metric keys as the evaluator names them, with "@k" filled in ("mrr@10", "ndcg@10", ...).
 EVALUATOR_METRIC_GROUPS = ("accuracy@k", "precision@k", "recall@k", "ndcg@k", "mrr@k", "map@k")
@@ -74,28 +75,32 @@ def build_ir_tasks(pairs: Sequence[TextPair]) -> dict[str, IRTask]:
     return tasks
 
 
+class CachedInputs:
+    """Mixin for sentence-transformers evaluators: texts already embedded (by the caller, in
+    one pass shared by several evaluators and the statistics) are not encoded again."""
+
+    embedding_cache: dict[str, Any] | None = None  # text -> embedding tensor
+
+    def embed_inputs(self, model, sentences, *args, **kwargs):  # noqa: D102 - the evaluator's docstring applies
+        cache = self.embedding_cache
+        if cache is not None and all(s in cache for s in sentences):
+            import torch
+
+            return torch.stack([cache[s] for s in sentences])
+        return super().embed_inputs(model, sentences, *args, **kwargs)
+
+
 def make_ir_evaluator(task: IRTask, cfg: EvalConfig):
     """sentence-transformers' InformationRetrievalEvaluator for `task`, keeping the ranked hit
     lists of its last call so that per-query values can be derived from them."""
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.util import cos_sim
 
-    class _HitRecordingEvaluator(InformationRetrievalEvaluator):
-        embedding_cache: dict[str, Any] | None = None  # text -> embedding, filled by the caller
-
+    class _HitRecordingEvaluator(CachedInputs, InformationRetrievalEvaluator):
         def compute_metrics(self, queries_result_list):  # noqa: D102 - parent's docstring applies
             if not getattr(self, "_in_per_query", False):
                 self.last_hits = queries_result_list
             return super().compute_metrics(queries_result_list)
-
-        def embed_inputs(self, model, sentences, *args, **kwargs):  # noqa: D102
-            # One encoding pass serves every domain's evaluator and the k-NN probe.
-            cache = self.embedding_cache
-            if cache is not None and all(s in cache for s in sentences):
-                import torch
-
-                return torch.stack([cache[s] for s in sentences])
-            return super().embed_inputs(model, sentences, *args, **kwargs)
 
     return _HitRecordingEvaluator(
         queries=task.queries,
@@ -204,7 +209,8 @@ def evaluate_encoder(
     """IR metrics per domain (with bootstrap intervals) and k-NN domain accuracy for `model`.
 
     Returns {"retrieval": {domain: {metric: value, metric+"_ci": [lo, hi]}}, "retrieval_all":
-    pooled over domains' queries, "knn": {...}, "per_query": {domain: {metric: array}}}.
+    pooled over domains' queries, "knn": {...}, "embedding_stats": mean cosine and effective
+    rank of the held-out texts, "per_query": {domain: {metric: array}}}.
     """
     cfg = cfg or EvalConfig()
     tasks = build_ir_tasks(eval_pairs)
@@ -254,7 +260,10 @@ def evaluate_encoder(
         knn["accuracy_ci"] = list(
             bootstrap_interval(correct, confidence=cfg.confidence, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
         )
-    return {"retrieval": retrieval, "retrieval_all": pooled, "knn": knn, "per_query": per_query}
+    held_out = sorted({t for p in eval_pairs for t in (p.anchor, p.positive)})
+    stats = embedding_stats(np.stack([cache[t].float().numpy() for t in held_out])) if len(held_out) >= 2 else {}
+    return {"retrieval": retrieval, "retrieval_all": pooled, "knn": knn, "embedding_stats": stats,
+            "per_query": per_query}
 
 
 def select_knn_neighbours(train_pairs: Sequence[TextPair], *, per_domain: int, seed: int) -> list[tuple[str, str]]:
@@ -269,6 +278,16 @@ def select_knn_neighbours(train_pairs: Sequence[TextPair], *, per_domain: int, s
         take = sorted(rng.permutation(len(texts))[:per_domain])
         out += [(texts[i], domain) for i in take]
     return out
+
+
+def first_choice_experts(table, n_texts: int) -> np.ndarray:
+    """Per text, the expert that is most often its tokens' first choice in `table` (a RoutingTable
+    from `capture_encoder_routing`, `block` = text index); ties go to the lower index, -1 = no tokens."""
+    first = np.asarray(table.expert_index).reshape(len(table.block), -1)[:, 0]
+    n_experts = int(first.max()) + 1 if first.size else 1
+    counts = np.zeros((n_texts, n_experts), dtype=np.int64)
+    np.add.at(counts, (np.asarray(table.block), first), 1)
+    return np.where(counts.sum(1) > 0, counts.argmax(1), -1)
 
 
 def capture_encoder_routing(model, texts: Sequence[str], domain_ids: Sequence[int], *, batch_size: int = 64):
@@ -318,3 +337,81 @@ def capture_encoder_routing(model, texts: Sequence[str], domain_ids: Sequence[in
         model.train(was_training)
     base = {k: np.concatenate(v) for k, v in shared.items()}
     return {i: RoutingTable(**base, **{k: np.concatenate(v) for k, v in c.items()}) for i, c in cols.items()}
+
+
+# --------------------------------------------------------------------------- user pairs (STS / retrieval)
+
+
+def spearman_interval(
+    predicted: np.ndarray, gold: np.ndarray, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of Spearman's rho, resampling pairs.
+
+    Vectorized over resamples (ranks by scipy.stats.rankdata, then Pearson on ranks, which
+    is Spearman's definition with average ranks for ties); a resample whose scores are all
+    equal has no rho and is left out of the percentiles.
+    """
+    from scipy.stats import rankdata
+
+    x, y = np.asarray(predicted, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_resamples, len(x)))
+    rx, ry = rankdata(x[idx], axis=1), rankdata(y[idx], axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    denom = np.sqrt((rx * rx).sum(1) * (ry * ry).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(denom > 0, (rx * ry).sum(1) / denom, np.nan)
+    if np.isnan(rho).all():  # every resample constant: no interval
+        return float("nan"), float("nan")
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.nanquantile(rho, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def make_sts_evaluator(pairs: UserPairs, name: str, cfg: EvalConfig):
+    """sentence-transformers' EmbeddingSimilarityEvaluator (cosine) over STS pairs."""
+    from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
+
+    class _CachedSTSEvaluator(CachedInputs, EmbeddingSimilarityEvaluator):
+        pass
+
+    return _CachedSTSEvaluator(
+        pairs.first, pairs.second, pairs.scores, batch_size=cfg.batch_size, name=name,
+        similarity_fn_names=["cosine"], write_csv=False,
+    )
+
+
+def evaluate_user_pairs(model, pairs: UserPairs, cfg: EvalConfig | None = None, *, name: str = "pairs",
+                        show_progress_bar: bool = False) -> dict[str, Any]:
+    """A user's pairs through sentence-transformers' evaluators, with bootstrap intervals.
+
+    STS: Spearman (and Pearson) between cosine similarity and the given scores, from
+    EmbeddingSimilarityEvaluator, with a pair-bootstrap interval for Spearman. Retrieval:
+    the queries against all positives (InformationRetrievalEvaluator, as in
+    `evaluate_encoder`). Both report the embedding statistics of the file's texts.
+    """
+    cfg = cfg or EvalConfig()
+    if pairs.kind == "retrieval":
+        report = evaluate_encoder(model, pairs.as_text_pairs(name), [], cfg, show_progress_bar=show_progress_bar)
+        report.pop("knn")
+        return {"kind": "retrieval", "n_pairs": len(pairs), **report}
+    texts = sorted(set(pairs.first) | set(pairs.second))
+    embeddings = model.encode(texts, batch_size=cfg.batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                              show_progress_bar=show_progress_bar).cpu()
+    cache = dict(zip(texts, embeddings))
+    evaluator = make_sts_evaluator(pairs, name, cfg)
+    evaluator.embedding_cache = cache
+    raw = evaluator(model)
+    a = np.stack([cache[t].float().numpy() for t in pairs.first])
+    b = np.stack([cache[t].float().numpy() for t in pairs.second])
+    cosine = (a * b).sum(1)
+    return {
+        "kind": "sts",
+        "n_pairs": len(pairs),
+        "spearman": float(raw[f"{name}_spearman_cosine"]),
+        "spearman_ci": list(spearman_interval(cosine, np.asarray(pairs.scores), confidence=cfg.confidence,
+                                              n_resamples=cfg.n_bootstrap, seed=cfg.seed)),
+        "pearson": float(raw[f"{name}_pearson_cosine"]),
+        "cosine": cosine,
+        "embedding_stats": embedding_stats(embeddings.float().numpy()),
+    }

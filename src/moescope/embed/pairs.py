@@ -78,6 +78,9 @@ class PairSplit:
     eval: list[TextPair]
     dropped_for_leakage: int = 0
     dropped_duplicates: int = 0
+    # drawn from the training side (by source, same leakage guard) for checkpoint selection,
+    # so the held-out `eval` pairs stay untouched by any choice made during training
+    validation: list[TextPair] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- extractors
@@ -277,8 +280,9 @@ def find_leaks(split: PairSplit) -> dict[str, int]:
 def pair_stats(split: PairSplit) -> dict[str, Any]:
     """Per-domain counts for the run's metrics file."""
     out: dict[str, Any] = {}
-    for name, pairs in (("train", split.train), ("eval", split.eval)):
-        out[name] = dict(sorted(Counter(p.domain for p in pairs).items()))
+    for name, pairs in (("train", split.train), ("validation", split.validation), ("eval", split.eval)):
+        if pairs or name != "validation":
+            out[name] = dict(sorted(Counter(p.domain for p in pairs).items()))
     out["dropped_for_leakage"] = split.dropped_for_leakage
     out["dropped_duplicates"] = split.dropped_duplicates
     return out
@@ -381,4 +385,143 @@ def load_pairs(cfg) -> PairSplit:
     )
     if not split.train or not split.eval:
         raise MoescopeError(f"pair split left {len(split.train)} training and {len(split.eval)} held-out pairs")
+    if cfg.validation_fraction > 0:
+        inner = split_pairs(
+            split.train, eval_fraction=cfg.validation_fraction, seed=cfg.split_seed + 1,
+            max_eval_pairs_per_domain=cfg.max_eval_pairs_per_domain,
+        )
+        if not inner.train or not inner.eval:
+            raise MoescopeError(
+                f"validation split (pairs.validation_fraction={cfg.validation_fraction}) left {len(inner.train)} "
+                f"training and {len(inner.eval)} validation pairs"
+            )
+        split.train, split.validation = inner.train, inner.eval
+        split.dropped_for_leakage += inner.dropped_for_leakage
     return split
+
+
+# --------------------------------------------------------------------------- user evaluation pairs
+
+STS_COLUMNS = ("sentence1", "sentence2", "score")
+RETRIEVAL_COLUMNS = ("query", "positive")
+_PAIR_FILE_FORMATS = (".csv", ".tsv", ".jsonl")
+
+
+@dataclass
+class UserPairs:
+    """Evaluation pairs from a user's file: STS (sentence1, sentence2, score) or retrieval (query, positive)."""
+
+    kind: Literal["sts", "retrieval"]
+    first: list[str]
+    second: list[str]
+    scores: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def as_text_pairs(self, domain: str) -> list[TextPair]:
+        """Retrieval pairs as TextPairs (one source per query)."""
+        return [TextPair(q, p, domain, f"{domain}:{q}", "dataset") for q, p in zip(self.first, self.second)]
+
+
+def _pair_kind(columns: Iterable[str], where: str) -> Literal["sts", "retrieval"]:
+    cols = set(columns)
+    if set(STS_COLUMNS) <= cols:
+        return "sts"
+    if set(RETRIEVAL_COLUMNS) <= cols:
+        return "retrieval"
+    raise MoescopeError(
+        f"{where}: need columns {', '.join(STS_COLUMNS)} (STS) or {', '.join(RETRIEVAL_COLUMNS)} (retrieval), "
+        f"got {sorted(cols)}"
+    )
+
+
+def _pair_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a .csv/.tsv (header row) or .jsonl file; malformed lines raise."""
+    import csv
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoescopeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MoescopeError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise MoescopeError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            yield n, record
+        return
+    reader = csv.reader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise MoescopeError(f"{path}:1: {exc}") from exc
+    try:
+        for row in reader:
+            n = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise MoescopeError(f"{path}:{n}: {len(row)} fields, the header has {len(header)}")
+            yield n, dict(zip(header, row))
+    except csv.Error as exc:
+        raise MoescopeError(f"{path}:{reader.line_num}: {exc}") from exc
+
+
+def read_pair_file(path: str | Path) -> UserPairs:
+    """Read a user's evaluation pairs; any bad line is one MoescopeError naming file and line.
+
+    .csv/.tsv need a header row; .jsonl holds one object per line. Columns sentence1,
+    sentence2, score make an STS file (score: any finite number, only its ranking matters
+    for Spearman); query, positive make a retrieval file.
+    """
+    import math
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoescopeError(f"pairs file not found: {path}")
+    if path.suffix not in _PAIR_FILE_FORMATS:
+        raise MoescopeError(f"{path}: unknown pairs format (use {', '.join(_PAIR_FILE_FORMATS)})")
+    kind: Literal["sts", "retrieval"] | None = None
+    first: list[str] = []
+    second: list[str] = []
+    scores: list[float] = []
+    for n, record in _pair_rows(path):
+        if kind is None:
+            kind = _pair_kind(record, f"{path}:{n}")
+        names = STS_COLUMNS[:2] if kind == "sts" else RETRIEVAL_COLUMNS
+        texts = []
+        for name in names:
+            value = record.get(name)
+            if not isinstance(value, str) or not value.strip():
+                raise MoescopeError(f"{path}:{n}: {name!r} must be a non-empty text, got {value!r}")
+            texts.append(value)
+        if kind == "sts":
+            raw = record.get("score")
+            try:
+                if isinstance(raw, bool):
+                    raise ValueError
+                score = float(raw)
+            except (TypeError, ValueError):
+                raise MoescopeError(f"{path}:{n}: score must be a number, got {raw!r}") from None
+            if not math.isfinite(score):
+                raise MoescopeError(f"{path}:{n}: score must be finite, got {raw!r}")
+            scores.append(score)
+        first.append(texts[0])
+        second.append(texts[1])
+    if kind is None:
+        raise MoescopeError(f"{path}: no pairs")
+    if kind == "sts":
+        if len(first) < 3:
+            raise MoescopeError(f"{path}: Spearman needs at least 3 scored pairs, got {len(first)}")
+        if len(set(scores)) < 2:
+            raise MoescopeError(f"{path}: every score is {scores[0]}; Spearman needs scores that differ")
+    return UserPairs(kind, first, second, scores if kind == "sts" else None)

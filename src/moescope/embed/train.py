@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -59,6 +58,9 @@ class EmbedTrainConfig:
     negatives_range_min: int = 3
     triplet_margin: float = 0.3  # in cosine distance: embeddings are L2-normalized
     contrastive_margin: float = 0.5
+    # Validate every N steps (and after the last) with a sentence-transformers evaluator on
+    # validation pairs; the best validated weights become the final model. None = off.
+    eval_every_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_NAMES:
@@ -67,6 +69,8 @@ class EmbedTrainConfig:
             raise MoescopeError(f"need steps >= 1 and batch_size_pairs >= 2, got {self.steps}, {self.batch_size_pairs}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise MoescopeError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.eval_every_steps is not None and self.eval_every_steps < 1:
+            raise MoescopeError(f"train.eval_every_steps must be >= 1 (or unset), got {self.eval_every_steps}")
 
 
 # --------------------------------------------------------------------------- aux losses
@@ -83,7 +87,7 @@ def aggregate_records(records: Sequence[RoutingRecord], top_k: int) -> dict[str,
     n_tokens = sum(r.n_tokens for r in records)
     z = sum(r.z_loss * r.n_tokens for r in records) / max(n_tokens, 1)
     return {
-        "load_balance": load_balancing_loss(counts, prob_sum, n_tokens, top_k),
+        "load_balance_loss": load_balancing_loss(counts, prob_sum, n_tokens, top_k),
         "z_loss": z if isinstance(z, torch.Tensor) else torch.zeros((), device=prob_sum.device),
         "counts": counts,
     }
@@ -92,7 +96,7 @@ def aggregate_records(records: Sequence[RoutingRecord], top_k: int) -> dict[str,
 class MoEAuxLoss(nn.Module):
     """A sentence-transformers loss plus the MoE layers' auxiliary losses.
 
-    Returns {"task": ..., "load_balance": coef x sum over layers, "router_z": coef x sum}
+    Returns {"task": ..., "load_balance_loss": coef x sum over layers, "z_loss": coef x sum}
     (sentence-transformers' trainer adds the terms and logs each). Routing records are
     collected with forward hooks while the wrapped loss runs, so a loss that encodes
     anchors, positives and negatives in separate passes contributes all of them.
@@ -138,7 +142,7 @@ class MoEAuxLoss(nn.Module):
             if not records[i]:
                 continue
             agg = aggregate_records(records[i], layer.top_k)
-            lb_total = lb_total + agg["load_balance"]
+            lb_total = lb_total + agg["load_balance_loss"]
             z_total = z_total + agg["z_loss"]
             self.last_counts[i] = agg["counts"].detach().cpu()
         if isinstance(task, dict):  # a loss that already reports components
@@ -148,9 +152,9 @@ class MoEAuxLoss(nn.Module):
         zero = torch.zeros((), device=next(iter(out.values())).device)
         lb_total = lb_total if isinstance(lb_total, torch.Tensor) else zero
         z_total = z_total if isinstance(z_total, torch.Tensor) else zero
-        self.last_raw = {"load_balance": float(lb_total.detach()), "router_z": float(z_total.detach())}
-        out["load_balance"] = self.load_balance_coef * lb_total
-        out["router_z"] = self.z_loss_coef * z_total
+        self.last_raw = {"load_balance_loss": float(lb_total.detach()), "z_loss": float(z_total.detach())}
+        out["load_balance_loss"] = self.load_balance_coef * lb_total
+        out["z_loss"] = self.z_loss_coef * z_total
         return out
 
 
@@ -243,6 +247,38 @@ def _progress_callback():
     return MoEProgressCallback()
 
 
+def _best_checkpoint_callback(evaluator, every: int):
+    from transformers import TrainerCallback
+
+    class BestCheckpoint(TrainerCallback):
+        """Evaluates every `every` steps and after the last step, and keeps a copy of the
+        weights with the best value of the evaluator's primary metric (in memory: the
+        encoders are small, and nothing half-written can be picked up later)."""
+
+        def __init__(self) -> None:
+            self.history: list[dict[str, Any]] = []
+            self.best_state: dict[str, torch.Tensor] | None = None
+            self.best: dict[str, Any] | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0 or state.global_step >= state.max_steps:
+                control.should_evaluate = True
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            key = f"eval_{evaluator.primary_metric}"
+            if not metrics or key not in metrics or model is None:
+                return
+            value = float(metrics[key])
+            self.history.append({"step": state.global_step, "value": value})
+            better = self.best is None or (value > self.best["value"] if evaluator.greater_is_better
+                                           else value < self.best["value"])
+            if better and math.isfinite(value):
+                self.best = {"step": state.global_step, "value": value}
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    return BestCheckpoint()
+
+
 @dataclass
 class TrainResult:
     """What a run leaves besides the trained model."""
@@ -251,6 +287,8 @@ class TrainResult:
     routing_history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     n_train_rows: int = 0
+    # with validation: {"metric", "history": [{"step", "value"}], "best_step", "best_value", "last_step"}
+    validation: dict[str, Any] | None = None
 
 
 def train_encoder(
@@ -260,8 +298,14 @@ def train_encoder(
     *,
     output_dir: str | Path | None = None,
     show_progress_bar: bool = True,
+    evaluator=None,
 ) -> TrainResult:
-    """Fine-tune `model` (in place) with SentenceTransformerTrainer for exactly `cfg.steps` steps."""
+    """Fine-tune `model` (in place) with SentenceTransformerTrainer for exactly `cfg.steps` steps.
+
+    With `cfg.eval_every_steps` and a sentence-transformers `evaluator` (see
+    `validation_evaluator`), the evaluator runs every N steps and after the last; the weights
+    of the best evaluation are loaded back into `model` at the end (the final model).
+    """
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
@@ -272,6 +316,13 @@ def train_encoder(
     loss = MoEAuxLoss(model, base_loss, load_balance_coef=cfg.load_balance_coef, z_loss_coef=cfg.z_loss_coef)
     callback = _progress_callback()
     callback.aux = loss if moe_layers(model) else None
+    validate = bool(cfg.eval_every_steps) and evaluator is not None
+    if bool(cfg.eval_every_steps) != (evaluator is not None):
+        raise MoescopeError("train.eval_every_steps and a validation evaluator go together (one is missing)")
+    callbacks = [callback]
+    best = _best_checkpoint_callback(evaluator, cfg.eval_every_steps) if validate else None
+    if best is not None:
+        callbacks.append(best)
 
     with tempfile.TemporaryDirectory(prefix="moescope-embed-") as tmp:
         args = SentenceTransformerTrainingArguments(
@@ -286,7 +337,8 @@ def train_encoder(
             data_seed=cfg.seed,
             logging_steps=cfg.logging_steps,
             save_strategy="no",
-            eval_strategy="no",
+            eval_strategy="steps" if validate else "no",
+            eval_steps=cfg.eval_every_steps if validate else None,
             report_to="none",
             use_cpu=True,
             dataloader_drop_last=True,
@@ -295,12 +347,20 @@ def train_encoder(
         )
         optimizers = (_optimizer(model, cfg), None) if cfg.router_learning_rate_mult != 1.0 and moe_layers(model) else (None, None)
         trainer = SentenceTransformerTrainer(
-            model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=[callback], optimizers=optimizers,
+            model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=callbacks, optimizers=optimizers,
+            evaluator=evaluator if validate else None,
         )
         try:
             out = trainer.train()
         finally:
             loss.remove_hooks()
+    validation = None
+    if best is not None:
+        if best.best_state is None:
+            raise MoescopeError(f"validation gave no finite {evaluator.primary_metric} in {cfg.steps} steps")
+        model.load_state_dict(best.best_state, strict=True)
+        validation = {"metric": evaluator.primary_metric, "history": best.history, "best_step": best.best["step"],
+                      "best_value": best.best["value"], "last_step": int(trainer.state.global_step)}
     model.eval()
     set_training_progress(model, 1.0)
     return TrainResult(
@@ -308,7 +368,21 @@ def train_encoder(
         routing_history=callback.history,
         train_seconds=float(out.metrics.get("train_runtime", float("nan"))),
         n_train_rows=len(train_dataset),
+        validation=validation,
     )
+
+
+def validation_evaluator(pairs: Sequence[TextPair], *, batch_size: int = 64):
+    """sentence-transformers' InformationRetrievalEvaluator over validation pairs pooled across
+    domains (queries compete against every domain's positives); primary metric nDCG@10."""
+    from dataclasses import replace
+
+    from moescope.embed.evaluate import EvalConfig, build_ir_tasks, make_ir_evaluator
+
+    if not pairs:
+        raise MoescopeError("no validation pairs")
+    task = build_ir_tasks([replace(p, domain="validation") for p in pairs])["validation"]
+    return make_ir_evaluator(task, EvalConfig(batch_size=batch_size))
 
 
 def freeze_lower_layers(model: nn.Module, below: int) -> int:
@@ -346,8 +420,3 @@ def _optimizer(model: nn.Module, cfg: EmbedTrainConfig) -> torch.optim.Optimizer
         {"params": router, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.router_learning_rate_mult},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-
-
-def routing_loads(counts: dict[int, torch.Tensor]) -> dict[int, np.ndarray]:
-    """Per-layer token fractions from summed counts (for reports)."""
-    return {i: (c.double() / c.sum().clamp(min=1)).numpy() for i, c in counts.items()}

@@ -19,6 +19,32 @@ class MoEConfig:
     step 0; "switch" multiplies by the probability (Switch Transformer). For k > 1
     the chosen probabilities are the weights, renormalized to sum to 1 when
     `renormalize` is set (Mixtral).
+
+    Designs of today (all off by default, which is the layer above bit for bit):
+    - `expert_granularity` m (DeepSeekMoE, Qwen-MoE): each of the n_experts experts is split
+      into m experts of 1/m of the width (upcycling slices the dense MLP's hidden units) and
+      each token takes m x top_k of them, so active and total parameters stay those of the
+      coarse layer. With renormalize, the selected gates are normalized and then scaled to
+      sum to (selected experts) / top_k, so each fine expert weighs like a 1/m slice of one
+      coarse choice (an upcycled split layer starts at the coarse layer's output scale).
+    - `n_shared_experts` s: s of the m x n_experts experts are always on and added with
+      weight 1 to the routed output (optionally x sigmoid(w . x), `shared_gate`, as in
+      Qwen-MoE). As in DeepSeekMoE they take their places among the m x n_experts experts
+      and the m x top_k active ones: m x n_experts - s experts are routed, m x top_k - s
+      per token, so the active compute is unchanged. They never go through the router.
+    - `routing = "expert_choice"` (Zhou et al. 2022): each routed expert takes the
+      C = ceil(capacity_factor x routed top-k x tokens / routed experts) tokens of the
+      forward pass with the highest router score (capacity_factor None = 1.0); a token no
+      expert takes gets a zero MoE output (it passes through the residual). Gates: "ste"
+      normalizes a token's weights over the experts that took it (gradient straight to the
+      probabilities), "switch" uses the probabilities (the paper). CAUSAL CAVEAT: an
+      expert's choice depends on every token of the batch, including later ones, so such a
+      model cannot generate autoregressively as is; `generate()` is refused.
+    - `router_score = "sigmoid"` (DeepSeek-V3): per-expert sigmoid scores instead of a
+      softmax; experts are chosen by score (+ the selection bias with balance_bias) and the
+      gates are the chosen scores normalized over the selected experts (renormalize). The
+      load-balancing statistics and captured router_probs use the scores normalized over
+      all experts.
     """
 
     n_experts: int = 8
@@ -39,7 +65,8 @@ class MoEConfig:
     input_jitter: float = 0.0
     # Dropout probability inside each expert, after the activation (Switch's expert dropout).
     expert_dropout: float = 0.0
-    expert_type: Literal["gelu", "swiglu"] = "gelu"
+    # "auto": the kind of the dense MLP being upcycled (SwiGLU for Llama-style decoders).
+    expert_type: Literal["gelu", "swiglu", "auto"] = "gelu"
     # Upcycling noise: std of each copied parameter's noise = this x the parameter's own std.
     upcycle_noise_rel: float = 1e-3
     # Drop-Upcycling: fraction of each expert's hidden units re-initialized from the dense
@@ -51,6 +78,29 @@ class MoEConfig:
     balance_bias: bool = False
     # Hidden width of each expert; None = the dense MLP's width (required for upcycling).
     expert_ff: int | None = None
+    # Always-on experts, counted among the m x n_experts experts and m x top_k active ones.
+    n_shared_experts: int = 0
+    # Qwen-MoE's scalar sigmoid gate on the shared experts' output (one per layer).
+    shared_gate: bool = False
+    # Split every expert into this many experts of 1/m of the width; route m x top_k of them.
+    expert_granularity: int = 1
+    routing: Literal["token_choice", "expert_choice"] = "token_choice"
+    router_score: Literal["softmax", "sigmoid"] = "softmax"
+
+    @property
+    def routed_experts(self) -> int:
+        """Experts behind the router: m x n_experts - n_shared_experts."""
+        return self.expert_granularity * self.n_experts - self.n_shared_experts
+
+    @property
+    def routed_top_k(self) -> int:
+        """Routed experts per token (token choice; the mean for expert choice): m x top_k - n_shared_experts."""
+        return self.expert_granularity * self.top_k - self.n_shared_experts
+
+    @property
+    def routed_gate_scale(self) -> float:
+        """Sum of a token's renormalized routed gates: routed_top_k / top_k (1 for the coarse layer)."""
+        return self.routed_top_k / self.top_k
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -59,8 +109,8 @@ class MoEConfig:
             raise MoescopeError(f"moe.top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}")
         if self.gating not in ("ste", "switch"):
             raise MoescopeError(f"moe.gating must be 'ste' or 'switch', got {self.gating!r}")
-        if self.expert_type not in ("gelu", "swiglu"):
-            raise MoescopeError(f"moe.expert_type must be 'gelu' or 'swiglu', got {self.expert_type!r}")
+        if self.expert_type not in ("gelu", "swiglu", "auto"):
+            raise MoescopeError(f"moe.expert_type must be 'gelu', 'swiglu' or 'auto', got {self.expert_type!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise MoescopeError(f"moe.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
         for name in ("router_noise_std", "input_jitter", "upcycle_noise_rel"):
@@ -77,6 +127,26 @@ class MoEConfig:
                 raise MoescopeError(f"moe.layers must be distinct non-negative block indices, got {self.layers}")
         if self.expert_ff is not None and self.expert_ff < 1:
             raise MoescopeError(f"moe.expert_ff must be >= 1, got {self.expert_ff}")
+        m, s = self.expert_granularity, self.n_shared_experts
+        if m < 1:
+            raise MoescopeError(f"moe.expert_granularity must be >= 1, got {m}")
+        if self.expert_ff is not None and self.expert_ff % m:
+            raise MoescopeError(f"moe.expert_ff={self.expert_ff} is not divisible by moe.expert_granularity={m}")
+        if not 0 <= s < m * self.top_k:
+            raise MoescopeError(
+                f"moe.n_shared_experts must be in 0..{m * self.top_k - 1} (shared experts take places among the "
+                f"expert_granularity x top_k = {m * self.top_k} active experts), got {s}"
+            )
+        if self.routed_experts < self.routed_top_k:
+            raise MoescopeError(f"moe: {self.routed_experts} routed experts cannot serve top-{self.routed_top_k}")
+        if self.shared_gate and s == 0:
+            raise MoescopeError("moe.shared_gate needs moe.n_shared_experts >= 1")
+        if self.routing not in ("token_choice", "expert_choice"):
+            raise MoescopeError(f"moe.routing must be 'token_choice' or 'expert_choice', got {self.routing!r}")
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise MoescopeError(f"moe.router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
+        if self.routing == "expert_choice" and self.balance_bias:
+            raise MoescopeError("moe.balance_bias does nothing with routing = 'expert_choice' (balanced by construction)")
 
 
 def default_moe_layers(n_blocks: int) -> list[int]:

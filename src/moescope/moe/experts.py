@@ -11,24 +11,25 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from moescope.moe.activation import BlockedActivation
-
 
 class GeluExpert(nn.Module):
     """GPT-2's MLP: c_fc (Conv1D d -> ff), activation, expert dropout, c_proj (Conv1D ff -> d).
 
     Parameter names and shapes equal `GPT2MLP`'s (c_fc.weight [d, ff], c_proj.weight
-    [ff, d]), so a dense MLP's state dict loads into it unchanged. Expert dropout sits
-    after the activation, where Switch puts it; GPT-2's residual dropout after c_proj
-    belongs to the block, not to the expert (MoELayer applies it once to the combined output).
+    [ff, d]), so a dense MLP's state dict loads into it unchanged. The default activation
+    is torch's fused tanh GELU, the function GPT-2's Python gelu_new computes (see
+    moe/activation.py). Expert dropout sits after the activation, where Switch puts it;
+    GPT-2's residual dropout after c_proj belongs to the block, not to the expert
+    (MoELayer applies it once to the combined output).
     """
 
-    def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu_new", dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, *, activation: str = "gelu_pytorch_tanh", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.c_fc = Conv1D(d_ff, d_model)
         self.c_proj = Conv1D(d_model, d_ff)
-        # blocked: the same values, computed in cache-sized row blocks (moe/activation.py)
-        self.act = BlockedActivation(ACT2FN[activation])
+        self.act = ACT2FN[activation]
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def build_experts(
     d_ff: int,
     *,
     expert_type: str = "gelu",
-    activation: str = "gelu_new",
+    activation: str = "gelu_pytorch_tanh",
     dropout: float = 0.0,
 ) -> nn.ModuleList:
     """A fresh ModuleList of `n_experts` experts of one type."""

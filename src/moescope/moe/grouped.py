@@ -26,7 +26,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from moescope.moe.activation import BlockedActivation
 from moescope.moe.experts import GeluExpert, SwiGLUExpert
 from moescope.moe.native import grouped_kernels
 
@@ -167,8 +166,8 @@ def grouped_linear(
 
 
 def _act_kind(act: nn.Module) -> type:
-    """The activation's own type, seen through a BlockedActivation wrapper."""
-    return type(act.fn) if isinstance(act, BlockedActivation) else type(act)
+    """The activation's own type."""
+    return type(act)
 
 
 def supports_grouped(experts: nn.ModuleList) -> bool:

@@ -22,6 +22,15 @@ Priority: all first choices before any second choice (GShard), and within a choi
 rank, earlier tokens in the flattened input first (Switch's cumsum order). An
 assignment over capacity is dropped: it contributes nothing, so a top-1 token that is
 dropped has a layer output of exactly zero and passes through the residual.
+
+Expert choice (`routing="expert_choice"`, Zhou et al. 2022) turns the selection around:
+each expert takes its C highest-scoring tokens of the forward pass, so the experts'
+loads are equal by construction and a token may be taken by 0..E experts. The rows are
+already expert-sorted ([E, C] from one topk), so the same gather / grouped experts /
+index_add combine runs them. Tokens no expert took have a zero output. The choice looks
+at every token of the pass, later ones included: not causal (see MoEConfig).
+
+Shared experts run on every token, outside the router, and are added to the routed output.
 """
 
 from __future__ import annotations
@@ -55,6 +64,16 @@ class RoutingRecord:
     expert_index: torch.Tensor | None = None  # LongTensor [N, k]
     gate_weight: torch.Tensor | None = None  # [N, k] weight applied in the forward pass (0 if dropped)
     router_probs: torch.Tensor | None = None  # [N, E]
+    # Expert choice: tokens no expert took (their MoE output is zero). 0 for token choice.
+    unrouted: torch.Tensor | None = None  # LongTensor []
+    # Shared experts: sums over tokens of the L2 norm of the shared / routed output rows
+    # (detached), so shared / (shared + routed) is the share of the output they carry.
+    shared_norm: torch.Tensor | None = None
+    routed_norm: torch.Tensor | None = None
+    # Expert choice with capture: which experts took each token ([N, E] bool). expert_index
+    # then holds up to top_k of them per token (highest router probability first) and
+    # gate_weight 0 where a token has fewer (an unrouted token: its router's first choice).
+    expert_mask: torch.Tensor | None = None
 
 
 def load_balancing_loss(
@@ -179,6 +198,11 @@ class MoELayer(nn.Module):
         input_jitter: float = 0.0,
         output_dropout: float = 0.0,
         balance_bias: bool = False,
+        shared_experts: nn.ModuleList | None = None,
+        shared_gate: bool = False,
+        routing: str = "token_choice",
+        router_score: str = "softmax",
+        gate_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
@@ -187,6 +211,12 @@ class MoELayer(nn.Module):
             raise ValueError(f"top_k must be in 1..{len(experts)}, got {top_k}")
         if gating not in ("ste", "switch"):
             raise ValueError(f"gating must be 'ste' or 'switch', got {gating!r}")
+        if routing not in ("token_choice", "expert_choice"):
+            raise ValueError(f"routing must be 'token_choice' or 'expert_choice', got {routing!r}")
+        if router_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router_score must be 'softmax' or 'sigmoid', got {router_score!r}")
+        if routing == "expert_choice" and balance_bias:
+            raise ValueError("balance_bias does not apply to expert-choice routing")
         self.d_model = d_model
         self.n_experts = len(experts)
         self.top_k = top_k
@@ -204,6 +234,18 @@ class MoELayer(nn.Module):
         if balance_bias:
             self.register_buffer("selection_bias", torch.zeros(self.n_experts))
         self.experts = experts
+        self.routing = routing
+        self.router_score = router_score
+        # Renormalized routed gates are multiplied by this (fine-grained experts: see MoEConfig).
+        self.gate_scale = float(gate_scale)
+        # Always-on experts (DeepSeekMoE, Qwen-MoE): never routed, never counted in the
+        # routing record's experts; Qwen-MoE's optional sigmoid gate scales their sum.
+        self.shared_experts = shared_experts if shared_experts is not None and len(shared_experts) else None
+        if shared_gate and self.shared_experts is None:
+            raise ValueError("shared_gate needs shared experts")
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
+        if self.shared_gate is not None:  # starts at sigmoid(0) = 1/2 for every token, seed-free
+            nn.init.zeros_(self.shared_gate.weight)
         self.output_dropout = nn.Dropout(output_dropout)
         self.progress = 0.0
         self.capture = False
@@ -218,14 +260,21 @@ class MoELayer(nn.Module):
         self.last_record: RoutingRecord | None = None
 
     @classmethod
-    def from_config(cls, cfg, experts: nn.ModuleList, d_model: int, *, output_dropout: float = 0.0) -> MoELayer:
-        """Build from a `MoEConfig` (n_experts must equal len(experts))."""
-        if cfg.n_experts != len(experts):
-            raise ValueError(f"config asks for {cfg.n_experts} experts, got {len(experts)}")
+    def from_config(
+        cls, cfg, experts: nn.ModuleList, d_model: int, *, output_dropout: float = 0.0,
+        shared_experts: nn.ModuleList | None = None,
+    ) -> MoELayer:
+        """Build from a `MoEConfig`: `experts` are its routed experts (cfg.routed_experts of them),
+        `shared_experts` its cfg.n_shared_experts always-on ones."""
+        if cfg.routed_experts != len(experts):
+            raise ValueError(f"config asks for {cfg.routed_experts} routed experts, got {len(experts)}")
+        n_shared = len(shared_experts) if shared_experts is not None else 0
+        if n_shared != cfg.n_shared_experts:
+            raise ValueError(f"config asks for {cfg.n_shared_experts} shared experts, got {n_shared}")
         return cls(
             experts,
             d_model,
-            top_k=cfg.top_k,
+            top_k=cfg.routed_top_k,
             gating=cfg.gating,
             renormalize=cfg.renormalize,
             capacity_factor=cfg.capacity_factor,
@@ -234,12 +283,20 @@ class MoELayer(nn.Module):
             input_jitter=cfg.input_jitter,
             output_dropout=output_dropout,
             balance_bias=cfg.balance_bias,
+            shared_experts=shared_experts,
+            shared_gate=cfg.shared_gate,
+            routing=cfg.routing,
+            router_score=cfg.router_score,
+            gate_scale=cfg.routed_gate_scale,
         )
 
     def extra_repr(self) -> str:
+        extra = "" if self.routing == "token_choice" else f", routing={self.routing!r}"
+        extra += "" if self.router_score == "softmax" else f", router_score={self.router_score!r}"
+        extra += f", n_shared_experts={len(self.shared_experts)}" if self.shared_experts is not None else ""
         return (
             f"n_experts={self.n_experts}, top_k={self.top_k}, gating={self.gating!r}, "
-            f"capacity_factor={self.capacity_factor}"
+            f"capacity_factor={self.capacity_factor}{extra}"
         )
 
     def current_noise_std(self) -> float:
@@ -252,6 +309,9 @@ class MoELayer(nn.Module):
 
     def capacity(self, n_tokens: int) -> int | None:
         """Assignments one expert may take in a pass of n_tokens tokens (None = dropless)."""
+        if self.routing == "expert_choice":  # tokens per expert; always bounded
+            factor = 1.0 if self.capacity_factor is None else self.capacity_factor
+            return min(n_tokens, max(1, math.ceil(factor * self.top_k * n_tokens / self.n_experts)))
         if self.capacity_factor is None:
             return None
         return max(1, math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_experts))
@@ -283,16 +343,31 @@ class MoELayer(nn.Module):
         lse = _logsumexp_last(logits)
         z_loss = lse.pow(2).mean()
         noise_std = self.current_noise_std() if self.training else 0.0
-        if noise_std > 0:
+        scores = None  # sigmoid scores (DeepSeek-V3); None = the softmax probabilities
+        if self.router_score == "sigmoid":
+            route_logits = logits + torch.randn_like(logits) * noise_std if noise_std > 0 else logits
+            scores = torch.sigmoid(route_logits)
+            # statistics (prob_sum, entropy, capture) see the scores normalized over all experts
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+            log_probs = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        elif noise_std > 0:
             route_logits = logits + torch.randn_like(logits) * noise_std
             log_probs = route_logits - _logsumexp_last(route_logits)
         else:
             log_probs = logits - lse
-        probs = log_probs.exp()
+        if scores is None:
+            probs = log_probs.exp()
         with torch.no_grad():
             entropy = -(probs * log_probs).sum(-1).mean()
         prob_sum = probs.sum(0)
-        if self.balance_bias:
+        if self.routing == "expert_choice":
+            return self._expert_choice(x, h, probs if scores is None else scores, probs, prob_sum, z_loss, entropy)
+        if scores is not None:
+            # DeepSeek-V3: the bias is added to the scores for the choice only
+            sel = scores.detach() + self.selection_bias if self.balance_bias else scores
+            top_i = sel.max(dim=-1, keepdim=True).indices if k == 1 else sel.topk(k, dim=-1).indices
+            top_p = scores.gather(-1, top_i)
+        elif self.balance_bias:
             biased = log_probs.detach() + self.selection_bias
             # max for top-1: on CPU, [2048, 16], topk took 259 us, max 12 us
             top_i = biased.max(dim=-1, keepdim=True).indices if k == 1 else biased.topk(k, dim=-1).indices
@@ -306,6 +381,8 @@ class MoELayer(nn.Module):
         straight_through = k == 1 and self.gating == "ste"
         if k > 1 and self.renormalize:
             gate = top_p / top_p.sum(dim=-1, keepdim=True)
+            if self.gate_scale != 1.0:
+                gate = gate * self.gate_scale
         else:
             gate = top_p
 
@@ -339,15 +416,10 @@ class MoELayer(nn.Module):
             inverse = torch.empty_like(token_of)
             inverse[token_of] = torch.arange(n, device=token_of.device)
         xs = _GatherRows.apply(h, token_of, inverse) if unique_rows else h.index_select(0, token_of)
-        if self.grouped_experts and supports_grouped(self.experts):
-            ys = run_grouped_experts(self.experts, xs, sizes, self.training)
-        else:
-            outs = [
-                self._run_expert(e, chunk) for e, chunk in enumerate(torch.split(xs, sizes, dim=0)) if sizes[e] > 0
-            ]
-            ys = torch.cat(outs, dim=0) if len(outs) > 1 else (outs[0] if outs else xs.new_zeros(0, shape[-1]))
+        ys = self._run_experts(xs, sizes)
         w = gate.reshape(-1).index_select(0, order)
         out = _CombineRows.apply(ys, w, token_of, n, straight_through, unique_rows, inverse)
+        out, shared_norm, routed_norm = self._add_shared(h, out)
         out = self.output_dropout(out.to(x.dtype))
 
         record = RoutingRecord(
@@ -358,6 +430,8 @@ class MoELayer(nn.Module):
             z_loss=z_loss,
             entropy_mean=entropy,
             capacity=capacity,
+            shared_norm=shared_norm,
+            routed_norm=routed_norm,
         )
         if self.capture:
             with torch.no_grad():
@@ -371,3 +445,85 @@ class MoELayer(nn.Module):
             record.router_probs = probs.detach()
         self.last_record = record
         return out.reshape(shape)
+
+    def _run_experts(self, xs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every routed expert on its slice of expert-sorted rows (grouped when it applies)."""
+        if self.grouped_experts and supports_grouped(self.experts):
+            return run_grouped_experts(self.experts, xs, sizes, self.training)
+        outs = [self._run_expert(e, chunk) for e, chunk in enumerate(torch.split(xs, sizes, dim=0)) if sizes[e] > 0]
+        return torch.cat(outs, dim=0) if len(outs) > 1 else (outs[0] if outs else xs.new_zeros(0, xs.shape[1]))
+
+    def _add_shared(self, h: torch.Tensor, routed: torch.Tensor):
+        """routed + the shared experts' output on every token (x Qwen's sigmoid gate); and the
+        per-token norm sums of both parts (None without shared experts)."""
+        if self.shared_experts is None:
+            return routed, None, None
+        shared = self.shared_experts[0](h)
+        for expert in list(self.shared_experts)[1:]:
+            shared = shared + expert(h)
+        if self.shared_gate is not None:
+            shared = shared * torch.sigmoid(self.shared_gate(h))
+        with torch.no_grad():
+            shared_norm = torch.linalg.vector_norm(shared.float(), dim=-1).sum()
+            routed_norm = torch.linalg.vector_norm(routed.float(), dim=-1).sum()
+        return routed + shared.to(routed.dtype), shared_norm, routed_norm
+
+    def _expert_choice(self, x, h, select, probs, prob_sum, z_loss, entropy) -> torch.Tensor:
+        """Expert-choice dispatch: expert e takes the C tokens with the highest `select[:, e]`.
+
+        `select` is what the experts rank tokens by and what the gates are made of (softmax
+        probabilities, or sigmoid scores); `probs` the distribution kept for statistics.
+        """
+        n, n_exp = h.shape[0], self.n_experts
+        capacity = self.capacity(n)
+        top_t = select.detach().t().topk(capacity, dim=-1).indices  # [E, C]
+        # within an expert, earlier tokens first: its slice then reads rows in input order
+        top_t = top_t.sort(dim=-1).values
+        token_of = top_t.reshape(-1)  # expert-sorted rows, C per expert
+        p = select.t().gather(1, top_t).reshape(-1)  # each (expert, token) probability, with gradient
+        if self.gating == "ste":
+            # forward: a token's weights normalized over the experts that took it (one expert
+            # -> exactly 1); backward: straight through to each probability, as top-1 STE
+            with torch.no_grad():
+                denom = p.new_zeros(n).index_add_(0, token_of, p)
+                norm = p / denom.index_select(0, token_of)
+            w = norm + (p - p.detach())
+        else:
+            w = p
+        if self.gate_scale != 1.0:
+            w = w * self.gate_scale
+        sizes = [capacity] * n_exp
+        xs = h.index_select(0, token_of)
+        ys = self._run_experts(xs, sizes)
+        out = _CombineRows.apply(ys, w, token_of, n, False, False, None)
+        out, shared_norm, routed_norm = self._add_shared(h, out)
+        out = self.output_dropout(out.to(x.dtype))
+        with torch.no_grad():
+            expert_of = torch.arange(n_exp, device=h.device).repeat_interleave(capacity)
+            taken = torch.zeros(n, n_exp, dtype=torch.bool, device=h.device)
+            taken[token_of, expert_of] = True
+            unrouted = (~taken.any(dim=-1)).sum()
+        record = RoutingRecord(
+            tokens_per_expert=torch.full((n_exp,), capacity, dtype=torch.long, device=h.device),
+            dropped=torch.zeros((), dtype=torch.long, device=h.device),
+            n_tokens=n,
+            prob_sum=prob_sum,
+            z_loss=z_loss,
+            entropy_mean=entropy,
+            capacity=capacity,
+            unrouted=unrouted,
+            shared_norm=shared_norm,
+            routed_norm=routed_norm,
+        )
+        if self.capture:
+            with torch.no_grad():
+                gates = torch.zeros(n, n_exp, dtype=w.dtype, device=h.device)
+                gates[token_of, expert_of] = w.detach()
+                # the token's experts first (highest probability first), then its router's choices
+                key = taken.to(probs.dtype) * 2 + probs.detach()
+                record.expert_index = key.topk(self.top_k, dim=-1).indices
+                record.gate_weight = gates.gather(1, record.expert_index)
+                record.router_probs = probs.detach()
+                record.expert_mask = taken
+        self.last_record = record
+        return out.reshape(x.shape)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
-import pickle
 import time
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_bytes
 from moescope.io.provenance import sha256_text
 
@@ -205,12 +207,87 @@ class TfidfSvdEncoder:
         return np.asarray(self.pipeline.transform(list(texts)), dtype=np.float32)
 
     def save(self, path: Path) -> None:
-        atomic_write_bytes(path, pickle.dumps(self.pipeline))
+        """One .npz of plain arrays (allow_pickle=False on load): the vectorizer's JSON
+        parameters, its vocabulary and idf, and the SVD components. No pickle, so a crafted
+        file can hold numbers and text but never code."""
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict = {"format": TFIDF_FORMAT, "fitted": self.pipeline is not None}
+        if self.pipeline is not None:
+            steps = dict(self.pipeline.steps)
+            vec = self.pipeline.steps[0][1]
+            params = {k: v for k, v in vec.get_params().items() if k in TFIDF_PARAMS}
+            params["ngram_range"] = list(params["ngram_range"])
+            params["dtype"] = np.dtype(vec.dtype).name
+            meta["vectorizer"] = params
+            terms = sorted(vec.vocabulary_, key=vec.vocabulary_.get)
+            arrays["terms"] = np.array(terms, dtype=str)
+            arrays["idf"] = np.asarray(vec.idf_, dtype=np.float64)
+            svd = steps.get("truncatedsvd")
+            meta["svd"] = svd is not None
+            if svd is not None:
+                arrays["components"] = np.asarray(svd.components_, dtype=np.float64)
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+        atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> "TfidfSvdEncoder":
-        # our own artifact, written by `save` beside the partitions
-        return cls(pickle.loads(Path(path).read_bytes()))
+        """Rebuild the fitted pipeline from `save`'s arrays; anything else is refused with the file named."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k] for k in data.files if k != "meta"}
+            if not isinstance(meta, dict) or meta.get("format") != TFIDF_FORMAT:
+                raise ValueError(f"not a {TFIDF_FORMAT} file")
+            if not meta["fitted"]:
+                return cls(None)
+            return cls(_tfidf_pipeline(meta, arrays))
+        except MoescopeError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            raise MoescopeError(f"{path}: not a tf-idf encoder written by moescope ({exc})") from exc
+
+
+TFIDF_FORMAT = "moescope-tfidf-svd-1"
+# TfidfVectorizer parameters that are plain JSON values (callables are never stored or accepted).
+TFIDF_PARAMS = ("analyzer", "binary", "decode_error", "encoding", "lowercase", "max_df", "max_features", "min_df",
+                "ngram_range", "norm", "smooth_idf", "strip_accents", "sublinear_tf", "token_pattern", "use_idf")
+
+
+def _tfidf_pipeline(meta: dict, arrays: dict[str, np.ndarray]):
+    """The fitted tf-idf (+ SVD) + normalizer pipeline that `TfidfSvdEncoder.save` stored."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, Normalizer
+
+    params = dict(meta["vectorizer"])
+    unknown = sorted(set(params) - set(TFIDF_PARAMS) - {"dtype"})
+    if unknown or params.get("analyzer") not in ("word", "char", "char_wb"):
+        raise ValueError(f"unexpected vectorizer parameters {unknown or params.get('analyzer')}")
+    dtype = np.dtype(params.pop("dtype"))
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"unexpected dtype {dtype}")
+    params["ngram_range"] = tuple(params["ngram_range"])
+    terms = [str(t) for t in arrays["terms"]]
+    vec = TfidfVectorizer(**params, dtype=dtype.type, vocabulary=terms)
+    vec.idf_ = np.asarray(arrays["idf"], dtype=np.float64)  # also fixes vocabulary_ from `terms`
+    steps = [vec]
+    width = len(terms)
+    if meta["svd"]:
+        components = np.asarray(arrays["components"], dtype=np.float64)
+        if components.ndim != 2 or components.shape[1] != len(terms):
+            raise ValueError(f"SVD components of shape {components.shape} for {len(terms)} terms")
+        svd = TruncatedSVD(n_components=components.shape[0])
+        svd.components_ = components
+        svd.n_features_in_ = len(terms)
+        steps.append(svd)
+        width = components.shape[0]
+    else:
+        steps.append(FunctionTransformer(_densify, accept_sparse=True))
+    steps.append(Normalizer().fit(np.zeros((1, width))))
+    return make_pipeline(*steps)
 
 
 @dataclass

@@ -6,7 +6,7 @@ Layout of a partition output directory::
     OUT/partition_01/texts.jsonl   ...
     OUT/assignment.npz             member [n, N] bool, primary, base_labels, weights (kept texts order)
     OUT/centroids.npy              [N, dim] for `clustered` (what c-BTM weighs contexts by)
-    OUT/encoder.json               how texts were embedded (+ OUT/encoder.pkl for the tf-idf fallback)
+    OUT/encoder.json               how texts were embedded (+ OUT/encoder.npz for the tf-idf fallback)
     OUT/report.json / report.md    sizes, overlaps, top terms, purity, ARI, timings, provenance
     OUT/partition_domains.png      texts of each domain per partition (when domains are known)
 
@@ -138,7 +138,7 @@ def write_partitions(
             enc = outcome.embedding.encoder
             atomic_write_json(tmp / "encoder.json", enc.describe())
             if isinstance(enc, TfidfSvdEncoder):
-                enc.save(tmp / "encoder.pkl")
+                enc.save(tmp / "encoder.npz")
         atomic_write_json(tmp / REPORT_JSON, report)
         atomic_write_text(tmp / "report.md", render_report_markdown(report))
         if report.get("domain_counts"):
@@ -177,7 +177,7 @@ def open_encoder(out_dir: str | Path, *, cache_dir: Path | None = None) -> Sente
         raise MoescopeError(f"{path} not found: only `clustered` partitions record their encoder")
     desc = json.loads(path.read_text(encoding="utf-8"))
     if desc["backend"] == TfidfSvdEncoder.backend:
-        return TfidfSvdEncoder.load(out_dir / "encoder.pkl")
+        return TfidfSvdEncoder.load(out_dir / "encoder.npz")
     return SentenceEncoder(desc["model"], cache_dir=cache_dir, max_tokens=desc.get("max_tokens"), show_progress=False)
 
 

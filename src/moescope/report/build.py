@@ -63,7 +63,7 @@ def arm_balancing(experiment: dict, arm: str) -> str | None:
     cfg = experiment.get("arms", {}).get(arm, {}).get("config", {})
     if not cfg:
         return None
-    loss = upgrade_keys(cfg.get("loss", {}))  # runs written before the renames say lb_coef
+    loss = upgrade_keys(cfg.get("loss", {}))  # runs written before the renames say load_balance_coef
     lb, rate = loss.get("load_balance_coef") or 0.0, loss.get("bias_update_rate") or 0.0
     parts = ([f"load-balancing loss {lb:g}"] if lb else []) + ([f"selection-bias balancing at rate {rate:g}"] if rate else [])
     return " + ".join(parts) if parts else "no load balancing"
@@ -241,6 +241,54 @@ def routing_table(metrics: dict) -> Table:
     return Table("Routing on held-out data, per MoE arm and layer", columns, rows, caption)
 
 
+def paired_loss_sentences(metrics: dict) -> list[str]:
+    """One claim per non-dense arm: its held-out loss minus dense's, paired over the same blocks."""
+    out = []
+    for arm, v in metrics["arms"].items():
+        diff = v.get("eval_loss_vs_dense")
+        if not diff:
+            continue
+        iv, p = diff["domain_weighted"], diff["pvalue"]
+        if iv["high"] < 0:
+            verdict = f"{arm} is below {diff['reference']}"
+        elif iv["low"] > 0:
+            verdict = f"{arm} is above {diff['reference']}"
+        else:
+            verdict = f"the paired interval covers 0, so this budget does not separate {arm} from {diff['reference']}"
+        out.append(f"{arm} - {diff['reference']} held-out loss, paired over the same {diff['n_blocks']} blocks: "
+                   f"{iv['estimate']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] nats/token (95% CI, sign-flip "
+                   f"p = {p:.3g}): {verdict}.")
+    return out
+
+
+def paired_loss_table(metrics: dict) -> list[Table]:
+    """Per-domain paired differences (arm - dense); empty when the run has no dense arm."""
+    domains = metrics["domains"]
+    rows = []
+    for arm, v in metrics["arms"].items():
+        diff = v.get("eval_loss_vs_dense")
+        if diff:
+            rows.append([f"{arm} - {diff['reference']}"] + [fmt_interval(diff["domains"].get(d), 4) for d in domains]
+                        + [fmt_interval(diff["domain_weighted"], 4), f"{diff['pvalue']:.3g}"])
+    if not rows:
+        return []
+    return [Table("Held-out loss difference to dense, paired over the same blocks (nats/token, 95% CI)",
+                  ["arms", *domains, "domain-weighted", "sign-flip p"], rows,
+                  "Blocks are resampled within their domain and the same blocks are taken for both arms, so the "
+                  "between-block spread both arms share cancels; p from flipping the sign of whole blocks' "
+                  "differences (two-sided).")]
+
+
+def seeds_section(run_dir: Path) -> Section | None:
+    """The study over several seeds (`moescope demo --seeds N` writes RUN/analysis/seeds.json)."""
+    path = run_dir / "analysis" / "seeds.json"
+    if not path.is_file():
+        return None
+    seeds = json.loads(path.read_text(encoding="utf-8"))
+    return Section("Over seeds", [seeds["caption"]],
+                   tables=[Table(seeds["title"], seeds["columns"], seeds["rows"])], anchor="seeds")
+
+
 # --------------------------------------------------------------------------- assembly (I/O)
 
 
@@ -270,7 +318,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                      "schedule; only the arm's own difference changes."] if trained else [],
             figures=[Figure("Loss curves", figures.plot_loss_curves(arm_records, fig_dir / "loss_curves.png"))]
             if trained else [],
-            tables=[loss_table(metrics)], anchor="loss"))
+            tables=[loss_table(metrics), *paired_loss_table(metrics)], anchor="loss"))
+    seeds = seeds_section(run_dir)
+    if seeds is not None:
+        sections.append(seeds)
     if moe:
         spec_figs = [Figure("P(expert | domain)", figures.plot_expert_given_domain(metrics, moe, fig_dir / "expert_given_domain.png"),
                             "Rows: domains; columns: experts. Each row sums to 1.")]
@@ -305,7 +356,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     content = ReportContent(
         title="moescope: what do the experts learn?",
         subtitle=f"run {run_dir.name} · arms {', '.join(arm_names)} · {metrics.get('n_eval_blocks', '?')} held-out blocks",
-        headline=headline_sentences(metrics, experiment, arm_records),
+        headline=headline_sentences(metrics, experiment, arm_records) + paired_loss_sentences(metrics),
         sections=sections,
         viewer=viewer if viewer and viewer.get("arms") else None,
         provenance={"experiment": experiment.get("experiment"), "statistics": metrics.get("statistics"),

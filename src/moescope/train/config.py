@@ -30,7 +30,7 @@ class ModelConfig:
     context_tokens: int = 128
     d_ff: int | None = None  # None = 4 * d_model (GPT-2's choice)
     dropout: float = 0.0
-    activation: str = "gelu_new"
+    activation: str = "gelu_pytorch_tanh"  # torch's fused GELU; "gelu_new" (same function) is mapped to it
 
 
 @dataclass
@@ -156,6 +156,15 @@ BUILTIN_ARMS: dict[str, dict[str, Any]] = {
     "moe-top2": {"arch": "moe", "moe": {"top_k": 2}},
     "moe-nolb": {"arch": "moe", "moe": {"top_k": 1},
                  "loss": {"load_balance_coef": 0.0, "load_balance_coef_by_layer": {}, "bias_update_rate": 0.0}},
+    # Designs of today at the active compute of "moe" (see MoEConfig): each expert split in
+    # four and top-4 of them (DeepSeekMoE's fine-grained experts); the same with one of the
+    # four active slices always on (a shared expert; 63 routed, top-3); expert-choice routing
+    # at capacity factor 1 (balanced by construction: no balance bias, no balancing loss).
+    "moe-fine": {"arch": "moe", "moe": {"top_k": 1, "expert_granularity": 4}},
+    "moe-shared": {"arch": "moe", "moe": {"top_k": 1, "expert_granularity": 4, "n_shared_experts": 1}},
+    "moe-ec": {"arch": "moe", "moe": {"top_k": 1, "routing": "expert_choice", "capacity_factor": 1.0,
+                                      "balance_bias": False},
+               "loss": {"load_balance_coef": 0.0, "load_balance_coef_by_layer": {}, "bias_update_rate": 0.0}},
 }
 
 # The only config paths an arm diff may change. Anything else (data, steps, batch, seed,

@@ -1,5 +1,6 @@
-"""Where a run's model comes from: a fresh GPT-2, pretrained weights, or a saved model; and
-the checks that the model fits the data directory (vocabulary, context)."""
+"""Where a run's model comes from: a fresh GPT-2, pretrained weights (any transformers causal LM;
+MoE upcycling for the families of moe/decoders.py), or a saved model; and the checks that the
+model fits the data directory (vocabulary, context)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import nn
 
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
-from moescope.moe.gpt2 import MOE_CONFIG_NAME, load_moe_model
+from moescope.moe.activation import fuse_config_activation, fused_activation
+from moescope.moe.gpt2 import MOE_CONFIG_NAME, WEIGHTS_NAME, load_moe_model
 from moescope.train.config import ModelConfig
 
 
@@ -30,7 +32,7 @@ def build_scratch_model(cfg: ModelConfig, store: BlockStore, seed: int) -> nn.Mo
         n_layer=cfg.n_layers,
         n_head=cfg.n_heads,
         n_inner=cfg.d_ff,
-        activation_function=cfg.activation,
+        activation_function=fused_activation(cfg.activation),
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
@@ -45,32 +47,45 @@ def build_scratch_model(cfg: ModelConfig, store: BlockStore, seed: int) -> nn.Mo
 
 
 def load_init_model(init: str | Path) -> nn.Module:
-    """Pretrained "gpt2" (local HF cache only when offline), or a model directory
-    (save_moe_model output, or a transformers save_pretrained directory)."""
-    from transformers import GPT2LMHeadModel
+    """Pretrained weights from a hub id (local HF cache only when offline) or a model directory
+    (save_moe_model output, or a transformers save_pretrained directory of any causal LM).
 
+    Never runs code from the model (no trust_remote_code) and never unpickles (safetensors
+    only). GPT-2's Python gelu_new is switched to the fused op of the same function.
+    """
     path = Path(init)
     if path.is_dir():
-        if (path / MOE_CONFIG_NAME).is_file() or (path / "model.safetensors").is_file():
+        if (path / MOE_CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file():
             model = load_moe_model(path)  # strict on keys and shapes; dense directories load too
         else:
             if not (path / "config.json").is_file():
                 raise MoescopeError(f"base model directory {path} has no config.json")
-            try:
-                model = GPT2LMHeadModel.from_pretrained(str(path))
-            except (OSError, ValueError) as exc:
-                raise MoescopeError(f"cannot load a GPT-2 model from {path}: {exc}") from exc
+            model = _from_pretrained(str(path), f"cannot load a causal LM from {path}")
     elif _looks_like_hub_id(str(init)):
-        try:
-            model = GPT2LMHeadModel.from_pretrained(str(init))
-        except (OSError, ValueError) as exc:
-            raise MoescopeError(
-                f"cannot load pretrained {init!r} ({exc.__class__.__name__}); offline, it must be in the local "
-                f"Hugging Face cache, or pass a local model directory to --base"
-            ) from exc
+        model = _from_pretrained(str(init), f"cannot load pretrained {init!r}; offline, it must be in the local "
+                                            f"Hugging Face cache, or pass a local model directory to --base")
     else:
         raise MoescopeError(f"base model {init!r}: no such directory (use 'scratch', 'gpt2' or a model directory)")
     model.config.use_cache = False
+    return model
+
+
+def _from_pretrained(name_or_path: str, failure: str) -> nn.Module:
+    """transformers' from_pretrained (hub ids, sharded checkpoints), safetensors only, fused
+    GELU; a weight the checkpoint lacks is an error, not a silent random init."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+        fuse_config_activation(config)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, config=config, trust_remote_code=False, use_safetensors=True, output_loading_info=True
+        )
+    except (OSError, ValueError) as exc:
+        raise MoescopeError(f"{failure} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    bad = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) for k in info.get("mismatched_keys") or [])
+    if bad:
+        raise MoescopeError(f"{failure}: the checkpoint lacks or mis-shapes {bad[:3]}{' ...' if len(bad) > 3 else ''}")
     return model
 
 
@@ -87,8 +102,9 @@ def check_model_matches_data(model: nn.Module, store: BlockStore, where: str) ->
             f"{where}: model vocabulary {cfg.vocab_size} != data vocabulary {store.vocab_size} "
             f"({store.root / 'manifest.json'}); build the data with the model's tokenizer"
         )
-    if store.block_size > cfg.n_positions:
+    context = getattr(cfg, "max_position_embeddings", None)  # GPT-2 maps it to n_positions
+    if context is not None and store.block_size > context:
         raise MoescopeError(
             f"{where}: data block size {store.block_size} tokens ({store.root / 'manifest.json'}) is longer "
-            f"than the model's context of {cfg.n_positions} tokens"
+            f"than the model's context of {context} tokens"
         )

@@ -25,6 +25,11 @@ class RoutingTotals:
     dropped: int = 0
     entropy_sum: float = 0.0
     z_sum: float = 0.0
+    # Expert choice: tokens no expert took; None for token-choice layers.
+    unrouted: int | None = None
+    # Shared experts: summed per-token output norms of the shared and routed parts.
+    shared_norm: float | None = None
+    routed_norm: float | None = None
 
     def __post_init__(self) -> None:
         self.counts = torch.zeros(self.n_experts, dtype=torch.float64)
@@ -38,6 +43,11 @@ class RoutingTotals:
         self.dropped += int(record.dropped)
         self.entropy_sum += float(record.entropy_mean) * n
         self.z_sum += float(record.z_loss.detach()) * n
+        if getattr(record, "unrouted", None) is not None:
+            self.unrouted = (self.unrouted or 0) + int(record.unrouted)
+        if getattr(record, "shared_norm", None) is not None:
+            self.shared_norm = (self.shared_norm or 0.0) + float(record.shared_norm)
+            self.routed_norm = (self.routed_norm or 0.0) + float(record.routed_norm)
 
 
 def summarize_routing(t: RoutingTotals) -> dict[str, float | list[float]]:
@@ -49,7 +59,12 @@ def summarize_routing(t: RoutingTotals) -> dict[str, float | list[float]]:
     p = mean_probs.clamp_min(1e-12)
     cv = float(t.counts.std(unbiased=False) / t.counts.mean().clamp_min(1e-12))
     lb = float(e * (t.counts / (n * k) * mean_probs).sum())
-    return {
+    extra: dict[str, float] = {}
+    if t.unrouted is not None:  # expert choice: tokens that got no expert (zero MoE output)
+        extra["unrouted_fraction"] = t.unrouted / float(n)
+    if t.shared_norm is not None:  # how much of the layer's output the shared experts carry
+        extra["shared_output_share"] = t.shared_norm / max(t.shared_norm + t.routed_norm, 1e-12)
+    return extra | {
         "n_tokens": t.n_tokens,
         "token_fraction": [round(float(x), 6) for x in frac],
         "max_fraction": float(frac.max()),

@@ -26,13 +26,12 @@ import logging
 
 import torch
 
-from moescope.data.blocks import BlockStore
+from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import to_dict
 from moescope.io.lock import run_directory_lock
 from moescope.io.provenance import sha256_file
-from moescope.moe.activation import block_activations
 from moescope.moe.gpt2 import install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress
 from moescope.moe.layer import update_balance_bias
 from moescope.runtime import peak_memory_mb, reset_peak_memory
@@ -112,7 +111,6 @@ class Trainer:
             model = self._initial_model(init)
         check_model_matches_data(model, self.store, where=f"{name}")
         model.config.use_cache = False
-        block_activations(model)  # same values, cache-sized blocks: every arm alike (moe/activation.py)
         self.init = str(init) if init is not None else "scratch"
         self.layers = moe_layers(model)
         if cfg.arch == "dense" and self.layers:
@@ -406,7 +404,8 @@ class Trainer:
                 **peak_memory_mb(self._peak_window),
             }
             if self.write and self.accelerator.is_main_process:
-                save_moe_model(self.raw_model, self.out_dir / "final")
+                tokenizer = tokenizer_dir(self.store.root)  # the data's tokenizer travels with the model
+                save_moe_model(self.raw_model, self.out_dir / "final", tokenizer=tokenizer if tokenizer.is_dir() else None)
                 atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
             self.accelerator.wait_for_everyone()
             return summary

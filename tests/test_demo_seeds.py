@@ -1,0 +1,33 @@
+"""`moescope demo --seeds N`: the study over several seeds with the between-seed spread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_demo_pipeline import TINY
+
+from moescope.cli import main
+
+
+@pytest.mark.slow
+def test_demo_over_two_seeds_reports_the_spread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--seeds", "2", "--out", str(out)]
+    for s in TINY + ["experiment.arms=[dense, moe]"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "over 2 seeds (0, 1)" in printed and "loss - dense (paired)" in printed
+    summary = json.loads((out / "demo_summary.json").read_text())
+    moe = next(r for r in summary["rows"] if r["arm"] == "moe")
+    assert moe["seeds"] == [0, 1] and moe["loss_vs_dense"]["n"] == 2
+    assert moe["loss_vs_dense"]["low"] <= moe["loss_vs_dense"]["mean"] <= moe["loss_vs_dense"]["high"]
+    for report in summary["reports"]:
+        page = Path(report).read_text()
+        assert "Over seeds" in page and "t-interval" in page
+    assert len(summary["reports"]) == 2
+    # rerun: every seed is finished, nothing trains again, same numbers
+    assert main(args) == 0
+    assert json.loads((out / "demo_summary.json").read_text())["rows"] == summary["rows"]
