@@ -49,7 +49,7 @@ _EXPORTS = {
     "RoutingTotals": "moescope.train.routing",
     "summarize_routing": "moescope.train.routing",
     "install_moe": "moescope.moe.gpt2",
-    "moe_layers": "moescope.moe.gpt2",
+    "moe_layers": "moescope.moe.model",
     "save_moe_model": "moescope.moe.gpt2",
     "load_moe_model": "moescope.moe.gpt2",
     "generate_with_routing": "moescope.moe.gpt2",

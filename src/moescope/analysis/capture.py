@@ -31,7 +31,7 @@ from moescope.analysis.table import RoutingTable
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.moe.capture import record_routing
-from moescope.moe.gpt2 import moe_layers
+from moescope.moe.model import moe_layers
 
 
 @dataclass

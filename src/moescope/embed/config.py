@@ -48,7 +48,7 @@ class PairSourceConfig:
 
 
 def default_encoder_moe() -> MoEConfig:
-    """The reference recipe (anchors §1) at encoder scale: 8 upcycled experts, top-1 STE,
+    """The decoder study's MoE recipe (the demo's moe arm) at encoder scale: 8 upcycled experts, top-1 STE,
     router noise 0.1 annealed over the first quarter, 1e-3 upcycling noise."""
     return MoEConfig(n_experts=8, top_k=1, router_noise_std=0.1, router_noise_anneal_frac=0.25)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from moescope.embed.pairs import TextPair
 from moescope.errors import MoescopeError
-from moescope.moe.gpt2 import moe_layers, router_parameters, set_training_progress
+from moescope.moe.model import moe_layers, router_parameters, set_training_progress
 from moescope.moe.layer import MoELayer, RoutingRecord, load_balancing_loss
 
 logger = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from moescope.moe.layer import MoELayer, RoutingRecord
+from moescope.moe.model import moe_layers
 
 
 class RoutingView:
@@ -44,8 +45,6 @@ def record_routing(model: nn.Module | dict[int, MoELayer], *, per_token: bool = 
     and router probabilities; without it only the per-forward sums are read (the cheaper mode
     training uses). Each layer's `capture` flag is restored on exit.
     """
-    from moescope.moe.gpt2 import moe_layers
-
     layers = model if isinstance(model, dict) else moe_layers(model)
     previous = {i: layer.capture for i, layer in layers.items()}
     if per_token:
