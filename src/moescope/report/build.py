@@ -233,7 +233,10 @@ def routing_table(metrics: dict) -> Table:
     columns += ["max P(e|d)", "load CV", "max share", "effective experts", "entropy / ln E",
                 "same expert as previous token vs 1/E"] + (["shared experts (not counted)"] if shared else [])
     caption = ("NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
-               "between blocks. Balance is judged from the token shares themselves, not from the aux loss.")
+               "between blocks. Balance is judged from the token shares themselves, not from the aux loss. "
+               "Intervals are percentile block-bootstrap intervals of the plug-in NMI, which is biased upward when "
+               "experts are many and blocks few (resampled blocks repeat): the interval can then lie above the "
+               "estimate. The permutation null carries the same bias, so judge NMI against it.")
     if topk:
         caption += (" With top-k routing, NMI counts each of a token's k experts once; 'first choice' counts only "
                     "the expert with the largest gate. Domain specialization (OLMoE): the share of a domain's tokens "
