@@ -109,3 +109,44 @@ def test_target_logprobs_and_continuation_losses():
     assert res["domains"]["a"]["tokens"] == 24 and res["domains"]["b"]["tokens"] == 12
     assert res["domains"]["b"]["loss"] == pytest.approx(float(ref[2, 3:].mean()), rel=1e-5)
     assert res["domain_weighted"] == pytest.approx((res["domains"]["a"]["loss"] + res["domains"]["b"]["loss"]) / 2)
+
+
+def test_forward_flops_known_value_and_top1_moe_costs_a_dense_mlp_plus_router():
+    from moescope.btx.scoring import forward_flops_per_token
+
+    d, f, v, L, T = 16, 64, 40, 2, 16
+    dense = tiny_gpt2(0)
+    # per block: qkv 3d^2 + proj d^2 + MLP 2 d f; the tied unembedding d v; attention 2 x 2 T d
+    expected = 2 * (L * (4 * d * d + 2 * d * f) + d * v) + 4 * L * T * d
+    assert forward_flops_per_token(dense, T) == expected
+    merged = merge_branches([tiny_gpt2(s) for s in range(3)], MoEConfig(n_experts=3, top_k=1, layers=[0, 1]))
+    assert forward_flops_per_token(merged, T) == pytest.approx(expected + 2 * L * d * 3)  # + two 3-way routers
+    top2 = merge_branches([tiny_gpt2(s) for s in range(3)], MoEConfig(n_experts=3, top_k=2, layers=[1]))
+    assert forward_flops_per_token(top2, T) == pytest.approx(expected + 2 * d * f * 2 + 2 * d * 3)
+
+
+def test_fitted_router_separates_partitions_the_bias_free_means_router_misroutes():
+    from moescope.btx.merge import fit_router
+
+    # two partitions on one side of the origin with a shared constant feature (like ln_2's bias):
+    # x . mu_e favours the partition with the larger mean for every token; a fitted router does not
+    torch.manual_seed(0)
+    feats = [torch.stack([1 + 0.3 * torch.randn(400), torch.ones(400)], 1),
+             torch.stack([3 + 0.3 * torch.randn(400), torch.ones(400)], 1)]
+    means = router_from_means(torch.stack([f.mean(0) for f in feats]), 0.09)
+    fitted = fit_router(feats)
+
+    def own_share(w):
+        return float(np.mean([(f @ w.T).argmax(1).eq(e).float().mean() for e, f in enumerate(feats)]))
+
+    assert own_share(means) == pytest.approx(0.5)  # everything goes to partition 1's expert
+    assert own_share(fitted) > 0.95
+
+
+def test_fine_tune_lr_defaults_to_where_the_branch_schedules_ended():
+    from moescope.btx.config import BTXConfig
+    from moescope.train.config import OptimConfig
+
+    cfg = BTXConfig(optim=OptimConfig(learning_rate=2e-3, min_learning_rate_ratio=0.1))
+    assert cfg.resolved_finetune_learning_rate() == pytest.approx(2e-4)
+    assert BTXConfig(finetune_learning_rate=5e-4).resolved_finetune_learning_rate() == 5e-4

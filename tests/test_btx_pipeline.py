@@ -104,3 +104,23 @@ def test_btx_command_rejects_a_missing_data_dir_and_unknown_keys(tmp_path, capsy
     assert "not a built data directory" in capsys.readouterr().err
     assert main(["btx", "run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "branch_step=3"]) == 2
     assert "did you mean 'branch_steps'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # five tiny training stages
+def test_fitted_router_sends_each_partition_to_its_expert_and_the_fine_tune_does_not_hurt(tiny_data, tmp_path,
+                                                                                          monkeypatch):
+    from moescope.btx.pipeline import run_study
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_btx(tiny_data, strategies=["clustered"], router_init="fit"), base_steps=20,
+                              branch_steps=10, finetune_steps=4)
+    with pytest.warns(UserWarning, match="tf-idf"):
+        result = run_study(cfg, tmp_path / "study")
+    init = json.loads((tmp_path / "study" / "merged" / "clustered" / "init" / "router_init.json").read_text())
+    for block, share in init["routing_shares"].items():
+        assert all(row[p] > 0.5 for p, row in enumerate(share)), (block, share)
+    rows = {r["model"]: r for r in result["rows"]}
+    before = rows["BTX merged (clustered), before fine-tune"]["token_weighted"]
+    assert rows["BTX merged (clustered)"]["token_weighted"] <= before + 0.01

@@ -27,8 +27,10 @@ class BTXConfig:
     base_steps: int = 300
     branch_steps: int = 100
     finetune_steps: int = 60
-    # peak learning rate of the merged model's brief fine-tune; None = optim.learning_rate. The merge starts
-    # from branches whose schedules have decayed, so a full-size restart can undo their training
+    # peak learning rate of the merged model's brief fine-tune; None = optim.learning_rate x
+    # optim.min_learning_rate_ratio, where the branches' schedules ended. A full-size restart with a
+    # fresh AdamW moves every weight by ~learning_rate per step: it shifts the MLP inputs enough that the fitted routers send whole partitions
+    # to another expert within a few steps
     finetune_learning_rate: float | None = None
     n_partitions: int = 3
     strategies: list[str] = field(default_factory=lambda: ["clustered", "random"])
@@ -38,9 +40,13 @@ class BTXConfig:
     moe_layers: list[int] | None = None
     top_k: int = 1
     load_balance_coef: float = 0.01
-    # "means": router rows from each partition's mean hidden state; "random": install_moe's init
-    router_init: Literal["means", "random"] = "means"
-    router_init_blocks: int = 64  # blocks per partition used to measure the mean hidden state
+    # "fit": router rows fitted (bias-free logistic regression, block by block on the merged model's own
+    # MLP inputs) to send each partition's tokens to its branch's expert; "means": rows from each
+    # partition's mean hidden state (no bias term, so it can misroute whole partitions); "random":
+    # install_moe's init
+    router_init: Literal["fit", "means", "random"] = "fit"
+    router_init_blocks: int = 64  # blocks per partition used to fit the router / measure the mean hidden state
+    router_fit_l2: float = 1e-2  # "fit": L2 penalty on the (unit-scale) router weights
     # c-BTM: weights softmax(-d^2 / T) over partition centroids, optionally top-k experts only
     cbtm_temperature: float = 0.1
     cbtm_top_k: int | None = None
@@ -63,6 +69,8 @@ class BTXConfig:
                 raise MoescopeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cbtm_temperature <= 0:
             raise MoescopeError(f"cbtm_temperature must be > 0, got {self.cbtm_temperature}")
+        if self.router_init not in ("fit", "means", "random"):
+            raise MoescopeError(f"router_init must be fit, means or random, got {self.router_init!r}")
         if not 1 <= self.top_k <= self.n_partitions:
             raise MoescopeError(f"top_k must be in 1..n_partitions={self.n_partitions}, got {self.top_k}")
 
@@ -82,6 +90,11 @@ class BTXConfig:
         run.loss = dataclasses.replace(run.loss, load_balance_coef=self.load_balance_coef)
         validate_run(run, where=f"btx stage ({arch}, {steps} steps)")
         return run
+
+    def resolved_finetune_learning_rate(self) -> float:
+        if self.finetune_learning_rate is not None:
+            return self.finetune_learning_rate
+        return self.optim.learning_rate * self.optim.min_learning_rate_ratio
 
     def total_dense_steps(self) -> int:
         return self.n_partitions * self.branch_steps + self.finetune_steps

@@ -80,6 +80,59 @@ def mlp_input_moments(
     return out
 
 
+@torch.no_grad()
+def mlp_inputs(model: nn.Module, batches: Iterable[torch.Tensor], layer: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The MLP inputs (post-ln_2) at block `layer` of every token of `batches`: float [n, d] (first max_tokens)."""
+    rows: list[torch.Tensor] = []
+
+    def hook(module, args):  # noqa: ARG001
+        rows.append(args[0].detach().float().reshape(-1, args[0].shape[-1]))
+
+    handle = model.transformer.h[layer].mlp.register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            model(input_ids=x)
+            if max_tokens is not None and sum(len(r) for r in rows) >= max_tokens:
+                break
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not rows:
+        raise ValueError("no tokens seen: empty batches")
+    return torch.cat(rows)[:max_tokens]
+
+
+def fit_router(features: Sequence[torch.Tensor], l2: float = 1e-2, max_iter: int = 100) -> torch.Tensor:
+    """Router weight [E, d] fitted so that x from partition e scores expert e highest: bias-free
+    multinomial logistic regression (the router has no bias), each partition weighted equally,
+    L2 penalty `l2` on the weights, L-BFGS on the full set.
+
+    Why not the means alone: without a bias the Gaussian score loses its -|mu_e|^2 / 2s^2 term, so
+    x . mu_e favours the partition whose mean points furthest along x, not the nearest one, and one
+    partition can take another's tokens. The penalty keeps the logits moderate, so the fine-tune's
+    z-loss (mean logsumexp^2) starts small instead of dominating the gradient.
+    """
+    x = torch.cat([f.float() for f in features])
+    y = torch.cat([torch.full((len(f),), e, dtype=torch.long) for e, f in enumerate(features)])
+    weight = torch.cat([torch.full((len(f),), 1.0 / (len(f) * len(features))) for f in features])
+    scale = x.std(0).mean().clamp_min(1e-6)  # fit on unit-scale inputs: the penalty means the same at any width
+    xs = x / scale
+    w = torch.zeros(len(features), x.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.cross_entropy(xs @ w.T, y, reduction="none") * weight).sum() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (w.detach() / scale).contiguous()
+
+
 def router_from_means(means: torch.Tensor, variance: torch.Tensor | float) -> torch.Tensor:
     """Router weight [E, d] that scores x by closeness to each partition's mean hidden state.
 

@@ -27,14 +27,22 @@ import torch
 from moescope.btx.config import BTXConfig
 from moescope.btx.data import EvalSet, load_eval_set, write_branch_data
 from moescope.btx.ensemble import ensemble_weights, mix_target_logprobs
-from moescope.btx.merge import average_models, merge_branches, mlp_input_moments, router_from_means, routing_shares
-from moescope.btx.scoring import continuation_losses, target_logprobs
+from moescope.btx.merge import (
+    average_models,
+    fit_router,
+    merge_branches,
+    mlp_input_moments,
+    mlp_inputs,
+    router_from_means,
+    routing_shares,
+)
+from moescope.btx.scoring import continuation_losses, forward_flops_per_token, target_logprobs
 from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import load_moe_model, save_moe_model
+from moescope.moe.gpt2 import load_moe_model, moe_layers, save_moe_model
 from moescope.train.trainer import train_run
 
 log = logging.getLogger(__name__)
@@ -106,7 +114,7 @@ def merge_moe_config(cfg: BTXConfig, n_blocks: int) -> MoEConfig:
 
 
 def run_merge(cfg: BTXConfig, out: Path, strategy: str, branch_dirs: list[Path]) -> Path:
-    """Build the BTX MoE (router from partition means), then fine-tune it briefly with the LB loss."""
+    """Build the BTX MoE (router fitted to the partitions), then fine-tune it briefly with the LB loss."""
     init_dir = out / "merged" / strategy / "init"
     branches = None
     if not (init_dir / "model.safetensors").is_file():
@@ -124,6 +132,11 @@ def run_merge(cfg: BTXConfig, out: Path, strategy: str, branch_dirs: list[Path])
             }
             del soup
         merged = merge_branches(branches, moe_cfg, router)
+        if cfg.router_init == "fit":
+            # in block order: block i's inputs depend only on blocks < i, whose routers are already set
+            for i in sorted(moe_cfg.layers):
+                weight = fit_router([mlp_inputs(merged, b, i) for b in batches], l2=cfg.router_fit_l2)
+                moe_layers(merged)[i].router.weight.data.copy_(weight)
         shares = routing_shares(merged, batches)
         save_moe_model(merged, init_dir)
         atomic_write_json(init_dir / "router_init.json", {
@@ -138,7 +151,7 @@ def run_merge(cfg: BTXConfig, out: Path, strategy: str, branch_dirs: list[Path])
     if cfg.finetune_steps > 0:
         moe_cfg = from_dict(MoEConfig, json.loads((init_dir / "moe_config.json").read_text())["moe"])
         run = cfg.stage_run(data_dir=cfg.data_dir, arch="moe", steps=cfg.finetune_steps, moe=moe_cfg,
-                            lr=cfg.finetune_learning_rate)
+                            lr=cfg.resolved_finetune_learning_rate())
         train_run(run, out / "merged" / strategy / "finetune", init=init_dir, name=f"btx-{strategy}", resume=True)
         return _final(out / "merged" / strategy / "finetune")
     return init_dir
@@ -152,11 +165,14 @@ def run_dense_baseline(cfg: BTXConfig, out: Path, base_dir: Path) -> Path:
 
 
 def _score(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> tuple[torch.Tensor, dict]:
+    """(target log-probs, per-domain losses + the model's inference FLOPs per token at the eval context)."""
     model = load_moe_model(model_dir)
     lp = target_logprobs(model, torch.from_numpy(ev.blocks), cfg.train.eval_batch_sequences)
+    flops = forward_flops_per_token(model, int(ev.blocks.shape[1]))
     del model
     gc.collect()
-    return lp, continuation_losses(lp, ev.domain_ids, ev.domains, cfg.eval_context_tokens)
+    return lp, {**continuation_losses(lp, ev.domain_ids, ev.domains, cfg.eval_context_tokens),
+                "inference_flops_per_token": flops}
 
 
 def domain_routing(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> dict:
@@ -204,7 +220,9 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
                                                     ev.domain_ids)})
 
     base_dir = Path(cfg.base_init) if cfg.base_init != "scratch" else _final(out / "base")
-    add("dense base (start of all)", _score(base_dir, ev, cfg), 0, 1, "shared starting point")
+    base_note = (f"shared starting point, trained {cfg.base_steps * tokens_per_step:,} tokens before every row"
+                 if cfg.base_init == "scratch" else "shared starting point")
+    add("dense base (start of all)", _score(base_dir, ev, cfg), 0, 1, base_note)
     add("dense baseline", (dense_lp, dense_res), n * sb + sf, 1)
     extra: dict = {}
     for strategy in cfg.strategies:
@@ -220,15 +238,18 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
         for e in range(n):
             scored = _score(_final(out / "branches" / strategy / f"p{e:02d}"), ev, cfg)
             branch_lps.append(scored[0])
+            branch_flops = scored[1]["inference_flops_per_token"]
             add(f"branch {e} alone ({strategy})", scored, sb, 1, "one partition's model on everything")
         pdir = out / "partitions" / strategy
         if (pdir / "centroids.npy").is_file():
             w = cbtm_weights(cfg, pdir, ev, embedding_cache=embedding_cache)
             mixed = mix_target_logprobs(torch.stack(branch_lps), torch.from_numpy(w))
             k = cfg.cbtm_top_k or n
+            # k branches run on every token; the sentence embedding that picks them runs once per sequence
             add(f"c-BTM ensemble ({strategy}, T={cfg.cbtm_temperature})",
-                (mixed, continuation_losses(mixed, ev.domain_ids, ev.domains, cfg.eval_context_tokens)), n * sb, k,
-                "weights from the first context tokens' embedding")
+                (mixed, {**continuation_losses(mixed, ev.domain_ids, ev.domains, cfg.eval_context_tokens),
+                         "inference_flops_per_token": k * branch_flops}), n * sb, k,
+                "weights from the first context tokens' embedding (+ one embedding per sequence)")
             extra[f"cbtm_mean_weight_by_domain_{strategy}"] = {
                 d: w[ev.domain_ids == i].mean(0).round(3).tolist() for i, d in enumerate(ev.domains)}
     result = {
@@ -257,20 +278,22 @@ def paired_delta(block_nll: np.ndarray, ref_block_nll: np.ndarray, tokens_per_bl
 def render_comparison(result: dict) -> str:
     domains = list(result["rows"][0]["domains"])
     head = ("| model | " + " | ".join(domains) +
-            " | token-weighted | domain-weighted | vs dense [95% CI] | train tokens | experts/token |")
+            " | token-weighted | domain-weighted | vs dense [95% CI] | train tokens after the base | inference FLOPs/token "
+            "| experts/token |")
     lines = [
         "# Held-out loss (nats/token) after the first "
         f"{result['eval']['context_tokens']} tokens of {result['eval']['blocks']} eval blocks",
         "",
         head,
-        "|---" * (len(domains) + 6) + "|",
+        "|---" * (len(domains) + 7) + "|",
     ]
     for r in result["rows"]:
         cells = [f"{r['domains'][d]['loss']:.4f}" if d in r["domains"] else "-" for d in domains]
         d = r["delta_vs_dense"]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['token_weighted']:.4f} | "
                      f"{r['domain_weighted']:.4f} | {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
-                     f"{r['train_tokens']:,} | {r['experts_per_token']} |")
+                     f"{r['train_tokens']:,} | {r['inference_flops_per_token'] / 1e6:.2f} M | {r['experts_per_token']} |")
+    lines += [""] + [f"- {r['model']}: {r['note']}" for r in result["rows"] if r.get("note")]
     for key, value in result.items():
         if key.startswith(("router_init_", "cbtm_mean_weight", "routing_by_domain")):
             lines += ["", f"- {key}: {json.dumps(value)}"]

@@ -48,3 +48,34 @@ def continuation_losses(
         "token_weighted": sum(v["loss"] * v["tokens"] for v in per.values()) / max(tokens, 1),
         "domain_weighted": sum(v["loss"] for v in per.values()) / max(len(per), 1),
     }
+
+
+def forward_flops_per_token(model: nn.Module, context_tokens: int) -> float:
+    """Forward multiply-adds x 2 per token at full context: every weight matrix a token passes through
+    (an MoE layer's experts counted top_k / n_experts, its router in full; the tied unembedding once, the
+    embedding lookups not at all) plus attention's scores and weighted sum, 2 x 2 x context x d_model
+    per layer (Kaplan et al. 2020, with the unembedding kept because small models spend much of their
+    compute there). Biases and norms are left out: they are O(d) per token."""
+    from moescope.moe.gpt2 import moe_layers
+
+    counted: set[int] = set()
+    flops = 0.0
+    for layer in moe_layers(model).values():
+        share = layer.top_k / layer.n_experts
+        for p in layer.experts.parameters():
+            counted.add(id(p))
+            if p.dim() >= 2:
+                flops += 2 * p.numel() * share
+    wpe = getattr(model.transformer, "wpe", None)
+    skip = {id(model.transformer.wte.weight)} | ({id(wpe.weight)} if wpe is not None else set())
+    for p in model.parameters():
+        if id(p) in counted or id(p) in skip or p.dim() < 2:
+            continue
+        counted.add(id(p))
+        flops += 2 * p.numel()
+    head = model.get_output_embeddings()
+    if head is None or id(head.weight) in skip:  # tied: the unembedding matmul still happens
+        flops += 2 * model.transformer.wte.weight.numel()
+    d_model = model.transformer.wte.weight.shape[1]
+    flops += 4 * len(model.transformer.h) * context_tokens * d_model
+    return float(flops)

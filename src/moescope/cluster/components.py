@@ -10,10 +10,14 @@ that expert, 0 elsewhere).
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+
+_EXPERT_LABEL = re.compile(r"L(\d+)\.e(\d+)")
 
 
 def expert_label(layer: int, expert: int) -> str:
@@ -32,7 +36,7 @@ def expert_activations(
     """Per-token gate weight of every (layer, expert): float32 [N, n_layers * n_experts] and labels.
 
     expert_index / gate_weight: {layer: int [N, k]} / {layer: float [N, k]}, tokens aligned
-    across layers (the routing-table shape of INTERFACES.md).
+    across layers (the shape of analysis.table.RoutingTable).
     """
     layers = sorted(expert_index)
     if not layers:
@@ -52,6 +56,18 @@ def expert_activations(
             np.add.at(out, (rows, li * n_experts + idx[:, j]), w[:, j])
         labels.extend(expert_label(layer, e) for e in range(n_experts))
     return out, labels
+
+
+def null_blocks(labels: Sequence[str]) -> np.ndarray:
+    """Which columns the token-shuffled null moves together: one block per MoE layer when every
+    component is a (layer, expert) pair, else every column alone (neurons of one expert)."""
+    layers = []
+    for lab in labels:
+        m = _EXPERT_LABEL.fullmatch(lab)
+        if m is None:
+            return np.arange(len(labels))
+        layers.append(int(m.group(1)))
+    return np.asarray(layers, dtype=np.int64)
 
 
 def group_masks(masks: np.ndarray, assignment: np.ndarray) -> np.ndarray:

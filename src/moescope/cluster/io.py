@@ -27,6 +27,7 @@ from moescope.cluster.components import (
     classify_tokens,
     expert_activations,
     group_masks,
+    null_blocks,
     neuron_label,
     served_fraction,
 )
@@ -286,7 +287,7 @@ def process_batch(task: MergeTask) -> str:
     acts, _, meta = read_batch(task.batch_dir)
     acts = np.asarray(acts)
     if task.shuffle_seed is not None:
-        acts = shuffle_tokens(acts, np.random.default_rng(task.shuffle_seed))
+        acts = shuffle_tokens(acts, np.random.default_rng(task.shuffle_seed), null_blocks(meta["labels"]))
     cfg = from_dict(MergeConfig, {**task.merge, "seed": task.seed}, where="merge")
     history = merge_iteration(acts, cfg, labels=meta["labels"])
     if not history.labels:

@@ -277,14 +277,22 @@ def merge_iteration(
     )
 
 
-def shuffle_tokens(activations: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Null model: permute every component's column independently over tokens.
+def shuffle_tokens(activations: np.ndarray, rng: np.random.Generator, blocks: np.ndarray | None = None) -> np.ndarray:
+    """Null model: permute the tokens of every block of columns independently.
 
-    Keeps each component's firing rate and destroys co-activation, so merges on
-    the result show what the algorithm finds in noise.
+    blocks: int [n_components], columns with the same id move together (default: every column
+    alone). Keeps each block's per-token pattern and destroys co-activation between blocks, so
+    merges on the result show what the algorithm finds without it. With blocks = MoE layers the
+    null keeps top-k routing within a layer (exactly k experts per token) and destroys only the
+    cross-layer pairing a pathway claim is about; a per-column shuffle also breaks the one-expert-
+    per-token structure, which alone changes what the merge does.
     """
     acts = np.asarray(activations)
+    blocks = np.arange(acts.shape[1]) if blocks is None else np.asarray(blocks)
+    if blocks.shape != (acts.shape[1],):
+        raise ValueError(f"blocks has shape {blocks.shape}, expected ({acts.shape[1]},)")
     out = np.empty_like(acts)
-    for j in range(acts.shape[1]):
-        out[:, j] = acts[rng.permutation(acts.shape[0]), j]
+    for b in np.unique(blocks):
+        cols = np.flatnonzero(blocks == b)
+        out[:, cols] = acts[rng.permutation(acts.shape[0])][:, cols]
     return out

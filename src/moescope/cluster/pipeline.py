@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from moescope.cluster.components import null_blocks
 from moescope.cluster.distances import DISTANCE_METHODS, compute_distances
 from moescope.cluster.ensemble import NormalizedHistories, normalize_ensemble
+from moescope.cluster.evidence import ALPHAS, alpha_sensitivity, measure_evidence
 from moescope.cluster.io import (
     CaptureConfig,
     MergeTask,
@@ -31,10 +33,11 @@ from moescope.cluster.io import (
     plot_distance_vs_k,
     plot_final_clusters,
     process_batch,
+    read_batch,
     resolve_model_dir,
     save_ensemble,
 )
-from moescope.cluster.merge import MergeConfig, MergeHistory
+from moescope.cluster.merge import MergeConfig, MergeHistory, shuffle_tokens
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import to_dict
@@ -54,6 +57,8 @@ class ClusterRunConfig:
     workers: int = 1  # 1 = merge inline in this process (debugging); >1 = spawn-context pool
     null_model: bool = True  # also merge token-shuffled copies of every batch
     distance_methods: list[str] = field(default_factory=lambda: list(DISTANCE_METHODS))
+    # alpha-sensitivity table: k and stability re-merged at each alpha (batches and nulls); [] = skip
+    sensitivity_alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -155,6 +160,7 @@ def analyze_batches(batch_dirs: list[Path], out_dir: str | Path, cfg: ClusterRun
     summary = summarize(names, histories, normalized, distances, null_normalized, null_distances, clusters)
     if null_histories:
         summary["null_mdl_optimal_k"] = {n: int(h.n_groups[h.best_step]) for n, h in null_histories.items()}
+    summary.update(null_comparison(batch_dirs, names, histories, null_histories, cfg))
     summary["config"] = to_dict(cfg)
     summary["environment"] = environment_info()
     save_ensemble(out_dir, normalized, distances, names, prefix="ensemble")
@@ -172,6 +178,29 @@ def analyze_batches(batch_dirs: list[Path], out_dir: str | Path, cfg: ClusterRun
                                          title=f"MDL-optimal clusters of batch {n} (k = {clusters[n]['n_groups']})"))
     return ClusteringResults(out_dir, names, histories, normalized, distances, null_histories,
                              null_normalized, null_distances, summary, plots)
+
+
+def null_comparison(batch_dirs: list[Path], names: list[str], histories: dict[str, MergeHistory],
+                    null_histories: dict[str, MergeHistory], cfg: ClusterRunConfig) -> dict:
+    """{"evidence": stability / co-firing / description length against the null, with the pathway
+    sentence; "alpha_sensitivity": k and stability per alpha}. Nulls are rebuilt with the seeds the
+    merge workers used (make_tasks), so the shuffled masks are exactly the ones they merged."""
+    acts = [np.asarray(read_batch(b)[0]) for b in batch_dirs]
+    labels = read_batch(batch_dirs[0])[2]["labels"]
+    thr = cfg.merge.activation_threshold
+    null_acts = [shuffle_tokens(a, np.random.default_rng(cfg.merge.seed + NULL_SEED_OFFSET + i), null_blocks(labels))
+                 for i, a in enumerate(acts)] if null_histories else []
+
+    def masks(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return [a[:, [labels.index(c) for c in histories[n].labels]] > thr for a, n in zip(arrays, names)]
+
+    ev = measure_evidence(masks(acts), [histories[n] for n in names], masks(null_acts),
+                          [null_histories[n] for n in names] if null_histories else [])
+    out: dict = {"evidence": ev.as_dict()}
+    if cfg.sensitivity_alphas:
+        out["alpha_sensitivity"] = alpha_sensitivity(acts, labels, cfg.merge, cfg.sensitivity_alphas,
+                                                     null_seed=cfg.merge.seed + NULL_SEED_OFFSET)
+    return out
 
 
 def summarize(

@@ -95,5 +95,29 @@ def run(args: argparse.Namespace) -> int:
     for g in first["groups"]:
         doms = " ".join(f"{d}={v:.2f}" for d, v in g["domains"].items() if v is not None)
         print(f"  [{', '.join(g['components'])}]  together {g['cohesion']:.2f}  {doms}")
+    print_evidence(res.summary)
     print(json.dumps({"out_dir": str(out), "plots": [str(p) for p in res.plots]}))
     return 0
+
+
+def print_evidence(summary: dict) -> None:
+    """The measured-against-the-null numbers, the alpha table and the one sentence a report may quote."""
+    ev = summary.get("evidence")
+    if not ev:
+        return
+    def pct(x):
+        return "-" if x is None else f"{x:.3f}"
+    print(f"\nagainst the token-shuffled null (k = {ev['k']}):   batches   null")
+    print(f"  components changing group      {pct(ev['stability_changed_fraction']):>8} {pct(ev['null_stability_changed_fraction']):>6}"
+          f"   (claim needs a gap >= {ev['stability_margin']})")
+    print(f"  co-firing of grouped components {pct(ev['cofiring']):>7} {pct(ev['null_cofiring']):>6}")
+    print(f"  description length saved        {pct(ev['mdl_saving']):>7} {pct(ev['null_mdl_saving']):>6}")
+    print(f"  groups identical in all batches {len(ev['recurring_groups']):>7} {ev['null_recurring_groups']:>6}")
+    rows = summary.get("alpha_sensitivity") or []
+    if rows:
+        print(f"\n{'alpha':>6} {'k per batch':>16} {'null k':>16} {'changed':>8} {'null':>6} claim")
+        for r in rows:
+            print(f"{r['alpha']:>6} {','.join(map(str, r['k'])):>16} {','.join(map(str, r['null_k'])):>16} "
+                  f"{pct(r['stability_changed_fraction']):>8} {pct(r['null_stability_changed_fraction']):>6} "
+                  f"{'yes' if r['pathway_claim'] else 'no'}")
+    print("\n" + ev["sentence"])

@@ -424,7 +424,9 @@ def clustering_section(cluster_dir: Path) -> Section | None:
         f"{', '.join(str(v) for v in summary.get('null_mdl_optimal_k', {}).values())})."
     ]
     stab = summary.get("stability", {}).get("perm_invariant_hamming")
-    if stab:
+    if summary.get("evidence"):  # the cluster summary's own sentence: only numbers measured against the null
+        paragraphs.append(summary["evidence"]["sentence"])
+    elif stab:
         k = ks[members[0]]
         if k in stab["n_groups"]:
             i = stab["n_groups"].index(k)
@@ -437,12 +439,19 @@ def clustering_section(cluster_dir: Path) -> Section | None:
     rows = []
     first = summary["final_clusters"].get(members[0], {})
     for g in first.get("groups", []):
-        doms = g.get("domains", {})
+        # a group that no token of the batch fired has no domain shares (None in the JSON)
+        doms = {d: v for d, v in (g.get("domains") or {}).items() if v is not None}
         top = max(doms, key=doms.get) if doms else "-"
         rows.append([" + ".join(g["components"]), round(g["token_fraction"], 3), round(g.get("cohesion", 0.0), 3),
                      f"{top} ({doms.get(top, 0):.2f})" if doms else "-"])
     tables = [Table(f"Groups at the MDL optimum ({members[0]})", ["components", "token share", "cohesion", "top domain"],
                     rows)] if rows else []
+    if summary.get("alpha_sensitivity"):
+        tables.append(Table("Sensitivity to alpha (fraction of components changing group between batches)",
+                            ["alpha", "k per batch", "null k", "changed", "null changed", "pathway claim"],
+                            [[r["alpha"], ",".join(map(str, r["k"])), ",".join(map(str, r["null_k"])),
+                              r["stability_changed_fraction"], r["null_stability_changed_fraction"],
+                              "yes" if r["pathway_claim"] else "no"] for r in summary["alpha_sensitivity"]]))
     figs = [Figure(title, cluster_dir / name) for title, name in (
         ("Stability against k", "distance_vs_k.png"), ("Group sizes over merge steps", "cluster_sizes.png"),
         (f"Final groups ({members[0]})", f"final_clusters_{members[0]}.png")) if (cluster_dir / name).is_file()]
