@@ -18,7 +18,8 @@ from moescope.cli import main
 from moescope.data.blocks import FORMAT_VERSION, block_path, dtype_for_vocab, texts_path, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import install_moe, moe_layers, save_moe_model
+from moescope.moe.gpt2 import install_moe, save_moe_model
+from moescope.moe.model import moe_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
 

@@ -147,6 +147,6 @@ def test_fine_tune_lr_defaults_to_where_the_branch_schedules_ended():
     from moescope.btx.config import BTXConfig
     from moescope.train.config import OptimConfig
 
-    cfg = BTXConfig(optim=OptimConfig(lr=2e-3, min_lr_ratio=0.1))
-    assert cfg.resolved_finetune_lr() == pytest.approx(2e-4)
-    assert BTXConfig(finetune_lr=5e-4).resolved_finetune_lr() == 5e-4
+    cfg = BTXConfig(optim=OptimConfig(learning_rate=2e-3, min_learning_rate_ratio=0.1))
+    assert cfg.resolved_finetune_learning_rate() == pytest.approx(2e-4)
+    assert BTXConfig(finetune_learning_rate=5e-4).resolved_finetune_learning_rate() == 5e-4

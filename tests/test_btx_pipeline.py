@@ -38,7 +38,7 @@ def tiny_btx(data_dir, **kw):
         data_dir=str(data_dir), base_steps=4, branch_steps=3, finetune_steps=2, n_partitions=2,
         eval_context_tokens=8, eval_max_blocks_per_domain=4,
         model=ModelConfig(n_layers=2, d_model=32, n_heads=2, context_tokens=32),
-        optim=OptimConfig(lr=3e-3, warmup_fraction=0.0),
+        optim=OptimConfig(learning_rate=3e-3, warmup_fraction=0.0),
         train=TrainConfig(batch_sequences=4, eval_every_steps=100, checkpoint_every_steps=0,
                           eval_max_blocks_per_domain=2, log_every_steps=1, cpu_threads=1),
         tracking=TrackingConfig(progress_bar=False), **kw,

@@ -43,7 +43,7 @@ def test_train_eval_encode(tmp_path, pair_file, capsys):
     assert main(["embed", "train", "--out", str(run), "--pairs-hf", str(pair_file), *TINY]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["pairs"]["eval"]["dataset"] >= 2 and "mrr@10" in metrics["retrieval_all"]
-    assert metrics["routing_history"] and metrics["routing_history"][0]["load_balance"] > 0
+    assert metrics["routing_history"] and metrics["routing_history"][0]["load_balance_loss"] > 0
     # validation pairs come from the training side; the final model is the best validated step
     assert metrics["pairs"]["validation"]["dataset"] >= 1
     assert metrics["validation"]["best_step"] == metrics["validation"]["last_step"] == 1

@@ -48,7 +48,7 @@ def test_aggregated_balance_loss_equals_one_pass_over_the_whole_batch():
         layer(part)
         records.append(layer.last_record)
     agg = aggregate_records(records, 2)
-    torch.testing.assert_close(agg["load_balance"], whole)
+    torch.testing.assert_close(agg["load_balance_loss"], whole)
     assert int(agg["counts"].sum()) == 80
 
 
@@ -67,11 +67,11 @@ def test_aux_loss_gradients_reach_routers_only(moe_model):
     moe_model.train()
     feats = [_features(moe_model, [p.anchor for p in PAIRS]), _features(moe_model, [p.positive for p in PAIRS])]
     out = loss(feats, None)
-    assert set(out) == {"task", "load_balance", "router_z"}
+    assert set(out) == {"task", "load_balance_loss", "z_loss"}
     # both forward passes (anchors and positives) are in the balance loss: 2 layers x ~1.0
-    assert 1.5 < loss.last_raw["load_balance"] < 2 * 4
+    assert 1.5 < loss.last_raw["load_balance_loss"] < 2 * 4
     moe_model.zero_grad()
-    (out["load_balance"] + out["router_z"]).backward()
+    (out["load_balance_loss"] + out["z_loss"]).backward()
     layers = encoder_moe_layers(moe_model)
     for layer in layers.values():
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
@@ -88,15 +88,15 @@ def test_training_updates_routers_and_logs_aux_terms(moe_model):
     bert = moe_model[0].auto_model
     frozen_before = bert.encoder.layer[3].output.dense.weight.detach().clone()
     emb_before = bert.embeddings.word_embeddings.weight.detach().clone()
-    cfg = EmbedTrainConfig(steps=2, batch_size_pairs=4, logging_steps=1, learning_rate=1e-4, router_lr_mult=10.0,
+    cfg = EmbedTrainConfig(steps=2, batch_size_pairs=4, logging_steps=1, learning_rate=1e-4, router_learning_rate_mult=10.0,
                            freeze_below_layer=4)
     result = train_encoder(moe_model, build_loss_dataset(PAIRS, "mnrl", moe_model, cfg), cfg, show_progress_bar=False)
     assert torch.equal(bert.encoder.layer[3].output.dense.weight, frozen_before)
     assert torch.equal(bert.embeddings.word_embeddings.weight, emb_before)
     for p in bert.parameters():  # leave the module-scoped model trainable for the next tests
         p.requires_grad_(True)
-    logged = [row for row in result.log_history if "load_balance" in row]
-    assert len(logged) == 2 and all(row["router_z"] > 0 for row in logged)
+    logged = [row for row in result.log_history if "load_balance_loss" in row]
+    assert len(logged) == 2 and all(row["z_loss"] > 0 for row in logged)
     assert [row["step"] for row in result.routing_history] == [1, 2]
     for i, layer in encoder_moe_layers(moe_model).items():
         assert not torch.equal(layer.router.weight, routers_before[i])
@@ -125,7 +125,7 @@ def test_other_losses_datasets_and_one_step(moe_model, name, columns):
     else:
         assert all(n != p for p, n in zip(ds["positive"], ds["negative"]))
     result = train_encoder(moe_model, ds, cfg, show_progress_bar=False)
-    assert result.routing_history and result.routing_history[0]["load_balance"] > 0
+    assert result.routing_history and result.routing_history[0]["load_balance_loss"] > 0
 
 
 def test_config_checks():

@@ -329,7 +329,7 @@ def test_a_torn_last_metrics_line_is_cut_back_with_a_warning(world: dict, tmp_pa
 def test_huge_learning_rate_stops_before_any_non_finite_checkpoint(world: dict, tmp_path: Path) -> None:
     """The issue's repro: a huge learning rate with train.checkpoint_every_steps=3."""
     run = tmp_path / "run"
-    cfg = _cfg(world["data"], world["base"], optim__lr=1e30, train__checkpoint_every_steps=3)
+    cfg = _cfg(world["data"], world["base"], optim__learning_rate=1e30, train__checkpoint_every_steps=3)
     with pytest.raises(NonFiniteLoss, match=r"NaN/inf at step \d+; training stopped.*last good checkpoint: ") as exc:
         run_experiment(cfg, run)
     ckpts = checkpoint_steps(run / ARM / "checkpoints")

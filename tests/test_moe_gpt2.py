@@ -17,11 +17,9 @@ from moescope.moe.gpt2 import (
     install_moe,
     install_moe_measured,
     load_moe_model,
-    moe_layers,
-    router_parameters,
     save_moe_model,
-    set_training_progress,
 )
+from moescope.moe.model import moe_layers, router_parameters, set_training_progress
 from moescope.moe.layer import MoELayer
 
 

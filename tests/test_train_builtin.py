@@ -30,7 +30,7 @@ def test_experiment_on_the_builtin_corpus_through_the_cli(tmp_path: Path) -> Non
         "base: {steps: 4}\n"
         "model: {n_layers: 2, d_model: 32, n_heads: 2, context_tokens: 32}\n"
         "moe: {n_experts: 4, layers: [1]}\n"
-        "optim: {lr: 0.01, warmup_fraction: 0.2}\n"
+        "optim: {learning_rate: 0.01, warmup_fraction: 0.2}\n"
         "train: {steps: 6, batch_sequences: 4, eval_every_steps: 3, checkpoint_every_steps: 3,\n"
         "        eval_max_blocks_per_domain: 4, log_every_steps: 1}\n"
         "tracking: {progress_bar: false}\n"
@@ -44,7 +44,7 @@ def test_experiment_on_the_builtin_corpus_through_the_cli(tmp_path: Path) -> Non
         assert [e["step"] for e in ev] == [0, 3, 6]
         assert set(ev[-1]["domains"]) == set(store.domains) == {"code", "math", "prose"}
         assert ev[-1]["loss"]["domain_weighted"] < ev[0]["loss"]["domain_weighted"]  # it learned
-        rows[arm] = [(r["step"], r["tokens_seen"], r["lr"]) for r in read_metrics(adir / "metrics.jsonl", "train")]
+        rows[arm] = [(r["step"], r["tokens_seen"], r["learning_rate"]) for r in read_metrics(adir / "metrics.jsonl", "train")]
         assert (adir / "checkpoints" / "latest").read_text().strip() == "step_000006"
         assert (adir / "final").is_dir() and (adir / "config.json").is_file()
     assert rows["dense"] == rows["moe"] == rows["moe-nolb"] and len(rows["dense"]) == 6  # matched compute

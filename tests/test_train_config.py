@@ -40,9 +40,9 @@ def test_builtin_arms_share_everything_but_their_own_difference(tmp_path: Path) 
     cfg = tiny_experiment(tmp_path, arms=["dense", "moe", "moe-top2", "moe-nolb"])
     runs = {k: to_dict(v) for k, v in resolve_arms(cfg).items()}
     # moe-nolb differs from moe ONLY in the load-balancing coefficient: noise and z-loss unchanged
-    assert _diff_paths(runs["moe"], runs["moe-nolb"]) == ["loss.lb_coef"]
+    assert _diff_paths(runs["moe"], runs["moe-nolb"]) == ["loss.load_balance_coef"]
     assert runs["moe-nolb"]["moe"]["router_noise_std"] == 0.1
-    assert runs["moe-nolb"]["loss"]["z_coef"] == runs["moe"]["loss"]["z_coef"] > 0
+    assert runs["moe-nolb"]["loss"]["z_loss_coef"] == runs["moe"]["loss"]["z_loss_coef"] > 0
     assert _diff_paths(runs["moe"], runs["moe-top2"]) == ["moe.top_k"]
     assert _diff_paths(runs["moe"], runs["dense"]) == ["arch"]
     # data, steps, batch, seed, schedule and eval are identical in every arm
@@ -50,8 +50,8 @@ def test_builtin_arms_share_everything_but_their_own_difference(tmp_path: Path) 
         assert run["train"] == runs["moe"]["train"]
         assert run["data_dir"] == runs["moe"]["data_dir"]
         assert run["model"] == runs["moe"]["model"]
-        assert {k: v for k, v in run["optim"].items() if k != "router_lr_mult"} == \
-            {k: v for k, v in runs["moe"]["optim"].items() if k != "router_lr_mult"}
+        assert {k: v for k, v in run["optim"].items() if k != "router_learning_rate_mult"} == \
+            {k: v for k, v in runs["moe"]["optim"].items() if k != "router_learning_rate_mult"}
 
 
 def test_user_arm_is_a_config_diff_and_cannot_touch_shared_keys(tmp_path: Path) -> None:
@@ -60,8 +60,8 @@ def test_user_arm_is_a_config_diff_and_cannot_touch_shared_keys(tmp_path: Path) 
     assert _diff_paths(runs["moe"], runs["moe-e8"]) == ["moe.n_experts"]
     with pytest.raises(MoescopeError, match=r"arm 'longer' changes 'train.steps'.*must share"):
         tiny_experiment(tmp_path, arms=["moe", "longer"], arm={"longer": {"train": {"steps": 99}}})
-    with pytest.raises(MoescopeError, match=r"changes 'optim.lr'"):
-        tiny_experiment(tmp_path, arms=["hot"], arm={"hot": {"optim": {"lr": 1.0}}})
+    with pytest.raises(MoescopeError, match=r"changes 'optim.learning_rate'"):
+        tiny_experiment(tmp_path, arms=["hot"], arm={"hot": {"optim": {"learning_rate": 1.0}}})
     with pytest.raises(MoescopeError, match=r"unknown config key 'arm.typo.moe.n_expert'.*'n_experts'"):
         tiny_experiment(tmp_path, arms=["typo"], arm={"typo": {"moe": {"n_expert": 8}}})
     with pytest.raises(MoescopeError, match=r"unknown arm 'moe-nlb'.*'moe-nolb'"):
@@ -74,9 +74,9 @@ def test_unknown_config_key_in_a_file_names_the_closest(tmp_path: Path) -> None:
     p.write_text('data_dir = "x"\n[train]\nstep = 10\n')
     with pytest.raises(MoescopeError, match=r"unknown config key 'train.step'; did you mean 'steps'"):
         load_experiment_config(p)
-    p.write_text('data_dir = "x"\n[optim]\nlr = 0.1\n')
-    with pytest.raises(MoescopeError, match=r"'optim.lrr'.*did you mean 'lr'"):
-        load_experiment_config(p, ["optim.lrr=0.2"])
+    p.write_text('data_dir = "x"\n[optim]\nlearning_rate = 0.1\n')
+    with pytest.raises(MoescopeError, match=r"'optim.learning_rat'.*did you mean 'learning_rate'"):
+        load_experiment_config(p, ["optim.learning_rat=0.2"])
     with pytest.raises(MoescopeError, match="not divisible"):
         load_experiment_config(p, ["train.batch_sequences=6", "train.grad_accum_steps=4"])
 
@@ -85,7 +85,7 @@ def test_demo_config_has_the_demo_scale_settings() -> None:
     cfg = load_experiment_config(REPO / "configs" / "demo.toml")
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads, cfg.model.context_tokens) == (4, 128, 4, 128)
     assert cfg.moe.layers == [2, 3] and cfg.moe.n_experts == 8 and cfg.moe.top_k == 1 and cfg.moe.gating == "ste"
-    assert cfg.loss.lb_scope == "step" and cfg.loss.z_coef == 1e-3
+    assert cfg.loss.load_balance_scope == "step" and cfg.loss.z_loss_coef == 1e-3
     assert cfg.train.batch_sequences * cfg.model.context_tokens == 2048 and cfg.train.steps == 600
     assert set(cfg.arms) >= {"dense", "moe", "moe-nolb"}
     resolve_arms(cfg)
@@ -109,13 +109,14 @@ def test_train_order_is_shared_by_any_split_into_micro_batches_and_processes() -
 
 def test_optimizer_groups_and_warmup_cosine_schedule() -> None:
     from moescope.moe.config import MoEConfig
-    from moescope.moe.gpt2 import install_moe, router_parameters
+    from moescope.moe.gpt2 import install_moe
+    from moescope.moe.model import router_parameters
     from moescope.train.config import OptimConfig
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
     install_moe(model, MoEConfig(n_experts=4, layers=[1]))
-    cfg = OptimConfig(lr=1e-2, router_lr_mult=0.5, weight_decay=0.1, warmup_fraction=0.1, min_lr_ratio=0.1)
+    cfg = OptimConfig(learning_rate=1e-2, router_learning_rate_mult=0.5, weight_decay=0.1, warmup_fraction=0.1, min_learning_rate_ratio=0.1)
     opt = build_optimizer(model, cfg, router_parameters(model))
     groups = {g["name"]: g for g in opt.param_groups}
     assert all(p.ndim < 2 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0.0
@@ -196,13 +197,13 @@ def test_routing_summary_known_values() -> None:
     mean_p = np.array([0.7, 0.3])
     assert s["router_entropy_of_mean"] == pytest.approx(float(-(mean_p * np.log(mean_p)).sum()))
     assert s["router_entropy_token"] == pytest.approx(0.5) and s["z_loss"] == pytest.approx(2.0)
-    assert s["lb_loss"] == pytest.approx(2 * (0.375 * 0.7 + 0.625 * 0.3))
+    assert s["load_balance_loss"] == pytest.approx(2 * (0.375 * 0.7 + 0.625 * 0.3))
 
 
 def test_nolb_also_switches_off_bias_balancing_and_the_bias_needs_a_layer_to_act_on(tmp_path: Path) -> None:
     cfg = tiny_experiment(tmp_path, arms=["moe", "moe-nolb"], moe__balance_bias=True, loss__bias_update_rate=0.01)
     runs = {k: to_dict(v) for k, v in resolve_arms(cfg).items()}
-    assert _diff_paths(runs["moe"], runs["moe-nolb"]) == ["loss.bias_update_rate", "loss.lb_coef"]
+    assert _diff_paths(runs["moe"], runs["moe-nolb"]) == ["loss.bias_update_rate", "loss.load_balance_coef"]
     assert runs["moe-nolb"]["moe"]["balance_bias"] is True  # same model; its bias just stays at 0
     with pytest.raises(MoescopeError, match="needs moe.balance_bias"):
         resolve_arms(tiny_experiment(tmp_path, arms=["moe"], loss__bias_update_rate=0.01))

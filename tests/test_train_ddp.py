@@ -35,7 +35,7 @@ context_tokens = 32
 n_experts = 4
 layers = [1]
 [loss]
-lb_coef = 0.1
+load_balance_coef = 0.1
 [train]
 steps = 3
 batch_sequences = 8
@@ -70,6 +70,6 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
         assert len(a) == len(b) > 0
         for ra, rb in zip(a, b):  # same batches, gradients averaged over processes, LB counts all-reduced
             assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-4)
-            for layer, v in ra.get("lb", {}).items():
-                assert rb["lb"][layer] == pytest.approx(v, abs=1e-4)
+            for layer, v in ra.get("load_balance_loss", {}).items():
+                assert rb["load_balance_loss"][layer] == pytest.approx(v, abs=1e-4)
     assert '"world_size": 2' in (tmp_path / "two" / "arms" / "moe" / "config.json").read_text()

@@ -45,7 +45,7 @@ def data(tmp_path: Path) -> Path:
     return make_block_store(tmp_path / "data")
 
 
-COMMON = dict(moe__router_noise_std=0.0, loss__lb_coef=0.5, train__batch_sequences=4)
+COMMON = dict(moe__router_noise_std=0.0, loss__load_balance_coef=0.5, train__batch_sequences=4)
 
 
 def test_step_scope_with_accumulation_equals_one_big_batch(data: Path) -> None:
@@ -55,48 +55,48 @@ def test_step_scope_with_accumulation_equals_one_big_batch(data: Path) -> None:
     assert router and whole[router[0]].abs().sum() > 0
     for accum in (2, 4):
         for method in ("prepass", "keep_graphs"):
-            g, out = _step_grads(data, **COMMON, train__grad_accum_steps=accum, loss__lb_accumulation=method)
+            g, out = _step_grads(data, **COMMON, train__grad_accum_steps=accum, loss__load_balance_accumulation=method)
             _assert_close(whole, g)
-            assert out["lb"] == pytest.approx(out1["lb"], rel=1e-6)
+            assert out["load_balance_loss"] == pytest.approx(out1["load_balance_loss"], rel=1e-6)
 
 
 def test_prepass_replays_router_noise_and_dropout(data: Path) -> None:
     """With router noise and dropout the pre-pass must route exactly as the training pass does."""
     noisy = dict(COMMON, moe__router_noise_std=1.0, model__dropout=0.2, train__grad_accum_steps=2)
-    a, _ = _step_grads(data, **noisy, loss__lb_accumulation="prepass")
-    b, _ = _step_grads(data, **noisy, loss__lb_accumulation="keep_graphs")
+    a, _ = _step_grads(data, **noisy, loss__load_balance_accumulation="prepass")
+    b, _ = _step_grads(data, **noisy, loss__load_balance_accumulation="keep_graphs")
     _assert_close(a, b)
 
 
 def test_microbatch_scope_differs_and_sequence_scope_matches_it_for_one_sequence_micro_batches(data: Path) -> None:
     step, _ = _step_grads(data, **COMMON, train__grad_accum_steps=4)
-    micro, _ = _step_grads(data, **COMMON, train__grad_accum_steps=4, loss__lb_scope="microbatch")
-    seq, _ = _step_grads(data, **COMMON, train__grad_accum_steps=4, loss__lb_scope="sequence")
+    micro, _ = _step_grads(data, **COMMON, train__grad_accum_steps=4, loss__load_balance_scope="microbatch")
+    seq, _ = _step_grads(data, **COMMON, train__grad_accum_steps=4, loss__load_balance_scope="sequence")
     router = next(k for k in step if "router" in k)
     # per-micro-batch balance is a different objective from balance over the step
     assert not torch.allclose(step[router], micro[router], atol=1e-6)
     # one sequence per micro-batch: per-sequence balance == per-micro-batch balance
     _assert_close(micro, seq)
     # and without the balance loss the three scopes give the same gradients
-    nolb = {k: v for k, v in COMMON.items() if k != "loss__lb_coef"}
-    a, _ = _step_grads(data, **nolb, loss__lb_coef=0.0, train__grad_accum_steps=2)
-    b, _ = _step_grads(data, **nolb, loss__lb_coef=0.0, train__grad_accum_steps=2, loss__lb_scope="sequence")
+    nolb = {k: v for k, v in COMMON.items() if k != "loss__load_balance_coef"}
+    a, _ = _step_grads(data, **nolb, loss__load_balance_coef=0.0, train__grad_accum_steps=2)
+    b, _ = _step_grads(data, **nolb, loss__load_balance_coef=0.0, train__grad_accum_steps=2, loss__load_balance_scope="sequence")
     _assert_close(a, b)
 
 
 def test_per_layer_coefficients_are_summed_not_averaged(data: Path) -> None:
     """Two MoE layers at coefficient c: layer 1's router gets c * grad(lb_1), not c / 2 * grad(lb_1)."""
-    base = {k: v for k, v in COMMON.items() if k != "loss__lb_coef"}
-    base.update(moe__layers=[0, 1], loss__z_coef=0.0)
-    g0, _ = _step_grads(data, **base, loss__lb_coef=0.0)
-    g_half, out = _step_grads(data, **base, loss__lb_coef=0.5)
-    g_only1, _ = _step_grads(data, **base, loss__lb_coef=0.0, loss__lb_coef_by_layer={"1": 1.0})
+    base = {k: v for k, v in COMMON.items() if k != "loss__load_balance_coef"}
+    base.update(moe__layers=[0, 1], loss__z_loss_coef=0.0)
+    g0, _ = _step_grads(data, **base, loss__load_balance_coef=0.0)
+    g_half, out = _step_grads(data, **base, loss__load_balance_coef=0.5)
+    g_only1, _ = _step_grads(data, **base, loss__load_balance_coef=0.0, loss__load_balance_coef_by_layer={"1": 1.0})
     key = next(k for k in g0 if ".h.1." in k and "router" in k)
     unit = g_only1[key] - g0[key]  # grad of lb_1 alone at coefficient 1
     assert unit.abs().max() > 1e-6
     torch.testing.assert_close(g_half[key] - g0[key], 0.5 * unit, atol=1e-7, rtol=1e-3)
     # the logged total is ce + sum over layers of coef * lb
-    assert out["loss"] == pytest.approx(out["ce"] + 0.5 * sum(out["lb"].values()), rel=1e-6)
+    assert out["loss"] == pytest.approx(out["ce"] + 0.5 * sum(out["load_balance_loss"].values()), rel=1e-6)
 
 
 def test_logged_step_balance_equals_the_formula_on_the_whole_batch(data: Path) -> None:
@@ -112,12 +112,12 @@ def test_logged_step_balance_equals_the_formula_on_the_whole_batch(data: Path) -
     rec = layer.last_record
     expected = float(load_balancing_loss(rec.tokens_per_expert, rec.prob_sum, rec.n_tokens, 1))
     out = trainer.train_step()
-    assert out["lb"]["1"] == pytest.approx(expected, rel=1e-5)
+    assert out["load_balance_loss"]["1"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_balance_bias_update_uses_the_whole_steps_counts(data: Path) -> None:
     """Auxiliary-loss-free balancing: after a step, bias = rate * sign(mean - counts over all micro-batches)."""
-    cfg = tiny_experiment(data, moe__balance_bias=True, loss__bias_update_rate=0.25, loss__lb_coef=0.0,
+    cfg = tiny_experiment(data, moe__balance_bias=True, loss__bias_update_rate=0.25, loss__load_balance_coef=0.0,
                           train__grad_accum_steps=2, train__batch_sequences=4)
     run = resolve_arms(cfg, ["moe"])["moe"]
     trainer = Trainer(run, data.parent / "unused", name="moe", write=False)

@@ -14,7 +14,8 @@ import torch
 
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.moe.gpt2 import load_moe_model, moe_layers
+from moescope.moe.gpt2 import load_moe_model
+from moescope.moe.model import moe_layers
 from moescope.train.config import resolve_arms
 from moescope.train.experiment import run_experiment
 from moescope.train.metrics_log import read_metrics
@@ -56,7 +57,7 @@ def test_experiment_writes_every_arm_at_matched_compute(data: Path, tmp_path: Pa
         adir = run / "arms" / arm
         assert [x["step"] for x in r] == list(range(1, 7))
         assert [x["tokens_seen"] for x in r] == [64 * s for s in range(1, 7)]  # same tokens
-        assert [x["lr"] for x in r] == [x["lr"] for x in rows["dense"]]  # same schedule
+        assert [x["learning_rate"] for x in r] == [x["learning_rate"] for x in rows["dense"]]  # same schedule
         assert sorted(p.name for p in (adir / "snapshots").iterdir()) == ["step_000000", "step_000003", "step_000006"]
         assert (adir / "checkpoints" / "latest").read_text().strip() == "step_000006"
         final = load_moe_model(adir / "final")
@@ -68,7 +69,7 @@ def test_experiment_writes_every_arm_at_matched_compute(data: Path, tmp_path: Pa
         if arm != "dense":
             routing = ev[-1]["routing"]["1"]
             for key in ("token_fraction", "max_fraction", "load_cv", "router_entropy_token",
-                        "router_entropy_of_mean", "dropped_fraction", "lb_loss", "z_loss"):
+                        "router_entropy_of_mean", "dropped_fraction", "load_balance_loss", "z_loss"):
                 assert key in routing
             assert sum(routing["token_fraction"]) == pytest.approx(1.0, abs=1e-5)
     # Same start, same data: an exactly upcycled top-1 STE model computes the dense model's loss at
@@ -78,11 +79,11 @@ def test_experiment_writes_every_arm_at_matched_compute(data: Path, tmp_path: Pa
     for a in rows:
         assert ev0[a] == pytest.approx(base_last, abs=1e-5)
         assert rows[a][0]["ce"] == pytest.approx(rows["dense"][0]["ce"], abs=1e-5)
-    assert rows["moe"][0]["lb"]["1"] > 0 and "lb" not in rows["dense"][0]
+    assert rows["moe"][0]["load_balance_loss"]["1"] > 0 and "load_balance_loss" not in rows["dense"][0]
     assert rows["moe-nolb"][-1]["ce"] != rows["moe"][-1]["ce"]  # the LB coefficient did change something
     # the arms' resolved configs differ exactly by their diffs
     exp = json.loads((run / "experiment.json").read_text())
-    assert exp["arms"]["moe-nolb"]["diff"]["loss"]["lb_coef"] == 0.0
+    assert exp["arms"]["moe-nolb"]["diff"]["loss"]["load_balance_coef"] == 0.0
 
 
 def test_eval_is_token_and_domain_weighted(tmp_path: Path) -> None:
@@ -213,8 +214,8 @@ def test_bad_inputs_raise_clear_errors_and_overwrite_nothing(data: Path, tmp_pat
     before = _tree(run)
     with pytest.raises(MoescopeError, match="already exists.*--resume"):
         run_experiment(cfg, run)
-    with pytest.raises(MoescopeError, match=r"another experiment.*optim.lr"):
-        run_experiment(tiny_experiment(data, arms=["moe"], train__steps=3, optim__lr=1e-2), run, resume=True)
+    with pytest.raises(MoescopeError, match=r"another experiment.*optim.learning_rate"):
+        run_experiment(tiny_experiment(data, arms=["moe"], train__steps=3, optim__learning_rate=1e-2), run, resume=True)
     other = resolve_arms(tiny_experiment(data, arms=["moe"], train__steps=3, moe__n_experts=2), ["moe"])["moe"]
     with pytest.raises(MoescopeError, match=r"another config.*moe.n_experts"):
         train_run(other, run / "arms" / "moe", resume=True)

@@ -50,7 +50,7 @@ def tiny_experiment(data_dir: Path, **overrides) -> ExperimentConfig:
         "base": {"init": "scratch", "steps": 4},
         "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "context_tokens": 32},
         "moe": {"n_experts": 4, "top_k": 1, "layers": [1], "router_noise_std": 0.1},
-        "optim": {"lr": 3e-3, "warmup_fraction": 0.2},
+        "optim": {"learning_rate": 3e-3, "warmup_fraction": 0.2},
         "train": {"steps": 6, "batch_sequences": 4, "eval_every_steps": 3, "log_every_steps": 1,
                   "checkpoint_every_steps": 3, "eval_max_blocks_per_domain": 4, "eval_batch_sequences": 8},
         "tracking": {"progress_bar": False},

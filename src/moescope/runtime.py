@@ -6,12 +6,11 @@
 
 glibc hands every freed block above its mmap threshold (at most 32 MB, adjusted on the
 fly) back to the kernel, so a training step's large temporaries (the [16, 128, 4096]
-logits alone are 33 MB) are faulted in again page by page on every step. Measured on the
-demo model (2 threads, 15 steps): 600k page faults and 1.45 s of system time per 15 dense
-steps, 235 -> 176 ms per step once freed memory stays in the heap. Raising the mmap and
-trim thresholds with mallopt is the standard fix short of swapping in jemalloc/tcmalloc,
-which would add a native dependency. Peak memory is unchanged: the heap keeps what the
-process already used.
+logits alone are 33 MB) would be faulted in again page by page on every step, costing
+system time on every step. Raising the mmap and trim thresholds with mallopt is the
+standard fix short of swapping in jemalloc/tcmalloc, which would add a native dependency.
+Peak memory is unchanged: the heap keeps what the process already used. The measured
+effect is in DEVELOPERS.md ("Measured once").
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from moescope.analysis.table import RoutingTable
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
-from moescope.moe.gpt2 import moe_layers
+from moescope.moe.capture import record_routing
+from moescope.moe.model import moe_layers
 
 
 @dataclass
@@ -59,23 +60,13 @@ def select_eval_rows(store: BlockStore, split: str = "eval", max_blocks_per_doma
 
 
 class _Recorder:
-    """Turns on capture in every MoE layer and collects each forward's records as numpy."""
+    """Collects each forward's per-token routing of every MoE layer as numpy (inside record_routing)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = moe_layers(model)
         self.parts: dict[int, dict[str, list[np.ndarray]]] = {
             i: {"expert_index": [], "gate_weight": [], "router_probs": []} for i in self.layers
         }
-
-    def __enter__(self) -> "_Recorder":
-        self.previous = {i: layer.capture for i, layer in self.layers.items()}
-        for layer in self.layers.values():
-            layer.capture = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for i, layer in self.layers.items():
-            layer.capture = self.previous[i]
 
     def collect(self) -> None:
         """Keep the last forward's routing of every layer (compact dtypes: int16 experts, fp16 probs)."""
@@ -117,7 +108,7 @@ def capture_routing(
     loss_sum = np.zeros(rows.size)
     recorder = _Recorder(model) if capture else None
     token_chunks = []
-    with recorder if recorder is not None else contextlib.nullcontext():
+    with record_routing(recorder.layers) if recorder is not None else contextlib.nullcontext():
         for s in tqdm(range(0, rows.size, batch_blocks), desc=desc, unit="batch", disable=not progress):
             part = rows[s : s + batch_blocks]
             x_np = store.gather(split, index[part])
@@ -165,7 +156,8 @@ def capture_expert_choices(
     Used for router saturation: the same tokens through every saved snapshot.
     """
     model.eval()
-    with _Recorder(model) as recorder:
+    recorder = _Recorder(model)
+    with record_routing(recorder.layers):
         for x in batches:
             model(input_ids=x.to(next(model.parameters()).device))
             recorder.collect()

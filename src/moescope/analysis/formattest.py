@@ -1,4 +1,4 @@
-"""The format test (seed 002): does routing follow the content or fixed format markers?
+"""The format test: does routing follow the content or fixed format markers?
 
 The same math/code content is routed twice, plain (the training format) and with
 invariant "Problem:" / "Solution:" markers added. If the router keyed on format,

@@ -6,7 +6,7 @@ data directory, runs capture (layer 2) and the metric and statistics functions
 (layer 1), and writes, atomically:
 
     RUN/analysis/metrics.json              every number, with intervals and p-values
-    RUN/analysis/viewer.json               per-token routing of sample blocks (INTERFACES.md)
+    RUN/analysis/viewer.json               per-token routing of sample blocks (format: analysis/viewer.py)
     RUN/analysis/routing/ARM/LAYER.npz     the captured routing table of each MoE layer
 
 metrics.json (IV = {"estimate", "low", "high"}, a 95% block-bootstrap interval;
@@ -67,7 +67,9 @@ from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.provenance import environment_info
-from moescope.moe.gpt2 import load_moe_model, moe_layers
+from moescope.moe.gpt2 import load_moe_model
+from moescope.moe.capture import record_routing
+from moescope.moe.model import moe_layers
 
 log = logging.getLogger(__name__)
 
@@ -253,14 +255,8 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
             n_texts[domain] += 1
     if not cases:
         return {"n_texts": n_texts, "layers": {}}
-    previous = {i: layer.capture for i, layer in layers.items()}
-    for layer in layers.values():
-        layer.capture = True
-    try:
+    with record_routing(layers):
         routed = route_texts(model, tokenizer, [t for c in cases for t in c[1:3]], max_tokens)
-    finally:
-        for i, layer in layers.items():
-            layer.capture = previous[i]
     plain_sums: dict[str, dict[int, np.ndarray]] = {}
     for text_no, (domain, _, _, segments) in enumerate(cases):
         (off_a, routed_a), (off_b, routed_b) = routed[2 * text_no], routed[2 * text_no + 1]

@@ -27,11 +27,11 @@ class BTXConfig:
     base_steps: int = 300
     branch_steps: int = 100
     finetune_steps: int = 60
-    # peak learning rate of the merged model's brief fine-tune; None = optim.lr x optim.min_lr_ratio,
-    # where the branches' schedules ended. A full-size restart with a fresh AdamW moves every weight
-    # by ~lr per step: it shifts the MLP inputs enough that the fitted routers send whole partitions
+    # peak learning rate of the merged model's brief fine-tune; None = optim.learning_rate x
+    # optim.min_learning_rate_ratio, where the branches' schedules ended. A full-size restart with a
+    # fresh AdamW moves every weight by ~learning_rate per step: it shifts the MLP inputs enough that the fitted routers send whole partitions
     # to another expert within a few steps
-    finetune_lr: float | None = None
+    finetune_learning_rate: float | None = None
     n_partitions: int = 3
     strategies: list[str] = field(default_factory=lambda: ["clustered", "random"])
     overlap_ratio: float = 0.1
@@ -39,7 +39,7 @@ class BTXConfig:
     # blocks whose MLPs become MoE layers in the merge; None = every block (as in BTX)
     moe_layers: list[int] | None = None
     top_k: int = 1
-    lb_coef: float = 0.01
+    load_balance_coef: float = 0.01
     # "fit": router rows fitted (bias-free logistic regression, block by block on the merged model's own
     # MLP inputs) to send each partition's tokens to its branch's expert; "means": rows from each
     # partition's mean hidden state (no bias term, so it can misroute whole partitions); "random":
@@ -83,16 +83,18 @@ class BTXConfig:
             arch=arch,  # type: ignore[arg-type]
             model=self.model,
             moe=moe or MoEConfig(),
-            optim=self.optim if lr is None else dataclasses.replace(self.optim, lr=lr),
+            optim=self.optim if lr is None else dataclasses.replace(self.optim, learning_rate=lr),
             train=dataclasses.replace(self.train, steps=steps),
             tracking=self.tracking,
         )
-        run.loss = dataclasses.replace(run.loss, lb_coef=self.lb_coef)
+        run.loss = dataclasses.replace(run.loss, load_balance_coef=self.load_balance_coef)
         validate_run(run, where=f"btx stage ({arch}, {steps} steps)")
         return run
 
-    def resolved_finetune_lr(self) -> float:
-        return self.finetune_lr if self.finetune_lr is not None else self.optim.lr * self.optim.min_lr_ratio
+    def resolved_finetune_learning_rate(self) -> float:
+        if self.finetune_learning_rate is not None:
+            return self.finetune_learning_rate
+        return self.optim.learning_rate * self.optim.min_learning_rate_ratio
 
     def total_dense_steps(self) -> int:
         return self.n_partitions * self.branch_steps + self.finetune_steps

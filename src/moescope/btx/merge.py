@@ -181,7 +181,7 @@ def routing_shares(model: nn.Module, batches_by_partition: Sequence[Sequence[tor
     With routers initialized from the partition means, the diagonal should dominate:
     tokens go to the expert trained on their partition.
     """
-    from moescope.moe.gpt2 import moe_layers
+    from moescope.moe.model import moe_layers
 
     layers = moe_layers(model)
     out = {i: torch.zeros(len(batches_by_partition), layer.n_experts) for i, layer in layers.items()}

@@ -151,7 +151,7 @@ def run_merge(cfg: BTXConfig, out: Path, strategy: str, branch_dirs: list[Path])
     if cfg.finetune_steps > 0:
         moe_cfg = from_dict(MoEConfig, json.loads((init_dir / "moe_config.json").read_text())["moe"])
         run = cfg.stage_run(data_dir=cfg.data_dir, arch="moe", steps=cfg.finetune_steps, moe=moe_cfg,
-                            lr=cfg.resolved_finetune_lr())
+                            lr=cfg.resolved_finetune_learning_rate())
         train_run(run, out / "merged" / strategy / "finetune", init=init_dir, name=f"btx-{strategy}", resume=True)
         return _final(out / "merged" / strategy / "finetune")
     return init_dir

@@ -1,1 +1,2 @@
-"""Clustering experts by co-activation (seed 004): merge (computation), io, orchestration."""
+"""Clustering experts by co-activation (experts that fire on the same tokens group together):
+merge (computation), io, orchestration."""

@@ -36,7 +36,7 @@ def expert_activations(
     """Per-token gate weight of every (layer, expert): float32 [N, n_layers * n_experts] and labels.
 
     expert_index / gate_weight: {layer: int [N, k]} / {layer: float [N, k]}, tokens aligned
-    across layers (the routing-table shape of INTERFACES.md).
+    across layers (the shape of analysis.table.RoutingTable).
     """
     layers = sorted(expert_index)
     if not layers:

@@ -50,9 +50,8 @@ def build_config(args: argparse.Namespace, released: bool = False) -> Any:
     """Config file, then --set overrides, then the dedicated flags (last wins)."""
     from moescope.analysis.pipeline import AnalyzeConfig
     from moescope.analysis.released import ReleasedConfig
-    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+    from moescope.io.config import layered_config
 
-    raw = load_config_file(args.config) if args.config else {}
     flags = {
         "max_blocks_per_domain": args.max_blocks_per_domain,
         "statistics.n_resamples": args.resamples,
@@ -62,9 +61,7 @@ def build_config(args: argparse.Namespace, released: bool = False) -> Any:
     if released:
         flags.update({"context_tokens": args.context, "dtype": args.dtype, "device": args.device,
                       "batch_blocks": args.batch_blocks})
-    flag_overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    raw = deep_merge(raw, parse_overrides(list(args.overrides) + flag_overrides))
-    return from_dict(ReleasedConfig if released else AnalyzeConfig, raw)
+    return layered_config(ReleasedConfig if released else AnalyzeConfig, args.config, args.overrides, flags)
 
 
 def run_released(args: argparse.Namespace) -> int:

@@ -28,13 +28,9 @@ def register(subparsers: Any) -> None:
 
 def load_btx_config(args: argparse.Namespace):
     from moescope.btx.config import BTXConfig
-    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+    from moescope.io.config import layered_config
 
-    raw = load_config_file(args.config) if args.config else {}
-    raw = deep_merge(raw, parse_overrides(args.overrides))
-    if args.data:
-        raw["data_dir"] = args.data
-    return from_dict(BTXConfig, raw)
+    return layered_config(BTXConfig, args.config, args.overrides, {"data_dir": args.data or None})
 
 
 def run_btx(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`moescope cluster RUN_OR_MODEL [--data DIR] ...`: cluster experts by co-activation (seed 004)."""
+"""`moescope cluster RUN_OR_MODEL [--data DIR] ...`: cluster experts by co-activation
+(experts that fire together on the same tokens merge into one cluster)."""
 
 from __future__ import annotations
 
@@ -44,31 +45,22 @@ def register(subparsers: Any) -> None:
 def build_config(args: argparse.Namespace) -> Any:
     """Config file, then --set overrides, then the dedicated flags (last wins)."""
     from moescope.cluster.pipeline import ClusterRunConfig
-    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+    from moescope.io.config import layered_config
 
-    raw = load_config_file(args.config) if args.config else {}
-    raw = deep_merge(raw, parse_overrides(args.overrides))
     flags = {
-        ("workers",): args.workers,
-        ("capture", "n_batches"): args.batches,
-        ("capture", "batch_by"): args.batch_by,
-        ("capture", "tokens_per_batch"): args.tokens_per_batch,
-        ("capture", "components"): args.components,
-        ("capture", "seed"): args.seed,
-        ("merge", "seed"): args.seed,
-        ("merge", "alpha"): args.alpha,
-        ("merge", "pair_selection"): args.selection,
-        ("merge", "target_k"): args.target_k,
-        ("null_model",): False if args.no_null else None,
+        "workers": args.workers,
+        "capture.n_batches": args.batches,
+        "capture.batch_by": args.batch_by,
+        "capture.tokens_per_batch": args.tokens_per_batch,
+        "capture.components": args.components,
+        "capture.seed": args.seed,
+        "merge.seed": args.seed,
+        "merge.alpha": args.alpha,
+        "merge.pair_selection": args.selection,
+        "merge.target_k": args.target_k,
+        "null_model": False if args.no_null else None,
     }
-    for keys, value in flags.items():
-        if value is None:
-            continue
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return from_dict(ClusterRunConfig, raw)
+    return layered_config(ClusterRunConfig, args.config, args.overrides, flags)
 
 
 def run(args: argparse.Namespace) -> int:

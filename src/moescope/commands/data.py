@@ -124,10 +124,9 @@ def build_config_from_args(args: argparse.Namespace) -> Any:
     import dataclasses
 
     from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig
-    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+    from moescope.io.config import layered_config
 
-    raw = load_config_file(args.config) if args.config else {}
-    cfg = from_dict(DataBuildConfig, deep_merge(raw, parse_overrides(args.overrides)))
+    cfg = layered_config(DataBuildConfig, args.config, args.overrides)
 
     # every source named on the command line, per domain: --files (paths merged) then each --hf
     given: dict[str, list[SourceConfig]] = {}

@@ -64,17 +64,14 @@ def register(subparsers: Any) -> None:
 
 
 def _load_config(cls, args: argparse.Namespace):
-    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+    from moescope.io.config import layered_config
 
-    raw = load_config_file(args.config) if args.config else {}
-    flags: dict[str, Any] = {}
-    if args.base_model:
-        flags.setdefault("encoder", {})["base_model"] = args.base_model
-    if args.pairs_hf:
-        flags["pairs"] = {"source": "hf", "name_or_path": args.pairs_hf}
-    if getattr(args, "dense", False):
-        flags.setdefault("encoder", {})["use_moe"] = False
-    return from_dict(cls, deep_merge(deep_merge(raw, parse_overrides(args.overrides)), flags))
+    flags = {
+        "encoder.base_model": args.base_model or None,
+        "pairs": {"source": "hf", "name_or_path": args.pairs_hf} if args.pairs_hf else None,
+        "encoder.use_moe": False if getattr(args, "dense", False) else None,
+    }
+    return layered_config(cls, args.config, args.overrides, flags)
 
 
 def _quiet_libraries() -> None:

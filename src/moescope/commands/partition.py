@@ -90,10 +90,9 @@ def _perplexity_scorer(model_dir: str, tokenizer_dir: str | None):
 
 def build_config(args: argparse.Namespace) -> Any:
     """Config file, then --set overrides, then the dedicated flags (last wins)."""
-    from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides
+    from moescope.io.config import layered_config
     from moescope.partition.config import PartitionConfig
 
-    raw = load_config_file(args.config) if args.config else {}
     flags = {
         "n_partitions": args.n_partitions,
         "strategy": args.strategy,
@@ -105,9 +104,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "embedding_backend": args.embedding_backend,
         "curriculum_score": "perplexity" if args.curriculum_model else None,
     }
-    raw = deep_merge(raw, parse_overrides(list(args.overrides)))
-    raw = deep_merge(raw, {key: value for key, value in flags.items() if value is not None})
-    return from_dict(PartitionConfig, raw)
+    return layered_config(PartitionConfig, args.config, args.overrides, flags)
 
 
 def run_partition(args: argparse.Namespace) -> int:

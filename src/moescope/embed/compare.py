@@ -32,7 +32,8 @@ from moescope.embed.pairs import PairSplit, load_pairs, pair_stats
 from moescope.embed.train import build_loss_dataset, train_encoder
 from moescope.errors import MoescopeError
 from moescope.embed.stats import project_2d
-from moescope.io.atomic import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from moescope.io.figure import save_figure
 from moescope.io.config import to_dict
 from moescope.io.provenance import environment_info
 
@@ -244,11 +245,7 @@ def plot_comparison(doc: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, ncol=len(arms), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title(f"{doc['config']['train']['steps']} steps each; bars: 95% bootstrap CI")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_embedding_map(
@@ -257,8 +254,6 @@ def plot_embedding_map(
     """One row per arm: its held-out embeddings projected to 2-D (`method`: pca or umap), coloured
     by domain (left) and, for MoE arms, by each text's first-choice expert (right). Written
     atomically (temporary path, then rename)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,9 +285,4 @@ def plot_embedding_map(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"held-out texts ({len(domains)}), {method.upper()} of each arm's own embeddings", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path, dpi=110, format="png")

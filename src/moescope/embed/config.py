@@ -48,7 +48,7 @@ class PairSourceConfig:
 
 
 def default_encoder_moe() -> MoEConfig:
-    """The reference recipe (anchors §1) at encoder scale: 8 upcycled experts, top-1 STE,
+    """The decoder study's MoE recipe (the demo's moe arm) at encoder scale: 8 upcycled experts, top-1 STE,
     router noise 0.1 annealed over the first quarter, 1e-3 upcycling noise."""
     return MoEConfig(n_experts=8, top_k=1, router_noise_std=0.1, router_noise_anneal_frac=0.25)
 
@@ -76,7 +76,7 @@ class RunPairSourceConfig(PairSourceConfig):
 
 @dataclass
 class RunTrainConfig(EmbedTrainConfig):
-    router_lr_mult: float = 10.0
+    router_learning_rate_mult: float = 10.0
     eval_every_steps: int | None = 20  # validation every 20 of the 60 steps; the best checkpoint is saved
 
 
@@ -85,7 +85,7 @@ class CompareTrainConfig(EmbedTrainConfig):
     # 40 steps of 16 pairs, top third of the encoder trained (where the MoE layers are):
     # sized so the four arms run in minutes on a 2-core CPU
     steps: int = 40
-    router_lr_mult: float = 10.0
+    router_learning_rate_mult: float = 10.0
     freeze_below_layer: int | None = 4
 
 

@@ -42,7 +42,7 @@ from transformers.activations import ACT2FN
 from moescope.errors import MoescopeError
 from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig, default_moe_layers
-from moescope.moe.gpt2 import moe_layers
+from moescope.moe.model import moe_layers
 from moescope.moe.layer import MoELayer
 from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_units
 

@@ -301,19 +301,17 @@ def capture_encoder_routing(model, texts: Sequence[str], domain_ids: Sequence[in
 
     from moescope.analysis.table import RoutingTable
     from moescope.embed.encoder import encoder_moe_layers
+    from moescope.moe.capture import record_routing
 
     layers = encoder_moe_layers(model)
     if not layers:
         return {}
     cols: dict[int, dict[str, list]] = {i: {"expert_index": [], "gate_weight": [], "router_probs": []} for i in layers}
     shared: dict[str, list] = {"token_id": [], "block": [], "position": [], "domain": []}
-    previous = {i: layer.capture for i, layer in layers.items()}
     was_training = model.training
     model.eval()
     try:
-        for layer in layers.values():
-            layer.capture = True
-        with torch.no_grad():
+        with torch.no_grad(), record_routing(layers):
             for start in range(0, len(texts), batch_size):
                 batch = list(texts[start : start + batch_size])
                 features = model.preprocess(batch)
@@ -332,8 +330,6 @@ def capture_encoder_routing(model, texts: Sequence[str], domain_ids: Sequence[in
                     cols[i]["gate_weight"].append(rec.gate_weight.float().cpu().numpy())
                     cols[i]["router_probs"].append(rec.router_probs.float().cpu().numpy())
     finally:
-        for i, layer in layers.items():
-            layer.capture = previous[i]
         model.train(was_training)
     base = {k: np.concatenate(v) for k, v in shared.items()}
     return {i: RoutingTable(**base, **{k: np.concatenate(v) for k, v in c.items()}) for i, c in cols.items()}

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from moescope.embed.pairs import TextPair
 from moescope.errors import MoescopeError
-from moescope.moe.gpt2 import moe_layers, router_parameters, set_training_progress
+from moescope.moe.model import moe_layers, router_parameters, set_training_progress
 from moescope.moe.layer import MoELayer, RoutingRecord, load_balancing_loss
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ class EmbedTrainConfig:
     steps: int = 60  # optimizer steps
     batch_size_pairs: int = 16  # (anchor, positive[, negative]) rows per step
     learning_rate: float = 5e-5
-    router_lr_mult: float = 1.0  # router learning rate = learning_rate x this
+    router_learning_rate_mult: float = 1.0  # router learning rate = learning_rate x this
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     # Per MoE layer, on the counts and router probabilities of the whole step (every text
@@ -88,7 +87,7 @@ def aggregate_records(records: Sequence[RoutingRecord], top_k: int) -> dict[str,
     n_tokens = sum(r.n_tokens for r in records)
     z = sum(r.z_loss * r.n_tokens for r in records) / max(n_tokens, 1)
     return {
-        "load_balance": load_balancing_loss(counts, prob_sum, n_tokens, top_k),
+        "load_balance_loss": load_balancing_loss(counts, prob_sum, n_tokens, top_k),
         "z_loss": z if isinstance(z, torch.Tensor) else torch.zeros((), device=prob_sum.device),
         "counts": counts,
     }
@@ -97,7 +96,7 @@ def aggregate_records(records: Sequence[RoutingRecord], top_k: int) -> dict[str,
 class MoEAuxLoss(nn.Module):
     """A sentence-transformers loss plus the MoE layers' auxiliary losses.
 
-    Returns {"task": ..., "load_balance": coef x sum over layers, "router_z": coef x sum}
+    Returns {"task": ..., "load_balance_loss": coef x sum over layers, "z_loss": coef x sum}
     (sentence-transformers' trainer adds the terms and logs each). Routing records are
     collected with forward hooks while the wrapped loss runs, so a loss that encodes
     anchors, positives and negatives in separate passes contributes all of them.
@@ -143,7 +142,7 @@ class MoEAuxLoss(nn.Module):
             if not records[i]:
                 continue
             agg = aggregate_records(records[i], layer.top_k)
-            lb_total = lb_total + agg["load_balance"]
+            lb_total = lb_total + agg["load_balance_loss"]
             z_total = z_total + agg["z_loss"]
             self.last_counts[i] = agg["counts"].detach().cpu()
         if isinstance(task, dict):  # a loss that already reports components
@@ -153,9 +152,9 @@ class MoEAuxLoss(nn.Module):
         zero = torch.zeros((), device=next(iter(out.values())).device)
         lb_total = lb_total if isinstance(lb_total, torch.Tensor) else zero
         z_total = z_total if isinstance(z_total, torch.Tensor) else zero
-        self.last_raw = {"load_balance": float(lb_total.detach()), "router_z": float(z_total.detach())}
-        out["load_balance"] = self.load_balance_coef * lb_total
-        out["router_z"] = self.z_loss_coef * z_total
+        self.last_raw = {"load_balance_loss": float(lb_total.detach()), "z_loss": float(z_total.detach())}
+        out["load_balance_loss"] = self.load_balance_coef * lb_total
+        out["z_loss"] = self.z_loss_coef * z_total
         return out
 
 
@@ -346,7 +345,7 @@ def train_encoder(
             disable_tqdm=not show_progress_bar,
             batch_sampler=BatchSamplers.NO_DUPLICATES if cfg.loss == "mnrl" else BatchSamplers.BATCH_SAMPLER,
         )
-        optimizers = (_optimizer(model, cfg), None) if cfg.router_lr_mult != 1.0 and moe_layers(model) else (None, None)
+        optimizers = (_optimizer(model, cfg), None) if cfg.router_learning_rate_mult != 1.0 and moe_layers(model) else (None, None)
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=train_dataset, loss=loss, callbacks=callbacks, optimizers=optimizers,
             evaluator=evaluator if validate else None,
@@ -403,7 +402,7 @@ def freeze_lower_layers(model: nn.Module, below: int) -> int:
 
 
 def _optimizer(model: nn.Module, cfg: EmbedTrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the routers at learning_rate x router_lr_mult; no decay on biases/LayerNorms."""
+    """AdamW with the routers at learning_rate x router_learning_rate_mult; no decay on biases/LayerNorms."""
     routers = {id(p) for p in router_parameters(model)}
     decay, no_decay, router = [], [], []
     for name, p in model.named_parameters():
@@ -418,11 +417,6 @@ def _optimizer(model: nn.Module, cfg: EmbedTrainConfig) -> torch.optim.Optimizer
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate},
         {"params": no_decay, "weight_decay": 0.0, "lr": cfg.learning_rate},
-        {"params": router, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.router_lr_mult},
+        {"params": router, "weight_decay": 0.0, "lr": cfg.learning_rate * cfg.router_learning_rate_mult},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-
-
-def routing_loads(counts: dict[int, torch.Tensor]) -> dict[int, np.ndarray]:
-    """Per-layer token fractions from summed counts (for reports)."""
-    return {i: (c.double() / c.sum().clamp(min=1)).numpy() for i, c in counts.items()}

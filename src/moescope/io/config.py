@@ -88,6 +88,25 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def layered_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
+                   flags: dict[str, Any] | None = None) -> T:
+    """Config `cls` from a file (if given), then `key.sub=value` overrides, then a command's dedicated
+    flags ({"dotted.key": value}, None = flag not given); later wins. Every command that takes
+    --config, --set and its own flags builds its config here, so all of them layer alike."""
+    raw = load_config_file(path) if path else {}
+    raw = deep_merge(raw, parse_overrides(list(overrides or [])))
+    given: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        node = given
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(cls, deep_merge(raw, given))
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass (possibly nested) -> plain JSON-able dict."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -101,6 +120,31 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# Keys that were renamed so that one concept has one name everywhere (old -> new). An old key in a
+# user's config is an error naming the new one; stored configs of older runs are read through
+# `upgrade_keys`.
+RENAMED_KEYS = {
+    "lb_coef": "load_balance_coef",
+    "lb_coef_by_layer": "load_balance_coef_by_layer",
+    "z_coef": "z_loss_coef",
+    "lb_scope": "load_balance_scope",
+    "lb_accumulation": "load_balance_accumulation",
+    "lr": "learning_rate",
+    "min_lr_ratio": "min_learning_rate_ratio",
+    "router_lr_mult": "router_learning_rate_mult",
+    "finetune_lr": "finetune_learning_rate",
+}
+
+
+def upgrade_keys(data: Any) -> Any:
+    """A stored config dict with every renamed key (RENAMED_KEYS) under its new name, at any depth."""
+    if isinstance(data, dict):
+        return {RENAMED_KEYS.get(k, k) if isinstance(k, str) else k: upgrade_keys(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [upgrade_keys(v) for v in data]
+    return data
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass `cls` from `data`, strictly: unknown keys raise with a suggestion."""
     data = data or {}
@@ -110,6 +154,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        if key not in fields and RENAMED_KEYS.get(key) in fields:
+            raise MoescopeError(f"config key {_join(where, key)!r} was renamed to {RENAMED_KEYS[key]!r}")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"

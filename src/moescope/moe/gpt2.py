@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import replace
@@ -35,6 +34,8 @@ from moescope.moe.decoders import DecoderFamily, ExpertTensors, decoder_family
 from moescope.moe.designs import refuse_generation_if_noncausal, split_experts
 from moescope.moe.experts import build_experts
 from moescope.moe.layer import MoELayer
+from moescope.moe.capture import record_routing
+from moescope.moe.model import moe_layers
 from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_units
 
 WEIGHTS_NAME = "model.safetensors"
@@ -179,30 +180,6 @@ def install_moe_measured(
     deviation = float((model(input_ids).logits - dense).abs().max())
     model.train(was_training)
     return layers, deviation
-
-
-def moe_layers(model: nn.Module) -> dict[int, MoELayer]:
-    """{block_index: MoELayer} of any module; the index is the last integer in the layer's path."""
-    found: dict[int, MoELayer] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            numbers = [int(part) for part in name.split(".") if re.fullmatch(r"\d+", part)]
-            key = numbers[-1] if numbers else len(found)
-            while key in found:
-                key += 1
-            found[key] = module
-    return dict(sorted(found.items()))
-
-
-def set_training_progress(model: nn.Module, progress: float) -> None:
-    """Tell every MoE layer how far training is (0..1); the router noise anneals with it."""
-    for layer in moe_layers(model).values():
-        layer.progress = float(progress)
-
-
-def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The routers' weights (e.g. for a separate learning-rate multiplier)."""
-    return [p for layer in moe_layers(model).values() for p in layer.router.parameters()]
 
 
 # ---------------------------------------------------------------- save / load
@@ -403,7 +380,6 @@ def generate_with_routing(model: nn.Module, input_ids: torch.Tensor, **generate_
     layers = moe_layers(model)
     steps: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     hooks = []
-    previous = {i: layer.capture for i, layer in layers.items()}
 
     def make_hook(i: int):
         def hook(module: MoELayer, inputs, output) -> None:
@@ -415,15 +391,12 @@ def generate_with_routing(model: nn.Module, input_ids: torch.Tensor, **generate_
         return hook
 
     try:
-        for i, layer in layers.items():
-            layer.capture = True
-            hooks.append(layer.register_forward_hook(make_hook(i)))
-        sequences = model.generate(input_ids, **generate_kwargs)
+        with record_routing(layers):
+            hooks.extend(layer.register_forward_hook(make_hook(i)) for i, layer in layers.items())
+            sequences = model.generate(input_ids, **generate_kwargs)
     finally:
         for h in hooks:
             h.remove()
-        for i, layer in layers.items():
-            layer.capture = previous[i]
     n_new = sequences.shape[1] - input_ids.shape[1]
     routing = {i: torch.stack(s[:n_new], dim=1) if s else torch.empty(0) for i, s in steps.items()}
     return sequences, routing

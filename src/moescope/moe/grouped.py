@@ -2,7 +2,7 @@
 
 Hand-written because no maintained library offers a CPU grouped GEMM with autograd
 over separate per-expert parameters (torch._grouped_mm needs one 3-D parameter, whose
-per-expert slices cost a full-size zero gradient each in backward; see anchors §5).
+per-expert slices cost a full-size zero gradient each in backward).
 
 Rows arrive sorted by expert, `sizes[e]` rows for expert e. Each linear writes its
 slices straight into one preallocated output (no torch.cat), the activation and the
@@ -12,11 +12,9 @@ result equals running each expert module on its own slice.
 
 On CPU the per-expert GEMMs of a linear run in the compiled kernel (moe/native.py,
 csrc/grouped_gemm.cpp): whole GEMMs spread over torch's threads instead of one small
-multi-threaded GEMM after another. Measured on the 2-core machine (layer fwd+bwd,
-2048 tokens, 2 threads, interleaved medians, time / dense FFN of one expert's size):
-E=16 d=128 1.473x -> 1.316x, E=8 d=128 1.308x -> 1.216x, E=8 d=256 1.256x -> 1.126x,
-E=8 d=768 1.127x -> 1.109x. The Python loop below is the fallback and the reference
-the kernel is tested against.
+multi-threaded GEMM after another (benchmarks/bench_moe_layer.py prints the ratios;
+DEVELOPERS.md keeps one measurement). The Python loop below is the fallback and the
+reference the kernel is tested against.
 """
 
 from __future__ import annotations

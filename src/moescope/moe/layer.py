@@ -112,7 +112,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def _logsumexp_last(logits: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last (expert) dim, keepdim. Written out because the fused
-    softmax/logsumexp kernels are ~3x slower on a last dim of a few experts."""
+    softmax/logsumexp kernels are slow on a last dim of only a few experts (see DEVELOPERS.md)."""
     m = logits.detach().amax(dim=-1, keepdim=True)
     return torch.log(torch.exp(logits - m).sum(dim=-1, keepdim=True)) + m
 
@@ -121,8 +121,7 @@ class _GatherRows(torch.autograd.Function):
     """rows = x[index] for distinct indices; backward writes (index_copy) instead of index_add.
 
     When `index` is a permutation, `inverse` (its inverse) turns the backward scatter into a
-    gather: index_select is ~4x faster than index_copy_ on CPU (2048 x 128 floats: 11 vs
-    43 us at 2 threads) and moves the same values.
+    gather: index_select moves the same values and is much cheaper than index_copy_ on CPU.
     """
 
     @staticmethod
@@ -250,12 +249,9 @@ class MoELayer(nn.Module):
         self.progress = 0.0
         self.capture = False
         # Run moescope's own expert types through grouped matmuls (one per expert into
-        # shared buffers, one activation pass) instead of calling each expert module;
-        # other experts always loop. Measured on the shared 2-core machine (2 threads,
-        # fwd+bwd, 2048 tokens): median wall time 0.50x the loop's at d=128 and d=256,
-        # 0.62x at d=768 (far fewer parallel regions to stall when cores are contended);
-        # single-threaded CPU time is equal within noise, except that the loop's
-        # per-slice activation is cache-friendlier at 4096 tokens x d=768.
+        # shared buffers, one activation pass) instead of calling each expert module:
+        # far fewer parallel regions to stall when cores are contended, same values.
+        # Other experts always loop. benchmarks/bench_moe_layer.py measures the two.
         self.grouped_experts = True
         self.last_record: RoutingRecord | None = None
 

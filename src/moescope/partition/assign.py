@@ -48,10 +48,6 @@ class Assignment:
         """Texts per partition (overlap copies included)."""
         return self.member.sum(axis=0).astype(np.int64)
 
-    def weighted_sizes(self) -> np.ndarray:
-        """Size per partition in the balance unit (sum of weights)."""
-        return self.weights @ self.member
-
     def indices(self) -> list[np.ndarray]:
         """Per partition, the (sorted) indices of its texts, overlap copies included."""
         return [np.flatnonzero(self.member[:, p]) for p in range(self.n_partitions)]

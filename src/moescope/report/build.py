@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moescope.errors import MoescopeError
+from moescope.io.config import upgrade_keys
 from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.write import write_report
@@ -62,8 +63,8 @@ def arm_balancing(experiment: dict, arm: str) -> str | None:
     cfg = experiment.get("arms", {}).get(arm, {}).get("config", {})
     if not cfg:
         return None
-    loss = cfg.get("loss", {})
-    lb, rate = loss.get("lb_coef") or 0.0, loss.get("bias_update_rate") or 0.0
+    loss = upgrade_keys(cfg.get("loss", {}))  # runs written before the renames say load_balance_coef
+    lb, rate = loss.get("load_balance_coef") or 0.0, loss.get("bias_update_rate") or 0.0
     parts = ([f"load-balancing loss {lb:g}"] if lb else []) + ([f"selection-bias balancing at rate {rate:g}"] if rate else [])
     return " + ".join(parts) if parts else "no load balancing"
 

@@ -300,7 +300,7 @@ def stage_identity(run: Any) -> dict[str, Any]:
     d = comparable_config(run)
     if d["arch"] == "dense":
         d = {k: v for k, v in d.items() if k not in DENSE_UNUSED}
-        d["optim"] = {k: v for k, v in d["optim"].items() if k != "router_lr_mult"}
+        d["optim"] = {k: v for k, v in d["optim"].items() if k != "router_learning_rate_mult"}
     return d
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moescope.errors import MoescopeError
-from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides, to_dict
+from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides, to_dict, upgrade_keys
 from moescope.moe.config import MoEConfig
 
 
@@ -35,39 +35,39 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr."""
+    """AdamW with linear warmup then cosine decay to min_learning_rate_ratio * learning_rate."""
 
-    lr: float = 2e-3
-    router_lr_mult: float = 1.0
+    learning_rate: float = 2e-3
+    router_learning_rate_mult: float = 1.0
     weight_decay: float = 0.1  # not applied to norms, biases (any parameter with < 2 dims)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip_norm: float | None = 1.0
     warmup_fraction: float = 0.05
-    min_lr_ratio: float = 0.1
+    min_learning_rate_ratio: float = 0.1
 
 
 @dataclass
 class LossConfig:
     """Auxiliary router losses. Coefficients apply to EACH MoE layer's loss; layer losses are summed.
 
-    lb_scope: which tokens the load-balancing statistics f_i and P_i are taken over:
+    load_balance_scope: which tokens the load-balancing statistics f_i and P_i are taken over:
       "step"       all tokens of the optimizer step (all micro-batches, all processes); default
       "microbatch" each micro-batch separately, then averaged (the reference's behaviour)
       "sequence"   each sequence separately, then averaged (pushes every sequence to balance)
-    lb_accumulation: how the "step" scope is made exact when grad_accum_steps > 1:
+    load_balance_accumulation: how the "step" scope is made exact when grad_accum_steps > 1:
       "prepass"     a no-grad routing forward over all micro-batches first (RNG replayed so
                     routing is identical): +1 forward per step, memory of one micro-batch
       "keep_graphs" keep every micro-batch graph and do one backward: no extra compute,
                     activation memory x grad_accum_steps
     """
 
-    lb_coef: float = 0.01
-    z_coef: float = 1e-3
-    lb_coef_by_layer: dict[str, float] = field(default_factory=dict)  # block index -> coef override
-    lb_scope: Literal["step", "microbatch", "sequence"] = "step"
-    lb_accumulation: Literal["prepass", "keep_graphs"] = "prepass"
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    load_balance_coef_by_layer: dict[str, float] = field(default_factory=dict)  # block index -> coef override
+    load_balance_scope: Literal["step", "microbatch", "sequence"] = "step"
+    load_balance_accumulation: Literal["prepass", "keep_graphs"] = "prepass"
     # Auxiliary-loss-free balancing: after every optimizer step each MoE layer's selection
     # bias (moe.balance_bias) moves by this much toward balance, from the step's counts
     # (DeepSeek-V3's bias update speed). 0 = the bias stays where it is.
@@ -135,7 +135,7 @@ class BaseConfig:
 
     init: str = "scratch"
     steps: int = 600
-    lr: float | None = None  # None = optim.lr
+    learning_rate: float | None = None  # None = optim.learning_rate
 
 
 @dataclass
@@ -155,7 +155,7 @@ BUILTIN_ARMS: dict[str, dict[str, Any]] = {
     "moe": {"arch": "moe", "moe": {"top_k": 1}},
     "moe-top2": {"arch": "moe", "moe": {"top_k": 2}},
     "moe-nolb": {"arch": "moe", "moe": {"top_k": 1},
-                 "loss": {"lb_coef": 0.0, "lb_coef_by_layer": {}, "bias_update_rate": 0.0}},
+                 "loss": {"load_balance_coef": 0.0, "load_balance_coef_by_layer": {}, "bias_update_rate": 0.0}},
     # Designs of today at the active compute of "moe" (see MoEConfig): each expert split in
     # four and top-4 of them (DeepSeekMoE's fine-grained experts); the same with one of the
     # four active slices always on (a shared expert; 63 routed, top-3); expert-choice routing
@@ -164,12 +164,12 @@ BUILTIN_ARMS: dict[str, dict[str, Any]] = {
     "moe-shared": {"arch": "moe", "moe": {"top_k": 1, "expert_granularity": 4, "n_shared_experts": 1}},
     "moe-ec": {"arch": "moe", "moe": {"top_k": 1, "routing": "expert_choice", "capacity_factor": 1.0,
                                       "balance_bias": False},
-               "loss": {"lb_coef": 0.0, "lb_coef_by_layer": {}, "bias_update_rate": 0.0}},
+               "loss": {"load_balance_coef": 0.0, "load_balance_coef_by_layer": {}, "bias_update_rate": 0.0}},
 }
 
 # The only config paths an arm diff may change. Anything else (data, steps, batch, seed,
 # schedule, evaluation, model shape) is shared by every arm of an experiment.
-ARM_MUTABLE_PATHS: tuple[str, ...] = ("arch", "moe", "loss", "optim.router_lr_mult", "collapse", "tracking")
+ARM_MUTABLE_PATHS: tuple[str, ...] = ("arch", "moe", "loss", "optim.router_learning_rate_mult", "collapse", "tracking")
 
 
 def load_experiment_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -229,19 +229,19 @@ def resolve_arms(cfg: ExperimentConfig, names: list[str] | None = None) -> dict[
 
 
 def base_run_config(cfg: ExperimentConfig) -> RunConfig:
-    """The dense base stage: the shared config with arch dense, base.steps and base.lr."""
+    """The dense base stage: the shared config with arch dense, base.steps and base.learning_rate."""
     run = from_dict(RunConfig, shared_run_dict(cfg))
     run.arch = "dense"
     run.train = dataclasses.replace(run.train, steps=cfg.base.steps)
-    if cfg.base.lr is not None:
-        run.optim = dataclasses.replace(run.optim, lr=cfg.base.lr)
+    if cfg.base.learning_rate is not None:
+        run.optim = dataclasses.replace(run.optim, learning_rate=cfg.base.learning_rate)
     validate_run(run, where="base stage")
     return run
 
 
 def comparable_config(run: RunConfig | dict) -> dict[str, Any]:
     """The part of a run config a checkpoint must match to be resumed (not tracking/logging)."""
-    d = to_dict(run) if not isinstance(run, dict) else dict(run)
+    d = to_dict(run) if not isinstance(run, dict) else upgrade_keys(dict(run))  # a run from before the renames
     d = {k: v for k, v in d.items() if k != "tracking"}
     # how to react to a NaN is policy, not trajectory: a stopped run may be resumed with "skip"
     d["train"] = {k: v for k, v in d["train"].items()
@@ -275,9 +275,9 @@ def validate_run(run: RunConfig, where: str = "run") -> None:
             f"{where}: loss.bias_update_rate={run.loss.bias_update_rate} needs moe.balance_bias = true "
             "(the selection bias it updates)"
         )
-    for key in run.loss.lb_coef_by_layer:
+    for key in run.loss.load_balance_coef_by_layer:
         if not str(key).isdigit():
-            raise MoescopeError(f"{where}: loss.lb_coef_by_layer key {key!r} must be a block index")
+            raise MoescopeError(f"{where}: loss.load_balance_coef_by_layer key {key!r} must be a block index")
     if run.model.d_model % run.model.n_heads:
         raise MoescopeError(f"{where}: model.d_model={run.model.d_model} not divisible by n_heads={run.model.n_heads}")
 
@@ -296,7 +296,7 @@ def _leaf_paths(d: dict[str, Any], prefix: str = "") -> list[str]:
     out: list[str] = []
     for key, value in d.items():
         path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value and key != "lb_coef_by_layer":
+        if isinstance(value, dict) and value and key != "load_balance_coef_by_layer":
             out.extend(_leaf_paths(value, path))
         else:
             out.append(path)

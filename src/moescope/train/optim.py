@@ -30,12 +30,12 @@ def build_param_groups(model: nn.Module, cfg: OptimConfig, router_params: list[n
         else:
             decay.append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"},
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.learning_rate, "name": "no_decay"},
     ]
     if router:
-        groups.append({"params": router, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.router_lr_mult,
-                       "name": "router"})
+        groups.append({"params": router, "weight_decay": cfg.weight_decay,
+                       "lr": cfg.learning_rate * cfg.router_learning_rate_mult, "name": "router"})
     return groups
 
 
@@ -44,7 +44,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, router_params: list[nn.P
     # MoE model has E times the FFN parameters, so the loop would tax the MoE arm more than the dense one.
     device = next(model.parameters()).device.type
     return torch.optim.AdamW(
-        build_param_groups(model, cfg, router_params), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        build_param_groups(model, cfg, router_params), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=device in ("cpu", "cuda"),
     )
 
@@ -75,10 +75,10 @@ def warmup_steps_for(cfg: OptimConfig, total_steps: int) -> int:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """Linear warmup, then cosine down to min_lr_ratio of each group's own peak (router multiplier kept)."""
+    """Linear warmup, then cosine down to min_learning_rate_ratio of each group's own peak (router multiplier kept)."""
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
         num_warmup_steps=warmup_steps_for(cfg, total_steps),
         num_training_steps=total_steps,
-        min_lr_rate=cfg.min_lr_ratio,
+        min_lr_rate=cfg.min_learning_rate_ratio,
     )

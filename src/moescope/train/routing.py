@@ -74,6 +74,6 @@ def summarize_routing(t: RoutingTotals) -> dict[str, float | list[float]]:
         "router_entropy_of_mean": float(-(p * p.log()).sum()),
         "router_entropy_max": math.log(e),
         "dropped_fraction": t.dropped / float(n * k),
-        "lb_loss": lb,
+        "load_balance_loss": lb,
         "z_loss": t.z_sum / n,
     }

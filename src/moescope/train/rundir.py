@@ -1,18 +1,41 @@
-"""The run directory of one training stage: its file names, and whether a directory may be continued.
+"""The run directory of one training stage: its files, whether it may be continued, its checkpoints.
 
-A stage directory (see train/trainer.py) may be resumed only by the config that wrote it:
-`check_same_config` is the one comparison used for the stored config.json, for a checkpoint's
-config and for a finished stage, so the three say the same thing about the same difference.
+Layout (see DEVELOPERS.md, "Run directory")::
+
+    config.json        resolved RunConfig (+ where the weights came from)
+    metrics.jsonl      train / eval / collapse / event records
+    checkpoints/       step_XXXXXX/{model/, trainer_state.json, trainer_tensors.safetensors, manifest.json},
+                       latest (see train/checkpoint.py)
+    snapshots/         step_XXXXXX/ model only, one per evaluation
+    final/             the trained model (save_moe_model)
+    summary.json       final evaluation and run statistics (present = stage complete)
+
+A stage directory may be resumed only by the config that wrote it: `check_same_config` is the
+one comparison used for the stored config.json, for a checkpoint's config and for a finished
+stage, so the three say the same thing about the same difference. `StageDirectory` is what the
+trainer asks: which checkpoint to resume, open the directory for writing, save a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moescope.errors import MoescopeError
+from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
+from moescope.io.config import to_dict
+from moescope.io.lock import is_empty_ignoring_lock
+from moescope.train.checkpoint import (
+    last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
+)
 from moescope.train.config import RunConfig, comparable_config
+from moescope.train.metrics_log import MetricsLog
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
@@ -51,3 +74,71 @@ def read_stored_config(path: Path) -> dict:
         return dict(data["config"])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise MoescopeError(f"{path}: not a readable run config ({type(exc).__name__}: {exc})") from None
+
+
+class StageDirectory:
+    """One stage's directory as the trainer uses it: the checkpoint to resume from (checked against the
+    config and data), opening it for writing (orphans, metrics cut back, config.json), checkpoints."""
+
+    def __init__(self, out_dir: Path, name: str, cfg: RunConfig, manifest_sha: str, data_manifest: Path, *,
+                 write: bool) -> None:
+        self.out_dir, self.name, self.cfg, self.write = Path(out_dir), name, cfg, write
+        self.manifest_sha, self.data_manifest = manifest_sha, data_manifest
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.last_good: Path | None = None
+
+    def find_resume(self, resume: bool) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
+        """The newest intact checkpoint to continue from (with `resume`), checked against this config
+        and data; None to start afresh, which a non-empty directory without `resume` refuses."""
+        found = None
+        if resume:
+            stored = self.out_dir / CONFIG_NAME
+            if stored.is_file():
+                check_same_config(self.cfg, read_stored_config(stored), str(stored))
+            found = newest_intact_checkpoint(self.ckpt_dir)
+        if found is None and self.write and not resume and not is_empty_ignoring_lock(self.out_dir):
+            raise MoescopeError(f"{self.out_dir} already exists and is not empty; pass --resume or choose another --out")
+        if found is not None:
+            ckpt, _, state = found
+            check_same_config(self.cfg, state["config"], f"checkpoint {ckpt}")
+            if state.get("data_manifest_sha256") != self.manifest_sha:
+                raise MoescopeError(
+                    f"checkpoint {ckpt} was trained on another data directory (manifest hash differs from "
+                    f"{self.data_manifest})"
+                )
+            self.last_good = ckpt
+        return found
+
+    def open(self, metrics: MetricsLog, *, resume: bool, resumed_from: Path | None, step: int,
+             record: dict[str, Any]) -> None:
+        """Make the directory consistent before training writes to it (main process only; the caller
+        holds the run-directory lock): remove orphans of an interrupted checkpoint write, cut
+        metrics.jsonl back to the checkpoint's step (or empty it when no checkpoint was reached),
+        or write config.json (`record` + the config) for a fresh stage."""
+        for orphan in remove_orphaned_temporaries(self.ckpt_dir):
+            log.warning("%s: removed %s, left by an interrupted checkpoint write", self.name, orphan)
+        if resumed_from is None and resume:
+            metrics.truncate_after(-1)  # an attempt that never reached a checkpoint starts over
+        if resumed_from is not None:
+            point_latest(self.ckpt_dir, resumed_from)  # killed between commit and pointer, or fell back
+            metrics.truncate_after(step)
+            metrics.write({"kind": "event", "step": step, "event": "resume", "checkpoint": str(resumed_from)})
+        else:
+            if self.out_dir.exists() and (self.out_dir / CONFIG_NAME).exists() and not resume:
+                raise MoescopeError(f"{self.out_dir} was written by another process while starting")
+            atomic_write_json(self.out_dir / CONFIG_NAME, {
+                "name": self.name, "init": record["init"], "config": to_dict(self.cfg),
+                "data_manifest_sha256": self.manifest_sha, **{k: v for k, v in record.items() if k != "init"},
+            })
+
+    def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+        """Checkpoint at `step` with the trainer's `state` (after the config); raises NonFiniteState,
+        saving nothing, if any tensor is NaN/inf."""
+        path = save_checkpoint(self.ckpt_dir, step, model, optimizer, scheduler,
+                               {"config": to_dict(self.cfg), **state}, keep=self.cfg.train.keep_checkpoints)
+        self.last_good = path
+        return path
+
+    def last_verified(self) -> Path | None:
+        """The newest checkpoint that verifies now (manifest digests) and is finite."""
+        return last_verified_checkpoint(self.ckpt_dir, self.last_good) if self.write else None

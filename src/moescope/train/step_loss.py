@@ -37,12 +37,12 @@ class StepRoutingSums:
             s["n"] += rec.n_tokens
 
 
-def z_term(records: dict[int, Any], n_local: int, z_coef: float):
+def z_term(records: dict[int, Any], n_local: int, z_loss_coef: float):
     """z-loss of one micro-batch, each layer weighted by its share of the step's local tokens."""
     total = 0.0
     for rec in records.values():
         total = total + rec.z_loss * (rec.n_tokens / n_local)
-    return z_coef * total
+    return z_loss_coef * total
 
 
 def step_balance_term(prob_sums: dict[int, torch.Tensor], counts: dict[int, torch.Tensor], coefs: dict[int, float],
@@ -77,3 +77,26 @@ def sequence_balance_terms(router_logits: torch.Tensor, expert_index: torch.Tens
     f = seq_counts / (t * k)
     p = probs.mean(dim=1)
     return e * (f * p).sum(dim=1)
+
+
+def step_routing_metrics(reduced: dict[int, tuple[torch.Tensor, torch.Tensor]], stats: dict[int, dict[str, Any]],
+                         n_step: int, top_k: dict[int, int]) -> dict[str, dict[str, float]]:
+    """The step's logged routing values per layer: `load_balance_loss` and `max_fraction` from the
+    step's counts and probability sums over all processes (`reduced[i] = (counts, prob_sum)`, as
+    float64), and the token-weighted mean `z_loss` of this process."""
+    lb, z, max_frac = {}, {}, {}
+    for i, (counts, prob_sum) in reduced.items():
+        s = stats[i]
+        lb[str(i)] = float(load_balancing_loss(counts, prob_sum, n_step, top_k[i]))
+        z[str(i)] = s["z"] / max(s["n"], 1)
+        max_frac[str(i)] = float(counts.max() / counts.sum().clamp_min(1))
+    return {"load_balance_loss": lb, "z_loss": z, "max_fraction": max_frac}
+
+
+def step_total_loss(ce: float, routing: dict[str, dict[str, float]], lb_coefs: dict[int, float],
+                    z_loss_coef: float) -> float:
+    """The logged loss of a step: cross-entropy plus each layer's weighted balance and z terms."""
+    if not routing:
+        return ce
+    return (ce + sum(lb_coefs[int(i)] * v for i, v in routing["load_balance_loss"].items())
+            + z_loss_coef * sum(routing["z_loss"].values()))

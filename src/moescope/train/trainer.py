@@ -1,35 +1,18 @@
-"""One training run (the base stage or one arm): the loop, evaluation, checkpoints, signals.
+"""One training stage (the base stage or one arm): the loop that composes the parts.
 
-Run directory of one stage (see DEVELOPERS.md, "Run directory")::
-
-    config.json        resolved RunConfig (+ where the weights came from)
-    metrics.jsonl      train / eval / collapse / event records
-    checkpoints/       step_XXXXXX/{model/, trainer_state.json, trainer_tensors.safetensors, manifest.json},
-                       latest (see train/checkpoint.py)
-    snapshots/         step_XXXXXX/ model only, one per evaluation
-    final/             the trained model (save_moe_model)
-    summary.json       final evaluation and run statistics (present = stage complete)
-
-The loop runs through accelerate's Accelerator, so `accelerate launch -m moescope.cli
-train ...` gives DDP with no code change; one CPU process is the default. Each step's
-batch is fixed by (seed, step) and split into micro-batches and per-process shards
-(moescope.train.order), so the data order is the same for every arm and any number
-of processes.
-
-Load-balancing loss over a whole optimizer step with gradient accumulation: f_i must
-count the tokens of ALL micro-batches before any backward. "keep_graphs" keeps every
-micro-batch graph and backpropagates once (activation memory x accumulation steps);
-"prepass" first routes all micro-batches without gradients, replaying the RNG so the
-routing is identical, then runs forward + backward per micro-batch with those counts
-(one extra forward per step, memory of one micro-batch). With one micro-batch both are
-the plain path and cost nothing extra. Across processes the counts are all-reduced.
+The parts, each in its own module: the passes of one step and its balance accounting
+(train/step.py, train/step_loss.py), the evaluator (train/evaluator.py), the run directory and
+its checkpoints (train/rundir.py, train/checkpoint.py), the non-finite policy
+(train/nonfinite.py), the accelerate set-up (train/accelerator.py) and per-stage peak memory
+(runtime.py). Each step's batch is fixed by (seed, step) and split into micro-batches and
+per-process shards (moescope.train.order), so the data order is the same for every arm and any
+number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import signal
 import threading
@@ -39,53 +22,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import torch
-from accelerate.utils import DistributedType
 
 from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
+from moescope.io.atomic import atomic_write_json
 from moescope.io.config import to_dict
-from moescope.io.lock import is_empty_ignoring_lock, run_directory_lock
+from moescope.io.lock import run_directory_lock
 from moescope.io.provenance import sha256_file
-from moescope.moe.gpt2 import (
-    install_moe, moe_layers, router_parameters, save_moe_model, set_training_progress,
-)
-from moescope.moe.layer import load_balancing_loss, update_balance_bias
+from moescope.moe.gpt2 import install_moe, save_moe_model
+from moescope.moe.model import moe_layers, router_parameters, set_training_progress
+from moescope.moe.layer import update_balance_bias
 from moescope.runtime import peak_memory_mb, reset_peak_memory
-from moescope.train.checkpoint import (
-    NonFiniteState, last_verified_checkpoint, newest_intact_checkpoint, point_latest, restore_rng_state,
-    save_checkpoint,
-)
+from moescope.train.accelerator import clip_gradients, make_accelerator, process_state
+from moescope.train.checkpoint import NonFiniteState, restore_rng_state
 from moescope.train.config import RunConfig
+from moescope.train.evaluator import evaluate_model, update_collapse_streaks
 from moescope.train.metrics_log import MetricsLog, read_metrics
 from moescope.train.model import build_scratch_model, check_model_matches_data, load_init_model
-from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from moescope.train.nonfinite import NonFiniteGuard, NonFiniteLoss
+from moescope.train.optim import build_optimizer, build_scheduler
 from moescope.train.order import TrainOrder
-from moescope.train.evaluator import evaluate_model, update_collapse_streaks
-from moescope.train.step_loss import (
-    StepRoutingSums, microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term,
-)
 from moescope.train.rundir import (
-    CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, check_same_config, read_stored_config,
+    CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, StageDirectory, check_same_config, read_stored_config,
 )
+from moescope.train.step import StepRunner
+from moescope.train.step_loss import step_routing_metrics, step_total_loss
 
 log = logging.getLogger(__name__)
-
-# Set-ups whose gradients are plain, whole tensors on every process (one process, or DDP on any
-# device), clipped by moescope itself; the others (FSDP, DeepSpeed, XLA, Megatron-LM) shard or
-# compile the gradients and keep accelerate's own clipping.
-_PLAIN_CLIP_SETUPS = frozenset(
-    getattr(DistributedType, name)
-    for name in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
-                 "MULTI_HPU", "MULTI_NEURON")
-    if hasattr(DistributedType, name)
-)
-
-
-class NonFiniteLoss(MoescopeError):
-    """A loss, gradient norm, evaluation loss or weight became NaN or infinite and training stopped
-    (train.on_nonfinite = "stop", or too many skipped updates in a row); nothing non-finite was saved."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -105,17 +71,6 @@ def open_store(data_dir: str | Path) -> BlockStore:
     return store
 
 
-def make_accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    cuda = torch.cuda.is_available()
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
-    # Experts that receive no token in a micro-batch have no gradient: DDP must allow that.
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.arch == "moe")]
-    return Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=handlers)
-
-
 class Trainer:
     """Build (or restore) a run, then `fit()`. `train_step()` is public for the benchmark."""
 
@@ -131,36 +86,25 @@ class Trainer:
         on_step: Callable[[int, "Trainer"], None] | None = None,
         write: bool = True,
     ) -> None:
-        self.cfg = cfg
-        self.out_dir = Path(out_dir)
-        self.name = name
-        self.on_step = on_step
-        self.write = write
+        self.cfg, self.out_dir, self.name, self.on_step, self.write = cfg, Path(out_dir), name, on_step, write
         self.store = open_store(cfg.data_dir)
         self.manifest_sha = sha256_file(self.store.root / "manifest.json")
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.rundir = StageDirectory(self.out_dir, name, cfg, self.manifest_sha, self.store.root / "manifest.json",
+                                     write=write)
         self.step = 0
         self.collapse_streak: dict[str, int] = {}
         self.collapse_events: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         self._stop_reason: str | None = None
         self._peak_window = False  # True once fit() has reset the peak-memory window for this stage
-        self.last_good_checkpoint: Path | None = None
-        self.nonfinite_skips_in_a_row = 0
-        self.nonfinite_skips_total = 0
         self.train_seconds = 0.0  # training time of the steps so far, over every resume (for tokens/s)
         self.timed_steps = 0
         self._resumed_at: int | None = None
 
-        found = self._checkpoint_to_resume() if resume else None
-        if found is None and write and not resume and not is_empty_ignoring_lock(self.out_dir):
-            raise MoescopeError(f"{self.out_dir} already exists and is not empty; pass --resume or choose another --out")
-        state: dict[str, Any] | None = None
-        ckpt: Path | None = None
+        found = self.rundir.find_resume(resume)
+        ckpt, state = (found[0], found[2]) if found is not None else (None, None)
         if found is not None:
-            ckpt, model, state = found
-            self._check_state_matches(state, ckpt)
-            self.last_good_checkpoint = ckpt
+            model = found[1]
         else:
             from accelerate.utils import set_seed
 
@@ -172,15 +116,12 @@ class Trainer:
         self.layers = moe_layers(model)
         if cfg.arch == "dense" and self.layers:
             raise MoescopeError(f"{name}: arch is dense but the starting model {init} has MoE layers")
-        self._lb_coefs = {
-            i: float(cfg.loss.lb_coef_by_layer.get(str(i), cfg.loss.lb_coef)) for i in self.layers
-        }
-        self.top_k = {i: layer.top_k for i, layer in self.layers.items()}
+        loss = cfg.loss
+        self._lb_coefs = {i: float(loss.load_balance_coef_by_layer.get(str(i), loss.load_balance_coef)) for i in self.layers}
 
         if cfg.train.cpu_threads is not None:
             torch.set_num_threads(cfg.train.cpu_threads)
-        self.accelerator = accelerator or make_accelerator(cfg)
-        acc = self.accelerator
+        self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.world = acc.num_processes
         t = cfg.train
         if t.batch_sequences % (t.grad_accum_steps * self.world):
@@ -202,17 +143,8 @@ class Trainer:
         self.raw_model = acc.unwrap_model(self.model)
         self.order = TrainOrder(self.store.index("train"), t.seed, t.batch_sequences)
         self.tokens_per_step = t.batch_sequences * self.store.block_size
-
-        if state is not None:
-            self.step = int(state["step"])
-            self.collapse_streak = dict(state.get("collapse_streak", {}))
-            self.collapse_events = list(state.get("collapse_events", []))
-            self.nonfinite_skips_in_a_row = int(state.get("nonfinite_skips_in_a_row", 0))
-            self.nonfinite_skips_total = int(state.get("nonfinite_skips_total", 0))
-            self.train_seconds = float(state.get("train_seconds", 0.0))
-            self.timed_steps = int(state.get("timed_steps", 0))
-            self._resumed_at = self.step
-            restore_rng_state(state["rng"])
+        self.passes = StepRunner(self.model, acc, self.layers, cfg.loss, self._lb_coefs)
+        skips = self._restore_state(state) if state is not None else (0, 0)
         acc.wait_for_everyone()  # every process has checked the directory before the main one writes
         self.metrics = MetricsLog(
             self.out_dir / METRICS_NAME,
@@ -222,51 +154,56 @@ class Trainer:
             config=to_dict(cfg),
             enabled=write and acc.is_main_process,
         )
+        self.guard = NonFiniteGuard(name, t, self.metrics, self.rundir.last_verified, *skips)
         if write and acc.is_main_process:
-            # orphans of a checkpoint write or prune killed mid-way; callers hold the run-directory lock
-            for orphan in remove_orphaned_temporaries(self.ckpt_dir):
-                log.warning("%s: removed %s, left by an interrupted checkpoint write", name, orphan)
-            if state is None and resume:
-                self.metrics.truncate_after(-1)  # an attempt that never reached a checkpoint starts over
-            if state is not None:
-                point_latest(self.ckpt_dir, ckpt)  # killed between commit and pointer, or fell back
-                self.metrics.truncate_after(self.step)
-                self.metrics.write({"kind": "event", "step": self.step, "event": "resume", "checkpoint": str(ckpt)})
-            else:
-                if self.out_dir.exists() and (self.out_dir / CONFIG_NAME).exists() and not resume:
-                    raise MoescopeError(f"{self.out_dir} was written by another process while starting")
-                atomic_write_json(self.out_dir / CONFIG_NAME, {
-                    "name": name, "init": self.init, "config": to_dict(cfg),
-                    "data_manifest_sha256": self.manifest_sha,
-                    "moe_layers": sorted(self.layers), "world_size": self.world,
-                })
+            self.rundir.open(self.metrics, resume=resume, resumed_from=ckpt, step=self.step,
+                             record={"init": self.init, "moe_layers": sorted(self.layers), "world_size": self.world})
 
-    # ------------------------------------------------------------------ set-up helpers
+    # ------------------------------------------------------------------ state
 
     def _initial_model(self, init: str | Path | None):
         cfg = self.cfg
-        if init is None:
-            model = build_scratch_model(cfg.model, self.store, cfg.train.seed)
-        else:
-            model = load_init_model(init)
+        model = build_scratch_model(cfg.model, self.store, cfg.train.seed) if init is None else load_init_model(init)
         if cfg.arch == "moe" and not moe_layers(model):
             install_moe(model, cfg.moe, seed=cfg.train.seed)
         model.train()
         return model
 
-    def _checkpoint_to_resume(self) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
-        stored = self.out_dir / CONFIG_NAME
-        if stored.is_file():
-            check_same_config(self.cfg, read_stored_config(stored), str(stored))
-        return newest_intact_checkpoint(self.ckpt_dir)
+    def _trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint holds beside model, optimizer, scheduler and RNG (see _restore_state)."""
+        return {"data_position_sequences": self.order.sequences_consumed(self.step),
+                "data_manifest_sha256": self.manifest_sha, "collapse_streak": self.collapse_streak,
+                "collapse_events": self.collapse_events, "name": self.name,
+                "nonfinite_skips_in_a_row": self.guard.in_a_row, "nonfinite_skips_total": self.guard.total,
+                "train_seconds": self.train_seconds, "timed_steps": self.timed_steps}
 
-    def _check_state_matches(self, state: dict, ckpt: Path) -> None:
-        check_same_config(self.cfg, state["config"], f"checkpoint {ckpt}")
-        if state.get("data_manifest_sha256") != self.manifest_sha:
-            raise MoescopeError(
-                f"checkpoint {ckpt} was trained on another data directory (manifest hash differs from "
-                f"{self.store.root / 'manifest.json'})"
-            )
+    def _restore_state(self, state: dict[str, Any]) -> tuple[int, int]:
+        """Continue from a checkpoint's state; returns its non-finite skip counts (in a row, total)."""
+        self.step = int(state["step"])
+        self.collapse_streak = dict(state.get("collapse_streak", {}))
+        self.collapse_events = list(state.get("collapse_events", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.timed_steps = int(state.get("timed_steps", 0))
+        self._resumed_at = self.step
+        restore_rng_state(state["rng"])
+        return int(state.get("nonfinite_skips_in_a_row", 0)), int(state.get("nonfinite_skips_total", 0))
+
+    @property
+    def nonfinite_skips_in_a_row(self) -> int:
+        return self.guard.in_a_row
+
+    @property
+    def nonfinite_skips_total(self) -> int:
+        return self.guard.total
+
+    def save_checkpoint(self) -> Path | None:
+        if not (self.write and self.accelerator.is_main_process):
+            return None
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        try:
+            return self.rundir.save(self.step, self.raw_model, optimizer, self.scheduler, self._trainer_state())
+        except NonFiniteState as exc:  # e.g. an update so large that finite gradients made infinite weights
+            self.guard.stop(self.step, f"the state to checkpoint is NaN/inf ({exc})")
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -282,178 +219,36 @@ class Trainer:
         with self.accelerator.autocast():
             return self.model(input_ids=x, labels=x).loss.float()
 
-    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
-
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (all micro-batches); returns the logged scalars."""
-        cfg, step = self.cfg, self.step
-        self._local_nonfinite = False
         self.model.train()
-        set_training_progress(self.raw_model, step / cfg.train.steps)
-        batches = self._micro_batches(step)
-        m = len(batches)
-        scope = cfg.loss.lb_scope
-        layers = self.layers
-        if scope == "sequence":
-            return self._train_step_per_sequence(batches)
-
-        ce_sum = 0.0
-        sums = StepRoutingSums(layers)
-        stats = sums.by_layer
-        n_local = sum(b.numel() for b in batches)
-
-        def records():
-            return {i: layer.last_record for i, layer in layers.items()}
-
-        # Step-scope counts: all tokens of the step, all processes, known before any backward.
-        step_counts: dict[int, torch.Tensor] | None = None
-        n_step = n_local * self.world
-        need_lb = any(self._lb_coefs.values())
-        if need_lb and scope == "step" and m > 1 and cfg.loss.lb_accumulation == "prepass":
-            rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            counts = {i: 0 for i in layers}
-            with torch.no_grad():
-                for x in batches:
-                    self._forward(x)
-                    for i, rec in records().items():
-                        counts[i] = counts[i] + rec.tokens_per_expert
-            step_counts = {i: self._reduce_sum(c) for i, c in counts.items()}
-            torch.set_rng_state(rng)  # replay: the real forwards draw the same noise and dropout
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-
-        def lb_term_step(prob_sums: dict[int, torch.Tensor], counts: dict[int, torch.Tensor]):
-            return step_balance_term(prob_sums, counts, self._lb_coefs, self.top_k, self.world, n_step)
-
-        if layers and scope == "step" and m > 1 and cfg.loss.lb_accumulation == "keep_graphs":
-            total = 0.0
-            prob_sums: dict[int, torch.Tensor] = {i: 0 for i in layers}
-            for x in batches:
-                ce = self._forward(x)
-                recs = records()
-                sums.add(recs)
-                for i, rec in recs.items():
-                    prob_sums[i] = prob_sums[i] + rec.prob_sum
-                ce_sum += float(ce.detach())
-                total = total + ce / m + z_term(recs, n_local, cfg.loss.z_coef)
-            counts = {i: self._reduce_sum(stats[i]["counts"]) for i in layers}
-            total = total + lb_term_step(prob_sums, counts)
-            self._note_loss(total)
-            self.accelerator.backward(total)
-        else:
-            for j, x in enumerate(batches):
-                sync = j == m - 1
-                ctx = self.accelerator.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
-                with ctx:
-                    ce = self._forward(x)
-                    recs = records()
-                    sums.add(recs)
-                    loss = ce / m + z_term(recs, n_local, cfg.loss.z_coef) if layers else ce / m
-                    if need_lb and scope == "step":
-                        if step_counts is None:  # one micro-batch: its counts are the step's
-                            counts = {i: self._reduce_sum(rec.tokens_per_expert) for i, rec in recs.items()}
-                        else:
-                            counts = step_counts
-                        loss = loss + lb_term_step({i: rec.prob_sum for i, rec in recs.items()}, counts)
-                    elif layers and scope == "microbatch":
-                        loss = loss + microbatch_balance_term(recs, self._lb_coefs, self.top_k) / m
-                    ce_sum += float(ce.detach())
-                    self._note_loss(loss)
-                    self.accelerator.backward(loss)
-            if step_counts is not None:
-                for i in layers:
-                    replayed = self._reduce_sum(stats[i]["counts"])
-                    if not torch.equal(replayed, step_counts[i]):
-                        log.warning("step %d layer %d: routing of the pre-pass differs from the training pass "
-                                    "(non-deterministic kernels?); the pre-pass counts were used", step, i)
-        return self._finish_step(ce_sum / m, stats, n_step)
-
-    def _train_step_per_sequence(self, batches: list[torch.Tensor]) -> dict[str, Any]:
-        """lb_scope = "sequence": the balance loss of every sequence, averaged over the step's sequences.
-
-        P per sequence needs per-token router probabilities with gradient; the layer only sums
-        them over its whole input, so they are taken from the router's output via a forward
-        hook, as the noise-free softmax (equal to the routed one once router noise is 0).
-        """
-        cfg, layers, m = self.cfg, self.layers, len(batches)
-        n_seq_local = sum(b.shape[0] for b in batches)
-        n_local = sum(b.numel() for b in batches)
-        sums = StepRoutingSums(layers)
-        stats = sums.by_layer
-        ce_sum = 0.0
-        logits_seen: dict[int, torch.Tensor] = {}
-        hooks = [layer.router.register_forward_hook(_store_output(logits_seen, i)) for i, layer in layers.items()]
-        for layer in layers.values():
-            layer.capture = True
-        try:
-            for j, x in enumerate(batches):
-                ctx = self.accelerator.no_sync(self.model) if j < m - 1 and self.world > 1 else contextlib.nullcontext()
-                with ctx:
-                    ce = self._forward(x)
-                    b, t = x.shape
-                    loss = ce / m
-                    sums.add({i: layer.last_record for i, layer in layers.items()})
-                    for i, layer in layers.items():
-                        rec = layer.last_record
-                        loss = loss + cfg.loss.z_coef * rec.z_loss * (rec.n_tokens / n_local)
-                        if not self._lb_coefs[i]:
-                            continue
-                        lb_per_seq = sequence_balance_terms(logits_seen[i], rec.expert_index, b, t,
-                                                            layer.n_experts, layer.top_k)
-                        loss = loss + self._lb_coefs[i] * lb_per_seq.sum() / n_seq_local
-                    ce_sum += float(ce.detach())
-                    self._note_loss(loss)
-                    self.accelerator.backward(loss)
-        finally:
-            for h in hooks:
-                h.remove()
-            for layer in layers.values():
-                layer.capture = False
-        return self._finish_step(ce_sum / m, stats, n_local * self.world)
-
-    def _note_loss(self, loss: torch.Tensor) -> None:
-        # Only noted here: every process still runs its backward (DDP's all-reduce needs all of them);
-        # the decision to apply or drop the update is taken in _finish_step, on values all processes share.
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._local_nonfinite = True
+        set_training_progress(self.raw_model, self.step / self.cfg.train.steps)
+        passes = self.passes.run(self._micro_batches(self.step), lambda x: self._forward(x), self.step)
+        self._local_nonfinite = passes.nonfinite
+        return self._finish_step(passes.ce_local, passes.stats, passes.n_step)
 
     def _finish_step(self, ce_local: float, stats: dict, n_step: int) -> dict[str, Any]:
         """Clip, check every value is finite, then step optimizer and schedule; the logged values are
         over the whole step (all processes). A non-finite loss or gradient norm never reaches the
         weights: the update is dropped and training stops or (train.on_nonfinite = "skip") goes on."""
-        cfg = self.cfg
+        cfg, reduce_sum = self.cfg, self.passes.reduce_sum
         # the norm is needed for the finiteness check even without clipping (an infinite limit never clips)
-        norm = float(self._clip_gradients(cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm is not None
-                                          else math.inf))
-        grad_norm = norm if cfg.optim.grad_clip_norm is not None else None
-        lr = self.scheduler.get_last_lr()[0]
-        ce = float(self._reduce_sum(torch.tensor(ce_local, device=self.accelerator.device))) / self.world
-        out: dict[str, Any] = {"ce": ce, "lr": lr}
-        if grad_norm is not None:
-            out["grad_norm"] = grad_norm
-        step_counts: dict[int, torch.Tensor] = {}
-        if self.layers:
-            lb, z, max_frac = {}, {}, {}
-            for i, s in stats.items():
-                counts = self._reduce_sum(s["counts"].to(torch.float64))
-                step_counts[i] = counts
-                prob_sum = self._reduce_sum(s["prob_sum"].to(torch.float64))
-                lb[str(i)] = float(load_balancing_loss(counts, prob_sum, n_step, self.top_k[i]))
-                z[str(i)] = s["z"] / max(s["n"], 1)
-                max_frac[str(i)] = float(counts.max() / counts.sum().clamp_min(1))
-            out["lb"] = lb
-            out["z"] = z
-            out["max_fraction"] = max_frac
-            out["loss"] = ce + sum(self._lb_coefs[int(i)] * v for i, v in lb.items()) + cfg.loss.z_coef * sum(z.values())
-        else:
-            out["loss"] = ce
+        clip = cfg.optim.grad_clip_norm
+        norm = float(clip_gradients(self.accelerator, self.model, clip if clip is not None else math.inf))
+        ce = float(reduce_sum(torch.tensor(ce_local, device=self.accelerator.device))) / self.world
+        out: dict[str, Any] = {"ce": ce, "learning_rate": self.scheduler.get_last_lr()[0]}
+        if clip is not None:
+            out["grad_norm"] = norm
+        reduced = {i: (reduce_sum(s["counts"].to(torch.float64)), reduce_sum(s["prob_sum"].to(torch.float64)))
+                   for i, s in stats.items()} if self.layers else {}
+        routing = step_routing_metrics(reduced, stats, n_step, self.passes.top_k) if self.layers else {}
+        out.update(routing)
+        out["loss"] = step_total_loss(ce, routing, self._lb_coefs, cfg.loss.z_loss_coef)
         bad = [name for name, v in (("loss", out["loss"]), ("ce", ce), ("gradient norm", norm)) if not math.isfinite(v)]
         if self._local_nonfinite and "loss" not in bad:
             bad.insert(0, "loss")
         if self.world > 1:  # one decision for all processes, or they would leave the collectives out of step
-            flag = self._reduce_sum(torch.tensor(float(bool(bad)), device=self.accelerator.device))
+            flag = reduce_sum(torch.tensor(float(bool(bad)), device=self.accelerator.device))
             if float(flag) > 0 and not bad:
                 bad = ["loss on another process"]
         if bad:
@@ -461,62 +256,25 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for i, counts in step_counts.items():
+        for i, (counts, _) in reduced.items():
             layer = self.layers[i]
             if cfg.loss.bias_update_rate > 0 and layer.balance_bias:
                 # same reduced counts on every process, so every replica's bias stays equal
                 update_balance_bias(layer.selection_bias, counts, cfg.loss.bias_update_rate)
         self.step += 1
-        self.nonfinite_skips_in_a_row = 0
+        self.guard.in_a_row = 0
         return out
 
     def _drop_update(self, out: dict[str, Any], bad: list[str]) -> dict[str, Any]:
-        """The step's values are not finite: no optimizer step, no balance-bias update. "stop" (or the
-        max_nonfinite_skips_in_a_row-th skip in a row) raises NonFiniteLoss; "skip" advances the step
-        and the learning-rate schedule (the batch is consumed: it would fail again) and goes on."""
-        t = self.cfg.train
+        """No optimizer step, no balance-bias update; under "skip" the step and the learning-rate
+        schedule still advance (the batch is consumed: it would fail again)."""
         self.optimizer.zero_grad(set_to_none=True)
-        what = f"{' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} NaN/inf"
-        step = self.step + 1
-        if t.on_nonfinite == "stop":
-            self._raise_non_finite(step, what)
-        self.nonfinite_skips_in_a_row += 1
-        self.nonfinite_skips_total += 1
-        self.metrics.write({"kind": "event", "step": step, "event": "nonfinite_skip", "reason": what,
-                            "in_a_row": self.nonfinite_skips_in_a_row, "total": self.nonfinite_skips_total,
-                            **{k: _json_float(out[k]) for k in ("ce", "loss", "grad_norm") if k in out}})
-        log.warning("%s: %s at step %d; update skipped (%d in a row, %d in total)", self.name, what, step,
-                    self.nonfinite_skips_in_a_row, self.nonfinite_skips_total)
-        if self.nonfinite_skips_in_a_row >= t.max_nonfinite_skips_in_a_row:
-            self._raise_non_finite(step, what, f" ({self.nonfinite_skips_in_a_row} skipped updates in a row, "
-                                               f"train.max_nonfinite_skips_in_a_row={t.max_nonfinite_skips_in_a_row})")
+        self.guard.skip_or_stop(self.step + 1, out, bad)
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": deliberate here
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
-        self.step = step
+        self.step += 1
         return {**out, "skipped_update": True}
-
-    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
-        """Clip to `max_norm`; returns the norm before clipping.
-
-        One process or DDP on any device (gradients already averaged, so every process sees the
-        same norm): moescope's `clip_grad_norm`, which skips the no-op rescale. FSDP, DeepSpeed,
-        XLA and Megatron-LM keep accelerate's own clipping (see _PLAIN_CLIP_SETUPS).
-        """
-        if self.accelerator.distributed_type in _PLAIN_CLIP_SETUPS:
-            self.accelerator.unscale_gradients()
-            return clip_grad_norm(self.model.parameters(), max_norm)
-        return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-
-    def _raise_non_finite(self, step: int, what: str, detail: str = "") -> None:
-        # "last good" = verified now (manifest digests) and finite (save_checkpoint refuses anything else)
-        last = last_verified_checkpoint(self.ckpt_dir, self.last_good_checkpoint) if self.write else None
-        self.metrics.write({"kind": "event", "step": step, "event": "nonfinite_stop", "reason": what,
-                            "checkpoint": str(last) if last is not None else None})
-        raise NonFiniteLoss(
-            f"{self.name}: {what} at step {step}{detail}; training stopped, nothing saved from it; last good "
-            f"checkpoint: {last if last is not None else 'none (no checkpoint written yet)'}"
-        )
 
     # ------------------------------------------------------------------ evaluation
 
@@ -542,46 +300,12 @@ class Trainer:
                         self.collapse_streak[layer])
         return collapsed
 
-    # ------------------------------------------------------------------ checkpoints and the loop
-
-    def save_checkpoint(self) -> Path | None:
-        if not (self.write and self.accelerator.is_main_process):
-            return None
-        try:
-            path = save_checkpoint(
-                self.ckpt_dir, self.step, self.raw_model, self.optimizer.optimizer
-                if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
-                {"config": to_dict(self.cfg), "data_position_sequences": self.order.sequences_consumed(self.step),
-                 "data_manifest_sha256": self.manifest_sha, "collapse_streak": self.collapse_streak,
-                 "collapse_events": self.collapse_events, "name": self.name,
-                 "nonfinite_skips_in_a_row": self.nonfinite_skips_in_a_row,
-                 "nonfinite_skips_total": self.nonfinite_skips_total,
-                 "train_seconds": self.train_seconds, "timed_steps": self.timed_steps},
-                keep=self.cfg.train.keep_checkpoints,
-            )
-        except NonFiniteState as exc:  # e.g. an update so large that finite gradients made infinite weights
-            self._raise_non_finite(self.step, f"the state to checkpoint is NaN/inf ({exc})")
-        self.last_good_checkpoint = path
-        return path
-
-    def _recorded_eval(self, step: int) -> dict[str, Any] | None:
-        if not self.metrics.enabled:
-            return None
-        found = [r for r in read_metrics(self.metrics.path, "eval") if r.get("step") == step]
-        return found[-1] if found else None
-
-    def request_stop(self, reason: str) -> None:
-        self._stop_reason = reason
-
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
-        self._stop_signal = signum
-
     def _eval_and_record(self, tokens_per_s: float | None) -> dict[str, Any]:
         ev = self.evaluate()
         bad = sorted(d for d, v in ev.get("domains", {}).items() if not math.isfinite(v["loss"]))
         if bad or not all(math.isfinite(v) for v in ev.get("loss", {}).values()):
             # nothing non-finite is recorded as an evaluation, snapshotted or checkpointed
-            self._raise_non_finite(self.step, f"evaluation loss is NaN/inf (domains: {', '.join(bad) or 'all'})")
+            self.guard.stop(self.step, f"evaluation loss is NaN/inf (domains: {', '.join(bad) or 'all'})")
         # A fresh (or freshly upcycled) router can favour one expert before any training; collapse is
         # a training dynamic, so the step-0 evaluation is recorded but not counted toward the window.
         collapsed = self._check_collapse(ev) if self.layers and self.step > 0 else []
@@ -595,6 +319,20 @@ class Trainer:
         if collapsed and self.cfg.collapse.early_stop:
             self.request_stop(f"collapse in layers {collapsed}")
         return record
+
+    def _recorded_eval(self, step: int) -> dict[str, Any] | None:
+        if not self.metrics.enabled:
+            return None
+        found = [r for r in read_metrics(self.metrics.path, "eval") if r.get("step") == step]
+        return found[-1] if found else None
+
+    # ------------------------------------------------------------------ the loop
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
 
     def fit(self) -> dict[str, Any]:
         """Train to cfg.train.steps (or an early stop), evaluating, checkpointing, saving the final model."""
@@ -663,7 +401,7 @@ class Trainer:
                 "collapse_events": self.collapse_events,
                 "train_tokens_per_s": (self.tokens_per_step * self.timed_steps / self.train_seconds
                                        if self.train_seconds else None),
-                "nonfinite_skips": self.nonfinite_skips_total,
+                "nonfinite_skips": self.guard.total,
                 **peak_memory_mb(self._peak_window),
             }
             if self.write and self.accelerator.is_main_process:
@@ -676,14 +414,6 @@ class Trainer:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
             self.metrics.close()
-
-
-def process_state():
-    """accelerate's view of this process (rank, world); one CPU process unless launched distributed."""
-    from accelerate import PartialState
-
-    # cpu=True lets accelerate see a CPU launch (torchrun / mpirun) as MULTI_CPU with gloo.
-    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, name: str = "run",
@@ -700,19 +430,6 @@ def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, 
         return Trainer(cfg, out_dir, init=init, name=name, resume=resume, on_step=on_step).fit()
 
 
-# ---------------------------------------------------------------------- small helpers
 
-
-def _json_float(x: float | None) -> float | str | None:
-    """Non-finite floats as strings: strict JSON readers (browsers) reject NaN/Infinity tokens."""
-    return x if x is None or math.isfinite(x) else str(x)
-
-
-def _store_output(store: dict, key: int):
-    def hook(module, inputs, output) -> None:  # noqa: ARG001
-        store[key] = output
-
-    return hook
-
-
-__all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted", "open_store"]
+__all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted", "open_store", "make_accelerator",
+           "process_state"]
