@@ -114,3 +114,15 @@ def test_shared_experts_are_named_and_not_counted() -> None:
     assert "64 routed experts the layer has 2 shared expert(s)" in headline_sentences(m, {}, {})[1]
     table = routing_table(m)
     assert table.columns[-1] == "shared experts (not counted)" and table.rows[0][-1] == 2
+
+
+def test_overlapping_unpaired_losses_defer_to_the_paired_test() -> None:
+    """Overlapping unpaired intervals must not be read as 'no arm is better' when a paired
+    difference over the same blocks exists (it can separate arms the unpaired intervals cannot)."""
+    arms = {"dense": {"kind": "dense", "eval_loss": {"domain_weighted": iv(3.78, 3.74, 3.82)}},
+            "moe": {"kind": "dense", "eval_loss": {"domain_weighted": iv(3.81, 3.77, 3.85)}}}
+    plain = " ".join(headline_sentences({"domains": ["a"], "arms": arms}, {}, {}))
+    assert "no arm is clearly better" in plain
+    arms["moe"]["eval_loss_vs_dense"] = {"domain_weighted": iv(0.031, 0.028, 0.034), "pvalue": 0.002}
+    paired = " ".join(headline_sentences({"domains": ["a"], "arms": arms}, {}, {}))
+    assert "no arm is clearly better" not in paired and "paired differences" in paired

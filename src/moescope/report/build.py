@@ -170,7 +170,10 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         parts = ", ".join(f"{a} {fmt_interval(losses[a])}" for a in ordered)
         best, rest = ordered[0], ordered[1:]
         clear = [a for a in rest if losses[a]["low"] > losses[best]["high"]] if isinstance(losses[best], dict) else []
+        paired = any("eval_loss_vs_dense" in v for v in arms.values())
         verdict = (f"{best} is lowest, with non-overlapping intervals against {', '.join(clear)}" if clear
+                   else "these unpaired intervals overlap; the paired differences over the same blocks below "
+                        "are the test" if paired
                    else "the intervals overlap, so no arm is clearly better at this budget")
         out.append(f"Held-out loss (nats/token, domain-weighted, 95% CI): {parts}; {verdict}.")
     for arm in moe_arms(metrics):
@@ -394,8 +397,8 @@ def setup_paragraphs(metrics: dict, experiment: dict, manifest: dict) -> list[st
         for d in metrics["domains"]:
             tr, ev = splits.get("train", {}).get(d, {}), splits.get("eval", {}).get(d, {})
             parts.append(f"{d}: {tr.get('n_blocks', '?')} train / {ev.get('n_blocks', '?')} held-out blocks")
-        out.append(f"Data: {', '.join(parts)} of {metrics.get('block_size')} tokens; split by text before packing, "
-                   "with a leakage check on every build.")
+        out.append(f"Data: {', '.join(parts)} of {metrics.get('block_size')} tokens; split by source document before "
+                   "packing, held-out near-duplicates of training texts removed, with a leakage check on every build.")
     model, moe, train = exp.get("model", {}), exp.get("moe", {}), exp.get("train", {})
     if model:
         out.append(f"Model: GPT-2 with {model.get('n_layers')} layers, d={model.get('d_model')}, "
