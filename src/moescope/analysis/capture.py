@@ -14,8 +14,6 @@ layer's expert choices and router probabilities off the forward pass
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 from moescope.analysis.table import RoutingTable
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
+from moescope.io.atomic import atomic_file
 from moescope.moe.capture import record_routing
 from moescope.moe.model import moe_layers
 
@@ -173,20 +172,9 @@ def save_table(table: RoutingTable, path: str | Path) -> Path:
     Written column by column into a temporary file beside ``path`` (then renamed),
     so memmapped columns are copied through without a second copy in memory.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **table.arrays())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_file(path) as fh:
+        np.savez(fh, **table.arrays())
+    return Path(path)
 
 
 class RoutingStream:
