@@ -183,3 +183,20 @@ def test_route_texts_batched_equals_alone(tmp_path: Path) -> None:
         for i in routed:
             np.testing.assert_allclose(routed[i][0], alone[i][0], atol=1e-5)
             np.testing.assert_array_equal(routed[i][1], alone[i][1])
+
+
+def test_shared_experts_of_a_moescope_arm_are_named_not_counted(run_dir: Path) -> None:
+    """A moe-shared arm: metrics name its always-on experts per layer and count only routed ones."""
+    torch.manual_seed(1)
+    vocab = json.loads((run_dir.parent / "data" / "manifest.json").read_text())["vocab_size"]
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=64, vocab_size=vocab))
+    install_moe(model, MoEConfig(n_experts=4, top_k=2, layers=[0, 1], n_shared_experts=1, expert_granularity=2))
+    save_moe_model(model, run_dir / "arms" / "moe-shared" / "final")
+    exp = json.loads((run_dir / "experiment.json").read_text())
+    exp["arms"]["moe-shared"] = {}
+    (run_dir / "experiment.json").write_text(json.dumps(exp))
+    result = analyze_run(run_dir, FAST, arms=["moe-shared"], progress=False)
+    for layer in result["arms"]["moe-shared"]["layers"].values():
+        # 4 experts x granularity 2 = 8 slices, 1 of them shared: 7 routed experts, top-(2x2 - 1)
+        assert layer["n_shared_experts"] == 1 and layer["n_experts"] == 7 and layer["top_k"] == 3
+        assert len(layer["load"]["token_fraction"]) == 7

@@ -455,9 +455,12 @@ def analyze_run(
         }
         if is_moe:
             arm["layers"] = {}
+            # shared experts never go through the router: named per layer, kept out of NMI and load
+            n_shared = int(getattr(getattr(model, "moe_config", None), "n_shared_experts", 0) or 0)
             for i, table in res.tables.items():
                 capture.save_table(table, out_dir / "routing" / name / f"{i}.npz")
-                arm["layers"][str(i)] = summarize_layer(table, store.domains, cfg.statistics)
+                arm["layers"][str(i)] = summarize_layer(table, store.domains, cfg.statistics,
+                                                        n_shared_experts=n_shared)
             if cfg.token_type_domain in store.domains:
                 types = token_types_for_capture(store, tokenizer, res, cfg.token_type_domain)
                 if (types >= 0).any():
@@ -470,7 +473,8 @@ def analyze_run(
             arm["headline"] = headline(arm)
             sample_rows = choose_sample_rows(res.block_rows, res.block_domain, cfg.viewer_samples_per_domain)
             viewer["arms"][name] = viewer_arm(res.tables, sample_rows, store.domains,
-                                              _pieces_for_rows(store, tokenizer, sample_rows))
+                                              _pieces_for_rows(store, tokenizer, sample_rows),
+                                              n_shared_experts=n_shared)
         metrics_out["arms"][name] = arm
         block_losses[name] = dataclasses.replace(res, tables={})  # the losses only: routing tables are large
         del model
