@@ -200,3 +200,9 @@ def test_shared_experts_of_a_moescope_arm_are_named_not_counted(run_dir: Path) -
         # 4 experts x granularity 2 = 8 slices, 1 of them shared: 7 routed experts, top-(2x2 - 1)
         assert layer["n_shared_experts"] == 1 and layer["n_experts"] == 7 and layer["top_k"] == 3
         assert len(layer["load"]["token_fraction"]) == 7
+        # slice 0 of coarse expert 0 is the shared one; routed r is slice r + 1 of coarse (r + 1) // 2
+        assert layer["expert_granularity"] == 2 and layer["expert_parent"] == [0, 1, 1, 2, 2, 3, 3]
+    from moescope.report.figures import plot_expert_given_domain_compact
+
+    path = plot_expert_given_domain_compact(result, ["moe-shared"], run_dir / "fig.png")
+    assert path.stat().st_size > 1000

@@ -356,6 +356,13 @@ def run_saturation(
     }
 
 
+
+def expert_parents(n_routed: int, granularity: int, n_shared: int) -> list[int]:
+    """Coarse expert each routed fine-grained expert was sliced from: the coarse experts are cut into
+    `granularity` slices each, the first `n_shared` slices became the shared experts
+    (moe/designs.py: split_experts), and routed expert r is slice r + n_shared."""
+    return [(r + n_shared) // granularity for r in range(n_routed)]
+
 def headline(arm: dict) -> dict:
     """The numbers the demo's claims are judged by: best-layer NMI with CI and p, worst load CV."""
     layers = arm.get("layers", {})
@@ -456,11 +463,16 @@ def analyze_run(
         if is_moe:
             arm["layers"] = {}
             # shared experts never go through the router: named per layer, kept out of NMI and load
-            n_shared = int(getattr(getattr(model, "moe_config", None), "n_shared_experts", 0) or 0)
+            moe_cfg = getattr(model, "moe_config", None)
+            n_shared = int(getattr(moe_cfg, "n_shared_experts", 0) or 0)
+            granularity = int(getattr(moe_cfg, "expert_granularity", 1) or 1)
             for i, table in res.tables.items():
                 capture.save_table(table, out_dir / "routing" / name / f"{i}.npz")
-                arm["layers"][str(i)] = summarize_layer(table, store.domains, cfg.statistics,
-                                                        n_shared_experts=n_shared)
+                summary = summarize_layer(table, store.domains, cfg.statistics, n_shared_experts=n_shared)
+                if granularity > 1:  # fine-grained: the coarse expert each routed expert was sliced from
+                    summary["expert_granularity"] = granularity
+                    summary["expert_parent"] = expert_parents(table.n_experts, granularity, n_shared)
+                arm["layers"][str(i)] = summary
             if cfg.token_type_domain in store.domains:
                 types = token_types_for_capture(store, tokenizer, res, cfg.token_type_domain)
                 if (types >= 0).any():

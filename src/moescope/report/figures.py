@@ -152,12 +152,17 @@ def plot_expert_given_domain_compact(metrics: dict, arms: list[str], path: Path)
         v = metrics["arms"][arm]["layers"][layer]
         spec = v["specialization"]
         mat = np.asarray(spec["expert_given_domain"], dtype=float)
-        order, group = expert_order(mat)
+        parents = v.get("expert_parent")
+        if parents:  # fine-grained experts stay beside their siblings, grouped by the expert they were cut from
+            order = np.argsort(np.asarray(parents), kind="stable")
+            group = np.asarray(parents)[order]
+        else:
+            order, group = expert_order(mat)
         shown = mat[:, order]
         im = ax.imshow(shown, cmap="magma", vmin=0, vmax=max(0.05, float(np.nanmax(shown))), aspect="auto",
                        interpolation="nearest")
         n_exp = mat.shape[1]
-        for g in range(len(domains)):
+        for g in np.unique(group):
             cols = np.flatnonzero(group == g)
             if cols.size:
                 ax.axvline(cols[0] - 0.5, color="white", lw=0.8)
@@ -170,7 +175,11 @@ def plot_expert_given_domain_compact(metrics: dict, arms: list[str], path: Path)
                      f"[{nmi['low']:.3f}, {nmi['high']:.3f}], first choice {first['estimate']:.3f}, "
                      f"p={spec['nmi_pvalue']:.3g}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
-    axes[-1, 0].set_xlabel("expert (grouped by dominant domain, strongest first; white lines separate domains)",
+    grouped_by_parent = any(metrics["arms"][a]["layers"][lay].get("expert_parent") for a, lay in panels)
+    axes[-1, 0].set_xlabel("expert (fine-grained arms: grouped by the coarse expert they were sliced from; others: "
+                           "grouped by dominant domain, strongest first; white lines separate groups)"
+                           if grouped_by_parent else
+                           "expert (grouped by dominant domain, strongest first; white lines separate domains)",
                            fontsize=8)
     fig.suptitle(f"P(expert | domain) on held-out data (uniform = {1 / n_exp:.4f}; top-k assignments)", fontsize=10)
     return _save(fig, path)
