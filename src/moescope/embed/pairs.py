@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from moescope.errors import MoescopeError
+from moescope.io.jsonl import iter_jsonl_objects
 
 PairKind = Literal["docstring_body", "problem_rationale", "title_paragraph", "lead_paragraph", "dataset"]
 Extractor = Literal["docstring", "problem_rationale", "lead_sentence"]
@@ -439,24 +440,14 @@ def _pair_kind(columns: Iterable[str], where: str) -> Literal["sts", "retrieval"
 def _pair_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     """(line number, record) of a .csv/.tsv (header row) or .jsonl file; malformed lines raise."""
     import csv
-    import json
 
+    if path.suffix == ".jsonl":
+        yield from iter_jsonl_objects(path)
+        return
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise MoescopeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MoescopeError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise MoescopeError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            yield n, record
-        return
     reader = csv.reader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
     try:
         header = [h.strip() for h in next(reader)]

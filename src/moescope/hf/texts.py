@@ -19,6 +19,7 @@ import numpy as np
 
 from moescope.data.blocks import MANIFEST_NAME, texts_path
 from moescope.errors import MoescopeError
+from moescope.io.jsonl import iter_jsonl_objects
 
 TOKENIZE_BATCH_TEXTS = 256
 
@@ -65,20 +66,13 @@ def read_texts_file(path: str | Path) -> dict[str, list[str]]:
 
 def _read_jsonl(path: Path, default_domain: str | None) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MoescopeError(f"{path}:{number}: not JSON ({exc.msg})") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise MoescopeError(f"{path}:{number}: expected an object with a string \"text\"")
-            domain = row.get("domain", default_domain) if default_domain is not None else row.get("domain")
-            if not isinstance(domain, str) or not domain:
-                raise MoescopeError(f"{path}:{number}: expected a non-empty string \"domain\"")
-            out.setdefault(domain, []).append(row["text"])
+    for number, row in iter_jsonl_objects(path):
+        if not isinstance(row.get("text"), str):
+            raise MoescopeError(f"{path}:{number}: expected an object with a string \"text\"")
+        domain = row.get("domain", default_domain) if default_domain is not None else row.get("domain")
+        if not isinstance(domain, str) or not domain:
+            raise MoescopeError(f"{path}:{number}: expected a non-empty string \"domain\"")
+        out.setdefault(domain, []).append(row["text"])
     return out
 
 

@@ -1,0 +1,32 @@
+"""JSON Lines files a user hands moescope: one object per line, errors naming file and line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from moescope.errors import MoescopeError
+
+
+def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; bad UTF-8, bad JSON or a non-object
+    raises MoescopeError naming ``path:line``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoescopeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise MoescopeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MoescopeError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise MoescopeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
