@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from report_fixtures import planted_table
 
 from moescope.report.content import ReportContent
 from moescope.report.write import write_report
@@ -82,5 +83,100 @@ def test_viewer_64_experts_top8_in_headless_chromium(viewer_page) -> None:
         page.select_option("#viewer-colour", "expert")
         by_id = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
         assert by_id != colours and len(set(by_id)) > 20
+        assert not errors, errors
+        browser.close()
+
+
+def expert_choice_table(seed: int, *, n_blocks: int = 6, block_len: int = 40, n_exp: int = 4) -> "RoutingTable":
+    """Expert choice as the layer records it: each expert takes its top-C tokens of the table by router
+    probability; expert_index holds the taken expert with the highest probability, else the router's
+    first choice with gate 0 (unrouted)."""
+    from moescope.analysis.table import RoutingTable
+
+    rng = np.random.default_rng(seed)
+    n = n_blocks * block_len
+    probs = rng.dirichlet(np.ones(n_exp) * 3, size=n)
+    capacity = int(0.75 * n / n_exp)  # capacity factor 0.75: a quarter of the tokens or more unrouted
+    taken = np.zeros((n, n_exp), dtype=bool)
+    for e in range(n_exp):
+        taken[np.argsort(-probs[:, e])[:capacity], e] = True
+    key = taken * 2.0 + probs
+    first = key.argmax(axis=1)
+    gate = np.where(taken.any(axis=1), probs[np.arange(n), first], 0.0)
+    block = np.repeat(np.arange(n_blocks), block_len)
+    return RoutingTable(
+        token_id=rng.integers(0, 100, n), block=block, position=np.tile(np.arange(block_len), n_blocks),
+        domain=block % 3, expert_index=first[:, None], gate_weight=gate[:, None], router_probs=probs,
+        experts_per_token=taken.sum(axis=1),
+    )
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
+def test_viewer_marks_expert_choice_unrouted_tokens_in_headless_chromium(tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from moescope.analysis.viewer import viewer_arm
+
+    tables = {2: expert_choice_table(0), 3: expert_choice_table(1)}
+    pieces = {row: [f"w{row}_{j} " for j in range(40)] for row in range(6)}
+    domains = ["code", "math", "prose"]
+    viewer = {"arms": {"moe-ec": viewer_arm(tables, list(range(6)), domains, pieces),
+                       "moe": viewer_arm({2: planted_table(2, n_blocks=6, block_len=40, n_exp=4, k=1,
+                                                           n_domains=3)}, list(range(6)), domains, pieces)}}
+    path = write_report(ReportContent(title="ec", viewer=viewer), tmp_path)
+    layer2 = tables[2]
+    counts = np.asarray(layer2.experts_per_token)  # blocks 0..5 in order, positions in order
+    assert (counts == 0).any() and (counts >= 2).any() and (counts == 1).any()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(path.as_uri())
+        assert "moe-ec" in page.locator("#viewer-expert-choice").inner_text()
+        assert page.input_value("#viewer-arm") == "moe-ec" and page.input_value("#viewer-layer") == "2"
+        tokens = page.locator("#viewer-samples .tok")
+        assert tokens.count() == counts.size
+        # every token no expert selected, and only those, is marked and hatched
+        marked = tokens.evaluate_all("els => els.map(e => e.classList.contains('unrouted'))")
+        np.testing.assert_array_equal(marked, counts == 0)
+        hatch = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundImage)")
+        assert all(("repeating-linear-gradient" in h) == (c == 0) for h, c in zip(hatch, counts))
+        taken = tokens.evaluate_all("els => els.map(e => Number(e.dataset.taken))")
+        np.testing.assert_array_equal(taken, counts)
+        multi = tokens.evaluate_all("els => els.map(e => e.classList.contains('multi'))")
+        np.testing.assert_array_equal(multi, counts >= 2)
+        # hover texts: unrouted, and taken by several experts
+        j0 = int(np.flatnonzero(counts == 0)[0])
+        tokens.nth(j0).hover()
+        tip = page.locator("#tip").inner_text()
+        assert "not routed (expert choice: no expert selected this token)" in tip
+        assert f"its router preferred expert {layer2.expert_index[j0, 0]}" in tip
+        j2 = int(np.flatnonzero(counts >= 2)[0])
+        tokens.nth(j2).hover()
+        assert f"taken by {counts[j2]} experts (expert choice)" in page.locator("#tip").inner_text()
+        # the legend explains the marking and gives the layer's unrouted share
+        legend = page.locator("#viewer-legend-choice").inner_text()
+        share = viewer["arms"]["moe-ec"]["unrouted_fraction"]["2"]
+        assert "not routed" in legend and f"{100 * share:.1f}% of held-out tokens in layer 2" in legend
+        # colour by the number of experts that took each token: one colour per count
+        page.select_option("#viewer-colour", "taken")
+        bg = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
+        by_count = {}
+        for colour, c in zip(bg, counts):
+            if c > 0:
+                by_count.setdefault(int(c), set()).add(colour)
+        assert all(len(v) == 1 for v in by_count.values()) and len({next(iter(v)) for v in by_count.values()}) == len(by_count)
+        assert page.locator("#viewer-legend-choice span").count() == 1 + max(by_count)
+        # a token-choice arm has no such option and no marking
+        page.select_option("#viewer-arm", "moe")
+        assert page.locator("#viewer-colour option[value='taken']").count() == 0
+        assert page.locator("#viewer-samples .tok.unrouted").count() == 0
+        assert page.locator("#viewer-legend-choice").count() == 0
+        page.select_option("#viewer-arm", "moe-ec")
+        assert page.locator("#viewer-colour option[value='taken']").count() == 1
         assert not errors, errors
         browser.close()
