@@ -17,6 +17,18 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 N_LAYERS = 24
 
 
+def open_page(pw, path: Path):
+    """(browser, page showing ``path``, list collecting the page's script errors) in headless Chromium."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    return browser, page, errors
+
+
 @pytest.fixture(scope="module")
 def viewer_page(tmp_path_factory: pytest.TempPathFactory):
     from report_fixtures import DOMAINS, planted_table
@@ -40,13 +52,7 @@ def test_viewer_64_experts_top8_in_headless_chromium(viewer_page) -> None:
 
     path, tables, viewer = viewer_page
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(path.as_uri())
+        browser, page, errors = open_page(pw, path)
         # the hostile domain name neither breaks the JSON nor swallows the provenance
         assert page.locator("details.prov").count() == 1
         assert DOMAINS[2] in page.locator("#viewer-domain").inner_text()
@@ -129,13 +135,7 @@ def test_viewer_marks_expert_choice_unrouted_tokens_in_headless_chromium(tmp_pat
     counts = np.asarray(layer2.experts_per_token)  # blocks 0..5 in order, positions in order
     assert (counts == 0).any() and (counts >= 2).any() and (counts == 1).any()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(path.as_uri())
+        browser, page, errors = open_page(pw, path)
         assert "moe-ec" in page.locator("#viewer-expert-choice").inner_text()
         assert page.input_value("#viewer-arm") == "moe-ec" and page.input_value("#viewer-layer") == "2"
         tokens = page.locator("#viewer-samples .tok")
