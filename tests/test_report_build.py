@@ -146,8 +146,11 @@ def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path
     sentences = headline_sentences(metrics, {}, records)
     (sentence,) = [s for s in sentences if "no expert took" in s]
     assert sentence.startswith("moe-ec (expert choice")
-    assert "41.2% [39.8, 43.1] in layer 2; 29.0% [27.0, 31.0] in layer 3" in sentence
-    assert "last training evaluation (step 20): 43.0% in layer 2, 30.0% in layer 3" in sentence
+    assert "no expert took, layer 2 41.2% [39.8, 43.1], layer 3 29.0% [27.0, 31.0] (95% CI)" in sentence
+    assert "last training evaluation (step 20): layer 2 43.0%, layer 3 30.0%" in sentence
+    # its load is not judged from the stored expert per token: experts take equal numbers by construction
+    assert any(s.startswith("moe-ec: load is balanced by construction") for s in sentences)
+    assert any(s.startswith("moe: load is balanced (") for s in sentences)
     assert not any(s.startswith("moe:") and "no expert took" in s for s in sentences)
     table = routing_table(metrics)
     assert table.columns[-1] == "unrouted share (expert choice)"

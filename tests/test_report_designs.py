@@ -57,7 +57,7 @@ def test_report_renders_for_every_design(designs_run: Path) -> None:
     summary = (designs_run / "report" / "summary.md").read_text()
     for arm in DESIGNS[1:]:
         assert f"<li>{arm} (" in page or f"<li>{arm}:" in page, arm  # its own headline sentences
-    assert f"no expert took {100 * ec_load['unrouted_fraction']['estimate']:.1f}%" in summary
+    assert f"no expert took, layer 1 {100 * ec_load['unrouted_fraction']['estimate']:.1f}%" in summary
     assert 'id="viewer-expert-choice"' in page
     viewer = json.loads((designs_run / "analysis" / "viewer.json").read_text())
     assert list(viewer["arms"]) == DESIGNS[1:]

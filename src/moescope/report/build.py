@@ -143,6 +143,13 @@ def load_sentence(arm: str, layers: dict, records: list[dict]) -> str:
     sentence = (f"{arm}: load is {balance} (load CV threshold {BALANCED_LOAD_CV}; 0 = perfectly balanced): "
                 f"worst layer {worst} has load CV {fmt_interval(cv, 2)} and its busiest expert takes "
                 f"{fmt_interval(maxf, 2)} of {share} (uniform {1 / layers[worst]['n_experts']:.3f}).{shared_txt}")
+    if "unrouted_fraction" in layers[worst]["load"]:
+        # expert choice: each expert takes exactly its capacity per forward, so the verdict above would
+        # judge the stored expert per token (see routing_table's caption), not the experts' load
+        sentence = (f"{arm}: load is balanced by construction (expert choice: every expert takes the same number "
+                    f"of tokens per forward pass). Counting each token's stored expert instead (the taken one with "
+                    f"the highest router probability, or an unrouted token's router preference), layer {worst} has "
+                    f"load CV {fmt_interval(cv, 2)}.")
     events = [r for r in records if r.get("kind") == "collapse"]
     if events:
         e = events[0]
@@ -163,15 +170,15 @@ def unrouted_sentence(arm: str, layers: dict, records: list[dict]) -> str | None
               if "unrouted_fraction" in v.get("load", {})}
     if not shares:
         return None
-    parts = [f"{_percent(iv)} in layer {k}" for k, iv in shares.items()]
-    sentence = (f"{arm} (expert choice: experts pick tokens): no expert took {'; '.join(parts)} of the held-out "
-                f"tokens (95% CI); those pass through the residual only (hatched in the token viewer).")
+    parts = [f"layer {k} {_percent(iv)}" for k, iv in shares.items()]
+    sentence = (f"{arm} (expert choice: experts pick tokens): share of held-out tokens that no expert took, "
+                f"{', '.join(parts)} (95% CI); those pass through the residual only (hatched in the token viewer).")
     evals = _records_of({arm: records}, arm, "eval")
     last = evals[-1].get("routing", {}) if evals else {}
     trained = {k: last[k]["unrouted_fraction"] for k in shares if "unrouted_fraction" in last.get(k, {})}
     if trained:
         sentence += (f" At the last training evaluation (step {evals[-1].get('step')}): "
-                     + ", ".join(f"{100 * v:.1f}% in layer {k}" for k, v in trained.items()) + ".")
+                     + ", ".join(f"layer {k} {100 * v:.1f}%" for k, v in trained.items()) + ".")
     return sentence
 
 
