@@ -93,26 +93,26 @@ def test_viewer_64_experts_top8_in_headless_chromium(viewer_page) -> None:
         browser.close()
 
 
-def expert_choice_table(seed: int, *, n_blocks: int = 6, block_len: int = 40, n_exp: int = 4) -> "RoutingTable":
+def expert_choice_table(seed: int, *, n_blocks: int = 6, block_len: int = 40, n_exp: int = 4,
+                        k: int = 1, alpha: float = 3.0) -> "RoutingTable":
     """Expert choice as the layer records it: each expert takes its top-C tokens of the table by router
-    probability; expert_index holds the taken expert with the highest probability, else the router's
-    first choice with gate 0 (unrouted)."""
+    probability; expert_index holds up to k taken experts, highest probability first, then the router's
+    next choices with gate 0 (an unrouted token: only those)."""
     from moescope.analysis.table import RoutingTable
 
     rng = np.random.default_rng(seed)
     n = n_blocks * block_len
-    probs = rng.dirichlet(np.ones(n_exp) * 3, size=n)
-    capacity = int(0.75 * n / n_exp)  # capacity factor 0.75: a quarter of the tokens or more unrouted
+    probs = rng.dirichlet(np.ones(n_exp) * alpha, size=n)
+    capacity = int(0.75 * k * n / n_exp)  # capacity factor 0.75: some tokens unrouted
     taken = np.zeros((n, n_exp), dtype=bool)
     for e in range(n_exp):
         taken[np.argsort(-probs[:, e])[:capacity], e] = True
-    key = taken * 2.0 + probs
-    first = key.argmax(axis=1)
-    gate = np.where(taken.any(axis=1), probs[np.arange(n), first], 0.0)
+    top = np.argsort(-(taken * 2.0 + probs), axis=1)[:, :k]
+    gate = np.where(np.take_along_axis(taken, top, axis=1), np.take_along_axis(probs, top, axis=1), 0.0)
     block = np.repeat(np.arange(n_blocks), block_len)
     return RoutingTable(
         token_id=rng.integers(0, 100, n), block=block, position=np.tile(np.arange(block_len), n_blocks),
-        domain=block % 3, expert_index=first[:, None], gate_weight=gate[:, None], router_probs=probs,
+        domain=block % 3, expert_index=top, gate_weight=gate, router_probs=probs,
         experts_per_token=taken.sum(axis=1),
     )
 
@@ -127,7 +127,9 @@ def test_viewer_marks_expert_choice_unrouted_tokens_in_headless_chromium(tmp_pat
     tables = {2: expert_choice_table(0), 3: expert_choice_table(1)}
     pieces = {row: [f"w{row}_{j} " for j in range(40)] for row in range(6)}
     domains = ["code", "math", "prose"]
+    tables_top2 = {2: expert_choice_table(2, n_exp=8, k=2, alpha=10.0)}  # tokens taken by 0 .. 4 experts
     viewer = {"arms": {"moe-ec": viewer_arm(tables, list(range(6)), domains, pieces),
+                       "moe-ec-top2": viewer_arm(tables_top2, list(range(6)), domains, pieces),
                        "moe": viewer_arm({2: planted_table(2, n_blocks=6, block_len=40, n_exp=4, k=1,
                                                            n_domains=3)}, list(range(6)), domains, pieces)}}
     path = write_report(ReportContent(title="ec", viewer=viewer), tmp_path)
@@ -178,5 +180,20 @@ def test_viewer_marks_expert_choice_unrouted_tokens_in_headless_chromium(tmp_pat
         assert page.locator("#viewer-legend-choice").count() == 0
         page.select_option("#viewer-arm", "moe-ec")
         assert page.locator("#viewer-colour option[value='taken']").count() == 1
+        # expert choice with k = 2 stored experts: the hover lists only experts that took the token
+        page.select_option("#viewer-arm", "moe-ec-top2")
+        top2 = tables_top2[2]
+        n2 = np.asarray(top2.experts_per_token)
+        for count in (0, 1, int(n2.max())):
+            j = int(np.flatnonzero(n2 == count)[0])
+            tokens.nth(j).hover()
+            tip = page.locator("#tip").inner_text()
+            listed = [int(ln.split()[1]) for ln in tip.splitlines() if ln.strip().startswith("expert ")]
+            assert listed == top2.expert_index[j, :min(count, 2)].tolist(), tip
+            if count == 0:
+                assert "not routed (expert choice: no expert selected this token)" in tip
+            else:
+                assert f"taken by {count} expert" in tip
+        assert n2.max() > 2 and "the 2 with the highest router probability" in tip
         assert not errors, errors
         browser.close()
