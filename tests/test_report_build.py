@@ -126,3 +126,40 @@ def test_overlapping_unpaired_losses_defer_to_the_paired_test() -> None:
     arms["moe"]["eval_loss_vs_dense"] = {"domain_weighted": iv(0.031, 0.028, 0.034), "pvalue": 0.002}
     paired = " ".join(headline_sentences({"domains": ["a"], "arms": arms}, {}, {}))
     assert "no arm is clearly better" not in paired and "paired differences" in paired
+
+
+def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path) -> None:
+    """An expert-choice arm's sentence quotes metrics.json's load.unrouted_fraction per layer (and the
+    training's last evaluation when there is one); token-choice arms get neither sentence nor column."""
+    from moescope.report.content import ReportContent
+    from moescope.report.html import render_html
+
+    ec = {k: layer(iv(0.03, 0.01, 0.05), 0.5, iv(0.2, 0.1, 0.25)) for k in ("3", "2")}
+    ec["2"]["load"]["unrouted_fraction"] = iv(0.412, 0.398, 0.431)
+    ec["3"]["load"]["unrouted_fraction"] = iv(0.29, 0.27, 0.31)
+    metrics = {"domains": ["a", "b"], "arms": {"moe-ec": {"kind": "moe", "layers": ec},
+                                               "moe": {"kind": "moe", "layers": {"2": layer(iv(0.2, 0.15, 0.25), 0.001,
+                                                                                        iv(0.2, 0.1, 0.25))}}}}
+    records = {"moe-ec": [{"kind": "eval", "step": 10, "routing": {"2": {"unrouted_fraction": 0.5}}},
+                          {"kind": "eval", "step": 20, "routing": {"2": {"unrouted_fraction": 0.43},
+                                                                   "3": {"unrouted_fraction": 0.3}}}]}
+    sentences = headline_sentences(metrics, {}, records)
+    (sentence,) = [s for s in sentences if "no expert took" in s]
+    assert sentence.startswith("moe-ec (expert choice")
+    assert "no expert took, layer 2 41.2% [39.8, 43.1], layer 3 29.0% [27.0, 31.0] (95% CI)" in sentence
+    assert "last training evaluation (step 20): layer 2 43.0%, layer 3 30.0%" in sentence
+    # its load is not judged from the stored expert per token: experts take equal numbers by construction
+    assert any(s.startswith("moe-ec: load is balanced by construction") for s in sentences)
+    assert any(s.startswith("moe: load is balanced (") for s in sentences)
+    assert not any(s.startswith("moe:") and "no expert took" in s for s in sentences)
+    table = routing_table(metrics)
+    assert table.columns[-1] == "unrouted share (expert choice)"
+    column = {row[0]: row[-1] for row in table.rows}
+    assert column == {"moe-ec · 2": "0.412 [0.398, 0.431]", "moe-ec · 3": "0.290 [0.270, 0.310]", "moe · 2": "-"}
+    assert "unrouted share" not in routing_table(metrics_with({"2": layer(iv(0.2, 0.15, 0.25), 0.001,
+                                                                          iv(0.2, 0.1, 0.25))})).columns
+    # the viewer's note appears only with an expert-choice arm
+    ec_viewer = {"arms": {"moe-ec": {"routing": "expert_choice", "layers": [2], "n_experts": 4, "samples": []}}}
+    assert 'id="viewer-expert-choice"' in render_html(ReportContent(title="t", viewer=ec_viewer))
+    tc_viewer = {"arms": {"moe": {"layers": [2], "n_experts": 4, "samples": []}}}
+    assert 'id="viewer-expert-choice"' not in render_html(ReportContent(title="t", viewer=tc_viewer))

@@ -30,7 +30,9 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
                       domain_specialization_top IV (each domain's most-used expert, mean over domains),
                       nmi_first_choice IV + nmi_first_choice_pvalue (first choice only; = nmi for top-1),
                       coactivation [E][E] (top-k > 1 only; all pairs within a token's top-k)
-      load            token_fraction [E], max_fraction IV, load_cv IV, effective_experts IV, dropped_fraction
+      load            token_fraction [E], max_fraction IV, load_cv IV, effective_experts IV, dropped_fraction;
+                      expert choice only: unrouted_fraction IV (tokens no expert took),
+                      experts_per_token_counts [E+1] (tokens taken by 0, 1, ..., E experts)
       entropy         router_entropy_token IV, router_entropy_of_mean IV, router_entropy_max (ln E)
       repetition      n_pairs, same_first_choice IV, baseline_uniform (1/E), baseline_load (sum f^2),
                       shared_topk IV + shared_topk_baseline_uniform (top-k > 1 only)

@@ -148,6 +148,14 @@ def summarize_layer(
         "effective_experts": boot(expert_totals, metrics.effective_experts),
         "dropped_fraction": float(metrics.dropped_fraction(block_dropped.sum(), expert_totals.sum())),
     }
+    unrouted = table.unrouted()
+    if unrouted is not None:
+        # expert choice: the tokens no expert took (the layer's own RoutingRecord.unrouted, per token)
+        _, block_unrouted = stats.sum_by_block(np.column_stack([unrouted, np.ones(unrouted.size)]).astype(float),
+                                               table.block, block_ids)
+        load["unrouted_fraction"] = boot(block_unrouted, lambda s: s[..., 0] / s[..., 1])
+        load["experts_per_token_counts"] = np.bincount(
+            np.asarray(table.experts_per_token, dtype=np.int64), minlength=n_exp + 1).tolist()
 
     # --- router entropy ---
     tok_entropy = table.token_entropy()

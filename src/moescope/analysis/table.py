@@ -17,6 +17,12 @@ class RoutingTable:
     domains); position is the token's index inside its block. router_probs may be
     float16 to halve the file size (enough for entropies and the viewer).
 
+    experts_per_token is kept for expert-choice routing only, where experts pick tokens: how
+    many experts took each token (0..E; 0 = unrouted, the token passes through the residual
+    only). expert_index then lists up to k of them, highest router probability first, and an
+    unrouted token's row holds its router's first choice with gate 0. Token-choice tables
+    leave it None (every token has its k experts, less any dropped by capacity).
+
     router_probs may be None where N x E is too large to keep (released models with
     64-256 experts over a million tokens): then router_entropy holds each token's
     router entropy and expert_count says E. Statistics that need the full
@@ -32,6 +38,7 @@ class RoutingTable:
     router_probs: np.ndarray | None  # float [N, E], or None when not kept
     router_entropy: np.ndarray | None = None  # float [N] nats; derived from router_probs when None
     expert_count: int = 0  # E; required when router_probs is None
+    experts_per_token: np.ndarray | None = None  # int [N]; expert choice only (0 = unrouted)
 
     def __post_init__(self) -> None:
         n = self.token_id.shape[0]
@@ -40,7 +47,7 @@ class RoutingTable:
             if value is None:
                 continue
             if value.shape[0] != n:
-                raise ValueError(f"routing table column {f.name} has {value.shape[0]} rows, token_id has {n}")
+                raise ValueError(f"routing table column {name} has {value.shape[0]} rows, token_id has {n}")
         if self.expert_index.ndim != 2 or self.expert_index.shape != self.gate_weight.shape:
             raise ValueError(
                 f"expert_index {self.expert_index.shape} and gate_weight {self.gate_weight.shape} must be [N, k]"
@@ -87,6 +94,10 @@ class RoutingTable:
         """The rows where ``mask`` is true (e.g. one domain)."""
         cols = {name: (None if (v := getattr(self, name)) is None else v[mask]) for name in self.columns()}
         return RoutingTable(**cols, expert_count=self.expert_count)
+
+    def unrouted(self) -> np.ndarray | None:
+        """[N] bool, True for a token no expert took (expert choice); None for token choice."""
+        return None if self.experts_per_token is None else np.asarray(self.experts_per_token) == 0
 
     def token_entropy(self) -> np.ndarray:
         """Router entropy (nats) of every token [N]: stored, or computed from router_probs."""

@@ -8,6 +8,13 @@ base64 so that a 24-layer top-8 model stays a few MB: ids as little-endian uint8
 (E <= 256) or uint16, weights as uint8 levels w * 255 (resolution 0.004), k per
 token, in block order.
 
+Expert-choice arms (experts pick tokens; a token may be taken by 0..E experts) also carry,
+per sample and layer, "experts_per_token": how many experts took each token, 0 = unrouted
+(no expert selected it: it passes through the residual only, and its "experts" / "topk"
+entry is only its router's first choice, with gate 0). The arm then says "routing":
+"expert_choice" and gives each layer's "unrouted_fraction" over all captured tokens (the
+number metrics.json reports as load.unrouted_fraction). Token-choice arms have none of these keys.
+
 Per layer, "expert_domain" gives every expert's dominant domain (the domain d
 maximizing P(expert | domain), -1 for an unused expert) and "expert_domain_share"
 P(that domain | expert) under equal domain weights: the report colours tokens by
@@ -105,6 +112,8 @@ def viewer_arm(
             else:
                 ids, weights = pack_topk(part.expert_index, part.gate_weight, n_experts)
                 sample["topk"][str(layer)], sample["topk_weights"][str(layer)] = ids, weights
+            if part.experts_per_token is not None:
+                sample.setdefault("experts_per_token", {})[str(layer)] = part.experts_per_token.astype(int).tolist()
             domain = int(part.domain[0])
             n_shown = part.n_tokens
         tokens = list(pieces[row])[:max_tokens]
@@ -115,6 +124,11 @@ def viewer_arm(
         sample["tokens"] = tokens
         samples.append(sample)
     dominant = {str(layer): expert_domains(tables[layer], len(domain_names)) for layer in layers}
+    unrouted = {str(layer): tables[layer].unrouted() for layer in layers}
+    expert_choice = {} if any(u is None for u in unrouted.values()) else {
+        "routing": "expert_choice",
+        "unrouted_fraction": {layer: round(float(u.mean()), 4) for layer, u in unrouted.items()},
+    }
     return {
         "layers": layers,
         "n_experts": n_experts,
@@ -124,4 +138,5 @@ def viewer_arm(
         "expert_domain_share": {layer: np.round(s, 3).tolist() for layer, (_, s) in dominant.items()},
         "samples": samples,
         **({"n_shared_experts": int(n_shared_experts)} if n_shared_experts else {}),
+        **expert_choice,
     }

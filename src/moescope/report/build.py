@@ -143,11 +143,42 @@ def load_sentence(arm: str, layers: dict, records: list[dict]) -> str:
     sentence = (f"{arm}: load is {balance} (load CV threshold {BALANCED_LOAD_CV}; 0 = perfectly balanced): "
                 f"worst layer {worst} has load CV {fmt_interval(cv, 2)} and its busiest expert takes "
                 f"{fmt_interval(maxf, 2)} of {share} (uniform {1 / layers[worst]['n_experts']:.3f}).{shared_txt}")
+    if "unrouted_fraction" in layers[worst]["load"]:
+        # expert choice: each expert takes exactly its capacity per forward, so the verdict above would
+        # judge the stored expert per token (see routing_table's caption), not the experts' load
+        sentence = (f"{arm}: load is balanced by construction (expert choice: every expert takes the same number "
+                    f"of tokens per forward pass). Counting each token's stored expert instead (the taken one with "
+                    f"the highest router probability, or an unrouted token's router preference), layer {worst} has "
+                    f"load CV {fmt_interval(cv, 2)}.")
     events = [r for r in records if r.get("kind") == "collapse"]
     if events:
         e = events[0]
         sentence += (f" Collapse detected at step {e['step']} in layer {e['layer']}: expert {e['expert']} held "
                      f"{100 * e['share']:.0f}% of tokens.")
+    return sentence
+
+
+def _percent(iv: Any) -> str:
+    if isinstance(iv, dict) and iv.get("low") is not None:
+        return f"{100 * iv['estimate']:.1f}% [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}]"
+    return f"{100 * _estimate(iv):.1f}%"
+
+
+def unrouted_sentence(arm: str, layers: dict, records: list[dict]) -> str | None:
+    """Expert choice: per layer, the share of held-out tokens that no expert took (None for token choice)."""
+    shares = {k: v["load"]["unrouted_fraction"] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))
+              if "unrouted_fraction" in v.get("load", {})}
+    if not shares:
+        return None
+    parts = [f"layer {k} {_percent(iv)}" for k, iv in shares.items()]
+    sentence = (f"{arm} (expert choice: experts pick tokens): share of held-out tokens that no expert took, "
+                f"{', '.join(parts)} (95% CI); those pass through the residual only (hatched in the token viewer).")
+    evals = _records_of({arm: records}, arm, "eval")
+    last = evals[-1].get("routing", {}) if evals else {}
+    trained = {k: last[k]["unrouted_fraction"] for k in shares if "unrouted_fraction" in last.get(k, {})}
+    if trained:
+        sentence += (f" At the last training evaluation (step {evals[-1].get('step')}): "
+                     + ", ".join(f"layer {k} {100 * v:.1f}%" for k, v in trained.items()) + ".")
     return sentence
 
 
@@ -161,6 +192,9 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         tag = f"{arm}" + (f" ({balancing})" if balancing else "")
         out.append(specialization_sentence(arm, tag, layers))
         out.append(load_sentence(arm, layers, arm_records.get(arm, [])))
+        unrouted = unrouted_sentence(arm, layers, arm_records.get(arm, []))
+        if unrouted:
+            out.append(unrouted)
     losses = {a: v["eval_loss"]["domain_weighted"] for a, v in arms.items() if "eval_loss" in v}
     if len(losses) == 1:
         (arm, loss), = losses.items()
@@ -230,11 +264,17 @@ def routing_table(metrics: dict) -> Table:
     if shared:
         for row, (arm, layer) in zip(rows, [(a, k) for a in arms for k in sorted(metrics["arms"][a]["layers"], key=int)]):
             row.append(metrics["arms"][arm]["layers"][layer].get("n_shared_experts", 0))
+    unrouted = any("unrouted_fraction" in v["load"] for a in arms for v in metrics["arms"][a]["layers"].values())
+    if unrouted:
+        for row, (arm, layer) in zip(rows, [(a, k) for a in arms for k in sorted(metrics["arms"][a]["layers"], key=int)]):
+            iv = metrics["arms"][arm]["layers"][layer]["load"].get("unrouted_fraction")
+            row.append(fmt_interval(iv, 3) if iv is not None else "-")
     columns = ["arm · layer", "NMI (95% CI)", "perm. p"]
     if topk:
         columns += ["NMI first choice", "domain specialization vs k/E"]
     columns += ["max P(e|d)", "load CV", "max share", "effective experts", "entropy / ln E",
-                "same expert as previous token vs 1/E"] + (["shared experts (not counted)"] if shared else [])
+                "same expert as previous token vs 1/E"] + (["shared experts (not counted)"] if shared else []) \
+        + (["unrouted share (expert choice)"] if unrouted else [])
     caption = ("NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
                "between blocks. Balance is judged from the token shares themselves, not from the aux loss. "
                "Intervals are percentile block-bootstrap intervals of the plug-in NMI, which is biased upward when "
@@ -244,6 +284,11 @@ def routing_table(metrics: dict) -> Table:
         caption += (" With top-k routing, NMI counts each of a token's k experts once; 'first choice' counts only "
                     "the expert with the largest gate. Domain specialization (OLMoE): the share of a domain's tokens "
                     "that have its most-used expert among their top-k, averaged over domains.")
+    if unrouted:
+        caption += (" Expert choice: experts pick tokens, so a token is taken by 0..E experts; the unrouted share "
+                    "counts tokens no expert took (they pass through the residual only). NMI and load count each "
+                    "token's stored expert: the taken expert with the highest router probability, or for an "
+                    "unrouted token its router's first choice.")
     return Table("Routing on held-out data, per MoE arm and layer", columns, rows, caption)
 
 

@@ -52,6 +52,11 @@ table.data th { background:var(--panel); }
 .sample .meta { color:var(--muted); font-size:12px; margin-bottom:6px; }
 .tokens { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; white-space:pre-wrap; word-break:break-word; line-height:1.9; }
 .tok { border-radius:2px; padding:1px 0; cursor:default; box-shadow: inset -1px 0 0 rgba(255,255,255,.9); }
+/* expert choice: a token no expert selected passes through the residual only */
+.tok.unrouted { background:repeating-linear-gradient(135deg, #c9cfd5 0 3px, #f1f3f5 3px 6px); color:#5b6672; outline:1px dashed #9aa3ab; outline-offset:-1px; }
+.tok.multi { box-shadow: inset -1px 0 0 rgba(255,255,255,.9), inset 0 -3px 0 #1d232a; }
+#viewer .legend span.unrouted { color:#1d232a; background:repeating-linear-gradient(135deg, #c9cfd5 0 3px, #f1f3f5 3px 6px); outline:1px dashed #9aa3ab; }
+#viewer .legend span.multi { color:#1d232a; background:#e9edf1; box-shadow: inset 0 -3px 0 #1d232a; }
 #tip { position:fixed; pointer-events:none; white-space:pre; background:#1d232a; color:#fff; font-size:12px; padding:4px 8px; border-radius:4px; display:none; z-index:10; }
 details.prov pre { background:var(--panel); padding:10px; overflow:auto; font-size:12px; }
 """
@@ -98,6 +103,12 @@ _VIEWER_JS = """
     }
     return cols;
   }
+  // expert choice: routed tokens shaded by how many experts took them (1 = palest)
+  function takenColour(n, maxN) {
+    const t = maxN > 1 ? (n - 1) / (maxN - 1) : 1;
+    return 'hsl(210,' + Math.round(45 + 35 * t) + '%,' + Math.round(82 - 44 * t) + '%)';
+  }
+  function isExpertChoice(arm) { return arm.routing === 'expert_choice'; }
   function colour(e, p) {
     const c = expertColour[e];
     if (!c) return '';
@@ -111,9 +122,31 @@ _VIEWER_JS = """
     sel.innerHTML = '';
     values.forEach(v => { const o = document.createElement('option'); o.value = v; o.textContent = label(v); sel.appendChild(o); });
   }
-  function drawLegend() {
+  function chipClass(text, cls) {
+    const s = document.createElement('span'); s.className = cls; s.textContent = text; return s;
+  }
+  function drawChoiceLegend(arm, layer, maxN) {
+    // expert choice: what the hatching, the underline and the counts mean
+    const row = document.createElement('div'); row.className = 'legend-row'; row.id = 'viewer-legend-choice';
+    const head = document.createElement('b'); head.textContent = 'expert choice (experts pick tokens): '; row.appendChild(head);
+    const share = (arm.unrouted_fraction || {})[layer];
+    row.appendChild(chipClass('not routed', 'unrouted'));
+    row.appendChild(document.createTextNode(' no expert selected the token, it passes through the residual only' +
+      (share === undefined ? '' : ' (' + (100 * share).toFixed(1) + '% of held-out tokens in layer ' + layer + ')') + '; '));
+    if (modeSel.value === 'taken') {
+      for (let n = 1; n <= Math.max(1, maxN); n++) row.appendChild(chip(n + (n === 1 ? ' expert' : ' experts'), takenColour(n, maxN)));
+      row.appendChild(document.createTextNode(' took the token.'));
+    } else {
+      row.appendChild(chipClass('underlined', 'multi'));
+      row.appendChild(document.createTextNode(' taken by several experts (colour: the one with the highest router probability; hover for the count).'));
+    }
+    legend.appendChild(row);
+  }
+  function drawLegend(maxN) {
     const arm = data.arms[armSel.value]; const layer = layerSel.value;
     legend.innerHTML = '';
+    if (isExpertChoice(arm)) drawChoiceLegend(arm, layer, maxN);
+    if (modeSel.value === 'taken') return;
     if (modeSel.value === 'expert' || !(arm.expert_domain || {})[layer]) {
       for (let e = 0; e < arm.n_experts; e++) legend.appendChild(chip('expert ' + e, colour(e, 1)));
       return;
@@ -135,6 +168,10 @@ _VIEWER_JS = """
     fill(layerSel, arm.layers.map(String), v => 'layer ' + v);
     const doms = Array.from(new Set(arm.samples.map(s => s.domain)));
     fill(domSel, ['all'].concat(doms), v => v);
+    const takenOpt = modeSel.querySelector('option[value="taken"]');
+    if (isExpertChoice(arm) && !takenOpt) {
+      const o = document.createElement('option'); o.value = 'taken'; o.textContent = 'number of experts that took the token'; modeSel.appendChild(o);
+    } else if (!isExpertChoice(arm) && takenOpt) takenOpt.remove();
     modeSel.value = (arm.expert_domain && arm.n_experts > palette.length) ? 'domain' : 'expert';
     render();
   }
@@ -148,7 +185,9 @@ _VIEWER_JS = """
     const dom = domSel.value;
     const k = arm.top_k || 1, wide = arm.n_experts > 256;
     expertColour = layerColours(arm, layer);
-    drawLegend();
+    let maxN = 0;
+    arm.samples.forEach(s => ((s.experts_per_token || {})[layer] || []).forEach(n => { if (n > maxN) maxN = n; }));
+    drawLegend(maxN);
     out.innerHTML = '';
     arm.samples.forEach((s, i) => {
       if (dom !== 'all' && s.domain !== dom) return;
@@ -161,16 +200,23 @@ _VIEWER_JS = """
       // top-k samples carry only the packed arrays: the first choice is each token's first entry
       const ex = tk ? s.tokens.map((_, j) => tk[j * k]) : ((s.experts || {})[layer] || []);
       const pr = tw ? s.tokens.map((_, j) => tw[j * k] / 255) : ((s.probs || {})[layer] || []);
+      const taken = (s.experts_per_token || {})[layer];  // expert choice only: experts that took each token
       s.tokens.forEach((t, j) => {
         const sp = document.createElement('span'); sp.className = 'tok';
         sp.textContent = t;
-        const e = ex[j], p = pr[j];
+        const e = ex[j], p = pr[j], n = taken ? taken[j] : undefined;
         if (e !== undefined && e >= 0) {
-          sp.style.background = colour(e, p === undefined ? 1 : p);
+          if (n === 0) sp.classList.add('unrouted');  // its entry is only the router's first choice
+          else if (modeSel.value === 'taken' && n !== undefined) sp.style.background = takenColour(n, maxN);
+          else sp.style.background = colour(e, p === undefined ? 1 : p);
+          if (n > 1 && modeSel.value !== 'taken') sp.classList.add('multi');
           sp.dataset.expert = e; sp.dataset.prob = (p === undefined ? NaN : p);
+          if (n !== undefined) sp.dataset.taken = n;
           if (tk) {
             const parts = [];
-            for (let r = 0; r < k; r++) parts.push(tk[j * k + r] + ':' + (tw[j * k + r] / 255).toFixed(2));
+            // expert choice: only the experts that took the token (at most k are stored)
+            const shown = n === undefined ? k : Math.min(k, n);
+            for (let r = 0; r < shown; r++) parts.push(tk[j * k + r] + ':' + (tw[j * k + r] / 255).toFixed(2));
             sp.dataset.topk = parts.join(' ');
           }
         }
@@ -185,8 +231,15 @@ _VIEWER_JS = """
     const arm = data.arms[armSel.value];
     const dom = (arm.expert_domain || {})[layerSel.value];
     let text = 'layer ' + layerSel.value + ' \\u00b7 ' + JSON.stringify(t.textContent);
-    if (t.dataset.topk) {
-      text += '\\ntop-' + arm.top_k + ' experts (gate weight):';
+    const n = t.dataset.taken === undefined ? undefined : Number(t.dataset.taken);
+    if (n === 0) {
+      text += '\\nnot routed (expert choice: no expert selected this token)';
+      text += '\\nits router preferred expert ' + t.dataset.expert + ' (p = ' + Number(t.dataset.prob).toFixed(3) + '); the token passes through the residual only';
+      if (arm.n_shared_experts) text += '\\n  + ' + arm.n_shared_experts + ' shared expert(s), always active';
+    } else if (t.dataset.topk) {
+      text += n === undefined ? '\\ntop-' + arm.top_k + ' experts (gate weight):'
+        : '\\ntaken by ' + n + ' expert' + (n === 1 ? '' : 's') + ' (expert choice)' +
+          (n > arm.top_k ? '; the ' + arm.top_k + ' with the highest router probability (gate weight):' : ' (gate weight):');
       t.dataset.topk.split(' ').forEach(pair => {
         const [e, w] = pair.split(':');
         text += '\\n  expert ' + e + '  ' + w + (dom && dom[e] >= 0 ? '  (' + arm.domains[dom[e]] + ')' : '');
@@ -194,6 +247,8 @@ _VIEWER_JS = """
       if (arm.n_shared_experts) text += '\\n  + ' + arm.n_shared_experts + ' shared expert(s), always active';
     } else {
       text += ' \\u00b7 expert ' + t.dataset.expert + ' \\u00b7 p = ' + Number(t.dataset.prob).toFixed(3);
+      if (n !== undefined) text += '\\ntaken by ' + n + ' expert' + (n === 1 ? '' : 's') + ' (expert choice)' +
+        (n > 1 ? '; colour and p: the one with the highest router probability' : '');
     }
     tip.textContent = text;
     tip.style.left = (ev.clientX + 12) + 'px'; tip.style.top = (ev.clientY + 12) + 'px'; tip.style.display = 'block';
@@ -264,13 +319,25 @@ def _section_html(sec: Section) -> str:
     return "\n".join(parts)
 
 
+def _expert_choice_note(viewer: dict[str, Any]) -> str:
+    """What the viewer shows for expert-choice arms (experts pick tokens), when the report has one."""
+    arms = [name for name, arm in viewer.get("arms", {}).items() if arm.get("routing") == "expert_choice"]
+    if not arms:
+        return ""
+    return (f'\n<p id="viewer-expert-choice">Expert choice ({_esc(", ".join(arms))}): each expert picks its tokens, so '
+            "a token may be taken by several experts or by none. A token no expert selected is hatched grey: it "
+            "passes through the residual only, and its hover text names the expert its router preferred. A token "
+            "taken by several experts is underlined; colour by 'number of experts that took the token' to see the "
+            "counts, which the hover text also gives.</p>")
+
+
 def _viewer_html(viewer: dict[str, Any]) -> str:
     return f"""
 <section id="viewer"><h2>Per-token routing viewer</h2>
 <p>Held-out texts from each domain, every token coloured by the expert its router chose
 first in the selected layer; paler means a less confident router. With many experts the
 colour is the expert's dominant domain (the domain that relies on it most; greyer = less
-tied to one domain), shaded by expert. Hover a token for its experts and their weights.</p>
+tied to one domain), shaded by expert. Hover a token for its experts and their weights.</p>{_expert_choice_note(viewer)}
 <div class="controls">
  <label>arm <select id="viewer-arm"></select></label>
  <label>layer <button type="button" id="viewer-prev" title="previous layer">&#9664;</button><select id="viewer-layer"></select><button type="button" id="viewer-next" title="next layer">&#9654;</button></label>
