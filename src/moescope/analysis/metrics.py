@@ -145,19 +145,24 @@ def normalized_domain_entropy(table: np.ndarray) -> np.ndarray:
     return _entropy_nats(expert_given_domain(table), axis=-1) / math.log(n_experts)
 
 
-def domain_specialization(table: np.ndarray, top_k: int) -> np.ndarray:
+def domain_specialization(table: np.ndarray, top_k: int, domain_tokens: np.ndarray | None = None) -> np.ndarray:
     """OLMoE domain specialization N_k(E_i, D) / N_D, [..., D, E].
 
     N_k(E_i, D): tokens of domain D that have E_i among their top-k experts;
     N_D: tokens of domain D. Each row sums to k; the uniform baseline is k / E
-    (see :func:`specialization_baseline`).
+    (see :func:`specialization_baseline`). Under expert choice a token has 0..E experts,
+    so N_D cannot be read off the table: pass it as ``domain_tokens`` [..., D].
     """
     table = np.asarray(table, dtype=float)
-    tokens = table.sum(axis=-1, keepdims=True) / top_k
+    if domain_tokens is None:
+        tokens = table.sum(axis=-1, keepdims=True) / top_k
+    else:
+        tokens = np.asarray(domain_tokens, dtype=float)[..., None]
     return _safe_divide(table, tokens)
 
 
-def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray | None = None) -> np.ndarray:
+def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray | None = None,
+                              domain_tokens: np.ndarray | None = None) -> np.ndarray:
     """Each domain's most specialized expert, N_k(E, D) / N_D, averaged over non-empty domains [...].
 
     One number per layer for curves; k / E under uniform routing, 1 when every domain
@@ -165,7 +170,7 @@ def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray
     for each domain (e.g. the one chosen on the full sample, so that bootstrap resamples
     do not re-pick the maximum and inflate the interval); default: the maximum of ``table``.
     """
-    spec = domain_specialization(table, top_k)
+    spec = domain_specialization(table, top_k, domain_tokens)
     present = ~np.isnan(spec).any(axis=-1)
     if experts is None:
         best = np.where(np.isnan(spec), -np.inf, spec).max(axis=-1)
