@@ -273,3 +273,25 @@ def test_analyze_summary_line_says_balanced_by_construction_for_expert_choice(ca
     assert "load balanced by construction (expert choice), unrouted share layer 2 41.2%, layer 3 29.0%" in ec_line
     assert "load CV" not in ec_line
     assert tc_line.endswith("max load CV 0.33")
+
+
+def test_vocabulary_specialization_counts_the_experts_that_took_each_occurrence() -> None:
+    """Expert choice: an id's top expert and its share of the id's occurrences (unrouted ones included) come from
+    the selection mask, here counted directly id by id."""
+    from moescope.analysis import metrics
+
+    rng = np.random.default_rng(5)
+    mask, domain, block = separated_selection(rng)
+    token_id = rng.integers(0, 6, mask.shape[0])
+    mask[token_id == 4] = False
+    mask[token_id == 4, 3] = True  # id 4: always expert 3 (only)
+    stored = np.zeros(mask.shape[0], np.int64)
+    v = metrics.vocabulary_specialization(token_id, stored[:, None], 4, min_count=5, assignments=np.nonzero(mask))
+    for x, top, frac in zip(v.token_ids, v.top_expert, v.top_fraction):
+        per_expert = mask[token_id == x].sum(0)
+        assert per_expert[top] == per_expert.max()
+        assert frac == pytest.approx(per_expert.max() / (token_id == x).sum())
+    assert v.top_fraction[list(v.token_ids).index(4)] == 1.0
+    table = expert_choice_table(mask, domain, block, stored)
+    table = RoutingTable(**{**{n: getattr(table, n) for n in RoutingTable.columns()}, "token_id": token_id})
+    assert summarize_layer(table, ["a", "b"], EC_CFG)["vocabulary"]["mean"] == pytest.approx(v.mean)

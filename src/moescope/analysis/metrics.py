@@ -302,19 +302,25 @@ class VocabularySpecialization:
 
 
 def vocabulary_specialization(
-    token_id: np.ndarray, expert_index: np.ndarray, n_experts: int, *, min_count: int = 10
+    token_id: np.ndarray, expert_index: np.ndarray | None, n_experts: int, *, min_count: int = 10,
+    assignments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> VocabularySpecialization:
     """OLMoE vocabulary specialization, summarized per token id.
 
     For token id x, OLMoE's N_k(x, E_i) / N(x) is the share of x's occurrences that
     have E_i among their top-k; here each id keeps its top expert's share. 1 means
     the id always goes to the same expert; with k = 1 and random routing it tends
-    to 1/E (higher for rare ids, hence ``min_count``).
+    to 1/E (higher for rare ids, hence ``min_count``). Expert choice: pass
+    ``assignments`` (token row [M], expert [M]: every token an expert took) instead of
+    ``expert_index``; N(x) still counts every occurrence, unrouted ones included.
     """
-    idx = _as_2d_index(expert_index)
     tok = np.asarray(token_id, dtype=np.int64)
-    if tok.shape != (idx.shape[0],):
-        raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
+    if assignments is not None:
+        a_row, a_expert = (np.asarray(a, dtype=np.int64) for a in assignments)
+    else:
+        idx = _as_2d_index(expert_index)
+        if tok.shape != (idx.shape[0],):
+            raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
     ids, inverse, occurrences = np.unique(tok, return_inverse=True, return_counts=True)
     keep = occurrences >= min_count
     # Count only the ids that pass the threshold, and in chunks of ids, so memory stays
@@ -328,8 +334,12 @@ def vocabulary_specialization(
     step = max(1, _COUNT_CELLS // max(1, n_experts))
     for lo in range(0, ids.size, step):
         hi = min(ids.size, lo + step)
-        mine = (row >= lo) & (row < hi)
-        flat = ((row[mine] - lo)[:, None] * n_experts + idx[mine]).ravel()
+        if assignments is not None:
+            mine = (row[a_row] >= lo) & (row[a_row] < hi)
+            flat = (row[a_row][mine] - lo) * n_experts + a_expert[mine]
+        else:
+            mine = (row >= lo) & (row < hi)
+            flat = ((row[mine] - lo)[:, None] * n_experts + idx[mine]).ravel()
         counts = np.bincount(flat, minlength=(hi - lo) * n_experts).reshape(hi - lo, n_experts)
         top[lo:hi] = counts.argmax(axis=1)
         top_count[lo:hi] = counts[np.arange(hi - lo), top[lo:hi]]

@@ -247,14 +247,17 @@ def summarize_vocabulary(table: RoutingTable, cfg: SummaryConfig) -> dict:
 
     The shuffle keeps every id's frequency and every expert's load but cuts the link
     between id and expert, so the baseline includes the small-count upward bias.
+    Expert choice counts the experts that took each occurrence (none for an unrouted one).
     """
+    chosen = {"assignments": table.assignments()} if table.expert_choice else {}
     observed = metrics.vocabulary_specialization(
-        table.token_id, table.expert_index, table.n_experts, min_count=cfg.vocab_min_count
+        table.token_id, table.expert_index, table.n_experts, min_count=cfg.vocab_min_count, **chosen
     )
     rng = np.random.default_rng(cfg.seed)
     null_means = [
         metrics.vocabulary_specialization(
-            rng.permutation(table.token_id), table.expert_index, table.n_experts, min_count=cfg.vocab_min_count
+            rng.permutation(table.token_id), table.expert_index, table.n_experts, min_count=cfg.vocab_min_count,
+            **chosen,
         ).mean
         for _ in range(cfg.vocab_null_shuffles)
     ]
