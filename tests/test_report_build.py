@@ -160,6 +160,8 @@ def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path
     assert table.columns[-1] == "unrouted share (expert choice)"
     assert "NMI, P(expert | domain) and load count every (token, expert) assignment" in table.caption
     assert "NMI and load count each token's stored expert" not in table.caption
+    # domain-grouped held-out batches give every expert the same share of each domain: the text says so
+    assert "set by that batching" in table.caption and "cannot show a domain preference" in sentence
     column = {row[0]: row[-1] for row in table.rows}
     assert column == {"moe-ec · 2": "0.412 [0.398, 0.431]", "moe-ec · 3": "0.290 [0.270, 0.310]", "moe · 2": "-"}
     assert "unrouted share" not in routing_table(metrics_with({"2": layer(iv(0.2, 0.15, 0.25), 0.001,
