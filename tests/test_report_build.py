@@ -150,10 +150,18 @@ def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path
     assert "last training evaluation (step 20): layer 2 43.0%, layer 3 30.0%" in sentence
     # its load is not judged from the stored expert per token: experts take equal numbers by construction
     assert any(s.startswith("moe-ec: load is balanced by construction") for s in sentences)
+    ec["3"]["load"]["tokens_per_expert"] = [640, 640, 640, 640]
+    (load,) = [s for s in headline_sentences(metrics, {}, records) if s.startswith("moe-ec: load")]
+    assert "layer 3: 640 held-out tokens per expert" in load and "stored expert" not in load
+    del ec["3"]["load"]["tokens_per_expert"]
     assert any(s.startswith("moe: load is balanced (") for s in sentences)
     assert not any(s.startswith("moe:") and "no expert took" in s for s in sentences)
     table = routing_table(metrics)
     assert table.columns[-1] == "unrouted share (expert choice)"
+    assert "NMI, P(expert | domain) and load count every (token, expert) assignment" in table.caption
+    assert "NMI and load count each token's stored expert" not in table.caption
+    # domain-grouped held-out batches give every expert the same share of each domain: the text says so
+    assert "set by that batching" in table.caption and "cannot show a domain preference" in sentence
     column = {row[0]: row[-1] for row in table.rows}
     assert column == {"moe-ec · 2": "0.412 [0.398, 0.431]", "moe-ec · 3": "0.290 [0.270, 0.310]", "moe · 2": "-"}
     assert "unrouted share" not in routing_table(metrics_with({"2": layer(iv(0.2, 0.15, 0.25), 0.001,

@@ -77,6 +77,7 @@ class _Recorder:
             part["router_probs"].append(rec.router_probs.to(torch.float16).cpu().numpy())
             if rec.expert_mask is not None:  # expert choice: how many experts took each token (0 = unrouted)
                 part.setdefault("experts_per_token", []).append(rec.expert_mask.sum(-1).to(torch.int16).cpu().numpy())
+                part.setdefault("expert_mask", []).append(rec.expert_mask.to(torch.bool).cpu().numpy())
 
     def arrays(self, i: int) -> dict[str, np.ndarray]:
         return {name: np.concatenate(chunks) for name, chunks in self.parts[i].items()}

@@ -145,19 +145,24 @@ def normalized_domain_entropy(table: np.ndarray) -> np.ndarray:
     return _entropy_nats(expert_given_domain(table), axis=-1) / math.log(n_experts)
 
 
-def domain_specialization(table: np.ndarray, top_k: int) -> np.ndarray:
+def domain_specialization(table: np.ndarray, top_k: int, domain_tokens: np.ndarray | None = None) -> np.ndarray:
     """OLMoE domain specialization N_k(E_i, D) / N_D, [..., D, E].
 
     N_k(E_i, D): tokens of domain D that have E_i among their top-k experts;
     N_D: tokens of domain D. Each row sums to k; the uniform baseline is k / E
-    (see :func:`specialization_baseline`).
+    (see :func:`specialization_baseline`). Under expert choice a token has 0..E experts,
+    so N_D cannot be read off the table: pass it as ``domain_tokens`` [..., D].
     """
     table = np.asarray(table, dtype=float)
-    tokens = table.sum(axis=-1, keepdims=True) / top_k
+    if domain_tokens is None:
+        tokens = table.sum(axis=-1, keepdims=True) / top_k
+    else:
+        tokens = np.asarray(domain_tokens, dtype=float)[..., None]
     return _safe_divide(table, tokens)
 
 
-def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray | None = None) -> np.ndarray:
+def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray | None = None,
+                              domain_tokens: np.ndarray | None = None) -> np.ndarray:
     """Each domain's most specialized expert, N_k(E, D) / N_D, averaged over non-empty domains [...].
 
     One number per layer for curves; k / E under uniform routing, 1 when every domain
@@ -165,7 +170,7 @@ def top_domain_specialization(table: np.ndarray, top_k: int, experts: np.ndarray
     for each domain (e.g. the one chosen on the full sample, so that bootstrap resamples
     do not re-pick the maximum and inflate the interval); default: the maximum of ``table``.
     """
-    spec = domain_specialization(table, top_k)
+    spec = domain_specialization(table, top_k, domain_tokens)
     present = ~np.isnan(spec).any(axis=-1)
     if experts is None:
         best = np.where(np.isnan(spec), -np.inf, spec).max(axis=-1)
@@ -297,19 +302,25 @@ class VocabularySpecialization:
 
 
 def vocabulary_specialization(
-    token_id: np.ndarray, expert_index: np.ndarray, n_experts: int, *, min_count: int = 10
+    token_id: np.ndarray, expert_index: np.ndarray | None, n_experts: int, *, min_count: int = 10,
+    assignments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> VocabularySpecialization:
     """OLMoE vocabulary specialization, summarized per token id.
 
     For token id x, OLMoE's N_k(x, E_i) / N(x) is the share of x's occurrences that
     have E_i among their top-k; here each id keeps its top expert's share. 1 means
     the id always goes to the same expert; with k = 1 and random routing it tends
-    to 1/E (higher for rare ids, hence ``min_count``).
+    to 1/E (higher for rare ids, hence ``min_count``). Expert choice: pass
+    ``assignments`` (token row [M], expert [M]: every token an expert took) instead of
+    ``expert_index``; N(x) still counts every occurrence, unrouted ones included.
     """
-    idx = _as_2d_index(expert_index)
     tok = np.asarray(token_id, dtype=np.int64)
-    if tok.shape != (idx.shape[0],):
-        raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
+    if assignments is not None:
+        a_row, a_expert = (np.asarray(a, dtype=np.int64) for a in assignments)
+    else:
+        idx = _as_2d_index(expert_index)
+        if tok.shape != (idx.shape[0],):
+            raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
     ids, inverse, occurrences = np.unique(tok, return_inverse=True, return_counts=True)
     keep = occurrences >= min_count
     # Count only the ids that pass the threshold, and in chunks of ids, so memory stays
@@ -323,8 +334,12 @@ def vocabulary_specialization(
     step = max(1, _COUNT_CELLS // max(1, n_experts))
     for lo in range(0, ids.size, step):
         hi = min(ids.size, lo + step)
-        mine = (row >= lo) & (row < hi)
-        flat = ((row[mine] - lo)[:, None] * n_experts + idx[mine]).ravel()
+        if assignments is not None:
+            mine = (row[a_row] >= lo) & (row[a_row] < hi)
+            flat = (row[a_row][mine] - lo) * n_experts + a_expert[mine]
+        else:
+            mine = (row >= lo) & (row < hi)
+            flat = ((row[mine] - lo)[:, None] * n_experts + idx[mine]).ravel()
         counts = np.bincount(flat, minlength=(hi - lo) * n_experts).reshape(hi - lo, n_experts)
         top[lo:hi] = counts.argmax(axis=1)
         top_count[lo:hi] = counts[np.arange(hi - lo), top[lo:hi]]

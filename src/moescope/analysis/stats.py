@@ -95,14 +95,35 @@ def block_expert_counts(
     """
     idx = np.asarray(expert_index, dtype=np.int64)
     idx = idx[:, None] if idx.ndim == 1 else idx
-    block_ids, inverse = np.unique(np.asarray(block), return_inverse=True)
+    block_ids, inverse, block_domain = _blocks_of(block, domain)
     flat = (inverse[:, None] * n_experts + idx).ravel()
     counts = np.bincount(flat, minlength=block_ids.size * n_experts).reshape(block_ids.size, n_experts)
+    return block_ids, block_domain, counts.astype(float)
+
+
+def _blocks_of(block: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block ids [B] sorted, each token's row in them [N], each block's domain [B]); one domain per block."""
+    block_ids, inverse = np.unique(np.asarray(block), return_inverse=True)
     domain = np.asarray(domain, dtype=np.int64)
     block_domain = np.empty(block_ids.size, dtype=np.int64)
     block_domain[inverse] = domain
     if not np.array_equal(block_domain[inverse], domain):
         raise ValueError("a block holds tokens of more than one domain")
+    return block_ids, inverse, block_domain
+
+
+def block_assignment_counts(
+    token_row: np.ndarray, expert: np.ndarray, block: np.ndarray, domain: np.ndarray, n_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-block counts of (token, expert) assignments: (block ids [B], block domain [B], counts [B, E]).
+
+    token_row, expert [M]: one entry per assignment (a token may have none, one or several:
+    expert-choice routing). block, domain [N] are per token, so a block whose tokens no
+    expert took still gets a row (of zeros) and the blocks line up with :func:`sum_by_block`.
+    """
+    block_ids, inverse, block_domain = _blocks_of(block, domain)
+    flat = inverse[np.asarray(token_row, dtype=np.int64)] * n_experts + np.asarray(expert, dtype=np.int64)
+    counts = np.bincount(flat, minlength=block_ids.size * n_experts).reshape(block_ids.size, n_experts)
     return block_ids, block_domain, counts.astype(float)
 
 

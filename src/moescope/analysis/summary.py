@@ -83,12 +83,25 @@ def summarize_layer(
     n_shared_experts: experts every token passes through besides its routed top-k
     (DeepSeek, Qwen-MoE). They are not in the table, so NMI, load and entropy are
     over the routed experts only; the count is recorded so reports can say so.
+
+    Expert choice (``table.expert_mask`` kept): the domain x expert table, NMI with its
+    interval and permutation null, P(expert | domain), domain specialization and load
+    count every (token, expert) assignment the experts made (a token taken by two
+    experts counts once for each, an unrouted token in no cell; its share is
+    load.unrouted_fraction), so the load is each expert's capacity summed over passes.
+    Such a token has no ranked first choice: nmi_first_choice = nmi.
     """
     cfg = cfg or SummaryConfig()
     n_dom, n_exp, k = len(domains), table.n_experts, table.top_k
-    block_ids, block_domain, block_counts = stats.block_expert_counts(
-        table.expert_index, table.block, table.domain, n_exp
-    )
+    ec = table.expert_choice
+    if ec:
+        block_ids, block_domain, block_counts = stats.block_assignment_counts(
+            *table.assignments(), table.block, table.domain, n_exp
+        )
+    else:
+        block_ids, block_domain, block_counts = stats.block_expert_counts(
+            table.expert_index, table.block, table.domain, n_exp
+        )
     if block_ids.size < 2:
         raise ValueError("need at least two eval blocks for intervals")
     tables = stats.domain_tables(block_counts, block_domain, n_dom)  # [B, D, E]
@@ -102,7 +115,7 @@ def summarize_layer(
     perm = stats.permutation_test_nmi(
         block_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
     )
-    if k > 1:
+    if k > 1 and not ec:
         # The first choice alone: the expert with the largest gate, what top-1 analyses report.
         _, _, first_counts = stats.block_expert_counts(table.expert_index[:, :1], table.block, table.domain, n_exp)
         first_nmi = boot(stats.domain_tables(first_counts, block_domain, n_dom), nmi_equal)
@@ -111,6 +124,18 @@ def summarize_layer(
         )
     else:
         first_nmi, first_perm = None, perm  # identical to the top-k numbers; filled in below
+    if ec:
+        # OLMoE's N_D (a domain's tokens) cannot be read off an assignment table: carry it as a last column
+        _, block_tokens = stats.sum_by_block(np.ones(table.n_tokens), table.block, block_ids)
+        spec_tables = np.concatenate([tables, stats.domain_tables(block_tokens[:, None], block_domain, n_dom)], -1)
+        spec_baseline = float(total.sum() / (table.n_tokens * n_exp))  # mean experts per token / E
+        spec_of = lambda t, experts=None: metrics.top_domain_specialization(  # noqa: E731
+            t[..., :n_exp], k, experts=experts, domain_tokens=t[..., n_exp])
+        spec_matrix = metrics.domain_specialization(total, k, spec_tables.sum(0)[..., n_exp])
+    else:
+        spec_tables, spec_baseline = tables, metrics.specialization_baseline(n_exp, k)
+        spec_of = lambda t, experts=None: metrics.top_domain_specialization(t, k, experts=experts)  # noqa: E731
+        spec_matrix = metrics.domain_specialization(total, k)
     entropy_by_domain = {
         domains[d]: boot(tables, lambda t, d=d: metrics.normalized_domain_entropy(t)[..., d])
         for d in range(n_dom)
@@ -126,20 +151,19 @@ def summarize_layer(
         "domain_given_expert": _rounded(metrics.domain_given_expert(total)),
         "max_expert_given_domain": boot(tables, lambda t: np.nanmax(metrics.expert_given_domain(t), axis=(-2, -1))),
         "normalized_domain_entropy": entropy_by_domain,
-        "domain_specialization": _rounded(metrics.domain_specialization(total, k)),
-        "domain_specialization_baseline": metrics.specialization_baseline(n_exp, k),
+        "domain_specialization": _rounded(spec_matrix),
+        "domain_specialization_baseline": spec_baseline,
         # One number per layer for curves: each domain's most specialized expert (chosen once, on all
         # blocks, so the resamples do not re-pick the maximum), averaged over domains.
-        "domain_specialization_top": boot(
-            tables, lambda t: metrics.top_domain_specialization(t, k, experts=total.argmax(axis=-1))
-        ),
+        "domain_specialization_top": boot(spec_tables, lambda t: spec_of(t, experts=total.argmax(axis=-1))),
     }
     specialization["nmi_first_choice"] = first_nmi if first_nmi is not None else specialization["nmi"]
     specialization["nmi_first_choice_pvalue"] = first_perm.pvalue
 
     # --- load ---
     expert_totals = block_counts  # [B, E]
-    dropped = (np.asarray(table.gate_weight) == 0).sum(axis=1).astype(float)
+    # expert choice drops nothing (a gate of 0 there only pads a token with fewer than k experts)
+    dropped = (np.asarray(table.gate_weight) == 0).sum(axis=1).astype(float) * (not ec)
     _, block_dropped = stats.sum_by_block(dropped, table.block, block_ids)
     load = {
         "token_fraction": _rounded(metrics.load_fractions(expert_totals.sum(axis=0))),
@@ -156,6 +180,8 @@ def summarize_layer(
         load["unrouted_fraction"] = boot(block_unrouted, lambda s: s[..., 0] / s[..., 1])
         load["experts_per_token_counts"] = np.bincount(
             np.asarray(table.experts_per_token, dtype=np.int64), minlength=n_exp + 1).tolist()
+    if ec:  # equal by construction: every expert takes its capacity in every forward pass
+        load["tokens_per_expert"] = expert_totals.sum(axis=0).astype(int).tolist()
 
     # --- router entropy ---
     tok_entropy = table.token_entropy()
@@ -187,18 +213,26 @@ def summarize_layer(
             metrics.repetition_baseline_load(metrics.count_experts(table.expert_index[:, 0], n_exp))
         ),
     }
+    if ec:  # pairs of experts that took the same token, over the layer's own selection
+        mask = np.asarray(table.expert_mask, dtype=np.float64)
+        pairs = mask.T @ mask
+        np.fill_diagonal(pairs, 0.0)
+        specialization["coactivation"] = _rounded(pairs / np.maximum(mask.sum(axis=0), 1.0)[:, None])
     if k > 1:
-        specialization["coactivation"] = _rounded(np.nan_to_num(metrics.coactivation(table.expert_index, n_exp)))
+        if not ec:
+            specialization["coactivation"] = _rounded(np.nan_to_num(metrics.coactivation(table.expert_index, n_exp)))
         repetition["shared_topk"] = boot(pair_sums, lambda s: s[..., 2] / s[..., 0]) if i.size else None
         repetition["shared_topk_baseline_uniform"] = metrics.repetition_baseline_uniform(n_exp, k)
 
     shared = {"n_shared_experts": int(n_shared_experts)} if n_shared_experts else {}
+    routing = {"routing": "expert_choice", "n_assignments": int(total.sum())} if ec else {}
     return {
         "n_tokens": table.n_tokens,
         "n_blocks": int(block_ids.size),
         "n_experts": n_exp,
         "top_k": k,
         **shared,
+        **routing,
         "domains": list(domains),
         "specialization": specialization,
         "load": load,
@@ -213,14 +247,17 @@ def summarize_vocabulary(table: RoutingTable, cfg: SummaryConfig) -> dict:
 
     The shuffle keeps every id's frequency and every expert's load but cuts the link
     between id and expert, so the baseline includes the small-count upward bias.
+    Expert choice counts the experts that took each occurrence (none for an unrouted one).
     """
+    chosen = {"assignments": table.assignments()} if table.expert_choice else {}
     observed = metrics.vocabulary_specialization(
-        table.token_id, table.expert_index, table.n_experts, min_count=cfg.vocab_min_count
+        table.token_id, table.expert_index, table.n_experts, min_count=cfg.vocab_min_count, **chosen
     )
     rng = np.random.default_rng(cfg.seed)
     null_means = [
         metrics.vocabulary_specialization(
-            rng.permutation(table.token_id), table.expert_index, table.n_experts, min_count=cfg.vocab_min_count
+            rng.permutation(table.token_id), table.expert_index, table.n_experts, min_count=cfg.vocab_min_count,
+            **chosen,
         ).mean
         for _ in range(cfg.vocab_null_shuffles)
     ]
@@ -278,17 +315,23 @@ def summarize_token_types(
     """Routing by Python token type inside code: P(expert | type) and NMI(type; expert) with a block CI.
 
     types: [N] type id per row of ``table`` (-1 = untyped, left out). Token-weighted
-    NMI: the types' natural frequencies are part of what is measured.
+    NMI: the types' natural frequencies are part of what is measured. Token choice
+    counts each token's first choice; expert choice every (token, expert) assignment
+    the experts made (none for an unrouted token; n_tokens still counts it).
     """
     cfg = cfg or SummaryConfig()
     types = np.asarray(types, dtype=np.int64)
     keep = types >= 0
     n_types, n_exp = len(type_names), table.n_experts
-    first = table.expert_index[keep, 0].astype(np.int64)
     # Per-block (type, expert) counts by bincount: no [N, types x E] one-hot array.
     block_ids, inverse = np.unique(table.block[keep], return_inverse=True)
     cells = n_types * n_exp
-    flat = inverse * cells + types[keep] * n_exp + first
+    if table.expert_choice:
+        rows, expert = table.select(keep).assignments()
+        flat = inverse[rows] * cells + types[keep][rows] * n_exp + expert
+    else:
+        first = table.expert_index[keep, 0].astype(np.int64)
+        flat = inverse * cells + types[keep] * n_exp + first
     tables = np.bincount(flat, minlength=block_ids.size * cells).reshape(block_ids.size, n_types, n_exp).astype(float)
     total = tables.sum(axis=0)
     given_type = metrics.expert_given_domain(total)
@@ -299,9 +342,10 @@ def summarize_token_types(
         "expert_given_type": _rounded(np.nan_to_num(given_type)),
         "top_expert": {},
     }
+    type_tokens = np.bincount(types[keep], minlength=n_types)
     for t, name in enumerate(type_names):
-        n = int(total[t].sum())
-        if n:
+        n = int(type_tokens[t])
+        if total[t].sum():
             e = int(total[t].argmax())
             out["top_expert"][name] = {"expert": e, "share": float(given_type[t, e]), "n_tokens": n}
     if block_ids.size >= 2:

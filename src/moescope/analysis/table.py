@@ -17,11 +17,14 @@ class RoutingTable:
     domains); position is the token's index inside its block. router_probs may be
     float16 to halve the file size (enough for entropies and the viewer).
 
-    experts_per_token is kept for expert-choice routing only, where experts pick tokens: how
-    many experts took each token (0..E; 0 = unrouted, the token passes through the residual
-    only). expert_index then lists up to k of them, highest router probability first, and an
-    unrouted token's row holds its router's first choice with gate 0. Token-choice tables
-    leave it None (every token has its k experts, less any dropped by capacity).
+    experts_per_token and expert_mask are kept for expert-choice routing only, where experts
+    pick tokens: how many experts took each token (0..E; 0 = unrouted, the token passes
+    through the residual only) and which ones ([N, E] bool, the layer's own selection). The
+    routing statistics of such a table count every (token, expert) assignment in expert_mask
+    (:meth:`assignments`), not expert_index: that lists only up to k of a token's experts,
+    highest router probability first, and an unrouted token's row holds its router's first
+    choice with gate 0 (what the viewer shows). Token-choice tables leave both None (every
+    token has its k experts in expert_index, less any dropped by capacity).
 
     router_probs may be None where N x E is too large to keep (released models with
     64-256 experts over a million tokens): then router_entropy holds each token's
@@ -39,6 +42,7 @@ class RoutingTable:
     router_entropy: np.ndarray | None = None  # float [N] nats; derived from router_probs when None
     expert_count: int = 0  # E; required when router_probs is None
     experts_per_token: np.ndarray | None = None  # int [N]; expert choice only (0 = unrouted)
+    expert_mask: np.ndarray | None = None  # bool [N, E]; expert choice only: the experts that took each token
 
     def __post_init__(self) -> None:
         n = self.token_id.shape[0]
@@ -59,6 +63,8 @@ class RoutingTable:
             raise ValueError(f"router_probs must be [N, E], got {self.router_probs.shape}")
         elif self.expert_count not in (0, self.router_probs.shape[1]):
             raise ValueError(f"expert_count {self.expert_count} != router_probs width {self.router_probs.shape[1]}")
+        if self.expert_mask is not None and (self.expert_mask.ndim != 2 or self.expert_mask.shape[1] != self.n_experts):
+            raise ValueError(f"expert_mask {self.expert_mask.shape} must be [N, {self.n_experts}]")
 
     @classmethod
     def columns(cls) -> list[str]:
@@ -98,6 +104,24 @@ class RoutingTable:
     def unrouted(self) -> np.ndarray | None:
         """[N] bool, True for a token no expert took (expert choice); None for token choice."""
         return None if self.experts_per_token is None else np.asarray(self.experts_per_token) == 0
+
+    @property
+    def expert_choice(self) -> bool:
+        """True when the layer's own selection is kept (experts picked the tokens)."""
+        return self.expert_mask is not None
+
+    def assignments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (token row, expert) assignment the layer made, as two int64 arrays [M].
+
+        Expert choice: the true cells of expert_mask (a token taken by 2 experts appears
+        twice, an unrouted one never). Token choice: each of a token's k choices in
+        expert_index (dropped ones included, as the token-choice statistics count them).
+        """
+        if self.expert_mask is not None:
+            rows, experts = np.nonzero(np.asarray(self.expert_mask))
+            return rows.astype(np.int64), experts.astype(np.int64)
+        idx = np.asarray(self.expert_index, dtype=np.int64)
+        return np.repeat(np.arange(self.n_tokens, dtype=np.int64), idx.shape[1]), idx.reshape(-1)
 
     def token_entropy(self) -> np.ndarray:
         """Router entropy (nats) of every token [N]: stored, or computed from router_probs."""

@@ -113,5 +113,12 @@ def _print_summary(result: dict) -> None:
         if head:
             nmi = head["nmi"]
             line += (f"  NMI {nmi['estimate']:.3f} [{nmi['low']:.3f}, {nmi['high']:.3f}] p={head['nmi_pvalue']:.4f}"
-                     f" (layer {head['best_layer']})  max load CV {head['load_cv_max']:.2f}")
+                     f" (layer {head['best_layer']})")
+            unrouted = {k: v["load"]["unrouted_fraction"] for k, v in arm.get("layers", {}).items()
+                        if "unrouted_fraction" in v["load"]}
+            if unrouted:  # expert choice: every expert takes its capacity per pass, so the load CV says nothing
+                line += "  load balanced by construction (expert choice), unrouted share " + ", ".join(
+                    f"layer {k} {100 * iv['estimate']:.1f}%" for k, iv in sorted(unrouted.items(), key=lambda kv: int(kv[0])))
+            else:
+                line += f"  max load CV {head['load_cv_max']:.2f}"
         print(line)

@@ -144,12 +144,12 @@ def load_sentence(arm: str, layers: dict, records: list[dict]) -> str:
                 f"worst layer {worst} has load CV {fmt_interval(cv, 2)} and its busiest expert takes "
                 f"{fmt_interval(maxf, 2)} of {share} (uniform {1 / layers[worst]['n_experts']:.3f}).{shared_txt}")
     if "unrouted_fraction" in layers[worst]["load"]:
-        # expert choice: each expert takes exactly its capacity per forward, so the verdict above would
-        # judge the stored expert per token (see routing_table's caption), not the experts' load
+        # expert choice: each expert takes exactly its capacity per forward pass, so there is no load to judge
+        taken = layers[worst]["load"].get("tokens_per_expert")
+        taken_txt = (f"; layer {worst}: {min(taken)}" + (f" to {max(taken)}" if max(taken) != min(taken) else "")
+                     + f" held-out tokens per expert, load CV {fmt_interval(cv, 2)}" if taken else "")
         sentence = (f"{arm}: load is balanced by construction (expert choice: every expert takes the same number "
-                    f"of tokens per forward pass). Counting each token's stored expert instead (the taken one with "
-                    f"the highest router probability, or an unrouted token's router preference), layer {worst} has "
-                    f"load CV {fmt_interval(cv, 2)}.")
+                    f"of tokens per forward pass{taken_txt}).")
     events = [r for r in records if r.get("kind") == "collapse"]
     if events:
         e = events[0]
@@ -172,7 +172,10 @@ def unrouted_sentence(arm: str, layers: dict, records: list[dict]) -> str | None
         return None
     parts = [f"layer {k} {_percent(iv)}" for k, iv in shares.items()]
     sentence = (f"{arm} (expert choice: experts pick tokens): share of held-out tokens that no expert took, "
-                f"{', '.join(parts)} (95% CI); those pass through the residual only (hatched in the token viewer).")
+                f"{', '.join(parts)} (95% CI); those pass through the residual only (hatched in the token viewer). "
+                f"Its NMI counts every (token, expert) pair the experts chose in held-out batches taken domain by "
+                f"domain, where every expert takes the same share of every domain, so it cannot show a domain "
+                f"preference.")
     evals = _records_of({arm: records}, arm, "eval")
     last = evals[-1].get("routing", {}) if evals else {}
     trained = {k: last[k]["unrouted_fraction"] for k in shares if "unrouted_fraction" in last.get(k, {})}
@@ -286,9 +289,14 @@ def routing_table(metrics: dict) -> Table:
                     "that have its most-used expert among their top-k, averaged over domains.")
     if unrouted:
         caption += (" Expert choice: experts pick tokens, so a token is taken by 0..E experts; the unrouted share "
-                    "counts tokens no expert took (they pass through the residual only). NMI and load count each "
-                    "token's stored expert: the taken expert with the highest router probability, or for an "
-                    "unrouted token its router's first choice.")
+                    "counts tokens no expert took (they pass through the residual only). NMI, P(expert | domain) and "
+                    "load count every (token, expert) assignment the experts made: a token taken by two experts "
+                    "counts once for each, an unrouted token in no expert. 'Same expert as previous token' still "
+                    "compares each token's stored expert (the taken one with the highest router probability, or "
+                    "for an unrouted token its router's first choice). The analysis forwards held-out blocks domain "
+                    "by domain, so within nearly every forward pass each expert takes its fixed share of one "
+                    "domain's tokens: every domain gives every expert about the same count, and an expert-choice "
+                    "NMI near 0 is set by that batching, not by the router.")
     return Table("Routing on held-out data, per MoE arm and layer", columns, rows, caption)
 
 
