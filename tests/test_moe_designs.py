@@ -19,7 +19,8 @@ from moescope.io.config import load_config_file
 from moescope.moe.config import MoEConfig
 from moescope.moe.designs import slice_expert, split_experts
 from moescope.moe.experts import build_experts
-from moescope.moe.gpt2 import generate_with_routing, install_moe
+from moescope.moe.capture import generate_with_routing
+from moescope.moe.install import install_moe
 from moescope.moe.layer import MoELayer
 from moescope.train.config import experiment_config_from_dict, resolve_arms
 from moescope.train.routing import RoutingTotals, summarize_routing

@@ -109,7 +109,7 @@ def test_train_order_is_shared_by_any_split_into_micro_batches_and_processes() -
 
 def test_optimizer_groups_and_warmup_cosine_schedule() -> None:
     from moescope.moe.config import MoEConfig
-    from moescope.moe.gpt2 import install_moe
+    from moescope.moe.install import install_moe
     from moescope.moe.model import router_parameters
     from moescope.train.config import OptimConfig
     from transformers import GPT2Config, GPT2LMHeadModel

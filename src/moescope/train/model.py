@@ -12,7 +12,7 @@ from torch import nn
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.moe.activation import fuse_config_activation, fused_activation
-from moescope.moe.gpt2 import MOE_CONFIG_NAME, WEIGHTS_NAME, load_moe_model
+from moescope.moe.hf_model import MOE_CONFIG_NAME, WEIGHTS_NAME, load_moe_model
 from moescope.train.config import ModelConfig
 
 

@@ -32,7 +32,8 @@ from moescope.io.atomic import atomic_write_json
 from moescope.io.config import to_dict
 from moescope.io.lock import run_directory_lock
 from moescope.io.provenance import sha256_file
-from moescope.moe.gpt2 import install_moe, save_moe_model
+from moescope.moe.hf_model import save_moe_model
+from moescope.moe.install import install_moe
 from moescope.moe.model import moe_layers, router_parameters, set_training_progress
 from moescope.moe.layer import update_balance_bias
 from moescope.runtime import peak_memory_mb, reset_peak_memory
