@@ -10,7 +10,7 @@ Layer and routing:
   RoutingRecord       what one forward of one MoELayer routed where
   load_balancing_loss, router_z_loss   the auxiliary losses the trainer adds
   record_routing      `with record_routing(model) as rec:` per-token routing of every MoE layer
-  RoutingTotals, summarize_routing     routing statistics summed over many forwards
+  RoutingSums         routing statistics summed over many forwards (counts, losses, summary)
 Models:
   install_moe         replace a dense decoder's MLPs with MoE layers (upcycled copies by default)
   moe_layers          {block index: MoELayer} of any model
@@ -46,8 +46,7 @@ _EXPORTS = {
     "router_z_loss": "moescope.moe.layer",
     "record_routing": "moescope.moe.capture",
     "RoutingView": "moescope.moe.capture",
-    "RoutingTotals": "moescope.train.routing",
-    "summarize_routing": "moescope.train.routing",
+    "RoutingSums": "moescope.moe.routing_sums",
     "install_moe": "moescope.moe.install",
     "moe_layers": "moescope.moe.model",
     "save_moe_model": "moescope.moe.hf_model",
