@@ -15,8 +15,11 @@ from typing import Any
 
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_text, _json_default
+from moescope.io.config import to_dict
 
 log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
 
 
 class MetricsLog:
@@ -42,6 +45,14 @@ class MetricsLog:
                 os.environ.setdefault("WANDB_MODE", "offline")
                 self._wandb = wandb.init(project="moescope", name=wandb_name, dir=str(wandb_dir),
                                          mode="offline", config=config or {}, reinit=True)
+
+    @classmethod
+    def for_stage(cls, out_dir: Path, cfg, name: str, *, enabled: bool) -> MetricsLog:
+        """The log of one training stage (`cfg` a RunConfig): metrics.jsonl in `out_dir`, plus the
+        trackers its `tracking` settings ask for."""
+        return cls(out_dir / METRICS_NAME, tensorboard_dir=out_dir / "tensorboard" if cfg.tracking.tensorboard else None,
+                   wandb_dir=out_dir if cfg.tracking.wandb else None, wandb_name=name, config=to_dict(cfg),
+                   enabled=enabled)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records written after the checkpoint's step (they will be produced again),

@@ -1,6 +1,6 @@
-"""Where a run's model comes from: a fresh GPT-2, pretrained weights (any transformers causal LM;
-MoE upcycling for the families of moe/decoders.py), or a saved model; and the checks that the
-model fits the data directory (vocabulary, context)."""
+"""Where a run's data and model come from: the data directory (`open_store`), a fresh GPT-2,
+pretrained weights (any transformers causal LM; MoE upcycling for the families of moe/decoders.py),
+or a saved model; and the checks that the model fits the data directory (vocabulary, context)."""
 
 from __future__ import annotations
 

@@ -26,26 +26,20 @@ from typing import Any
 import torch
 
 from moescope.data.blocks import tokenizer_dir
-from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
-from moescope.io.config import to_dict
 from moescope.io.lock import run_directory_lock
-from moescope.io.provenance import sha256_file
 from moescope.moe.hf_model import save_moe_model
-from moescope.moe.model import moe_layers, router_parameters, set_training_progress
+from moescope.moe.model import set_training_progress
 from moescope.runtime import catch_stop_signals, peak_memory_mb, reset_peak_memory
 from moescope.train.accelerator import clip_gradients, make_accelerator, process_state
 from moescope.train.checkpoint import NonFiniteState, restore_rng_state
 from moescope.train.config import RunConfig
 from moescope.train.evaluator import CollapseWatch, evaluate_model, nonfinite_eval
 from moescope.train.metrics_log import MetricsLog, StepClock, read_metrics
-from moescope.train.model import check_model_matches_data, initial_model, open_store
 from moescope.train.nonfinite import NonFiniteGuard, NonFiniteLoss
-from moescope.train.optim import build_optimizer, build_scheduler
 from moescope.train.order import TrainOrder
-from moescope.train.rundir import (
-    CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, StageDirectory, check_same_config, read_stored_config,
-)
+from moescope.train.rundir import CONFIG_NAME, SUMMARY_NAME, check_same_config, read_stored_config
+from moescope.train.stage import build_stage
 from moescope.train.step import StepRunner
 from moescope.train.step_loss import nonfinite_values, step_record
 
@@ -63,82 +57,34 @@ class Trainer:
                  resume: bool = False, accelerator=None, on_step: Callable[[int, "Trainer"], None] | None = None,
                  write: bool = True) -> None:
         self.cfg, self.out_dir, self.name, self.on_step, self.write = cfg, Path(out_dir), name, on_step, write
-        self.store = open_store(cfg.data_dir)
-        self.manifest_sha = sha256_file(self.store.root / "manifest.json")
-        self.rundir = StageDirectory(self.out_dir, name, cfg, self.manifest_sha, self.store.root / "manifest.json",
-                                     write=write)
-        self.step, self._stop_reason, self._resumed_at = 0, None, None
-        self.collapse = CollapseWatch(cfg.collapse)
-        self._peak_window = False  # True once fit() has reset the peak-memory window for this stage
-        found = self.rundir.find_resume(resume)
-        ckpt, state = (found[0], found[2]) if found is not None else (None, None)
-        if found is None:
-            from accelerate.utils import set_seed
-
-            set_seed(cfg.train.seed)
-        model = found[1] if found is not None else initial_model(cfg, self.store, init)
-        check_model_matches_data(model, self.store, where=f"{name}")
-        model.config.use_cache = False
-        self.init = str(init) if init is not None else "scratch"
-        self.layers = moe_layers(model)
-        if cfg.arch == "dense" and self.layers:
-            raise MoescopeError(f"{name}: arch is dense but the starting model {init} has MoE layers")
-        loss, t = cfg.loss, cfg.train
-        lb_coefs = {i: float(loss.load_balance_coef_by_layer.get(str(i), loss.load_balance_coef)) for i in self.layers}
-        if t.cpu_threads is not None:
-            torch.set_num_threads(t.cpu_threads)
-        self.accelerator = acc = accelerator or make_accelerator(cfg)
-        self.world = acc.num_processes
-        if t.batch_sequences % (t.grad_accum_steps * self.world):
-            raise MoescopeError(f"train.batch_sequences={t.batch_sequences} must be divisible by grad_accum_steps x "
-                                f"processes = {t.grad_accum_steps} x {self.world}")
-        model.to(acc.device)
-        optimizer = build_optimizer(model, cfg.optim, router_parameters(model))
-        self.scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-        if state is not None:
-            try:
-                optimizer.load_state_dict(state["optimizer"])
-                self.scheduler.load_state_dict(state["scheduler"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise MoescopeError(f"checkpoint {ckpt}: optimizer/scheduler state does not fit this model "
-                                    f"({type(exc).__name__}: {exc})") from None
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.raw_model = acc.unwrap_model(self.model)
+        parts = build_stage(cfg, self.out_dir, name, init=init, resume=resume, accelerator=accelerator, write=write)
+        self.store, self.manifest_sha, self.rundir, self.init = parts.store, parts.manifest_sha, parts.rundir, parts.init
+        self.accelerator, self.model, self.raw_model = parts.accelerator, parts.model, parts.raw_model
+        self.optimizer, self.scheduler, self.layers = parts.optimizer, parts.scheduler, parts.layers
+        self.world, t, state = self.accelerator.num_processes, cfg.train, parts.state
         self.order = TrainOrder(self.store.index("train"), t.seed, t.batch_sequences)
         self.tokens_per_step = t.batch_sequences * self.store.block_size
-        self.clock = StepClock(self.tokens_per_step)
-        self.passes = StepRunner(self.model, acc, self.layers, cfg.loss, lb_coefs)
+        self.passes = StepRunner(self.model, self.accelerator, self.layers, cfg.loss, parts.lb_coefs)
+        self.step, self._stop_reason, self._resumed_at = 0, None, None
+        self.collapse, self.clock = CollapseWatch(cfg.collapse), StepClock(self.tokens_per_step)
+        self._peak_window = False  # True once fit() has reset the peak-memory window for this stage
         if state is not None:  # continue from the checkpoint: counters, streaks, then the RNG streams
             self.step, self._resumed_at = int(state["step"]), int(state["step"])
             self.collapse.load_state_dict(state)
             self.clock.load_state_dict(state)
             restore_rng_state(state["rng"])
-        acc.wait_for_everyone()  # every process has checked the directory before the main one writes
-        self.metrics = MetricsLog(
-            self.out_dir / METRICS_NAME, tensorboard_dir=self.out_dir / "tensorboard" if cfg.tracking.tensorboard else None,
-            wandb_dir=self.out_dir if cfg.tracking.wandb else None, wandb_name=name, config=to_dict(cfg),
-            enabled=write and acc.is_main_process)
+        self.accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes
+        self.metrics = MetricsLog.for_stage(self.out_dir, cfg, name, enabled=write and self.accelerator.is_main_process)
         self.guard = NonFiniteGuard(name, t, self.metrics, self.rundir.last_verified)
         self.guard.load_state_dict(state or {})
-        if write and acc.is_main_process:
-            self.rundir.open(self.metrics, resume=resume, resumed_from=ckpt, step=self.step,
+        if write and self.accelerator.is_main_process:
+            self.rundir.open(self.metrics, resume=resume, resumed_from=parts.checkpoint, step=self.step,
                              record={"init": self.init, "moe_layers": sorted(self.layers), "world_size": self.world})
 
-    @property
-    def collapse_streak(self) -> dict[str, int]:
-        return self.collapse.streak
-
-    @property
-    def collapse_events(self) -> list[dict[str, Any]]:
-        return self.collapse.events
-
-    @property
-    def nonfinite_skips_in_a_row(self) -> int:
-        return self.guard.in_a_row
-
-    @property
-    def nonfinite_skips_total(self) -> int:
-        return self.guard.total
+    collapse_streak = property(lambda self: self.collapse.streak)
+    collapse_events = property(lambda self: self.collapse.events)
+    nonfinite_skips_in_a_row = property(lambda self: self.guard.in_a_row)
+    nonfinite_skips_total = property(lambda self: self.guard.total)
 
     def save_checkpoint(self) -> Path | None:
         if not (self.write and self.accelerator.is_main_process):
@@ -223,7 +169,7 @@ class Trainer:
             record["tokens_per_s"] = tokens_per_s
         self.metrics.write(record)
         if self.write and self.accelerator.is_main_process and self.cfg.train.snapshot_at_eval:
-            save_moe_model(self.raw_model, self.out_dir / "snapshots" / f"step_{self.step:06d}")
+            self.rundir.save_snapshot(self.step, self.raw_model)
         if collapsed and self.cfg.collapse.early_stop:
             self.request_stop(f"collapse in layers {collapsed}")
         return record
@@ -291,7 +237,7 @@ class Trainer:
             if self.write and self.accelerator.is_main_process:
                 tokenizer = tokenizer_dir(self.store.root)  # the data's tokenizer travels with the model
                 save_moe_model(self.raw_model, self.out_dir / "final", tokenizer=tokenizer if tokenizer.is_dir() else None)
-                atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
+                atomic_write_json(self.out_dir / SUMMARY_NAME, summary)  # present = stage complete
             self.accelerator.wait_for_everyone()
             return summary
 
