@@ -31,7 +31,7 @@ def test_balance_loss_of_summed_passes_equals_one_pass_over_the_whole_batch_with
     torch.testing.assert_close(sums.load_balance_loss(), expected)
     assert int(sums.counts.sum()) == 80 and sums.n_tokens == 40
     z = sum(float(r.z_loss.detach()) * r.n_tokens for r in parts) / 40
-    assert float(sums.z_loss()) == pytest.approx(z, rel=1e-6)
+    assert float(sums.z_loss().detach()) == pytest.approx(z, rel=1e-6)
     (sums.load_balance_loss() + sums.z_loss()).backward()  # detach=False: the loss trains the router
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
 
