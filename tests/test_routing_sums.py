@@ -51,7 +51,7 @@ def test_detached_sums_merge_and_reduce_like_one_aggregator() -> None:
     # over "all processes" (one here): float64, the loss of the whole batch, the largest share
     total = one.reduced(lambda t: t, n_tokens=40)
     assert total.counts.dtype == torch.float64
-    expected = load_balancing_loss(whole.tokens_per_expert.double(), whole.prob_sum.double(), 40, 2)
+    expected = load_balancing_loss(whole.tokens_per_expert.double(), whole.prob_sum.detach().double(), 40, 2)
     assert float(total.load_balance_loss()) == pytest.approx(float(expected), rel=1e-6)
     counts = whole.tokens_per_expert.double()
     assert total.max_fraction() == float(counts.max() / counts.sum())
