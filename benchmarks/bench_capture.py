@@ -31,7 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from moescope.analysis.capture import RoutingStream, capture_routing, stream_routing
 from moescope.data.blocks import FORMAT_VERSION, BlockStore, block_path, dtype_for_vocab
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import install_moe
+from moescope.moe.install import install_moe
 
 SIZES = {
     # the demo-scale model of anchors.md section 6: 4 layers, d=128, MoE in 2-3, 8 experts

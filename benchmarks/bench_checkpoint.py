@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import install_moe
+from moescope.moe.install import install_moe
 from moescope.train.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint, write_manifest
 from moescope.train.config import OptimConfig
 from moescope.train.optim import build_optimizer, build_scheduler

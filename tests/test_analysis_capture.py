@@ -15,7 +15,7 @@ from moescope.analysis import capture
 from moescope.data.blocks import FORMAT_VERSION, BlockStore, block_path, dtype_for_vocab
 from moescope.errors import MoescopeError
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import install_moe
+from moescope.moe.install import install_moe
 from moescope.moe.model import moe_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here

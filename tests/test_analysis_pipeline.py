@@ -18,7 +18,8 @@ from moescope.cli import main
 from moescope.data.blocks import FORMAT_VERSION, block_path, dtype_for_vocab, texts_path, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import install_moe, save_moe_model
+from moescope.moe.hf_model import save_moe_model
+from moescope.moe.install import install_moe
 from moescope.moe.model import moe_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is much faster here
@@ -170,7 +171,7 @@ def test_analyze_cli_and_errors(run_dir: Path, capsys) -> None:
 def test_route_texts_batched_equals_alone(tmp_path: Path) -> None:
     tokenizer = write_data(tmp_path / "data")
     write_run(tmp_path / "run", tmp_path / "data", len(tokenizer))
-    from moescope.moe.gpt2 import load_moe_model
+    from moescope.moe.hf_model import load_moe_model
 
     model = load_moe_model(tmp_path / "run" / "arms" / "moe" / "final")
     for layer in moe_layers(model).values():

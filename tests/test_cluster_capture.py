@@ -11,8 +11,10 @@ import torch
 
 from moescope.cluster.io import CaptureConfig, capture_batches, read_batch, resolve_model_dir
 from moescope.data.blocks import BlockStore
+from moescope.moe.hf_model import load_moe_model, save_moe_model
+from moescope.moe.install import install_moe
+from moescope.moe.model import moe_layers
 
-gpt2 = pytest.importorskip("moescope.moe.gpt2")
 BLOCK = 16
 VOCAB = 300
 
@@ -48,11 +50,11 @@ def make_model_dir(root: Path, top_k: int = 2) -> Path:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=VOCAB + 1,
                                        bos_token_id=0, eos_token_id=0))
-    gpt2.install_moe(model, MoEConfig(n_experts=4, top_k=top_k, layers=[0, 1], gating="switch"), seed=0)
+    install_moe(model, MoEConfig(n_experts=4, top_k=top_k, layers=[0, 1], gating="switch"), seed=0)
     with torch.no_grad():
-        for layer in gpt2.moe_layers(model).values():
+        for layer in moe_layers(model).values():
             layer.router.weight.normal_(std=0.3)  # a spread of routing decisions, not a tie
-    gpt2.save_moe_model(model, root)
+    save_moe_model(model, root)
     return root
 
 
@@ -69,8 +71,8 @@ def test_capture_by_seed_matches_a_direct_forward(dirs, tmp_path):
     assert [p.name for p in paths] == ["seed5", "seed6"]
     store = BlockStore.open(data_dir)
     index = store.index("eval")
-    model = gpt2.load_moe_model(model_dir)
-    layers = gpt2.moe_layers(model)
+    model = load_moe_model(model_dir)
+    layers = moe_layers(model)
     seen_blocks = []
     for path in paths:
         acts, arrays, meta = read_batch(path)
@@ -117,8 +119,8 @@ def test_capture_neurons_of_one_expert(dirs, tmp_path):
     # independent of how the layer dispatches: the captured units must rebuild the layer's
     # output, y = sum over the token's experts of weight x expert(x), with expert 2's share
     # computed from the units alone (c_proj of them)
-    model = gpt2.load_moe_model(model_dir)
-    layer = gpt2.moe_layers(model)[1]
+    model = load_moe_model(model_dir)
+    layer = moe_layers(model)[1]
     seen = {}
     h_in = layer.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0].detach()))
     h_out = layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("y", out.detach()))

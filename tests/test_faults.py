@@ -26,7 +26,7 @@ from moescope.cli import main
 from moescope.errors import MoescopeError
 from moescope.io.config import to_dict
 from moescope.io.lock import run_directory_lock
-from moescope.moe.gpt2 import load_moe_model
+from moescope.moe.hf_model import load_moe_model
 from moescope.train.checkpoint import checkpoint_steps, load_checkpoint, verify_checkpoint
 from moescope.train.config import resolve_arms
 from moescope.train.experiment import run_experiment

@@ -87,7 +87,8 @@ def test_moescope_model_through_the_same_path(shared, tmp_path: Path) -> None:
 
     from moescope.data.blocks import tokenizer_dir
     from moescope.moe.config import MoEConfig
-    from moescope.moe.gpt2 import install_moe, load_moe_model, save_moe_model
+    from moescope.moe.hf_model import load_moe_model, save_moe_model
+    from moescope.moe.install import install_moe
 
     root, tok, data = shared
     tok.save_pretrained(tokenizer_dir(data))

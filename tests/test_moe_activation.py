@@ -11,7 +11,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from moescope.moe.activation import fuse_config_activation, fused_activation
 from moescope.moe.experts import GeluExpert
-from moescope.moe.gpt2 import load_moe_model, save_moe_model
+from moescope.moe.hf_model import load_moe_model, save_moe_model
 from moescope.train.config import ModelConfig
 from moescope.train.model import build_scratch_model, load_init_model
 

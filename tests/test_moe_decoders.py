@@ -18,7 +18,8 @@ from moescope.errors import MoescopeError
 from moescope.moe.config import MoEConfig
 from moescope.moe.decoders import FAMILIES, decoder_family
 from moescope.moe.experts import GeluExpert, SwiGLUExpert
-from moescope.moe.gpt2 import MOE_CONFIG_NAME, install_moe, load_moe_model, save_moe_model
+from moescope.moe.hf_model import MOE_CONFIG_NAME, load_moe_model, save_moe_model
+from moescope.moe.install import install_moe
 from moescope.moe.model import moe_layers
 from moescope.moe.grouped import supports_grouped
 

@@ -19,10 +19,11 @@ from moescope.io.config import load_config_file
 from moescope.moe.config import MoEConfig
 from moescope.moe.designs import slice_expert, split_experts
 from moescope.moe.experts import build_experts
-from moescope.moe.gpt2 import generate_with_routing, install_moe
+from moescope.moe.capture import generate_with_routing
+from moescope.moe.install import install_moe
 from moescope.moe.layer import MoELayer
 from moescope.train.config import experiment_config_from_dict, resolve_arms
-from moescope.train.routing import RoutingTotals, summarize_routing
+from moescope.moe.routing_sums import RoutingSums
 
 D, FF = 32, 64
 
@@ -179,9 +180,9 @@ def test_shared_experts_are_not_routed_experts_and_their_share_is_reported() -> 
     # the router, its counts and the captured choices cover the 7 routed experts only
     assert layer.router.weight.shape[0] == rec.tokens_per_expert.numel() == rec.router_probs.shape[1] == 7
     assert int(rec.expert_index.max()) < 7
-    totals = RoutingTotals(layer.n_experts, layer.top_k)
+    totals = RoutingSums(layer.n_experts, layer.top_k, dtype=torch.float64, detail=True)
     totals.add(rec)
-    share = summarize_routing(totals)["shared_output_share"]
+    share = totals.summary()["shared_output_share"]
     assert share == pytest.approx(float(rec.shared_norm) / float(rec.shared_norm + rec.routed_norm))
     assert 0 < share < 1
 
@@ -221,9 +222,9 @@ def test_expert_choice_takes_each_experts_top_tokens_and_zeroes_the_unrouted() -
     assert (out[~unrouted].abs().sum(-1) > 0).all()
     # ste: a token's weights are normalized over the experts that took it
     assert torch.allclose(rec.gate_weight[~unrouted].sum(-1), torch.ones(int((~unrouted).sum())))
-    totals = RoutingTotals(layer.n_experts, layer.top_k)
+    totals = RoutingSums(layer.n_experts, layer.top_k, dtype=torch.float64, detail=True)
     totals.add(rec)
-    stats = summarize_routing(totals)
+    stats = totals.summary()
     assert stats["unrouted_fraction"] == int(rec.unrouted) / 64 and stats["load_cv"] == 0.0
 
 

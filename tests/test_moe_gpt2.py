@@ -11,14 +11,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from moescope.errors import MoescopeError
 from moescope.moe.config import MoEConfig, default_moe_layers
-from moescope.moe.gpt2 import (
-    MOE_CONFIG_NAME,
-    generate_with_routing,
-    install_moe,
-    install_moe_measured,
-    load_moe_model,
-    save_moe_model,
-)
+from moescope.moe.capture import generate_with_routing
+from moescope.moe.hf_model import MOE_CONFIG_NAME, load_moe_model, save_moe_model
+from moescope.moe.install import install_moe, install_moe_measured
 from moescope.moe.model import moe_layers, router_parameters, set_training_progress
 from moescope.moe.layer import MoELayer
 

@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from moescope.errors import MoescopeError
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import install_moe
+from moescope.moe.install import install_moe
 from moescope.moe.upcycle import add_relative_noise, dropped_units, resample_units
 
 

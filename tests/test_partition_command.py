@@ -100,7 +100,7 @@ def test_curriculum_perplexity_scores_match_a_hand_computed_nll(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from moescope.data.tokenizer import train_bpe
-    from moescope.moe.gpt2 import save_moe_model
+    from moescope.moe.hf_model import save_moe_model
     from moescope.partition.scoring import score_perplexity
 
     texts, _ = three_domains(n_each=4)

@@ -72,7 +72,7 @@ def test_curriculum_model_without_a_tokenizer_takes_tokenizer_flag(tmp_path, cap
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from moescope.data.tokenizer import train_bpe
-    from moescope.moe.gpt2 import save_moe_model
+    from moescope.moe.hf_model import save_moe_model
 
     from test_partition_texts import three_domains
 

@@ -16,7 +16,7 @@ from moescope.train.config import (
 )
 from moescope.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from moescope.train.order import TrainOrder
-from moescope.train.routing import RoutingTotals, summarize_routing
+from moescope.moe.routing_sums import RoutingSums
 from train_fixtures import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_train_order_is_shared_by_any_split_into_micro_batches_and_processes() -
 
 def test_optimizer_groups_and_warmup_cosine_schedule() -> None:
     from moescope.moe.config import MoEConfig
-    from moescope.moe.gpt2 import install_moe
+    from moescope.moe.install import install_moe
     from moescope.moe.model import router_parameters
     from moescope.train.config import OptimConfig
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -187,10 +187,10 @@ def test_routing_summary_known_values() -> None:
             self.entropy_mean = torch.tensor(0.5)
             self.z_loss = torch.tensor(2.0)
 
-    t = RoutingTotals(n_experts=2, top_k=1)
+    t = RoutingSums(n_experts=2, top_k=1, dtype=torch.float64, detail=True)
     t.add(Rec([3, 1], [[0.9, 0.1]] * 4))
     t.add(Rec([0, 4], [[0.5, 0.5]] * 4))
-    s = summarize_routing(t)
+    s = t.summary()
     assert s["token_fraction"] == [0.375, 0.625] and s["max_fraction"] == 0.625 and s["argmax_expert"] == 1
     assert s["load_cv"] == pytest.approx(1 / 4)  # counts 3, 5: std 1, mean 4
     assert s["dropped_fraction"] == pytest.approx(2 / 8)

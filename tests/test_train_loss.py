@@ -125,7 +125,7 @@ def test_balance_bias_update_uses_the_whole_steps_counts(data: Path) -> None:
     finish = trainer._finish_step
 
     def capture(ce, stats, n_step):
-        seen.update({i: s["counts"].clone() for i, s in stats.items()})
+        seen.update({i: s.counts.clone() for i, s in stats.items()})
         return finish(ce, stats, n_step)
 
     trainer._finish_step = capture

@@ -14,7 +14,7 @@ import torch
 
 from moescope.cli import main
 from moescope.errors import MoescopeError
-from moescope.moe.gpt2 import load_moe_model
+from moescope.moe.hf_model import load_moe_model
 from moescope.moe.model import moe_layers
 from moescope.train.config import resolve_arms
 from moescope.train.experiment import run_experiment

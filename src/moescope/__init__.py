@@ -10,9 +10,9 @@ Layer and routing:
   RoutingRecord       what one forward of one MoELayer routed where
   load_balancing_loss, router_z_loss   the auxiliary losses the trainer adds
   record_routing      `with record_routing(model) as rec:` per-token routing of every MoE layer
-  RoutingTotals, summarize_routing     routing statistics summed over many forwards
+  RoutingSums         routing statistics summed over many forwards (counts, losses, summary)
 Models:
-  install_moe         replace a GPT-2's dense MLPs with MoE layers (upcycled copies by default)
+  install_moe         replace a dense decoder's MLPs with MoE layers (upcycled copies by default)
   moe_layers          {block index: MoELayer} of any model
   save_moe_model, load_moe_model       safetensors + JSON, no pickle
   generate_with_routing                `generate` plus the experts behind every new token
@@ -46,13 +46,12 @@ _EXPORTS = {
     "router_z_loss": "moescope.moe.layer",
     "record_routing": "moescope.moe.capture",
     "RoutingView": "moescope.moe.capture",
-    "RoutingTotals": "moescope.train.routing",
-    "summarize_routing": "moescope.train.routing",
-    "install_moe": "moescope.moe.gpt2",
+    "RoutingSums": "moescope.moe.routing_sums",
+    "install_moe": "moescope.moe.install",
     "moe_layers": "moescope.moe.model",
-    "save_moe_model": "moescope.moe.gpt2",
-    "load_moe_model": "moescope.moe.gpt2",
-    "generate_with_routing": "moescope.moe.gpt2",
+    "save_moe_model": "moescope.moe.hf_model",
+    "load_moe_model": "moescope.moe.hf_model",
+    "generate_with_routing": "moescope.moe.capture",
     "BlockStore": "moescope.data.blocks",
     "RunConfig": "moescope.train.config",
     "train_run": "moescope.train.trainer",

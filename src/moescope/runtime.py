@@ -2,7 +2,8 @@
 
 `keep_freed_memory` is orchestration (called by the CLI, never by library code); the
 /proc readings below serve the trainer's per-stage peak memory (`reset_peak_memory`,
-`peak_memory_mb`) and the benchmarks.
+`peak_memory_mb`) and the benchmarks; `catch_stop_signals` lets the trainer stop at a step
+boundary (with a checkpoint) on SIGINT/SIGTERM.
 
 glibc hands every freed block above its mmap threshold (at most 32 MB, adjusted on the
 fly) back to the kernel, so a training step's large temporaries (the [16, 128, 4096]
@@ -15,10 +16,14 @@ effect is in DEVELOPERS.md ("Measured once").
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -102,3 +107,30 @@ def peak_memory_mb(stage_scoped: bool = False) -> dict[str, Any]:
     if torch.cuda.is_available():
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+class StopSignal:
+    """The SIGINT/SIGTERM caught inside `catch_stop_signals` (`signum`, None while none arrived)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _catch(self, signum, frame) -> None:  # noqa: ARG002
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def catch_stop_signals() -> Iterator[StopSignal]:
+    """Within the block, SIGINT and SIGTERM only set `.signum`, so a training loop can save a
+    checkpoint and stop at the next step boundary; the previous handlers are restored on exit.
+    Only the main thread can install handlers: elsewhere the block runs without them."""
+    caught = StopSignal()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, caught._catch)
+    try:
+        yield caught
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)

@@ -69,7 +69,7 @@ from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.provenance import environment_info
-from moescope.moe.gpt2 import load_moe_model
+from moescope.moe.hf_model import load_moe_model
 from moescope.moe.capture import record_routing
 from moescope.moe.model import moe_layers
 

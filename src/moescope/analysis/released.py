@@ -85,7 +85,7 @@ def _model_info(adapter, sites, config, source: str, dtype: str, device: str, co
 def _prepare_moescope(source: str, data_dir, cfg: ReleasedConfig):
     """A model trained by moescope (moe_config.json): its own loader; tokenizer beside it or the data dir's."""
     from moescope.data.blocks import tokenizer_dir
-    from moescope.moe.gpt2 import load_moe_model
+    from moescope.moe.hf_model import load_moe_model
 
     device = loading.resolve_device(cfg.device)
     model = load_moe_model(source, device=device)

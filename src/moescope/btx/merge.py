@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import install_moe
+from moescope.moe.install import install_moe
 
 _EXPERT_PARAMS = ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
 

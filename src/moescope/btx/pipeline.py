@@ -42,7 +42,8 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig
-from moescope.moe.gpt2 import load_moe_model, moe_layers, save_moe_model
+from moescope.moe.hf_model import load_moe_model, save_moe_model
+from moescope.moe.model import moe_layers
 from moescope.train.trainer import train_run
 
 log = logging.getLogger(__name__)

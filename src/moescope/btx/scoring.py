@@ -56,7 +56,7 @@ def forward_flops_per_token(model: nn.Module, context_tokens: int) -> float:
     embedding lookups not at all) plus attention's scores and weighted sum, 2 x 2 x context x d_model
     per layer (Kaplan et al. 2020, with the unembedding kept because small models spend much of their
     compute there). Biases and norms are left out: they are O(d) per token."""
-    from moescope.moe.gpt2 import moe_layers
+    from moescope.moe.model import moe_layers
 
     counted: set[int] = set()
     flops = 0.0

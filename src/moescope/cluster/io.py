@@ -139,7 +139,7 @@ def capture_batches(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
 
     from moescope.analysis.capture import capture_routing
     from moescope.data.blocks import BlockStore, tokenizer_dir
-    from moescope.moe.gpt2 import load_moe_model
+    from moescope.moe.hf_model import load_moe_model
     from moescope.moe.model import moe_layers
 
     store = BlockStore.open(data_dir)

@@ -24,7 +24,8 @@ from torch import nn
 from moescope.embed.pairs import TextPair
 from moescope.errors import MoescopeError
 from moescope.moe.model import moe_layers, router_parameters, set_training_progress
-from moescope.moe.layer import MoELayer, RoutingRecord, load_balancing_loss
+from moescope.moe.layer import MoELayer, RoutingRecord
+from moescope.moe.routing_sums import RoutingSums
 
 logger = logging.getLogger(__name__)
 
@@ -76,23 +77,6 @@ class EmbedTrainConfig:
 # --------------------------------------------------------------------------- aux losses
 
 
-def aggregate_records(records: Sequence[RoutingRecord], top_k: int) -> dict[str, torch.Tensor]:
-    """One layer's load-balancing and z loss over several forward passes (pure computation).
-
-    Counts and probability sums are added before the loss is formed, so the balance is
-    asked of the whole step, not of each text or each forward pass separately.
-    """
-    counts = torch.stack([r.tokens_per_expert for r in records]).sum(0)
-    prob_sum = torch.stack([r.prob_sum for r in records]).sum(0)
-    n_tokens = sum(r.n_tokens for r in records)
-    z = sum(r.z_loss * r.n_tokens for r in records) / max(n_tokens, 1)
-    return {
-        "load_balance_loss": load_balancing_loss(counts, prob_sum, n_tokens, top_k),
-        "z_loss": z if isinstance(z, torch.Tensor) else torch.zeros((), device=prob_sum.device),
-        "counts": counts,
-    }
-
-
 class MoEAuxLoss(nn.Module):
     """A sentence-transformers loss plus the MoE layers' auxiliary losses.
 
@@ -141,10 +125,14 @@ class MoEAuxLoss(nn.Module):
         for i, layer in self._layers.items():
             if not records[i]:
                 continue
-            agg = aggregate_records(records[i], layer.top_k)
-            lb_total = lb_total + agg["load_balance_loss"]
-            z_total = z_total + agg["z_loss"]
-            self.last_counts[i] = agg["counts"].detach().cpu()
+            # counts and probability sums of every forward pass first, then the loss: the balance is
+            # asked of the whole step, not of each text or pass; differentiable, to train the routers
+            sums = RoutingSums(layer.n_experts, layer.top_k, detach=False)
+            for rec in records[i]:
+                sums.add(rec)
+            lb_total = lb_total + sums.load_balance_loss()
+            z_total = z_total + sums.z_loss()
+            self.last_counts[i] = sums.counts.detach().cpu()
         if isinstance(task, dict):  # a loss that already reports components
             out = dict(task)
         else:

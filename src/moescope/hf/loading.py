@@ -27,7 +27,7 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
 
 
 def is_moescope_dir(source: str | Path) -> bool:
-    from moescope.moe.gpt2 import MOE_CONFIG_NAME
+    from moescope.moe.hf_model import MOE_CONFIG_NAME
 
     return (Path(source) / MOE_CONFIG_NAME).is_file()
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 from torch import nn
 
+from moescope.errors import MoescopeError
 from moescope.moe.layer import MoELayer, RoutingRecord
 from moescope.moe.model import moe_layers
 
@@ -57,4 +60,40 @@ def record_routing(model: nn.Module | dict[int, MoELayer], *, per_token: bool = 
             layer.capture = previous[i]
 
 
-__all__ = ["RoutingView", "record_routing"]
+
+@torch.no_grad()
+def generate_with_routing(model: nn.Module, input_ids: torch.Tensor, **generate_kwargs: Any):
+    """`model.generate(...)` plus, per MoE layer, the experts that produced each new token.
+
+    Returns (sequences [B, prompt + new], {block: LongTensor[B, new, k]}): entry t is the
+    expert choice at the last position of the forward pass that generated new token t.
+    Greedy or sampled decoding only (beam search reorders hypotheses).
+    """
+    if generate_kwargs.get("num_beams", 1) != 1:
+        raise MoescopeError("generate_with_routing supports num_beams=1 only")
+    layers = moe_layers(model)
+    steps: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    hooks = []
+
+    def make_hook(i: int):
+        def hook(module: MoELayer, inputs, output) -> None:
+            x = inputs[0]
+            rec = module.last_record
+            idx = rec.expert_index.view(*x.shape[:-1], module.top_k)
+            steps[i].append(idx.reshape(-1, idx.shape[-2], module.top_k)[:, -1])
+
+        return hook
+
+    try:
+        with record_routing(layers):
+            hooks.extend(layer.register_forward_hook(make_hook(i)) for i, layer in layers.items())
+            sequences = model.generate(input_ids, **generate_kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_new = sequences.shape[1] - input_ids.shape[1]
+    routing = {i: torch.stack(s[:n_new], dim=1) if s else torch.empty(0) for i, s in steps.items()}
+    return sequences, routing
+
+
+__all__ = ["RoutingView", "generate_with_routing", "record_routing"]

@@ -15,7 +15,7 @@ def load_scoring_model(model_dir: str | Path, tokenizer_dir: str | Path | None =
     """(model, tokenizer) from a moescope / transformers model directory (dense or MoE)."""
     from transformers import AutoTokenizer
 
-    from moescope.moe.gpt2 import load_moe_model
+    from moescope.moe.hf_model import load_moe_model
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -35,7 +35,7 @@ import torch
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_text, fsync_directory
 from moescope.io.provenance import sha256_file
-from moescope.moe.gpt2 import load_moe_model, save_moe_model
+from moescope.moe.hf_model import load_moe_model, save_moe_model
 
 log = logging.getLogger(__name__)
 

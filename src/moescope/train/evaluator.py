@@ -14,8 +14,8 @@ import torch
 from torch.nn import functional as F
 
 from moescope.data.blocks import BlockStore
-from moescope.train.config import TrainConfig
-from moescope.train.routing import RoutingTotals, summarize_routing
+from moescope.train.config import CollapseConfig, TrainConfig
+from moescope.moe.routing_sums import sums_by_layer
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def evaluate_model(model: torch.nn.Module, layers: dict, store: BlockStore, t: T
     eval split: up to t.eval_max_blocks_per_domain blocks per domain, spread evenly over it."""
     was_training = model.training
     model.eval()
-    totals = {i: RoutingTotals(layer.n_experts, layer.top_k) for i, layer in layers.items()}
+    totals = sums_by_layer(layers, dtype=torch.float64, detail=True)  # float64 on the CPU
     per_domain: dict[str, dict[str, float]] = {}
     with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training RNG stream
         for d_id, domain in enumerate(store.domains):
@@ -56,8 +56,17 @@ def evaluate_model(model: torch.nn.Module, layers: dict, store: BlockStore, t: T
         "loss": {"token_weighted": tok_loss, "domain_weighted": dom_loss},
         "ppl": {"token_weighted": _ppl(tok_loss), "domain_weighted": _ppl(dom_loss)},
         "domains": per_domain,
-        "routing": {str(i): summarize_routing(tt) for i, tt in totals.items()},
+        "routing": {str(i): tt.summary() for i, tt in totals.items()},
     }
+
+
+def nonfinite_eval(ev: dict[str, Any]) -> str | None:
+    """What is NaN/inf in an evaluation (None when all is finite): nothing non-finite is recorded
+    as an evaluation, snapshotted or checkpointed."""
+    bad = sorted(d for d, v in ev.get("domains", {}).items() if not math.isfinite(v["loss"]))
+    if bad or not all(math.isfinite(v) for v in ev.get("loss", {}).values()):
+        return f"evaluation loss is NaN/inf (domains: {', '.join(bad) or 'all'})"
+    return None
 
 
 def update_collapse_streaks(streaks: dict[str, int], routing: dict[str, dict[str, Any]], threshold_share: float,
@@ -74,6 +83,33 @@ def update_collapse_streaks(streaks: dict[str, int], routing: dict[str, dict[str
             if streak == window_evals:
                 new.append(layer)
     return collapsed, new
+
+
+class CollapseWatch:
+    """The collapse streaks and events of one stage (both saved in checkpoints, so a streak
+    survives a resume): `observe` each evaluation's routing, get the layers collapsed now and
+    the collapse events that this evaluation starts."""
+
+    def __init__(self, cfg: CollapseConfig) -> None:
+        self.cfg = cfg
+        self.streak: dict[str, int] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def observe(self, step: int, routing: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+        c = self.cfg
+        collapsed, new = update_collapse_streaks(self.streak, routing, c.threshold_share, c.window_evals)
+        events = [{"kind": "collapse", "step": step, "layer": int(layer), "expert": routing[layer]["argmax_expert"],
+                   "share": routing[layer]["max_fraction"], "window_evals": c.window_evals,
+                   "threshold_share": c.threshold_share, "early_stop": c.early_stop} for layer in new]
+        self.events.extend(events)
+        return collapsed, events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"collapse_streak": self.streak, "collapse_events": self.events}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak = dict(state.get("collapse_streak", {}))
+        self.events = list(state.get("collapse_events", []))
 
 
 def _ppl(loss: float) -> float:

@@ -28,9 +28,10 @@ from moescope.io.provenance import environment_info, sha256_file
 from moescope.train.config import (
     ExperimentConfig, arm_diff, base_run_config, comparable_config, resolve_arms,
 )
-from moescope.train.model import check_model_matches_data, load_init_model
+from moescope.train.accelerator import process_state
+from moescope.train.model import check_model_matches_data, load_init_model, open_store
 from moescope.train.rundir import dict_diff
-from moescope.train.trainer import open_store, process_state, train_run
+from moescope.train.trainer import train_run
 
 EXPERIMENT_NAME = "experiment.json"
 

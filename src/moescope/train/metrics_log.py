@@ -15,8 +15,11 @@ from typing import Any
 
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_text, _json_default
+from moescope.io.config import to_dict
 
 log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
 
 
 class MetricsLog:
@@ -42,6 +45,14 @@ class MetricsLog:
                 os.environ.setdefault("WANDB_MODE", "offline")
                 self._wandb = wandb.init(project="moescope", name=wandb_name, dir=str(wandb_dir),
                                          mode="offline", config=config or {}, reinit=True)
+
+    @classmethod
+    def for_stage(cls, out_dir: Path, cfg, name: str, *, enabled: bool) -> MetricsLog:
+        """The log of one training stage (`cfg` a RunConfig): metrics.jsonl in `out_dir`, plus the
+        trackers its `tracking` settings ask for."""
+        return cls(out_dir / METRICS_NAME, tensorboard_dir=out_dir / "tensorboard" if cfg.tracking.tensorboard else None,
+                   wandb_dir=out_dir if cfg.tracking.wandb else None, wandb_name=name, config=to_dict(cfg),
+                   enabled=enabled)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records written after the checkpoint's step (they will be produced again),
@@ -71,6 +82,41 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+class StepClock:
+    """Training time of a stage's steps (no evaluation or saving): over every resume, for the
+    summary's tokens/s (saved in checkpoints), and since the last evaluation, for its record."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.train_seconds = 0.0
+        self.timed_steps = 0
+        self._window_seconds, self._window_steps = 0.0, 0
+
+    def add(self, seconds: float) -> float:
+        """Count one step that took `seconds`; returns its tokens per second."""
+        self.train_seconds += seconds
+        self.timed_steps += 1
+        self._window_seconds += seconds
+        self._window_steps += 1
+        return self.tokens_per_step / seconds
+
+    def window_tokens_per_s(self) -> float:
+        """Tokens per second of the steps since the last call (the next window starts now)."""
+        rate = self.tokens_per_step * self._window_steps / max(self._window_seconds, 1e-9)
+        self._window_seconds, self._window_steps = 0.0, 0
+        return rate
+
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_per_step * self.timed_steps / self.train_seconds if self.train_seconds else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds, "timed_steps": self.timed_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.timed_steps = int(state.get("timed_steps", 0))
 
 
 def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:

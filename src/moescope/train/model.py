@@ -1,6 +1,6 @@
-"""Where a run's model comes from: a fresh GPT-2, pretrained weights (any transformers causal LM;
-MoE upcycling for the families of moe/decoders.py), or a saved model; and the checks that the
-model fits the data directory (vocabulary, context)."""
+"""Where a run's data and model come from: the data directory (`open_store`), a fresh GPT-2,
+pretrained weights (any transformers causal LM; MoE upcycling for the families of moe/decoders.py),
+or a saved model; and the checks that the model fits the data directory (vocabulary, context)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from torch import nn
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.moe.activation import fuse_config_activation, fused_activation
-from moescope.moe.gpt2 import MOE_CONFIG_NAME, WEIGHTS_NAME, load_moe_model
-from moescope.train.config import ModelConfig
+from moescope.moe.hf_model import MOE_CONFIG_NAME, WEIGHTS_NAME, load_moe_model
+from moescope.moe.install import install_moe
+from moescope.moe.model import moe_layers
+from moescope.train.config import ModelConfig, RunConfig
 
 
 def build_scratch_model(cfg: ModelConfig, store: BlockStore, seed: int) -> nn.Module:
@@ -108,3 +110,27 @@ def check_model_matches_data(model: nn.Module, store: BlockStore, where: str) ->
             f"{where}: data block size {store.block_size} tokens ({store.root / 'manifest.json'}) is longer "
             f"than the model's context of {context} tokens"
         )
+
+
+def open_store(data_dir: str | Path) -> BlockStore:
+    """The run's data directory, refusing one that is missing or has an empty train or eval split."""
+    if not str(data_dir):
+        raise MoescopeError("data_dir is not set (config key data_dir, or --set data_dir=DIR)")
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise MoescopeError(f"data directory not found: {path} (build it with `moescope data build --out {path}`)")
+    store = BlockStore.open(path)
+    for split in ("train", "eval"):
+        if sum(store.n_blocks(split, d) for d in store.domains) == 0:
+            raise MoescopeError(f"{path}: the {split} split has no blocks")
+    return store
+
+
+def initial_model(cfg: RunConfig, store: BlockStore, init: str | Path | None) -> nn.Module:
+    """A stage's starting model in training mode: a fresh GPT-2 (`init` None) or the weights at
+    `init`, with MoE layers installed (upcycled) when the run is an MoE arm and they have none."""
+    model = build_scratch_model(cfg.model, store, cfg.train.seed) if init is None else load_init_model(init)
+    if cfg.arch == "moe" and not moe_layers(model):
+        install_moe(model, cfg.moe, seed=cfg.train.seed)
+    model.train()
+    return model

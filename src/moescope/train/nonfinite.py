@@ -33,6 +33,13 @@ class NonFiniteGuard:
         self.name, self.t, self.metrics, self.last_good = name, t, metrics, last_good
         self.in_a_row, self.total = in_a_row, total
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite_skips_in_a_row": self.in_a_row, "nonfinite_skips_total": self.total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.in_a_row = int(state.get("nonfinite_skips_in_a_row", 0))
+        self.total = int(state.get("nonfinite_skips_total", 0))
+
     def skip_or_stop(self, step: int, out: dict[str, Any], bad: list[str]) -> None:
         """The values of update `step` (1-based) are not finite: raise NonFiniteLoss, or record the skip."""
         t = self.t

@@ -29,8 +29,9 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
 from moescope.io.lock import is_empty_ignoring_lock
+from moescope.moe.hf_model import save_moe_model
 from moescope.train.checkpoint import (
-    last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
+    checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
 )
 from moescope.train.config import RunConfig, comparable_config
 from moescope.train.metrics_log import MetricsLog
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
-METRICS_NAME = "metrics.jsonl"
 
 
 def dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -138,6 +138,10 @@ class StageDirectory:
                                {"config": to_dict(self.cfg), **state}, keep=self.cfg.train.keep_checkpoints)
         self.last_good = path
         return path
+
+    def save_snapshot(self, step: int, model) -> Path:
+        """The model alone at an evaluation's step (snapshots/step_XXXXXX/)."""
+        return save_moe_model(model, self.out_dir / "snapshots" / checkpoint_name(step))
 
     def last_verified(self) -> Path | None:
         """The newest checkpoint that verifies now (manifest digests) and is finite."""

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from moescope.moe.capture import record_routing
+from moescope.moe.layer import update_balance_bias
+from moescope.moe.routing_sums import RoutingSums, add_records, sums_by_layer
 from moescope.train.config import LossConfig
-from moescope.train.step_loss import (
-    StepRoutingSums, microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term,
-)
+from moescope.train.step_loss import microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepPasses:
     """What the passes of one step leave for the update: this process's mean cross-entropy over its
-    micro-batches, the per-layer routing sums (StepRoutingSums.by_layer), the step's token count over
-    all processes, and whether any loss on this process was NaN/inf."""
+    micro-batches, the per-layer routing sums of this process, the step's token count over all
+    processes, and whether any loss on this process was NaN/inf."""
 
     ce_local: float
-    stats: dict[int, dict[str, Any]]
+    stats: dict[int, RoutingSums]
     n_step: int
     nonfinite: bool
 
@@ -57,6 +57,27 @@ class StepRunner:
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum") if self.world > 1 else t
+
+    def totals(self, stats: dict[int, RoutingSums], n_step: int) -> dict[int, RoutingSums]:
+        """The step's counts and probability sums over all processes (float64), per layer."""
+        return {i: s.reduced(self.reduce_sum, n_step) for i, s in stats.items()}
+
+    def agree_nonfinite(self, bad: list[str]) -> list[str]:
+        """One decision for all processes, or they would leave the collectives out of step."""
+        if self.world > 1:
+            flag = self.reduce_sum(torch.tensor(float(bool(bad)), device=self.accelerator.device))
+            if float(flag) > 0 and not bad:
+                return ["loss on another process"]
+        return bad
+
+    def update_balance_bias(self, totals: dict[int, RoutingSums]) -> None:
+        """Auxiliary-loss-free balancing after an applied update, from the step's counts over all
+        processes: the same counts on every process, so every replica's bias stays equal."""
+        rate = self.loss.bias_update_rate
+        for i, t in totals.items():
+            layer = self.layers[i]
+            if rate > 0 and layer.balance_bias:
+                update_balance_bias(layer.selection_bias, t.counts, rate)
 
     def _backward(self, loss) -> None:
         # Only noted here: every process still runs its backward (DDP's all-reduce needs all of them);
@@ -78,8 +99,7 @@ class StepRunner:
             return self._run_per_sequence(batches, forward)
         loss_cfg, layers, m = self.loss, self.layers, len(batches)
         ce_sum = 0.0
-        sums = StepRoutingSums(layers)
-        stats = sums.by_layer
+        stats = sums_by_layer(layers)
         n_local = sum(b.numel() for b in batches)
         n_step = n_local * self.world
         scope = loss_cfg.load_balance_scope
@@ -94,23 +114,22 @@ class StepRunner:
 
         if layers and scope == "step" and m > 1 and loss_cfg.load_balance_accumulation == "keep_graphs":
             total = 0.0
-            prob_sums: dict[int, torch.Tensor] = {i: 0 for i in layers}
+            graphs = sums_by_layer(layers, detach=False)  # probability sums that keep their graphs
             for x in batches:
                 ce = forward(x)
                 recs = self._records()
-                sums.add(recs)
-                for i, rec in recs.items():
-                    prob_sums[i] = prob_sums[i] + rec.prob_sum
+                add_records(stats, recs)
+                add_records(graphs, recs)
                 ce_sum += float(ce.detach())
                 total = total + ce / m + z_term(recs, n_local, loss_cfg.z_loss_coef)
-            counts = {i: self.reduce_sum(stats[i]["counts"]) for i in layers}
-            self._backward(total + lb_term_step(prob_sums, counts))
+            counts = {i: self.reduce_sum(stats[i].counts) for i in layers}
+            self._backward(total + lb_term_step({i: g.prob_sum for i, g in graphs.items()}, counts))
             return StepPasses(ce_sum / m, stats, n_step, self._nonfinite)
         for j, x in enumerate(batches):
             with self._sync_unless_last(j, m):
                 ce = forward(x)
                 recs = self._records()
-                sums.add(recs)
+                add_records(stats, recs)
                 loss = ce / m + z_term(recs, n_local, loss_cfg.z_loss_coef) if layers else ce / m
                 if need_lb and scope == "step":
                     if step_counts is None:  # one micro-batch: its counts are the step's
@@ -124,7 +143,7 @@ class StepRunner:
                 self._backward(loss)
         if step_counts is not None:
             for i in layers:
-                replayed = self.reduce_sum(stats[i]["counts"])
+                replayed = self.reduce_sum(stats[i].counts)
                 if not torch.equal(replayed, step_counts[i]):
                     log.warning("step %d layer %d: routing of the pre-pass differs from the training pass "
                                 "(non-deterministic kernels?); the pre-pass counts were used", step, i)
@@ -135,13 +154,12 @@ class StepRunner:
         replayed afterwards so the real forwards draw the same noise and dropout."""
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        counts = {i: 0 for i in self.layers}
+        sums = sums_by_layer(self.layers)
         with torch.no_grad():
             for x in batches:
                 forward(x)
-                for i, rec in self._records().items():
-                    counts[i] = counts[i] + rec.tokens_per_expert
-        step_counts = {i: self.reduce_sum(c) for i, c in counts.items()}
+                add_records(sums, self._records())
+        step_counts = {i: self.reduce_sum(s.counts) for i, s in sums.items()}
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -157,7 +175,7 @@ class StepRunner:
         loss_cfg, layers, m = self.loss, self.layers, len(batches)
         n_seq_local = sum(b.shape[0] for b in batches)
         n_local = sum(b.numel() for b in batches)
-        sums = StepRoutingSums(layers)
+        sums = sums_by_layer(layers)
         ce_sum = 0.0
         logits_seen: dict[int, torch.Tensor] = {}
         hooks = [layer.router.register_forward_hook(_store_output(logits_seen, i)) for i, layer in layers.items()]
@@ -166,13 +184,13 @@ class StepRunner:
                 for j, x in enumerate(batches):
                     with self._sync_unless_last(j, m):
                         ce = forward(x)
-                        sums.add(self._records())
+                        add_records(sums, self._records())
                         ce_sum += float(ce.detach())
                         self._backward(self._sequence_loss(ce / m, x, logits_seen, n_local, n_seq_local))
         finally:
             for h in hooks:
                 h.remove()
-        return StepPasses(ce_sum / m, sums.by_layer, n_local * self.world, self._nonfinite)
+        return StepPasses(ce_sum / m, sums, n_local * self.world, self._nonfinite)
 
 
     def _sequence_loss(self, total, x: torch.Tensor, logits_seen: dict[int, torch.Tensor], n_local: int,

@@ -1,4 +1,4 @@
-"""The auxiliary terms of one optimizer step's loss and the step's routing sums (computation only).
+"""The auxiliary terms of one optimizer step's loss and its logged values (computation only).
 
 Tensors in, tensors out: no files, no printing, no process groups (the caller all-reduces the
 counts it passes in). Every balance term is the MoE layer's own `load_balancing_loss`, taken
@@ -10,31 +10,20 @@ over the tokens its scope names:
 - "microbatch": each micro-batch alone (`microbatch_balance_term`), averaged by the caller;
 - "sequence": each sequence alone (`sequence_balance_terms`), from the router's logits, since
   the layer only sums probabilities over its whole input.
+
+The step's routing sums are `moe.routing_sums.RoutingSums` (on the device, detached), all-reduced
+by the caller before `step_routing_metrics` reads them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from moescope.moe.layer import load_balancing_loss
-
-
-class StepRoutingSums:
-    """Per-layer sums over the micro-batches of one step: expert counts, router-probability sums
-    (detached), z-loss x tokens and tokens; what the step's logged lb, z and max_fraction come from."""
-
-    def __init__(self, layers) -> None:
-        self.by_layer: dict[int, dict[str, Any]] = {i: {"counts": 0, "prob_sum": 0, "z": 0.0, "n": 0} for i in layers}
-
-    def add(self, records: dict[int, Any]) -> None:
-        for i, rec in records.items():
-            s = self.by_layer[i]
-            s["counts"] = s["counts"] + rec.tokens_per_expert
-            s["prob_sum"] = s["prob_sum"] + rec.prob_sum.detach()
-            s["z"] += float(rec.z_loss.detach()) * rec.n_tokens
-            s["n"] += rec.n_tokens
+from moescope.moe.routing_sums import RoutingSums
 
 
 def z_term(records: dict[int, Any], n_local: int, z_loss_coef: float):
@@ -79,18 +68,35 @@ def sequence_balance_terms(router_logits: torch.Tensor, expert_index: torch.Tens
     return e * (f * p).sum(dim=1)
 
 
-def step_routing_metrics(reduced: dict[int, tuple[torch.Tensor, torch.Tensor]], stats: dict[int, dict[str, Any]],
-                         n_step: int, top_k: dict[int, int]) -> dict[str, dict[str, float]]:
+def step_routing_metrics(local: dict[int, RoutingSums], total: dict[int, RoutingSums]) -> dict[str, dict[str, float]]:
     """The step's logged routing values per layer: `load_balance_loss` and `max_fraction` from the
-    step's counts and probability sums over all processes (`reduced[i] = (counts, prob_sum)`, as
-    float64), and the token-weighted mean `z_loss` of this process."""
-    lb, z, max_frac = {}, {}, {}
-    for i, (counts, prob_sum) in reduced.items():
-        s = stats[i]
-        lb[str(i)] = float(load_balancing_loss(counts, prob_sum, n_step, top_k[i]))
-        z[str(i)] = s["z"] / max(s["n"], 1)
-        max_frac[str(i)] = float(counts.max() / counts.sum().clamp_min(1))
-    return {"load_balance_loss": lb, "z_loss": z, "max_fraction": max_frac}
+    sums over all processes (`total`, see RoutingSums.reduced), and the token-weighted mean `z_loss`
+    of this process (`local`)."""
+    return {"load_balance_loss": {str(i): float(t.load_balance_loss()) for i, t in total.items()},
+            "z_loss": {str(i): local[i].z_loss() for i in total},
+            "max_fraction": {str(i): t.max_fraction() for i, t in total.items()}}
+
+
+def step_record(ce: float, learning_rate: float, grad_norm: float | None, local: dict[int, RoutingSums],
+                total: dict[int, RoutingSums], lb_coefs: dict[int, float], z_loss_coef: float) -> dict[str, Any]:
+    """The logged values of one optimizer step: cross-entropy, learning rate, gradient norm (when
+    clipping), the routing values of every MoE layer and the total loss."""
+    out: dict[str, Any] = {"ce": ce, "learning_rate": learning_rate}
+    if grad_norm is not None:
+        out["grad_norm"] = grad_norm
+    routing = step_routing_metrics(local, total) if total else {}
+    out.update(routing)
+    out["loss"] = step_total_loss(ce, routing, lb_coefs, z_loss_coef)
+    return out
+
+
+def nonfinite_values(out: dict[str, Any], grad_norm: float, loss_nonfinite: bool) -> list[str]:
+    """Names of the step's values that are NaN/inf ("loss" also when a micro-batch's loss was)."""
+    bad = [name for name, v in (("loss", out["loss"]), ("ce", out["ce"]), ("gradient norm", grad_norm))
+           if not math.isfinite(v)]
+    if loss_nonfinite and "loss" not in bad:
+        bad.insert(0, "loss")
+    return bad
 
 
 def step_total_loss(ce: float, routing: dict[str, dict[str, float]], lb_coefs: dict[int, float],
