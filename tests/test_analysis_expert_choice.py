@@ -214,7 +214,7 @@ def test_tiny_expert_choice_gpt2_counts_the_layers_own_selection(tmp_path) -> No
     from moescope.data.blocks import BlockStore
     from moescope.moe.capture import record_routing
     from moescope.moe.config import MoEConfig
-    from moescope.moe.gpt2 import install_moe
+    from moescope.moe.install import install_moe
     from moescope.moe.model import moe_layers
 
     write_data(tmp_path / "data")

@@ -83,7 +83,7 @@ def test_expert_choice_unrouted_tokens_from_capture_to_viewer(tmp_path) -> None:
     from moescope.data.blocks import BlockStore
     from moescope.moe.capture import record_routing
     from moescope.moe.config import MoEConfig
-    from moescope.moe.gpt2 import install_moe
+    from moescope.moe.install import install_moe
     from moescope.moe.model import moe_layers
 
     tokenizer = write_data(tmp_path / "data")
