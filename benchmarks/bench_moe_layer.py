@@ -37,11 +37,13 @@ estimated first and the variant is skipped, with the estimate printed, when it e
 --mem-limit-gb (default: half of the machine's available memory).
 
 Timing: every variant once per round, rounds interleaved until the time budget is spent, wall
-clock at --threads threads. "ahead" is judged pairwise: the median over rounds of ours / peer
-in the same round must be below 1 against every peer of the same kind.
+clock at --threads threads (--clock cpu: CPU time of this process, for a loaded machine).
+"ahead" is judged pairwise: the median over rounds of ours / peer in the same round must be
+below 1 against every peer of the same kind. The GELU peer's experts have no biases; moescope's
+GELU experts keep GPT-2's (as the dense floors do).
 
 Run: .venv/bin/python benchmarks/bench_moe_layer.py [--threads 2] [--budget-s 200] [--compile] [--all]
-                                                     [--dims 256,768] [--designs]
+                                                     [--dims 256,768] [--designs] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -263,8 +265,8 @@ _libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 
 
 def time_rounds(steps: dict[str, Callable[[], None]], budget_s: float, min_rounds: int, max_rounds: int,
-                slow_s: float) -> dict[str, list[float]]:
-    """Wall seconds per call, every step once per round, until the budget is spent (after min_rounds).
+                slow_s: float, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of `clock` per call, every step once per round, until the wall budget is spent (after min_rounds).
 
     A step whose warm-up call took more than `slow_s` (batched_mm: seconds per call) keeps that one
     call as its only timing, so that it cannot eat the others' rounds.
@@ -272,9 +274,9 @@ def time_rounds(steps: dict[str, Callable[[], None]], budget_s: float, min_round
     times: dict[str, list[float]] = {k: [] for k in steps}
     slow = set()
     for name, step in steps.items():  # warm-up (and compilation)
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         if elapsed > slow_s:
             slow.add(name)
             times[name].append(elapsed)
@@ -284,9 +286,9 @@ def time_rounds(steps: dict[str, Callable[[], None]], budget_s: float, min_round
         for name, step in steps.items():
             if name in slow:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
         if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
             break
     return times
@@ -303,6 +305,9 @@ def paired(ours: list[float], other: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: what training sees; cpu: this process's CPU time (time.process_time), "
+                             "much less moved by other processes on a shared machine (use with --threads 1)")
     parser.add_argument("--dims", default="256,768", help="model widths d (ff = 4d), comma-separated")
     parser.add_argument("--budget-s", type=float, default=200.0, help="time budget for all timing rounds")
     parser.add_argument("--min-rounds", type=int, default=5)
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
     t_start = time.perf_counter()
     print(f"MoE layer fwd+bwd, top-1 of E={E}, {TOKENS} tokens; torch {torch.__version__}, {args.threads} thread(s), "
-          f"wall clock; medians over interleaved rounds; ratio = time / the floor's time in the same round")
+          f"{args.clock} clock; medians over interleaved rounds; ratio = time / the floor's time in the same round")
     weights = [d * d for d in dims]  # a round costs ~ d^2
     summary: list[str] = []
     for d, w in zip(dims, weights):
@@ -329,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         variants, skipped = build_variants(d, args)
         x, grad = torch.randn(TOKENS // SEQ, SEQ, d), torch.randn(TOKENS // SEQ, SEQ, d)
         steps = {name: make_step(m, x, grad) for name, (m, _, _) in variants.items()}
-        times = time_rounds(steps, args.budget_s * w / sum(weights), args.min_rounds, args.max_rounds, args.slow_s)
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        times = time_rounds(steps, args.budget_s * w / sum(weights), args.min_rounds, args.max_rounds, args.slow_s,
+                            clock)
         n_rounds = max(len(ts) for ts in times.values())
         med = {name: statistics.median(ts) for name, ts in times.items()}
         floors = {}
