@@ -189,7 +189,9 @@ def unrouted_sentence(arm: str, layers: dict, records: list[dict], batch_order: 
     last = evals[-1].get("routing", {}) if evals else {}
     trained = {k: last[k]["unrouted_fraction"] for k in shares if "unrouted_fraction" in last.get(k, {})}
     if trained:
-        sentence += (f" At the last training evaluation (step {evals[-1].get('step')}): "
+        # evaluations of runs from before batch orders have no "batch_order": they went domain by domain
+        order = evals[-1].get("batch_order", "by_domain")
+        sentence += (f" At the last training evaluation (step {evals[-1].get('step')}, {order} batches): "
                      + ", ".join(f"layer {k} {100 * v:.1f}%" for k, v in trained.items()) + ".")
     return sentence
 
