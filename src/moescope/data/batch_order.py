@@ -10,7 +10,9 @@ measured under batches unlike training's, which mix the domains. The orders:
     "mixed"      the domains interleaved evenly, each domain's blocks in their stored order
                  (:func:`mixed_order`), so every batch holds the domains in proportion
     "auto"       "mixed" for a model whose routing depends on the batch (expert choice),
-                 else "by_domain" (token-choice results stay exactly as before)
+                 else "by_domain" (token-choice results stay exactly as before). A token-choice
+                 layer with a capacity factor also drops tokens by batch; "auto" keeps it
+                 "by_domain" so earlier numbers do not move: ask for "mixed" to compare.
 
 Only the forward order changes: results are put back in the blocks' stored order, so per-block
 statistics pair the same blocks across arms whatever order each arm was run in.
