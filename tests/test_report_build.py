@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moescope.report.build import (
-    BALANCED_LOAD_CV, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences, routing_table,
+    BALANCED_LOAD_CV, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences, loss_table, routing_table,
 )
 
 
@@ -147,7 +147,7 @@ def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path
     (sentence,) = [s for s in sentences if "no expert took" in s]
     assert sentence.startswith("moe-ec (expert choice")
     assert "no expert took, layer 2 41.2% [39.8, 43.1], layer 3 29.0% [27.0, 31.0] (95% CI)" in sentence
-    assert "last training evaluation (step 20): layer 2 43.0%, layer 3 30.0%" in sentence
+    assert "last training evaluation (step 20, by_domain batches): layer 2 43.0%, layer 3 30.0%" in sentence
     # its load is not judged from the stored expert per token: experts take equal numbers by construction
     assert any(s.startswith("moe-ec: load is balanced by construction") for s in sentences)
     ec["3"]["load"]["tokens_per_expert"] = [640, 640, 640, 640]
@@ -162,6 +162,21 @@ def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path
     assert "NMI and load count each token's stored expert" not in table.caption
     # domain-grouped held-out batches give every expert the same share of each domain: the text says so
     assert "set by that batching" in table.caption and "cannot show a domain preference" in sentence
+    # an analysis that mixed the domains in expert choice's batches (arms.ARM.batch_order) says so instead
+    metrics["arms"]["moe-ec"]["batch_order"] = "mixed"
+    (sentence,) = [s for s in headline_sentences(metrics, {}, records) if "no expert took" in s]
+    assert "batches that mix the domains evenly (batch_order = mixed)" in sentence
+    assert "cannot show a domain preference" not in sentence
+    records["moe-ec"][-1]["batch_order"] = "mixed"
+    (sentence,) = [s for s in headline_sentences(metrics, {}, records) if "no expert took" in s]
+    assert "last training evaluation (step 20, mixed batches)" in sentence
+    caption = routing_table(metrics).caption
+    assert "batch_order = mixed" in caption and "set by that batching" not in caption
+    loss = {"domains": {"a": iv(3.7, 3.6, 3.8)}, "token_weighted": iv(3.7, 3.6, 3.8), "domain_weighted": iv(3.7, 3.6, 3.8)}
+    assert "moe-ec: forwarded in batches that mix the domains" in loss_table(
+        {"domains": ["a"], "arms": {"moe-ec": {"batch_order": "mixed", "eval_loss": loss}}}).caption
+    assert "batch_order" not in loss_table({"domains": ["a"], "arms": {"moe": {"eval_loss": loss}}}).caption
+    del metrics["arms"]["moe-ec"]["batch_order"]
     column = {row[0]: row[-1] for row in table.rows}
     assert column == {"moe-ec · 2": "0.412 [0.398, 0.431]", "moe-ec · 3": "0.290 [0.270, 0.310]", "moe · 2": "-"}
     assert "unrouted share" not in routing_table(metrics_with({"2": layer(iv(0.2, 0.15, 0.25), 0.001,

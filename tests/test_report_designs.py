@@ -48,6 +48,18 @@ def test_report_renders_for_every_design(designs_run: Path) -> None:
     assert (shared["n_experts"], shared["top_k"], shared["n_shared_experts"]) == (15, 3, 1)
     # only the expert-choice arm has unrouted tokens, and its count histogram covers every token
     assert [arm for arm in DESIGNS if "unrouted_fraction" in layers[arm].get("1", {}).get("load", {})] == ["moe-ec"]
+    # expert choice routes a token by its batch: its held-out blocks (analysis and the trainer's evaluations) go
+    # in domain-mixed batches, every other arm's domain by domain as before
+    assert {arm: metrics["arms"][arm]["batch_order"] for arm in DESIGNS} == {
+        arm: "mixed" if arm == "moe-ec" else "by_domain" for arm in DESIGNS}
+    for arm in DESIGNS:
+        evals = [json.loads(line) for line in (designs_run / "arms" / arm / "metrics.jsonl").read_text().splitlines()
+                 if '"kind": "eval"' in line]
+        assert evals and {r["batch_order"] for r in evals} == {"mixed" if arm == "moe-ec" else "by_domain"}, arm
+    # the last snapshot is the final model: routed through the same batches, its choices agree with themselves
+    for arm in DESIGNS[1:]:
+        sat = metrics["arms"][arm]["saturation"]
+        assert sat["steps"][-1] == 6 and sat["layers"]["1"][-1] == pytest.approx(1.0), arm
     ec_load = layers["moe-ec"]["1"]["load"]
     assert sum(ec_load["experts_per_token_counts"]) == layers["moe-ec"]["1"]["n_tokens"]
     assert ec_load["unrouted_fraction"]["estimate"] == pytest.approx(

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from moescope.analysis.table import RoutingTable
+from moescope.data.batch_order import forward_order
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_file
@@ -42,6 +43,7 @@ class CaptureResult:
     block_domain: np.ndarray  # [B] domain id
     block_loss_sum: np.ndarray  # [B] summed next-token cross-entropy (nats)
     block_tokens: np.ndarray  # [B] predicted tokens (block_size - 1)
+    batch_order: str = "by_domain"  # which blocks shared a forward pass (data/batch_order.py)
 
 
 def select_eval_rows(store: BlockStore, split: str = "eval", max_blocks_per_domain: int | None = None) -> np.ndarray:
@@ -94,16 +96,22 @@ def capture_routing(
     capture: bool = True,
     progress: bool = True,
     desc: str = "capture",
+    batch_order: str = "by_domain",
 ) -> CaptureResult:
     """Forward the chosen blocks (default: all of the split) and record routing and loss.
 
     With ``capture=False`` only the losses are computed (dense models, or a plain
-    baseline for the benchmark).
+    baseline for the benchmark). ``batch_order`` ("by_domain" or "mixed", see
+    data/batch_order.py) says which blocks share a forward pass; the result is in the
+    order of ``rows`` either way.
     """
     index = store.index(split)
     rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
         raise MoescopeError(f"{store.root}: no {split} blocks to analyse")
+    block_domain = index[rows, 0]
+    order = forward_order(block_domain, batch_order)  # positions in rows, as forwarded
+    reordered = not np.array_equal(order, np.arange(rows.size))
     device = next(model.parameters()).device
     model.eval()
     block_size = store.block_size
@@ -112,22 +120,28 @@ def capture_routing(
     token_chunks = []
     with record_routing(recorder.layers) if recorder is not None else contextlib.nullcontext():
         for s in tqdm(range(0, rows.size, batch_blocks), desc=desc, unit="batch", disable=not progress):
-            part = rows[s : s + batch_blocks]
+            at = order[s : s + batch_blocks]
+            part = rows[at]
             x_np = store.gather(split, index[part])
             x = torch.from_numpy(x_np).to(device)
             logits = model(input_ids=x).logits
             ce = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
             )
-            loss_sum[s : s + part.size] = ce.view(part.size, -1).sum(dim=1).cpu().numpy()
+            loss_sum[at] = ce.view(part.size, -1).sum(dim=1).cpu().numpy()
             if recorder is not None:
                 recorder.collect()
                 token_chunks.append(x_np)
 
-    block_domain = index[rows, 0]
     tables: dict[int, RoutingTable] = {}
     if recorder is not None and recorder.layers:
-        tokens = np.concatenate(token_chunks)  # [B, T]
+        tokens = np.concatenate(token_chunks)  # [B, T], as forwarded
+        # token rows back to the order of `rows`: block at position p was forwarded as block where[p]
+        take = None
+        if reordered:
+            where = np.argsort(order)
+            take = (where[:, None] * block_size + np.arange(block_size)).reshape(-1)
+            tokens = tokens[where]
         n = tokens.size
         common = {
             "token_id": tokens.reshape(-1).astype(np.int32),
@@ -139,6 +153,8 @@ def capture_routing(
             arrays = recorder.arrays(i)
             if arrays["expert_index"].shape[0] != n:
                 raise MoescopeError(f"MoE layer {i} recorded {arrays['expert_index'].shape[0]} tokens, expected {n}")
+            if take is not None:
+                arrays = {name: value[take] for name, value in arrays.items()}
             tables[i] = RoutingTable(**common, **arrays)
     return CaptureResult(
         tables=tables,
@@ -146,6 +162,7 @@ def capture_routing(
         block_domain=block_domain,
         block_loss_sum=loss_sum,
         block_tokens=np.full(rows.size, block_size - 1, dtype=np.int64),
+        batch_order=batch_order,
     )
 
 

@@ -16,6 +16,8 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
     statistics {n_resamples, n_permutations, confidence_level, seed, ... how made},
     config (AnalyzeConfig), environment,
     arms.ARM.kind                      "moe" | "dense"
+    arms.ARM.batch_order               "by_domain" | "mixed": which eval blocks shared a forward pass (config
+                                       batch_order resolved for the arm; data/batch_order.py)
     arms.ARM.eval_loss                 {domains {DOMAIN: IV}, token_weighted IV, domain_weighted IV}
     arms.ARM.headline                  {best_layer, nmi IV, nmi_pvalue, load_cv_max, max_fraction_max}
     arms.ARM.eval_loss_vs_dense        (non-dense arms) {reference, domain_weighted IV, domains {DOMAIN: IV},
@@ -65,6 +67,7 @@ from moescope.analysis.summary import (
     SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer, summarize_token_types,
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
+from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_order, routes_by_batch
 from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
@@ -85,6 +88,9 @@ class AnalyzeConfig:
 
     max_blocks_per_domain: int | None = None  # eval blocks per domain to capture (None = all)
     batch_blocks: int = 8  # blocks per forward pass
+    # Which blocks share a forward pass (data/batch_order.py): "by_domain" (as stored), "mixed" (domains
+    # interleaved evenly), "auto" = "mixed" for expert-choice arms, whose routing depends on the batch.
+    batch_order: BatchOrder = "auto"
     viewer_samples_per_domain: int = 3  # blocks per domain shown in the token viewer
     saturation_max_blocks_per_domain: int = 16  # blocks per domain routed through every snapshot
     format_test_domains: list[str] = field(default_factory=lambda: ["math", "code"])
@@ -316,12 +322,14 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
 
 def run_saturation(
     model_final, arm_dir: Path, store: BlockStore, cfg: AnalyzeConfig, progress: bool,
-    final_capture: capture.CaptureResult | None = None,
+    final_capture: capture.CaptureResult | None = None, batch_order: str = "by_domain",
 ) -> dict:
     """OLMoE router saturation: top-k overlap of every snapshot's choices with the final model's.
 
     The final model's choices come from ``final_capture`` when it holds the blocks
-    (no extra forward pass), else from a fresh pass.
+    (no extra forward pass), else from a fresh pass. Under expert choice a token's
+    experts depend on its batch, so there the final model and every snapshot see the
+    same batches (in ``batch_order``) and the capture is not reused.
     """
     from moescope.analysis import metrics
 
@@ -329,10 +337,13 @@ def run_saturation(
     if not snaps:
         return {}
     rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.saturation_max_blocks_per_domain)
-    x = torch.from_numpy(store.gather("eval", store.index("eval")[rows]))
+    index = store.index("eval")
+    rows = rows[forward_order(index[rows, 0], batch_order)]
+    x = torch.from_numpy(store.gather("eval", index[rows]))
     batches = list(torch.split(x, cfg.batch_blocks))
     position = {int(r): j for j, r in enumerate(final_capture.block_rows)} if final_capture is not None else {}
-    if final_capture is not None and final_capture.tables and all(int(r) in position for r in rows):
+    reuse = final_capture is not None and not routes_by_batch(moe_layers(model_final).values())
+    if reuse and final_capture.tables and all(int(r) in position for r in rows):
         size = store.block_size
         take = np.concatenate([np.arange(position[int(r)] * size, (position[int(r)] + 1) * size) for r in rows])
         final = {i: t.expert_index[take] for i, t in final_capture.tables.items()}
@@ -454,11 +465,13 @@ def analyze_run(
         arm_dir = run_dir / "arms" / name
         model = load_moe_model(arm_dir / "final", device=device)
         is_moe = bool(moe_layers(model))
-        log.info("analyze: arm %s (%s)", name, "MoE" if is_moe else "dense")
+        order = resolve_batch_order(cfg.batch_order, routes_by_batch(moe_layers(model).values()))
+        log.info("analyze: arm %s (%s), %s batches", name, "MoE" if is_moe else "dense", order)
         res = capture.capture_routing(model, store, rows=rows, batch_blocks=cfg.batch_blocks, capture=is_moe,
-                                      progress=progress, desc=f"capture {name}")
+                                      progress=progress, desc=f"capture {name}", batch_order=order)
         arm: dict[str, Any] = {
             "kind": "moe" if is_moe else "dense",
+            "batch_order": order,
             "eval_loss": summarize_eval_loss(res.block_loss_sum, res.block_tokens, res.block_domain, store.domains,
                                              cfg.statistics),
         }
@@ -483,7 +496,8 @@ def analyze_run(
                         for i, t in res.tables.items()
                     }
             arm["format_test"] = run_format_test(model, tokenizer, store, cfg)
-            arm["saturation"] = run_saturation(model, arm_dir, store, cfg, progress, final_capture=res)
+            arm["saturation"] = run_saturation(model, arm_dir, store, cfg, progress, final_capture=res,
+                                               batch_order=order)
             arm["headline"] = headline(arm)
             sample_rows = choose_sample_rows(res.block_rows, res.block_domain, cfg.viewer_samples_per_domain)
             viewer["arms"][name] = viewer_arm(res.tables, sample_rows, store.domains,

@@ -164,7 +164,18 @@ def _percent(iv: Any) -> str:
     return f"{100 * _estimate(iv):.1f}%"
 
 
-def unrouted_sentence(arm: str, layers: dict, records: list[dict]) -> str | None:
+def batching_note(batch_order: str | None) -> str:
+    """How the held-out batches of an expert-choice arm were composed, and what that does to its NMI
+    (arms.ARM.batch_order; older metrics without it were captured domain by domain)."""
+    if batch_order == "mixed":
+        return ("in held-out batches that mix the domains evenly (batch_order = mixed), as training's batches do: "
+                "an expert picks from every domain's tokens at once, so its NMI can show a domain preference, "
+                "and its loss is measured in batches composed like training's")
+    return ("in held-out batches taken domain by domain, where every expert takes the same share of every domain, "
+            "so it cannot show a domain preference")
+
+
+def unrouted_sentence(arm: str, layers: dict, records: list[dict], batch_order: str | None = None) -> str | None:
     """Expert choice: per layer, the share of held-out tokens that no expert took (None for token choice)."""
     shares = {k: v["load"]["unrouted_fraction"] for k, v in sorted(layers.items(), key=lambda kv: int(kv[0]))
               if "unrouted_fraction" in v.get("load", {})}
@@ -173,14 +184,14 @@ def unrouted_sentence(arm: str, layers: dict, records: list[dict]) -> str | None
     parts = [f"layer {k} {_percent(iv)}" for k, iv in shares.items()]
     sentence = (f"{arm} (expert choice: experts pick tokens): share of held-out tokens that no expert took, "
                 f"{', '.join(parts)} (95% CI); those pass through the residual only (hatched in the token viewer). "
-                f"Its NMI counts every (token, expert) pair the experts chose in held-out batches taken domain by "
-                f"domain, where every expert takes the same share of every domain, so it cannot show a domain "
-                f"preference.")
+                f"Its NMI counts every (token, expert) pair the experts chose {batching_note(batch_order)}.")
     evals = _records_of({arm: records}, arm, "eval")
     last = evals[-1].get("routing", {}) if evals else {}
     trained = {k: last[k]["unrouted_fraction"] for k in shares if "unrouted_fraction" in last.get(k, {})}
     if trained:
-        sentence += (f" At the last training evaluation (step {evals[-1].get('step')}): "
+        # evaluations of runs from before batch orders have no "batch_order": they went domain by domain
+        order = evals[-1].get("batch_order", "by_domain")
+        sentence += (f" At the last training evaluation (step {evals[-1].get('step')}, {order} batches): "
                      + ", ".join(f"layer {k} {100 * v:.1f}%" for k, v in trained.items()) + ".")
     return sentence
 
@@ -195,7 +206,7 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         tag = f"{arm}" + (f" ({balancing})" if balancing else "")
         out.append(specialization_sentence(arm, tag, layers))
         out.append(load_sentence(arm, layers, arm_records.get(arm, [])))
-        unrouted = unrouted_sentence(arm, layers, arm_records.get(arm, []))
+        unrouted = unrouted_sentence(arm, layers, arm_records.get(arm, []), arms[arm].get("batch_order"))
         if unrouted:
             out.append(unrouted)
     losses = {a: v["eval_loss"]["domain_weighted"] for a, v in arms.items() if "eval_loss" in v}
@@ -238,10 +249,14 @@ def loss_table(metrics: dict) -> Table:
             continue
         rows.append([arm] + [fmt_interval(ev["domains"].get(d)) for d in domains]
                     + [fmt_interval(ev["token_weighted"]), fmt_interval(ev["domain_weighted"])])
+    mixed = [arm for arm, v in metrics["arms"].items() if v.get("batch_order") == "mixed"]
+    caption = ("Every arm is evaluated on the same held-out blocks; domain-weighted = mean over domains, so "
+               "unequal domain sizes cannot skew it.")
+    if mixed:
+        caption += (f" {', '.join(mixed)}: forwarded in batches that mix the domains evenly (batch_order = mixed), "
+                    "because an expert-choice layer picks tokens from the whole batch; the others domain by domain.")
     return Table("Held-out loss per domain (nats/token, 95% block-bootstrap CI)",
-                 ["arm", *domains, "token-weighted", "domain-weighted"], rows,
-                 "Every arm is evaluated on the same held-out blocks; domain-weighted = mean over domains, so "
-                 "unequal domain sizes cannot skew it.")
+                 ["arm", *domains, "token-weighted", "domain-weighted"], rows, caption)
 
 
 def routing_table(metrics: dict) -> Table:
@@ -293,10 +308,18 @@ def routing_table(metrics: dict) -> Table:
                     "load count every (token, expert) assignment the experts made: a token taken by two experts "
                     "counts once for each, an unrouted token in no expert. 'Same expert as previous token' still "
                     "compares each token's stored expert (the taken one with the highest router probability, or "
-                    "for an unrouted token its router's first choice). The analysis forwards held-out blocks domain "
-                    "by domain, so within nearly every forward pass each expert takes its fixed share of one "
-                    "domain's tokens: every domain gives every expert about the same count, and an expert-choice "
-                    "NMI near 0 is set by that batching, not by the router.")
+                    "for an unrouted token its router's first choice).")
+        orders = {metrics["arms"][a].get("batch_order", "by_domain") for a in arms
+                  if any("unrouted_fraction" in v["load"] for v in metrics["arms"][a]["layers"].values())}
+        if "mixed" in orders:
+            caption += (" An expert picks its tokens from the whole forward pass, so the analysis forwards "
+                        "expert-choice arms' held-out blocks in batches that mix the domains evenly "
+                        "(batch_order = mixed; the blocks and their pairing with other arms are unchanged).")
+        if orders - {"mixed"}:
+            caption += (" Blocks forwarded domain by domain (batch_order = by_domain) give, within nearly every "
+                        "forward pass, each expert its fixed share of one domain's tokens: every domain gives every "
+                        "expert about the same count, and an expert-choice NMI near 0 is set by that batching, "
+                        "not by the router.")
     return Table("Routing on held-out data, per MoE arm and layer", columns, rows, caption)
 
 

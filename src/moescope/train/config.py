@@ -85,6 +85,9 @@ class TrainConfig:
     eval_every_steps: int = 100
     eval_max_blocks_per_domain: int | None = 64  # None = the whole eval split
     eval_batch_sequences: int = 32
+    # which eval blocks share a forward pass (data/batch_order.py): "by_domain", "mixed" (domains interleaved
+    # evenly), "auto" = "mixed" for expert-choice models, whose routing depends on the batch
+    eval_batch_order: Literal["auto", "by_domain", "mixed"] = "auto"
     checkpoint_every_steps: int = 100  # 0 = only at the end and on SIGINT/SIGTERM
     keep_checkpoints: int = 2
     snapshot_at_eval: bool = True  # model-only snapshot at every eval (router saturation analysis)
