@@ -54,3 +54,16 @@ def test_an_old_key_names_its_new_name_and_stored_configs_upgrade() -> None:
     old_run["loss"] = {("lb_coef" if k == "load_balance_coef" else k): v for k, v in mine["loss"].items()}
     old_run["train"] = dict(mine["train"])
     assert comparable_config(old_run) == mine  # a run written before the renames still resumes
+
+
+def test_a_stored_run_without_a_setting_added_since_compares_as_its_default() -> None:
+    from moescope.train.config import RunConfig, comparable_config
+
+    mine = comparable_config(RunConfig())
+    old_run = {k: (dict(v) if isinstance(v, dict) else v) for k, v in mine.items()}
+    del old_run["train"]["eval_batch_order"]  # saved before the option existed
+    del old_run["moe"]["routing"]
+    assert comparable_config(old_run) == mine
+    changed = {k: (dict(v) if isinstance(v, dict) else v) for k, v in mine.items()}
+    changed["train"]["eval_batch_order"] = "mixed"
+    assert comparable_config(changed) != mine  # a real difference still refuses the resume

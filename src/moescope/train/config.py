@@ -244,7 +244,12 @@ def base_run_config(cfg: ExperimentConfig) -> RunConfig:
 
 def comparable_config(run: RunConfig | dict) -> dict[str, Any]:
     """The part of a run config a checkpoint must match to be resumed (not tracking/logging)."""
-    d = to_dict(run) if not isinstance(run, dict) else upgrade_keys(dict(run))  # a run from before the renames
+    if isinstance(run, dict):
+        # A run saved by an earlier moescope: keys renamed since are upgraded, and settings added
+        # since are filled with their defaults (a new setting's default is the old behaviour), so
+        # adding an option never makes an existing run unresumable.
+        run = from_dict(RunConfig, upgrade_keys(dict(run)), where="stored run config")
+    d = to_dict(run)
     d = {k: v for k, v in d.items() if k != "tracking"}
     # how to react to a NaN is policy, not trajectory: a stopped run may be resumed with "skip"
     d["train"] = {k: v for k, v in d["train"].items()
