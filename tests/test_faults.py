@@ -112,7 +112,7 @@ from pathlib import Path
 spec = json.loads(sys.argv[1])
 import torch
 import moescope.train.checkpoint as ckpt
-import moescope.train.trainer as trainer
+import moescope.train.rundir as rundir
 from moescope.train.metrics_log import MetricsLog
 from moescope.train.experiment import run_experiment
 from train_fixtures import tiny_experiment
@@ -142,9 +142,9 @@ if point == "manifest":
 elif point == "latest":
     wrap(ckpt, "atomic_write_text", lambda a: a[0])
 elif point == "final_model":
-    wrap(trainer, "save_moe_model", lambda a: a[1] if Path(a[1]).name == "final" else "")
+    wrap(rundir, "save_moe_model", lambda a: a[1] if Path(a[1]).name == "final" else "")
 elif point == "summary":
-    wrap(trainer, "atomic_write_json", lambda a: a[0] if Path(a[0]).name == "summary.json" else "")
+    wrap(rundir, "atomic_write_json", lambda a: a[0] if Path(a[0]).name == "summary.json" else "")
 elif point == "metrics_torn":
     orig_write = MetricsLog.write
     def write(self, record):
@@ -361,12 +361,12 @@ def test_skip_drops_the_non_finite_update_and_goes_on(world: dict, tmp_path: Pat
     moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
     lr_before = trainer.scheduler.get_last_lr()[0]
     out = trainer.train_step()
-    assert out["skipped_update"] and trainer.step == 3 and trainer.nonfinite_skips_total == 1
+    assert out["skipped_update"] and trainer.step == 3 and trainer.guard.total == 1
     for k, v in trainer.raw_model.state_dict().items():
         assert torch.equal(v, before[k]), k  # weights untouched
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, trainer.optimizer.state.values()))
     assert trainer.scheduler.get_last_lr()[0] != lr_before  # the schedule follows the step count
-    assert "skipped_update" not in trainer.train_step() and trainer.nonfinite_skips_in_a_row == 0
+    assert "skipped_update" not in trainer.train_step() and trainer.guard.in_a_row == 0
     trainer.save_checkpoint()
     _, state = load_checkpoint(tmp_path / "arm" / "checkpoints" / "step_000004")
     assert state["nonfinite_skips_total"] == 1

@@ -124,9 +124,9 @@ def test_balance_bias_update_uses_the_whole_steps_counts(data: Path) -> None:
     seen: dict = {}
     finish = trainer._finish_step
 
-    def capture(ce, stats, n_step):
-        seen.update({i: s.counts.clone() for i, s in stats.items()})
-        return finish(ce, stats, n_step)
+    def capture(result):
+        seen.update({i: s.counts.clone() for i, s in result.stats.items()})
+        return finish(result)
 
     trainer._finish_step = capture
     trainer.train_step()

@@ -342,7 +342,7 @@ def test_collapse_window_counts_consecutive_evals_warns_and_stops_only_when_aske
             if step < 4:
                 assert trainer._stop_reason is None
     assert collapsed == [[], [], [], [1], [1]]
-    assert [(e["step"], e["layer"], e["share"]) for e in trainer.collapse_events] == [(4, 1, 0.7)]  # once
+    assert [(e["step"], e["layer"], e["share"]) for e in trainer.collapse.events] == [(4, 1, 0.7)]  # once
     assert sum("collapsed at step 4" in r.getMessage() for r in caplog.records) == 1
     assert (trainer._stop_reason is not None) == early_stop  # a warning only, unless early_stop
 
@@ -444,7 +444,7 @@ def test_precision_is_bf16_autocast_on_gpu_and_fp32_on_cpu(data: Path, monkeypat
                                                            expected: str) -> None:
     import accelerate
 
-    from moescope.train.trainer import make_accelerator
+    from moescope.train.accelerator import make_accelerator
 
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -508,9 +508,9 @@ def test_a_collapse_streak_survives_a_resume(data: Path, tmp_path: Path, monkeyp
     first.save_checkpoint()
     first.metrics.close()
     resumed = Trainer(run, tmp_path / "arm", name="moe", resume=True)
-    assert resumed.step == 2 and resumed.collapse_streak == {"1": 2}
+    assert resumed.step == 2 and resumed.collapse.streak == {"1": 2}
     monkeypatch.setattr(resumed, "evaluate", lambda: _fake_eval(0.7))
     resumed.train_step()
     assert resumed._eval_and_record(None)["collapsed_layers"] == [1]  # the third eval in a row, across the resume
-    assert [e["step"] for e in resumed.collapse_events] == [3]
+    assert [e["step"] for e in resumed.collapse.events] == [3]
     resumed.metrics.close()

@@ -75,6 +75,15 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def event(self, step: int, event: str, **fields: Any) -> None:
+        """An "event" record (resume, interrupt, early stop) with its own fields."""
+        self.write({"kind": "event", "step": step, "event": event, **fields})
+
+    def recorded(self, kind: str, step: int) -> dict[str, Any] | None:
+        """The last record of `kind` at `step` already in metrics.jsonl (None if none, or disabled)."""
+        found = [r for r in read_metrics(self.path, kind) if r.get("step") == step] if self.enabled else []
+        return found[-1] if found else None
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -117,6 +126,17 @@ class StepClock:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
+
+
+def eval_record(step: int, tokens_seen: int, ev: dict[str, Any], collapsed: list[str], memory: dict[str, Any],
+                tokens_per_s: float | None) -> dict[str, Any]:
+    """The "eval" record: the evaluation, the layers collapsed now, peak memory, and the training
+    throughput since the previous evaluation when the loop timed one (not at step 0 or after an early stop)."""
+    record = {"kind": "eval", "step": step, "tokens_seen": tokens_seen, **ev,
+              "collapsed_layers": [int(x) for x in collapsed], **memory}
+    if tokens_per_s is not None:
+        record["tokens_per_s"] = tokens_per_s
+    return record
 
 
 def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:

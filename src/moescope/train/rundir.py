@@ -13,7 +13,9 @@ Layout (see DEVELOPERS.md, "Run directory")::
 A stage directory may be resumed only by the config that wrote it: `check_same_config` is the
 one comparison used for the stored config.json, for a checkpoint's config and for a finished
 stage, so the three say the same thing about the same difference. `StageDirectory` is what the
-trainer asks: which checkpoint to resume, open the directory for writing, save a checkpoint.
+trainer asks: which checkpoint to resume, open the directory for writing, save a checkpoint,
+finish the stage (final/, then summary.json); `finished_summary` is what a resume of a complete
+stage returns.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def check_same_config(cfg: RunConfig, stored: dict, where: str) -> None:
             f"{where} was written by another config; differing keys: {', '.join(diffs[:6])}"
             f"{' ...' if len(diffs) > 6 else ''} (use a new --out, or the original config)"
         )
+
+
+def finished_summary(cfg: RunConfig, out_dir: Path) -> dict | None:
+    """The stored summary of a complete stage written by `cfg` (another config raises), or None if the
+    stage is not complete."""
+    if not ((out_dir / SUMMARY_NAME).is_file() and (out_dir / "final").is_dir()):
+        return None
+    check_same_config(cfg, read_stored_config(out_dir / CONFIG_NAME), str(out_dir / CONFIG_NAME))
+    return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
 
 
 def read_stored_config(path: Path) -> dict:
@@ -122,7 +133,7 @@ class StageDirectory:
         if resumed_from is not None:
             point_latest(self.ckpt_dir, resumed_from)  # killed between commit and pointer, or fell back
             metrics.truncate_after(step)
-            metrics.write({"kind": "event", "step": step, "event": "resume", "checkpoint": str(resumed_from)})
+            metrics.event(step, "resume", checkpoint=str(resumed_from))
         else:
             if self.out_dir.exists() and (self.out_dir / CONFIG_NAME).exists() and not resume:
                 raise MoescopeError(f"{self.out_dir} was written by another process while starting")
@@ -133,7 +144,8 @@ class StageDirectory:
 
     def save(self, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
         """Checkpoint at `step` with the trainer's `state` (after the config); raises NonFiniteState,
-        saving nothing, if any tensor is NaN/inf."""
+        saving nothing, if any tensor is NaN/inf. `optimizer` may be accelerate's wrapper."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)
         path = save_checkpoint(self.ckpt_dir, step, model, optimizer, scheduler,
                                {"config": to_dict(self.cfg), **state}, keep=self.cfg.train.keep_checkpoints)
         self.last_good = path
@@ -142,6 +154,12 @@ class StageDirectory:
     def save_snapshot(self, step: int, model) -> Path:
         """The model alone at an evaluation's step (snapshots/step_XXXXXX/)."""
         return save_moe_model(model, self.out_dir / "snapshots" / checkpoint_name(step))
+
+    def finish(self, model, summary: dict[str, Any], tokenizer: Path) -> None:
+        """The trained model into final/ (with the data's tokenizer, if the data has one), then
+        summary.json, written last: its presence means the stage is complete."""
+        save_moe_model(model, self.out_dir / "final", tokenizer=tokenizer if tokenizer.is_dir() else None)
+        atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
 
     def last_verified(self) -> Path | None:
         """The newest checkpoint that verifies now (manifest digests) and is finite."""

@@ -1,9 +1,10 @@
-"""Building one training stage's parts before its loop runs: data, run directory, model, optimizer.
+"""Building one training stage's parts before its loop runs: data, run directory, model, optimizer,
+the data order and the step's passes.
 
 A fresh stage seeds the RNGs and builds its starting model (train/model.py); a resumed one takes
 the newest intact checkpoint (train/rundir.py) with its optimizer and scheduler state. Either way
 the model is checked against the data, and model and optimizer go through accelerate. The RNG
-streams of a checkpoint are restored by the trainer afterwards, once nothing else draws from them.
+streams of a checkpoint are restored last, once nothing else here draws from them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from moescope.errors import MoescopeError
 from moescope.io.provenance import sha256_file
 from moescope.moe.model import moe_layers, router_parameters
 from moescope.train.accelerator import make_accelerator
+from moescope.train.checkpoint import restore_rng_state
 from moescope.train.config import RunConfig
 from moescope.train.model import check_model_matches_data, initial_model, open_store
 from moescope.train.optim import build_optimizer, build_scheduler
+from moescope.train.order import TrainOrder
 from moescope.train.rundir import StageDirectory
+from moescope.train.step import StepRunner
 
 
 @dataclass
@@ -36,7 +40,8 @@ class StageParts:
     optimizer: Any
     scheduler: Any
     layers: dict
-    lb_coefs: dict[int, float]  # load-balancing coefficient of each MoE layer
+    order: TrainOrder  # each step's sequences
+    passes: StepRunner  # the forward and backward passes of one step
     init: str  # where the weights came from: a path, or "scratch"
     checkpoint: Path | None  # the checkpoint resumed from
     state: dict[str, Any] | None  # its trainer state (step, counters, RNG)
@@ -78,5 +83,9 @@ def build_stage(cfg: RunConfig, out_dir: Path, name: str, *, init: str | Path | 
             raise MoescopeError(f"checkpoint {ckpt}: optimizer/scheduler state does not fit this model "
                                 f"({type(exc).__name__}: {exc})") from None
     prepared, optimizer = acc.prepare(model, optimizer)
+    order = TrainOrder(store.index("train"), t.seed, t.batch_sequences)
+    passes = StepRunner(prepared, acc, layers, loss, lb_coefs)
+    if state is not None:
+        restore_rng_state(state["rng"])
     return StageParts(store, manifest_sha, rundir, acc, prepared, acc.unwrap_model(prepared), optimizer, scheduler,
-                      layers, lb_coefs, str(init) if init is not None else "scratch", ckpt, state)
+                      layers, order, passes, str(init) if init is not None else "scratch", ckpt, state)

@@ -9,14 +9,16 @@ routing is identical, then runs forward + backward per micro-batch with those co
 the plain path and cost nothing extra. Across processes the counts are all-reduced.
 
 The loss terms themselves are computed in train/step_loss.py (tensors only); this module
-decides which tokens each term sees and when backward runs. Clipping, the finiteness check
-and the optimizer update stay with the trainer.
+decides which tokens each term sees and when backward runs, and sums the step's logged values
+over all processes into one NaN/inf verdict (`StepRunner.outcome`). Clipping and the optimizer
+update (or its skip) stay with the trainer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,9 @@ from moescope.moe.capture import record_routing
 from moescope.moe.layer import update_balance_bias
 from moescope.moe.routing_sums import RoutingSums, add_records, sums_by_layer
 from moescope.train.config import LossConfig
-from moescope.train.step_loss import microbatch_balance_term, sequence_balance_terms, step_balance_term, z_term
+from moescope.train.step_loss import (
+    microbatch_balance_term, nonfinite_values, sequence_balance_terms, step_balance_term, step_record, z_term,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,16 @@ class StepRunner:
             if float(flag) > 0 and not bad:
                 return ["loss on another process"]
         return bad
+
+    def outcome(self, p: StepPasses, learning_rate: float, grad_norm: float,
+                log_grad_norm: bool) -> tuple[dict[str, Any], dict[int, RoutingSums], list[str]]:
+        """The step's logged values over all processes, its routing totals, and what in it is NaN/inf
+        (the loss, `grad_norm`, or another process's loss: one verdict for all processes)."""
+        ce = float(self.reduce_sum(torch.tensor(p.ce_local, device=self.accelerator.device))) / self.world
+        totals = self.totals(p.stats, p.n_step)
+        out = step_record(ce, learning_rate, grad_norm if log_grad_norm else None, p.stats, totals, self.lb_coefs,
+                          self.loss.z_loss_coef)
+        return out, totals, self.agree_nonfinite(nonfinite_values(out, grad_norm, p.nonfinite))
 
     def update_balance_bias(self, totals: dict[int, RoutingSums]) -> None:
         """Auxiliary-loss-free balancing after an applied update, from the step's counts over all
@@ -205,6 +219,14 @@ class StepRunner:
             lb_per_seq = sequence_balance_terms(logits_seen[i], rec.expert_index, b, t, layer.n_experts, layer.top_k)
             total = total + self.lb_coefs[i] * lb_per_seq.sum() / n_seq_local
         return total
+
+
+def step_schedule_only(scheduler) -> None:
+    """Advance the schedule of a skipped update: torch warns when scheduler.step() comes without
+    optimizer.step(), which is deliberate here (the schedule follows the step count)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
 
 def _store_output(store: dict, key: int):

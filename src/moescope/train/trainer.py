@@ -1,24 +1,19 @@
 """One training stage (the base stage or one arm): the loop that composes the parts.
 
-The parts, each in its own module: where the model and data come from (train/model.py), the
-passes of one step and its balance accounting (train/step.py, train/step_loss.py, with the
-routing sums of moe/routing_sums.py), the evaluator and collapse watch (train/evaluator.py), the
-run directory and its checkpoints (train/rundir.py, train/checkpoint.py), the non-finite policy
-(train/nonfinite.py), the metrics log and step clock (train/metrics_log.py), the accelerate
-set-up (train/accelerator.py), per-stage peak memory and stop signals (runtime.py). Each step's
-batch is fixed by (seed, step) and split into micro-batches and per-process shards
-(moescope.train.order), so the data order is the same for every arm and any number of processes.
+The parts (DEVELOPERS.md lists them): the stage's build (train/stage.py), the passes of one step
+(train/step.py), the evaluator and collapse watch (train/evaluator.py), the run directory
+(train/rundir.py), the non-finite policy (train/nonfinite.py), the metrics log and step clock
+(train/metrics_log.py). Each step's batch is fixed by (seed, step) and split into micro-batches and
+per-process shards (train/order.py): the data order is the same for every arm and any world size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,22 +21,18 @@ from typing import Any
 import torch
 
 from moescope.data.blocks import tokenizer_dir
-from moescope.io.atomic import atomic_write_json
 from moescope.io.lock import run_directory_lock
-from moescope.moe.hf_model import save_moe_model
 from moescope.moe.model import set_training_progress
 from moescope.runtime import catch_stop_signals, peak_memory_mb, reset_peak_memory
-from moescope.train.accelerator import clip_gradients, make_accelerator, process_state
-from moescope.train.checkpoint import NonFiniteState, restore_rng_state
+from moescope.train.accelerator import clip_gradients, process_state
+from moescope.train.checkpoint import NonFiniteState
 from moescope.train.config import RunConfig
 from moescope.train.evaluator import CollapseWatch, evaluate_model, nonfinite_eval
-from moescope.train.metrics_log import MetricsLog, StepClock, read_metrics
+from moescope.train.metrics_log import MetricsLog, StepClock, eval_record
 from moescope.train.nonfinite import NonFiniteGuard, NonFiniteLoss
-from moescope.train.order import TrainOrder
-from moescope.train.rundir import CONFIG_NAME, SUMMARY_NAME, check_same_config, read_stored_config
+from moescope.train.rundir import finished_summary
 from moescope.train.stage import build_stage
-from moescope.train.step import StepRunner
-from moescope.train.step_loss import nonfinite_values, step_record
+from moescope.train.step import StepPasses, step_schedule_only
 
 log = logging.getLogger(__name__)
 
@@ -61,40 +52,29 @@ class Trainer:
         self.store, self.manifest_sha, self.rundir, self.init = parts.store, parts.manifest_sha, parts.rundir, parts.init
         self.accelerator, self.model, self.raw_model = parts.accelerator, parts.model, parts.raw_model
         self.optimizer, self.scheduler, self.layers = parts.optimizer, parts.scheduler, parts.layers
-        self.world, t, state = self.accelerator.num_processes, cfg.train, parts.state
-        self.order = TrainOrder(self.store.index("train"), t.seed, t.batch_sequences)
-        self.tokens_per_step = t.batch_sequences * self.store.block_size
-        self.passes = StepRunner(self.model, self.accelerator, self.layers, cfg.loss, parts.lb_coefs)
-        self.step, self._stop_reason, self._resumed_at = 0, None, None
-        self.collapse, self.clock = CollapseWatch(cfg.collapse), StepClock(self.tokens_per_step)
+        self.order, self.passes, self.world = parts.order, parts.passes, self.accelerator.num_processes
+        self.tokens_per_step = cfg.train.batch_sequences * self.store.block_size
+        self._resumed_at = int(parts.state["step"]) if parts.state is not None else None
+        self.step, self._stop_reason = self._resumed_at or 0, None
         self._peak_window = False  # True once fit() has reset the peak-memory window for this stage
-        if state is not None:  # continue from the checkpoint: counters, streaks, then the RNG streams
-            self.step, self._resumed_at = int(state["step"]), int(state["step"])
-            self.collapse.load_state_dict(state)
-            self.clock.load_state_dict(state)
-            restore_rng_state(state["rng"])
         self.accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes
         self.metrics = MetricsLog.for_stage(self.out_dir, cfg, name, enabled=write and self.accelerator.is_main_process)
-        self.guard = NonFiniteGuard(name, t, self.metrics, self.rundir.last_verified)
-        self.guard.load_state_dict(state or {})
+        self.collapse, self.clock = CollapseWatch(cfg.collapse), StepClock(self.tokens_per_step)
+        self.guard = NonFiniteGuard(name, cfg.train, self.metrics, self.rundir.last_verified)
+        for part in (self.collapse, self.clock, self.guard):  # a resumed stage continues its streaks and counters
+            part.load_state_dict(parts.state or {})
         if write and self.accelerator.is_main_process:
             self.rundir.open(self.metrics, resume=resume, resumed_from=parts.checkpoint, step=self.step,
                              record={"init": self.init, "moe_layers": sorted(self.layers), "world_size": self.world})
 
-    collapse_streak = property(lambda self: self.collapse.streak)
-    collapse_events = property(lambda self: self.collapse.events)
-    nonfinite_skips_in_a_row = property(lambda self: self.guard.in_a_row)
-    nonfinite_skips_total = property(lambda self: self.guard.total)
-
     def save_checkpoint(self) -> Path | None:
         if not (self.write and self.accelerator.is_main_process):
             return None
-        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
         state = {"data_position_sequences": self.order.sequences_consumed(self.step),
                  "data_manifest_sha256": self.manifest_sha, **self.collapse.state_dict(), "name": self.name,
                  **self.guard.state_dict(), **self.clock.state_dict()}
         try:
-            return self.rundir.save(self.step, self.raw_model, optimizer, self.scheduler, state)
+            return self.rundir.save(self.step, self.raw_model, self.optimizer, self.scheduler, state)
         except NonFiniteState as exc:  # e.g. an update so large that finite gradients made infinite weights
             self.guard.stop(self.step, f"the state to checkpoint is NaN/inf ({exc})")
 
@@ -113,34 +93,26 @@ class Trainer:
         """One optimizer step (all micro-batches); returns the logged scalars."""
         self.model.train()
         set_training_progress(self.raw_model, self.step / self.cfg.train.steps)
-        passes = self.passes.run(self._micro_batches(self.step), self._forward, self.step)
-        self._local_nonfinite = passes.nonfinite
-        return self._finish_step(passes.ce_local, passes.stats, passes.n_step)
+        return self._finish_step(self.passes.run(self._micro_batches(self.step), self._forward, self.step))
 
-    def _finish_step(self, ce_local: float, stats: dict, n_step: int) -> dict[str, Any]:
+    def _finish_step(self, result: StepPasses) -> dict[str, Any]:
         """Clip, check the loss and gradient norm are finite, then step optimizer and schedule; the
         logged values are over the whole step (all processes). A non-finite loss or gradient norm never
         reaches the weights: the update is dropped and training stops or (on_nonfinite = "skip") goes on."""
-        clip, passes = self.cfg.optim.grad_clip_norm, self.passes
+        clip = self.cfg.optim.grad_clip_norm
         # the norm is needed for the finiteness check even without clipping (an infinite limit never clips)
         norm = float(clip_gradients(self.accelerator, self.model, clip if clip is not None else math.inf))
-        ce = float(passes.reduce_sum(torch.tensor(ce_local, device=self.accelerator.device))) / self.world
-        totals = passes.totals(stats, n_step)
-        out = step_record(ce, self.scheduler.get_last_lr()[0], norm if clip is not None else None, stats, totals,
-                          passes.lb_coefs, self.cfg.loss.z_loss_coef)
-        bad = passes.agree_nonfinite(nonfinite_values(out, norm, self._local_nonfinite))
+        out, totals, bad = self.passes.outcome(result, self.scheduler.get_last_lr()[0], norm, clip is not None)
         if bad:  # no optimizer step, no balance-bias update; under "skip" the step and schedule still
             self.optimizer.zero_grad(set_to_none=True)  # advance (the batch is consumed: it would fail again)
             self.guard.skip_or_stop(self.step + 1, out, bad)
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": deliberate here
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
+            step_schedule_only(self.scheduler)
             self.step += 1
             return {**out, "skipped_update": True}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        passes.update_balance_bias(totals)
+        self.passes.update_balance_bias(totals)
         self.step += 1
         self.guard.in_a_row = 0
         return out
@@ -163,20 +135,14 @@ class Trainer:
             self.metrics.write(event)
             log.warning("%s: layer %s collapsed at step %d: expert %d holds %.0f%% of tokens for %d evals", self.name,
                         event["layer"], self.step, event["expert"], 100 * event["share"], event["window_evals"])
-        record = {"kind": "eval", "step": self.step, "tokens_seen": self.step * self.tokens_per_step, **ev,
-                  "collapsed_layers": [int(x) for x in collapsed], **peak_memory_mb(self._peak_window)}
-        if tokens_per_s is not None:
-            record["tokens_per_s"] = tokens_per_s
+        record = eval_record(self.step, self.step * self.tokens_per_step, ev, collapsed,
+                             peak_memory_mb(self._peak_window), tokens_per_s)
         self.metrics.write(record)
         if self.write and self.accelerator.is_main_process and self.cfg.train.snapshot_at_eval:
             self.rundir.save_snapshot(self.step, self.raw_model)
         if collapsed and self.cfg.collapse.early_stop:
             self.request_stop(f"collapse in layers {collapsed}")
         return record
-
-    def _recorded_eval(self, step: int) -> dict[str, Any] | None:
-        found = [r for r in read_metrics(self.metrics.path, "eval") if r.get("step") == step] if self.metrics.enabled else []
-        return found[-1] if found else None
 
     # ------------------------------------------------------------------ the loop
 
@@ -195,7 +161,7 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc=self.name, unit="step", dynamic_ncols=True,
                        disable=not (self.cfg.tracking.progress_bar and self.accelerator.is_main_process))
             # resumed from the final checkpoint (killed before the summary): its evaluation is on record
-            last_eval = self._recorded_eval(self.step) if self._resumed_at is not None else None
+            last_eval = self.metrics.recorded("eval", self.step) if self._resumed_at is not None else None
             while self.step < t.steps and self._stop_reason is None:
                 t0 = time.perf_counter()
                 out = self.train_step()
@@ -213,18 +179,15 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self.step, self)
                 if stop_signal.signum is not None:
-                    path = self.save_checkpoint()
-                    name = signal.Signals(stop_signal.signum).name
-                    self.metrics.write({"kind": "event", "step": self.step, "event": "interrupted", "signal": name,
-                                        "checkpoint": str(path)})
+                    path, name = self.save_checkpoint(), signal.Signals(stop_signal.signum).name
+                    self.metrics.event(self.step, "interrupted", signal=name, checkpoint=str(path))
                     raise TrainingInterrupted(f"{self.name}: {name} at step {self.step}; checkpoint saved to {path}; "
                                               f"continue with --resume")
                 if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and self.step < t.steps:
                     self.save_checkpoint()
             bar.close()
             if self._stop_reason is not None:
-                self.metrics.write({"kind": "event", "step": self.step, "event": "early_stop",
-                                    "reason": self._stop_reason})
+                self.metrics.event(self.step, "early_stop", reason=self._stop_reason)
             if last_eval is None or last_eval["step"] != self.step:
                 last_eval = self._eval_and_record(None)
             if self._resumed_at != self.step:  # else the checkpoint it resumed from holds this very state
@@ -234,10 +197,8 @@ class Trainer:
                        "final_eval": {k: last_eval[k] for k in ("loss", "ppl", "domains", "routing")},
                        "collapse_events": self.collapse.events, "train_tokens_per_s": self.clock.tokens_per_s(),
                        "nonfinite_skips": self.guard.total, **peak_memory_mb(self._peak_window)}
-            if self.write and self.accelerator.is_main_process:
-                tokenizer = tokenizer_dir(self.store.root)  # the data's tokenizer travels with the model
-                save_moe_model(self.raw_model, self.out_dir / "final", tokenizer=tokenizer if tokenizer.is_dir() else None)
-                atomic_write_json(self.out_dir / SUMMARY_NAME, summary)  # present = stage complete
+            if self.write and self.accelerator.is_main_process:  # final/ with the data's tokenizer, then summary.json
+                self.rundir.finish(self.raw_model, summary, tokenizer_dir(self.store.root))
             self.accelerator.wait_for_everyone()
             return summary
 
@@ -250,10 +211,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, 
     out_dir = Path(out_dir)
     lock = run_directory_lock(out_dir) if process_state().is_main_process else contextlib.nullcontext()
     with lock:
-        if resume and (out_dir / SUMMARY_NAME).is_file() and (out_dir / "final").is_dir():
-            check_same_config(cfg, read_stored_config(out_dir / CONFIG_NAME), str(out_dir / CONFIG_NAME))
-            return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+        if resume and (done := finished_summary(cfg, out_dir)) is not None:
+            return done
         return Trainer(cfg, out_dir, init=init, name=name, resume=resume, on_step=on_step).fit()
 
 
-__all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted", "make_accelerator", "process_state"]
+__all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted"]
