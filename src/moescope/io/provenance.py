@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import sys
 from pathlib import Path
@@ -25,10 +26,16 @@ def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, st
 
 
 def environment_info() -> dict[str, object]:
+    import torch
+
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        # CPU kernels split their sums by thread, so the float results (and through the routing
+        # decisions, the study's numbers) reproduce bit for bit only at the same thread count.
+        "torch_threads": torch.get_num_threads(),
         "libraries": library_versions(),
     }
 
