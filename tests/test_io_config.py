@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,3 +68,15 @@ def test_a_stored_run_without_a_setting_added_since_compares_as_its_default() ->
     changed = {k: (dict(v) if isinstance(v, dict) else v) for k, v in mine.items()}
     changed["train"]["eval_batch_order"] = "mixed"
     assert comparable_config(changed) != mine  # a real difference still refuses the resume
+
+
+def test_a_stored_study_config_without_a_setting_added_since_reads_as_today() -> None:
+    from moescope.demo import load_demo_config, stored_study_config
+    from moescope.io.config import to_dict
+
+    today = to_dict(load_demo_config("demo"))
+    old = json.loads(json.dumps(today))  # as written to demo_config.json / cell.json
+    del old["experiment"]["train"]["eval_batch_order"], old["analysis"]["batch_order"]
+    assert old != today and stored_study_config(old) == today
+    assert stored_study_config({"experiment": {"no_such_key": 1}}) is None
+    assert stored_study_config("not a config") is None

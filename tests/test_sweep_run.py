@@ -81,6 +81,29 @@ def test_finished_cells_are_never_rerun(sweep_run: Path, monkeypatch: pytest.Mon
     assert _results(sweep_run) == before
 
 
+def test_a_cell_written_before_a_setting_existed_still_counts_as_finished(
+        sweep_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import moescope.demo
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was run again")
+
+    out = tmp_path / "old"
+    shutil.copytree(sweep_run, out)
+    for cell_json in out.glob("cells/*/cell.json"):  # as an earlier moescope wrote it
+        stored = json.loads(cell_json.read_text())
+        del stored["config"]["experiment"]["train"]["eval_batch_order"]
+        del stored["config"]["analysis"]["batch_order"]
+        cell_json.write_text(json.dumps(stored))
+    monkeypatch.setattr(moescope.demo, "train_and_analyze", boom)
+    before = _results(out)
+    study, scfg = load_sweep("demo", GRID, [0], parse_overrides(SETTINGS))
+    run_sweep(study, scfg, out)
+    assert _results(out) == before
+
+
 def test_a_cell_directory_keeps_its_config(sweep_run: Path) -> None:
     study, scfg = load_sweep("demo", GRID, [0], parse_overrides(SETTINGS + ["experiment.train.steps=13"]))
     with pytest.raises(MoescopeError, match="another configuration"):

@@ -22,7 +22,7 @@ from moescope.cluster.pipeline import ClusterRunConfig
 from moescope.data.config import DataBuildConfig
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
-from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict
+from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict, upgrade_keys
 from moescope.io.provenance import environment_info
 from moescope.presets import PRESETS, preset_path
 from moescope.train.config import ExperimentConfig
@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
     resume = run_dir.exists()
     if resume and config_path.is_file():
         previous = json.loads(config_path.read_text(encoding="utf-8")).get("config")
-        if previous != _comparable(resolved, data_dir):
+        if stored_study_config(previous) != _comparable(resolved, data_dir):
             raise MoescopeError(f"{out_dir} holds a demo run with a different configuration; "
                                 f"pass --overwrite to replace it or choose another --out")
     created_out = not out_dir.exists()
@@ -130,6 +130,18 @@ def train_and_analyze(
         cluster_analysis_pipeline(run_dir, Path(data_dir), run_dir / "cluster", cfg.cluster, arm=arm)
         timings["cluster_s"] = time.perf_counter() - t0
     return summary, metrics, timings
+
+
+def stored_study_config(stored: Any) -> dict[str, Any] | None:
+    """A study config saved by an earlier moescope, in today's form: renamed keys upgraded, settings
+    added since filled with their defaults (a new setting's default is the old behaviour), so adding
+    an option never makes an existing demo or sweep directory unresumable. None if it cannot be read."""
+    if not isinstance(stored, dict):
+        return None
+    try:
+        return to_dict(from_dict(DemoConfig, upgrade_keys(stored)))
+    except MoescopeError:
+        return None
 
 
 def _comparable(resolved: dict[str, Any], data_dir: Path) -> dict[str, Any]:

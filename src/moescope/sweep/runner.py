@@ -138,7 +138,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or continue) the sweep into `out_dir`; returns the summary written to OUT/summary.json."""
     from moescope.data.build import build_dataset
-    from moescope.demo import DemoConfig
+    from moescope.demo import DemoConfig, stored_study_config
 
     out_dir = Path(out_dir)
     if executor not in EXECUTORS:
@@ -148,7 +148,8 @@ def run_sweep(
     specs = plan_sweep(study, scfg, out_dir)
     for spec in specs:  # a cell directory belongs to one config: refuse before running anything
         stored = Path(spec["cell_dir"]) / "cell.json"
-        if stored.is_file() and json.loads(stored.read_text(encoding="utf-8"))["config"] != spec["config"]:
+        if stored.is_file() and stored_study_config(
+                json.loads(stored.read_text(encoding="utf-8")).get("config")) != spec["config"]:
             raise MoescopeError(f"{stored} holds another configuration for cell {spec['cell_id']}; "
                                 f"use the original sweep settings or another --out")
     t_start = time.perf_counter()
