@@ -20,6 +20,8 @@ is the floor, and each variant's ratio is its time / the floor's time in the sam
 Variants:
   moescope-gelu / moescope-swiglu   MoELayer, dropless, STE gating, E=8 experts of the floor's size
   moescope-*-fine4                  the same E*ff parameters cut in m=4: 32 experts of ff/4, top-4
+  experts-only-{gelu,swiglu}        moescope's experts alone on the tokens split evenly (no router, sort,
+                                    gather, combine): the floor any layer with E separate experts has here
   mixtral-{eager,batched_mm,grouped_mm}   transformers' MixtralSparseMoeBlock, top-1
   qwen3-{eager,batched_mm,grouped_mm}     transformers' Qwen3MoeSparseMoeBlock, top-1
   nemotron-{eager,batched_mm,grouped_mm}  transformers' NemotronHExperts (non-gated experts with
@@ -69,6 +71,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from moescope.moe.config import MoEConfig
 from moescope.moe.experts import GeluExpert, SwiGLUExpert, build_experts
+from moescope.moe.grouped import run_grouped_experts
 from moescope.moe.layer import MoELayer
 from moescope.moe.native import ENV_SWITCH
 from moescope.runtime import keep_freed_memory
@@ -120,6 +123,22 @@ class RoutedExperts(nn.Module):
         h = x.reshape(-1, x.shape[-1])
         _, weights, index = self.gate(h)
         return self.experts(h, index, weights).reshape(x.shape)
+
+
+class ExpertsOnly(nn.Module):
+    """A moescope layer's experts alone (the grouped GEMMs) on the tokens split evenly over them: no
+    router, sort, gather or combine. Its distance from the floor is what E separate expert weights cost
+    (each read, packed and given its own gradient); moescope's distance from it is the routing's."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.experts = layer.experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, x.shape[-1])
+        n, e = h.shape[0], len(self.experts)
+        sizes = [n // e + (1 if i < n % e else 0) for i in range(e)]
+        return run_grouped_experts(self.experts, h, sizes, self.training).reshape(x.shape)
 
 
 class WithoutNative(nn.Module):
@@ -211,6 +230,9 @@ def build_variants(d: int, args) -> tuple[dict[str, tuple[nn.Module, str, str]],
         "moescope-swiglu": (moescope_layer(d, inter, "swiglu"), "swiglu", "ours"),
         "moescope-swiglu-fine4": (moescope_layer(d, inter, "swiglu", 4), "swiglu", "fine"),
     }
+    for kind in ("gelu", "swiglu"):
+        v[f"experts-only-{kind}"] = (ExpertsOnly(moescope_layer(d, ff if kind == "gelu" else inter, kind)), kind,
+                                     "bound")
     for family, kind in (("nemotron", "gelu"), ("mixtral", "swiglu"), ("qwen3", "swiglu")):
         for impl in IMPLS:
             v[f"{family}-{impl}"] = (peer_block(family, impl, d, ff if kind == "gelu" else inter), kind, "peer")
@@ -356,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
             note = "floor" if name == floors[kind] else ("floor candidate" if role == "floor" else "")
             if len(times[name]) < n_rounds:
                 note = f"slow (> {args.slow_s:.0f} s): one call, / the floor's median"
+            if role == "bound":
+                ours = f"moescope-{kind}"
+                note = f"routing for free; moescope / this {paired(times[ours], times[name]):.3f}x"
+                summary.append(f"d={d:<4} {name:<16} {statistics.median(r):.3f}x floor: E experts' weights, "
+                               f"no routing (moescope-{kind} / it: {paired(times[ours], times[name]):.3f}x)")
             if role == "fine":
                 coarse = name.removesuffix("-fine4")
                 pf = paired(times[name], times[coarse])

@@ -156,6 +156,70 @@ def measure_breakdown(trainers: dict[str, Trainer], rounds: int, steps_per_round
     return {n: {part: statistics.median(v) for part, v in parts.items()} for n, parts in times.items()}
 
 
+def ffn_modules(trainer: Trainer, layers: list[int]) -> list[torch.nn.Module]:
+    """The feed-forward module (dense MLP, MoELayer or the peer's sparse MLP) of each block in `layers`."""
+    return [trainer.raw_model.transformer.h[i].mlp for i in layers]
+
+
+def measure_parts(trainers: dict[str, Trainer], layers: list[int], rounds: int) -> dict[str, dict[str, float]]:
+    """Median wall ms per step of the parts where the arms differ, interleaved in rounds, at torch's threads:
+    ffn = forward+backward of the FFN modules of `layers` on the step's activations (a fixed input
+    [16, 128, d] and upstream gradient, parameter gradients set to None first), optimizer = AdamW's
+    step, clip = the gradient-norm clip (moescope's: it reads the norm of every gradient)."""
+    from moescope.train.optim import clip_grad_norm
+
+    any_trainer = next(iter(trainers.values()))
+    d = any_trainer.raw_model.config.n_embd
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 128, d, generator=gen)
+    up = torch.randn(16, 128, d, generator=gen)
+    times: dict[str, dict[str, list[float]]] = {n: {"ffn": [], "experts": [], "optimizer": [], "clip": []}
+                                                for n in trainers}
+    for t in trainers.values():
+        forward_backward(t)  # gradients in place for the optimizer and clip timings
+    for r in range(rounds):
+        for n in trainers if r % 2 == 0 else reversed(list(trainers)):
+            trainer = trainers[n]
+            mods = ffn_modules(trainer, layers)
+            t0 = time.perf_counter()
+            for m in mods:
+                for p in m.parameters():
+                    p.grad = None
+                xi = x.clone().requires_grad_(True)
+                out = m(xi)
+                (out[0] if isinstance(out, tuple) else out).backward(up)
+            times[n]["ffn"].append((time.perf_counter() - t0) * 1e3)
+            times[n]["experts"].append(_experts_only_ms(mods, x, up) if n == "moe" else times[n]["ffn"][-1])
+            forward_backward(trainer)
+            t0 = time.perf_counter()
+            clip_grad_norm(trainer.raw_model.parameters(), 1e9)
+            times[n]["clip"].append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            trainer.optimizer.step()
+            times[n]["optimizer"].append((time.perf_counter() - t0) * 1e3)
+    for t in trainers.values():
+        t.optimizer.zero_grad(set_to_none=True)
+    return {n: {part: statistics.median(v) for part, v in parts.items()} for n, parts in times.items()}
+
+
+def _experts_only_ms(mods: list[torch.nn.Module], x: torch.Tensor, up: torch.Tensor) -> float:
+    """Wall ms of forward+backward of the MoE layers' experts alone (moescope's grouped GEMMs) on the
+    same tokens split evenly over the experts: no router, no sort, no gather or combine. What an MoE
+    layer of this shape would cost with routing for free: its distance from the dense FFN is the price
+    of E experts' separate weights (each read, packed and given a gradient of its own)."""
+    from moescope.moe.grouped import run_grouped_experts
+
+    t0 = time.perf_counter()
+    for m in mods:
+        for p in m.parameters():
+            p.grad = None
+        rows = x.reshape(-1, x.shape[-1]).clone().requires_grad_(True)
+        n_exp = len(m.experts)
+        sizes = [rows.shape[0] // n_exp + (1 if e < rows.shape[0] % n_exp else 0) for e in range(n_exp)]
+        run_grouped_experts(m.experts, rows, sizes, True).backward(up.reshape(rows.shape))
+    return (time.perf_counter() - t0) * 1e3
+
+
 def optimizer_cost(trainer: Trainer, reps: int = 5) -> tuple[int, int, float]:
     """(parameter tensors, parameters, CPU ms of one optimizer step on one thread, fastest of `reps`).
 
@@ -201,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         head += f" {'peer tok/s':>10} {'peer/dense median':>18} {'min':>6} {'max':>6}"
     print(head)
     breakdowns: list[str] = []
+    part_rows: list[str] = []
     optimizer_rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -225,7 +290,17 @@ def main(argv: list[str] | None = None) -> int:
                     optimizer_rows.append(f"{size_name + f'/E={e}':<10} {arm:<6} {n_tensors:>8} {n_params / 1e6:>8.2f}M "
                                           f"{ms:>8.2f}")
                 if args.breakdown:
+                    split = measure_parts(trainers, SIZES[size_name]["moe_layers"], args.rounds)
                     parts = measure_breakdown(trainers, args.rounds, args.steps_per_round)
+                    for arm, p in split.items():
+                        diff = {k: v - split["dense"][k] for k, v in p.items()}
+                        # the x dense an arm reaches if routing and everything else were free: dense's step
+                        # plus only its experts' extra GEMM time, optimizer and clip
+                        bound = parts["dense"]["step"] / (parts["dense"]["step"] + diff["experts"]
+                                                          + diff["optimizer"] + diff["clip"])
+                        part_rows.append(f"{size_name + f'/E={e}':<10} {arm:<6} " + " ".join(
+                            f"{p[k]:>9.2f} {diff[k]:>+8.2f}" for k in ("ffn", "experts", "optimizer", "clip"))
+                            + f" {bound:>9.3f}")
                     dense = parts["dense"]
                     for arm, p in parts.items():
                         rest = p["step"] - p["fb"]
@@ -244,6 +319,15 @@ def main(argv: list[str] | None = None) -> int:
               f"the x dense this arm would reach if its forward+backward cost nothing over dense's\n"
               f"{'size':<10} {'arm':<6} {'step':>9} {'forward+backward':>15} {'rest':>9} {'cap':>9}")
         print("\n".join(breakdowns))
+        print(f"\nwhere the arms differ, wall ms per step at {args.threads} thread(s) (medians over rounds; "
+              f"each value, then its difference from dense):\n"
+              f"ffn = forward+backward of the MoE blocks' FFNs on one step's tokens; experts = the moe arm's "
+              f"experts alone on the same tokens split evenly (no routing; = ffn for the others);\n"
+              f"optimizer = AdamW step; clip = gradient-norm clip; bound = dense step / (dense step + the "
+              f"experts', optimizer's and clip's extra): the x dense with routing for free\n"
+              f"{'size':<10} {'arm':<6} {'ffn':>9} {'vs dense':>8} {'experts':>9} {'vs dense':>8} "
+              f"{'optimizer':>9} {'vs dense':>8} {'clip':>9} {'vs dense':>8} {'bound':>9}")
+        print("\n".join(part_rows))
     print("reference (GPT-2 MoE project's code, same kind of machine): 0.93-0.94 (demo), 0.95-0.97 (large); target (demo) >= 0.95")
     return 0
 

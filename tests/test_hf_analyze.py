@@ -202,3 +202,15 @@ def test_remote_code_model_refused(shared, tmp_path: Path, capsys) -> None:
                                                     "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
     out = tmp_path / "out"
     _refused(capsys, model, out, ["--data", str(shared[2]), *FAST], "trust_remote_code")
+
+
+@pytest.mark.parametrize("flags, text", [(["--out", "OUT"], "--out only applies with --model"),
+                                         (["--out", "OUT", "--force"], "--out, --force only apply with --model")])
+def test_released_only_flags_refused_with_a_run(tmp_path: Path, capsys, flags: list[str], text: str) -> None:
+    """Flags of the released-model path name themselves when given with a run directory (exit 2, one line)."""
+    out = tmp_path / "out"
+    argv = ["analyze", str(tmp_path / "run"), *[str(out) if f == "OUT" else f for f in flags]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and text in err[0], err
+    assert not out.exists()

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                                               ("--dtype", args.dtype), ("--device", args.device),
                                               ("--context", args.context), ("--force", args.force)) if value]
     if released_only:
-        raise MoescopeError(f"{', '.join(released_only)} only apply with --model")
+        verb = "applies" if len(released_only) == 1 else "apply"
+        raise MoescopeError(f"{', '.join(released_only)} only {verb} with --model (a released model), not with RUN")
     cfg = build_config(args)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     result = analyze_run(Path(args.run), cfg, arms=arms, data_dir=args.data, progress=not args.no_progress)
