@@ -22,7 +22,9 @@ layer dominates a step and any MoE layer's overhead shows less.
                                      [--experts 8,16] [--vocab 4096] [--no-peer] [--breakdown] [--clock cpu]
 
 After the table: one optimizer step per arm (tensors, parameters, CPU ms on one thread), which
-shows whether the MoE arm's optimizer costs by tensor count or by parameter count.
+shows whether the MoE arm's optimizer costs by tensor count or by parameter count; and the moe arm's
+parameters stepped once as trained and once with each layer's experts stacked into one 3-D tensor
+per weight kind (issue 18's question: would 3-D expert parameters close the optimizer gap?).
 """
 
 from __future__ import annotations
@@ -240,6 +242,50 @@ def optimizer_cost(trainer: Trainer, reps: int = 5) -> tuple[int, int, float]:
     return len(params), sum(p.numel() for p in params), min(times) * 1e3
 
 
+def stacked_expert_cost(trainer: Trainer, reps: int = 5) -> tuple[tuple[int, float], tuple[int, float]]:
+    """The moe arm's parameters in one fused AdamW, as trained (one tensor per expert weight) and with each
+    MoE layer's experts stacked into one 3-D tensor per weight kind (transformers v5 / torchtitan layout):
+    ((tensors, CPU ms), (tensors, CPU ms)) of one step on one thread, fastest of `reps`. Same elements,
+    same gradients, one parameter group each, so only the tensor count differs."""
+    from moescope.moe.model import moe_layers
+
+    forward_backward(trainer)
+    model = trainer.raw_model
+    in_experts: set[int] = set()
+    stacked: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for layer in moe_layers(model).values():
+        by_name: dict[str, list[torch.Tensor]] = {}
+        for expert in layer.experts:
+            for name, p in expert.named_parameters():
+                by_name.setdefault(name, []).append(p)
+                in_experts.add(id(p))
+        for ps in by_name.values():
+            stacked.append((torch.stack([p.detach() for p in ps]), torch.stack([p.grad for p in ps])))
+    flat = [(p.detach(), p.grad) for p in model.parameters() if p.grad is not None]
+    rest = [(p.detach(), p.grad) for p in model.parameters() if p.grad is not None and id(p) not in in_experts]
+
+    def cost(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, float]:
+        params = []
+        for value, grad in pairs:
+            q = value.clone().requires_grad_(True)
+            q.grad = grad.clone()
+            params.append(q)
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        times = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            opt.step()
+            times.append(time.process_time() - t0)
+        torch.set_num_threads(threads)
+        return len(params), min(times) * 1e3
+
+    result = cost(flat), cost(rest + stacked)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -267,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     breakdowns: list[str] = []
     part_rows: list[str] = []
     optimizer_rows: list[str] = []
+    stack_rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = write_random_store(tmp / "data", vocab=args.vocab)
@@ -289,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                     n_tensors, n_params, ms = optimizer_cost(trainer)
                     optimizer_rows.append(f"{size_name + f'/E={e}':<10} {arm:<6} {n_tensors:>8} {n_params / 1e6:>8.2f}M "
                                           f"{ms:>8.2f}")
+                (n_flat, ms_flat), (n_3d, ms_3d) = stacked_expert_cost(trainers["moe"])
+                stack_rows.append(f"{size_name + f'/E={e}':<10} {n_flat:>8} {ms_flat:>8.2f} {n_3d:>8} {ms_3d:>8.2f} "
+                                  f"{ms_3d / ms_flat:>8.3f}")
                 if args.breakdown:
                     split = measure_parts(trainers, SIZES[size_name]["moe_layers"], args.rounds)
                     parts = measure_breakdown(trainers, args.rounds, args.steps_per_round)
@@ -314,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU ms on one thread, fastest of 5; after the timed rounds)\n"
           f"{'size':<10} {'arm':<6} {'tensors':>8} {'params':>9} {'ms':>8}")
     print("\n".join(optimizer_rows))
+    print(f"\nthe moe arm's parameters in one fused AdamW group, as trained vs each layer's experts stacked into "
+          f"one 3-D tensor per weight kind (CPU ms on one thread, fastest of 5)\n"
+          f"{'size':<10} {'tensors':>8} {'ms':>8} {'3-D':>8} {'ms':>8} {'3-D/as':>8}")
+    print("\n".join(stack_rows))
     if breakdowns:
         print(f"\nms per step (medians over rounds); cap = dense step / (dense forward+backward + this arm's rest):\n"
               f"the x dense this arm would reach if its forward+backward cost nothing over dense's\n"

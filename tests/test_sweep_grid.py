@@ -82,3 +82,16 @@ def test_load_sweep_reads_the_shipped_upcycling_sweep(tmp_path) -> None:
     plain.write_text("[experiment.train]\nsteps = 9\n")
     study, scfg = load_sweep(str(plain))
     assert study == {"experiment": {"train": {"steps": 9}}} and scfg.grid == {}
+
+
+def test_load_sweep_reads_the_shipped_designs_sweep(tmp_path) -> None:
+    from pathlib import Path
+
+    from moescope.sweep.runner import load_sweep, plan_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    study, scfg = load_sweep(str(root / "configs" / "sweep_designs.toml"))
+    specs = plan_sweep(study, scfg, tmp_path)  # every cell's config validates; nothing is written
+    assert len(specs) == 3 and not any(tmp_path.iterdir())
+    assert study["experiment"]["arms"] == ["dense", "moe-fine", "moe-shared"]
+    assert sorted(s["seed"] for s in specs) == [0, 1, 2] and len({s["base_dir"] for s in specs}) == 3
