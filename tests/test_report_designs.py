@@ -71,6 +71,9 @@ def test_report_renders_for_every_design(designs_run: Path) -> None:
         assert f"<li>{arm} (" in page or f"<li>{arm}:" in page, arm  # its own headline sentences
     assert f"no expert took, layer 1 {100 * ec_load['unrouted_fraction']['estimate']:.1f}%" in summary
     assert 'id="viewer-expert-choice"' in page
+    # the set-up names each arm's routed experts as trained, not the config's coarse count
+    assert ("MoE arms: moe 4 experts, top-1; moe-shared 15 experts of 1/4 width, top-3 + 1 shared; "
+            "moe-fine 16 experts of 1/4 width, top-4; moe-ec 4 experts, expert choice in layers [1]") in summary
     viewer = json.loads((designs_run / "analysis" / "viewer.json").read_text())
     assert list(viewer["arms"]) == DESIGNS[1:]
     assert [arm for arm, v in viewer["arms"].items() if v.get("routing") == "expert_choice"] == ["moe-ec"]

@@ -462,6 +462,24 @@ def released_setup_paragraphs(metrics: dict, info: dict) -> list[str]:
     ]
 
 
+def moe_arm_shapes(metrics: dict) -> str:
+    """Each MoE arm's routed experts as analysed (first MoE layer): count, width, top-k and shared experts,
+    e.g. "moe 16 experts, top-1; moe-fine 64 experts of 1/4 width, top-4". Empty without MoE arms."""
+    parts = []
+    for arm, v in metrics.get("arms", {}).items():
+        layers = v.get("layers") or {}
+        if v.get("kind") != "moe" or not layers:
+            continue
+        info = layers[min(layers, key=int)]
+        m = int(info.get("expert_granularity", 1) or 1)
+        choice = "expert choice" if info.get("routing") == "expert_choice" else f"top-{info['top_k']}"
+        text = f"{arm} {info['n_experts']} experts" + (f" of 1/{m} width" if m > 1 else "") + f", {choice}"
+        if info.get("n_shared_experts"):
+            text += f" + {info['n_shared_experts']} shared"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def setup_paragraphs(metrics: dict, experiment: dict, manifest: dict) -> list[str]:
     exp = experiment.get("experiment", {})
     if "released_model" in exp:
@@ -478,8 +496,9 @@ def setup_paragraphs(metrics: dict, experiment: dict, manifest: dict) -> list[st
     model, moe, train = exp.get("model", {}), exp.get("moe", {}), exp.get("train", {})
     if model:
         out.append(f"Model: GPT-2 with {model.get('n_layers')} layers, d={model.get('d_model')}, "
-                   f"{model.get('n_heads')} heads, context {model.get('context_tokens')}. MoE arms: {moe.get('n_experts')} "
-                   f"experts in layers {moe.get('layers')}, upcycled from the dense base.")
+                   f"{model.get('n_heads')} heads, context {model.get('context_tokens')}. MoE arms: "
+                   f"{moe_arm_shapes(metrics) or str(moe.get('n_experts')) + ' experts'} in layers {moe.get('layers')}, "
+                   f"upcycled from the dense base.")
     if train:
         out.append(f"Each arm: {train.get('steps')} steps of {train.get('batch_sequences')} sequences, seed {train.get('seed')}.")
     diffs = {a: v.get("diff") for a, v in experiment.get("arms", {}).items()}
