@@ -295,3 +295,24 @@ def test_vocabulary_specialization_counts_the_experts_that_took_each_occurrence(
     table = expert_choice_table(mask, domain, block, stored)
     table = RoutingTable(**{**{n: getattr(table, n) for n in RoutingTable.columns()}, "token_id": token_id})
     assert summarize_layer(table, ["a", "b"], EC_CFG)["vocabulary"]["mean"] == pytest.approx(v.mean)
+
+
+@pytest.mark.filterwarnings("ignore:The BCa confidence interval")
+def test_consecutive_tokens_under_expert_choice_count_the_experts_own_selection() -> None:
+    """'Same expert as previous token' for expert choice: the share of consecutive pairs that one expert took
+    both of, with chance 1 - prod_e (1 - q_e^2); hand-counted on two blocks of four tokens."""
+    from moescope.analysis import metrics
+
+    sets = [{0}, {0, 1}, set(), {1}, {1}, {1}, {1}, {0}]  # block 0: pairs share 0 / -, -; block 1: 1, 1, -
+    mask = np.array([[e in s for e in range(2)] for s in sets])
+    block = np.repeat([0, 1], 4)
+    table = expert_choice_table(mask, block.copy(), block, mask.argmax(1))
+    i, j = metrics.consecutive_pairs(table.block, table.position)
+    assert metrics.shared_assignment(mask, i, j).tolist() == [True, False, False, True, True, False]
+    q = np.array([3 / 8, 5 / 8])  # expert 0 took 3 of 8 tokens, expert 1 took 5
+    assert metrics.shared_assignment_baseline(mask) == pytest.approx(1 - np.prod(1 - q * q))
+    rep = summarize_layer(table, ["a", "b"], EC_CFG)["repetition"]
+    assert rep["shared_assignment"]["estimate"] == pytest.approx(3 / 6)
+    assert rep["shared_assignment_baseline"] == pytest.approx(1951 / 4096)
+    # token choice has no such entry (its summaries are pinned by the fixture test above)
+    assert "shared_assignment" not in summarize_layer(token_choice_table(1), DOMAINS, TC_CFG)["repetition"]

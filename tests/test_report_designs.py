@@ -71,6 +71,11 @@ def test_report_renders_for_every_design(designs_run: Path) -> None:
         assert f"<li>{arm} (" in page or f"<li>{arm}:" in page, arm  # its own headline sentences
     assert f"no expert took, layer 1 {100 * ec_load['unrouted_fraction']['estimate']:.1f}%" in summary
     assert 'id="viewer-expert-choice"' in page
+    # consecutive tokens under expert choice: counted over the experts' own selection, against its chance
+    rep = layers["moe-ec"]["1"]["repetition"]
+    assert 0.0 <= rep["shared_assignment"]["estimate"] <= 1.0 and 0.0 < rep["shared_assignment_baseline"] < 1.0
+    assert f"vs {rep['shared_assignment_baseline']:.3f} (shared)" in summary
+    assert not any("shared_assignment" in layers[arm]["1"]["repetition"] for arm in DESIGNS[1:4])
     # the set-up names each arm's routed experts as trained, not the config's coarse count
     assert ("MoE arms: moe 4 experts, top-1; moe-shared 15 experts of 1/4 width, top-3 + 1 shared; "
             "moe-fine 16 experts of 1/4 width, top-4; moe-ec 4 experts, expert choice in layers [1]") in summary

@@ -264,6 +264,19 @@ def shared_topk_expert(expert_index: np.ndarray, i: np.ndarray, j: np.ndarray) -
     return (a[:, :, None] == b[:, None, :]).any(axis=(-2, -1))
 
 
+def shared_assignment(expert_mask: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Per pair: did some expert take both token i and token j? (expert choice: a token is taken by 0..E experts)."""
+    mask = np.asarray(expert_mask, dtype=bool)
+    return (mask[i] & mask[j]).any(axis=-1)
+
+
+def shared_assignment_baseline(expert_mask: np.ndarray) -> float:
+    """Chance that two independent tokens share an expert when expert e takes each token with its own rate
+    q_e (the share of tokens it took): 1 - prod_e (1 - q_e^2)."""
+    q = np.asarray(expert_mask, dtype=np.float64).mean(axis=0)
+    return float(1.0 - np.prod(1.0 - q * q))
+
+
 def repetition_baseline_uniform(n_experts: int, top_k: int = 1) -> float:
     """Chance that two uniformly random top-k sets share an expert: 1 - C(E-k, k) / C(E, k).
 

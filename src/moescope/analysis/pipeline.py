@@ -37,7 +37,9 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
                       experts_per_token_counts [E+1] (tokens taken by 0, 1, ..., E experts)
       entropy         router_entropy_token IV, router_entropy_of_mean IV, router_entropy_max (ln E)
       repetition      n_pairs, same_first_choice IV, baseline_uniform (1/E), baseline_load (sum f^2),
-                      shared_topk IV + shared_topk_baseline_uniform (top-k > 1 only)
+                      shared_topk IV + shared_topk_baseline_uniform (top-k > 1 only),
+                      shared_assignment IV + shared_assignment_baseline (expert choice only: one expert
+                      took both tokens; chance 1 - prod_e (1 - q_e^2) from each expert's take rate q_e)
       vocabulary      min_count, n_token_ids, mean, weighted_mean, baseline_shuffled, most_specialized [...]
     arms.ARM.token_types.LAYER         type_names, n_tokens, counts [types][E], expert_given_type, top_expert
                                        {TYPE: {expert, share, n_tokens}}, nmi IV (token-weighted)

@@ -204,6 +204,8 @@ def summarize_layer(
     pair_values = [np.ones(i.size), metrics.same_first_choice(table.expert_index, i, j)]
     if k > 1:
         pair_values.append(metrics.shared_topk_expert(table.expert_index, i, j))
+    if ec:
+        pair_values.append(metrics.shared_assignment(table.expert_mask, i, j))
     _, pair_sums = stats.sum_by_block(np.column_stack(pair_values), table.block[i], block_ids)
     repetition = {
         "n_pairs": int(i.size),
@@ -213,6 +215,9 @@ def summarize_layer(
             metrics.repetition_baseline_load(metrics.count_experts(table.expert_index[:, 0], n_exp))
         ),
     }
+    if ec:  # consecutive tokens over the experts' own selection: did one expert take both?
+        repetition["shared_assignment"] = boot(pair_sums, lambda s: s[..., -1] / s[..., 0]) if i.size else None
+        repetition["shared_assignment_baseline"] = metrics.shared_assignment_baseline(table.expert_mask)
     if ec:  # pairs of experts that took the same token, over the layer's own selection
         mask = np.asarray(table.expert_mask, dtype=np.float64)
         pairs = mask.T @ mask

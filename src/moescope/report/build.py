@@ -259,6 +259,16 @@ def loss_table(metrics: dict) -> Table:
                  ["arm", *domains, "token-weighted", "domain-weighted"], rows, caption)
 
 
+def _repetition_cell(rep: dict) -> str:
+    """Consecutive tokens on one expert against chance: over the experts' own assignments for expert choice
+    (some expert took both), else the first choices against 1/E."""
+    if rep.get("shared_assignment"):
+        return f"{fmt_interval(rep['shared_assignment'], 2)} vs {rep['shared_assignment_baseline']:.3f} (shared)"
+    if rep.get("same_first_choice"):
+        return f"{fmt_interval(rep['same_first_choice'], 2)} vs {rep['baseline_uniform']:.3f}"
+    return "n/a"
+
+
 def routing_table(metrics: dict) -> Table:
     """One row per MoE arm and layer; top-k models get the first-choice NMI and OLMoE specialization too."""
     arms = moe_arms(metrics)
@@ -275,8 +285,7 @@ def routing_table(metrics: dict) -> Table:
                 fmt_interval(s["max_expert_given_domain"], 2), fmt_interval(ld["load_cv"], 2),
                 fmt_interval(ld["max_fraction"], 2), fmt_interval(ld["effective_experts"], 2),
                 f"{_estimate(en['router_entropy_token']) / en['router_entropy_max']:.3f}",
-                (f"{fmt_interval(rep['same_first_choice'], 2)} vs {rep['baseline_uniform']:.3f}"
-                 if rep.get("same_first_choice") else "n/a"),
+                _repetition_cell(rep),
             ])
     shared = any(v.get("n_shared_experts") for a in arms for v in metrics["arms"][a]["layers"].values())
     if shared:
@@ -291,7 +300,8 @@ def routing_table(metrics: dict) -> Table:
     if topk:
         columns += ["NMI first choice", "domain specialization vs k/E"]
     columns += ["max P(e|d)", "load CV", "max share", "effective experts", "entropy / ln E",
-                "same expert as previous token vs 1/E"] + (["shared experts (not counted)"] if shared else []) \
+                "same expert as previous token vs " + ("chance" if unrouted else "1/E")] \
+        + (["shared experts (not counted)"] if shared else []) \
         + (["unrouted share (expert choice)"] if unrouted else [])
     caption = ("NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
                "between blocks. Balance is judged from the token shares themselves, not from the aux loss. "
@@ -306,9 +316,10 @@ def routing_table(metrics: dict) -> Table:
         caption += (" Expert choice: experts pick tokens, so a token is taken by 0..E experts; the unrouted share "
                     "counts tokens no expert took (they pass through the residual only). NMI, P(expert | domain) and "
                     "load count every (token, expert) assignment the experts made: a token taken by two experts "
-                    "counts once for each, an unrouted token in no expert. 'Same expert as previous token' still "
-                    "compares each token's stored expert (the taken one with the highest router probability, or "
-                    "for an unrouted token its router's first choice).")
+                    "counts once for each, an unrouted token in no expert. 'Same expert as previous token' is, for "
+                    "expert choice, the share of consecutive token pairs that one expert took both of (marked "
+                    "'shared'), against the chance 1 - prod_e (1 - q_e^2) for two independent tokens when expert e "
+                    "takes a q_e share of all tokens.")
         orders = {metrics["arms"][a].get("batch_order", "by_domain") for a in arms
                   if any("unrouted_fraction" in v["load"] for v in metrics["arms"][a]["layers"].values())}
         if "mixed" in orders:
