@@ -316,3 +316,33 @@ def test_consecutive_tokens_under_expert_choice_count_the_experts_own_selection(
     assert rep["shared_assignment_baseline"] == pytest.approx(1951 / 4096)
     # token choice has no such entry (its summaries are pinned by the fixture test above)
     assert "shared_assignment" not in summarize_layer(token_choice_table(1), DOMAINS, TC_CFG)["repetition"]
+
+
+def test_assignment_saturation_is_router_saturation_for_top_k_and_counts_every_assignment() -> None:
+    """Router saturation over selection masks: for top-k token choice (k assignments per token) it equals the
+    top-k overlap; under expert choice it is the share of the final model's assignments the checkpoint made."""
+    from moescope.analysis import metrics
+
+    rng = np.random.default_rng(3)
+    n, n_exp, k = 200, 6, 2
+    final = np.argsort(rng.random((n, n_exp)), axis=1)[:, :k]
+    ckpt = np.argsort(rng.random((n, n_exp)), axis=1)[:, :k]
+    ckpt[:120] = final[:120]
+
+    def onehot(idx: np.ndarray) -> np.ndarray:
+        mask = np.zeros((n, n_exp), dtype=bool)
+        np.put_along_axis(mask, idx, True, axis=1)
+        return mask
+
+    assert metrics.assignment_saturation(onehot(ckpt), onehot(final)) == pytest.approx(
+        float(metrics.router_saturation([ckpt], final)[0]), rel=1e-12)
+    even = np.zeros((300, n_exp), dtype=bool)  # k = 2 assignments per token, each expert takes 1/3 of tokens
+    np.put_along_axis(even, np.arange(k) + 2 * (np.arange(300) % 3)[:, None], True, axis=1)
+    assert metrics.assignment_saturation_baseline(even) == pytest.approx(k / n_exp)
+    # expert choice, hand-counted: the final model made 4 assignments, the checkpoint repeated 3 (and added 1)
+    final_ec = np.array([[1, 0], [1, 1], [0, 0], [0, 1]], dtype=bool)
+    ckpt_ec = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], dtype=bool)
+    assert metrics.assignment_saturation(ckpt_ec, final_ec) == pytest.approx(3 / 4)
+    assert metrics.assignment_saturation_baseline(final_ec) == pytest.approx((0.5 ** 2 * 2) / 1.0)
+    with pytest.raises(ValueError, match="not the same tokens"):
+        metrics.assignment_saturation(ckpt_ec[:3], final_ec)

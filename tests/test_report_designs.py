@@ -3,6 +3,7 @@ a tiny experiment trained, analysed and reported end to end, then its token view
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def test_report_renders_for_every_design(designs_run: Path) -> None:
     for arm in DESIGNS[1:]:
         sat = metrics["arms"][arm]["saturation"]
         assert sat["steps"][-1] == 6 and sat["layers"]["1"][-1] == pytest.approx(1.0), arm
+        # expert choice: saturation over the experts' own (token, expert) assignments
+        assert sat.get("counts") == ("assignments" if arm == "moe-ec" else None), arm
     ec_load = layers["moe-ec"]["1"]["load"]
     assert sum(ec_load["experts_per_token_counts"]) == layers["moe-ec"]["1"]["n_tokens"]
     assert ec_load["unrouted_fraction"]["estimate"] == pytest.approx(
@@ -71,6 +74,7 @@ def test_report_renders_for_every_design(designs_run: Path) -> None:
         assert f"<li>{arm} (" in page or f"<li>{arm}:" in page, arm  # its own headline sentences
     assert f"no expert took, layer 1 {100 * ec_load['unrouted_fraction']['estimate']:.1f}%" in summary
     assert 'id="viewer-expert-choice"' in page
+    assert html.escape("moe-ec (expert choice): the share of the final model's (token, expert) assignments") in page
     # consecutive tokens under expert choice: counted over the experts' own selection, against its chance
     rep = layers["moe-ec"]["1"]["repetition"]
     assert 0.0 <= rep["shared_assignment"]["estimate"] <= 1.0 and 0.0 < rep["shared_assignment_baseline"] < 1.0

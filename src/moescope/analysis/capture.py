@@ -168,11 +168,13 @@ def capture_routing(
 
 @torch.no_grad()
 def capture_expert_choices(
-    model: nn.Module, batches: Iterable[torch.Tensor]
+    model: nn.Module, batches: Iterable[torch.Tensor], *, assignments: bool = False
 ) -> dict[int, np.ndarray]:
     """Top-k expert choices per MoE layer [N, k] for a sequence of input batches (no loss, no probs).
 
-    Used for router saturation: the same tokens through every saved snapshot.
+    Used for router saturation: the same tokens through every saved snapshot. With
+    ``assignments``, an expert-choice layer gives its selection mask [N, E] (bool: which
+    experts took each token) instead of its stored expert.
     """
     model.eval()
     recorder = _Recorder(model)
@@ -180,7 +182,11 @@ def capture_expert_choices(
         for x in batches:
             model(input_ids=x.to(next(model.parameters()).device))
             recorder.collect()
-    return {i: recorder.arrays(i)["expert_index"] for i in recorder.layers}
+    out = {}
+    for i in recorder.layers:
+        arrays = recorder.arrays(i)
+        out[i] = arrays["expert_mask"] if assignments and "expert_mask" in arrays else arrays["expert_index"]
+    return out
 
 
 # --------------------------------------------------------------------------- files

@@ -404,6 +404,23 @@ def topk_overlap(expert_index: np.ndarray, reference_index: np.ndarray) -> np.nd
     return (a[:, :, None] == b[:, None, :]).any(axis=-1).sum(axis=-1) / a.shape[1]
 
 
+def assignment_saturation(checkpoint_mask: np.ndarray, final_mask: np.ndarray) -> float:
+    """Router saturation for expert choice: the share of the final model's (token, expert) assignments
+    that the checkpoint also made. For top-k token choice (k assignments per token) this equals
+    `router_saturation`; here a token may have 0..E assignments."""
+    a, b = np.asarray(checkpoint_mask, dtype=bool), np.asarray(final_mask, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"selection masks of shape {a.shape} and {b.shape} are not the same tokens")
+    return float((a & b).sum() / max(int(b.sum()), 1))
+
+
+def assignment_saturation_baseline(final_mask: np.ndarray) -> float:
+    """What `assignment_saturation` gives for a checkpoint whose experts take the final model's shares of
+    tokens independently of it: sum_e q_e^2 / sum_e q_e (k/E for k assignments per token spread evenly)."""
+    q = np.asarray(final_mask, dtype=np.float64).mean(axis=0)
+    return float((q * q).sum() / max(q.sum(), 1e-12))
+
+
 def router_saturation(checkpoint_indices: list[np.ndarray], final_index: np.ndarray) -> np.ndarray:
     """OLMoE router saturation per checkpoint [T]: mean over tokens of the top-k overlap with the final model.
 

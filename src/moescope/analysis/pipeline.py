@@ -47,7 +47,8 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
                                        js_divergence_of_means, mean_token_js_divergence IV, top1_changed_fraction IV,
                                        reference_token_js_divergence {"same domain", "different domains"},
                                        reference_domain_js_divergence {"A vs B"}}
-    arms.ARM.saturation                {steps [T], n_tokens, baseline (k/E), layers {LAYER: [T]}}
+    arms.ARM.saturation                {steps [T], n_tokens, baseline (k/E), layers {LAYER: [T]}; expert
+                                        choice: counts = "assignments", baseline sum q^2 / sum q}
 """
 
 from __future__ import annotations
@@ -331,7 +332,10 @@ def run_saturation(
     The final model's choices come from ``final_capture`` when it holds the blocks
     (no extra forward pass), else from a fresh pass. Under expert choice a token's
     experts depend on its batch, so there the final model and every snapshot see the
-    same batches (in ``batch_order``) and the capture is not reused.
+    same batches (in ``batch_order``) and the capture is not reused; and a curve point is the
+    share of the final model's (token, expert) assignments that the snapshot also made (for top-k
+    token choice the same number as the top-k overlap), its baseline that of independent
+    experts taking the same shares of tokens.
     """
     from moescope.analysis import metrics
 
@@ -344,31 +348,40 @@ def run_saturation(
     x = torch.from_numpy(store.gather("eval", index[rows]))
     batches = list(torch.split(x, cfg.batch_blocks))
     position = {int(r): j for j, r in enumerate(final_capture.block_rows)} if final_capture is not None else {}
-    reuse = final_capture is not None and not routes_by_batch(moe_layers(model_final).values())
+    by_batch = routes_by_batch(moe_layers(model_final).values())
+    reuse = final_capture is not None and not by_batch
     if reuse and final_capture.tables and all(int(r) in position for r in rows):
         size = store.block_size
         take = np.concatenate([np.arange(position[int(r)] * size, (position[int(r)] + 1) * size) for r in rows])
         final = {i: t.expert_index[take] for i, t in final_capture.tables.items()}
     else:
-        final = capture.capture_expert_choices(model_final, batches)
+        final = capture.capture_expert_choices(model_final, batches, assignments=by_batch)
     steps, curves = [], {i: [] for i in final}
     from tqdm.auto import tqdm
 
     for step, path in tqdm(snaps, desc="saturation", unit="snapshot", disable=not progress):
         model = load_moe_model(path, device=next(model_final.parameters()).device)
-        choices = capture.capture_expert_choices(model, batches)
+        choices = capture.capture_expert_choices(model, batches, assignments=by_batch)
         if sorted(choices) != sorted(final):
             raise MoescopeError(f"{path}: MoE layers {sorted(choices)} differ from the final model's {sorted(final)}")
         steps.append(step)
         for i in final:
-            curves[i].append(float(metrics.router_saturation([choices[i]], final[i])[0]))
-    layer0 = moe_layers(model_final)[next(iter(final))]
-    return {
+            if final[i].dtype == bool:  # expert choice: the experts' own selections
+                curves[i].append(metrics.assignment_saturation(choices[i], final[i]))
+            else:
+                curves[i].append(float(metrics.router_saturation([choices[i]], final[i])[0]))
+    first = next(iter(final))
+    layer0 = moe_layers(model_final)[first]
+    out = {
         "steps": steps,
         "n_tokens": int(x.numel()),
-        "baseline": metrics.specialization_baseline(layer0.n_experts, layer0.top_k),
+        "baseline": (metrics.assignment_saturation_baseline(final[first]) if final[first].dtype == bool
+                     else metrics.specialization_baseline(layer0.n_experts, layer0.top_k)),
         "layers": {str(i): c for i, c in curves.items()},
     }
+    if by_batch:
+        out["counts"] = "assignments"  # expert choice: shares of the final model's (token, expert) assignments
+    return out
 
 
 

@@ -435,7 +435,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             extra.append(Figure("Token types in code", tt, "Python tokenize types aligned to model tokens by character offsets."))
         sat = figures.plot_saturation(metrics, moe, fig_dir / "saturation.png")
         if sat:
-            extra.append(Figure("Router saturation", sat))
+            caption = "Share of the final model's expert choices each snapshot already makes (top-k overlap, OLMoE)."
+            ec_arms = [a for a in moe if metrics["arms"][a].get("saturation", {}).get("counts") == "assignments"]
+            if ec_arms:
+                caption += (f" {', '.join(ec_arms)} (expert choice): the share of the final model's (token, expert) "
+                            "assignments the snapshot also made, whose chance level is the experts' token shares, "
+                            "not k/E.")
+            extra.append(Figure("Router saturation", sat, caption))
         fmt = figures.plot_format_test(metrics, moe, fig_dir / "format_test.png")
         if fmt:
             extra.append(Figure("Format test", fmt, "Same math/code content with and without fixed 'Problem:'/'Solution:' markers."))
