@@ -209,16 +209,13 @@ def _experts_only_ms(mods: list[torch.nn.Module], x: torch.Tensor, up: torch.Ten
     same tokens split evenly over the experts: no router, no sort, no gather or combine. What an MoE
     layer of this shape would cost with routing for free: its distance from the dense FFN is the price
     of E experts' separate weights (each read, packed and given a gradient of its own)."""
-    from moescope.moe.grouped import run_grouped_experts
+    from bench_moe_layer import ExpertsOnly  # the layer benchmark's bound, on this arm's own experts
 
     t0 = time.perf_counter()
     for m in mods:
         for p in m.parameters():
             p.grad = None
-        rows = x.reshape(-1, x.shape[-1]).clone().requires_grad_(True)
-        n_exp = len(m.experts)
-        sizes = [rows.shape[0] // n_exp + (1 if e < rows.shape[0] % n_exp else 0) for e in range(n_exp)]
-        run_grouped_experts(m.experts, rows, sizes, True).backward(up.reshape(rows.shape))
+        ExpertsOnly(m).train()(x.clone().requires_grad_(True)).backward(up)
     return (time.perf_counter() - t0) * 1e3
 
 

@@ -215,10 +215,11 @@ def summarize_layer(
             metrics.repetition_baseline_load(metrics.count_experts(table.expert_index[:, 0], n_exp))
         ),
     }
-    if ec:  # consecutive tokens over the experts' own selection: did one expert take both?
+    if ec:
+        # consecutive tokens over the experts' own selection: did one expert take both?
         repetition["shared_assignment"] = boot(pair_sums, lambda s: s[..., -1] / s[..., 0]) if i.size else None
         repetition["shared_assignment_baseline"] = metrics.shared_assignment_baseline(table.expert_mask)
-    if ec:  # pairs of experts that took the same token, over the layer's own selection
+        # pairs of experts that took the same token, over the layer's own selection
         mask = np.asarray(table.expert_mask, dtype=np.float64)
         pairs = mask.T @ mask
         np.fill_diagonal(pairs, 0.0)
