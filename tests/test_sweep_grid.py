@@ -95,3 +95,37 @@ def test_load_sweep_reads_the_shipped_designs_sweep(tmp_path) -> None:
     assert len(specs) == 3 and not any(tmp_path.iterdir())
     assert study["experiment"]["arms"] == ["dense", "moe-fine", "moe-shared"]
     assert sorted(s["seed"] for s in specs) == [0, 1, 2] and len({s["base_dir"] for s in specs}) == 3
+
+
+def test_axis_contrasts_pair_within_a_seed_and_average_over_the_other_axes() -> None:
+    """Change of loss - dense along one axis: per seed the mean over the other axis of (value - first value),
+    then a t-interval over seeds; a seed missing any needed cell is left out."""
+    g = {"a": [0, 1], "b": ["x", "y"]}
+    # loss - dense = 0.01 * a + (0.1 if b == "y") + seed * 0.001 * a * (1 if b == "x" else 3)
+    def result(a, b, seed):
+        d = 0.01 * a + (0.1 if b == "y" else 0.0) + seed * 0.001 * a * (1 if b == "x" else 3)
+        return {"point": {"a": a, "b": b}, "point_id": f"a={a},b={b}", "seed": seed,
+                "rows": [{"arm": "dense"}, {"arm": "moe", "loss_vs_dense": {"estimate": d}}]}
+
+    results = [result(a, b, s) for a in (0, 1) for b in ("x", "y") for s in (0, 1)]
+    out = {(c["axis"], c["value"]): c for c in grid.axis_contrasts(results, g)}
+    assert set(out) == {("a", 1), ("b", "y")} and all(c["arm"] == "moe" for c in out.values())
+    # a: seed 0 -> 0.01; seed 1 -> mean(0.01 + 0.001, 0.01 + 0.003) = 0.012
+    assert out[("a", 1)]["per_seed"] == pytest.approx({0: 0.01, 1: 0.012})
+    assert out[("a", 1)]["change"]["mean"] == pytest.approx(0.011) and out[("a", 1)]["change"]["n"] == 2
+    # b: seed 0 -> 0.1; seed 1 -> mean(0.1, 0.1 + 0.002) = 0.101
+    assert out[("b", "y")]["per_seed"] == pytest.approx({0: 0.1, 1: 0.101})
+    # drop one cell of seed 1: that seed no longer counts for either axis
+    partial = [r for r in results if not (r["point"] == {"a": 1, "b": "y"} and r["seed"] == 1)]
+    assert {k: list(c["per_seed"]) for k, c in
+            ((c["axis"], c) for c in grid.axis_contrasts(partial, g))} == {"a": [0], "b": [0]}
+
+
+def test_aggregate_cells_gives_each_layer_its_own_nmi_and_load_cv() -> None:
+    def result(seed: int, nmi3: float) -> dict:
+        return {"point_id": "p", "point": {}, "seed": seed, "rows": [
+            {"arm": "moe", "layers": {"2": {"nmi": 0.1, "load_cv": 0.5}, "3": {"nmi": nmi3, "load_cv": 0.2}}}]}
+
+    (row,) = grid.aggregate_cells([result(0, 0.4), result(1, 0.6)])
+    assert list(row["layers"]) == ["2", "3"]
+    assert row["layers"]["3"]["nmi"]["mean"] == pytest.approx(0.5) and row["layers"]["2"]["load_cv"]["n"] == 2

@@ -151,7 +151,8 @@ def _comparable(resolved: dict[str, Any], data_dir: Path) -> dict[str, Any]:
 
 
 def summary_rows(metrics: dict) -> list[dict[str, Any]]:
-    """One row per arm: held-out loss and, for MoE arms, the best layer's NMI and the worst load CV."""
+    """One row per arm: held-out loss and, for MoE arms, the best layer's NMI, the worst load CV and each
+    layer's NMI and load CV."""
     rows = []
     for arm, v in metrics["arms"].items():
         row: dict[str, Any] = {"arm": arm, "eval_loss": v["eval_loss"]["domain_weighted"]}
@@ -161,7 +162,10 @@ def summary_rows(metrics: dict) -> list[dict[str, Any]]:
         if v.get("kind") == "moe":
             h = v["headline"]
             row.update(best_layer=h["best_layer"], nmi=h["nmi"], nmi_pvalue=h["nmi_pvalue"],
-                       load_cv_max=h["load_cv_max"], max_fraction_max=h["max_fraction_max"])
+                       load_cv_max=h["load_cv_max"], max_fraction_max=h["max_fraction_max"],
+                       layers={layer: {"nmi": lv["specialization"]["nmi"]["estimate"],
+                                       "load_cv": lv["load"]["load_cv"]["estimate"]}
+                               for layer, lv in v["layers"].items()})
         rows.append(row)
     return rows
 

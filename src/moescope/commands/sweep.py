@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     params = parse_overrides(args.executor_param)
     summary = run_sweep(study, scfg, args.out, workers=args.workers, executor=args.executor, executor_params=params)
     print()
-    print(format_markdown(summary["rows"], scfg))
+    print(format_markdown(summary["rows"], scfg, summary.get("contrasts", [])))
     print(f"\n{summary['n_cells_finished']} cells finished; this invocation {summary['wall_s_this_invocation']:.0f} s; "
           f"cells' own time {summary['cell_seconds']:.0f} s in total")
     print(f"summary: {args.out}/summary.md")

@@ -129,7 +129,52 @@ def aggregate_cells(results: list[dict[str, Any]], confidence_level: float = 0.9
             values = [read(row) for _, row in members]
             if any(v is not None for v in values):
                 entry[name] = seed_interval(values, confidence_level)
+        layers = sorted({layer for _, row in members for layer in row.get("layers", {})}, key=int)
+        if layers:
+            entry["layers"] = {layer: {metric: seed_interval([row.get("layers", {}).get(layer, {}).get(metric)
+                                                              for _, row in members], confidence_level)
+                                       for metric in ("nmi", "load_cv")} for layer in layers}
         out.append(entry)
+    return out
+
+
+def axis_contrasts(results: list[dict[str, Any]], grid: dict[str, list[Any]], metric: str = "loss_vs_dense",
+                   confidence_level: float = 0.95) -> list[dict[str, Any]]:
+    """Per grid axis, arm and value: the change in `metric` against the axis's first value, paired within a
+    seed (the other axes held equal, averaged over their combinations), then a t-interval over seeds.
+
+    A seed counts for a value only when every combination of the other axes finished at both values.
+    """
+    by_cell: dict[tuple, float] = {}
+    for res in results:
+        point = tuple(res["point"].get(k) for k in grid)
+        for row in res["rows"]:
+            v = ROW_METRICS[metric](row)
+            if v is not None:
+                by_cell[(point, row["arm"], res["seed"])] = v
+    arms = list(dict.fromkeys(arm for _, arm, _ in by_cell))
+    seeds = sorted({seed for _, _, seed in by_cell})
+    out = []
+    for a, key in enumerate(grid):
+        others = list(itertools.product(*(vals for b, vals in enumerate(grid.values()) if b != a)))
+        first = grid[key][0]
+        for arm in arms:
+            for value in grid[key][1:]:
+                per_seed = {}
+                for seed in seeds:
+                    diffs = []
+                    for rest in others:
+                        at = lambda v: (*rest[:a], v, *rest[a:])  # noqa: E731  the point with this axis = v
+                        cells = [(at(value), arm, seed), (at(first), arm, seed)]
+                        if not all(c in by_cell for c in cells):
+                            break
+                        diffs.append(by_cell[cells[0]] - by_cell[cells[1]])
+                    else:
+                        per_seed[seed] = float(np.mean(diffs))
+                if per_seed:
+                    out.append({"axis": key, "value": value, "vs": first, "arm": arm, "metric": metric,
+                                "per_seed": per_seed,
+                                "change": seed_interval(list(per_seed.values()), confidence_level)})
     return out
 
 

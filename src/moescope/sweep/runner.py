@@ -183,13 +183,24 @@ def run_sweep(
 
     # 3. cells
     results, failures = _execute(run_cell, todo, executor, workers, out_dir, executor_params)
-    finished = [json.loads((Path(s["cell_dir"]) / "result.json").read_text(encoding="utf-8"))
+    finished = [_current_rows(json.loads((Path(s["cell_dir"]) / "result.json").read_text(encoding="utf-8")))
                 for s in specs if (Path(s["cell_dir"]) / "result.json").is_file()]
     summary = write_summary(finished, scfg, out_dir, wall_s=time.perf_counter() - t_start)
     if failures:
         raise MoescopeError(f"sweep: {len(failures)} of {len(todo)} cells failed (first: {failures[0]}); "
                             f"rerun the same command to retry them")
     return summary
+
+
+def _current_rows(result: dict[str, Any]) -> dict[str, Any]:
+    """A finished cell's result with its summary rows read again from its analysis (metrics.json), so a
+    cell finished by an earlier moescope gets the columns added since; as stored when that file is gone."""
+    from moescope.demo import summary_rows
+
+    path = Path(result.get("run_dir", "")) / "analysis" / "metrics.json"
+    if result.get("run_dir") and path.is_file():
+        result = {**result, "rows": summary_rows(json.loads(path.read_text(encoding="utf-8")))}
+    return result
 
 
 # --------------------------------------------------------------------------- work units (run in workers)
@@ -373,6 +384,7 @@ def write_summary(results: list[dict[str, Any]], scfg: SweepConfig, out_dir: Pat
     from moescope.sweep import plots
 
     rows = grid_mod.aggregate_cells(results, scfg.confidence_level)
+    contrasts = grid_mod.axis_contrasts(results, scfg.grid, "loss_vs_dense", scfg.confidence_level)
     figs = {}
     fig_dir = out_dir / "figures"
     for name, path in (
@@ -389,15 +401,16 @@ def write_summary(results: list[dict[str, Any]], scfg: SweepConfig, out_dir: Pat
                      "(n - 1 degrees of freedom; none for n = 1)"),
         "grid": scfg.grid, "seeds": scfg.seeds, "n_cells_finished": len(results),
         "cell_seconds": sum(r.get("timings", {}).get("cell_s", 0.0) for r in results),
-        "wall_s_this_invocation": wall_s, "rows": rows, "figures": figs,
+        "wall_s_this_invocation": wall_s, "rows": rows, "contrasts": contrasts, "figures": figs,
     }
     atomic_write_json(out_dir / "summary.json", summary)
-    atomic_write_text(out_dir / "summary.md", format_markdown(rows, scfg) + "\n")
+    atomic_write_text(out_dir / "summary.md", format_markdown(rows, scfg, contrasts) + "\n")
     return summary
 
 
-def format_markdown(rows: list[dict[str, Any]], scfg: SweepConfig) -> str:
-    """One markdown table: a row per (grid point, arm), each metric as mean [t-interval] over seeds."""
+def format_markdown(rows: list[dict[str, Any]], scfg: SweepConfig, contrasts: list[dict[str, Any]] = ()) -> str:
+    """Markdown tables: a row per (grid point, arm), each metric as mean [t-interval] over seeds; each MoE
+    arm's NMI and load CV per layer; and each grid axis's paired change of the loss difference."""
     level = f"{100 * scfg.confidence_level:.0f}%"
     head = ["cell", "arm", "seeds", "eval loss", "loss - dense (paired)", "best-layer NMI", "max load CV"]
     lines = [f"Mean over seeds [{level} t-interval, n - 1 df; no interval for one seed].", "",
@@ -408,4 +421,20 @@ def format_markdown(rows: list[dict[str, Any]], scfg: SweepConfig) -> str:
             format_seed_interval(r.get("loss_vs_dense"), 4, signed=True), format_seed_interval(r.get("nmi")),
             format_seed_interval(r.get("load_cv_max"), 2),
         ]) + " |")
+    layered = [r for r in rows if r.get("layers")]
+    if layered:
+        lines += ["", "Per MoE layer, mean over seeds [t-interval].", "",
+                  "| cell | arm | layer | NMI | load CV |", "|---|---|---|---|---|"]
+        for r in layered:
+            for layer, m in r["layers"].items():
+                lines.append(f"| {r['point_id']} | {r['arm']} | {layer} | {format_seed_interval(m['nmi'])} | "
+                             f"{format_seed_interval(m['load_cv'], 2)} |")
+    if contrasts:
+        lines += ["", "Each grid axis against its first value: the change in loss - dense, paired within a seed "
+                  "(other axes held equal, averaged over their values), mean over seeds [t-interval].", "",
+                  "| axis | value vs first | arm | seeds | change | per seed |", "|---|---|---|---|---|---|"]
+        for c in contrasts:
+            per = " / ".join(f"{v:+.4f}" for v in c["per_seed"].values())
+            lines.append(f"| {c['axis']} | {c['value']} vs {c['vs']} | {c['arm']} | {len(c['per_seed'])} | "
+                         f"{format_seed_interval(c['change'], 4, signed=True)} | {per} |")
     return "\n".join(lines)
