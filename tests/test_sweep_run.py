@@ -166,3 +166,22 @@ def test_shared_stages_give_the_same_cell_as_training_it_alone(sweep_run: Path, 
             (shared / stage / "final" / "model.safetensors").read_bytes(), stage
     assert _results(tmp_path / "alone")[cell]["rows"] == _results(sweep_run)[cell]["rows"]
     assert not (tmp_path / "alone" / "bases").exists()
+
+
+def test_summary_rows_are_read_again_from_the_analysis_and_a_corrupt_one_is_named(
+    sweep_run: Path, tmp_path: Path
+) -> None:
+    """A cell finished before the per-layer columns existed gets them from its metrics.json; a corrupt
+    metrics.json stops the summary with one error naming the file."""
+    from moescope.errors import MoescopeError
+    from moescope.sweep.runner import _current_rows
+
+    result = next(iter(_results(sweep_run).values()))
+    old = {**result, "rows": [{k: v for k, v in r.items() if k != "layers"} for r in result["rows"]]}
+    moe = next(r for r in _current_rows(old)["rows"] if r["arm"] == "moe")
+    assert moe["layers"] and all(set(v) == {"nmi", "load_cv"} for v in moe["layers"].values())
+    bad = tmp_path / "run" / "analysis" / "metrics.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"arms": {"moe": {"kind": "moe"}}}')
+    with pytest.raises(MoescopeError, match="metrics.json: not a moescope analysis"):
+        _current_rows({**result, "run_dir": str(tmp_path / "run")})

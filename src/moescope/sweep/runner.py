@@ -199,7 +199,11 @@ def _current_rows(result: dict[str, Any]) -> dict[str, Any]:
 
     path = Path(result.get("run_dir", "")) / "analysis" / "metrics.json"
     if result.get("run_dir") and path.is_file():
-        result = {**result, "rows": summary_rows(json.loads(path.read_text(encoding="utf-8")))}
+        try:
+            result = {**result, "rows": summary_rows(json.loads(path.read_text(encoding="utf-8")))}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MoescopeError(f"{path}: not a moescope analysis ({type(exc).__name__}: {exc}); "
+                                f"remove its cell directory to run the cell again") from exc
     return result
 
 
