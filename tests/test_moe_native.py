@@ -14,8 +14,10 @@ from moescope.moe.experts import build_experts
 from moescope.moe.grouped import grouped_linear
 from moescope.moe.layer import MoELayer
 
-# empty experts, slices shorter than MIN_EXPERT_ROWS, and slices the thread split cuts
+# empty experts, slices shorter than MIN_EXPERT_ROWS, slices the thread split cuts (one
+# expert over an even share) and whole slices balanced over the threads (a trained router)
 SIZES = [
+    [279, 295, 255, 205, 215, 261, 278, 260],
     [0, 5, 300, 17, 0, 129, 1, 60],
     [512],
     [3, 3, 3],

@@ -6,7 +6,8 @@
 // 128-row GEMM poorly (measured, d=128: 16 GEMMs of 128 rows took 2815 us at 2 threads
 // against 1868 us for one GEMM of 2048 rows). Here every thread of at::parallel_for (the same
 // OpenMP team torch uses, so no second pool spins against it) runs whole GEMMs,
-// single-threaded, on its share of the work; only the weight gradient of an expert holding
+// single-threaded, on its share of the work (whole expert slices when they balance, see
+// plan_whole_slices); only the weight gradient of an expert holding
 // more than an even share of the rows runs as one GEMM with all threads (see plan_experts).
 // Each GEMM is a plain at::mm / at::addmm, so the arithmetic of every output row is the
 // same as in the one-by-one loop.
@@ -30,7 +31,8 @@ struct RowTask {
   int64_t expert, start, rows;
 };
 
-// Splits the sorted rows into one contiguous run per thread, cut at expert-slice
+// The fallback to plan_whole_slices: splits the sorted rows into one contiguous run per
+// thread, cut at expert-slice
 // boundaries or inside a slice only where both pieces keep >= min_rows rows (BLAS uses
 // other kernels, with other rounding, for matrices of a few rows).
 std::vector<std::vector<RowTask>> plan_rows(const std::vector<int64_t>& sizes, int64_t threads,
@@ -59,6 +61,47 @@ std::vector<std::vector<RowTask>> plan_rows(const std::vector<int64_t>& sizes, i
   return plan;
 }
 
+// Experts `order` over load.size() threads, largest first to the least-loaded thread (LPT);
+// `load` (rows per thread) is updated.
+std::vector<std::vector<int64_t>> assign_lpt(std::vector<int64_t> order, const std::vector<int64_t>& sizes,
+                                             std::vector<int64_t>& load) {
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
+  std::vector<std::vector<int64_t>> per_thread(load.size());
+  for (int64_t e : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    load[t] += sizes[e];
+    per_thread[t].push_back(e);
+  }
+  return per_thread;
+}
+
+// Rows a GEMM's fixed cost (reading and packing its weight) is worth: an expert slice cut in
+// two between threads pays it twice, and pieces of half a slice also run at a lower rate per
+// row than the whole (measured at d=768 with benchmarks/bench_moe_layer.py). Whole slices are
+// kept when the busiest thread then carries at most this many rows over an even share.
+constexpr int64_t kSplitCostRows = 32;
+
+// Whole expert slices per thread (LPT), in expert order within a thread; empty when that
+// leaves a thread more than kSplitCostRows over an even share (a dominant expert, few
+// experts for many threads): then plan_rows cuts slices.
+std::vector<std::vector<RowTask>> plan_whole_slices(const std::vector<int64_t>& sizes, int64_t threads) {
+  const std::vector<int64_t> starts = slice_starts(sizes);
+  const int64_t total = starts.back();
+  std::vector<int64_t> order;
+  for (size_t e = 0; e < sizes.size(); ++e)
+    if (sizes[e] > 0) order.push_back(static_cast<int64_t>(e));
+  std::vector<int64_t> load(threads, 0);
+  std::vector<std::vector<int64_t>> experts = assign_lpt(order, sizes, load);
+  const int64_t even = (total + threads - 1) / threads;
+  if (*std::max_element(load.begin(), load.end()) > even + kSplitCostRows) return {};
+  std::vector<std::vector<RowTask>> plan(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    std::sort(experts[t].begin(), experts[t].end());
+    for (int64_t e : experts[t]) plan[t].push_back({e, starts[e], sizes[e]});
+  }
+  return plan;
+}
+
 // Weight-gradient work. An expert holding more than an even share of the rows (a collapsed
 // router, a single expert) could not be balanced by any assignment of whole experts: its
 // GEMM goes to `shared`, run by the calling thread with all of MKL's threads (the very call
@@ -81,14 +124,8 @@ ExpertPlan plan_experts(const std::vector<int64_t>& sizes, int64_t threads) {
     if (threads > 1 && sizes[e] * threads > total) plan.shared.push_back(static_cast<int64_t>(e));
     else order.push_back(static_cast<int64_t>(e));
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] > sizes[b]; });
-  plan.per_thread.resize(threads);
   std::vector<int64_t> load(threads, 0);
-  for (int64_t e : order) {
-    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
-    load[t] += sizes[e];
-    plan.per_thread[t].push_back(e);
-  }
+  plan.per_thread = assign_lpt(order, sizes, load);
   return plan;
 }
 
@@ -102,7 +139,8 @@ void grouped_rows_mm(at::Tensor out, const at::Tensor& x, const std::vector<at::
   TORCH_CHECK(weights.size() == sizes.size(), "one weight per expert");
   TORCH_CHECK(biases.empty() || biases.size() == sizes.size(), "one bias per expert, or none");
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const auto plan = plan_rows(sizes, threads, min_rows);
+  auto plan = plan_whole_slices(sizes, threads);
+  if (plan.empty()) plan = plan_rows(sizes, threads, min_rows);
   // Workers start with default thread-local state; give them the caller's (inference
   // mode, autocast, ...), or writing into an inference tensor would be refused.
   const at::ThreadLocalState caller_state;
