@@ -214,3 +214,63 @@ def test_released_only_flags_refused_with_a_run(tmp_path: Path, capsys, flags: l
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and text in err[0], err
     assert not out.exists()
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _without(path: Path, *suffixes: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if not k.endswith(suffixes)}, path, metadata={"format": "pt"})
+
+
+def test_pickle_weights_are_never_opened(shared, mixtral_dir, tmp_path: Path, capsys) -> None:
+    """A pytorch_model.bin holding a payload that would run code when unpickled: refused unopened."""
+    import pickle
+
+    model = _broken_copy(mixtral_dir, tmp_path / "m")
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    _refused(capsys, model, tmp_path / "out", ["--data", str(shared[2]), *FAST], "model.safetensors")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("router_missing", ["2 tensor(s) missing from the checkpoint", "layers.0.mlp.gate.weight"]),
+    ("experts_mis_shaped", ["of another shape in the checkpoint", "experts"]),
+    ("truncated", ["cannot load the weights"]),
+    ("top_k_above_experts", ["12 of 8 experts"]),
+    ("config_not_json", ["config.json", "cannot read the model config"]),
+])
+def test_broken_checkpoints_are_refused_not_filled_in(shared, mixtral_dir, tmp_path: Path, capsys, case: str,
+                                                      needles: list[str]) -> None:
+    """transformers would fill a missing or mis-shaped tensor with random values and carry on; moescope
+    refuses the model with one line naming the tensors (and every other broken file likewise)."""
+    model = _broken_copy(mixtral_dir, tmp_path / "m")
+    weights, config_path = model / "model.safetensors", model / "config.json"
+    config = json.loads(config_path.read_text())
+    if case == "router_missing":
+        _without(weights, ".gate.weight")  # both layers' routers (stored as block_sparse_moe.gate)
+    elif case == "experts_mis_shaped":
+        config["num_local_experts"] = 2 * config["num_local_experts"]
+        config_path.write_text(json.dumps(config))
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "top_k_above_experts":
+        config["num_local_experts"], config["num_experts_per_tok"] = 8, 12
+        config_path.write_text(json.dumps(config))
+    else:
+        config_path.write_text("{ not json")
+    _refused(capsys, model, tmp_path / "out", ["--data", str(shared[2]), *FAST], *needles)

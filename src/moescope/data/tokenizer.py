@@ -40,7 +40,7 @@ def load_pretrained_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as exc:  # OSError / ValueError / HF offline errors
         raise MoescopeError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {exc}") from exc
     if getattr(tok, "backend_tokenizer", None) is None:

@@ -44,10 +44,19 @@ def read_config(source: str) -> Any:
                 f"{source}: this model needs its own code from the repository (trust_remote_code); moescope does "
                 "not run code from model repositories"
             ) from exc
-        raise MoescopeError(f"{source}: cannot read the model config: {exc}") from exc
+        raise MoescopeError(f"{source}: cannot read the model config: {_first_line(exc)}") from exc
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoescopeError(f"{source}: not a local model directory and not reachable on the hub ({first})") from exc
+        if Path(source).is_dir():
+            raise MoescopeError(f"{Path(source) / 'config.json'}: cannot read the model config "
+                                f"({_first_line(exc)})") from exc
+        raise MoescopeError(f"{source}: not a local model directory and not reachable on the hub "
+                            f"({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line (transformers' messages run to paragraphs)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_context(config: Any) -> int | None:
@@ -124,6 +133,10 @@ def plan_model(source: str, dtype: str = "auto", device: str = "auto") -> ModelP
         raise MoescopeError(f"{source}: {type(config).__name__} is not a causal language model transformers "
                             f"can build ({str(exc).splitlines()[0]})") from exc
     adapter, sites = find_sites(empty)
+    for site in sites:
+        if not 1 <= site.top_k <= site.n_experts:
+            raise MoescopeError(f"{source}: layer {site.layer} routes each token to {site.top_k} of "
+                                f"{site.n_experts} experts; the config is inconsistent")
     n_params = sum(p.numel() for p in empty.parameters())
     weight_bytes = n_params * torch.empty(0, dtype=torch_dtype).element_size()
     return ModelPlan(source, config, adapter, sites, int(weight_bytes), torch_dtype, resolve_device(device),
@@ -153,17 +166,45 @@ def load_tokenizer(source: str) -> Any:
     return tokenizer
 
 
+def load_checkpoint(source: str, failure: str, **kwargs: Any) -> torch.nn.Module:
+    """AutoModelForCausalLM.from_pretrained with moescope's rules; any problem is one MoescopeError
+    line starting with `failure`.
+
+    safetensors only (a pickle checkpoint is never opened), no code from the repository, and
+    every parameter must come from the checkpoint: transformers fills missing or mis-shaped
+    tensors with fresh random values and only logs a report, which would train or analyse
+    weights nobody trained. `kwargs` go to from_pretrained (config, dtype, device_map).
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # mis-shaped tensors are collected (not raised) so that the error below can name them
+    kwargs.update(trust_remote_code=False, use_safetensors=True, output_loading_info=True,
+                  ignore_mismatched_sizes=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is a multi-line table; the checks below say it in one
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise MoescopeError(f"{failure}: {_first_line(exc)}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for kind, what in (("missing_keys", "missing from"), ("mismatched_keys", "of another shape in")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise MoescopeError(f"{failure}: {len(keys)} tensor(s) {what} the checkpoint ({shown}); "
+                                "moescope uses trained weights only")
+    return model
+
+
 def load_model(plan: ModelPlan) -> torch.nn.Module:
     """The weights, on the planned device and dtype (device_map="auto" over all visible GPUs on cuda)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": plan.dtype, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {"dtype": plan.dtype}
     if plan.device == "cuda":
         kwargs["device_map"] = "auto"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(plan.source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise MoescopeError(f"{plan.source}: cannot load the weights: {str(exc).splitlines()[0]}") from exc
+    model = load_checkpoint(plan.source, f"{plan.source}: cannot load the weights", **kwargs)
     model.eval()
     return model
 

@@ -73,22 +73,18 @@ def load_init_model(init: str | Path) -> nn.Module:
 
 
 def _from_pretrained(name_or_path: str, failure: str) -> nn.Module:
-    """transformers' from_pretrained (hub ids, sharded checkpoints), safetensors only, fused
-    GELU; a weight the checkpoint lacks is an error, not a silent random init."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """transformers' from_pretrained (hub ids, sharded checkpoints) under moescope's loading rules
+    (safetensors only, every tensor from the checkpoint), with fused GELU."""
+    from transformers import AutoConfig
+
+    from moescope.hf.loading import load_checkpoint
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-        fuse_config_activation(config)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            name_or_path, config=config, trust_remote_code=False, use_safetensors=True, output_loading_info=True
-        )
     except (OSError, ValueError) as exc:
         raise MoescopeError(f"{failure} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
-    bad = sorted(info.get("missing_keys") or []) + sorted(str(k[0]) for k in info.get("mismatched_keys") or [])
-    if bad:
-        raise MoescopeError(f"{failure}: the checkpoint lacks or mis-shapes {bad[:3]}{' ...' if len(bad) > 3 else ''}")
-    return model
+    fuse_config_activation(config)
+    return load_checkpoint(name_or_path, failure, config=config)
 
 
 def _looks_like_hub_id(name: str) -> bool:
