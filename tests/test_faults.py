@@ -309,6 +309,58 @@ def test_resuming_a_run_killed_after_its_final_checkpoint_finishes_it_exit_0(wor
     assert {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()} == before
 
 
+def _flip_bytes(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    for i in range(len(raw) // 2, len(raw), 97):
+        raw[i] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["final_weights", "stage_summary", "run_summary"])
+def test_a_damaged_finished_stage_is_trained_again_from_its_last_checkpoint(world: dict, tmp_path: Path, caplog,
+                                                                            damage: str) -> None:
+    """final/ carries a sha256 manifest: rotten weights in a finished stage are never handed on (to the
+    arms, to analysis); the stage is re-finished from its last verified checkpoint, bit for bit."""
+    run = tmp_path / "run"
+    shutil.copytree(world["reference"], run)
+    if damage == "final_weights":
+        _flip_bytes(run / ARM / "final" / "model.safetensors")
+    else:
+        target = run / ARM / "summary.json" if damage == "stage_summary" else run / "summary.json"
+        target.write_text(target.read_text()[:20])
+    _resume(world, run)
+    if damage != "run_summary":
+        assert "training it again from its last verified checkpoint" in caplog.text
+    assert_same_as_reference(run, world["reference"])
+    merged, want = (json.loads((r / "summary.json").read_text()) for r in (run, world["reference"]))
+    assert merged["moe"]["final_eval"] == want["moe"]["final_eval"]
+
+
+@pytest.mark.parametrize("damage", ["not_utf8", "a_directory", "a_dangling_link"])
+def test_a_broken_latest_pointer_is_rewritten_not_fatal(world: dict, tmp_path: Path, damage: str) -> None:
+    run = _unfinished_copy(world, tmp_path)
+    latest = run / ARM / "checkpoints" / "latest"
+    latest.unlink()
+    if damage == "not_utf8":
+        latest.write_bytes(b"\xff\xfe\x00step")
+    elif damage == "a_directory":
+        latest.mkdir()
+    else:
+        latest.symlink_to(tmp_path / "nowhere")
+    _resume(world, run)
+    assert_same_as_reference(run, world["reference"])
+
+
+def test_a_short_copy_of_the_data_manifest_is_written_again(world: dict, tmp_path: Path) -> None:
+    """A kill mid-copy left RUN/data_manifest.json short; the resume restores it (provenance, and report
+    reads it)."""
+    run = _unfinished_copy(world, tmp_path)
+    copy = run / "data_manifest.json"
+    copy.write_bytes(copy.read_bytes()[:40])
+    _resume(world, run)
+    assert copy.read_bytes() == (world["data"] / "manifest.json").read_bytes()
+
+
 def test_a_torn_last_metrics_line_is_cut_back_with_a_warning(world: dict, tmp_path: Path, caplog) -> None:
     run = _unfinished_copy(world, tmp_path)
     with open(run / ARM / "metrics.jsonl", "a") as fh:

@@ -162,7 +162,8 @@ def _files(directory: Path) -> list[str]:
 
 
 def write_manifest(directory: Path, step: int) -> Path:
-    """Record size and sha256 of every file of the checkpoint in `directory`; must be written last."""
+    """Record size and sha256 of every file of the checkpoint (or trained model) in `directory`;
+    must be written last."""
     files = {rel: {"bytes": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
              for rel in _files(directory)}
     path = directory / MANIFEST_NAME
@@ -175,6 +176,11 @@ def write_manifest(directory: Path, step: int) -> Path:
 def verify_checkpoint(path: Path) -> None:
     """Raise MoescopeError naming the offending file unless every file of checkpoint `path` is
     listed in its manifest with the recorded size and sha256 (and nothing else is there)."""
+    verify_manifest(path, _REQUIRED)
+
+
+def verify_manifest(path: Path, required: tuple[str, ...]) -> None:
+    """verify_checkpoint for any directory written with write_manifest; `required` must be listed."""
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file():
         raise MoescopeError(f"{manifest_path} is missing (an unfinished checkpoint, or one written by an "
@@ -187,7 +193,7 @@ def verify_checkpoint(path: Path) -> None:
         expected = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MoescopeError(f"{manifest_path}: not a valid checkpoint manifest ({exc})") from None
-    for rel in _REQUIRED:
+    for rel in required:
         if rel not in expected:
             raise MoescopeError(f"{manifest_path} does not list {rel}")
     present = _files(path)
@@ -246,7 +252,15 @@ def save_checkpoint(
 def point_latest(root: Path, path: Path) -> None:
     """Make `latest` name checkpoint `path` (other tools read it to find the newest model)."""
     pointer = root / LATEST_NAME
-    if not pointer.is_file() or pointer.read_text(encoding="utf-8").strip() != path.name:
+    try:
+        current = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        current = None  # unreadable: rewritten below, as when missing
+    if current != path.name:
+        if pointer.is_dir() and not pointer.is_symlink():
+            shutil.rmtree(pointer)
+        elif pointer.is_symlink() or pointer.is_dir():
+            pointer.unlink()
         atomic_write_text(pointer, path.name + "\n")
 
 

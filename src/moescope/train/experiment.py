@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json
+from moescope.io.atomic import atomic_write_bytes, atomic_write_json
 from moescope.io.config import to_dict
 from moescope.io.lock import is_empty_ignoring_lock, run_directory_lock
 from moescope.io.provenance import environment_info, sha256_file
@@ -32,6 +32,8 @@ from moescope.train.accelerator import process_state
 from moescope.train.model import check_model_matches_data, load_init_model, open_store
 from moescope.train.rundir import dict_diff
 from moescope.train.trainer import train_run
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "experiment.json"
 
@@ -93,13 +95,18 @@ def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_
     # Under `accelerate launch` / torchrun every process runs this function; all of them have
     # checked the directory above before the main process writes anything.
     state.wait_for_everyone()
-    if state.is_main_process and not exp_path.is_file():
-        atomic_write_json(exp_path, record)
+    if state.is_main_process and not (run_dir / "environment.json").is_file():  # written before experiment.json
         atomic_write_json(run_dir / "environment.json", {
             **environment_info(), "seeds": {"train.seed": cfg.train.seed, "moe.install_seed": cfg.train.seed},
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
-        shutil.copyfile(data_root / "manifest.json", run_dir / "data_manifest.json")
+    if state.is_main_process:  # the data manifest copy, written again if a kill left it short or it is missing
+        manifest = (data_root / "manifest.json").read_bytes()
+        copy = run_dir / "data_manifest.json"
+        if not copy.is_file() or copy.read_bytes() != manifest:
+            atomic_write_bytes(copy, manifest)
+    if state.is_main_process and not exp_path.is_file():
+        atomic_write_json(exp_path, record)
     elif state.is_main_process and stored is not None and set(record["arms"]) - set(stored["arms"]):
         # arms added to an existing experiment (same shared config, checked above) are recorded too
         atomic_write_json(exp_path, {**stored, "arms": {**stored["arms"], **record["arms"]}})
@@ -114,7 +121,12 @@ def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_
     if state.is_main_process:
         previous = {}
         if (run_dir / "summary.json").is_file():
-            previous = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            try:
+                previous = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:  # rebuilt from the stages' own summaries
+                log.warning("%s: unreadable (%s); written again", run_dir / "summary.json", exc)
+            if not isinstance(previous, dict):
+                previous = {}
         merged = {**previous, **summaries}
         if merged != previous:  # resuming a finished experiment rewrites nothing
             atomic_write_json(run_dir / "summary.json", merged)

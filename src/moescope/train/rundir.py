@@ -31,9 +31,10 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
 from moescope.io.lock import is_empty_ignoring_lock
-from moescope.moe.hf_model import save_moe_model
+from moescope.moe.hf_model import WEIGHTS_NAME, save_moe_model
 from moescope.train.checkpoint import (
-    checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
+    MANIFEST_NAME, checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
+    verify_manifest, write_manifest,
 )
 from moescope.train.config import RunConfig, comparable_config
 from moescope.train.metrics_log import MetricsLog
@@ -71,11 +72,25 @@ def check_same_config(cfg: RunConfig, stored: dict, where: str) -> None:
 
 def finished_summary(cfg: RunConfig, out_dir: Path) -> dict | None:
     """The stored summary of a complete stage written by `cfg` (another config raises), or None if the
-    stage is not complete."""
-    if not ((out_dir / SUMMARY_NAME).is_file() and (out_dir / "final").is_dir()):
+    stage is not complete. A stage whose final/ fails its manifest, or whose summary.json cannot be
+    read, is not complete: it is trained again from its last verified checkpoint (with a warning), so
+    later stages never start from a damaged model."""
+    final, summary_path = out_dir / "final", out_dir / SUMMARY_NAME
+    if not (summary_path.is_file() and final.is_dir()):
         return None
     check_same_config(cfg, read_stored_config(out_dir / CONFIG_NAME), str(out_dir / CONFIG_NAME))
-    return json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    try:
+        if (final / MANIFEST_NAME).is_file():  # stages finished before final/ had a manifest are trusted
+            verify_manifest(final, (WEIGHTS_NAME, "config.json"))
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (MoescopeError, OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("%s: the finished stage is damaged (%s); training it again from its last verified "
+                    "checkpoint", out_dir, str(exc).splitlines()[0])
+        summary_path.unlink(missing_ok=True)
+        return None
+    return summary
 
 
 def read_stored_config(path: Path) -> dict:
@@ -158,7 +173,10 @@ class StageDirectory:
     def finish(self, model, summary: dict[str, Any], tokenizer: Path) -> None:
         """The trained model into final/ (with the data's tokenizer, if the data has one), then
         summary.json, written last: its presence means the stage is complete."""
-        save_moe_model(model, self.out_dir / "final", tokenizer=tokenizer if tokenizer.is_dir() else None)
+        final = self.out_dir / "final"
+        (final / MANIFEST_NAME).unlink(missing_ok=True)  # a re-finished stage: the old one lists old digests
+        save_moe_model(model, final, tokenizer=tokenizer if tokenizer.is_dir() else None)
+        write_manifest(final, int(summary.get("steps", -1)) if isinstance(summary.get("steps"), int) else -1)
         atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
 
     def last_verified(self) -> Path | None:

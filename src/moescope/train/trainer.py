@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from moescope.data.blocks import tokenizer_dir
+from moescope.errors import MoescopeError
 from moescope.io.lock import run_directory_lock
 from moescope.moe.model import set_training_progress
 from moescope.runtime import catch_stop_signals, peak_memory_mb, reset_peak_memory
@@ -77,6 +79,12 @@ class Trainer:
             return self.rundir.save(self.step, self.raw_model, self.optimizer, self.scheduler, state)
         except NonFiniteState as exc:  # e.g. an update so large that finite gradients made infinite weights
             self.guard.stop(self.step, f"the state to checkpoint is NaN/inf ({exc})")
+        except (OSError, SafetensorError) as exc:  # a full disk, a quota, a vanished directory
+            last = self.rundir.last_verified()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MoescopeError(f"{self.name}: the checkpoint at step {self.step} could not be written ({first}); "
+                                f"--resume continues from "
+                                f"{last if last is not None else 'the start'}") from exc
 
     # ------------------------------------------------------------------ one optimizer step
 
