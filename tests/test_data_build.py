@@ -159,6 +159,8 @@ def test_store_contract_and_manifest(built) -> None:
             assert s["n_texts"] == len(read_texts(store, split, d))
             assert s["n_blocks"] == store.blocks(split, d).shape[0] > 0
             assert s["n_tokens"] == s["n_blocks"] * 32 + s["tail_tokens_dropped"]
+            assert s["blocks_sha256"] == sha256_file(block_path(store.root, split, d))  # after balancing
+    store.verify_blocks()
     idx = store.index("train")
     assert len(idx) == sum(store.n_blocks("train", d) for d in store.domains)
     rows = idx[[0, -1]]

@@ -31,3 +31,17 @@ def test_demo_over_two_seeds_reports_the_spread(tmp_path: Path, capsys: pytest.C
     # rerun: every seed is finished, nothing trains again, same numbers
     assert main(args) == 0
     assert json.loads((out / "demo_summary.json").read_text())["rows"] == summary["rows"]
+
+
+def test_a_study_is_the_same_whatever_the_spelling_of_its_data_path() -> None:
+    """demo / sweep resume: OUT/data spelled relative, absolute or after a move is the same study;
+    any other setting is not."""
+    from moescope.demo import load_demo_config, same_study
+    from moescope.io.config import to_dict
+
+    cfg = to_dict(load_demo_config("demo"))
+    here = {**cfg, "experiment": {**cfg["experiment"], "data_dir": "runs/demo/data"}}
+    there = {**cfg, "experiment": {**cfg["experiment"], "data_dir": "/elsewhere/runs/demo/data"}}
+    assert same_study(here, there)
+    other = {**there, "experiment": {**there["experiment"], "arms": ["dense"]}}
+    assert not same_study(here, other) and not same_study(None, here)

@@ -361,6 +361,27 @@ def test_a_short_copy_of_the_data_manifest_is_written_again(world: dict, tmp_pat
     assert copy.read_bytes() == (world["data"] / "manifest.json").read_bytes()
 
 
+def test_a_flipped_bit_in_the_training_data_is_refused_before_training(world: dict, tmp_path: Path) -> None:
+    """Block files carry their sha256 in the manifest; a size-preserving flip is caught, not trained on."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    target = data / "blocks" / "train" / "code.bin"
+    raw = bytearray(target.read_bytes())
+    raw[10] ^= 1
+    target.write_bytes(bytes(raw))
+    with pytest.raises(MoescopeError, match=r"code.bin does not match its blocks_sha256"):
+        run_experiment(_cfg(data, world["base"]), tmp_path / "run")
+
+
+def test_resume_does_not_depend_on_how_the_data_path_is_spelled(world: dict, tmp_path: Path) -> None:
+    """The data is matched by its manifest hash; `data/../data` (or an absolute path for a relative
+    one) is the same data, and the resume is the uninterrupted run."""
+    run = _unfinished_copy(world, tmp_path)
+    data = world["data"]
+    run_experiment(_cfg(data.parent / ".." / data.parent.name / data.name, world["base"]), run, resume=True)
+    assert_same_as_reference(run, world["reference"])
+
+
 def test_a_torn_last_metrics_line_is_cut_back_with_a_warning(world: dict, tmp_path: Path, caplog) -> None:
     run = _unfinished_copy(world, tmp_path)
     with open(run / ARM / "metrics.jsonl", "a") as fh:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moescope.data.blocks import FORMAT_VERSION, block_path, dtype_for_vocab
+from moescope.io.provenance import sha256_file
 from moescope.train.config import ExperimentConfig, experiment_config_from_dict
 
 
@@ -35,7 +36,7 @@ def make_block_store(root: Path, *, vocab: int = 96, block: int = 16, domains=("
             path = block_path(root, split, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             toks.astype(dtype).tofile(path)
-            splits[split][name] = {"n_blocks": n}
+            splits[split][name] = {"n_blocks": n, "blocks_sha256": sha256_file(path)}
     manifest = {"format_version": FORMAT_VERSION, "block_size": block, "vocab_size": vocab,
                 "eos_token_id": vocab - 1, "dtype": dtype.name, "domains": list(domains), "splits": splits}
     (root / "manifest.json").write_text(json.dumps(manifest))

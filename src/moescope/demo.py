@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
     resume = run_dir.exists()
     if resume and config_path.is_file():
         previous = json.loads(config_path.read_text(encoding="utf-8")).get("config")
-        if stored_study_config(previous) != _comparable(resolved, data_dir):
+        if not same_study(previous, _comparable(resolved, data_dir)):
             raise MoescopeError(f"{out_dir} holds a demo run with a different configuration; "
                                 f"pass --overwrite to replace it or choose another --out")
     created_out = not out_dir.exists()
@@ -142,6 +142,17 @@ def stored_study_config(stored: Any) -> dict[str, Any] | None:
         return to_dict(from_dict(DemoConfig, upgrade_keys(stored)))
     except MoescopeError:
         return None
+
+
+def same_study(stored: Any, current: dict[str, Any]) -> bool:
+    """Whether a saved study config is `current` (a resolved DemoConfig dict). The data directory's
+    path is left out: it lies inside the output directory, whose spelling (relative, absolute, moved)
+    says nothing about the data, which every stage checks by its manifest's sha256."""
+    def without_data_dir(cfg: dict[str, Any]) -> dict[str, Any]:
+        return {**cfg, "experiment": {k: v for k, v in cfg.get("experiment", {}).items() if k != "data_dir"}}
+
+    upgraded = stored_study_config(stored)
+    return upgraded is not None and without_data_dir(upgraded) == without_data_dir(current)
 
 
 def _comparable(resolved: dict[str, Any], data_dir: Path) -> dict[str, Any]:

@@ -188,6 +188,23 @@ class BlockStore:
             raise MoescopeError(f"{path}: size {path.stat().st_size} bytes, manifest says {expected}")
         return np.memmap(path, dtype=self.dtype, mode="r", shape=(n, self.block_size))
 
+    def verify_blocks(self) -> None:
+        """Every block file against its sha256 in the manifest (data built before the manifest kept
+        them is checked by size only): a flipped bit would otherwise train on other tokens, or
+        index past the embedding, without a word."""
+        from moescope.io.provenance import sha256_file
+
+        for split, domains in self.manifest["splits"].items():
+            for domain, entry in domains.items():
+                expected = entry.get("blocks_sha256") if isinstance(entry, dict) else None
+                if expected is None or not self.n_blocks(split, domain):
+                    continue
+                path = block_path(self.root, split, domain)
+                self.blocks(split, domain)  # present, and the size the manifest says
+                if sha256_file(path) != expected:
+                    raise MoescopeError(f"{path} does not match its blocks_sha256 in {self.root / MANIFEST_NAME} "
+                                        "(corrupted; rebuild the data)")
+
     def index(self, split: str) -> np.ndarray:
         """All blocks of a split as rows (domain_id, row), domains in manifest order."""
         parts = [

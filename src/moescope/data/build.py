@@ -217,7 +217,12 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
             _balance(tmp, cfg, splits, dtype)
             timings["balance_s"] = time.perf_counter() - t0
 
-        # 6. provenance
+        # 6. provenance (block digests after balancing: a training run checks them before reading)
+        for split in SPLITS:
+            for d, entry in splits[split].items():
+                path = block_path(tmp, split, d)
+                if path.is_file():
+                    entry["blocks_sha256"] = sha256_file(path)
         atomic_write_json(tmp / TEXT_HASHES_NAME, {"algorithm": "sha256 of UTF-8 text, in texts/*.jsonl line order",
                                                    "splits": hashes})
         timings["total_s"] = time.perf_counter() - t_start

@@ -138,7 +138,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or continue) the sweep into `out_dir`; returns the summary written to OUT/summary.json."""
     from moescope.data.build import build_dataset
-    from moescope.demo import DemoConfig, stored_study_config
+    from moescope.demo import DemoConfig, same_study
 
     out_dir = Path(out_dir)
     if executor not in EXECUTORS:
@@ -148,8 +148,7 @@ def run_sweep(
     specs = plan_sweep(study, scfg, out_dir)
     for spec in specs:  # a cell directory belongs to one config: refuse before running anything
         stored = Path(spec["cell_dir"]) / "cell.json"
-        if stored.is_file() and stored_study_config(
-                json.loads(stored.read_text(encoding="utf-8")).get("config")) != spec["config"]:
+        if stored.is_file() and not same_study(_read_cell_config(stored), spec["config"]):
             raise MoescopeError(f"{stored} holds another configuration for cell {spec['cell_id']}; "
                                 f"use the original sweep settings or another --out")
     t_start = time.perf_counter()
@@ -442,3 +441,11 @@ def format_markdown(rows: list[dict[str, Any]], scfg: SweepConfig, contrasts: li
             lines.append(f"| {c['axis']} | {c['value']} vs {c['vs']} | {c['arm']} | {len(c['per_seed'])} | "
                          f"{format_seed_interval(c['change'], 4, signed=True)} | {per} |")
     return "\n".join(lines)
+
+
+def _read_cell_config(path: Path) -> Any:
+    """The study config a cell.json holds (None when the file cannot be read: then it differs)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("config")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None

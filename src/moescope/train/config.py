@@ -250,7 +250,9 @@ def comparable_config(run: RunConfig | dict) -> dict[str, Any]:
         # adding an option never makes an existing run unresumable.
         run = from_dict(RunConfig, upgrade_keys(dict(run)), where="stored run config")
     d = to_dict(run)
-    d = {k: v for k, v in d.items() if k != "tracking"}
+    # the data is matched by its manifest's sha256 (checkpoints, experiment.json), not by how its
+    # path was spelled: a run resumed with an absolute --out, or moved with its data, is the same run
+    d = {k: v for k, v in d.items() if k not in ("tracking", "data_dir")}
     # how to react to a NaN is policy, not trajectory: a stopped run may be resumed with "skip"
     d["train"] = {k: v for k, v in d["train"].items()
                   if k not in ("log_every_steps", "keep_checkpoints", "on_nonfinite", "max_nonfinite_skips_in_a_row")}

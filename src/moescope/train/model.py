@@ -119,6 +119,7 @@ def open_store(data_dir: str | Path) -> BlockStore:
     for split in ("train", "eval"):
         if sum(store.n_blocks(split, d) for d in store.domains) == 0:
             raise MoescopeError(f"{path}: the {split} split has no blocks")
+    store.verify_blocks()
     return store
 
 
