@@ -427,3 +427,27 @@ def test_documented_toml_example_parses() -> None:
     cfg = from_dict(DataBuildConfig, tomllib.loads(doc))
     assert [(d.name, d.source.backend) for d in cfg.domains] == [("code", "hf"), ("math", "hf"), ("prose", "files")]
     assert cfg.block_size_tokens == 128 and cfg.domains[0].target_mb == 10
+
+
+def test_a_tokenizer_asking_for_its_own_code_is_refused_never_run(built, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A data directory whose tokenizer names Python beside it (auto_map): transformers would ask
+    "run it? [y/N]" and import it on "y"; moescope refuses in one line whatever stdin says."""
+    import io
+    import shutil
+
+    store, _ = built
+    data = tmp_path / "data"
+    shutil.copytree(store.root, data)
+    marker = tmp_path / "ran"
+    tok_dir = data / "tokenizer"
+    (tok_dir / "evil_tok.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config.pop("tokenizer_class", None)
+    config["auto_map"] = {"AutoTokenizer": ["evil_tok.EvilTokenizer", "evil_tok.EvilTokenizer"]}
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\n"))
+    capsys.readouterr()
+    assert main(["data", "inspect", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load tokenizer" in err[0], err
+    assert not marker.exists()

@@ -80,3 +80,52 @@ def test_a_stored_study_config_without_a_setting_added_since_reads_as_today() ->
     assert old != today and stored_study_config(old) == today
     assert stored_study_config({"experiment": {"no_such_key": 1}}) is None
     assert stored_study_config("not a config") is None
+
+
+@pytest.mark.parametrize("raw", ["[1", "{a", "1: 2: 3", "!!python/object:os.system"])
+def test_a_malformed_set_value_is_one_error_naming_it(raw: str) -> None:
+    from moescope.io.config import parse_overrides
+
+    with pytest.raises(MoescopeError, match="is not a YAML scalar"):
+        parse_overrides([f"train.steps={raw}"])
+
+
+@pytest.mark.parametrize("raw", [".nan", ".inf", "-.inf"])
+def test_a_non_finite_number_is_refused_where_a_float_is_expected(raw: str) -> None:
+    with pytest.raises(MoescopeError, match=r"inner.alpha: expected a finite number"):
+        layered_config(Outer, None, [f"inner.alpha={raw}"])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error(tmp_path: Path) -> None:
+    from moescope.io.config import load_config_file
+
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"steps = 1\n\xff\xfe")
+    with pytest.raises(MoescopeError, match=r"c.toml: cannot read it as UTF-8"):
+        load_config_file(path)
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/x/out"),
+                                   NotADirectoryError(20, "Not a directory", "/x/afile/sub"),
+                                   UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")])
+def test_the_cli_turns_an_unusable_file_into_one_line_and_exit_2(monkeypatch, capsys, error: Exception) -> None:
+    """Where no check named the problem first, the file system's own words come out as one line with
+    exit 2, not a traceback."""
+    import argparse
+
+    from moescope import cli
+
+    def parser() -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser()
+        p.add_argument("-v", "--verbose", action="store_true")
+
+        def fail(args):
+            raise error
+
+        p.set_defaults(func=fail)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moescope: error: {type(error).__name__}: "), err

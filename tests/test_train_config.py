@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,18 @@ def test_nolb_also_switches_off_bias_balancing_and_the_bias_needs_a_layer_to_act
     assert runs["moe-nolb"]["moe"]["balance_bias"] is True  # same model; its bias just stays at 0
     with pytest.raises(MoescopeError, match="needs moe.balance_bias"):
         resolve_arms(tiny_experiment(tmp_path, arms=["moe"], loss__bias_update_rate=0.01))
+
+
+@pytest.mark.parametrize("override, text", [
+    ({"optim__learning_rate": -1.0}, "optim.learning_rate must be > 0"),
+    ({"optim__weight_decay": -0.1}, "optim.weight_decay must be >= 0"),
+    ({"train__seed": -1}, "train.seed must be >= 0"),
+    ({"model__d_model": -4}, "model.d_model must be >= 1"),
+    ({"model__dropout": 1.5}, "model.dropout must be in [0, 1)"),
+])
+def test_values_torch_would_reject_mid_run_are_refused_before_anything_is_written(tmp_path: Path, override,
+                                                                                  text: str) -> None:
+    from moescope.train.config import resolve_arms
+
+    with pytest.raises(MoescopeError, match=re.escape(text)):
+        resolve_arms(tiny_experiment(tmp_path, **override))

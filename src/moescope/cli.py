@@ -17,6 +17,25 @@ from moescope import __version__
 from moescope.errors import MoescopeError
 from moescope.runtime import keep_freed_memory
 
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean an unusable file or directory (permissions, a file where a directory is
+    expected, a full disk, bytes that are not UTF-8 / JSON / safetensors / zip), never a moescope bug."""
+    import json
+    import zipfile
+
+    errors: list[type[BaseException]] = [OSError, UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_INPUT_ERRORS = _input_errors()
+
 # One line per command module; keep the order of the study.
 COMMAND_MODULES: list[str] = [
     "moescope.commands.demo",
@@ -62,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MoescopeError as exc:
         print(f"moescope: error: {exc}", file=sys.stderr)
+        return 2
+    except _INPUT_ERRORS as exc:  # what the file system or a damaged file said, where no check named it first
+        logging.getLogger("moescope").debug("details", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"moescope: error: {type(exc).__name__}: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moescope: interrupted", file=sys.stderr)

@@ -447,7 +447,7 @@ def analyze_run(
     progress: bool = True,
 ) -> dict:
     """Analyse every (or the named) arm of a finished run; writes RUN/analysis/ and returns metrics."""
-    from transformers import AutoTokenizer
+    from moescope.data.tokenizer import load_pretrained_tokenizer
 
     cfg = cfg or AnalyzeConfig()
     run_dir = Path(run_dir)
@@ -457,7 +457,7 @@ def analyze_run(
     for name in names:
         if not (run_dir / "arms" / name / "final").is_dir():
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(store.root)))
+    tokenizer = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"
     rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.max_blocks_per_domain)

@@ -189,11 +189,11 @@ def domain_routing(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> dict:
 
 def cbtm_weights(cfg: BTXConfig, partition_dir: Path, ev: EvalSet, *, embedding_cache: Path | None = None) -> np.ndarray:
     """[n_blocks, N] c-BTM weights from each block's first eval_context_tokens tokens."""
-    from transformers import AutoTokenizer
+    from moescope.data.tokenizer import load_pretrained_tokenizer
 
     from moescope.partition.io import open_encoder, read_centroids
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(cfg.data_dir)))
+    tok = load_pretrained_tokenizer(str(tokenizer_dir(cfg.data_dir)))
     contexts = tok.batch_decode(ev.blocks[:, : cfg.eval_context_tokens].tolist())
     encoder = open_encoder(partition_dir, cache_dir=embedding_cache)
     return ensemble_weights(encoder.encode(contexts), read_centroids(partition_dir), cfg.cbtm_temperature, cfg.cbtm_top_k)

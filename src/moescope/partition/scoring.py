@@ -13,8 +13,7 @@ from moescope.errors import MoescopeError
 
 def load_scoring_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
     """(model, tokenizer) from a moescope / transformers model directory (dense or MoE)."""
-    from transformers import AutoTokenizer
-
+    from moescope.data.tokenizer import load_pretrained_tokenizer
     from moescope.moe.hf_model import load_moe_model
 
     model_dir = Path(model_dir)
@@ -27,7 +26,7 @@ def load_scoring_model(model_dir: str | Path, tokenizer_dir: str | Path | None =
         raise MoescopeError(f"{model_dir}: no tokenizer beside the model (pass the data directory's tokenizer/)")
     model = load_moe_model(model_dir)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(str(tok_dir))
+    return model, load_pretrained_tokenizer(str(tok_dir))
 
 
 def score_perplexity(

@@ -288,6 +288,20 @@ def validate_run(run: RunConfig, where: str = "run") -> None:
     for key in run.loss.load_balance_coef_by_layer:
         if not str(key).isdigit():
             raise MoescopeError(f"{where}: loss.load_balance_coef_by_layer key {key!r} must be a block index")
+    m = run.model
+    for key in ("n_layers", "d_model", "n_heads", "context_tokens"):
+        if getattr(m, key) < 1:
+            raise MoescopeError(f"{where}: model.{key} must be >= 1, got {getattr(m, key)}")
+    if m.d_ff is not None and m.d_ff < 1:
+        raise MoescopeError(f"{where}: model.d_ff must be >= 1, got {m.d_ff}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise MoescopeError(f"{where}: model.dropout must be in [0, 1), got {m.dropout}")
+    if run.optim.learning_rate <= 0:
+        raise MoescopeError(f"{where}: optim.learning_rate must be > 0, got {run.optim.learning_rate}")
+    if run.optim.weight_decay < 0:
+        raise MoescopeError(f"{where}: optim.weight_decay must be >= 0, got {run.optim.weight_decay}")
+    if t.seed < 0:
+        raise MoescopeError(f"{where}: train.seed must be >= 0 (numpy and torch seeds), got {t.seed}")
     if run.model.d_model % run.model.n_heads:
         raise MoescopeError(f"{where}: model.d_model={run.model.d_model} not divisible by n_heads={run.model.n_heads}")
 
