@@ -105,3 +105,31 @@ def test_models_saved_by_older_moescope_get_a_clear_message(dense_dir, tmp_path)
     (model / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(MoescopeError, match="older moescope"):
         load_encoder(model, trust_remote_code=True)
+
+
+def test_a_pickle_checkpoint_is_never_opened(dense_dir, tmp_path, capsys):
+    """An encoder whose weights are a pytorch_model.bin (a pickle that runs code when loaded) is refused
+    unopened, as a base model and as a saved encoder."""
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    model = tmp_path / "model"
+    shutil.copytree(dense_dir, model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello\n")
+    capsys.readouterr()
+    assert main(["embed", "encode", str(model), "--input", str(texts), "--out", str(tmp_path / "e.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors" in err[0], err
+    with pytest.raises(MoescopeError, match="model.safetensors"):
+        build_encoder(str(model))
+    assert not marker.exists() and not (tmp_path / "e.npy").exists()
