@@ -186,3 +186,12 @@ def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path
     assert 'id="viewer-expert-choice"' in render_html(ReportContent(title="t", viewer=ec_viewer))
     tc_viewer = {"arms": {"moe": {"layers": [2], "n_experts": 4, "samples": []}}}
     assert 'id="viewer-expert-choice"' not in render_html(ReportContent(title="t", viewer=tc_viewer))
+
+
+def test_an_interval_without_bounds_is_written_not_crashed_on() -> None:
+    """Too few held-out blocks to resample leave low/high None; the report says n/a."""
+    from moescope.report.build import fmt_interval
+
+    assert fmt_interval({"estimate": 0.5, "low": None, "high": None}) == "0.500 [n/a]"
+    assert fmt_interval({"estimate": None, "low": None, "high": None}) == "n/a"
+    assert fmt_interval({"estimate": 0.5, "low": 0.25, "high": 0.75}) == "0.500 [0.250, 0.750]"

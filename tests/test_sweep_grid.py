@@ -129,3 +129,22 @@ def test_aggregate_cells_gives_each_layer_its_own_nmi_and_load_cv() -> None:
     (row,) = grid.aggregate_cells([result(0, 0.4), result(1, 0.6)])
     assert list(row["layers"]) == ["2", "3"]
     assert row["layers"]["3"]["nmi"]["mean"] == pytest.approx(0.5) and row["layers"]["2"]["load_cv"]["n"] == 2
+
+
+@pytest.mark.parametrize("item, text", [("a.b=1,,2", "empty value"), ("a.b=1,", "empty value"),
+                                        ("a.b=[1,2", "not YAML")])
+def test_a_grid_item_with_an_empty_or_broken_value_is_refused(item: str, text: str) -> None:
+    from moescope.sweep.grid import parse_grid_item
+
+    with pytest.raises(ValueError, match=text):
+        parse_grid_item(item)
+
+
+@pytest.mark.parametrize("seeds", ["1,,2", ",", "-1", "a"])
+def test_seeds_must_be_integers_without_gaps(seeds: str, tmp_path, capsys) -> None:
+    from moescope.cli import main
+
+    capsys.readouterr()
+    assert main(["sweep", "nonexistent.toml", "--seeds", seeds, "--out", str(tmp_path / "o")]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -39,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     seeds = None
     if args.seeds is not None:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError as exc:
-            raise MoescopeError(f"--seeds {args.seeds!r}: expected integers separated by commas") from exc
+        items = [s.strip() for s in args.seeds.split(",")]
+        if not all(s.lstrip("+").isdigit() for s in items):  # no empty item, no sign, no word
+            raise MoescopeError(f"--seeds {args.seeds!r}: expected integers >= 0 separated by commas")
+        seeds = [int(s) for s in items]
     study, scfg = load_sweep(args.config, args.grid, seeds, parse_overrides(args.overrides))
     params = parse_overrides(args.executor_param)
     summary = run_sweep(study, scfg, args.out, workers=args.workers, executor=args.executor, executor_params=params)

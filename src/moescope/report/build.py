@@ -44,6 +44,10 @@ def _read_json(path: Path) -> dict:
 
 def fmt_interval(iv: Any, digits: int = 3) -> str:
     if isinstance(iv, dict) and "estimate" in iv:
+        if not isinstance(iv["estimate"], (int, float)):
+            return "n/a"
+        if not all(isinstance(iv.get(k), (int, float)) for k in ("low", "high")):  # too few blocks to resample
+            return f"{iv['estimate']:.{digits}f} [n/a]"
         return f"{iv['estimate']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
     if isinstance(iv, (int, float)):
         return f"{iv:.{digits}f}"

@@ -62,7 +62,12 @@ def parse_grid_item(item: str) -> tuple[str, list[Any]]:
         else:
             cur += ch
     parts.append(cur)
-    values = [yaml.safe_load(p) for p in parts if p.strip() != ""]
+    if any(p.strip() == "" for p in parts):
+        raise ValueError(f"grid item {item!r} has an empty value")
+    try:
+        values = [yaml.safe_load(p) for p in parts]
+    except yaml.YAMLError as exc:
+        raise ValueError(f"grid item {item!r}: a value is not YAML ({getattr(exc, 'problem', exc)})") from None
     if not key.strip() or not values:
         raise ValueError(f"grid item {item!r} has no key or no values")
     return key.strip(), values
