@@ -45,3 +45,11 @@ def test_a_study_is_the_same_whatever_the_spelling_of_its_data_path() -> None:
     assert same_study(here, there)
     other = {**there, "experiment": {**there["experiment"], "arms": ["dense"]}}
     assert not same_study(here, other) and not same_study(None, here)
+
+
+def test_a_bad_setting_is_refused_before_the_data_build_writes_anything(tmp_path) -> None:
+    from moescope.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--set", "experiment.train.steps=-1"]) == 2
+    assert not out.exists()

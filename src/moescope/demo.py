@@ -25,7 +25,7 @@ from moescope.io.atomic import atomic_write_json
 from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict, upgrade_keys
 from moescope.io.provenance import environment_info
 from moescope.presets import PRESETS, preset_path
-from moescope.train.config import ExperimentConfig
+from moescope.train.config import ExperimentConfig, validate_experiment
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
         if not same_study(previous, _comparable(resolved, data_dir)):
             raise MoescopeError(f"{out_dir} holds a demo run with a different configuration; "
                                 f"pass --overwrite to replace it or choose another --out")
+    # every setting is checked before the data build writes anything
+    validate_experiment(dataclasses.replace(cfg.experiment, data_dir=str(data_dir)))
     created_out = not out_dir.exists()
     timings: dict[str, float] = {}
 

@@ -139,6 +139,7 @@ def run_sweep(
     """Run (or continue) the sweep into `out_dir`; returns the summary written to OUT/summary.json."""
     from moescope.data.build import build_dataset
     from moescope.demo import DemoConfig, same_study
+    from moescope.train.config import validate_experiment
 
     out_dir = Path(out_dir)
     if executor not in EXECUTORS:
@@ -153,6 +154,9 @@ def run_sweep(
                                 f"use the original sweep settings or another --out")
     t_start = time.perf_counter()
 
+    for spec in specs:  # every cell's settings are checked before anything is built
+        validate_experiment(dataclasses.replace(from_dict(DemoConfig, spec["config"]).experiment,
+                                                data_dir=spec["data_dir"]))
     # 1. data: built once per distinct [data] config, here (cheap next to training; reused when identical)
     for data_dir in dict.fromkeys(s["data_dir"] for s in specs):
         spec = next(s for s in specs if s["data_dir"] == data_dir)
