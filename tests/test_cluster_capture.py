@@ -176,3 +176,16 @@ def test_cluster_command_end_to_end(dirs, tmp_path, capsys):
         assert (out / name).is_file()
     # a second run into the same directory is refused
     assert main(["cluster", str(model_dir), "--data", str(data_dir), "--out", str(out)]) == 2
+
+
+def test_a_failed_cluster_run_leaves_nothing_that_blocks_the_rerun(dirs, tmp_path, capsys):
+    """A capture that fails (here: a data directory that is not there) removes what it wrote, so the
+    corrected command runs into the same --out without --overwrite."""
+    from moescope.cli import main
+
+    model_dir, data_dir = dirs
+    out = tmp_path / "out"
+    args = ["cluster", str(model_dir), "--out", str(out), "--batches", "2", "--tokens-per-batch", str(3 * BLOCK)]
+    assert main([*args, "--data", str(tmp_path / "no_such_data")]) == 2
+    assert not out.exists()
+    assert main([*args, "--data", str(data_dir)]) == 0

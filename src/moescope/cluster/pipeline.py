@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,8 +252,14 @@ def cluster_analysis_pipeline(
     data_dir = data_dir or recorded
     if not data_dir:
         raise MoescopeError(f"{run_or_model}: no data directory recorded; pass --data DIR")
-    atomic_write_json(out_dir / "cluster_config.json", {"model_dir": str(model_dir), "data_dir": str(data_dir),
-                                                        "config": to_dict(cfg)})
-    log.info("capturing %s batches from %s", cfg.capture.batch_by, model_dir)
-    batch_dirs = capture_batches(model_dir, data_dir, out_dir / "batches", cfg.capture)
-    return analyze_batches(batch_dirs, out_dir, cfg)
+    fresh = not out_dir.exists() or not any(out_dir.iterdir())
+    try:
+        atomic_write_json(out_dir / "cluster_config.json", {"model_dir": str(model_dir), "data_dir": str(data_dir),
+                                                            "config": to_dict(cfg)})
+        log.info("capturing %s batches from %s", cfg.capture.batch_by, model_dir)
+        batch_dirs = capture_batches(model_dir, data_dir, out_dir / "batches", cfg.capture)
+        return analyze_batches(batch_dirs, out_dir, cfg)
+    except BaseException:
+        if fresh:  # a failed first attempt leaves nothing that would block the corrected rerun
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
