@@ -207,3 +207,18 @@ def test_shared_experts_of_a_moescope_arm_are_named_not_counted(run_dir: Path) -
 
     path = plot_expert_given_domain_compact(result, ["moe-shared"], run_dir / "fig.png")
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags, key", [(["--permutations", "0"], "statistics.n_permutations"),
+                                        (["--resamples", "-5"], "statistics.n_resamples"),
+                                        (["--seed", "-1"], "statistics.seed"),
+                                        (["--max-blocks-per-domain", "-3"], "max_blocks_per_domain"),
+                                        (["--set", "statistics.confidence_level=1.5"], "confidence_level")])
+def test_unusable_analysis_settings_are_refused_before_any_capture(tmp_path: Path, capsys, flags, key) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    capsys.readouterr()
+    assert main(["analyze", str(run), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
+    assert not any(run.iterdir())
