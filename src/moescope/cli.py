@@ -14,7 +14,7 @@ import logging
 import sys
 
 from moescope import __version__
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line
 from moescope.runtime import keep_freed_memory
 
 
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _INPUT_ERRORS as exc:  # what the file system or a damaged file said, where no check named it first
         logging.getLogger("moescope").debug("details", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"moescope: error: {type(exc).__name__}: {first}", file=sys.stderr)
+        print(f"moescope: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moescope: interrupted", file=sys.stderr)

@@ -7,3 +7,10 @@ class MoescopeError(Exception):
     The message must name the offending thing (file, value, key) so that the
     one line the CLI prints is enough to fix it.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line, or its type's name (library messages run to paragraphs,
+    and the CLI prints one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moescope.data.config import TokenizerConfig
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -43,8 +43,8 @@ def load_pretrained_tokenizer(name_or_path: str) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as exc:  # OSError / ValueError / HF offline errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise MoescopeError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: {first}") from exc
+        raise MoescopeError(f"cannot load tokenizer {name_or_path!r}: {type(exc).__name__}: "
+                            f"{first_line(exc)}") from exc
     if getattr(tok, "backend_tokenizer", None) is None:
         raise MoescopeError(f"tokenizer {name_or_path!r} is not a fast (HF tokenizers) tokenizer")
     if tok.eos_token_id is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line
 from moescope.hf.adapters import Adapter, MoESite, find_sites
 
 log = logging.getLogger(__name__)
@@ -44,19 +44,13 @@ def read_config(source: str) -> Any:
                 f"{source}: this model needs its own code from the repository (trust_remote_code); moescope does "
                 "not run code from model repositories"
             ) from exc
-        raise MoescopeError(f"{source}: cannot read the model config: {_first_line(exc)}") from exc
+        raise MoescopeError(f"{source}: cannot read the model config: {first_line(exc)}") from exc
     except OSError as exc:
         if Path(source).is_dir():
             raise MoescopeError(f"{Path(source) / 'config.json'}: cannot read the model config "
-                                f"({_first_line(exc)})") from exc
+                                f"({first_line(exc)})") from exc
         raise MoescopeError(f"{source}: not a local model directory and not reachable on the hub "
-                            f"({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's first non-empty line (transformers' messages run to paragraphs)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+                            f"({first_line(exc)})") from exc
 
 
 def model_context(config: Any) -> int | None:
@@ -187,7 +181,7 @@ def load_checkpoint(source: str, failure: str, **kwargs: Any) -> torch.nn.Module
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise MoescopeError(f"{failure}: {_first_line(exc)}") from exc
+        raise MoescopeError(f"{failure}: {first_line(exc)}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     for kind, what in (("missing_keys", "missing from"), ("mismatched_keys", "of another shape in")):

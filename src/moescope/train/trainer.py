@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from moescope.data.blocks import tokenizer_dir
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line
 from moescope.io.lock import run_directory_lock
 from moescope.moe.model import set_training_progress
 from moescope.runtime import catch_stop_signals, peak_memory_mb, reset_peak_memory
@@ -81,9 +81,8 @@ class Trainer:
             self.guard.stop(self.step, f"the state to checkpoint is NaN/inf ({exc})")
         except (OSError, SafetensorError) as exc:  # a full disk, a quota, a vanished directory
             last = self.rundir.last_verified()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MoescopeError(f"{self.name}: the checkpoint at step {self.step} could not be written ({first}); "
-                                f"--resume continues from "
+            raise MoescopeError(f"{self.name}: the checkpoint at step {self.step} could not be written "
+                                f"({first_line(exc)}); --resume continues from "
                                 f"{last if last is not None else 'the start'}") from exc
 
     # ------------------------------------------------------------------ one optimizer step
