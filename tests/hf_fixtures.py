@@ -139,3 +139,22 @@ def save_model_dir(root: Path, arch: str, seed: int = 0, tokenizer=None) -> Path
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
+
+
+class _TouchOnUnpickle:
+    """Unpickling this touches `marker`: proof that a pickle was opened."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def replace_weights_with_pickle(model_dir: Path, marker: Path) -> None:
+    """model_dir's model.safetensors becomes a pytorch_model.bin that runs code (touches `marker`)
+    if anything unpickles it."""
+    import pickle
+
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _TouchOnUnpickle(marker)}))

@@ -110,20 +110,14 @@ def test_models_saved_by_older_moescope_get_a_clear_message(dense_dir, tmp_path)
 def test_a_pickle_checkpoint_is_never_opened(dense_dir, tmp_path, capsys):
     """An encoder whose weights are a pytorch_model.bin (a pickle that runs code when loaded) is refused
     unopened, as a base model and as a saved encoder."""
-    import pickle
     import shutil
-    from pathlib import Path
+
+    from hf_fixtures import replace_weights_with_pickle
 
     model = tmp_path / "model"
     shutil.copytree(dense_dir, model)
-    (model / "model.safetensors").unlink()
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    replace_weights_with_pickle(model, marker)
     texts = tmp_path / "t.txt"
     texts.write_text("hello\n")
     capsys.readouterr()

@@ -232,17 +232,11 @@ def _without(path: Path, *suffixes: str) -> None:
 
 def test_pickle_weights_are_never_opened(shared, mixtral_dir, tmp_path: Path, capsys) -> None:
     """A pytorch_model.bin holding a payload that would run code when unpickled: refused unopened."""
-    import pickle
+    from hf_fixtures import replace_weights_with_pickle
 
     model = _broken_copy(mixtral_dir, tmp_path / "m")
-    (model / "model.safetensors").unlink()
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    replace_weights_with_pickle(model, marker)
     _refused(capsys, model, tmp_path / "out", ["--data", str(shared[2]), *FAST], "model.safetensors")
     assert not marker.exists()
 

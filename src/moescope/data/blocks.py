@@ -104,6 +104,11 @@ def tokenizer_ids(tokenizer_json: Path) -> set[int]:
     return {int(i) for i in ids}
 
 
+# Block files this process has hashed (path, size, mtime, digest): every stage of an experiment
+# opens the same store, and hashing it once is enough unless the file changes.
+_VERIFIED_BLOCKS: set[tuple[str, int, int, str]] = set()
+
+
 @dataclass(frozen=True)
 class BlockStore:
     """Read-only view of a built data directory (memmaps, no copies)."""
@@ -201,9 +206,14 @@ class BlockStore:
                     continue
                 path = block_path(self.root, split, domain)
                 self.blocks(split, domain)  # present, and the size the manifest says
+                stat = path.stat()
+                key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+                if key in _VERIFIED_BLOCKS:
+                    continue
                 if sha256_file(path) != expected:
                     raise MoescopeError(f"{path} does not match its blocks_sha256 in {self.root / MANIFEST_NAME} "
                                         "(corrupted; rebuild the data)")
+                _VERIFIED_BLOCKS.add(key)
 
     def index(self, split: str) -> np.ndarray:
         """All blocks of a split as rows (domain_id, row), domains in manifest order."""

@@ -257,10 +257,8 @@ def point_latest(root: Path, path: Path) -> None:
     except (OSError, UnicodeDecodeError):
         current = None  # unreadable: rewritten below, as when missing
     if current != path.name:
-        if pointer.is_dir() and not pointer.is_symlink():
+        if pointer.is_dir() and not pointer.is_symlink():  # os.replace below replaces a file or a link, not a directory
             shutil.rmtree(pointer)
-        elif pointer.is_symlink() or pointer.is_dir():
-            pointer.unlink()
         atomic_write_text(pointer, path.name + "\n")
 
 

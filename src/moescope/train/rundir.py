@@ -176,7 +176,7 @@ class StageDirectory:
         final = self.out_dir / "final"
         (final / MANIFEST_NAME).unlink(missing_ok=True)  # a re-finished stage: the old one lists old digests
         save_moe_model(model, final, tokenizer=tokenizer if tokenizer.is_dir() else None)
-        write_manifest(final, int(summary.get("steps", -1)) if isinstance(summary.get("steps"), int) else -1)
+        write_manifest(final, int(summary["steps"]))
         atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
 
     def last_verified(self) -> Path | None:
