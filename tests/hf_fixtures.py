@@ -104,14 +104,39 @@ def config_for(arch: str, vocab_size: int):
         return _cfg("dbrx", **v, d_model=HIDDEN, n_heads=2, n_layers=2, max_seq_len=256,
                     attn_config={"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": 8.0},
                     ffn_config={"ffn_hidden_size": 24, "moe_num_experts": N_EXPERTS, "moe_top_k": 2})
+    # families without an adapter of their own (read through adapters.generic_adapter), and Llama 4
+    if arch == "ernie4_5_moe":
+        return _cfg("ernie4_5_moe", **COMMON, **v, num_hidden_layers=3, moe_num_experts=N_EXPERTS, moe_k=2,
+                    moe_intermediate_size=24, moe_layer_start_index=1, moe_num_shared_experts=1)
+    if arch == "hunyuan_v1_moe":  # top-1 with a shared expert
+        return _cfg("hunyuan_v1_moe", **COMMON, **v, num_hidden_layers=2, num_experts=N_EXPERTS, moe_topk=1,
+                    head_dim=16)
+    if arch == "minimax_m2":  # sigmoid scores with a selection bias
+        return _cfg("minimax_m2", **COMMON, **v, num_hidden_layers=2, num_local_experts=N_EXPERTS,
+                    num_experts_per_tok=2, head_dim=16)
+    if arch == "flex_olmo":
+        return _cfg("flex_olmo", **COMMON, **v, num_hidden_layers=2, num_experts=N_EXPERTS, num_experts_per_tok=2)
+    if arch == "exaone_moe":
+        return _cfg("exaone_moe", **COMMON, **v, **moe, num_hidden_layers=3, num_experts=N_EXPERTS,
+                    num_shared_experts=1, first_k_dense_replace=1, head_dim=16)
+    if arch == "glm4_moe_lite":
+        return _cfg("glm4_moe_lite", **mla, **v, **moe, num_hidden_layers=2, n_routed_experts=N_EXPERTS,
+                    n_shared_experts=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+                    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    if arch == "llama4_text":  # its experts run on every token, weighted by the router's dense scores
+        return _cfg("llama4_text", **COMMON, **v, num_hidden_layers=2, num_local_experts=N_EXPERTS,
+                    num_experts_per_tok=2, intermediate_size_mlp=48, head_dim=16, interleave_moe_layer_step=2)
     raise KeyError(arch)
 
 
 ARCHITECTURES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
-                 "granitemoe", "granitemoeshared", "phimoe", "jamba", "dbrx"]
+                 "granitemoe", "granitemoeshared", "phimoe", "jamba", "dbrx", "llama4_text"]
+# released families moescope has no adapter for, read by the generic one (adapters.generic_adapter)
+GENERIC_ARCHITECTURES = ["ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2", "flex_olmo", "exaone_moe", "glm4_moe_lite"]
 # the decoder layers that must be MoE in config_for's models
 EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "qwen3_moe": [1], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2],
-                       "glm4_moe": [1, 2], "jamba": [1, 3]}
+                       "glm4_moe": [1, 2], "jamba": [1, 3], "ernie4_5_moe": [1, 2], "exaone_moe": [1, 2],
+                       "llama4_text": [1], "glm4_moe_lite": [1]}
 
 
 def build_model(arch: str, vocab_size: int, seed: int = 0):
@@ -122,7 +147,8 @@ def build_model(arch: str, vocab_size: int, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config_for(arch, vocab_size))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight", "router.layer.weight")) and param.dim() == 2:
+            if name.endswith(("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight")) \
+                    and param.dim() == 2:
                 param.normal_(0.0, 0.5)
             elif name.endswith("e_score_correction_bias"):
                 param.normal_(0.0, 0.1)

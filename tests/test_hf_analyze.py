@@ -41,7 +41,8 @@ def _refused(capsys, model: Path, out: Path, args: list[str], *needles: str) -> 
     assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
 
 
-@pytest.mark.parametrize("arch, source", [("olmoe", "data"), ("deepseek_v3", "data"), ("gpt_oss", "texts")])
+@pytest.mark.parametrize("arch, source", [("olmoe", "data"), ("deepseek_v3", "data"), ("gpt_oss", "texts"),
+                                          ("minimax_m2", "data"), ("llama4_text", "data")])
 def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_path: Path) -> None:
     root, tok, data = shared
     model = save_model_dir(tmp_path / arch, arch, tokenizer=tok)
@@ -60,7 +61,12 @@ def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_pa
     assert arm["kind"] == "moe" and metrics["domains"] == ["code", "math", "prose"]
     assert info["n_experts"] == 8 and info["architecture"].lower().startswith(arch.split("_")[0][:4])
     assert sorted(arm["layers"], key=int) == [str(i) for i in info["moe_layers"]]
-    assert info["n_shared_experts"] == (1 if arch == "deepseek_v3" else 0)
+    assert info["n_shared_experts"] == (1 if arch in ("deepseek_v3", "llama4_text") else 0)
+    # minimax_m2 has no adapter of its own: the generic one reads it, and says how it knows the router scores
+    assert (info["adapter"] == "generic") == (arch == "minimax_m2")
+    if arch == "minimax_m2":
+        assert info["router_scores"] == "sigmoid"
+        assert "the only one of softmax / sigmoid its routing code calls" in info["selection"]
     n_blocks = metrics["n_eval_blocks"]
     assert n_blocks == 18  # 6 blocks of 32 tokens from each domain
     for layer, entry in arm["layers"].items():

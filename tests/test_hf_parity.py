@@ -12,18 +12,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import ARCHITECTURES, EXPECTED_MOE_LAYERS, corpus, make_tokenizer, save_model_dir
+from hf_fixtures import (
+    ARCHITECTURES,
+    EXPECTED_MOE_LAYERS,
+    GENERIC_ARCHITECTURES,
+    corpus,
+    make_tokenizer,
+    save_model_dir,
+)
 from train_fixtures import one_thread  # noqa: F401
 
 from moescope.analysis import capture
 from moescope.hf import loading, texts
-from moescope.hf.adapters import find_sites
+from moescope.hf.adapters import find_sites, takes_routing
 from moescope.hf.recorder import RoutingRecorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONTEXT = 24
-SIGMOID_ROUTERS = {"deepseek_v3", "glm4_moe"}  # sigmoid scores; every other family here is a softmax router
+# sigmoid scores, read off each family's transformers source; every other family here is a softmax router
+SIGMOID_ROUTERS = {"deepseek_v3", "glm4_moe", "minimax_m2", "exaone_moe", "glm4_moe_lite", "llama4_text"}
+# blocks that run their experts on every token, weighted by the router's dense scores (no ids handed over)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +50,7 @@ def _dispatched(model, tokens: torch.Tensor) -> dict[int, tuple[np.ndarray, np.n
             handles.append(module.register_forward_hook(
                 lambda mod, args, out, layer=layer: seen.setdefault(("shared", layer), []).append(
                     (torch.sigmoid(out).reshape(-1).numpy(), None))))
-        if path.endswith(".experts") and type(module).__name__.endswith("Experts"):
+        if path.endswith(".experts") and type(module).__name__.endswith("Experts") and takes_routing(module):
             layer = [int(p) for p in path.split(".") if p.isdigit()][-1]
 
             def hook(mod, args, kwargs, layer=layer):
@@ -56,6 +65,12 @@ def _dispatched(model, tokens: torch.Tensor) -> dict[int, tuple[np.ndarray, np.n
             h.remove()
     got = {layer: (np.concatenate([a for a, _ in v]), None if v[0][1] is None else np.concatenate([b for _, b in v]))
            for layer, v in seen.items()}
+    if not seen:  # Llama 4: the router's top-k of its logits, each weighted by the sigmoid of its logit
+        k = model.config.num_experts_per_tok
+        layers = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.feed_forward, "router")]
+        for layer, logits in zip(layers, out.router_logits):
+            top = logits.float().topk(k, dim=-1)
+            got[layer] = (top.indices.numpy(), torch.sigmoid(top.values).numpy())
     return got, out.router_logits
 
 
@@ -64,7 +79,7 @@ def _by_id(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.take_along_axis(ids, order, 1), np.take_along_axis(weights.astype(np.float64), order, 1)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + GENERIC_ARCHITECTURES)
 def test_capture_equals_dispatch(arch: str, tokenizer, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -74,6 +89,7 @@ def test_capture_equals_dispatch(arch: str, tokenizer, tmp_path) -> None:
     model = loading.load_model(plan)
     adapter, sites = find_sites(model)  # plan.sites belong to the empty copy; hook the loaded model
     assert adapter == plan.adapter
+    assert (adapter.name == "generic") == (arch in GENERIC_ARCHITECTURES)
     stream = capture.RoutingStream(tmp_path / "stream")
     with RoutingRecorder(adapter, sites) as rec:
         capture.stream_routing(model, blocks.tokens, blocks.domain, blocks.domains, recorder=rec, stream=stream,

@@ -14,11 +14,21 @@ output (its logits) gives each token's router entropy; the adapter says which
 distribution the logits define (softmax, or normalized sigmoid scores).
 The selection rules below are documentation for readers; the parity tests
 (tests/test_hf_parity.py) hold the capture equal to the experts' inputs.
+
+A family with no adapter here is still read when it follows the transformers 5
+convention (its ``_can_record_outputs["router_logits"]`` names a router class whose
+parent block has an ``experts`` module called that way): :func:`generic_adapter`
+builds its adapter from the model itself. Only the router distribution (softmax or
+sigmoid, for the entropy) has to be inferred; the dispatched experts and weights are
+read exactly as for the named families.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -38,6 +48,11 @@ class Adapter:
     experts_attr: str = "experts"  # the block's experts module, called as experts(hidden, index, weights)
     shared_gate_attr: str = ""  # a [hidden -> 1] module whose sigmoid scales the shared expert per token
     architectures: tuple[str, ...] = ()  # transformers model types known to use it (for messages and docs)
+    logits_index: int = 0  # which output of the router module holds its logits
+    # The router output holding each token's dispatch weights over all experts ([N, E], 0 for the
+    # experts it does not use), for blocks that call their experts without ids (Llama 4). None:
+    # the ids and weights are read where the block hands them to its experts module.
+    dense_scores_index: int | None = None
 
 
 @dataclass
@@ -96,6 +111,16 @@ ADAPTERS: tuple[Adapter, ...] = (
         architectures=("granitemoe", "granitemoeshared", "granitemoehybrid"),
     ),
     Adapter(
+        "llama4", ("Llama4Router",),
+        "top-k of the logits; each chosen expert's input is scaled by the sigmoid of its logit (the block "
+        "runs every expert on every token, weighted 0 where not chosen)",
+        scores="sigmoid",
+        shared_attrs=("shared_expert",),
+        architectures=("llama4", "llama4_text"),
+        logits_index=1,
+        dense_scores_index=0,
+    ),
+    Adapter(
         "deepseek-v2", ("DeepseekV2TopkRouter",),
         "softmax over all experts, greedy or group-limited top-k, times routed_scaling_factor",
         shared_attrs=("shared_experts",),
@@ -116,6 +141,133 @@ ADAPTERS: tuple[Adapter, ...] = (
 
 def supported_architectures() -> list[str]:
     return sorted({a for adapter in ADAPTERS for a in adapter.architectures})
+
+
+GENERIC_SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_mlp")
+GENERIC_SELECTION = ("read from what the block hands its experts module (experts(hidden, top_k_index, "
+                     "top_k_weights)): the family's own rule, whatever it is")
+_SCORE_KINDS = ("sigmoid", "softmax")
+# config / module attributes that may say which function scores the router (a string 'sigmoid' / 'softmax')
+_SCORE_KEY_HINTS = ("scor", "select", "rout", "gat")
+
+
+def recorded_routers(model: nn.Module) -> list[tuple[type, int]]:
+    """(router class, index of its logits output) that the model's modules name in
+    ``_can_record_outputs["router_logits"]`` (the outer model and its base may each name one)."""
+    found: list[tuple[type, int]] = []
+    for module in model.modules():
+        spec = (getattr(module, "_can_record_outputs", None) or {}).get("router_logits")
+        target = getattr(spec, "target_class", spec)
+        if isinstance(target, type) and all(target is not cls for cls, _ in found):
+            found.append((target, int(getattr(spec, "index", 0) or 0)))
+    return found
+
+
+def _named_score_kind(objs: list) -> str | None:
+    """A 'sigmoid' / 'softmax' string value in the attributes of `objs` whose name hints at routing."""
+    for obj in objs:
+        for key, value in vars(obj).items() if hasattr(obj, "__dict__") else ():
+            if (isinstance(value, str) and value.lower() in _SCORE_KINDS and not key.startswith("_")
+                    and any(h in key.lower() for h in _SCORE_KEY_HINTS)):
+                return value.lower()
+    return None
+
+
+def _called_score_kinds(classes: list[type]) -> set[str]:
+    """Which of sigmoid / softmax the routing methods of `classes` call (names in code, never comments)."""
+    found: set[str] = set()
+    for cls in classes:
+        for name in ("forward", "route_tokens_to_experts"):
+            fn = getattr(cls, name, None)
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+            except (TypeError, OSError, SyntaxError):
+                continue
+            for node in ast.walk(tree):
+                ident = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+                if ident in _SCORE_KINDS:
+                    found.add(ident)
+    return found
+
+
+def infer_scores(config, router: nn.Module, block: nn.Module) -> tuple[str, str]:
+    """The router distribution of a family without an adapter, 'sigmoid' or 'softmax', and how it was told.
+
+    A setting that names it (Cohere2-MoE's expert_selection_fn, DeepSeek-V4's scoring_func)
+    decides; otherwise the function the router's and block's routing code calls, when it
+    calls only one of them; softmax when the code calls both or neither.
+    """
+    named = _named_score_kind([router, block]) or _named_score_kind([config] if config is not None else [])
+    if named:
+        return named, "named by the model's settings"
+    called = _called_score_kinds([type(router), type(block)])
+    if len(called) == 1:
+        (kind,) = called
+        return kind, "the only one of softmax / sigmoid its routing code calls"
+    return "softmax", "assumed: its routing code calls " + (" and ".join(sorted(called)) or "neither softmax nor sigmoid")
+
+
+def generic_adapter(model: nn.Module) -> tuple[Adapter, list[tuple[str, nn.Module]]] | None:
+    """An adapter built from the model's own router recording, and its router modules (None if it has none)."""
+    for router_cls, index in recorded_routers(model):
+        modules = [(path, m) for path, m in model.named_modules() if type(m) is router_cls]
+        if modules:
+            break
+    else:
+        return None
+    path, router = modules[0]
+    block = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    config = getattr(model, "config", None)
+    scores, how = infer_scores(config, router, block)
+    return Adapter(
+        name="generic",
+        router_classes=(router_cls.__name__,),
+        selection=f"{GENERIC_SELECTION}; router distribution {scores} ({how})",
+        scores=scores,
+        shared_attrs=GENERIC_SHARED_ATTRS,
+        shared_gate_attr="shared_expert_gate",
+        architectures=(str(getattr(config, "model_type", type(model).__name__)),),
+        logits_index=index,
+    ), modules
+
+
+_EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "n_experts")
+_TOP_K_KEYS = ("top_k", "num_experts_per_tok", "moe_k", "moe_top_k", "moe_topk", "num_experts_per_token",
+               "top_k_experts")
+
+
+def takes_routing(experts: nn.Module) -> bool:
+    """True when the experts module's forward takes (hidden, expert ids, weights), as transformers 5 blocks call it."""
+    try:
+        params = list(inspect.signature(experts.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def _first_int(objs: list, keys: tuple[str, ...]) -> int | None:
+    """The first positive int attribute among `keys` of the first object that has one (lists: their first)."""
+    for obj in objs:
+        for key in keys:
+            value = getattr(obj, key, None)
+            if isinstance(value, (list, tuple)) and value:
+                value = value[0]
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _router_rows(router: nn.Module) -> int | None:
+    """Experts scored by a router: the rows of its first 2-D weight."""
+    return next((int(p.shape[0]) for p in router.parameters() if p.dim() == 2), None)
+
+
+def _unknown_moe_message(model: nn.Module, kind: str, why: str = "") -> str:
+    return (f"unknown MoE architecture ({kind}, {type(model).__name__}){': ' + why if why else ''}: moescope reads "
+            f"the routers of {', '.join(supported_architectures())}, and of any transformers MoE decoder whose "
+            "router is named in _can_record_outputs['router_logits'] and whose block calls "
+            "experts(hidden, top_k_index, top_k_weights)")
 
 
 def _layer_number(path: str) -> int | None:
@@ -154,18 +306,24 @@ def find_sites(model: nn.Module) -> tuple[Adapter, list[MoESite]]:
         adapter = by_class.get(type(module).__name__)
         if adapter is not None:
             found.setdefault(adapter.name, []).append((path, module))
-    if not found:
-        kind = type(config).__name__ if config is not None else type(model).__name__
-        if _looks_like_moe(model):
-            raise MoescopeError(
-                f"unknown MoE architecture ({kind}, {type(model).__name__}): moescope can read the routers of "
-                f"{', '.join(supported_architectures())}"
-            )
-        raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer: nothing to analyse")
     if len(found) > 1:
         raise MoescopeError(f"{type(model).__name__}: routers of several families {sorted(found)}; cannot analyse")
-    (name, modules), = found.items()
-    adapter = next(a for a in ADAPTERS if a.name == name)
+    if found:
+        (name, modules), = found.items()
+        adapter = next(a for a in ADAPTERS if a.name == name)
+    elif (generic := generic_adapter(model)) is not None:
+        adapter, modules = generic
+    else:
+        kind = type(config).__name__ if config is not None else type(model).__name__
+        if _looks_like_moe(model):
+            raise MoescopeError(_unknown_moe_message(model, kind))
+        raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer: nothing to analyse")
+    return adapter, sites_of(model, adapter, modules)
+
+
+def sites_of(model: nn.Module, adapter: Adapter, modules: list[tuple[str, nn.Module]]) -> list[MoESite]:
+    """The MoE layers whose routers are `modules` ((path, module) in model order), read the adapter's way."""
+    config = getattr(model, "config", None)
     sites: list[MoESite] = []
     for n, (path, module) in enumerate(modules):
         layer = _layer_number(path)
@@ -176,13 +334,18 @@ def find_sites(model: nn.Module) -> tuple[Adapter, list[MoESite]]:
         block_path = path.rsplit(".", 1)[0] if "." in path else ""
         block = model.get_submodule(block_path)
         experts = getattr(block, adapter.experts_attr, None)
-        if experts is None:
-            raise MoescopeError(f"{path}: {type(block).__name__} has no {adapter.experts_attr!r} module to hook")
-        n_experts = getattr(module, "num_experts", None) or getattr(experts, "num_experts", None)
-        if n_experts is None and hasattr(module, "weight"):
-            n_experts = module.weight.shape[0]
-        top_k = (getattr(module, "top_k", None) or getattr(block, "top_k", None)
-                 or getattr(config, "num_experts_per_tok", None))
+        if not isinstance(experts, nn.Module):
+            raise MoescopeError(_unknown_moe_message(model, type(config).__name__, f"{type(block).__name__} at {path} "
+                                                     f"has no {adapter.experts_attr!r} module to hook"))
+        if adapter.dense_scores_index is None and not takes_routing(experts):
+            raise MoescopeError(_unknown_moe_message(model, type(config).__name__, f"{type(experts).__name__} at "
+                                                     f"{block_path}.{adapter.experts_attr} is not called with the "
+                                                     "dispatched experts and weights"))
+        n_experts = _first_int([module, experts, block], _EXPERT_COUNT_KEYS) or _router_rows(module)
+        top_k = _first_int([module, block, config], _TOP_K_KEYS)
+        if n_experts is None or top_k is None:
+            raise MoescopeError(f"{path}: cannot tell the number of experts ({n_experts}) or top-k ({top_k}) of "
+                                f"{type(module).__name__}")
         parent = model.get_submodule(block_path.rsplit(".", 1)[0]) if "." in block_path else model
         sites.append(MoESite(layer, block_path, int(n_experts), int(top_k), _n_shared([block, parent], adapter, config),
                              router=module, experts=experts, block=block,
@@ -191,4 +354,4 @@ def find_sites(model: nn.Module) -> tuple[Adapter, list[MoESite]]:
     layers = [s.layer for s in sites]
     if len(set(layers)) != len(layers):
         raise MoescopeError(f"{type(model).__name__}: two MoE blocks in one layer ({layers}); cannot analyse")
-    return adapter, sites
+    return sites

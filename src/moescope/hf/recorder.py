@@ -71,11 +71,19 @@ class RoutingRecorder:
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
 
     # hooks keep device tensors; take() moves everything to the CPU once per forward
-    def _on_router(self, layer: int):
+    def _on_router(self, site: MoESite):
         def hook(module: nn.Module, args, output) -> None:
-            logits = output[0] if isinstance(output, (tuple, list)) else output
+            logits = output[self.adapter.logits_index] if isinstance(output, (tuple, list)) else output
             ent = router_entropy(logits.detach().reshape(-1, logits.shape[-1]), self.adapter.scores)
-            self._pending.setdefault(layer, {})["router_entropy"] = ent
+            pending = self._pending.setdefault(site.layer, {})
+            pending["router_entropy"] = ent
+            if self.adapter.dense_scores_index is not None:
+                # the router's own choice (top-k of its logits), weighted by its dense scores
+                flat = logits.detach().reshape(-1, logits.shape[-1])
+                index = flat.topk(site.top_k, dim=-1).indices
+                scores = output[self.adapter.dense_scores_index].detach().reshape(flat.shape)
+                pending.update(**dict(zip(("expert_index", "gate_weight"),
+                                          order_by_weight(index, scores.gather(-1, index)))))
         return hook
 
     def _on_experts(self, layer: int):
@@ -108,9 +116,10 @@ class RoutingRecorder:
                 site.router.capture = True
                 self._handles.append(site.router.register_forward_hook(self._on_moescope_layer(site.layer)))
             else:
-                self._handles.append(site.router.register_forward_hook(self._on_router(site.layer)))
-                self._handles.append(
-                    site.experts.register_forward_pre_hook(self._on_experts(site.layer), with_kwargs=True))
+                self._handles.append(site.router.register_forward_hook(self._on_router(site)))
+                if self.adapter.dense_scores_index is None:
+                    self._handles.append(
+                        site.experts.register_forward_pre_hook(self._on_experts(site.layer), with_kwargs=True))
                 if site.shared_gate is not None:
                     self._handles.append(site.shared_gate.register_forward_hook(self._on_shared_gate(site.layer)))
         return self
