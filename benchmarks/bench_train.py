@@ -283,6 +283,45 @@ def stacked_expert_cost(trainer: Trainer, reps: int = 5) -> tuple[tuple[int, flo
     return result
 
 
+def gemm_split_cost(d: int, ff: int, n_experts: int, tokens: int = 2048, reps: int = 30) -> list[tuple[str, float, float]]:
+    """What E separate expert weights cost the BLAS itself, before any moescope code: the six GEMMs of one
+    FFN's forward and backward (fc, proj; their input and weight gradients) as one GEMM over all `tokens`
+    rows and as `n_experts` GEMMs of tokens / E rows each (same FLOPs, torch.mm as the grouped kernel calls
+    it), CPU ms on one thread, fastest of 5 rounds of `reps`. [(name, one GEMM ms, E GEMMs ms)]."""
+    gen = torch.Generator().manual_seed(0)
+    m = tokens // n_experts
+    x, h = torch.randn(tokens, d, generator=gen), torch.randn(tokens, ff, generator=gen)
+    gy, gh = torch.randn(tokens, d, generator=gen), torch.randn(tokens, ff, generator=gen)
+    w1 = [torch.randn(d, ff, generator=gen) for _ in range(n_experts)]
+    w2 = [torch.randn(ff, d, generator=gen) for _ in range(n_experts)]
+    shapes = {  # name: (rows, right-hand matrix of expert e) as the forward / backward compute them
+        "fc forward": (x, lambda e: w1[e]), "proj forward": (h, lambda e: w2[e]),
+        "fc input grad": (gh, lambda e: w1[e].t()), "proj input grad": (gy, lambda e: w2[e].t()),
+    }
+
+    def cpu_ms(fn) -> float:
+        fn()
+        best = []
+        for _ in range(5):
+            t0 = time.process_time()
+            for _ in range(reps):
+                fn()
+            best.append((time.process_time() - t0) / reps * 1e3)
+        return min(best)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for name, (a, rhs) in shapes.items():
+        rows.append((name, cpu_ms(lambda: a.mm(rhs(0))),
+                     cpu_ms(lambda: [a[e * m:(e + 1) * m].mm(rhs(e)) for e in range(n_experts)])))
+    for name, (a, g) in {"fc weight grad": (x, gh), "proj weight grad": (h, gy)}.items():
+        rows.append((name, cpu_ms(lambda: a.t().mm(g)),
+                     cpu_ms(lambda: [a[e * m:(e + 1) * m].t().mm(g[e * m:(e + 1) * m]) for e in range(n_experts)])))
+    torch.set_num_threads(threads)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -311,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     part_rows: list[str] = []
     optimizer_rows: list[str] = []
     stack_rows: list[str] = []
+    gemm_rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = write_random_store(tmp / "data", vocab=args.vocab)
@@ -333,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
                     n_tensors, n_params, ms = optimizer_cost(trainer)
                     optimizer_rows.append(f"{size_name + f'/E={e}':<10} {arm:<6} {n_tensors:>8} {n_params / 1e6:>8.2f}M "
                                           f"{ms:>8.2f}")
+                split_rows = gemm_split_cost(SIZES[size_name]["d_model"], 4 * SIZES[size_name]["d_model"], e)
+                one, many = sum(r[1] for r in split_rows), sum(r[2] for r in split_rows)
+                gemm_rows.extend(f"{size_name + f'/E={e}':<10} {name:<17} {a:>9.3f} {b:>9.3f} {b / a:>7.3f}"
+                                 for name, a, b in split_rows)
+                gemm_rows.append(f"{size_name + f'/E={e}':<10} {'all six':<17} {one:>9.3f} {many:>9.3f} {many / one:>7.3f}")
                 (n_flat, ms_flat), (n_3d, ms_3d) = stacked_expert_cost(trainers["moe"])
                 stack_rows.append(f"{size_name + f'/E={e}':<10} {n_flat:>8} {ms_flat:>8.2f} {n_3d:>8} {ms_3d:>8.2f} "
                                   f"{ms_3d / ms_flat:>8.3f}")
@@ -365,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
           f"one 3-D tensor per weight kind (CPU ms on one thread, fastest of 5)\n"
           f"{'size':<10} {'tensors':>8} {'ms':>8} {'3-D':>8} {'ms':>8} {'3-D/as':>8}")
     print("\n".join(stack_rows))
+    print(f"\nwhat separate expert weights cost the BLAS alone: one FFN's six forward/backward GEMMs as one GEMM over "
+          f"2048 rows vs E GEMMs of 2048 / E rows (same FLOPs; CPU ms on one thread, fastest of 5)\n"
+          f"{'size':<10} {'GEMM':<17} {'one':>9} {'E GEMMs':>9} {'ratio':>7}")
+    print("\n".join(gemm_rows))
     if breakdowns:
         print(f"\nms per step (medians over rounds); cap = dense step / (dense forward+backward + this arm's rest):\n"
               f"the x dense this arm would reach if its forward+backward cost nothing over dense's\n"
