@@ -83,3 +83,13 @@ def test_block_whose_experts_take_no_ids_is_refused_by_name() -> None:
     model.model._can_record_outputs = {"router_logits": new_router}  # on the instance: the class stays intact
     with pytest.raises(MoescopeError, match="not called with the dispatched experts"):
         find_sites(model)
+
+
+def test_zero_top_k_is_refused_not_guessed() -> None:
+    model = build_model("mixtral", 64)
+    model.config.num_experts_per_tok = 0
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = 0
+        layer.mlp.top_k = 0
+    with pytest.raises(MoescopeError, match="give no positive top-k"):
+        find_sites(model)

@@ -344,8 +344,9 @@ def sites_of(model: nn.Module, adapter: Adapter, modules: list[tuple[str, nn.Mod
         n_experts = _first_int([module, experts, block], _EXPERT_COUNT_KEYS) or _router_rows(module)
         top_k = _first_int([module, block, config], _TOP_K_KEYS)
         if n_experts is None or top_k is None:
-            raise MoescopeError(f"{path}: cannot tell the number of experts ({n_experts}) or top-k ({top_k}) of "
-                                f"{type(module).__name__}")
+            missing = " and ".join(w for w, v in (("expert count", n_experts), ("top-k", top_k)) if v is None)
+            raise MoescopeError(f"{path}: {type(module).__name__}, its block and the config give no positive "
+                                f"{missing}; the config is inconsistent")
         parent = model.get_submodule(block_path.rsplit(".", 1)[0]) if "." in block_path else model
         sites.append(MoESite(layer, block_path, int(n_experts), int(top_k), _n_shared([block, parent], adapter, config),
                              router=module, experts=experts, block=block,
