@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json, atomic_write_text
+from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict
 from moescope.sweep import grid as grid_mod
 from moescope.sweep.grid import format_seed_interval
@@ -297,13 +297,10 @@ def _copy_stage(src: Path, dst: Path, run: Any, init: str, *, keep_snapshots: bo
     stored = json.loads((src / "config.json").read_text(encoding="utf-8"))
     if stage_identity(stored["config"]) != stage_identity(run):
         raise MoescopeError(f"shared stage {src} was trained with another configuration")
-    skip = ["checkpoints", "*.lock", ".*.tmp"] + ([] if keep_snapshots else ["snapshots"])
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
-    atomic_write_json(tmp / "config.json", {**stored, "config": to_dict(run), "init": init})
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dst)
+    skip = ["checkpoints", "*.lock", ".*.tmp", ".*.old"] + ([] if keep_snapshots else ["snapshots"])
+    with atomic_directory(dst) as tmp:  # a killed copy leaves a temporary the next copy of dst removes
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
+        atomic_write_json(tmp / "config.json", {**stored, "config": to_dict(run), "init": init})
 
 
 # What a dense stage never reads: it has no router, so MoE settings, aux losses, collapse

@@ -168,13 +168,16 @@ class StageDirectory:
 
     def save_snapshot(self, step: int, model) -> Path:
         """The model alone at an evaluation's step (snapshots/step_XXXXXX/)."""
-        return save_moe_model(model, self.out_dir / "snapshots" / checkpoint_name(step))
+        path = self.out_dir / "snapshots" / checkpoint_name(step)
+        remove_orphaned_temporaries(path)  # a killed earlier save of this step (the caller holds the lock)
+        return save_moe_model(model, path)
 
     def finish(self, model, summary: dict[str, Any], tokenizer: Path) -> None:
         """The trained model into final/ (with the data's tokenizer, if the data has one), then
         summary.json, written last: its presence means the stage is complete."""
         final = self.out_dir / "final"
         (final / MANIFEST_NAME).unlink(missing_ok=True)  # a re-finished stage: the old one lists old digests
+        remove_orphaned_temporaries(final)  # a killed earlier finish's weights temporary: never in the manifest
         save_moe_model(model, final, tokenizer=tokenizer if tokenizer.is_dir() else None)
         write_manifest(final, int(summary["steps"]))
         atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
