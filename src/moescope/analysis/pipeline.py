@@ -75,7 +75,7 @@ from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.provenance import environment_info
-from moescope.moe.hf_model import load_moe_model
+from moescope.io.saved_model import load_saved_model, verify_saved_model
 from moescope.moe.capture import record_routing
 from moescope.moe.model import moe_layers
 
@@ -360,7 +360,7 @@ def run_saturation(
     from tqdm.auto import tqdm
 
     for step, path in tqdm(snaps, desc="saturation", unit="snapshot", disable=not progress):
-        model = load_moe_model(path, device=next(model_final.parameters()).device)
+        model = load_saved_model(path, device=next(model_final.parameters()).device)
         choices = capture.capture_expert_choices(model, batches, assignments=by_batch)
         if sorted(choices) != sorted(final):
             raise MoescopeError(f"{path}: MoE layers {sorted(choices)} differ from the final model's {sorted(final)}")
@@ -454,9 +454,10 @@ def analyze_run(
     experiment = read_experiment(run_dir)
     store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
     names = list(arms) if arms is not None else list(experiment.get("arms", {}))
-    for name in names:
+    for name in names:  # every arm's model checked before anything of the analysis is replaced
         if not (run_dir / "arms" / name / "final").is_dir():
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
+        verify_saved_model(run_dir / "arms" / name / "final")
     tokenizer = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"
@@ -478,7 +479,7 @@ def analyze_run(
     block_losses: dict[str, capture.CaptureResult] = {}
     for name in names:
         arm_dir = run_dir / "arms" / name
-        model = load_moe_model(arm_dir / "final", device=device)
+        model = load_saved_model(arm_dir / "final", device=device)
         is_moe = bool(moe_layers(model))
         order = resolve_batch_order(cfg.batch_order, routes_by_batch(moe_layers(model).values()))
         log.info("analyze: arm %s (%s), %s batches", name, "MoE" if is_moe else "dense", order)

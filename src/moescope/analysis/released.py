@@ -86,10 +86,10 @@ def _model_info(adapter, sites, config, source: str, dtype: str, device: str, co
 def _prepare_moescope(source: str, data_dir, cfg: ReleasedConfig):
     """A model trained by moescope (moe_config.json): its own loader; tokenizer beside it or the data dir's."""
     from moescope.data.blocks import tokenizer_dir
-    from moescope.moe.hf_model import load_moe_model
+    from moescope.io.saved_model import load_saved_model
 
     device = loading.resolve_device(cfg.device)
-    model = load_moe_model(source, device=device)
+    model = load_saved_model(source, device=device)
     tok_src = source if (Path(source) / "tokenizer_config.json").is_file() else (
         str(tokenizer_dir(data_dir)) if data_dir is not None else None)
     if tok_src is None:

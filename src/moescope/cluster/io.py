@@ -36,6 +36,7 @@ from moescope.cluster.merge import MergeConfig, MergeHistory, merge_iteration, s
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_bytes, atomic_write_json
 from moescope.io.config import from_dict, to_dict
+from moescope.io.manifest import verify_manifest
 
 ACTIVATIONS_NAME = "activations.npy"
 TOKENS_NAME = "tokens.npz"
@@ -108,6 +109,7 @@ def resolve_model_dir(path: str | Path, arm: str = "moe") -> tuple[Path, str | N
     if latest.is_file():
         candidate = stage / "checkpoints" / latest.read_text().strip() / "model"
         if (candidate / "config.json").is_file():
+            verify_manifest(candidate.parent, ("model/config.json", "model/model.safetensors"))  # the checkpoint's
             return candidate, data_dir
     if (path / "arms").is_dir():
         arms = sorted(p.name for p in (path / "arms").iterdir() if p.is_dir())
@@ -139,11 +141,11 @@ def capture_batches(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
 
     from moescope.analysis.capture import capture_routing
     from moescope.data.blocks import BlockStore, tokenizer_dir
-    from moescope.moe.hf_model import load_moe_model
+    from moescope.io.saved_model import load_saved_model
     from moescope.moe.model import moe_layers
 
     store = BlockStore.open(data_dir)
-    model = load_moe_model(model_dir, device=cfg.device)
+    model = load_saved_model(model_dir, device=cfg.device)
     layers = moe_layers(model)
     if not layers:
         raise MoescopeError(f"{model_dir}: the model has no MoE layers to cluster")

@@ -12,7 +12,8 @@ from torch import nn
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.moe.activation import fuse_config_activation, fused_activation
-from moescope.moe.hf_model import MOE_CONFIG_NAME, WEIGHTS_NAME, load_moe_model
+from moescope.io.saved_model import load_saved_model
+from moescope.moe.hf_model import MOE_CONFIG_NAME, WEIGHTS_NAME
 from moescope.moe.install import install_moe
 from moescope.moe.model import moe_layers
 from moescope.train.config import ModelConfig, RunConfig
@@ -58,7 +59,7 @@ def load_init_model(init: str | Path) -> nn.Module:
     path = Path(init)
     if path.is_dir():
         if (path / MOE_CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file():
-            model = load_moe_model(path)  # strict on keys and shapes; dense directories load too
+            model = load_saved_model(path)  # strict on keys and shapes; dense directories load too
         else:
             if not (path / "config.json").is_file():
                 raise MoescopeError(f"base model directory {path} has no config.json")

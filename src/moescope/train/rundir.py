@@ -32,9 +32,9 @@ from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
 from moescope.io.lock import is_empty_ignoring_lock
 from moescope.moe.hf_model import WEIGHTS_NAME, save_moe_model
+from moescope.io.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from moescope.train.checkpoint import (
-    MANIFEST_NAME, checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
-    verify_manifest, write_manifest,
+    checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
 )
 from moescope.train.config import RunConfig, comparable_config
 from moescope.train.metrics_log import MetricsLog

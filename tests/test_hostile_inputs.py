@@ -1,0 +1,59 @@
+"""Hostile input through the real CLI: every refusal is exit code 2 and one line naming the file or
+value, before anything is written (the tiny run and data of test_analysis_pipeline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_analysis_pipeline import write_data, write_run
+from train_fixtures import one_thread  # noqa: F401
+
+from moescope.cli import main
+from moescope.io.manifest import write_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = ["--no-progress", "--resamples", "20", "--permutations", "9"]
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    """A finished run whose final/ models carry the sha256 manifest training writes."""
+    tokenizer = write_data(tmp_path / "data")
+    write_run(tmp_path / "run", tmp_path / "data", len(tokenizer))
+    for arm in ("dense", "moe"):
+        write_manifest(tmp_path / "run" / "arms" / arm / "final", 8)
+    return tmp_path / "run"
+
+
+def error_line(capsys) -> str:
+    """The one line the CLI printed for a refusal (no traceback, nothing else on stderr)."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("moescope: error: "), err
+    return err[0]
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_analyze_refuses_a_final_model_changed_since_training_before_writing(run_dir: Path, capsys) -> None:
+    weights = run_dir / "arms" / "moe" / "final" / "model.safetensors"
+    flip_a_byte(weights)
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(weights) in line and "sha256" in line
+    assert not (run_dir / "analysis").exists()  # the intact dense arm was not analysed either
+
+
+def test_cluster_refuses_a_final_model_changed_since_training(run_dir: Path, capsys) -> None:
+    config = run_dir / "arms" / "moe" / "final" / "config.json"
+    config.write_text(config.read_text().replace('"n_embd": 16', '"n_embd": 16 '))
+    out = run_dir.parent / "cluster"
+    assert main(["cluster", str(run_dir), "--out", str(out), "--batches", "2", "--no-null"]) == 2
+    assert str(config) in error_line(capsys)
+    assert not out.exists()
