@@ -57,3 +57,49 @@ def test_cluster_refuses_a_final_model_changed_since_training(run_dir: Path, cap
     assert main(["cluster", str(run_dir), "--out", str(out), "--batches", "2", "--no-null"]) == 2
     assert str(config) in error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("experiment.json", "[]", "expected a JSON object, got a list"),
+    ("experiment.json", '"run"', "expected a JSON object, got a string"),
+    ("experiment.json", '{"experiment": {}, "arms": ["moe"]}', "'arms' must be an object"),
+    ("experiment.json", '{"experiment": {}}', "no 'arms' entry"),
+])
+def test_a_run_json_file_of_the_wrong_shape_is_one_line(run_dir: Path, capsys, name: str, content: str,
+                                                       says: str) -> None:
+    (run_dir / name).write_text(content)
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(run_dir / name) in line and says in line
+    assert not (run_dir / "analysis").exists()
+
+
+@pytest.mark.parametrize("content, says", [("[]", "expected a JSON object"), ('{"arms": 3}', "'arms' must be an object")])
+def test_report_and_compare_refuse_a_metrics_file_of_the_wrong_shape(tmp_path: Path, capsys, content: str,
+                                                                    says: str) -> None:
+    metrics = tmp_path / "run" / "analysis" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(content)
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert str(metrics) in error_line(capsys)
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--out", str(tmp_path / "cmp")]) == 2
+    line = error_line(capsys)
+    assert str(metrics) in line and says in line
+    assert not (tmp_path / "run" / "report").exists() and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda m: m.pop("splits"), "lacks 'splits'"),
+    (lambda m: m["splits"].pop("eval"), "no 'eval' split"),
+    (lambda m: m["splits"]["eval"].pop("math"), "splits.eval lacks domain 'math'"),
+])
+def test_a_data_manifest_missing_a_split_or_domain_is_one_line(run_dir: Path, capsys, damage, says: str) -> None:
+    manifest = run_dir.parent / "data" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    damage(m)
+    manifest.write_text(json.dumps(m))
+    for command in (["analyze", str(run_dir), *FAST], ["data", "inspect", str(manifest.parent)]):
+        assert main(command) == 2
+        line = error_line(capsys)
+        assert str(manifest) in line and says in line
+    assert not (run_dir / "analysis").exists() and not (manifest.parent / "inspect").exists()

@@ -54,7 +54,6 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -74,6 +73,7 @@ from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_o
 from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
+from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
 from moescope.io.saved_model import load_saved_model, verify_saved_model
 from moescope.moe.capture import record_routing
@@ -110,7 +110,7 @@ def read_experiment(run_dir: Path) -> dict:
     path = run_dir / "experiment.json"
     if not path.is_file():
         raise MoescopeError(f"{run_dir}: not a moescope run directory (no experiment.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, {"arms": dict, "experiment": dict})
 
 
 def resolve_data_dir(run_dir: Path, experiment: dict, data_dir: str | Path | None) -> Path:

@@ -36,6 +36,7 @@ from moescope.cluster.merge import MergeConfig, MergeHistory, merge_iteration, s
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_bytes, atomic_write_json
 from moescope.io.config import from_dict, to_dict
+from moescope.io.jsonfile import read_json_object
 from moescope.io.manifest import verify_manifest
 
 ACTIVATIONS_NAME = "activations.npy"
@@ -120,10 +121,7 @@ def resolve_model_dir(path: str | Path, arm: str = "moe") -> tuple[Path, str | N
 def _recorded_data_dir(path: Path, section: str | None = None) -> str | None:
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    doc = read_json_object(path)
     doc = doc.get(section, {}) if section else doc
     value = doc.get("data_dir") if isinstance(doc, dict) else None
     return value or None

@@ -218,7 +218,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     cols = list(rows[0])
     print("  ".join(f"{c:>14s}" for c in cols))
     for r in rows:
-        print("  ".join(f"{str(r[c]):>14s}" for c in cols))
+        print("  ".join(f"{'-' if r[c] is None else str(r[c]):>14s}" for c in cols))
     for s in draw_samples(store, args.samples, args.seed):
         text = s.content if len(s.content) <= args.max_chars else s.content[: args.max_chars] + " [...]"
         print(f"\n--- {s.split} / {s.domain} / {s.kind} #{s.index} {s.meta if s.meta else ''}")

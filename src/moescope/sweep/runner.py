@@ -34,6 +34,7 @@ from typing import Any, Callable
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict
+from moescope.io.jsonfile import read_json_object
 from moescope.sweep import grid as grid_mod
 from moescope.sweep.grid import format_seed_interval
 
@@ -186,7 +187,7 @@ def run_sweep(
 
     # 3. cells
     results, failures = _execute(run_cell, todo, executor, workers, out_dir, executor_params)
-    finished = [_current_rows(json.loads((Path(s["cell_dir"]) / "result.json").read_text(encoding="utf-8")))
+    finished = [_current_rows(read_json_object(Path(s["cell_dir"]) / "result.json", {"rows": list}))
                 for s in specs if (Path(s["cell_dir"]) / "result.json").is_file()]
     summary = write_summary(finished, scfg, out_dir, wall_s=time.perf_counter() - t_start)
     if failures:
@@ -247,7 +248,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     cell_dir = Path(spec["cell_dir"])
     result_path = cell_dir / "result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text(encoding="utf-8"))
+        return read_json_object(result_path, {"rows": list})
     _set_threads(spec.get("threads"))
     cfg = from_dict(DemoConfig, spec["config"])
     if not (cell_dir / "cell.json").is_file():
@@ -294,7 +295,7 @@ def _copy_stage(src: Path, dst: Path, run: Any, init: str, *, keep_snapshots: bo
     """
     if not _stage_done(src):
         raise MoescopeError(f"shared stage {src} is not finished")
-    stored = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    stored = read_json_object(src / "config.json", {"config": dict})
     if stage_identity(stored["config"]) != stage_identity(run):
         raise MoescopeError(f"shared stage {src} was trained with another configuration")
     skip = ["checkpoints", "*.lock", ".*.tmp", ".*.old"] + ([] if keep_snapshots else ["snapshots"])

@@ -30,6 +30,7 @@ import torch
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
+from moescope.io.jsonfile import read_json_object
 from moescope.io.lock import is_empty_ignoring_lock
 from moescope.moe.hf_model import WEIGHTS_NAME, save_moe_model
 from moescope.io.manifest import MANIFEST_NAME, verify_manifest, write_manifest
@@ -95,11 +96,7 @@ def finished_summary(cfg: RunConfig, out_dir: Path) -> dict | None:
 
 def read_stored_config(path: Path) -> dict:
     """The run config recorded in a stage's config.json."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return dict(data["config"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise MoescopeError(f"{path}: not a readable run config ({type(exc).__name__}: {exc})") from None
+    return dict(read_json_object(path, {"config": dict})["config"])
 
 
 class StageDirectory:
