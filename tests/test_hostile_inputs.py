@@ -103,3 +103,13 @@ def test_a_data_manifest_missing_a_split_or_domain_is_one_line(run_dir: Path, ca
         line = error_line(capsys)
         assert str(manifest) in line and says in line
     assert not (run_dir / "analysis").exists() and not (manifest.parent / "inspect").exists()
+
+
+@pytest.mark.parametrize("arms, says", [(",", "an empty arm name"), ("moe,", "an empty arm name"),
+                                        ("", "an empty arm name"), ("moe,nope", "unknown arm 'nope'")])
+def test_analyze_arms_empty_or_unknown_is_one_line_listing_the_arms(run_dir: Path, capsys, arms: str,
+                                                                   says: str) -> None:
+    assert main(["analyze", str(run_dir), f"--arms={arms}", *FAST]) == 2
+    line = error_line(capsys)
+    assert says in line and line.endswith("are dense, moe")
+    assert not (run_dir / "analysis").exists()

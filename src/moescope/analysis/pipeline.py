@@ -452,12 +452,18 @@ def analyze_run(
     cfg = cfg or AnalyzeConfig()
     run_dir = Path(run_dir)
     experiment = read_experiment(run_dir)
-    store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
-    names = list(arms) if arms is not None else list(experiment.get("arms", {}))
+    recorded = list(experiment["arms"])
+    names = list(arms) if arms is not None else recorded
+    unknown = [name for name in names if name not in recorded]
+    if unknown or not names:
+        problem = "no arm given" if not names else "an empty arm name" if not unknown[0] else f"unknown arm {unknown[0]!r}"
+        raise MoescopeError(f"{problem}: the arms of {run_dir} are "
+                            f"{', '.join(recorded) or 'none (its experiment.json lists no arm)'}")
     for name in names:  # every arm's model checked before anything of the analysis is replaced
         if not (run_dir / "arms" / name / "final").is_dir():
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
         verify_saved_model(run_dir / "arms" / name / "final")
+    store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
     tokenizer = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         verb = "applies" if len(released_only) == 1 else "apply"
         raise MoescopeError(f"{', '.join(released_only)} only {verb} with --model (a released model), not with RUN")
     cfg = build_config(args)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms is not None else None  # empty items refused there
     result = analyze_run(Path(args.run), cfg, arms=arms, data_dir=args.data, progress=not args.no_progress)
     _print_summary(result)
     print(f"wrote {Path(args.run) / 'analysis' / 'metrics.json'} and viewer.json")
