@@ -113,3 +113,26 @@ def test_analyze_arms_empty_or_unknown_is_one_line_listing_the_arms(run_dir: Pat
     line = error_line(capsys)
     assert says in line and line.endswith("are dense, moe")
     assert not (run_dir / "analysis").exists()
+
+
+@pytest.mark.parametrize("command, says", [
+    (["cluster", "RUN", "--alpha", "nan"], "--alpha (merge.alpha) must be a finite number >= 0, got nan"),
+    (["cluster", "RUN", "--alpha", "inf"], "--alpha (merge.alpha) must be a finite number >= 0, got inf"),
+    (["cluster", "RUN", "--alpha", "-0.5"], "--alpha (merge.alpha) must be >= 0, got -0.5"),
+    (["cluster", "RUN", "--set", "merge.alpha=-1"], "merge.alpha must be >= 0, got -1"),
+    (["cluster", "RUN", "--tokens-per-batch", "0"], "--tokens-per-batch (capture.tokens_per_batch) must be >= 1"),
+    (["partition", "--files", "a=A", "--out", "OUT", "--target-mb", "nan"], "--target-mb (target_mb) must be a finite number > 0"),
+    (["partition", "--files", "a=A", "--out", "OUT", "--overlap-ratio", "inf"], "--overlap-ratio (overlap_ratio) must be a finite"),
+    (["partition", "--files", "a=A", "--out", "OUT", "--max-texts-per-domain", "-3"], "--max-texts-per-domain (max_texts_per_domain) must be >= 1"),
+    (["data", "build", "--out", "OUT", "--files", "a=A", "--target-mb", "inf"], "--target-mb (target_mb) must be a finite number > 0"),
+    (["analyze", "RUN", "--set", "statistics.confidence_level=.nan"], "statistics.confidence_level must be a finite"),
+    (["embed", "encode", "MODEL", "--input", "A", "--top-k", "0"], "--top-k (top_k) must be >= 1, got 0"),
+])
+def test_a_number_flag_out_of_range_or_not_finite_is_one_line_naming_it(tmp_path: Path, capsys, command: list[str],
+                                                                       says: str) -> None:
+    """Checked before any model, data or output is touched (RUN, A, MODEL need not even exist)."""
+    command = [str(tmp_path / c) if c in ("RUN", "OUT", "A", "MODEL") else c.replace("a=A", f"a={tmp_path / 'A'}")
+               for c in command]
+    assert main(command) == 2
+    assert says in error_line(capsys)
+    assert not any(tmp_path.iterdir())

@@ -124,8 +124,11 @@ def build_config_from_args(args: argparse.Namespace) -> Any:
     import dataclasses
 
     from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig
-    from moescope.io.config import layered_config
+    from moescope.io.config import Range, check_ranges, layered_config
 
+    # flags set below through dataclasses.replace, past from_dict's checks
+    check_ranges(args, {"target_mb": Range(low=0.0, low_open=True), "eval_fraction": Range(0.0, 1.0, True, True)},
+                 {"target_mb": "--target-mb", "eval_fraction": "--eval-fraction"})
     cfg = layered_config(DataBuildConfig, args.config, args.overrides)
 
     # every source named on the command line, per domain: --files (paths merged) then each --hf
