@@ -136,3 +136,22 @@ def test_a_number_flag_out_of_range_or_not_finite_is_one_line_naming_it(tmp_path
     assert main(command) == 2
     assert says in error_line(capsys)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("executor, hide_submitit, says", [
+    ("slurm", False, "needs SLURM, but sbatch and srun are not on PATH"),
+    ("slurm", True, "--executor slurm needs submitit, which is not installed"),
+    ("submitit-local", True, "--executor submitit-local needs submitit"),
+])
+def test_sweep_executor_missing_on_this_machine_is_one_line_before_anything(tmp_path: Path, capsys, monkeypatch,
+                                                                            executor: str, hide_submitit: bool,
+                                                                            says: str) -> None:
+    import sys
+
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch / srun here
+    if hide_submitit:
+        monkeypatch.setitem(sys.modules, "submitit", None)  # import raises ImportError
+    out = tmp_path / "sweep"
+    assert main(["sweep", "demo", "--out", str(out), "--executor", executor]) == 2
+    assert says in error_line(capsys)
+    assert not out.exists()

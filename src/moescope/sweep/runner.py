@@ -147,6 +147,7 @@ def run_sweep(
         raise MoescopeError(f"sweep: unknown executor {executor!r} (use one of {', '.join(EXECUTORS)})")
     if workers < 1:
         raise MoescopeError(f"sweep: --workers must be >= 1, got {workers}")
+    check_executor(executor)
     specs = plan_sweep(study, scfg, out_dir)
     for spec in specs:  # a cell directory belongs to one config: refuse before running anything
         stored = Path(spec["cell_dir"]) / "cell.json"
@@ -328,6 +329,22 @@ def _key(obj: Any) -> str:
 # --------------------------------------------------------------------------- executors
 
 
+def check_executor(executor: str) -> None:
+    """Refuse, before any data is built or cell run, an executor this machine cannot use."""
+    if executor == "local":
+        return
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise MoescopeError(f"sweep: --executor {executor} needs submitit, which is not installed "
+                            "(pip install 'moescope[sweep]')") from None
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None] if executor == "slurm" else []
+    if missing:
+        raise MoescopeError(f"sweep: --executor slurm needs SLURM, but {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not on PATH on this machine (submit from a "
+                            "SLURM login node, or use --executor local)")
+
+
 def _execute(fn: Callable[[dict], Any], specs: list[dict], executor: str, workers: int, out_dir: Path,
              params: dict[str, Any] | None) -> tuple[list[Any], list[str]]:
     """Run fn over specs; returns (results, failure messages). Failures never stop the other cells."""
@@ -355,10 +372,8 @@ def _execute(fn: Callable[[dict], Any], specs: list[dict], executor: str, worker
                 except Exception as exc:  # noqa: BLE001
                     failures.append(_failure(futures[fut], exc))
         return results, failures
-    try:
-        import submitit
-    except ImportError as exc:
-        raise MoescopeError("sweep: --executor slurm needs submitit (pip install 'moescope[sweep]')") from exc
+    import submitit  # present: check_executor
+
     folder = out_dir / "submitit"
     if executor == "slurm":
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
