@@ -155,3 +155,27 @@ def test_sweep_executor_missing_on_this_machine_is_one_line_before_anything(tmp_
     assert main(["sweep", "demo", "--out", str(out), "--executor", executor]) == 2
     assert says in error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["four", [2], None])
+def test_a_model_config_value_of_the_wrong_type_is_one_line_naming_the_file(tmp_path: Path, capsys, value) -> None:
+    """As analyze RUN, analyze --model and train --base load it (final/ without a manifest: an older run)."""
+    tokenizer = write_data(tmp_path / "data")
+    write_run(tmp_path / "run", tmp_path / "data", len(tokenizer))
+    final = tmp_path / "run" / "arms" / "dense" / "final"
+    config = json.loads((final / "config.json").read_text())
+    config["n_layer"] = value
+    (final / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    for command in (["analyze", str(tmp_path / "run"), "--arms", "dense", *FAST],
+                    ["analyze", "--model", str(final), "--data", str(tmp_path / "data"), "--out", str(out),
+                     "--no-progress"]):
+        assert main(command) == 2
+        line = error_line(capsys)
+        assert str(final / "config.json") in line and "n_layer" in line
+    assert not out.exists() and not (tmp_path / "run" / "analysis").exists()
+    from moescope.errors import MoescopeError
+    from moescope.train.model import load_init_model
+
+    with pytest.raises(MoescopeError, match="config.json: unusable model config .*n_layer"):
+        load_init_model(final)

@@ -12,7 +12,7 @@ from torch import nn
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.moe.activation import fuse_config_activation, fused_activation
-from moescope.io.saved_model import load_saved_model
+from moescope.io.saved_model import STRICT_CONFIG_ERRORS, config_error, load_saved_model
 from moescope.moe.hf_model import MOE_CONFIG_NAME, WEIGHTS_NAME
 from moescope.moe.install import install_moe
 from moescope.moe.model import moe_layers
@@ -82,6 +82,9 @@ def _from_pretrained(name_or_path: str, failure: str) -> nn.Module:
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except STRICT_CONFIG_ERRORS as exc:
+        raise config_error(Path(name_or_path) / "config.json" if Path(name_or_path).is_dir() else name_or_path,
+                           exc) from exc
     except (OSError, ValueError) as exc:
         raise MoescopeError(f"{failure} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
     fuse_config_activation(config)
