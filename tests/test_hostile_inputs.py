@@ -179,3 +179,26 @@ def test_a_model_config_value_of_the_wrong_type_is_one_line_naming_the_file(tmp_
 
     with pytest.raises(MoescopeError, match="config.json: unusable model config .*n_layer"):
         load_init_model(final)
+
+
+@pytest.mark.parametrize("damage", ["remove", "empty"])
+def test_a_data_directory_without_its_tokenizer_is_one_line_naming_it(run_dir: Path, capsys, damage: str) -> None:
+    import shutil
+
+    data = run_dir.parent / "data"
+    shutil.rmtree(data / "tokenizer")
+    if damage == "empty":
+        (data / "tokenizer").mkdir()
+    for command in (["analyze", str(run_dir), *FAST], ["data", "inspect", str(data)]):
+        assert main(command) == 2
+        line = error_line(capsys)
+        assert f"{data}: the data directory has no tokenizer" in line
+    assert not (run_dir / "analysis").exists() and not (data / "inspect").exists()
+
+
+def test_a_tokenizer_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no" / "such" / "tokenizer"
+    assert main(["data", "build", "--out", str(tmp_path / "data"), "--tokenizer", "gpt2",
+                 "--tokenizer-path", str(missing)]) == 2
+    assert f"cannot load tokenizer {str(missing)!r}: no such directory" in error_line(capsys)
+    assert not (tmp_path / "data").exists()

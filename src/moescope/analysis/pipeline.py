@@ -70,7 +70,7 @@ from moescope.analysis.summary import (
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
 from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_order, routes_by_batch
-from moescope.data.blocks import BlockStore, tokenizer_dir
+from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.jsonfile import read_json_object
@@ -447,7 +447,7 @@ def analyze_run(
     progress: bool = True,
 ) -> dict:
     """Analyse every (or the named) arm of a finished run; writes RUN/analysis/ and returns metrics."""
-    from moescope.data.tokenizer import load_pretrained_tokenizer
+    from moescope.data.tokenizer import load_data_tokenizer
 
     cfg = cfg or AnalyzeConfig()
     run_dir = Path(run_dir)
@@ -464,7 +464,7 @@ def analyze_run(
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
         verify_saved_model(run_dir / "arms" / name / "final")
     store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
-    tokenizer = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
+    tokenizer = load_data_tokenizer(store.root)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"
     rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.max_blocks_per_domain)

@@ -37,7 +37,7 @@ from moescope.btx.merge import (
     routing_shares,
 )
 from moescope.btx.scoring import continuation_losses, forward_flops_per_token, target_logprobs
-from moescope.data.blocks import BlockStore, tokenizer_dir
+from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.config import from_dict, to_dict
@@ -190,11 +190,11 @@ def domain_routing(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> dict:
 
 def cbtm_weights(cfg: BTXConfig, partition_dir: Path, ev: EvalSet, *, embedding_cache: Path | None = None) -> np.ndarray:
     """[n_blocks, N] c-BTM weights from each block's first eval_context_tokens tokens."""
-    from moescope.data.tokenizer import load_pretrained_tokenizer
+    from moescope.data.tokenizer import load_data_tokenizer
 
     from moescope.partition.io import open_encoder, read_centroids
 
-    tok = load_pretrained_tokenizer(str(tokenizer_dir(cfg.data_dir)))
+    tok = load_data_tokenizer(cfg.data_dir)
     contexts = tok.batch_decode(ev.blocks[:, : cfg.eval_context_tokens].tolist())
     encoder = open_encoder(partition_dir, cache_dir=embedding_cache)
     return ensemble_weights(encoder.encode(contexts), read_centroids(partition_dir), cfg.cbtm_temperature, cfg.cbtm_top_k)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.data.blocks import SPLITS, BlockStore, tokenizer_dir
+from moescope.data.blocks import SPLITS, BlockStore
 from moescope.data.split import domain_seed
 
 
@@ -71,9 +71,9 @@ def leakage_lines(store: BlockStore) -> list[str]:
 
 def draw_samples(store: BlockStore, n: int, seed: int = 0) -> list[Sample]:
     """`n` random raw texts and `n` random decoded blocks per domain and split."""
-    from moescope.data.tokenizer import load_pretrained_tokenizer
+    from moescope.data.tokenizer import load_data_tokenizer
 
-    tok = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
+    tok = load_data_tokenizer(store.root)
     out: list[Sample] = []
     for split in SPLITS:
         for d in store.domains:
