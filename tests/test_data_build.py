@@ -371,6 +371,24 @@ def test_existing_output_directory_rules(tmp_path: Path, capsys) -> None:
     _bad(tmp_path, capsys, base, r"holds no moescope build", out=junk)
 
 
+def test_a_rerun_after_a_killed_build_removes_its_temporaries(tmp_path: Path, capsys) -> None:
+    """A build killed mid-write leaves a hidden temporary copy of --out (and, when replacing, the old one);
+    the next build of the same --out removes them, also when it reuses the finished build."""
+    ok = write_domain(tmp_path / "ok.jsonl", 50, WORDS["alpha"], 0, "o")
+    out = tmp_path / "data"
+    args = ["data", "build", "--out", str(out), "--files", f"alpha={ok}", "--domains", "alpha",
+            "--vocab-size", "300", "--block-size", "16"]
+    killed = [tmp_path / ".data.2147483647.abcdefgh.tmp", tmp_path / ".data.old"]
+    for stale in killed:
+        (stale / "blocks").mkdir(parents=True)
+    assert run_cli(args, capsys)[0] == 0
+    assert no_temp_leftovers(tmp_path) and BlockStore.open(out).domains == ["alpha"]
+    for stale in killed:
+        (stale / "blocks").mkdir(parents=True)
+    assert run_cli(args, capsys)[0] == 0  # reused, and still cleaned
+    assert no_temp_leftovers(tmp_path) and not (tmp_path / ".data.old").exists()
+
+
 @pytest.mark.slow
 def test_default_demo_build_under_a_minute(tmp_path: Path, capsys) -> None:
     """`moescope data build --out DIR` with all defaults (built-in code, math, prose; offline)."""

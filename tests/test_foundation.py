@@ -14,7 +14,7 @@ import pytest
 
 from moescope.data.blocks import BlockStore, block_path, dtype_for_vocab
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_directory, atomic_write_json
+from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text, temporary_prefix
 from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides, to_dict
 
 
@@ -88,6 +88,42 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
     with atomic_directory(final) as tmp:
         (tmp / "done.txt").write_text("done")
     assert (final / "done.txt").read_text() == "done"
+
+
+DEAD_PID = 2**31 - 1  # above any pid_max: no process has it
+
+
+def test_a_rewrite_removes_only_the_stale_temporaries_of_its_own_target(tmp_path: Path) -> None:
+    """What a killed write of `out` left (a dead writer's temporary, the old copy being replaced, an older
+    moescope's temporary without PID) goes at the next write of `out`; a live writer's temporary, and
+    temporaries of other names, stay."""
+    stale = [tmp_path / f".out.{DEAD_PID}.abcdefgh.tmp", tmp_path / ".out.old", tmp_path / ".out.k2j_9x0a.tmp"]
+    for p in stale:
+        p.mkdir()
+        (p / "half.bin").write_bytes(b"half")
+    live = tmp_path / (temporary_prefix(tmp_path / "out") + "zzzzzzzz.tmp")
+    others = [tmp_path / f".other.{DEAD_PID}.abcdefgh.tmp", tmp_path / ".out.txt", live]
+    for p in others:
+        p.write_text("keep")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "done.txt").write_text("done")
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in others)
+    (tmp_path / f".note.txt.{DEAD_PID}.abcdefgh.tmp").write_text("half")
+    atomic_write_text(tmp_path / "note.txt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "note.txt", *(p.name for p in others)])
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_write(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_block_store_reads_what_was_written(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ config is identical and the experiment continues from its checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -23,6 +22,7 @@ from moescope.data.config import DataBuildConfig
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict, upgrade_keys
+from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
 from moescope.presets import PRESETS, preset_path
 from moescope.train.config import ExperimentConfig, validate_experiment
@@ -63,7 +63,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, *, overwrite: bool = False, p
         shutil.rmtree(run_dir)
     resume = run_dir.exists()
     if resume and config_path.is_file():
-        previous = json.loads(config_path.read_text(encoding="utf-8")).get("config")
+        previous = read_json_object(config_path).get("config")
         if not same_study(previous, _comparable(resolved, data_dir)):
             raise MoescopeError(f"{out_dir} holds a demo run with a different configuration; "
                                 f"pass --overwrite to replace it or choose another --out")
@@ -226,7 +226,7 @@ def run_demo_seeds(cfg: DemoConfig, out_dir: str | Path, n_seeds: int, *, overwr
     scfg = SweepConfig(study="demo", seeds=list(range(first, first + n_seeds)), share_base=False, cluster=True)
     t0 = time.perf_counter()
     summary = run_sweep(to_dict(cfg), scfg, out_dir, workers=workers)
-    results = [json.loads(p.read_text(encoding="utf-8"))
+    results = [read_json_object(p)
                for p in sorted((out_dir / "cells").glob("*/result.json"))]
     rows = aggregate_cells(results, scfg.confidence_level)
     seeds_table = {

@@ -54,7 +54,6 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -71,11 +70,12 @@ from moescope.analysis.summary import (
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
 from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_order, routes_by_batch
-from moescope.data.blocks import BlockStore, tokenizer_dir
+from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
+from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
-from moescope.moe.hf_model import load_moe_model
+from moescope.io.saved_model import load_saved_model, verify_saved_model
 from moescope.moe.capture import record_routing
 from moescope.moe.model import moe_layers
 
@@ -110,7 +110,7 @@ def read_experiment(run_dir: Path) -> dict:
     path = run_dir / "experiment.json"
     if not path.is_file():
         raise MoescopeError(f"{run_dir}: not a moescope run directory (no experiment.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, {"arms": dict, "experiment": dict})
 
 
 def resolve_data_dir(run_dir: Path, experiment: dict, data_dir: str | Path | None) -> Path:
@@ -360,7 +360,7 @@ def run_saturation(
     from tqdm.auto import tqdm
 
     for step, path in tqdm(snaps, desc="saturation", unit="snapshot", disable=not progress):
-        model = load_moe_model(path, device=next(model_final.parameters()).device)
+        model = load_saved_model(path, device=next(model_final.parameters()).device)
         choices = capture.capture_expert_choices(model, batches, assignments=by_batch)
         if sorted(choices) != sorted(final):
             raise MoescopeError(f"{path}: MoE layers {sorted(choices)} differ from the final model's {sorted(final)}")
@@ -447,17 +447,24 @@ def analyze_run(
     progress: bool = True,
 ) -> dict:
     """Analyse every (or the named) arm of a finished run; writes RUN/analysis/ and returns metrics."""
-    from moescope.data.tokenizer import load_pretrained_tokenizer
+    from moescope.data.tokenizer import load_data_tokenizer
 
     cfg = cfg or AnalyzeConfig()
     run_dir = Path(run_dir)
     experiment = read_experiment(run_dir)
-    store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
-    names = list(arms) if arms is not None else list(experiment.get("arms", {}))
-    for name in names:
+    recorded = list(experiment["arms"])
+    names = list(arms) if arms is not None else recorded
+    unknown = [name for name in names if name not in recorded]
+    if unknown or not names:
+        problem = "no arm given" if not names else "an empty arm name" if not unknown[0] else f"unknown arm {unknown[0]!r}"
+        raise MoescopeError(f"{problem}: the arms of {run_dir} are "
+                            f"{', '.join(recorded) or 'none (its experiment.json lists no arm)'}")
+    for name in names:  # every arm's model checked before anything of the analysis is replaced
         if not (run_dir / "arms" / name / "final").is_dir():
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
-    tokenizer = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
+        verify_saved_model(run_dir / "arms" / name / "final")
+    store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
+    tokenizer = load_data_tokenizer(store.root)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"
     rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.max_blocks_per_domain)
@@ -478,7 +485,7 @@ def analyze_run(
     block_losses: dict[str, capture.CaptureResult] = {}
     for name in names:
         arm_dir = run_dir / "arms" / name
-        model = load_moe_model(arm_dir / "final", device=device)
+        model = load_saved_model(arm_dir / "final", device=device)
         is_moe = bool(moe_layers(model))
         order = resolve_batch_order(cfg.batch_order, routes_by_batch(moe_layers(model).values()))
         log.info("analyze: arm %s (%s), %s batches", name, "MoE" if is_moe else "dense", order)

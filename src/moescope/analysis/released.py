@@ -37,13 +37,14 @@ from moescope.errors import MoescopeError
 from moescope.hf import loading, texts
 from moescope.hf.adapters import find_sites
 from moescope.hf.recorder import RoutingRecorder
-from moescope.io.atomic import atomic_write_json
+from moescope.io.atomic import atomic_write_json, remove_stale_temporaries, temporary_prefix
 from moescope.io.provenance import environment_info
 from moescope.report.build import build_report
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+_RESULTS = ("analysis", "report", "experiment.json")  # what OUT holds, each replaced whole
 DEFAULT_CONTEXT = 512
 # Tokens per viewer sample: k experts and weights per token and layer make a 512-token
 # block of an 80-layer model several MB; the first 256 tokens of each sample are shown.
@@ -85,10 +86,10 @@ def _model_info(adapter, sites, config, source: str, dtype: str, device: str, co
 def _prepare_moescope(source: str, data_dir, cfg: ReleasedConfig):
     """A model trained by moescope (moe_config.json): its own loader; tokenizer beside it or the data dir's."""
     from moescope.data.blocks import tokenizer_dir
-    from moescope.moe.hf_model import load_moe_model
+    from moescope.io.saved_model import load_saved_model
 
     device = loading.resolve_device(cfg.device)
-    model = load_moe_model(source, device=device)
+    model = load_saved_model(source, device=device)
     tok_src = source if (Path(source) / "tokenizer_config.json").is_file() else (
         str(tokenizer_dir(data_dir)) if data_dir is not None else None)
     if tok_src is None:
@@ -152,13 +153,15 @@ def analyze_released(
              len(blocks.domain), context)
 
     out.mkdir(parents=True, exist_ok=True)
-    staging_parent = Path(tempfile.mkdtemp(prefix=".analyze-", suffix=".tmp", dir=out))
+    for target in (out / "analyze", *(out / part for part in _RESULTS)):  # what a killed analysis left
+        remove_stale_temporaries(target)
+    staging_parent = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "analyze"), suffix=".tmp", dir=out))
     try:
         stage = staging_parent / out.resolve().name  # the report names the directory it is built in
         stage.mkdir()
         metrics = _run(net, tokenizer, adapter, sites, blocks, info, stage, name, cfg, in_device, progress,
                        source=source, data_dir=data_dir, texts_file=texts_file)
-        for part in ("analysis", "report", "experiment.json"):
+        for part in _RESULTS:
             _replace(stage / part, out / part)
     finally:
         shutil.rmtree(staging_parent, ignore_errors=True)

@@ -27,7 +27,7 @@ OTHER_DOMAIN = "other"
 
 def write_branch_data(data_dir: str | Path, partition_dir: str | Path, out_dir: str | Path) -> BlockStore:
     """Pack a partition's texts with the corpus tokenizer into a block store at `out_dir`."""
-    from moescope.data.tokenizer import load_pretrained_tokenizer
+    from moescope.data.tokenizer import load_data_tokenizer
 
     store = BlockStore.open(data_dir)
     out_dir = Path(out_dir)
@@ -39,7 +39,7 @@ def write_branch_data(data_dir: str | Path, partition_dir: str | Path, out_dir: 
         dom = rec.get("source_domain")
         by_domain[dom if dom in store.domains else OTHER_DOMAIN].append(rec["text"])
     domains = list(store.domains) + ([OTHER_DOMAIN] if OTHER_DOMAIN in by_domain else [])
-    tok = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
+    tok = load_data_tokenizer(store.root)
     encode = encoder_for(tok)
     manifest = dict(store.manifest)
     splits: dict[str, dict] = {"train": {}, "eval": {}}

@@ -37,12 +37,13 @@ from moescope.btx.merge import (
     routing_shares,
 )
 from moescope.btx.scoring import continuation_losses, forward_flops_per_token, target_logprobs
-from moescope.data.blocks import BlockStore, tokenizer_dir
+from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig
-from moescope.moe.hf_model import load_moe_model, save_moe_model
+from moescope.io.saved_model import load_saved_model
+from moescope.moe.hf_model import save_moe_model
 from moescope.moe.model import moe_layers
 from moescope.train.trainer import train_run
 
@@ -119,7 +120,7 @@ def run_merge(cfg: BTXConfig, out: Path, strategy: str, branch_dirs: list[Path])
     init_dir = out / "merged" / strategy / "init"
     branches = None
     if not (init_dir / "model.safetensors").is_file():
-        branches = [load_moe_model(d) for d in branch_dirs]
+        branches = [load_saved_model(d) for d in branch_dirs]
         moe_cfg = merge_moe_config(cfg, len(branches[0].transformer.h))
         batches = _partition_batches(cfg, out, strategy)
         router = None
@@ -167,7 +168,7 @@ def run_dense_baseline(cfg: BTXConfig, out: Path, base_dir: Path) -> Path:
 
 def _score(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> tuple[torch.Tensor, dict]:
     """(target log-probs, per-domain losses + the model's inference FLOPs per token at the eval context)."""
-    model = load_moe_model(model_dir)
+    model = load_saved_model(model_dir)
     lp = target_logprobs(model, torch.from_numpy(ev.blocks), cfg.train.eval_batch_sequences)
     flops = forward_flops_per_token(model, int(ev.blocks.shape[1]))
     del model
@@ -178,7 +179,7 @@ def _score(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> tuple[torch.Tensor, 
 
 def domain_routing(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> dict:
     """{block: [domain][expert] share of eval tokens}: does a domain go to its branch's expert?"""
-    model = load_moe_model(model_dir)
+    model = load_saved_model(model_dir)
     blocks = torch.from_numpy(ev.blocks)
     by_domain = [list(blocks[torch.from_numpy(ev.domain_ids == d)].split(cfg.train.eval_batch_sequences))
                  for d in range(len(ev.domains))]
@@ -189,11 +190,11 @@ def domain_routing(model_dir: Path, ev: EvalSet, cfg: BTXConfig) -> dict:
 
 def cbtm_weights(cfg: BTXConfig, partition_dir: Path, ev: EvalSet, *, embedding_cache: Path | None = None) -> np.ndarray:
     """[n_blocks, N] c-BTM weights from each block's first eval_context_tokens tokens."""
-    from moescope.data.tokenizer import load_pretrained_tokenizer
+    from moescope.data.tokenizer import load_data_tokenizer
 
     from moescope.partition.io import open_encoder, read_centroids
 
-    tok = load_pretrained_tokenizer(str(tokenizer_dir(cfg.data_dir)))
+    tok = load_data_tokenizer(cfg.data_dir)
     contexts = tok.batch_decode(ev.blocks[:, : cfg.eval_context_tokens].tolist())
     encoder = open_encoder(partition_dir, cache_dir=embedding_cache)
     return ensemble_weights(encoder.encode(contexts), read_centroids(partition_dir), cfg.cbtm_temperature, cfg.cbtm_top_k)

@@ -36,6 +36,8 @@ from moescope.cluster.merge import MergeConfig, MergeHistory, merge_iteration, s
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_bytes, atomic_write_json
 from moescope.io.config import from_dict, to_dict
+from moescope.io.jsonfile import read_json_object
+from moescope.io.manifest import verify_manifest
 
 ACTIVATIONS_NAME = "activations.npy"
 TOKENS_NAME = "tokens.npz"
@@ -108,6 +110,7 @@ def resolve_model_dir(path: str | Path, arm: str = "moe") -> tuple[Path, str | N
     if latest.is_file():
         candidate = stage / "checkpoints" / latest.read_text().strip() / "model"
         if (candidate / "config.json").is_file():
+            verify_manifest(candidate.parent, ("model/config.json", "model/model.safetensors"))  # the checkpoint's
             return candidate, data_dir
     if (path / "arms").is_dir():
         arms = sorted(p.name for p in (path / "arms").iterdir() if p.is_dir())
@@ -118,10 +121,7 @@ def resolve_model_dir(path: str | Path, arm: str = "moe") -> tuple[Path, str | N
 def _recorded_data_dir(path: Path, section: str | None = None) -> str | None:
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    doc = read_json_object(path)
     doc = doc.get(section, {}) if section else doc
     value = doc.get("data_dir") if isinstance(doc, dict) else None
     return value or None
@@ -139,11 +139,11 @@ def capture_batches(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
 
     from moescope.analysis.capture import capture_routing
     from moescope.data.blocks import BlockStore, tokenizer_dir
-    from moescope.moe.hf_model import load_moe_model
+    from moescope.io.saved_model import load_saved_model
     from moescope.moe.model import moe_layers
 
     store = BlockStore.open(data_dir)
-    model = load_moe_model(model_dir, device=cfg.device)
+    model = load_saved_model(model_dir, device=cfg.device)
     layers = moe_layers(model)
     if not layers:
         raise MoescopeError(f"{model_dir}: the model has no MoE layers to cluster")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from moescope.io.config import Range
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -61,30 +63,20 @@ def build_config(args: argparse.Namespace, released: bool = False) -> Any:
     if released:
         flags.update({"context_tokens": args.context, "dtype": args.dtype, "device": args.device,
                       "batch_blocks": args.batch_blocks})
-    cfg = layered_config(ReleasedConfig if released else AnalyzeConfig, args.config, args.overrides, flags)
-    check_ranges(cfg)
-    return cfg
+    return layered_config(ReleasedConfig if released else AnalyzeConfig, args.config, args.overrides, flags,
+                          ranges=RANGES, flag_names=FLAG_NAMES)
 
 
-# (setting, smallest allowed value); None values mean "all" / "the model's" and are not checked
-_MINIMUM = {"max_blocks_per_domain": 1, "batch_blocks": 1, "viewer_samples_per_domain": 0,
-            "saturation_max_blocks_per_domain": 1, "format_test_max_texts": 0, "context_tokens": 2,
-            "statistics.n_resamples": 2, "statistics.n_permutations": 1, "statistics.seed": 0,
-            "statistics.vocab_min_count": 1, "statistics.vocab_null_shuffles": 1}
-
-
-def check_ranges(cfg: Any) -> None:
-    """Refuse, before anything is captured or written, values no analysis can use."""
-    from moescope.errors import MoescopeError
-
-    for key, low in _MINIMUM.items():
-        node, *rest = key.split(".")
-        value = getattr(getattr(cfg, node, None), rest[0], None) if rest else getattr(cfg, node, None)
-        if value is not None and value < low:
-            raise MoescopeError(f"analysis setting {key} must be >= {low}, got {value}")
-    level = cfg.statistics.confidence_level
-    if not 0.0 < level < 1.0:
-        raise MoescopeError(f"analysis setting statistics.confidence_level must be in (0, 1), got {level}")
+# None values mean "all" / "the model's" and are not checked
+RANGES = {key: Range(low=low) for key, low in {
+    "max_blocks_per_domain": 1, "batch_blocks": 1, "viewer_samples_per_domain": 0,
+    "saturation_max_blocks_per_domain": 1, "format_test_max_texts": 0, "context_tokens": 2,
+    "statistics.n_resamples": 2, "statistics.n_permutations": 1, "statistics.seed": 0,
+    "statistics.vocab_min_count": 1, "statistics.vocab_null_shuffles": 1}.items()}
+RANGES["statistics.confidence_level"] = Range(0.0, 1.0, low_open=True, high_open=True)
+FLAG_NAMES = {"max_blocks_per_domain": "--max-blocks-per-domain", "statistics.n_resamples": "--resamples",
+              "statistics.n_permutations": "--permutations", "statistics.seed": "--seed",
+              "context_tokens": "--context", "batch_blocks": "--batch-blocks"}
 
 
 def run_released(args: argparse.Namespace) -> int:
@@ -122,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         verb = "applies" if len(released_only) == 1 else "apply"
         raise MoescopeError(f"{', '.join(released_only)} only {verb} with --model (a released model), not with RUN")
     cfg = build_config(args)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms is not None else None  # empty items refused there
     result = analyze_run(Path(args.run), cfg, arms=arms, data_dir=args.data, progress=not args.no_progress)
     _print_summary(result)
     print(f"wrote {Path(args.run) / 'analysis' / 'metrics.json'} and viewer.json")

@@ -124,8 +124,11 @@ def build_config_from_args(args: argparse.Namespace) -> Any:
     import dataclasses
 
     from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig
-    from moescope.io.config import layered_config
+    from moescope.io.config import Range, check_ranges, layered_config
 
+    # flags set below through dataclasses.replace, past from_dict's checks
+    check_ranges(args, {"target_mb": Range(low=0.0, low_open=True), "eval_fraction": Range(0.0, 1.0, True, True)},
+                 {"target_mb": "--target-mb", "eval_fraction": "--eval-fraction"})
     cfg = layered_config(DataBuildConfig, args.config, args.overrides)
 
     # every source named on the command line, per domain: --files (paths merged) then each --hf
@@ -218,7 +221,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     cols = list(rows[0])
     print("  ".join(f"{c:>14s}" for c in cols))
     for r in rows:
-        print("  ".join(f"{str(r[c]):>14s}" for c in cols))
+        print("  ".join(f"{'-' if r[c] is None else str(r[c]):>14s}" for c in cols))
     for s in draw_samples(store, args.samples, args.seed):
         text = s.content if len(s.content) <= args.max_chars else s.content[: args.max_chars] + " [...]"
         print(f"\n--- {s.split} / {s.domain} / {s.kind} #{s.index} {s.meta if s.meta else ''}")

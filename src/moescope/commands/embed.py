@@ -216,7 +216,9 @@ def run_encode(args: argparse.Namespace) -> int:
     from moescope.embed.encoder import load_encoder
     from moescope.errors import MoescopeError
     from moescope.io.atomic import atomic_write_bytes
+    from moescope.io.config import Range, check_ranges
 
+    check_ranges(args, {"top_k": Range(low=1), "batch_size": Range(low=1)}, {"top_k": "--top-k", "batch_size": "--batch-size"})
     _quiet_libraries()
     texts = _read_texts(args.input, args.field)
     if not texts:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from moescope.io.config import Range
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -104,7 +106,17 @@ def build_config(args: argparse.Namespace) -> Any:
         "embedding_backend": args.embedding_backend,
         "curriculum_score": "perplexity" if args.curriculum_model else None,
     }
-    return layered_config(PartitionConfig, args.config, args.overrides, flags)
+    return layered_config(PartitionConfig, args.config, args.overrides, flags, ranges=RANGES,
+                          flag_names={"n_partitions": "--n-partitions", "overlap_ratio": "--overlap-ratio",
+                                      "seed": "--seed", "min_article_length_chars": "--min-article-length",
+                                      "balance_tolerance": "--balance-tolerance"})
+
+
+RANGES = {"n_partitions": Range(low=1), "overlap_ratio": Range(0.0, 1.0), "seed": Range(low=0),
+          "min_article_length_chars": Range(low=0), "balance_tolerance": Range(0.0, 1.0, high_open=True)}
+# flags outside PartitionConfig (the corpus and the embedder)
+FLAG_RANGES = {"target_mb": Range(low=0.0, low_open=True), "max_texts_per_domain": Range(low=1),
+               "embed_max_tokens": Range(low=1)}
 
 
 def run_partition(args: argparse.Namespace) -> int:
@@ -112,6 +124,7 @@ def run_partition(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moescope.errors import MoescopeError
+    from moescope.io.config import check_ranges
     from moescope.io.provenance import environment_info
     from moescope.partition.embedding import default_cache_dir
     from moescope.partition.io import write_partitions
@@ -120,6 +133,8 @@ def run_partition(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MoescopeError(f"{out} already exists (pass --overwrite to replace it)")
+    check_ranges(args, FLAG_RANGES, {"target_mb": "--target-mb", "max_texts_per_domain": "--max-texts-per-domain",
+                                     "embed_max_tokens": "--embed-max-tokens"})
     cfg = build_config(args)
     if args.curriculum_model and cfg.strategy != "curriculum":
         raise MoescopeError("--curriculum-model only applies to --strategy curriculum")

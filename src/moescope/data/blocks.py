@@ -85,6 +85,10 @@ def check_manifest(path: Path, m: dict) -> None:
     splits = m["splits"]
     if not isinstance(splits, dict):
         raise MoescopeError(f"{path}: splits must be an object")
+    for split, per_domain in splits.items():  # a split (a stage may read only one) lists every domain
+        missing = [d for d in domains if not isinstance(per_domain, dict) or d not in per_domain]
+        if missing:
+            raise MoescopeError(f"{path}: splits.{split} lacks domain {missing[0]!r}")
     for split, per_domain in splits.items():
         for d, entry in (per_domain.items() if isinstance(per_domain, dict) else []):
             n = entry.get("n_blocks") if isinstance(entry, dict) else None
@@ -178,6 +182,9 @@ class BlockStore:
         return list(self.manifest["domains"])
 
     def n_blocks(self, split: str, domain: str) -> int:
+        if split not in self.manifest["splits"]:
+            raise MoescopeError(f"{self.root / MANIFEST_NAME}: no {split!r} split (splits lists "
+                                f"{', '.join(self.manifest['splits']) or 'none'})")
         return int(self.manifest["splits"][split][domain]["n_blocks"])
 
     def blocks(self, split: str, domain: str) -> np.ndarray:

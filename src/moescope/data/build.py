@@ -30,7 +30,7 @@ from moescope.data.split import (
 from moescope.data.text import SourceText, digest_hashes, hash_text
 from moescope.data.tokenizer import make_tokenizer, save_tokenizer, tokenizer_size
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_directory, atomic_write_json
+from moescope.io.atomic import atomic_directory, atomic_write_json, remove_stale_temporaries
 from moescope.io.config import to_dict
 from moescope.io.provenance import environment_info, sha256_file
 
@@ -141,6 +141,8 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
     renamed at the end). An existing different build is an error unless `overwrite`.
     """
     out_dir = Path(out_dir)
+    for stale in remove_stale_temporaries(out_dir):
+        log.warning("removed %s, left by an interrupted build of %s", stale, out_dir)
     fingerprint = config_fingerprint(cfg)
     reuse = _existing_build(out_dir, fingerprint, overwrite)
     if reuse is not None:

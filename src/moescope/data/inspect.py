@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from moescope.data.blocks import SPLITS, BlockStore, tokenizer_dir
+from moescope.data.blocks import SPLITS, BlockStore
 from moescope.data.split import domain_seed
 
 
@@ -31,13 +31,16 @@ def summary_rows(store: BlockStore) -> list[dict[str, Any]]:
     rows = []
     for split in SPLITS:
         for d in store.domains:
-            s = store.manifest["splits"][split][d]
+            n_blocks = store.n_blocks(split, d)  # a missing split: one error naming the manifest
+            s = store.manifest["splits"][split][d]  # build statistics: a hand-made manifest may lack them
             lens = text_lengths(store, split, d)
+            tokens, chars = s.get("n_tokens"), s.get("n_chars")
             rows.append({
-                "split": split, "domain": d, "texts": s["n_texts"], "tokens": s["n_tokens"], "blocks": store.n_blocks(split, d),
-                "tail_dropped": s["tail_tokens_dropped"], "chars_p50": int(np.median(lens)) if len(lens) else 0,
+                "split": split, "domain": d, "texts": s.get("n_texts"), "tokens": tokens,
+                "blocks": n_blocks, "tail_dropped": s.get("tail_tokens_dropped"),
+                "chars_p50": int(np.median(lens)) if len(lens) else 0,
                 "chars_p95": int(np.percentile(lens, 95)) if len(lens) else 0,
-                "tokens_per_char": round(s["n_tokens"] / max(1, s["n_chars"]), 3),
+                "tokens_per_char": round(tokens / max(1, chars), 3) if isinstance(tokens, int) and isinstance(chars, int) else None,
             })
     return rows
 
@@ -49,7 +52,7 @@ def leakage_lines(store: BlockStore) -> list[str]:
     rule = m.get("split_rule", {}).get("level")
     if rule:
         lines.append(f"split by: {rule}")
-    docs = {s: {d: m["splits"][s][d].get("n_documents") for d in store.domains} for s in SPLITS}
+    docs = {s: {d: m["splits"].get(s, {}).get(d, {}).get("n_documents") for d in store.domains} for s in SPLITS}
     if all(v is not None for s in SPLITS for v in docs[s].values()):
         lines.append("source documents: " + ", ".join(
             f"{d} {docs['train'][d]} train / {docs['eval'][d]} eval" for d in store.domains))
@@ -68,9 +71,9 @@ def leakage_lines(store: BlockStore) -> list[str]:
 
 def draw_samples(store: BlockStore, n: int, seed: int = 0) -> list[Sample]:
     """`n` random raw texts and `n` random decoded blocks per domain and split."""
-    from moescope.data.tokenizer import load_pretrained_tokenizer
+    from moescope.data.tokenizer import load_data_tokenizer
 
-    tok = load_pretrained_tokenizer(str(tokenizer_dir(store.root)))
+    tok = load_data_tokenizer(store.root)
     out: list[Sample] = []
     for split in SPLITS:
         for d in store.domains:

@@ -40,6 +40,10 @@ def load_pretrained_tokenizer(name_or_path: str) -> Any:
     runs code from the tokenizer's directory (an auto_map is refused, not prompted for)."""
     from transformers import AutoTokenizer
 
+    path = Path(name_or_path)
+    if not path.is_dir() and (path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        # a path, not a hub id: transformers would say "Repo id must be in the form 'repo_name'"
+        raise MoescopeError(f"cannot load tokenizer {name_or_path!r}: no such directory")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as exc:  # OSError / ValueError / HF offline errors
@@ -50,6 +54,17 @@ def load_pretrained_tokenizer(name_or_path: str) -> Any:
     if tok.eos_token_id is None:
         raise MoescopeError(f"tokenizer {name_or_path!r} has no EOS token")
     return tok
+
+
+def load_data_tokenizer(data_dir: str | Path) -> Any:
+    """The tokenizer a data directory was built with (DIR/tokenizer/), or one error naming the directory."""
+    from moescope.data.blocks import tokenizer_dir
+
+    path = tokenizer_dir(data_dir)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise MoescopeError(f"{data_dir}: the data directory has no tokenizer ({path} is missing or empty); "
+                            "rebuild it with `moescope data build`")
+    return load_pretrained_tokenizer(str(path))
 
 
 def make_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str], model_max_length: int) -> Any:

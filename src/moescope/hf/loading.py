@@ -17,6 +17,7 @@ import torch
 
 from moescope.errors import MoescopeError, first_line
 from moescope.hf.adapters import Adapter, MoESite, find_sites
+from moescope.io.saved_model import STRICT_CONFIG_ERRORS, config_error
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ def read_config(source: str) -> Any:
 
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except STRICT_CONFIG_ERRORS as exc:
+        raise config_error(Path(source) / "config.json" if Path(source).is_dir() else source, exc) from exc
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise MoescopeError(

@@ -1,7 +1,11 @@
 """Atomic file and directory writes: a crash never leaves a half-written artifact.
 
 Everything is written to a temporary sibling path and renamed into place at the
-end (rename is atomic on POSIX within one filesystem).
+end (rename is atomic on POSIX within one filesystem). A temporary path is named
+`.NAME.PID.XXXXXXXX.tmp` (NAME the target's, PID the writer's), so that the next
+write of the same target can remove what a killed writer left (`remove_stale_temporaries`)
+without touching a live one's; the renamed result gets the permissions an ordinary
+write would have had (umask), not tempfile's private 0600 / 0700.
 """
 
 from __future__ import annotations
@@ -9,11 +13,67 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
+def temporary_prefix(target: Path) -> str:
+    """The start of every temporary name of `target` this process makes (see remove_stale_temporaries)."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _stale_pattern(target: Path) -> re.Pattern[str]:
+    """Temporary names of `target` (with the writer's PID; older moescope wrote none) and its trash."""
+    name = re.escape(target.name)
+    return re.compile(rf"\.{name}\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{{8}}\.tmp|\.{name}\.old")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | Path) -> list[Path]:
+    """Delete what killed writes of `target` left beside it: its `.NAME.PID.*.tmp` whose writer process
+    is gone (or that name no PID), and `.NAME.old` (a replaced directory not yet deleted). Nothing of
+    another name, and nothing of a live writer on this machine, is touched. Returns what was removed."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    pattern, removed = _stale_pattern(target), []
+    for p in sorted(target.parent.iterdir()):
+        match = pattern.fullmatch(p.name)
+        if match is None or (match["pid"] and (int(match["pid"]) == os.getpid() or _alive(int(match["pid"])))):
+            continue
+        _remove(p)
+        removed.append(p)
+    return removed
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 @contextlib.contextmanager
@@ -22,8 +82,10 @@ def atomic_file(path: str | Path):
     onto ``path`` (and the directory synced), on any error removed: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -91,11 +153,7 @@ def remove_orphaned_temporaries(parent: str | Path) -> list[Path]:
         return removed
     for p in sorted(parent.iterdir()):
         if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+            _remove(p)
             removed.append(p)
     return removed
 
@@ -108,12 +166,15 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False, durable: boo
     to do before (e.g. refuse a different build); here it is replaced only when
     `overwrite` is True, and only after the new one is complete. `durable`: fsync
     every file and directory before the rename and the parent after it, so that a
-    power loss cannot leave a renamed directory whose files are empty.
+    power loss cannot leave a renamed directory whose files are empty. What an
+    earlier, killed write of `final` left beside it is removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(final), suffix=".tmp", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
         if durable:
             fsync_tree(tmp)

@@ -100,10 +100,13 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def layered_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None,
-                   flags: dict[str, Any] | None = None) -> T:
+                   flags: dict[str, Any] | None = None, *, ranges: dict[str, Range] | None = None,
+                   flag_names: dict[str, str] | None = None) -> T:
     """Config `cls` from a file (if given), then `key.sub=value` overrides, then a command's dedicated
     flags ({"dotted.key": value}, None = flag not given); later wins. Every command that takes
-    --config, --set and its own flags builds its config here, so all of them layer alike."""
+    --config, --set and its own flags builds its config here, so all of them layer alike. The values
+    given for `ranges`' keys are checked first (check_ranges), naming the flag (`flag_names`:
+    {"dotted.key": "--flag"}) when one set the value."""
     raw = load_config_file(path) if path else {}
     raw = deep_merge(raw, parse_overrides(list(overrides or [])))
     given: dict[str, Any] = {}
@@ -115,7 +118,58 @@ def layered_config(cls: type[T], path: str | Path | None, overrides: list[str] |
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    return from_dict(cls, deep_merge(raw, given))
+    merged = deep_merge(raw, given)
+    from_flags = {key: name for key, name in (flag_names or {}).items() if (flags or {}).get(key) is not None}
+    check_ranges(merged, ranges or {}, from_flags)
+    return from_dict(cls, merged)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a setting allows (bounds None = unbounded); NaN and inf are never allowed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        return math.isfinite(value) and (
+            self.low is None or (value > self.low if self.low_open else value >= self.low)) and (
+            self.high is None or (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "finite"
+
+
+def check_ranges(values: Any, ranges: dict[str, Range], flag_names: dict[str, str] | None = None) -> None:
+    """Refuse, before anything runs, a number outside its Range (NaN and inf included). `values` is a
+    nested dict, a dataclass or an argparse namespace; `ranges` keys are dotted paths into it. The
+    error names the flag that set the value (`flag_names`) and the setting. Values that are not numbers
+    are left to the type checks of from_dict."""
+    for key, allowed in ranges.items():
+        value = _dotted(values, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or allowed.contains(value):
+            continue
+        flag = (flag_names or {}).get(key)
+        name = key if flag is None else f"{flag} ({key})"
+        raise MoescopeError(f"{name} must be a finite number {allowed}, got {value!r}" if not math.isfinite(value)
+                            else f"{name} must be {allowed}, got {value!r}")
+
+
+def _dotted(values: Any, key: str) -> Any:
+    node = values
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
 
 
 def to_dict(obj: Any) -> Any:

@@ -28,6 +28,7 @@ import numpy as np
 
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from moescope.io.jsonfile import read_json_object
 from moescope.partition.embedding import SentenceEncoder, TfidfSvdEncoder
 
 if TYPE_CHECKING:  # the outcome type only; this module does not run the partitioner
@@ -175,7 +176,7 @@ def open_encoder(out_dir: str | Path, *, cache_dir: Path | None = None) -> Sente
     path = out_dir / "encoder.json"
     if not path.is_file():
         raise MoescopeError(f"{path} not found: only `clustered` partitions record their encoder")
-    desc = json.loads(path.read_text(encoding="utf-8"))
+    desc = read_json_object(path, {"backend": str})
     if desc["backend"] == TfidfSvdEncoder.backend:
         return TfidfSvdEncoder.load(out_dir / "encoder.npz")
     return SentenceEncoder(desc["model"], cache_dir=cache_dir, max_tokens=desc.get("max_tokens"), show_progress=False)

@@ -14,7 +14,7 @@ from moescope.errors import MoescopeError
 def load_scoring_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None):
     """(model, tokenizer) from a moescope / transformers model directory (dense or MoE)."""
     from moescope.data.tokenizer import load_pretrained_tokenizer
-    from moescope.moe.hf_model import load_moe_model
+    from moescope.io.saved_model import load_saved_model
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -24,7 +24,7 @@ def load_scoring_model(model_dir: str | Path, tokenizer_dir: str | Path | None =
     )
     if tok_dir is None:
         raise MoescopeError(f"{model_dir}: no tokenizer beside the model (pass the data directory's tokenizer/)")
-    model = load_moe_model(model_dir)
+    model = load_saved_model(model_dir)
     model.eval()
     return model, load_pretrained_tokenizer(str(tok_dir))
 

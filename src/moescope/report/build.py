@@ -14,6 +14,7 @@ from typing import Any
 
 from moescope.errors import MoescopeError
 from moescope.io.config import upgrade_keys
+from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.write import write_report
@@ -39,7 +40,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MoescopeError(f"{path} not found (run `moescope analyze` on the run first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, {"arms": dict})
 
 
 def fmt_interval(iv: Any, digits: int = 3) -> str:
@@ -381,7 +382,7 @@ def seeds_section(run_dir: Path) -> Section | None:
     path = run_dir / "analysis" / "seeds.json"
     if not path.is_file():
         return None
-    seeds = json.loads(path.read_text(encoding="utf-8"))
+    seeds = read_json_object(path, {"caption": str, "title": str, "columns": list, "rows": list})
     return Section("Over seeds", [seeds["caption"]],
                    tables=[Table(seeds["title"], seeds["columns"], seeds["rows"])], anchor="seeds")
 
@@ -395,9 +396,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     metrics = _read_json(run_dir / "analysis" / "metrics.json")
     # Released models analysed with `moescope analyze --model` have no training run: no experiment.json.
     experiment_path = run_dir / "experiment.json"
-    experiment = json.loads(experiment_path.read_text(encoding="utf-8")) if experiment_path.is_file() else {}
+    experiment = read_json_object(experiment_path) if experiment_path.is_file() else {}
     viewer_path = run_dir / "analysis" / "viewer.json"
-    viewer = json.loads(viewer_path.read_text(encoding="utf-8")) if viewer_path.is_file() else None
+    viewer = read_json_object(viewer_path) if viewer_path.is_file() else None
     arm_names = list(metrics["arms"])
     arm_records = {a: read_jsonl(run_dir / "arms" / a / "metrics.jsonl") for a in arm_names}
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
@@ -406,7 +407,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
     sections: list[Section] = []
     manifest_path = run_dir / "data_manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_json_object(manifest_path) if manifest_path.is_file() else {}
     sections.append(Section("Set-up", setup_paragraphs(metrics, experiment, manifest), anchor="setup"))
     trained = any(r.get("kind") in ("train", "eval") for recs in arm_records.values() for r in recs)
     if trained or any("eval_loss" in v for v in metrics["arms"].values()):
@@ -533,7 +534,7 @@ def clustering_section(cluster_dir: Path) -> Section | None:
     path = cluster_dir / "cluster_summary.json"
     if not path.is_file():
         return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = read_json_object(path, {"members": list, "mdl_optimal_k": dict})
     members = summary["members"]
     ks = summary["mdl_optimal_k"]
     paragraphs = [

@@ -18,6 +18,7 @@ import numpy as np
 from moescope.analysis.compare import TokenKeys, router_saturation_layer, same_tokens
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, atomic_write_text
+from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
 from moescope.report.build import fmt_interval, moe_arms, specialization_sentence
 from moescope.report.content import Figure, ReportContent, Section, Table
@@ -45,7 +46,7 @@ def read_entries(outs: list[Path], labels: list[str] | None = None) -> list[Entr
         if not path.is_file():
             raise MoescopeError(f"{path} not found (run `moescope analyze` first)")
         try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
+            metrics = read_json_object(path, {"arms": dict})
             arms = moe_arms(metrics)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise MoescopeError(f"{path}: not a moescope metrics file ({exc})") from exc

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json, atomic_write_text
+from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict
+from moescope.io.jsonfile import read_json_object
 from moescope.sweep import grid as grid_mod
 from moescope.sweep.grid import format_seed_interval
 
@@ -146,6 +147,7 @@ def run_sweep(
         raise MoescopeError(f"sweep: unknown executor {executor!r} (use one of {', '.join(EXECUTORS)})")
     if workers < 1:
         raise MoescopeError(f"sweep: --workers must be >= 1, got {workers}")
+    check_executor(executor)
     specs = plan_sweep(study, scfg, out_dir)
     for spec in specs:  # a cell directory belongs to one config: refuse before running anything
         stored = Path(spec["cell_dir"]) / "cell.json"
@@ -186,7 +188,7 @@ def run_sweep(
 
     # 3. cells
     results, failures = _execute(run_cell, todo, executor, workers, out_dir, executor_params)
-    finished = [_current_rows(json.loads((Path(s["cell_dir"]) / "result.json").read_text(encoding="utf-8")))
+    finished = [_current_rows(read_json_object(Path(s["cell_dir"]) / "result.json", {"rows": list}))
                 for s in specs if (Path(s["cell_dir"]) / "result.json").is_file()]
     summary = write_summary(finished, scfg, out_dir, wall_s=time.perf_counter() - t_start)
     if failures:
@@ -247,7 +249,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     cell_dir = Path(spec["cell_dir"])
     result_path = cell_dir / "result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text(encoding="utf-8"))
+        return read_json_object(result_path, {"rows": list})
     _set_threads(spec.get("threads"))
     cfg = from_dict(DemoConfig, spec["config"])
     if not (cell_dir / "cell.json").is_file():
@@ -294,16 +296,13 @@ def _copy_stage(src: Path, dst: Path, run: Any, init: str, *, keep_snapshots: bo
     """
     if not _stage_done(src):
         raise MoescopeError(f"shared stage {src} is not finished")
-    stored = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    stored = read_json_object(src / "config.json", {"config": dict})
     if stage_identity(stored["config"]) != stage_identity(run):
         raise MoescopeError(f"shared stage {src} was trained with another configuration")
-    skip = ["checkpoints", "*.lock", ".*.tmp"] + ([] if keep_snapshots else ["snapshots"])
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip))
-    atomic_write_json(tmp / "config.json", {**stored, "config": to_dict(run), "init": init})
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dst)
+    skip = ["checkpoints", "*.lock", ".*.tmp", ".*.old"] + ([] if keep_snapshots else ["snapshots"])
+    with atomic_directory(dst) as tmp:  # a killed copy leaves a temporary the next copy of dst removes
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
+        atomic_write_json(tmp / "config.json", {**stored, "config": to_dict(run), "init": init})
 
 
 # What a dense stage never reads: it has no router, so MoE settings, aux losses, collapse
@@ -328,6 +327,22 @@ def _key(obj: Any) -> str:
 
 
 # --------------------------------------------------------------------------- executors
+
+
+def check_executor(executor: str) -> None:
+    """Refuse, before any data is built or cell run, an executor this machine cannot use."""
+    if executor == "local":
+        return
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise MoescopeError(f"sweep: --executor {executor} needs submitit, which is not installed "
+                            "(pip install 'moescope[sweep]')") from None
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None] if executor == "slurm" else []
+    if missing:
+        raise MoescopeError(f"sweep: --executor slurm needs SLURM, but {' and '.join(missing)} "
+                            f"{'is' if len(missing) == 1 else 'are'} not on PATH on this machine (submit from a "
+                            "SLURM login node, or use --executor local)")
 
 
 def _execute(fn: Callable[[dict], Any], specs: list[dict], executor: str, workers: int, out_dir: Path,
@@ -357,10 +372,8 @@ def _execute(fn: Callable[[dict], Any], specs: list[dict], executor: str, worker
                 except Exception as exc:  # noqa: BLE001
                     failures.append(_failure(futures[fut], exc))
         return results, failures
-    try:
-        import submitit
-    except ImportError as exc:
-        raise MoescopeError("sweep: --executor slurm needs submitit (pip install 'moescope[sweep]')") from exc
+    import submitit  # present: check_executor
+
     folder = out_dir / "submitit"
     if executor == "slurm":
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm")

@@ -34,14 +34,13 @@ import torch
 
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_text, fsync_directory
-from moescope.io.provenance import sha256_file
+from moescope.io.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from moescope.moe.hf_model import load_moe_model, save_moe_model
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
 TENSORS_NAME = "trainer_tensors.safetensors"
-MANIFEST_NAME = "manifest.json"
 MODEL_DIR = "model"
 LATEST_NAME = "latest"
 FORMAT_VERSION = 2
@@ -156,58 +155,13 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], where: str) -> Any
 # ---------------------------------------------------------------------------- manifest
 
 
-def _files(directory: Path) -> list[str]:
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_NAME)
-
-
-def write_manifest(directory: Path, step: int) -> Path:
-    """Record size and sha256 of every file of the checkpoint (or trained model) in `directory`;
-    must be written last."""
-    files = {rel: {"bytes": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
-             for rel in _files(directory)}
-    path = directory / MANIFEST_NAME
-    payload = json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files}, indent=1) + "\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(payload)
-    return path
-
-
 def verify_checkpoint(path: Path) -> None:
     """Raise MoescopeError naming the offending file unless every file of checkpoint `path` is
     listed in its manifest with the recorded size and sha256 (and nothing else is there)."""
-    verify_manifest(path, _REQUIRED)
-
-
-def verify_manifest(path: Path, required: tuple[str, ...]) -> None:
-    """verify_checkpoint for any directory written with write_manifest; `required` must be listed."""
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise MoescopeError(f"{manifest_path} is missing (an unfinished checkpoint, or one written by an "
+    if not (path / MANIFEST_NAME).is_file():
+        raise MoescopeError(f"{path / MANIFEST_NAME} is missing (an unfinished checkpoint, or one written by an "
                             f"older moescope, whose pickled state is never loaded)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if manifest.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
-            raise ValueError(f"format {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-        expected = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MoescopeError(f"{manifest_path}: not a valid checkpoint manifest ({exc})") from None
-    for rel in required:
-        if rel not in expected:
-            raise MoescopeError(f"{manifest_path} does not list {rel}")
-    present = _files(path)
-    for rel in present:
-        if rel not in expected:
-            raise MoescopeError(f"{path / rel} is not listed in {manifest_path}")
-    for rel, (size, digest) in expected.items():
-        file = path / rel
-        if rel not in present:
-            raise MoescopeError(f"{file} is listed in {manifest_path} but missing")
-        if file.stat().st_size != size:
-            raise MoescopeError(f"{file} has {file.stat().st_size} bytes, the manifest says {size} (truncated?)")
-        if sha256_file(file) != digest:
-            raise MoescopeError(f"{file} does not match its sha256 in {manifest_path} (corrupted)")
+    verify_manifest(path, _REQUIRED)
 
 
 # ---------------------------------------------------------------------------- save / load

@@ -22,6 +22,7 @@ from typing import Any
 
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_bytes, atomic_write_json
+from moescope.io.jsonfile import read_json_object
 from moescope.io.config import to_dict
 from moescope.io.lock import is_empty_ignoring_lock, run_directory_lock
 from moescope.io.provenance import environment_info, sha256_file
@@ -84,10 +85,7 @@ def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_
     exp_path = run_dir / EXPERIMENT_NAME
     stored = None
     if resume and exp_path.is_file():
-        try:
-            stored = json.loads(exp_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise MoescopeError(f"{exp_path}: not valid JSON ({exc})") from None
+        stored = read_json_object(exp_path, {"arms": dict})
         _check_same_experiment(stored, record, exp_path)
     elif not is_empty_ignoring_lock(run_dir) and not resume:
         raise MoescopeError(f"run directory {run_dir} already exists and is not empty; "

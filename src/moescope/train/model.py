@@ -12,7 +12,8 @@ from torch import nn
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.moe.activation import fuse_config_activation, fused_activation
-from moescope.moe.hf_model import MOE_CONFIG_NAME, WEIGHTS_NAME, load_moe_model
+from moescope.io.saved_model import STRICT_CONFIG_ERRORS, config_error, load_saved_model
+from moescope.moe.hf_model import MOE_CONFIG_NAME, WEIGHTS_NAME
 from moescope.moe.install import install_moe
 from moescope.moe.model import moe_layers
 from moescope.train.config import ModelConfig, RunConfig
@@ -58,7 +59,7 @@ def load_init_model(init: str | Path) -> nn.Module:
     path = Path(init)
     if path.is_dir():
         if (path / MOE_CONFIG_NAME).is_file() or (path / WEIGHTS_NAME).is_file():
-            model = load_moe_model(path)  # strict on keys and shapes; dense directories load too
+            model = load_saved_model(path)  # strict on keys and shapes; dense directories load too
         else:
             if not (path / "config.json").is_file():
                 raise MoescopeError(f"base model directory {path} has no config.json")
@@ -81,6 +82,9 @@ def _from_pretrained(name_or_path: str, failure: str) -> nn.Module:
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except STRICT_CONFIG_ERRORS as exc:
+        raise config_error(Path(name_or_path) / "config.json" if Path(name_or_path).is_dir() else name_or_path,
+                           exc) from exc
     except (OSError, ValueError) as exc:
         raise MoescopeError(f"{failure} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from exc
     fuse_config_activation(config)

@@ -30,11 +30,12 @@ import torch
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
+from moescope.io.jsonfile import read_json_object
 from moescope.io.lock import is_empty_ignoring_lock
 from moescope.moe.hf_model import WEIGHTS_NAME, save_moe_model
+from moescope.io.manifest import MANIFEST_NAME, verify_manifest, write_manifest
 from moescope.train.checkpoint import (
-    MANIFEST_NAME, checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
-    verify_manifest, write_manifest,
+    checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
 )
 from moescope.train.config import RunConfig, comparable_config
 from moescope.train.metrics_log import MetricsLog
@@ -95,11 +96,7 @@ def finished_summary(cfg: RunConfig, out_dir: Path) -> dict | None:
 
 def read_stored_config(path: Path) -> dict:
     """The run config recorded in a stage's config.json."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return dict(data["config"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise MoescopeError(f"{path}: not a readable run config ({type(exc).__name__}: {exc})") from None
+    return dict(read_json_object(path, {"config": dict})["config"])
 
 
 class StageDirectory:
@@ -168,13 +165,16 @@ class StageDirectory:
 
     def save_snapshot(self, step: int, model) -> Path:
         """The model alone at an evaluation's step (snapshots/step_XXXXXX/)."""
-        return save_moe_model(model, self.out_dir / "snapshots" / checkpoint_name(step))
+        path = self.out_dir / "snapshots" / checkpoint_name(step)
+        remove_orphaned_temporaries(path)  # a killed earlier save of this step (the caller holds the lock)
+        return save_moe_model(model, path)
 
     def finish(self, model, summary: dict[str, Any], tokenizer: Path) -> None:
         """The trained model into final/ (with the data's tokenizer, if the data has one), then
         summary.json, written last: its presence means the stage is complete."""
         final = self.out_dir / "final"
         (final / MANIFEST_NAME).unlink(missing_ok=True)  # a re-finished stage: the old one lists old digests
+        remove_orphaned_temporaries(final)  # a killed earlier finish's weights temporary: never in the manifest
         save_moe_model(model, final, tokenizer=tokenizer if tokenizer.is_dir() else None)
         write_manifest(final, int(summary["steps"]))
         atomic_write_json(self.out_dir / SUMMARY_NAME, summary)

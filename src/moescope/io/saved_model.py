@@ -1,0 +1,51 @@
+"""A model directory moescope saved (a stage's final/, a snapshot, any save_moe_model output), loaded as
+a user hands it over: checked against its sha256 manifest when it has one (a stage's final/ does), and
+a config.json whose values have the wrong type is one error naming that file, not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moescope.errors import MoescopeError
+from moescope.io.manifest import MANIFEST_NAME, verify_manifest
+
+
+def _strict_config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers' configs (strict dataclasses since huggingface_hub 1.0) raise for a value of the
+    wrong type; older versions raise TypeError / ValueError, as they still do for ranges."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+STRICT_CONFIG_ERRORS = _strict_config_errors()
+
+
+def config_error(config_path: Path | str, exc: BaseException) -> MoescopeError:
+    """One line naming the config file and what is wrong in it (transformers' message spans lines)."""
+    return MoescopeError(f"{config_path}: unusable model config ({' '.join(str(exc).split()) or type(exc).__name__})")
+
+
+def verify_saved_model(directory: str | Path) -> None:
+    """Raise MoescopeError naming the file if `directory` has a manifest and a file differs from it
+    (changed, truncated, added or missing since training wrote it)."""
+    from moescope.moe.hf_model import CONFIG_NAME, WEIGHTS_NAME
+
+    directory = Path(directory)
+    if (directory / MANIFEST_NAME).is_file():
+        verify_manifest(directory, (WEIGHTS_NAME, CONFIG_NAME))
+
+
+def load_saved_model(directory: str | Path, *, device: Any = None) -> Any:
+    """load_moe_model after `verify_saved_model`, with a wrong-typed config.json as one MoescopeError naming it
+    (moe/hf_model.py reads the config but lets transformers' strict-dataclass error through)."""
+    from moescope.moe.hf_model import CONFIG_NAME, load_moe_model
+
+    verify_saved_model(directory)
+    try:
+        return load_moe_model(directory, device=device)
+    except STRICT_CONFIG_ERRORS as exc:  # raised only while the config is built from config.json
+        raise config_error(Path(directory) / CONFIG_NAME, exc) from exc

@@ -1,0 +1,204 @@
+"""Hostile input through the real CLI: every refusal is exit code 2 and one line naming the file or
+value, before anything is written (the tiny run and data of test_analysis_pipeline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_analysis_pipeline import write_data, write_run
+from train_fixtures import one_thread  # noqa: F401
+
+from moescope.cli import main
+from moescope.io.manifest import write_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = ["--no-progress", "--resamples", "20", "--permutations", "9"]
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    """A finished run whose final/ models carry the sha256 manifest training writes."""
+    tokenizer = write_data(tmp_path / "data")
+    write_run(tmp_path / "run", tmp_path / "data", len(tokenizer))
+    for arm in ("dense", "moe"):
+        write_manifest(tmp_path / "run" / "arms" / arm / "final", 8)
+    return tmp_path / "run"
+
+
+def error_line(capsys) -> str:
+    """The one line the CLI printed for a refusal (no traceback, nothing else on stderr)."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("moescope: error: "), err
+    return err[0]
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_analyze_refuses_a_final_model_changed_since_training_before_writing(run_dir: Path, capsys) -> None:
+    weights = run_dir / "arms" / "moe" / "final" / "model.safetensors"
+    flip_a_byte(weights)
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(weights) in line and "sha256" in line
+    assert not (run_dir / "analysis").exists()  # the intact dense arm was not analysed either
+
+
+def test_cluster_refuses_a_final_model_changed_since_training(run_dir: Path, capsys) -> None:
+    config = run_dir / "arms" / "moe" / "final" / "config.json"
+    config.write_text(config.read_text().replace('"n_embd": 16', '"n_embd": 16 '))
+    out = run_dir.parent / "cluster"
+    assert main(["cluster", str(run_dir), "--out", str(out), "--batches", "2", "--no-null"]) == 2
+    assert str(config) in error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("experiment.json", "[]", "expected a JSON object, got a list"),
+    ("experiment.json", '"run"', "expected a JSON object, got a string"),
+    ("experiment.json", '{"experiment": {}, "arms": ["moe"]}', "'arms' must be an object"),
+    ("experiment.json", '{"experiment": {}}', "no 'arms' entry"),
+])
+def test_a_run_json_file_of_the_wrong_shape_is_one_line(run_dir: Path, capsys, name: str, content: str,
+                                                       says: str) -> None:
+    (run_dir / name).write_text(content)
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(run_dir / name) in line and says in line
+    assert not (run_dir / "analysis").exists()
+
+
+@pytest.mark.parametrize("content, says", [("[]", "expected a JSON object"), ('{"arms": 3}', "'arms' must be an object")])
+def test_report_and_compare_refuse_a_metrics_file_of_the_wrong_shape(tmp_path: Path, capsys, content: str,
+                                                                    says: str) -> None:
+    metrics = tmp_path / "run" / "analysis" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(content)
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert str(metrics) in error_line(capsys)
+    assert main(["compare", str(tmp_path / "run"), str(tmp_path / "run"), "--out", str(tmp_path / "cmp")]) == 2
+    line = error_line(capsys)
+    assert str(metrics) in line and says in line
+    assert not (tmp_path / "run" / "report").exists() and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda m: m.pop("splits"), "lacks 'splits'"),
+    (lambda m: m["splits"].pop("eval"), "no 'eval' split"),
+    (lambda m: m["splits"]["eval"].pop("math"), "splits.eval lacks domain 'math'"),
+])
+def test_a_data_manifest_missing_a_split_or_domain_is_one_line(run_dir: Path, capsys, damage, says: str) -> None:
+    manifest = run_dir.parent / "data" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    damage(m)
+    manifest.write_text(json.dumps(m))
+    for command in (["analyze", str(run_dir), *FAST], ["data", "inspect", str(manifest.parent)]):
+        assert main(command) == 2
+        line = error_line(capsys)
+        assert str(manifest) in line and says in line
+    assert not (run_dir / "analysis").exists() and not (manifest.parent / "inspect").exists()
+
+
+@pytest.mark.parametrize("arms, says", [(",", "an empty arm name"), ("moe,", "an empty arm name"),
+                                        ("", "an empty arm name"), ("moe,nope", "unknown arm 'nope'")])
+def test_analyze_arms_empty_or_unknown_is_one_line_listing_the_arms(run_dir: Path, capsys, arms: str,
+                                                                   says: str) -> None:
+    assert main(["analyze", str(run_dir), f"--arms={arms}", *FAST]) == 2
+    line = error_line(capsys)
+    assert says in line and line.endswith("are dense, moe")
+    assert not (run_dir / "analysis").exists()
+
+
+@pytest.mark.parametrize("command, says", [
+    (["cluster", "RUN", "--alpha", "nan"], "--alpha (merge.alpha) must be a finite number >= 0, got nan"),
+    (["cluster", "RUN", "--alpha", "inf"], "--alpha (merge.alpha) must be a finite number >= 0, got inf"),
+    (["cluster", "RUN", "--alpha", "-0.5"], "--alpha (merge.alpha) must be >= 0, got -0.5"),
+    (["cluster", "RUN", "--set", "merge.alpha=-1"], "merge.alpha must be >= 0, got -1"),
+    (["cluster", "RUN", "--tokens-per-batch", "0"], "--tokens-per-batch (capture.tokens_per_batch) must be >= 1"),
+    (["partition", "--files", "a=A", "--out", "OUT", "--target-mb", "nan"], "--target-mb (target_mb) must be a finite number > 0"),
+    (["partition", "--files", "a=A", "--out", "OUT", "--overlap-ratio", "inf"], "--overlap-ratio (overlap_ratio) must be a finite"),
+    (["partition", "--files", "a=A", "--out", "OUT", "--max-texts-per-domain", "-3"], "--max-texts-per-domain (max_texts_per_domain) must be >= 1"),
+    (["data", "build", "--out", "OUT", "--files", "a=A", "--target-mb", "inf"], "--target-mb (target_mb) must be a finite number > 0"),
+    (["analyze", "RUN", "--set", "statistics.confidence_level=.nan"], "statistics.confidence_level must be a finite"),
+    (["embed", "encode", "MODEL", "--input", "A", "--top-k", "0"], "--top-k (top_k) must be >= 1, got 0"),
+])
+def test_a_number_flag_out_of_range_or_not_finite_is_one_line_naming_it(tmp_path: Path, capsys, command: list[str],
+                                                                       says: str) -> None:
+    """Checked before any model, data or output is touched (RUN, A, MODEL need not even exist)."""
+    command = [str(tmp_path / c) if c in ("RUN", "OUT", "A", "MODEL") else c.replace("a=A", f"a={tmp_path / 'A'}")
+               for c in command]
+    assert main(command) == 2
+    assert says in error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("executor, hide_submitit, says", [
+    ("slurm", False, "needs SLURM, but sbatch and srun are not on PATH"),
+    ("slurm", True, "--executor slurm needs submitit, which is not installed"),
+    ("submitit-local", True, "--executor submitit-local needs submitit"),
+])
+def test_sweep_executor_missing_on_this_machine_is_one_line_before_anything(tmp_path: Path, capsys, monkeypatch,
+                                                                            executor: str, hide_submitit: bool,
+                                                                            says: str) -> None:
+    import sys
+
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no sbatch / srun here
+    if hide_submitit:
+        monkeypatch.setitem(sys.modules, "submitit", None)  # import raises ImportError
+    out = tmp_path / "sweep"
+    assert main(["sweep", "demo", "--out", str(out), "--executor", executor]) == 2
+    assert says in error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["four", [2], None])
+def test_a_model_config_value_of_the_wrong_type_is_one_line_naming_the_file(tmp_path: Path, capsys, value) -> None:
+    """As analyze RUN, analyze --model and train --base load it (final/ without a manifest: an older run)."""
+    tokenizer = write_data(tmp_path / "data")
+    write_run(tmp_path / "run", tmp_path / "data", len(tokenizer))
+    final = tmp_path / "run" / "arms" / "dense" / "final"
+    config = json.loads((final / "config.json").read_text())
+    config["n_layer"] = value
+    (final / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    for command in (["analyze", str(tmp_path / "run"), "--arms", "dense", *FAST],
+                    ["analyze", "--model", str(final), "--data", str(tmp_path / "data"), "--out", str(out),
+                     "--no-progress"]):
+        assert main(command) == 2
+        line = error_line(capsys)
+        assert str(final / "config.json") in line and "n_layer" in line
+    assert not out.exists() and not (tmp_path / "run" / "analysis").exists()
+    from moescope.errors import MoescopeError
+    from moescope.train.model import load_init_model
+
+    with pytest.raises(MoescopeError, match="config.json: unusable model config .*n_layer"):
+        load_init_model(final)
+
+
+@pytest.mark.parametrize("damage", ["remove", "empty"])
+def test_a_data_directory_without_its_tokenizer_is_one_line_naming_it(run_dir: Path, capsys, damage: str) -> None:
+    import shutil
+
+    data = run_dir.parent / "data"
+    shutil.rmtree(data / "tokenizer")
+    if damage == "empty":
+        (data / "tokenizer").mkdir()
+    for command in (["analyze", str(run_dir), *FAST], ["data", "inspect", str(data)]):
+        assert main(command) == 2
+        line = error_line(capsys)
+        assert f"{data}: the data directory has no tokenizer" in line
+    assert not (run_dir / "analysis").exists() and not (data / "inspect").exists()
+
+
+def test_a_tokenizer_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no" / "such" / "tokenizer"
+    assert main(["data", "build", "--out", str(tmp_path / "data"), "--tokenizer", "gpt2",
+                 "--tokenizer-path", str(missing)]) == 2
+    assert f"cannot load tokenizer {str(missing)!r}: no such directory" in error_line(capsys)
+    assert not (tmp_path / "data").exists()
