@@ -126,13 +126,20 @@ def config_for(arch: str, vocab_size: int):
     if arch == "llama4_text":  # its experts run on every token, weighted by the router's dense scores
         return _cfg("llama4_text", **COMMON, **v, num_hidden_layers=2, num_local_experts=N_EXPERTS,
                     num_experts_per_tok=2, intermediate_size_mlp=48, head_dim=16, interleave_moe_layer_step=2)
+    if arch == "qwen3_vl_moe":  # a vision-language MoE: no text-only class, read through its text forward
+        text = dict(**COMMON, **v, **moe, num_hidden_layers=2, num_experts=N_EXPERTS, head_dim=16,
+                    rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+        return _cfg("qwen3_vl_moe", text_config=text, vision_config=dict(
+            depth=1, hidden_size=HIDDEN, intermediate_size=32, num_heads=2, out_hidden_size=HIDDEN,
+            deepstack_visual_indexes=[0]))
     raise KeyError(arch)
 
 
 ARCHITECTURES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
                  "granitemoe", "granitemoeshared", "phimoe", "jamba", "dbrx", "llama4_text"]
 # released families moescope has no adapter for, read by the generic one (adapters.generic_adapter)
-GENERIC_ARCHITECTURES = ["ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2", "flex_olmo", "exaone_moe", "glm4_moe_lite"]
+GENERIC_ARCHITECTURES = ["ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2", "flex_olmo", "exaone_moe", "glm4_moe_lite",
+                         "qwen3_vl_moe"]
 # the decoder layers that must be MoE in config_for's models
 EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "qwen3_moe": [1], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2],
                        "glm4_moe": [1, 2], "jamba": [1, 3], "ernie4_5_moe": [1, 2], "exaone_moe": [1, 2],
@@ -141,10 +148,13 @@ EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "qwen3_moe": [1], "deepseek_v2": [1,
 
 def build_model(arch: str, vocab_size: int, seed: int = 0):
     """A random-weight model with routers scaled up so routing is far from uniform (ties would make parity moot)."""
-    from transformers import AutoModelForCausalLM
+    import transformers
+
+    from moescope.hf.loading import auto_class_for
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config_for(arch, vocab_size))
+    config = config_for(arch, vocab_size)
+    model = getattr(transformers, auto_class_for(arch, config)).from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight")) \

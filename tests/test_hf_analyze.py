@@ -132,6 +132,27 @@ def test_dense_model_refused(shared, tmp_path: Path, capsys) -> None:
     _refused(capsys, tmp_path / "dense", out, ["--data", str(data), *FAST], "no MoE layer")
 
 
+def test_encoder_only_model_refused(shared, tmp_path: Path, capsys) -> None:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    _, tok, data = shared
+    DistilBertModel(DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=1, n_heads=2,
+                                     hidden_dim=32)).save_pretrained(tmp_path / "enc")
+    tok.save_pretrained(tmp_path / "enc")
+    _refused(capsys, tmp_path / "enc", tmp_path / "out", ["--data", str(data), *FAST],
+             "DistilBertConfig is not a causal or image-text-to-text language model")
+
+
+def test_config_transformers_cannot_build_refused(shared, tmp_path: Path, capsys) -> None:
+    """A negative expert count passes the config class's own checks but not the model's constructor."""
+    _, tok, data = shared
+    model = save_model_dir(tmp_path / "neg", "mixtral", tokenizer=tok)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "num_local_experts": -2}))
+    _refused(capsys, model, tmp_path / "out", ["--data", str(data), *FAST], str(model),
+             "transformers cannot build a MixtralConfig model")
+
+
 def test_unknown_moe_architecture_refused(shared, tmp_path: Path, capsys) -> None:
     from transformers import JetMoeConfig, JetMoeForCausalLM
 

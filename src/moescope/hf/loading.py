@@ -114,22 +114,44 @@ class ModelPlan:
     dtype: torch.dtype
     device: str
     context: int | None
+    auto_class: str = "AutoModelForCausalLM"  # the transformers auto class that builds and loads it
+
+
+# Auto classes whose models take input_ids alone and return next-token logits, in order of preference:
+# a vision-language MoE (Qwen3-VL-MoE, ERNIE-4.5-VL-MoE, ...) with no text-only class runs its language
+# model on text this way, its vision tower idle.
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
+
+
+def auto_class_for(source: str, config: Any) -> str:
+    """The first of AUTO_CLASSES that knows this config's class."""
+    import transformers
+
+    for name in AUTO_CLASSES:
+        if type(config) in getattr(transformers, name)._model_mapping:
+            return name
+    raise MoescopeError(f"{source}: {type(config).__name__} is not a causal or image-text-to-text language model "
+                        "transformers can build")
 
 
 def plan_model(source: str, dtype: str = "auto", device: str = "auto") -> ModelPlan:
     """Config, MoE layers and memory need of a model, from an empty copy (no weights read)."""
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     config = read_config(source)
     torch_dtype = resolve_dtype(dtype, config)
+    auto_class = auto_class_for(source, config)
     try:
         with init_empty_weights():
-            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except ValueError as exc:
-        raise MoescopeError(f"{source}: {type(config).__name__} is not a causal language model transformers "
-                            f"can build ({str(exc).splitlines()[0]})") from exc
-    adapter, sites = find_sites(empty)
+            empty = getattr(transformers, auto_class).from_config(config, trust_remote_code=False)
+    except (ValueError, TypeError, RuntimeError, *STRICT_CONFIG_ERRORS) as exc:  # e.g. a negative size
+        raise MoescopeError(f"{source}: transformers cannot build a {type(config).__name__} model from this config "
+                            f"({first_line(exc)})") from exc
+    try:
+        adapter, sites = find_sites(empty)
+    except MoescopeError as exc:
+        raise MoescopeError(f"{source}: {exc}") from exc
     for site in sites:
         if not 1 <= site.top_k <= site.n_experts:
             raise MoescopeError(f"{source}: layer {site.layer} routes each token to {site.top_k} of "
@@ -137,7 +159,7 @@ def plan_model(source: str, dtype: str = "auto", device: str = "auto") -> ModelP
     n_params = sum(p.numel() for p in empty.parameters())
     weight_bytes = n_params * torch.empty(0, dtype=torch_dtype).element_size()
     return ModelPlan(source, config, adapter, sites, int(weight_bytes), torch_dtype, resolve_device(device),
-                     model_context(config))
+                     model_context(config), auto_class)
 
 
 def check_memory(plan: ModelPlan, force: bool = False) -> None:
@@ -163,17 +185,18 @@ def load_tokenizer(source: str) -> Any:
     return tokenizer
 
 
-def load_checkpoint(source: str, failure: str, **kwargs: Any) -> torch.nn.Module:
-    """AutoModelForCausalLM.from_pretrained with moescope's rules; any problem is one MoescopeError
-    line starting with `failure`.
+def load_checkpoint(source: str, failure: str, auto_class: str = "AutoModelForCausalLM",
+                    **kwargs: Any) -> torch.nn.Module:
+    """`auto_class`.from_pretrained (one of AUTO_CLASSES) with moescope's rules; any problem is one
+    MoescopeError line starting with `failure`.
 
     safetensors only (a pickle checkpoint is never opened), no code from the repository, and
     every parameter must come from the checkpoint: transformers fills missing or mis-shaped
     tensors with fresh random values and only logs a report, which would train or analyse
     weights nobody trained. `kwargs` go to from_pretrained (config, dtype, device_map).
     """
+    import transformers
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     # mis-shaped tensors are collected (not raised) so that the error below can name them
@@ -182,7 +205,7 @@ def load_checkpoint(source: str, failure: str, **kwargs: Any) -> torch.nn.Module
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report is a multi-line table; the checks below say it in one
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, info = getattr(transformers, auto_class).from_pretrained(source, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise MoescopeError(f"{failure}: {first_line(exc)}") from exc
     finally:
@@ -201,7 +224,7 @@ def load_model(plan: ModelPlan) -> torch.nn.Module:
     kwargs: dict[str, Any] = {"dtype": plan.dtype}
     if plan.device == "cuda":
         kwargs["device_map"] = "auto"
-    model = load_checkpoint(plan.source, f"{plan.source}: cannot load the weights", **kwargs)
+    model = load_checkpoint(plan.source, f"{plan.source}: cannot load the weights", plan.auto_class, **kwargs)
     model.eval()
     return model
 

@@ -40,12 +40,9 @@ def verify_saved_model(directory: str | Path) -> None:
 
 
 def load_saved_model(directory: str | Path, *, device: Any = None) -> Any:
-    """load_moe_model after `verify_saved_model`, with a wrong-typed config.json as one MoescopeError naming it
-    (moe/hf_model.py reads the config but lets transformers' strict-dataclass error through)."""
-    from moescope.moe.hf_model import CONFIG_NAME, load_moe_model
+    """load_moe_model after `verify_saved_model` (a wrong-typed config.json is one MoescopeError naming it:
+    moe/hf_model.py reads the config through `config_error`)."""
+    from moescope.moe.hf_model import load_moe_model
 
     verify_saved_model(directory)
-    try:
-        return load_moe_model(directory, device=device)
-    except STRICT_CONFIG_ERRORS as exc:  # raised only while the config is built from config.json
-        raise config_error(Path(directory) / CONFIG_NAME, exc) from exc
+    return load_moe_model(directory, device=device)

@@ -23,6 +23,7 @@ from torch import nn
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import from_dict, to_dict
+from moescope.io.saved_model import STRICT_CONFIG_ERRORS, config_error
 from moescope.moe.activation import fuse_config_activation
 from moescope.moe.config import MoEConfig
 from moescope.moe.decoders import decoder_family
@@ -174,8 +175,8 @@ def _read_hf_config(path: Path):
         raise MoescopeError(f"{path}: unknown model_type {model_type!r} (not an architecture this transformers knows)")
     try:
         return CONFIG_MAPPING[model_type].from_json_file(str(path)), data.get("architectures") or []
-    except (OSError, ValueError, TypeError) as exc:
-        raise MoescopeError(f"{path}: cannot read {model_type} config ({exc})") from exc
+    except (OSError, ValueError, TypeError, *STRICT_CONFIG_ERRORS) as exc:  # a value of the wrong type
+        raise config_error(path, exc) from exc
 
 
 def build_causal_lm(config) -> nn.Module:
