@@ -30,6 +30,7 @@ per weight kind (issue 18's question: would 3-D expert parameters close the opti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -322,6 +323,80 @@ def gemm_split_cost(d: int, ff: int, n_experts: int, tokens: int = 2048, reps: i
     return rows
 
 
+def experts_overhead(layer, tokens: int = 2048, rounds: int = 40) -> dict[str, float]:
+    """Median wall ms of one FFN's forward+backward four ways, interleaved, at torch's threads, on one MoE
+    layer's GELU experts (tokens split evenly): a dense FFN of one expert's shape through autograd (what
+    the dense arm runs); the grouped experts through autograd (what the moe arm runs, routing aside); the
+    grouped kernel's six calls alone on preallocated buffers, no autograd; and the six dense GEMMs alone.
+    grouped - raw grouped is the autograd wrapper's cost (per-expert inputs, gradient buffers and
+    AccumulateGrad); raw grouped - raw dense, the kernel's and the BLAS's."""
+    from torch.nn import functional as F
+
+    from moescope.moe.grouped import MIN_EXPERT_ROWS, run_grouped_experts
+    from moescope.moe.native import grouped_kernels
+
+    experts = layer.experts
+    n_exp = len(experts)
+    fc, proj = experts[0].c_fc, experts[0].c_proj
+    d, ff = fc.weight.shape
+    gen = torch.Generator().manual_seed(0)
+    x, up = torch.randn(tokens, d, generator=gen), torch.randn(tokens, d, generator=gen)
+    sizes = [tokens // n_exp] * n_exp
+    kernels = grouped_kernels()
+    w1, b1 = [e.c_fc.weight.detach() for e in experts], [e.c_fc.bias.detach() for e in experts]
+    w2, b2 = [e.c_proj.weight.detach() for e in experts], [e.c_proj.bias.detach() for e in experts]
+    h, y, gh, gx = x.new_empty(tokens, ff), x.new_empty(tokens, d), x.new_empty(tokens, ff), x.new_empty(tokens, d)
+    gw1, gb1 = [torch.empty_like(w) for w in w1], [torch.empty_like(b) for b in b1]
+    gw2, gb2 = [torch.empty_like(w) for w in w2], [torch.empty_like(b) for b in b2]
+
+    def dense() -> None:
+        for q in (*fc.parameters(), *proj.parameters()):
+            q.grad = None
+        proj(F.gelu(fc(x.clone().requires_grad_(True)), approximate="tanh")).backward(up)
+
+    def grouped() -> None:
+        for q in experts.parameters():
+            q.grad = None
+        run_grouped_experts(experts, x.clone().requires_grad_(True), sizes, True).backward(up)
+
+    def raw_grouped() -> None:
+        kernels.grouped_rows_mm(h, x, w1, b1, sizes, False, MIN_EXPERT_ROWS)
+        a = F.gelu(h, approximate="tanh")
+        kernels.grouped_rows_mm(y, a, w2, b2, sizes, False, MIN_EXPERT_ROWS)
+        kernels.grouped_rows_mm(gh, up, w2, [], sizes, True, MIN_EXPERT_ROWS)
+        kernels.grouped_weight_grads(gw2, gb2, a, up, sizes, True)
+        g = torch.ops.aten.gelu_backward(gh, h, approximate="tanh")
+        kernels.grouped_rows_mm(gx, g, w1, [], sizes, True, MIN_EXPERT_ROWS)
+        kernels.grouped_weight_grads(gw1, gb1, x, g, sizes, True)
+
+    def raw_dense() -> None:
+        torch.addmm(b1[0], x, w1[0], out=h)
+        a = F.gelu(h, approximate="tanh")
+        torch.addmm(b2[0], a, w2[0], out=y)
+        torch.mm(up, w2[0].t(), out=gh)
+        a.t().mm(up), up.sum(0)
+        g = torch.ops.aten.gelu_backward(gh, h, approximate="tanh")
+        torch.mm(g, w1[0].t(), out=gx)
+        x.t().mm(g), g.sum(0)
+
+    ways = {"dense FFN": dense, "grouped experts": grouped, "raw grouped kernel": raw_grouped,
+            "raw dense GEMMs": raw_dense}
+    with torch.no_grad():
+        for fn in (raw_grouped, raw_dense):
+            fn()
+    for fn in (dense, grouped):
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for r in range(rounds):
+        for name, fn in ways.items() if r % 2 == 0 else reversed(list(ways.items())):
+            with torch.no_grad() if name.startswith("raw") else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / 3 * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -351,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer_rows: list[str] = []
     stack_rows: list[str] = []
     gemm_rows: list[str] = []
+    overhead_rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = write_random_store(tmp / "data", vocab=args.vocab)
@@ -382,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                 stack_rows.append(f"{size_name + f'/E={e}':<10} {n_flat:>8} {ms_flat:>8.2f} {n_3d:>8} {ms_3d:>8.2f} "
                                   f"{ms_3d / ms_flat:>8.3f}")
                 if args.breakdown:
+                    from moescope.moe.model import moe_layers
+
+                    first = next(iter(moe_layers(trainers["moe"].raw_model).values()))
+                    overhead_rows.append((f"{size_name}/E={e}", experts_overhead(first, rounds=2 * args.rounds)))
                     split = measure_parts(trainers, SIZES[size_name]["moe_layers"], args.rounds)
                     parts = measure_breakdown(trainers, args.rounds, args.steps_per_round)
                     for arm, p in split.items():
@@ -428,6 +508,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{'size':<10} {'arm':<6} {'ffn':>9} {'vs dense':>8} {'experts':>9} {'vs dense':>8} "
               f"{'optimizer':>9} {'vs dense':>8} {'clip':>9} {'vs dense':>8} {'bound':>9}")
         print("\n".join(part_rows))
+        print(f"\none MoE layer's FFN forward+backward four ways (wall ms, medians of interleaved rounds, tokens split "
+              f"evenly): autograd wrapper = grouped - raw grouped (dense: dense FFN - raw dense)")
+        print(f"{'size':<10} {'dense FFN':>10} {'grouped':>10} {'raw grouped':>12} {'raw dense':>10} "
+              f"{'wrapper':>8} {'(dense)':>8}")
+        for size, o in overhead_rows:
+            print(f"{size:<10} {o['dense FFN']:>10.3f} {o['grouped experts']:>10.3f} {o['raw grouped kernel']:>12.3f} "
+                  f"{o['raw dense GEMMs']:>10.3f} {o['grouped experts'] - o['raw grouped kernel']:>8.3f} "
+                  f"{o['dense FFN'] - o['raw dense GEMMs']:>8.3f}")
     print("reference (GPT-2 MoE project's code, same kind of machine): 0.93-0.94 (demo), 0.95-0.97 (large); target (demo) >= 0.95")
     return 0
 

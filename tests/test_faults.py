@@ -316,7 +316,7 @@ def _flip_bytes(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("damage", ["final_weights", "stage_summary", "run_summary"])
+@pytest.mark.parametrize("damage", ["final_weights", "final_manifest_deleted", "stage_summary", "run_summary"])
 def test_a_damaged_finished_stage_is_trained_again_from_its_last_checkpoint(world: dict, tmp_path: Path, caplog,
                                                                             damage: str) -> None:
     """final/ carries a sha256 manifest: rotten weights in a finished stage are never handed on (to the
@@ -324,6 +324,9 @@ def test_a_damaged_finished_stage_is_trained_again_from_its_last_checkpoint(worl
     run = tmp_path / "run"
     shutil.copytree(world["reference"], run)
     if damage == "final_weights":
+        _flip_bytes(run / ARM / "final" / "model.safetensors")
+    elif damage == "final_manifest_deleted":  # its digest is in the stage's summary.json: still refused
+        (run / ARM / "final" / "manifest.json").unlink()
         _flip_bytes(run / ARM / "final" / "model.safetensors")
     else:
         target = run / ARM / "summary.json" if damage == "stage_summary" else run / "summary.json"

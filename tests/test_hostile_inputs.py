@@ -50,6 +50,22 @@ def test_analyze_refuses_a_final_model_changed_since_training_before_writing(run
     assert not (run_dir / "analysis").exists()  # the intact dense arm was not analysed either
 
 
+def test_analyze_refuses_a_final_model_whose_manifest_was_deleted(run_dir: Path, capsys) -> None:
+    """A stage's summary.json records its final/ manifest's digest, as training writes it: deleting the
+    manifest does not turn the changed weights into an 'older run' that is trusted unchecked."""
+    from moescope.io.provenance import sha256_file
+
+    final = run_dir / "arms" / "moe" / "final"
+    (final.parent / "summary.json").write_text(json.dumps({"steps": 8,
+                                                           "final_manifest_sha256": sha256_file(final / "manifest.json")}))
+    (final / "manifest.json").unlink()
+    flip_a_byte(final / "model.safetensors")
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(final / "manifest.json") in line and "summary.json recorded" in line
+    assert not (run_dir / "analysis").exists()
+
+
 def test_cluster_refuses_a_final_model_changed_since_training(run_dir: Path, capsys) -> None:
     config = run_dir / "arms" / "moe" / "final" / "config.json"
     config.write_text(config.read_text().replace('"n_embd": 16', '"n_embd": 16 '))

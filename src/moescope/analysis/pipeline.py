@@ -75,7 +75,7 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
-from moescope.io.saved_model import load_saved_model, verify_saved_model
+from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
 from moescope.moe.capture import record_routing
 from moescope.moe.model import moe_layers
 
@@ -462,7 +462,8 @@ def analyze_run(
     for name in names:  # every arm's model checked before anything of the analysis is replaced
         if not (run_dir / "arms" / name / "final").is_dir():
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
-        verify_saved_model(run_dir / "arms" / name / "final")
+        arm_dir = run_dir / "arms" / name
+        verify_saved_model(arm_dir / "final", recorded_manifest_sha256(arm_dir / "summary.json"))
     store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
     tokenizer = load_data_tokenizer(store.root)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

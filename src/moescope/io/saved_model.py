@@ -29,14 +29,35 @@ def config_error(config_path: Path | str, exc: BaseException) -> MoescopeError:
     return MoescopeError(f"{config_path}: unusable model config ({' '.join(str(exc).split()) or type(exc).__name__})")
 
 
-def verify_saved_model(directory: str | Path) -> None:
+def verify_saved_model(directory: str | Path, manifest_sha256: str | None = None) -> None:
     """Raise MoescopeError naming the file if `directory` has a manifest and a file differs from it
-    (changed, truncated, added or missing since training wrote it)."""
+    (changed, truncated, added or missing since training wrote it). With `manifest_sha256` (what the
+    stage's summary.json recorded when it finished) the manifest itself must be there and unchanged:
+    a final/ whose manifest was deleted is not taken for one from before manifests existed."""
+    from moescope.io.provenance import sha256_file
     from moescope.moe.hf_model import CONFIG_NAME, WEIGHTS_NAME
 
     directory = Path(directory)
-    if (directory / MANIFEST_NAME).is_file():
+    manifest = directory / MANIFEST_NAME
+    if manifest_sha256 is not None:
+        if not manifest.is_file():
+            raise MoescopeError(f"{manifest} is missing, but the stage's summary.json recorded one")
+        if sha256_file(manifest) != manifest_sha256:
+            raise MoescopeError(f"{manifest} differs from the one the stage's summary.json recorded")
+    if manifest.is_file():
         verify_manifest(directory, (WEIGHTS_NAME, CONFIG_NAME))
+
+
+def recorded_manifest_sha256(summary_path: str | Path) -> str | None:
+    """The final/ manifest digest a stage's summary.json recorded (None: no summary, or one written
+    before summaries recorded it)."""
+    import json
+
+    try:
+        value = json.loads(Path(summary_path).read_text(encoding="utf-8")).get("final_manifest_sha256")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def load_saved_model(directory: str | Path, *, device: Any = None) -> Any:

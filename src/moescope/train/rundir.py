@@ -32,8 +32,10 @@ from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
 from moescope.io.jsonfile import read_json_object
 from moescope.io.lock import is_empty_ignoring_lock
-from moescope.moe.hf_model import WEIGHTS_NAME, save_moe_model
-from moescope.io.manifest import MANIFEST_NAME, verify_manifest, write_manifest
+from moescope.moe.hf_model import save_moe_model
+from moescope.io.manifest import MANIFEST_NAME, write_manifest
+from moescope.io.provenance import sha256_file
+from moescope.io.saved_model import verify_saved_model
 from moescope.train.checkpoint import (
     checkpoint_name, last_verified_checkpoint, newest_intact_checkpoint, point_latest, save_checkpoint,
 )
@@ -81,11 +83,11 @@ def finished_summary(cfg: RunConfig, out_dir: Path) -> dict | None:
         return None
     check_same_config(cfg, read_stored_config(out_dir / CONFIG_NAME), str(out_dir / CONFIG_NAME))
     try:
-        if (final / MANIFEST_NAME).is_file():  # stages finished before final/ had a manifest are trusted
-            verify_manifest(final, (WEIGHTS_NAME, "config.json"))
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         if not isinstance(summary, dict):
             raise ValueError("not a JSON object")
+        # stages finished before final/ had a manifest (their summary records none) are trusted
+        verify_saved_model(final, summary.get("final_manifest_sha256"))
     except (MoescopeError, OSError, UnicodeDecodeError, ValueError) as exc:
         log.warning("%s: the finished stage is damaged (%s); training it again from its last verified "
                     "checkpoint", out_dir, str(exc).splitlines()[0])
@@ -176,7 +178,8 @@ class StageDirectory:
         (final / MANIFEST_NAME).unlink(missing_ok=True)  # a re-finished stage: the old one lists old digests
         remove_orphaned_temporaries(final)  # a killed earlier finish's weights temporary: never in the manifest
         save_moe_model(model, final, tokenizer=tokenizer if tokenizer.is_dir() else None)
-        write_manifest(final, int(summary["steps"]))
+        # the summary records the manifest's digest: a final/ that later loses its manifest is refused
+        summary["final_manifest_sha256"] = sha256_file(write_manifest(final, int(summary["steps"])))
         atomic_write_json(self.out_dir / SUMMARY_NAME, summary)
 
     def last_verified(self) -> Path | None:
