@@ -66,6 +66,20 @@ def test_analyze_refuses_a_final_model_whose_manifest_was_deleted(run_dir: Path,
     assert not (run_dir / "analysis").exists()
 
 
+def test_cluster_refuses_a_final_model_whose_manifest_was_deleted(run_dir: Path, capsys) -> None:
+    """Every loader of a stage's final/ (here cluster's, through io/saved_model) reads the digest its
+    summary.json recorded."""
+    from moescope.io.provenance import sha256_file
+
+    final = run_dir / "arms" / "moe" / "final"
+    (final.parent / "summary.json").write_text(json.dumps({"final_manifest_sha256": sha256_file(final / "manifest.json")}))
+    (final / "manifest.json").unlink()
+    out = run_dir.parent / "cluster"
+    assert main(["cluster", str(run_dir), "--out", str(out), "--batches", "2", "--no-null"]) == 2
+    assert str(final / "manifest.json") in error_line(capsys)
+    assert not out.exists()
+
+
 def test_cluster_refuses_a_final_model_changed_since_training(run_dir: Path, capsys) -> None:
     config = run_dir / "arms" / "moe" / "final" / "config.json"
     config.write_text(config.read_text().replace('"n_embd": 16', '"n_embd": 16 '))

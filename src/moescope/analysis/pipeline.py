@@ -462,8 +462,8 @@ def analyze_run(
     for name in names:  # every arm's model checked before anything of the analysis is replaced
         if not (run_dir / "arms" / name / "final").is_dir():
             raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
-        arm_dir = run_dir / "arms" / name
-        verify_saved_model(arm_dir / "final", recorded_manifest_sha256(arm_dir / "summary.json"))
+        final = run_dir / "arms" / name / "final"
+        verify_saved_model(final, recorded_manifest_sha256(final))
     store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
     tokenizer = load_data_tokenizer(store.root)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

@@ -48,13 +48,16 @@ def verify_saved_model(directory: str | Path, manifest_sha256: str | None = None
         verify_manifest(directory, (WEIGHTS_NAME, CONFIG_NAME))
 
 
-def recorded_manifest_sha256(summary_path: str | Path) -> str | None:
-    """The final/ manifest digest a stage's summary.json recorded (None: no summary, or one written
-    before summaries recorded it)."""
+def recorded_manifest_sha256(directory: str | Path) -> str | None:
+    """The manifest digest the stage's summary.json recorded for `directory` when it is a stage's final/
+    (None: not a final/, no summary, or a summary written before summaries recorded it)."""
     import json
 
+    directory = Path(directory)
+    if directory.name != "final":
+        return None
     try:
-        value = json.loads(Path(summary_path).read_text(encoding="utf-8")).get("final_manifest_sha256")
+        value = json.loads((directory.parent / "summary.json").read_text(encoding="utf-8")).get("final_manifest_sha256")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
@@ -65,5 +68,5 @@ def load_saved_model(directory: str | Path, *, device: Any = None) -> Any:
     moe/hf_model.py reads the config through `config_error`)."""
     from moescope.moe.hf_model import load_moe_model
 
-    verify_saved_model(directory)
+    verify_saved_model(directory, recorded_manifest_sha256(directory))
     return load_moe_model(directory, device=device)
