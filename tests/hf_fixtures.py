@@ -126,6 +126,13 @@ def config_for(arch: str, vocab_size: int):
     if arch == "llama4_text":  # its experts run on every token, weighted by the router's dense scores
         return _cfg("llama4_text", **COMMON, **v, num_hidden_layers=2, num_local_experts=N_EXPERTS,
                     num_experts_per_tok=2, intermediate_size_mlp=48, head_dim=16, interleave_moe_layer_step=2)
+    if arch == "deepseek_v4":  # a hash-routed first layer (its own router class), sqrtsoftplus scores
+        return _cfg("deepseek_v4", **v, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=32, q_lora_rank=16, o_lora_rank=16, moe_intermediate_size=24,
+                    n_routed_experts=N_EXPERTS, num_experts_per_tok=2, n_shared_experts=1, index_head_dim=16,
+                    index_n_heads=2, index_topk=4, mlp_layer_types=["hash_moe", "moe", "moe"],
+                    layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
+                                 "heavily_compressed_attention"])
     if arch == "qwen3_vl_moe":  # a vision-language MoE: no text-only class, read through its text forward
         text = dict(**COMMON, **v, **moe, num_hidden_layers=2, num_experts=N_EXPERTS, head_dim=16,
                     rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
@@ -139,11 +146,11 @@ ARCHITECTURES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "d
                  "granitemoe", "granitemoeshared", "phimoe", "jamba", "dbrx", "llama4_text"]
 # released families moescope has no adapter for, read by the generic one (adapters.generic_adapter)
 GENERIC_ARCHITECTURES = ["ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2", "flex_olmo", "exaone_moe", "glm4_moe_lite",
-                         "qwen3_vl_moe"]
+                         "qwen3_vl_moe", "deepseek_v4"]
 # the decoder layers that must be MoE in config_for's models
 EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "qwen3_moe": [1], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2],
                        "glm4_moe": [1, 2], "jamba": [1, 3], "ernie4_5_moe": [1, 2], "exaone_moe": [1, 2],
-                       "llama4_text": [1], "glm4_moe_lite": [1]}
+                       "llama4_text": [1], "glm4_moe_lite": [1], "deepseek_v4": [0, 1, 2]}
 
 
 def build_model(arch: str, vocab_size: int, seed: int = 0):
@@ -165,6 +172,10 @@ def build_model(arch: str, vocab_size: int, seed: int = 0):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0.0, 0.1)
+            elif name.endswith("tid2eid"):  # DeepSeek-V4's token-hash table: every token to two distinct experts
+                first = torch.randint(0, N_EXPERTS, buf.shape[:1])
+                buf.copy_(torch.stack([first, (first + 1 + torch.randint(0, N_EXPERTS - 1, first.shape)) % N_EXPERTS],
+                                      -1)[:, : buf.shape[1]])
     return model.eval()
 
 

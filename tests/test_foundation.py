@@ -126,6 +126,23 @@ def test_atomic_writes_get_the_permissions_of_an_ordinary_write(tmp_path: Path) 
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_saved_model_weights_get_the_permissions_of_an_ordinary_write(tmp_path: Path) -> None:
+    """safetensors creates its file 0600 by itself; a saved model's weights must be readable like its config."""
+    import os
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moescope.moe.hf_model import save_moe_model
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0,
+                                       eos_token_id=0))
+    out = save_moe_model(model, tmp_path / "m")
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+        "model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+
+
 def test_block_store_reads_what_was_written(tmp_path: Path) -> None:
     dt = dtype_for_vocab(50257)
     assert dt == np.uint16 and dtype_for_vocab(70000) == np.uint32

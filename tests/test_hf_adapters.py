@@ -52,7 +52,7 @@ class _Both(nn.Module):
 def test_scores_named_by_a_setting_win_over_the_code() -> None:
     assert infer_scores(None, _Router("softmax"), nn.Identity())[0] == "softmax"
     assert infer_scores(None, _Router(), nn.Identity())[0] == "sigmoid"  # code calls sigmoid only; comment ignored
-    kind, how = infer_scores(None, _Both(), nn.Identity())
+    kind, how, _ = infer_scores(None, _Both(), nn.Identity())
     assert kind == "softmax" and how.startswith("assumed")
 
 
@@ -93,3 +93,41 @@ def test_zero_top_k_is_refused_not_guessed() -> None:
         layer.mlp.top_k = 0
     with pytest.raises(MoescopeError, match="give no positive top-k"):
         find_sites(model)
+
+
+def test_zero_experts_are_refused_not_counted_as_real_ones() -> None:
+    """LongCat-Flash's router also scores identity ('zero') experts; the block hands those tokens to a real
+    expert with weight 0, which a capture would count as that expert's load."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING["longcat_flash"](
+        vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=2, ffn_hidden_size=48, q_lora_rank=16,
+        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8, moe_topk=2,
+        n_routed_experts=8, zero_expert_num=4, expert_ffn_hidden_size=24, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(MoescopeError, match="scores 12 choices for 8 experts"):
+        find_sites(model)
+
+
+def test_a_score_function_the_router_holds_decides() -> None:
+    from transformers.activations import ACT2FN
+
+    router = _Router()
+    router.score_fn = ACT2FN["sqrtsoftplus"]
+    assert infer_scores(None, router, nn.Identity())[::2] == ("sqrtsoftplus", "score_fn")
+    router.score_fn = ACT2FN["sigmoid"]
+    assert infer_scores(None, router, nn.Identity())[::2] == ("sigmoid", "")
+
+
+def test_a_setting_in_the_text_config_is_read() -> None:
+    from transformers import Qwen3VLMoeConfig
+
+    config = Qwen3VLMoeConfig()
+    config.get_text_config().scoring_func = "sigmoid"
+
+    class Both(_Both):
+        pass
+
+    assert infer_scores(config, Both(), nn.Identity())[:2] == ("sigmoid", "named by the model's settings")

@@ -143,12 +143,14 @@ def test_encoder_only_model_refused(shared, tmp_path: Path, capsys) -> None:
              "DistilBertConfig is not a causal or image-text-to-text language model")
 
 
-def test_config_transformers_cannot_build_refused(shared, tmp_path: Path, capsys) -> None:
-    """A negative expert count passes the config class's own checks but not the model's constructor."""
+@pytest.mark.parametrize("patch", [{"num_local_experts": -2}, {"pad_token_id": 100000}])
+def test_config_transformers_cannot_build_refused(shared, tmp_path: Path, capsys, patch: dict) -> None:
+    """Values that pass the config class's own checks but not the model's constructor (a RuntimeError, an
+    AssertionError inside torch)."""
     _, tok, data = shared
     model = save_model_dir(tmp_path / "neg", "mixtral", tokenizer=tok)
     cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, "num_local_experts": -2}))
+    (model / "config.json").write_text(json.dumps({**cfg, **patch}))
     _refused(capsys, model, tmp_path / "out", ["--data", str(data), *FAST], str(model),
              "transformers cannot build a MixtralConfig model")
 

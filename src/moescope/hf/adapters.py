@@ -18,9 +18,12 @@ The selection rules below are documentation for readers; the parity tests
 A family with no adapter here is still read when it follows the transformers 5
 convention (its ``_can_record_outputs["router_logits"]`` names a router class whose
 parent block has an ``experts`` module called that way): :func:`generic_adapter`
-builds its adapter from the model itself. Only the router distribution (softmax or
-sigmoid, for the entropy) has to be inferred; the dispatched experts and weights are
-read exactly as for the named families.
+builds its adapter from the model itself. Only the router distribution (for the
+entropy) has to be inferred; the dispatched experts and weights are read exactly as
+for the named families, i.e. as handed to the experts: a factor some blocks apply to
+the experts' summed output afterwards (Laguna's routed_scaling_factor) is not in them.
+Routers that also score identity ("zero") experts are refused: the block hands such
+tokens to a real expert with weight 0, which would read as that expert's load.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class Adapter:
     # experts it does not use), for blocks that call their experts without ids (Llama 4). None:
     # the ids and weights are read where the block hands them to its experts module.
     dense_scores_index: int | None = None
+    # The router attribute holding an elementwise score function other than sigmoid / softmax
+    # (DeepSeek-V4's sqrtsoftplus): the entropy is that of its scores normalized over the experts.
+    score_attr: str = ""
 
 
 @dataclass
@@ -190,21 +196,64 @@ def _called_score_kinds(classes: list[type]) -> set[str]:
     return found
 
 
-def infer_scores(config, router: nn.Module, block: nn.Module) -> tuple[str, str]:
-    """The router distribution of a family without an adapter, 'sigmoid' or 'softmax', and how it was told.
+def _score_module(router: nn.Module) -> tuple[str, nn.Module] | None:
+    """(attribute, module) of an activation the router holds as its score function (ACT2FN's classes)."""
+    from transformers.activations import ACT2CLS
 
-    A setting that names it (Cohere2-MoE's expert_selection_fn, DeepSeek-V4's scoring_func)
-    decides; otherwise the function the router's and block's routing code calls, when it
-    calls only one of them; softmax when the code calls both or neither.
+    kinds = tuple(v if isinstance(v, type) else v[0] for v in ACT2CLS.values()) + (nn.Softmax,)
+    for name, child in router.named_children():
+        if isinstance(child, kinds) and not any(True for _ in child.parameters()):
+            return name, child
+    return None
+
+
+def infer_scores(config, router: nn.Module, block: nn.Module) -> tuple[str, str, str]:
+    """The router distribution of a family without an adapter and how it was told: (scores, how,
+    score_attr). scores is 'sigmoid', 'softmax' or the name of another score function the router holds
+    (then score_attr names that attribute).
+
+    A score function the router holds as a module (DeepSeek-V4's score_fn) decides; then a setting that
+    names sigmoid or softmax (Cohere2-MoE's expert_selection_fn, Inkling2's scoring_func in its text
+    config); otherwise the function the router's and block's routing code calls, when it calls only one
+    of them; softmax when the code calls both or neither.
     """
-    named = _named_score_kind([router, block]) or _named_score_kind([config] if config is not None else [])
+    held = _score_module(router)
+    if held is not None:
+        attr, module = held
+        if isinstance(module, nn.Sigmoid):
+            return "sigmoid", f"the router's {attr} module", ""
+        if isinstance(module, nn.Softmax):
+            return "softmax", f"the router's {attr} module", ""
+        name = type(module).__name__.removesuffix("Activation").lower()
+        return name, f"the router's {attr} module ({type(module).__name__})", attr
+    configs = [c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None]
+    named = _named_score_kind([router, block]) or _named_score_kind(configs)
     if named:
-        return named, "named by the model's settings"
+        return named, "named by the model's settings", ""
     called = _called_score_kinds([type(router), type(block)])
     if len(called) == 1:
         (kind,) = called
-        return kind, "the only one of softmax / sigmoid its routing code calls"
-    return "softmax", "assumed: its routing code calls " + (" and ".join(sorted(called)) or "neither softmax nor sigmoid")
+        return kind, "the only one of softmax / sigmoid its routing code calls", ""
+    return "softmax", "assumed: its routing code calls " + (" and ".join(sorted(called)) or "neither softmax nor sigmoid"), ""
+
+
+_ROUTER_ATTRS = ("gate", "router")
+
+
+def _sibling_routers(model: nn.Module, router_cls: type) -> list[tuple[str, nn.Module]]:
+    """Routers of another class in blocks shaped like the recorded ones (DeepSeek-V4's hash-routed layers:
+    a `gate` of its own class, the same experts(hidden, ids, weights) call, logits first)."""
+    found = []
+    for path, block in model.named_modules():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, nn.Module) or not takes_routing(experts):
+            continue
+        if any(isinstance(child, router_cls) for child in block.children()):
+            continue
+        gates = [(name, getattr(block, name)) for name in _ROUTER_ATTRS if isinstance(getattr(block, name, None), nn.Module)]
+        if len(gates) == 1:
+            found.append((f"{path}.{gates[0][0]}" if path else gates[0][0], gates[0][1]))
+    return found
 
 
 def generic_adapter(model: nn.Module) -> tuple[Adapter, list[tuple[str, nn.Module]]] | None:
@@ -218,19 +267,26 @@ def generic_adapter(model: nn.Module) -> tuple[Adapter, list[tuple[str, nn.Modul
     path, router = modules[0]
     block = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     config = getattr(model, "config", None)
-    scores, how = infer_scores(config, router, block)
+    scores, how, score_attr = infer_scores(config, router, block)
+    siblings = _sibling_routers(model, router_cls)
+    if siblings:  # in model order, with the recorded ones
+        order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+        modules = sorted(modules + siblings, key=lambda pm: order[pm[0]])
+    classes = (router_cls.__name__, *sorted({type(m).__name__ for _, m in siblings}))
     return Adapter(
         name="generic",
-        router_classes=(router_cls.__name__,),
+        router_classes=classes,
         selection=f"{GENERIC_SELECTION}; router distribution {scores} ({how})",
         scores=scores,
         shared_attrs=GENERIC_SHARED_ATTRS,
         shared_gate_attr="shared_expert_gate",
         architectures=(str(getattr(config, "model_type", type(model).__name__)),),
         logits_index=index,
+        score_attr=score_attr,
     ), modules
 
 
+_SHARED_COUNT_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
 _EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "n_experts")
 _TOP_K_KEYS = ("top_k", "num_experts_per_tok", "moe_k", "moe_top_k", "moe_topk", "num_experts_per_token",
                "top_k_experts")
@@ -258,9 +314,33 @@ def _first_int(objs: list, keys: tuple[str, ...]) -> int | None:
     return None
 
 
+def router_width(router: nn.Module) -> int | None:
+    """How many choices the router scores, read off its own weight ([choices, hidden]) or its one
+    linear child (None when it has neither, e.g. a router MLP)."""
+    weight = router._parameters.get("weight")
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])
+    linears = [m for m in router.children() if isinstance(m, nn.Linear)]
+    return int(linears[0].out_features) if len(linears) == 1 else None
+
+
 def _router_rows(router: nn.Module) -> int | None:
     """Experts scored by a router: the rows of its first 2-D weight."""
     return next((int(p.shape[0]) for p in router.parameters() if p.dim() == 2), None)
+
+
+def zero_experts_message(path: str, width: int, n_experts: int) -> str:
+    return (f"{path}: the router scores {width} choices for {n_experts} experts (zero or identity experts, as "
+            "LongCat-Flash has): moescope cannot tell them from the experts the block hands its tokens to")
+
+
+def _unrouted_blocks(model: nn.Module, sites: list[MoESite], adapter: Adapter) -> list[str]:
+    """Paths of blocks whose experts module takes dispatched ids but whose router no site covers
+    (DeepSeek-V4's hash-routed layers)."""
+    covered = {s.path for s in sites}
+    return [path for path, m in model.named_modules()
+            if path not in covered and isinstance(getattr(m, adapter.experts_attr or "experts", None), nn.Module)
+            and takes_routing(getattr(m, adapter.experts_attr or "experts"))]
 
 
 def _unknown_moe_message(model: nn.Module, kind: str, why: str = "") -> str:
@@ -279,8 +359,8 @@ def _n_shared(owners: list[nn.Module], adapter: Adapter, config) -> int:
     """Shared experts on the MoE block or its decoder layer (Granite keeps shared_mlp on the layer)."""
     if not any(getattr(m, attr, None) is not None for m in owners for attr in adapter.shared_attrs):
         return 0
-    n = getattr(config, "n_shared_experts", None)
-    return int(n) if isinstance(n, int) and n > 0 else 1
+    configs = [c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None]
+    return _first_int(configs, _SHARED_COUNT_KEYS) or 1
 
 
 def _looks_like_moe(model: nn.Module) -> bool:
@@ -318,7 +398,12 @@ def find_sites(model: nn.Module) -> tuple[Adapter, list[MoESite]]:
         if _looks_like_moe(model):
             raise MoescopeError(_unknown_moe_message(model, kind))
         raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer: nothing to analyse")
-    return adapter, sites_of(model, adapter, modules)
+    sites = sites_of(model, adapter, modules)
+    if adapter is not MOESCOPE and (missed := _unrouted_blocks(model, sites, adapter)):
+        raise MoescopeError(f"{type(model).__name__}: the MoE blocks at {', '.join(missed)} route through another "
+                            f"router than {', '.join(adapter.router_classes)} (e.g. by token hash); moescope "
+                            "cannot read them")
+    return adapter, sites
 
 
 def sites_of(model: nn.Module, adapter: Adapter, modules: list[tuple[str, nn.Module]]) -> list[MoESite]:
@@ -343,6 +428,9 @@ def sites_of(model: nn.Module, adapter: Adapter, modules: list[tuple[str, nn.Mod
                                                      "dispatched experts and weights"))
         n_experts = _first_int([module, experts, block], _EXPERT_COUNT_KEYS) or _router_rows(module)
         top_k = _first_int([module, block, config], _TOP_K_KEYS)
+        width = router_width(module)
+        if n_experts is not None and width is not None and width != n_experts:
+            raise MoescopeError(zero_experts_message(path, width, n_experts))
         if n_experts is None or top_k is None:
             missing = " and ".join(w for w, v in (("expert count", n_experts), ("top-k", top_k)) if v is None)
             raise MoescopeError(f"{path}: {type(module).__name__}, its block and the config give no positive "

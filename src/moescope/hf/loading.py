@@ -118,8 +118,8 @@ class ModelPlan:
 
 
 # Auto classes whose models take input_ids alone and return next-token logits, in order of preference:
-# a vision-language MoE (Qwen3-VL-MoE, ERNIE-4.5-VL-MoE, ...) with no text-only class runs its language
-# model on text this way, its vision tower idle.
+# a vision-language MoE with no text-only class (Qwen3-VL-MoE) runs its language model on text this way,
+# its vision tower idle.
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForImageTextToText")
 
 
@@ -145,7 +145,9 @@ def plan_model(source: str, dtype: str = "auto", device: str = "auto") -> ModelP
     try:
         with init_empty_weights():
             empty = getattr(transformers, auto_class).from_config(config, trust_remote_code=False)
-    except (ValueError, TypeError, RuntimeError, *STRICT_CONFIG_ERRORS) as exc:  # e.g. a negative size
+    except Exception as exc:  # noqa: BLE001 -- any constructor failure (a negative size, an assert) is the config's
+        if isinstance(exc, MoescopeError):
+            raise
         raise MoescopeError(f"{source}: transformers cannot build a {type(config).__name__} model from this config "
                             f"({first_line(exc)})") from exc
     try:

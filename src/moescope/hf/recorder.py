@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moescope.hf.adapters import MOESCOPE, Adapter, MoESite
+from moescope.errors import MoescopeError
+from moescope.hf.adapters import MOESCOPE, Adapter, MoESite, zero_experts_message
 
 # Names under which transformers' experts modules receive the dispatched ids / weights.
 _INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
@@ -35,11 +36,12 @@ class LayerRouting:
     shared_gate: np.ndarray | None = None  # float32 [N]: sigmoid gate of the shared expert (Qwen2-MoE), if any
 
 
-def router_entropy(logits: torch.Tensor, scores: str) -> torch.Tensor:
-    """Entropy (nats) of each row's router distribution: softmax of the logits, or normalized sigmoid scores."""
+def router_entropy(logits: torch.Tensor, scores: str, score_fn=None) -> torch.Tensor:
+    """Entropy (nats) of each row's router distribution: softmax of the logits, or the normalized scores of
+    sigmoid (or of `score_fn`, another positive elementwise score function the router holds)."""
     logits = logits.float()
-    if scores == "sigmoid":
-        s = torch.sigmoid(logits)
+    if scores == "sigmoid" or score_fn is not None:
+        s = score_fn(logits) if score_fn is not None else torch.sigmoid(logits)
         p = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
     logp = torch.log_softmax(logits, dim=-1)
@@ -74,7 +76,10 @@ class RoutingRecorder:
     def _on_router(self, site: MoESite):
         def hook(module: nn.Module, args, output) -> None:
             logits = output[self.adapter.logits_index] if isinstance(output, (tuple, list)) else output
-            ent = router_entropy(logits.detach().reshape(-1, logits.shape[-1]), self.adapter.scores)
+            if logits.shape[-1] != site.n_experts:  # zero / identity experts beside the real ones
+                raise MoescopeError(zero_experts_message(site.path, int(logits.shape[-1]), site.n_experts))
+            score_fn = getattr(module, self.adapter.score_attr) if self.adapter.score_attr else None
+            ent = router_entropy(logits.detach().reshape(-1, logits.shape[-1]), self.adapter.scores, score_fn)
             pending = self._pending.setdefault(site.layer, {})
             pending["router_entropy"] = ent
             if self.adapter.dense_scores_index is not None:

@@ -76,16 +76,33 @@ def _remove(p: Path) -> None:
             p.unlink()
 
 
+def plain_file_mode() -> int:
+    """The permissions a plain create gives a file under this process's umask (mkstemp gives 0600)."""
+    return 0o666 & ~_UMASK
+
+
+def new_temporary(path: Path) -> tuple[int, str]:
+    """(open fd, name) of a fresh temporary beside `path`, named so that `remove_stale_temporaries` knows
+    it and with the permissions a plain create would give; stale temporaries of `path` are removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, plain_file_mode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path):
     """Open a temporary file beside ``path`` for binary writing; on success it is fsynced and renamed
     onto ``path`` (and the directory synced), on any error removed: readers never see a partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    fd, tmp = new_temporary(path)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()

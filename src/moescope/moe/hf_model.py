@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json
+from moescope.io.atomic import atomic_write_json, new_temporary, plain_file_mode
 from moescope.io.config import from_dict, to_dict
 from moescope.io.saved_model import STRICT_CONFIG_ERRORS, config_error
 from moescope.moe.activation import fuse_config_activation
@@ -46,10 +46,11 @@ TOKENIZER_FILES = frozenset({
 def _atomic_save_weights(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_model
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = new_temporary(path)
     os.close(fd)
     try:
-        save_model(model, tmp)
+        save_model(model, tmp)  # safetensors writes a new file of its own (0600)
+        os.chmod(tmp, plain_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -74,7 +75,8 @@ def _copy_tokenizer(tokenizer: Any, directory: Path) -> None:
     byte, so a data directory's tokenizer keeps the sha256 its manifest records) or a
     transformers tokenizer (saved with save_pretrained).
     """
-    with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=directory) as tmp:
+    # ".tmp": a killed save leaves what remove_orphaned_temporaries clears before the next one
+    with tempfile.TemporaryDirectory(prefix=".tokenizer.", suffix=".tmp", dir=directory) as tmp:
         if isinstance(tokenizer, (str, Path)):
             files = _tokenizer_files(Path(tokenizer))
         else:
