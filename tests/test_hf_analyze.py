@@ -42,7 +42,7 @@ def _refused(capsys, model: Path, out: Path, args: list[str], *needles: str) -> 
 
 
 @pytest.mark.parametrize("arch, source", [("olmoe", "data"), ("deepseek_v3", "data"), ("gpt_oss", "texts"),
-                                          ("minimax_m2", "data"), ("llama4_text", "data")])
+                                          ("minimax_m2", "data"), ("llama4_text", "data"), ("deepseek_v4", "data")])
 def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_path: Path) -> None:
     root, tok, data = shared
     model = save_model_dir(tmp_path / arch, arch, tokenizer=tok)
@@ -61,9 +61,10 @@ def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_pa
     assert arm["kind"] == "moe" and metrics["domains"] == ["code", "math", "prose"]
     assert info["n_experts"] == 8 and info["architecture"].lower().startswith(arch.split("_")[0][:4])
     assert sorted(arm["layers"], key=int) == [str(i) for i in info["moe_layers"]]
-    assert info["n_shared_experts"] == (1 if arch in ("deepseek_v3", "llama4_text") else 0)
-    # minimax_m2 has no adapter of its own: the generic one reads it, and says how it knows the router scores
-    assert (info["adapter"] == "generic") == (arch == "minimax_m2")
+    assert info["n_shared_experts"] == (1 if arch in ("deepseek_v3", "llama4_text", "deepseek_v4") else 0)
+    # minimax_m2 and deepseek_v4 have no adapter of their own: the generic one reads them, and says how it
+    # knows the router scores
+    assert (info["adapter"] == "generic") == (arch in ("minimax_m2", "deepseek_v4"))
     if arch == "minimax_m2":
         assert info["router_scores"] == "sigmoid"
         assert "the only one of softmax / sigmoid its routing code calls" in info["selection"]
@@ -84,6 +85,8 @@ def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_pa
     assert len(viewer["samples"]) == 9 and all(len(s["tokens"]) == 32 for s in viewer["samples"])
     html = (out / "report" / "report.html").read_text()
     assert "tiny" in html and "NMI" in html
+    if arch == "deepseek_v4":  # neither softmax nor sigmoid: the router's own score function, named
+        assert info["router_scores"] == "sqrtsoftplus" and "normalized sqrtsoftplus scores" in html
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 

@@ -11,7 +11,7 @@ so a forward pre-hook on the experts module sees exactly the experts and weights
 each token is dispatched to (after renormalization, sparsemixer, score-correction
 bias, group limits and scaling, whatever the family does). The router's own
 output (its logits) gives each token's router entropy; the adapter says which
-distribution the logits define (softmax, or normalized sigmoid scores).
+distribution the logits define (softmax, or normalized sigmoid or other scores).
 The selection rules below are documentation for readers; the parity tests
 (tests/test_hf_parity.py) hold the capture equal to the experts' inputs.
 

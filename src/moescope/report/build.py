@@ -473,7 +473,8 @@ def released_setup_paragraphs(metrics: dict, info: dict) -> list[str]:
     """Set-up of a released model analysed with `moescope analyze --model` (no training run)."""
     shared = (f", {info['n_shared_experts']} shared expert(s) always on, not counted as routed"
               if info.get("n_shared_experts") else "")
-    scores = "normalized sigmoid scores" if info.get("router_scores") == "sigmoid" else "softmax of the router logits"
+    kind = info.get("router_scores", "softmax")
+    scores = "softmax of the router logits" if kind == "softmax" else f"normalized {kind} scores of the router logits"
     return [
         f"Model: {info['source']} ({info['architecture']}, {info['n_layers']} layers, MoE in layers "
         f"{', '.join(map(str, info['moe_layers']))}: {info['n_experts']} routed experts, top-{info['top_k']}{shared}), "
