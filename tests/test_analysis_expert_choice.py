@@ -54,8 +54,10 @@ def test_token_choice_summaries_equal_the_fixture_computed_before_expert_choice_
 
     def same(a, b, where):
         if isinstance(a, dict):
-            assert a.keys() == b.keys(), where
-            for key in a:
+            # every number the fixture holds is still there and equal; entries added since (e.g.
+            # vocabulary.by_expert) are new numbers, not changed ones
+            assert a.keys() >= b.keys(), where
+            for key in b:
                 same(a[key], b[key], f"{where}.{key}")
         elif isinstance(a, list):
             assert len(a) == len(b), where

@@ -241,3 +241,41 @@ def test_top_domain_specialization() -> None:
     # fixed experts: domain 0 judged on expert 1 (5 of 10 tokens), domain 1 on expert 3 (5 of 10)
     fixed = m.top_domain_specialization(np.stack([table, table]), 2, experts=np.array([1, 3, 0]))
     np.testing.assert_allclose(fixed, [0.5, 0.5])
+
+
+def _brute_expert_tokens(tok, idx, n_experts, min_count, top_n):
+    out = []
+    ids = [t for t in np.unique(tok) if (tok == t).sum() >= min_count]
+    for e in range(n_experts):
+        rows = []
+        for t in ids:
+            n = int((tok == t).sum())
+            c = int((idx[tok == t] == e).any(axis=1).sum())
+            if c:
+                rows.append((-c / n, -c, int(t), c, n))
+        out.append([(t, c, n) for *_, t, c, n in sorted(rows)[:top_n]])
+    return out
+
+
+def test_expert_tokens_equal_a_brute_force_count_with_planted_tokens() -> None:
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 40, 4000)
+    idx = np.stack([rng.integers(0, 5, 4000), rng.integers(0, 5, 4000)], axis=1)
+    idx[tok == 7, 0] = 3  # id 7 always among expert 3's tokens
+    same = idx[:, 0] == idx[:, 1]
+    idx[same, 1] = (idx[same, 0] + 1) % 5  # a token's top-2 experts are distinct
+    got = m.expert_tokens(tok, idx, 5, min_count=10, top_n=4)
+    want = _brute_expert_tokens(tok, idx, 5, 10, 4)
+    for e in range(5):
+        assert list(zip(got.token_ids[e].tolist(), got.counts[e].tolist(), got.occurrences[e].tolist())) == want[e]
+    assert got.token_ids[3, 0] == 7 and got.counts[3, 0] == got.occurrences[3, 0]
+
+
+def test_expert_tokens_from_assignments_equal_those_from_the_index() -> None:
+    rng = np.random.default_rng(1)
+    tok = rng.integers(0, 25, 3000)
+    idx = rng.integers(0, 4, (3000, 1))
+    from_index = m.expert_tokens(tok, idx, 4, min_count=5, top_n=3)
+    from_pairs = m.expert_tokens(tok, None, 4, min_count=5, top_n=3, assignments=(np.arange(3000), idx[:, 0]))
+    for field in ("token_ids", "counts", "occurrences"):
+        np.testing.assert_array_equal(getattr(from_index, field), getattr(from_pairs, field))

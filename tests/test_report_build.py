@@ -195,3 +195,22 @@ def test_an_interval_without_bounds_is_written_not_crashed_on() -> None:
     assert fmt_interval({"estimate": 0.5, "low": None, "high": None}) == "0.500 [n/a]"
     assert fmt_interval({"estimate": None, "low": None, "high": None}) == "n/a"
     assert fmt_interval({"estimate": 0.5, "low": 0.25, "high": 0.75}) == "0.500 [0.250, 0.750]"
+
+
+def test_expert_token_tables_list_experts_by_load_with_their_tokens() -> None:
+    from moescope.report.build import expert_token_tables
+
+    layer = {
+        "domains": ["code", "prose"],
+        "specialization": {"nmi": {"estimate": 0.4}, "domain_given_expert": [[0.9, None, 0.2], [0.1, None, 0.8]]},
+        "load": {"token_fraction": [0.3, 0.0, 0.7]},
+        "vocabulary": {"min_count": 10, "by_expert": [
+            [{"token_id": 5, "token": " def", "count": 40, "occurrences": 50}], [],
+            [{"token_id": 9, "token": " the", "count": 30, "occurrences": 40}]]},
+    }
+    metrics = {"arms": {"dense": {"kind": "dense"}, "moe": {"kind": "moe", "layers": {"2": layer}}}}
+    (table,) = expert_token_tables(metrics)
+    assert table.title.startswith("moe · layer 2")
+    assert [r[0] for r in table.rows] == [2, 0, 1]  # by share of tokens
+    assert table.rows[0][2] == "prose 80%" and table.rows[1][2] == "code 90%" and table.rows[2][2] == "-"
+    assert table.rows[1][3] == "' def' 80% (40/50)" and table.rows[2][3] == "-"

@@ -314,6 +314,39 @@ class VocabularySpecialization:
     weighted_mean: float  # occurrence-weighted mean of top_fraction
 
 
+def _id_expert_counts(token_id, expert_index, n_experts: int, min_count: int, assignments):
+    """(ids seen >= min_count times, their occurrences, chunks): the chunks yield (lo, hi, counts) with
+    counts[i, e] = occurrences of ids[lo + i] routed to expert e, a few ids at a time so memory stays
+    bounded by _COUNT_CELLS cells however large the vocabulary and E are."""
+    tok = np.asarray(token_id, dtype=np.int64)
+    if assignments is not None:
+        a_row, a_expert = (np.asarray(a, dtype=np.int64) for a in assignments)
+    else:
+        idx = _as_2d_index(expert_index)
+        if tok.shape != (idx.shape[0],):
+            raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
+    ids, inverse, occurrences = np.unique(tok, return_inverse=True, return_counts=True)
+    keep = occurrences >= min_count
+    slot = np.full(ids.size, -1, dtype=np.int64)
+    slot[keep] = np.arange(int(keep.sum()))
+    ids, occurrences = ids[keep], occurrences[keep]
+    row = slot[inverse]
+
+    def chunks():
+        step = max(1, _COUNT_CELLS // max(1, n_experts))
+        for lo in range(0, ids.size, step):
+            hi = min(ids.size, lo + step)
+            if assignments is not None:
+                mine = (row[a_row] >= lo) & (row[a_row] < hi)
+                flat = (row[a_row][mine] - lo) * n_experts + a_expert[mine]
+            else:
+                mine = (row >= lo) & (row < hi)
+                flat = ((row[mine] - lo)[:, None] * n_experts + idx[mine]).ravel()
+            yield lo, hi, np.bincount(flat, minlength=(hi - lo) * n_experts).reshape(hi - lo, n_experts)
+
+    return ids, occurrences, chunks()
+
+
 def vocabulary_specialization(
     token_id: np.ndarray, expert_index: np.ndarray | None, n_experts: int, *, min_count: int = 10,
     assignments: tuple[np.ndarray, np.ndarray] | None = None,
@@ -327,39 +360,53 @@ def vocabulary_specialization(
     ``assignments`` (token row [M], expert [M]: every token an expert took) instead of
     ``expert_index``; N(x) still counts every occurrence, unrouted ones included.
     """
-    tok = np.asarray(token_id, dtype=np.int64)
-    if assignments is not None:
-        a_row, a_expert = (np.asarray(a, dtype=np.int64) for a in assignments)
-    else:
-        idx = _as_2d_index(expert_index)
-        if tok.shape != (idx.shape[0],):
-            raise ValueError(f"token_id must be [N]={idx.shape[0]}, got shape {tok.shape}")
-    ids, inverse, occurrences = np.unique(tok, return_inverse=True, return_counts=True)
-    keep = occurrences >= min_count
-    # Count only the ids that pass the threshold, and in chunks of ids, so memory stays
-    # bounded by _COUNT_CELLS cells however large the vocabulary and E are.
-    slot = np.full(ids.size, -1, dtype=np.int64)
-    slot[keep] = np.arange(int(keep.sum()))
-    ids, occurrences = ids[keep], occurrences[keep]
-    row = slot[inverse]
+    ids, occurrences, chunks = _id_expert_counts(token_id, expert_index, n_experts, min_count, assignments)
     top = np.zeros(ids.size, dtype=np.int64)
     top_count = np.zeros(ids.size)
-    step = max(1, _COUNT_CELLS // max(1, n_experts))
-    for lo in range(0, ids.size, step):
-        hi = min(ids.size, lo + step)
-        if assignments is not None:
-            mine = (row[a_row] >= lo) & (row[a_row] < hi)
-            flat = (row[a_row][mine] - lo) * n_experts + a_expert[mine]
-        else:
-            mine = (row >= lo) & (row < hi)
-            flat = ((row[mine] - lo)[:, None] * n_experts + idx[mine]).ravel()
-        counts = np.bincount(flat, minlength=(hi - lo) * n_experts).reshape(hi - lo, n_experts)
+    for lo, hi, counts in chunks:
         top[lo:hi] = counts.argmax(axis=1)
         top_count[lo:hi] = counts[np.arange(hi - lo), top[lo:hi]]
     frac = top_count / occurrences if ids.size else np.zeros(0)
     mean = float(frac.mean()) if ids.size else float("nan")
     weighted = float((frac * occurrences).sum() / occurrences.sum()) if ids.size else float("nan")
     return VocabularySpecialization(ids, occurrences, top, frac, mean, weighted)
+
+
+@dataclass(frozen=True)
+class ExpertTokens:
+    """Per expert, the token ids (seen at least min_count times) whose occurrences it takes the largest share of."""
+
+    token_ids: np.ndarray  # [E, n] (-1 where an expert has fewer candidates)
+    counts: np.ndarray  # [E, n] occurrences of the id routed to the expert (among its top-k)
+    occurrences: np.ndarray  # [E, n] occurrences of the id overall
+
+
+def expert_tokens(
+    token_id: np.ndarray, expert_index: np.ndarray | None, n_experts: int, *, min_count: int = 10, top_n: int = 8,
+    assignments: tuple[np.ndarray, np.ndarray] | None = None,
+) -> ExpertTokens:
+    """For every expert, the `top_n` ids with the largest share N_k(x, e) / N(x) of their occurrences
+    routed to it (ties: the more frequent id first). Under routing independent of the id, that share is
+    the expert's share of all assignments. Same inputs and memory bound as vocabulary_specialization."""
+    ids, occurrences, chunks = _id_expert_counts(token_id, expert_index, n_experts, min_count, assignments)
+    best_ids = np.full((n_experts, 0), -1, dtype=np.int64)
+    best_counts = np.zeros((n_experts, 0), dtype=np.int64)
+    for lo, hi, counts in chunks:
+        best_ids = np.concatenate([best_ids, np.broadcast_to(np.arange(lo, hi), (n_experts, hi - lo))], axis=1)
+        best_counts = np.concatenate([best_counts, counts.T], axis=1)
+        best_ids, best_counts = _top_shares(best_ids, best_counts, occurrences, top_n)
+    occ = np.where(best_ids >= 0, occurrences[np.maximum(best_ids, 0)], 0) if ids.size else best_counts
+    return ExpertTokens(np.where(best_ids >= 0, ids[np.maximum(best_ids, 0)], -1) if ids.size else best_ids,
+                        best_counts, occ)
+
+
+def _top_shares(slots: np.ndarray, counts: np.ndarray, occurrences: np.ndarray, top_n: int):
+    """Each row's `top_n` (slot, count) by count / occurrences[slot], then count; rows padded with -1 / 0."""
+    share = np.where((slots >= 0) & (counts > 0), counts / np.maximum(occurrences[np.maximum(slots, 0)], 1), -1.0)
+    order = np.lexsort((-counts, -share), axis=-1)[:, :top_n] if slots.shape[1] else slots[:, :0]
+    picked = np.take_along_axis(share, order, 1) > 0
+    return (np.where(picked, np.take_along_axis(slots, order, 1), -1),
+            np.where(picked, np.take_along_axis(counts, order, 1), 0))
 
 
 def coactivation_counts(expert_index: np.ndarray, n_experts: int) -> np.ndarray:

@@ -66,7 +66,7 @@ import torch
 
 from moescope.analysis import capture, formattest, stats, tokentypes
 from moescope.analysis.summary import (
-    SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer, summarize_token_types,
+    SummaryConfig, label_expert_tokens, statistics_header, summarize_eval_loss, summarize_layer, summarize_token_types,
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
 from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_order, routes_by_batch
@@ -507,6 +507,7 @@ def analyze_run(
             for i, table in res.tables.items():
                 capture.save_table(table, out_dir / "routing" / name / f"{i}.npz")
                 summary = summarize_layer(table, store.domains, cfg.statistics, n_shared_experts=n_shared)
+                label_expert_tokens(summary, tokenizer)
                 if granularity > 1:  # fine-grained: the coarse expert each routed expert was sliced from
                     summary["expert_granularity"] = granularity
                     summary["expert_parent"] = expert_parents(table.n_experts, granularity, n_shared)

@@ -31,7 +31,13 @@ import torch
 
 from moescope.analysis import capture, tokentypes
 from moescope.analysis.pipeline import headline, json_ready
-from moescope.analysis.summary import SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer
+from moescope.analysis.summary import (
+    SummaryConfig,
+    label_expert_tokens,
+    statistics_header,
+    summarize_eval_loss,
+    summarize_layer,
+)
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
 from moescope.errors import MoescopeError
 from moescope.hf import loading, texts
@@ -222,6 +228,7 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
         table = capture.streamed_table(stream, site.layer, blocks.tokens, blocks.domain, site.n_experts)
         capture.save_table(table, analysis / "routing" / name / f"{site.layer}.npz")
         arm["layers"][str(site.layer)] = summarize_layer(table, blocks.domains, cfg.statistics)
+        label_expert_tokens(arm["layers"][str(site.layer)], tokenizer)
         if site.n_shared_experts:
             arm["layers"][str(site.layer)]["shared_expert"] = shared_expert_summary(
                 site.n_shared_experts, stream.columns(site.layer).get("shared_gate"), table.domain, blocks.domains)

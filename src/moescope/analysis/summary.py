@@ -31,6 +31,7 @@ class SummaryConfig:
     seed: int = 0
     vocab_min_count: int = 10  # token ids seen fewer times are left out of vocabulary specialization
     vocab_null_shuffles: int = 5  # token-id shuffles averaged for the vocabulary baseline
+    expert_tokens_top_n: int = 8  # ids listed per expert (those it takes the largest share of)
 
 
 def statistics_header(cfg: SummaryConfig) -> dict:
@@ -269,6 +270,8 @@ def summarize_vocabulary(table: RoutingTable, cfg: SummaryConfig) -> dict:
     ]
     # most concentrated ids first, frequent before rare among equals
     order = np.lexsort((-observed.occurrences, -observed.top_fraction))[:20]
+    by_expert = metrics.expert_tokens(table.token_id, table.expert_index, table.n_experts,
+                                      min_count=cfg.vocab_min_count, top_n=cfg.expert_tokens_top_n, **chosen)
     return {
         "min_count": cfg.vocab_min_count,
         "n_token_ids": int(observed.token_ids.size),
@@ -284,7 +287,20 @@ def summarize_vocabulary(table: RoutingTable, cfg: SummaryConfig) -> dict:
             }
             for t in order
         ],
+        # per expert: the ids whose occurrences it takes the largest share of (chance: its load share)
+        "by_expert": [
+            [{"token_id": int(t), "count": int(c), "occurrences": int(n)}
+             for t, c, n in zip(by_expert.token_ids[e], by_expert.counts[e], by_expert.occurrences[e]) if t >= 0]
+            for e in range(table.n_experts)
+        ],
     }
+
+
+def label_expert_tokens(layer_summary: dict, tokenizer) -> None:
+    """Add each by_expert entry's text (the token decoded alone) in place, for the report."""
+    for entries in layer_summary.get("vocabulary", {}).get("by_expert", []):
+        for entry in entries:
+            entry["token"] = tokenizer.decode([entry["token_id"]])
 
 
 def summarize_eval_loss(

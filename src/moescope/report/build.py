@@ -339,6 +339,43 @@ def routing_table(metrics: dict) -> Table:
     return Table("Routing on held-out data, per MoE arm and layer", columns, rows, caption)
 
 
+def _best_layer(layers: dict) -> str:
+    return max(layers, key=lambda k: _estimate(layers[k]["specialization"]["nmi"]))
+
+
+def expert_token_tables(metrics: dict, per_expert: int = 5) -> list[Table]:
+    """Per MoE arm, its best-NMI layer: every expert's share of the tokens, its main domain, and the
+    token ids it takes the largest share of (an id's share is at chance when it equals the expert's)."""
+    tables = []
+    for arm in moe_arms(metrics):
+        layers = metrics["arms"][arm]["layers"]
+        layer = _best_layer(layers)
+        v = layers[layer]
+        by_expert = v.get("vocabulary", {}).get("by_expert")
+        if not by_expert:
+            continue
+        share = v["load"]["token_fraction"]
+        dge = v["specialization"].get("domain_given_expert")  # [domains][experts]
+        domains = v.get("domains", [])
+        rows = []
+        for e in sorted(range(len(by_expert)), key=lambda e: -share[e]):
+            main = ""
+            if dge is not None and domains:  # an unused expert's column is NaN, or null in JSON
+                col = [x if isinstance(x, (int, float)) and x == x else -1.0 for x in (dge[d][e] for d in range(len(domains)))]
+                d = max(range(len(col)), key=col.__getitem__)
+                main = f"{domains[d]} {col[d]:.0%}" if col[d] >= 0 else "-"
+            tokens = ", ".join(f"{t.get('token', t['token_id'])!r} {t['count'] / t['occurrences']:.0%} "
+                               f"({t['count']}/{t['occurrences']})" for t in by_expert[e][:per_expert])
+            rows.append([e, f"{share[e]:.1%}", main, tokens or "-"])
+        min_count = v["vocabulary"].get("min_count")
+        tables.append(Table(
+            f"{arm} · layer {layer}: what each expert takes", ["expert", "share of tokens", "main domain", "tokens it takes most of"],
+            rows, f"Experts by load. For each token id seen at least {min_count} times: the share of its occurrences "
+                  "routed to the expert (among its top-k), then count / occurrences. Routing blind to the id would "
+                  "give each id about the expert's share of tokens. Main domain: P(domain | expert)."))
+    return tables
+
+
 def paired_loss_sentences(metrics: dict) -> list[str]:
     """One claim per non-dense arm: its held-out loss minus dense's, paired over the same blocks."""
     out = []
@@ -429,6 +466,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         sections.append(Section(
             "Do experts specialize by domain?", [],
             figures=spec_figs, tables=[routing_table(metrics)], anchor="specialization"))
+        token_tables = expert_token_tables(metrics)
+        if token_tables:
+            sections.append(Section("What each expert takes", [], tables=token_tables, anchor="experts"))
         if any(_records_of(arm_records, a, "eval") for a in moe):
             figs = [Figure("Expert load over training", figures.plot_load_over_training(arm_records, moe, fig_dir / "load_over_training.png"),
                            "With and without load balancing."),
