@@ -158,6 +158,20 @@ def test_config_transformers_cannot_build_refused(shared, tmp_path: Path, capsys
              "transformers cannot build a MixtralConfig model")
 
 
+def test_checkpoint_a_constructor_asserts_on_is_one_error(shared, tmp_path: Path) -> None:
+    """`train --base DIR` and other loads go through load_checkpoint: torch's own assert in a constructor
+    (a padding index outside the vocabulary) is one MoescopeError, not a traceback."""
+    from moescope.errors import MoescopeError
+    from moescope.hf.loading import load_checkpoint
+
+    _, tok, _ = shared
+    model = save_model_dir(tmp_path / "pad", "mixtral", tokenizer=tok)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "pad_token_id": 100000}))
+    with pytest.raises(MoescopeError, match="cannot load: Padding_idx"):
+        load_checkpoint(str(model), "cannot load")
+
+
 def test_unknown_moe_architecture_refused(shared, tmp_path: Path, capsys) -> None:
     from transformers import JetMoeConfig, JetMoeForCausalLM
 

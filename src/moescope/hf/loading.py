@@ -208,8 +208,9 @@ def load_checkpoint(source: str, failure: str, auto_class: str = "AutoModelForCa
     hf_logging.set_verbosity_error()  # its load report is a multi-line table; the checks below say it in one
     try:
         model, info = getattr(transformers, auto_class).from_pretrained(source, **kwargs)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise MoescopeError(f"{failure}: {first_line(exc)}") from exc
+    except (OSError, ValueError, TypeError, RuntimeError, AssertionError, SafetensorError, *STRICT_CONFIG_ERRORS) as exc:
+        # AssertionError: torch's own checks in a constructor (a padding index outside the vocabulary)
+        raise MoescopeError(f"{failure}: {first_line(exc) or type(exc).__name__}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     for kind, what in (("missing_keys", "missing from"), ("mismatched_keys", "of another shape in")):
