@@ -114,3 +114,14 @@ def test_embedded_json_survives_hostile_text(tmp_path: Path) -> None:
     assert json.loads(json_for_script(HOSTILE)) == HOSTILE
     # everything after the viewer is still there: the provenance block and the closing tags
     assert page.count("</script>") == 3 and "Provenance" in page and page.rstrip().endswith("</html>")
+
+
+def test_markdown_table_cells_stay_one_cell() -> None:
+    """Token text in a cell ('|', a newline) must not split the summary.md table row."""
+    from moescope.report.content import ReportContent, Section, Table
+    from moescope.report.html import render_markdown
+
+    content = ReportContent(title="t", subtitle="s", headline=[], sections=[Section(
+        "S", tables=[Table("T", ["expert", "tokens"], [[1, "'|' 90% (9/10)\nnext"]])])])
+    row = next(line for line in render_markdown(content).splitlines() if line.startswith("| 1"))
+    assert row == "| 1 | '\\|' 90% (9/10) next |"

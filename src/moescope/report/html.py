@@ -377,6 +377,11 @@ def render_html(content: ReportContent) -> str:
 """
 
 
+def _md_cell(value: Any) -> str:
+    """A table cell that stays one cell: a token such as '|' or a newline must not end it."""
+    return " ".join(_format_cell(value).replace("|", "\\|").split("\n"))
+
+
 def render_markdown(content: ReportContent, figure_dir: str = "figures") -> str:
     lines = [f"# {content.title}", "", content.subtitle, "", "## What this run shows", ""]
     lines += [f"- {h}" for h in content.headline]
@@ -385,7 +390,7 @@ def render_markdown(content: ReportContent, figure_dir: str = "figures") -> str:
         lines += [p + "\n" for p in sec.paragraphs]
         for t in sec.tables:
             lines += [f"**{t.title}**", "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
-            lines += ["| " + " | ".join(_format_cell(v) for v in row) + " |" for row in t.rows]
+            lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in t.rows]
             if t.caption:
                 lines += ["", f"_{t.caption}_"]
             lines.append("")
