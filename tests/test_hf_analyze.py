@@ -172,6 +172,34 @@ def test_checkpoint_a_constructor_asserts_on_is_one_error(shared, tmp_path: Path
         load_checkpoint(str(model), "cannot load")
 
 
+def test_revision_of_a_local_directory_refused(shared, mixtral_dir, tmp_path: Path, capsys) -> None:
+    """transformers ignores a revision for a local path: analysing the checkout under another name is refused."""
+    _, _, data = shared
+    _refused(capsys, mixtral_dir, tmp_path / "out", ["--data", str(data), "--revision", "step1000", *FAST],
+             "--revision 'step1000' names a hub revision", str(mixtral_dir))
+
+
+def test_revision_reaches_config_tokenizer_and_weights(mixtral_dir, monkeypatch) -> None:
+    """A hub revision (an OLMoE pretraining checkpoint) is asked for by every transformers load."""
+    import transformers
+
+    from moescope.hf import loading
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def recording(klass, *args, _original=original, _name=cls.__name__, **kwargs):
+            seen.append((_name, kwargs.get("revision")))
+            return _original(klass, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    plan = loading.plan_model(str(mixtral_dir), "fp32", "cpu", revision="step1000")
+    loading.load_tokenizer(str(mixtral_dir), plan.revision)
+    loading.load_model(plan)
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+    assert {revision for _, revision in seen} == {"step1000"}
+
+
 def test_unknown_moe_architecture_refused(shared, tmp_path: Path, capsys) -> None:
     from transformers import JetMoeConfig, JetMoeForCausalLM
 
@@ -251,7 +279,8 @@ def test_remote_code_model_refused(shared, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("flags, text", [(["--out", "OUT"], "--out only applies with --model"),
-                                         (["--out", "OUT", "--force"], "--out, --force only apply with --model")])
+                                         (["--out", "OUT", "--force"], "--out, --force only apply with --model"),
+                                         (["--revision", "step1000"], "--revision only applies with --model")])
 def test_released_only_flags_refused_with_a_run(tmp_path: Path, capsys, flags: list[str], text: str) -> None:
     """Flags of the released-model path name themselves when given with a run directory (exit 2, one line)."""
     out = tmp_path / "out"

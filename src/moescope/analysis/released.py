@@ -67,6 +67,8 @@ class ReleasedConfig:
     viewer_samples_per_domain: int = 3  # blocks per domain shown in the token viewer
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 ("auto" = the checkpoint's dtype)
     device: str = "auto"  # auto | cpu | cuda (cuda: device_map="auto" over all visible GPUs)
+    # hub branch, tag or commit of the model (e.g. one of OLMoE's pretraining checkpoints); hub ids only
+    revision: str | None = None
     statistics: SummaryConfig = field(default_factory=SummaryConfig)
 
 
@@ -129,6 +131,9 @@ def analyze_released(
         raise MoescopeError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
 
     # ---- everything that can refuse, before a byte is written or a weight is read
+    if cfg.revision is not None and Path(source).exists():
+        raise MoescopeError(f"--revision {cfg.revision!r} names a hub revision; {source} is a local path "
+                            "(check out the revision there instead)")
     by_domain = texts.read_data_dir_texts(data_dir) if data_dir is not None else texts.read_texts_file(texts_file)
     if loading.is_moescope_dir(source):
         net, tokenizer, config, max_context, device = _prepare_moescope(source, data_dir, cfg)
@@ -136,9 +141,9 @@ def analyze_released(
         dtype_name = str(next(net.parameters()).dtype).removeprefix("torch.")
         plan = None
     else:
-        plan = loading.plan_model(source, cfg.dtype, cfg.device)
+        plan = loading.plan_model(source, cfg.dtype, cfg.device, cfg.revision)
         config, max_context, device = plan.config, plan.context, plan.device
-        tokenizer = loading.load_tokenizer(source)
+        tokenizer = loading.load_tokenizer(source, cfg.revision)
         dtype_name = str(plan.dtype).removeprefix("torch.")
     context = cfg.context_tokens or min(DEFAULT_CONTEXT, max_context or DEFAULT_CONTEXT)
     if max_context is not None and context > max_context:
@@ -154,6 +159,8 @@ def analyze_released(
         adapter, sites = find_sites(net)
     in_device = loading.input_device(net)
     info = _model_info(adapter, sites, config, source, dtype_name, device, context)
+    if cfg.revision is not None:
+        info["revision"] = cfg.revision
     log.info("analyze %s: %s, adapter %s, MoE layers %s, %d experts, top-%d, %d blocks of %d tokens", source,
              info["architecture"], adapter.name, info["moe_layers"], info["n_experts"], info["top_k"],
              len(blocks.domain), context)

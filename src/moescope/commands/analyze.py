@@ -36,6 +36,8 @@ def register(subparsers: Any) -> None:
     released.add_argument("--context", type=int, metavar="N", help="tokens per block (default min(512, model's))")
     released.add_argument("--batch-blocks", type=int, metavar="N", help="blocks per forward pass (default 4)")
     released.add_argument("--force", action="store_true", help="load even when the memory estimate says no")
+    released.add_argument("--revision", metavar="REV",
+                          help="hub branch, tag or commit of --model (e.g. an OLMoE pretraining checkpoint)")
     p.add_argument("--arms", help="comma-separated arms to analyse (default: all)")
     p.add_argument("--config", help="config file (.toml/.yaml/.json) mapping onto AnalyzeConfig")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -62,7 +64,7 @@ def build_config(args: argparse.Namespace, released: bool = False) -> Any:
     }
     if released:
         flags.update({"context_tokens": args.context, "dtype": args.dtype, "device": args.device,
-                      "batch_blocks": args.batch_blocks})
+                      "batch_blocks": args.batch_blocks, "revision": args.revision})
     return layered_config(ReleasedConfig if released else AnalyzeConfig, args.config, args.overrides, flags,
                           ranges=RANGES, flag_names=FLAG_NAMES)
 
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         raise MoescopeError("pass a run directory RUN, or --model ID_OR_DIR --data DIR --out DIR")
     released_only = [flag for flag, value in (("--out", args.out), ("--name", args.name), ("--texts", args.texts),
                                               ("--dtype", args.dtype), ("--device", args.device),
-                                              ("--context", args.context), ("--force", args.force)) if value]
+                                              ("--context", args.context), ("--force", args.force),
+                                              ("--revision", args.revision)) if value]
     if released_only:
         verb = "applies" if len(released_only) == 1 else "apply"
         raise MoescopeError(f"{', '.join(released_only)} only {verb} with --model (a released model), not with RUN")

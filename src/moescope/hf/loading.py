@@ -33,12 +33,13 @@ def is_moescope_dir(source: str | Path) -> bool:
     return (Path(source) / MOE_CONFIG_NAME).is_file()
 
 
-def read_config(source: str) -> Any:
-    """The model's transformers config; refuses repositories that need their own code."""
+def read_config(source: str, revision: str | None = None) -> Any:
+    """The model's transformers config (at hub `revision`, if given); refuses repositories that need their
+    own code."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
     except STRICT_CONFIG_ERRORS as exc:
         raise config_error(Path(source) / "config.json" if Path(source).is_dir() else source, exc) from exc
     except ValueError as exc:
@@ -115,6 +116,7 @@ class ModelPlan:
     device: str
     context: int | None
     auto_class: str = "AutoModelForCausalLM"  # the transformers auto class that builds and loads it
+    revision: str | None = None  # hub branch, tag or commit (None: the default branch)
 
 
 # Auto classes whose models take input_ids alone and return next-token logits, in order of preference:
@@ -134,12 +136,12 @@ def auto_class_for(source: str, config: Any) -> str:
                         "transformers can build")
 
 
-def plan_model(source: str, dtype: str = "auto", device: str = "auto") -> ModelPlan:
-    """Config, MoE layers and memory need of a model, from an empty copy (no weights read)."""
+def plan_model(source: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> ModelPlan:
+    """Config, MoE layers and memory need of a model (at hub `revision`), from an empty copy (no weights read)."""
     import transformers
     from accelerate import init_empty_weights
 
-    config = read_config(source)
+    config = read_config(source, revision)
     torch_dtype = resolve_dtype(dtype, config)
     auto_class = auto_class_for(source, config)
     try:
@@ -161,7 +163,7 @@ def plan_model(source: str, dtype: str = "auto", device: str = "auto") -> ModelP
     n_params = sum(p.numel() for p in empty.parameters())
     weight_bytes = n_params * torch.empty(0, dtype=torch_dtype).element_size()
     return ModelPlan(source, config, adapter, sites, int(weight_bytes), torch_dtype, resolve_device(device),
-                     model_context(config), auto_class)
+                     model_context(config), auto_class, revision)
 
 
 def check_memory(plan: ModelPlan, force: bool = False) -> None:
@@ -175,11 +177,11 @@ def check_memory(plan: ModelPlan, force: bool = False) -> None:
         )
 
 
-def load_tokenizer(source: str) -> Any:
+def load_tokenizer(source: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
         raise MoescopeError(f"{source}: no usable tokenizer beside the model ({type(exc).__name__})") from exc
     if tokenizer is None or not getattr(tokenizer, "is_fast", False) and not hasattr(tokenizer, "encode"):
@@ -224,7 +226,7 @@ def load_checkpoint(source: str, failure: str, auto_class: str = "AutoModelForCa
 
 def load_model(plan: ModelPlan) -> torch.nn.Module:
     """The weights, on the planned device and dtype (device_map="auto" over all visible GPUs on cuda)."""
-    kwargs: dict[str, Any] = {"dtype": plan.dtype}
+    kwargs: dict[str, Any] = {"dtype": plan.dtype, "revision": plan.revision}
     if plan.device == "cuda":
         kwargs["device_map"] = "auto"
     model = load_checkpoint(plan.source, f"{plan.source}: cannot load the weights", plan.auto_class, **kwargs)
