@@ -240,14 +240,17 @@ def infer_scores(config, router: nn.Module, block: nn.Module) -> tuple[str, str,
 _ROUTER_ATTRS = ("gate", "router")
 
 
+def routing_blocks(model: nn.Module, experts_attr: str = "experts") -> list[tuple[str, nn.Module]]:
+    """(path, block) of every module whose `experts_attr` child is called with dispatched ids and weights."""
+    return [(path, m) for path, m in model.named_modules()
+            if isinstance(getattr(m, experts_attr, None), nn.Module) and takes_routing(getattr(m, experts_attr))]
+
+
 def _sibling_routers(model: nn.Module, router_cls: type) -> list[tuple[str, nn.Module]]:
     """Routers of another class in blocks shaped like the recorded ones (DeepSeek-V4's hash-routed layers:
     a `gate` of its own class, the same experts(hidden, ids, weights) call, logits first)."""
     found = []
-    for path, block in model.named_modules():
-        experts = getattr(block, "experts", None)
-        if not isinstance(experts, nn.Module) or not takes_routing(experts):
-            continue
+    for path, block in routing_blocks(model):
         if any(isinstance(child, router_cls) for child in block.children()):
             continue
         gates = [(name, getattr(block, name)) for name in _ROUTER_ATTRS if isinstance(getattr(block, name, None), nn.Module)]
@@ -324,11 +327,6 @@ def router_width(router: nn.Module) -> int | None:
     return int(linears[0].out_features) if len(linears) == 1 else None
 
 
-def _router_rows(router: nn.Module) -> int | None:
-    """Experts scored by a router: the rows of its first 2-D weight."""
-    return next((int(p.shape[0]) for p in router.parameters() if p.dim() == 2), None)
-
-
 def zero_experts_message(path: str, width: int, n_experts: int) -> str:
     return (f"{path}: the router scores {width} choices for {n_experts} experts (zero or identity experts, as "
             "LongCat-Flash has): moescope cannot tell them from the experts the block hands its tokens to")
@@ -338,9 +336,7 @@ def _unrouted_blocks(model: nn.Module, sites: list[MoESite], adapter: Adapter) -
     """Paths of blocks whose experts module takes dispatched ids but whose router no site covers
     (DeepSeek-V4's hash-routed layers)."""
     covered = {s.path for s in sites}
-    return [path for path, m in model.named_modules()
-            if path not in covered and isinstance(getattr(m, adapter.experts_attr or "experts", None), nn.Module)
-            and takes_routing(getattr(m, adapter.experts_attr or "experts"))]
+    return [path for path, _ in routing_blocks(model, adapter.experts_attr or "experts") if path not in covered]
 
 
 def _unknown_moe_message(model: nn.Module, kind: str, why: str = "") -> str:
@@ -426,7 +422,7 @@ def sites_of(model: nn.Module, adapter: Adapter, modules: list[tuple[str, nn.Mod
             raise MoescopeError(_unknown_moe_message(model, type(config).__name__, f"{type(experts).__name__} at "
                                                      f"{block_path}.{adapter.experts_attr} is not called with the "
                                                      "dispatched experts and weights"))
-        n_experts = _first_int([module, experts, block], _EXPERT_COUNT_KEYS) or _router_rows(module)
+        n_experts = _first_int([module, experts, block], _EXPERT_COUNT_KEYS) or router_width(module)
         top_k = _first_int([module, block, config], _TOP_K_KEYS)
         width = router_width(module)
         if n_experts is not None and width is not None and width != n_experts:

@@ -97,9 +97,14 @@ def _high(iv: Any) -> float:
     return float(iv["high"]) if isinstance(iv, dict) and iv.get("high") is not None else _estimate(iv)
 
 
+def _best_layer(layers: dict) -> str:
+    """The layer with the highest NMI estimate."""
+    return max(layers, key=lambda k: _estimate(layers[k]["specialization"]["nmi"]))
+
+
 def specialization_sentence(arm: str, tag: str, layers: dict) -> str:
     """The domain-specialization verdict of one arm: best layer, NMI with CI, p-value and the permutation null."""
-    best = max(layers, key=lambda k: layers[k]["specialization"]["nmi"]["estimate"])
+    best = _best_layer(layers)
     spec = layers[best]["specialization"]
     p, nmi = spec["nmi_pvalue"], spec["nmi"]
     null = spec.get("nmi_permutation") or {}
@@ -337,10 +342,6 @@ def routing_table(metrics: dict) -> Table:
                         "expert about the same count, and an expert-choice NMI near 0 is set by that batching, "
                         "not by the router.")
     return Table("Routing on held-out data, per MoE arm and layer", columns, rows, caption)
-
-
-def _best_layer(layers: dict) -> str:
-    return max(layers, key=lambda k: _estimate(layers[k]["specialization"]["nmi"]))
 
 
 def expert_token_tables(metrics: dict, per_expert: int = 5) -> list[Table]:
