@@ -65,6 +65,20 @@ def test_analyze_refuses_a_final_model_whose_manifest_was_deleted(run_dir: Path,
     assert str(final / "manifest.json") in line and "summary.json recorded" in line
     assert not (run_dir / "analysis").exists()
 
+@pytest.mark.parametrize("summary, says", [("{not json", "not valid JSON"), ('{"final_manifest_sha256": 7}', "sha256 hex digest")])
+def test_analyze_refuses_a_final_model_whose_summary_is_damaged_and_manifest_deleted(
+        run_dir: Path, capsys, summary: str, says: str) -> None:
+    """A damaged summary.json is not read as 'no digest recorded' (an older run, trusted unchecked)."""
+    final = run_dir / "arms" / "moe" / "final"
+    (final.parent / "summary.json").write_text(summary)
+    (final / "manifest.json").unlink()
+    flip_a_byte(final / "model.safetensors")
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(final.parent / "summary.json") in line and says in line
+    assert not (run_dir / "analysis").exists()
+
+
 
 def test_cluster_refuses_a_final_model_whose_manifest_was_deleted(run_dir: Path, capsys) -> None:
     """Every loader of a stage's final/ (here cluster's, through io/saved_model) reads the digest its

@@ -50,17 +50,19 @@ def verify_saved_model(directory: str | Path, manifest_sha256: str | None = None
 
 def recorded_manifest_sha256(directory: str | Path) -> str | None:
     """The manifest digest the stage's summary.json recorded for `directory` when it is a stage's final/
-    (None: not a final/, no summary, or a summary written before summaries recorded it)."""
-    import json
+    (None: not a final/, no summary.json, or a summary written before summaries recorded it). A summary.json
+    that is there but unreadable, or records something other than a digest, is one error naming it: a
+    damaged summary must not let a final/ whose manifest is also gone pass as one from before manifests."""
+    from moescope.io.jsonfile import read_json_object
 
     directory = Path(directory)
-    if directory.name != "final":
+    summary = directory.parent / "summary.json"
+    if directory.name != "final" or not summary.exists():
         return None
-    try:
-        value = json.loads((directory.parent / "summary.json").read_text(encoding="utf-8")).get("final_manifest_sha256")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
+    value = read_json_object(summary).get("final_manifest_sha256")
+    if value is not None and not (isinstance(value, str) and len(value) == 64):
+        raise MoescopeError(f"{summary}: 'final_manifest_sha256' must be a sha256 hex digest, got {value!r:.80}")
+    return value
 
 
 def load_saved_model(directory: str | Path, *, device: Any = None) -> Any:
