@@ -95,14 +95,21 @@ DEAD_PID = 2**31 - 1  # above any pid_max: no process has it
 
 def test_a_rewrite_removes_only_the_stale_temporaries_of_its_own_target(tmp_path: Path) -> None:
     """What a killed write of `out` left (a dead writer's temporary, the old copy being replaced, an older
-    moescope's temporary without PID) goes at the next write of `out`; a live writer's temporary, and
-    temporaries of other names, stay."""
-    stale = [tmp_path / f".out.{DEAD_PID}.abcdefgh.tmp", tmp_path / ".out.old", tmp_path / ".out.k2j_9x0a.tmp"]
+    moescope's temporary without PID or host) goes at the next write of `out`; a live writer's temporary,
+    one written from another machine (its PID is not this machine's), and temporaries of other names, stay."""
+    import os
+
+    from moescope.io.atomic import _HOST
+
+    other_host = "0" * 8 if _HOST != "0" * 8 else "1" * 8
+    stale = [tmp_path / f".out.{DEAD_PID}.abcdefgh.tmp", tmp_path / ".out.old", tmp_path / ".out.k2j_9x0a.tmp",
+             tmp_path / f".out.{DEAD_PID}-{_HOST}.abcdefgh.tmp"]
     for p in stale:
         p.mkdir()
         (p / "half.bin").write_bytes(b"half")
     live = tmp_path / (temporary_prefix(tmp_path / "out") + "zzzzzzzz.tmp")
-    others = [tmp_path / f".other.{DEAD_PID}.abcdefgh.tmp", tmp_path / ".out.txt", live]
+    others = [tmp_path / f".other.{DEAD_PID}.abcdefgh.tmp", tmp_path / ".out.txt", live,
+              tmp_path / f".out.{DEAD_PID}-{other_host}.abcdefgh.tmp", tmp_path / f".out.{os.getpid()}-{other_host}.zzzzzzzz.tmp"]
     for p in others:
         p.write_text("keep")
     with atomic_directory(tmp_path / "out") as tmp:

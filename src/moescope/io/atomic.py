@@ -2,19 +2,23 @@
 
 Everything is written to a temporary sibling path and renamed into place at the
 end (rename is atomic on POSIX within one filesystem). A temporary path is named
-`.NAME.PID.XXXXXXXX.tmp` (NAME the target's, PID the writer's), so that the next
-write of the same target can remove what a killed writer left (`remove_stale_temporaries`)
-without touching a live one's; the renamed result gets the permissions an ordinary
-write would have had (umask), not tempfile's private 0600 / 0700.
+`.NAME.PID-HOST.XXXXXXXX.tmp` (NAME the target's, PID the writer's, HOST a digest of
+its machine's name), so that the next write of the same target can remove what a killed
+writer left (`remove_stale_temporaries`) without touching a live one's, including a
+writer on another machine of a shared filesystem (a sweep's workers), whose PID means
+nothing here; the renamed result gets the permissions an ordinary write would have had
+(umask), not tempfile's private 0600 / 0700.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,15 +34,30 @@ def _umask() -> int:
 _UMASK = _umask()  # read once: os.umask can only be read by setting it
 
 
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
 def temporary_prefix(target: Path) -> str:
     """The start of every temporary name of `target` this process makes (see remove_stale_temporaries)."""
-    return f".{target.name}.{os.getpid()}."
+    return f".{target.name}.{os.getpid()}-{_HOST}."
 
 
 def _stale_pattern(target: Path) -> re.Pattern[str]:
-    """Temporary names of `target` (with the writer's PID; older moescope wrote none) and its trash."""
+    """Temporary names of `target` (with the writer's PID and host; older moescope wrote no host, or
+    neither) and its trash."""
     name = re.escape(target.name)
-    return re.compile(rf"\.{name}\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{{8}}\.tmp|\.{name}\.old")
+    return re.compile(rf"\.{name}\.(?:(?P<pid>\d+)(?:-(?P<host>[0-9a-f]{{8}}))?\.)?[a-z0-9_]{{8}}\.tmp|\.{name}\.old")
+
+
+def _live_writer(match: re.Match[str]) -> bool:
+    """True when the temporary may belong to a writer still running: this process, a live process of
+    this machine, or any writer of another machine (whose process table cannot be read from here)."""
+    if not match["pid"]:
+        return False
+    if match["host"] and match["host"] != _HOST:
+        return True
+    pid = int(match["pid"])
+    return pid == os.getpid() or _alive(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -54,14 +73,15 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(target: str | Path) -> list[Path]:
     """Delete what killed writes of `target` left beside it: its `.NAME.PID.*.tmp` whose writer process
     is gone (or that name no PID), and `.NAME.old` (a replaced directory not yet deleted). Nothing of
-    another name, and nothing of a live writer on this machine, is touched. Returns what was removed."""
+    another name, nothing of a live writer on this machine and nothing written from another machine is
+    touched. Returns what was removed."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
     pattern, removed = _stale_pattern(target), []
     for p in sorted(target.parent.iterdir()):
         match = pattern.fullmatch(p.name)
-        if match is None or (match["pid"] and (int(match["pid"]) == os.getpid() or _alive(int(match["pid"])))):
+        if match is None or _live_writer(match):
             continue
         _remove(p)
         removed.append(p)
