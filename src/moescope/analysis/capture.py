@@ -309,17 +309,34 @@ def stream_routing(
             x = torch.from_numpy(np.ascontiguousarray(tokens[rows])).to(input_device)
             logits = model(input_ids=x).logits
             loss_sum[rows] = block_loss_sums(logits, x).cpu().numpy()
+            if not np.isfinite(loss_sum[rows]).all():
+                raise MoescopeError(_non_finite("loss", domain, _param_dtype(model)))
             if recorder is not None:
                 for layer, routing in recorder.take().items():
                     if routing.expert_index.shape[0] != x.numel():
                         raise MoescopeError(f"MoE layer {layer} routed {routing.expert_index.shape[0]} tokens, "
                                             f"expected {x.numel()}")
+                    for what in ("gate_weight", "router_entropy"):
+                        if not np.isfinite(getattr(routing, what)).all():
+                            raise MoescopeError(_non_finite(f"{what.replace('_', ' ')} in MoE layer {layer}", domain,
+                                                            _param_dtype(model)))
                     columns = {"expert_index": routing.expert_index, "gate_weight": routing.gate_weight,
                                "router_entropy": routing.router_entropy}
                     if routing.shared_gate is not None:
                         columns["shared_gate"] = routing.shared_gate
                     stream.append(layer, columns)
     return StreamedCapture(loss_sum, np.full(n_blocks, context - 1, dtype=np.int64))
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _non_finite(what: str, domain: str, dtype: torch.dtype) -> str:
+    """One line for a forward pass whose numbers are not finite (NaN / inf weights, or overflow in a narrow dtype)."""
+    hint = "; fp16 overflows where bf16 and fp32 do not: try --dtype bf16 or fp32" if dtype == torch.float16 else ""
+    return (f"the model's {what} is not finite on the {domain} texts (NaN or inf weights, or an overflow in "
+            f"{str(dtype).removeprefix('torch.')}){hint}")
 
 
 def streamed_table(stream: RoutingStream, layer: int, tokens: np.ndarray, block_domain: np.ndarray,

@@ -18,6 +18,8 @@ moved into place at the end::
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import shutil
@@ -165,10 +167,12 @@ def analyze_released(
              info["architecture"], adapter.name, info["moe_layers"], info["n_experts"], info["top_k"],
              len(blocks.domain), context)
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for target in (out / "analyze", *(out / part for part in _RESULTS)):  # what a killed analysis left
         remove_stale_temporaries(target)
     staging_parent = Path(tempfile.mkdtemp(prefix=temporary_prefix(out / "analyze"), suffix=".tmp", dir=out))
+    done = False
     try:
         stage = staging_parent / out.resolve().name  # the report names the directory it is built in
         stage.mkdir()
@@ -176,8 +180,12 @@ def analyze_released(
                        source=source, data_dir=data_dir, texts_file=texts_file)
         for part in _RESULTS:
             _replace(stage / part, out / part)
+        done = True
     finally:
         shutil.rmtree(staging_parent, ignore_errors=True)
+        if created and not done:  # a failed first analysis leaves no OUT behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
     return metrics
 
 

@@ -359,13 +359,18 @@ def _n_shared(owners: list[nn.Module], adapter: Adapter, config) -> int:
     return _first_int(configs, _SHARED_COUNT_KEYS) or 1
 
 
-def _looks_like_moe(model: nn.Module) -> bool:
-    """Module classes or config keys that only MoE models have (for the 'unknown MoE' message)."""
+def _moe_config_key(model: nn.Module) -> str | None:
+    """A config key that only MoE models set (an expert count above 1), if any."""
     config = getattr(model, "config", None)
     for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 1:
-            return True
+            return key
+    return None
+
+
+def _has_moe_modules(model: nn.Module) -> bool:
+    """Module classes that only MoE models have (for the 'unknown MoE' message)."""
     return any(re.search(r"(Experts|Router|Gating|SparseMoe)", type(m).__name__) for m in model.modules())
 
 
@@ -391,8 +396,11 @@ def find_sites(model: nn.Module) -> tuple[Adapter, list[MoESite]]:
         adapter, modules = generic
     else:
         kind = type(config).__name__ if config is not None else type(model).__name__
-        if _looks_like_moe(model):
+        if _has_moe_modules(model):
             raise MoescopeError(_unknown_moe_message(model, kind))
+        if (key := _moe_config_key(model)) is not None:
+            raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer: its config sets {key} = "
+                                f"{getattr(config, key)}, but every block built from it is dense; nothing to analyse")
         raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer: nothing to analyse")
     sites = sites_of(model, adapter, modules)
     if adapter is not MOESCOPE and (missed := _unrouted_blocks(model, sites, adapter)):

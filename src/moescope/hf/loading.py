@@ -17,6 +17,12 @@ import torch
 
 from moescope.errors import MoescopeError, first_line
 from moescope.hf.adapters import Adapter, MoESite, find_sites
+from moescope.hf.checkpoint_files import (
+    check_weight_files,
+    checkpoint_directory,
+    declared_quantization,
+    quantization_state_keys,
+)
 from moescope.io.saved_model import STRICT_CONFIG_ERRORS, config_error
 
 log = logging.getLogger(__name__)
@@ -36,11 +42,20 @@ def is_moescope_dir(source: str | Path) -> bool:
 def read_config(source: str, revision: str | None = None) -> Any:
     """The model's transformers config (at hub `revision`, if given); refuses repositories that need their
     own code."""
+    import stat
+
     from transformers import AutoConfig
 
+    if Path(source).is_dir():
+        path = Path(source) / "config.json"
+        if not path.exists():
+            raise MoescopeError(f"{path}: not found (a model directory holds its config.json)")
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise MoescopeError(f"{path}: not a regular file")
     try:
         return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=False)
-    except STRICT_CONFIG_ERRORS as exc:
+    except (*STRICT_CONFIG_ERRORS, AttributeError, KeyError) as exc:
+        # AttributeError: a dtype name torch does not have ("bf16"), looked up while the config is set up
         raise config_error(Path(source) / "config.json" if Path(source).is_dir() else source, exc) from exc
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
@@ -74,7 +89,12 @@ def resolve_dtype(name: str, config: Any) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    if not isinstance(dtype, torch.dtype):
+        return torch.float32
+    if dtype not in DTYPES.values():
+        raise MoescopeError(f"the model's config gives dtype {str(dtype).removeprefix('torch.')}, not one to compute "
+                            "in; pass --dtype bf16, fp16 or fp32")
+    return dtype
 
 
 def resolve_device(name: str) -> str:
@@ -142,10 +162,16 @@ def plan_model(source: str, dtype: str = "auto", device: str = "auto", revision:
     from accelerate import init_empty_weights
 
     config = read_config(source, revision)
-    torch_dtype = resolve_dtype(dtype, config)
+    declared_quantization(config, source)
+    try:
+        torch_dtype = resolve_dtype(dtype, config)
+    except MoescopeError as exc:
+        raise MoescopeError(f"{source}: {exc}") from None
     auto_class = auto_class_for(source, config)
     try:
-        with init_empty_weights():
+        # include_buffers: tensors a constructor makes with torch.empty (fused 3-D experts) stay on meta
+        # too; otherwise a large published config allocates its experts for real here
+        with init_empty_weights(include_buffers=True):
             empty = getattr(transformers, auto_class).from_config(config, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 -- any constructor failure (a negative size, an assert) is the config's
         if isinstance(exc, MoescopeError):
@@ -182,8 +208,9 @@ def load_tokenizer(source: str, revision: str | None = None) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
-        raise MoescopeError(f"{source}: no usable tokenizer beside the model ({type(exc).__name__})") from exc
+    except Exception as exc:  # noqa: BLE001 -- the tokenizers library raises a bare Exception for a damaged tokenizer.json
+        raise MoescopeError(f"{source}: no usable tokenizer beside the model ({type(exc).__name__}: "
+                            f"{first_line(exc) or 'no tokenizer files'})") from exc
     if tokenizer is None or not getattr(tokenizer, "is_fast", False) and not hasattr(tokenizer, "encode"):
         raise MoescopeError(f"{source}: no usable tokenizer beside the model")
     return tokenizer
@@ -197,12 +224,19 @@ def load_checkpoint(source: str, failure: str, auto_class: str = "AutoModelForCa
     safetensors only (a pickle checkpoint is never opened), no code from the repository, and
     every parameter must come from the checkpoint: transformers fills missing or mis-shaped
     tensors with fresh random values and only logs a report, which would train or analyse
-    weights nobody trained. `kwargs` go to from_pretrained (config, dtype, device_map).
+    weights nobody trained. The weight files are checked first (hf/checkpoint_files.py: readable
+    headers, no quantized tensors unless the config declares a method transformers dequantizes).
+    `kwargs` go to from_pretrained (config, dtype, device_map, revision).
     """
     import transformers
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
+    revision = kwargs.get("revision")
+    quantization = declared_quantization(kwargs.get("config") or read_config(source, revision), source)
+    directory = checkpoint_directory(source, revision)
+    if directory is not None:  # a hub checkpoint not cached yet is checked once transformers has fetched it
+        check_weight_files(directory, quantization, require=Path(source).is_dir())
     # mis-shaped tensors are collected (not raised) so that the error below can name them
     kwargs.update(trust_remote_code=False, use_safetensors=True, output_loading_info=True,
                   ignore_mismatched_sizes=True)
@@ -210,11 +244,19 @@ def load_checkpoint(source: str, failure: str, auto_class: str = "AutoModelForCa
     hf_logging.set_verbosity_error()  # its load report is a multi-line table; the checks below say it in one
     try:
         model, info = getattr(transformers, auto_class).from_pretrained(source, **kwargs)
-    except (OSError, ValueError, TypeError, RuntimeError, AssertionError, SafetensorError, *STRICT_CONFIG_ERRORS) as exc:
-        # AssertionError: torch's own checks in a constructor (a padding index outside the vocabulary)
+    except (OSError, ValueError, TypeError, RuntimeError, AssertionError, ImportError, SafetensorError,
+            *STRICT_CONFIG_ERRORS) as exc:
+        # AssertionError: torch's own checks in a constructor (a padding index outside the vocabulary);
+        # ImportError: a quantization method whose library is not installed
         raise MoescopeError(f"{failure}: {first_line(exc) or type(exc).__name__}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+    if not Path(source).is_dir() and (directory := checkpoint_directory(source, revision)) is not None:
+        check_weight_files(directory, quantization, require=False)
+    if quantization is None and (state := quantization_state_keys(info.get("unexpected_keys") or ())):
+        raise MoescopeError(f"{failure}: the checkpoint holds quantization state ({state[0]}"
+                            f"{f' and {len(state) - 1} more' if len(state) > 1 else ''}) but its config declares "
+                            "no quantization method; its weights would be read as plain numbers")
     for kind, what in (("missing_keys", "missing from"), ("mismatched_keys", "of another shape in")):
         keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
         if keys:
@@ -226,7 +268,7 @@ def load_checkpoint(source: str, failure: str, auto_class: str = "AutoModelForCa
 
 def load_model(plan: ModelPlan) -> torch.nn.Module:
     """The weights, on the planned device and dtype (device_map="auto" over all visible GPUs on cuda)."""
-    kwargs: dict[str, Any] = {"dtype": plan.dtype, "revision": plan.revision}
+    kwargs: dict[str, Any] = {"config": plan.config, "dtype": plan.dtype, "revision": plan.revision}
     if plan.device == "cuda":
         kwargs["device_map"] = "auto"
     model = load_checkpoint(plan.source, f"{plan.source}: cannot load the weights", plan.auto_class, **kwargs)
