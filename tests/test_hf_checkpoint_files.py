@@ -252,3 +252,68 @@ def test_planning_a_published_size_config_allocates_no_weights(tmp_path: Path) -
     grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
     assert 46.0e9 < plan.weight_bytes / 2 < 47.5e9  # bf16: 2 bytes a parameter
     assert grown_gib < 1.0
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPT-OSS's expert format for a [E, in, out] weight: per output row, groups of 32 inputs share a power-of-two
+    scale (uint8, biased by 127) and each value is a 4-bit e2m1 code, two to a byte (low nibble first):
+    (blocks [E, out, in/32, 16], scales [E, out, in/32], the dequantized [E, in, out])."""
+    rows = weight.float().transpose(1, 2)
+    groups = rows.reshape(*rows.shape[:2], rows.shape[2] // 32, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-12) / 6.0)).clamp(-127, 127)
+    scale = torch.ldexp(torch.ones_like(exponent), exponent.int())[..., None]
+    codes = ((groups / scale)[..., None] - FP4_VALUES).abs().argmin(-1)
+    dequantized = (FP4_VALUES[codes] * scale).reshape(rows.shape).transpose(1, 2)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous(), dequantized
+
+
+def test_mxfp4_checkpoint_is_dequantized_and_routes_as_its_bf16_twin(data: Path, tmp_path: Path) -> None:
+    """GPT-OSS ships its experts in mxfp4 (uint8 blocks and scales, quant_method mxfp4): read on the CPU through
+    transformers' dequantizer, it routes every token as the bf16 copy holding the dequantized experts."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_fixtures import config_for
+
+    tok = make_tokenizer()
+    config = config_for("gpt_oss", len(tok))
+    config.intermediate_size = 32  # mxfp4 groups 32 inputs: down_proj's input width must divide by 32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.normal_(0.0, 0.5)
+    reference, packed = tmp_path / "ref", tmp_path / "mxfp4"
+    model.to(torch.bfloat16).save_pretrained(reference)
+    tok.save_pretrained(reference)
+    shutil.copytree(reference, packed)
+    weights = load_file(reference / "model.safetensors")
+    stored, exact = {}, {}
+    for name, value in weights.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            stored[name + "_blocks"], stored[name + "_scales"], dequantized = _mxfp4(value)
+            exact[name] = dequantized.to(torch.bfloat16).contiguous()
+        else:
+            stored[name] = value
+    assert len(exact) == 2 * config.num_hidden_layers
+    save_file(stored, packed / "model.safetensors", metadata={"format": "pt"})
+    save_file({**weights, **exact}, reference / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((packed / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (packed / "config.json").write_text(json.dumps(cfg))
+    for model_dir in (reference, packed):
+        assert _analyze(model_dir, tmp_path / f"out_{model_dir.name}", data) == 0
+    for layer in range(config.num_hidden_layers):
+        a = load_table(tmp_path / "out_ref" / "analysis" / "routing" / "m" / f"{layer}.npz")
+        b = load_table(tmp_path / "out_mxfp4" / "analysis" / "routing" / "m" / f"{layer}.npz")
+        assert np.array_equal(a.expert_index, b.expert_index)
+        np.testing.assert_allclose(a.gate_weight, b.gate_weight, rtol=1e-2, atol=1e-3)
+    (packed / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    with pytest.raises(MoescopeError, match="_blocks'.*declares no quantization method"):
+        check_weight_files(packed, None)
