@@ -241,6 +241,59 @@ def test_a_corrupted_newest_checkpoint_is_skipped_naming_the_file(world: dict, t
     assert_same_as_reference(run, world["reference"])
 
 
+def test_a_checkpoint_of_another_run_is_skipped_like_a_damaged_one(world: dict, tmp_path: Path, caplog) -> None:
+    """A checkpoint copied in from another config, with a manifest that vouches for it, is not this stage's:
+    resume skips it with a warning and continues from the newest checkpoint that is, bit for bit."""
+    from moescope.train.checkpoint import write_manifest
+
+    run = _unfinished_copy(world, tmp_path)
+    newest, previous = checkpoint_steps(run / ARM / "checkpoints")[:2]
+    state_path = newest / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["config"]["train"]["seed"] += 1
+    state_path.write_text(json.dumps(state))
+    write_manifest(newest, int(newest.name.split("_")[1]))
+    _resume(world, run)
+    assert f"skipping checkpoint {newest}" in caplog.text and "written by another config" in caplog.text
+    resume_events = [e for e in read_metrics(run / ARM / "metrics.jsonl", "event") if e["event"] == "resume"]
+    assert resume_events[-1]["checkpoint"] == str(previous)
+    assert_same_as_reference(run, world["reference"])
+
+
+def test_a_snapshot_is_whole_or_absent_and_a_failed_write_is_one_line(world: dict, tmp_path: Path, capsys,
+                                                                      monkeypatch) -> None:
+    """Snapshots carry a manifest their readers verify; a full disk mid-snapshot leaves no partial snapshot
+    directory and says where --resume continues; the resume then equals the uninterrupted run."""
+    import errno
+
+    import moescope.train.rundir as rundir
+    from moescope.io.saved_model import verify_saved_model
+
+    for snap in (world["reference"] / ARM / "snapshots").iterdir():
+        verify_saved_model(snap)
+        assert (snap / "manifest.json").is_file()
+    save = rundir.save_moe_model
+
+    def full_disk(model, path, **kw):
+        out = save(model, path, **kw)
+        if "snapshots" in str(path) and "arms/moe" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return out
+
+    monkeypatch.setattr(rundir, "save_moe_model", full_disk)
+    run = tmp_path / "run"
+    cfg_file = world["config"]
+    assert main(["train", str(cfg_file), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the snapshot at step 0 could not be written" in err and "--resume continues from the start" in err
+    assert not [p for p in (run / ARM / "snapshots").iterdir() if not p.name.startswith(".")]
+    monkeypatch.setattr(rundir, "save_moe_model", save)
+    assert main(["train", str(cfg_file), "--resume", "--out", str(run)]) == 0
+    assert_same_as_reference(run, world["reference"])
+    assert sorted(p.name for p in (run / ARM / "snapshots").iterdir()) == sorted(
+        p.name for p in (world["reference"] / ARM / "snapshots").iterdir())
+
+
 def test_no_intact_checkpoint_is_one_line_and_exit_2(world: dict, tmp_path: Path, capsys) -> None:
     run = _unfinished_copy(world, tmp_path)
     for ckpt in checkpoint_steps(run / ARM / "checkpoints"):

@@ -91,6 +91,18 @@ def test_save_load_round_trip_gives_identical_logits(family: str, tmp_path: Path
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
 
 
+def test_a_reloaded_model_saves_the_same_bytes_as_the_fresh_one(tmp_path: Path) -> None:
+    """A fresh config has no `architectures`, a reloaded one has: the saved config.json must not depend on
+    that, or a run resumed from a checkpoint differs byte for byte from an uninterrupted one."""
+    model = _dense("Llama")
+    assert model.config.architectures is None
+    install_moe(model, MoEConfig(n_experts=2, layers=[1], expert_type="auto"), seed=0)
+    first = save_moe_model(model, tmp_path / "fresh")
+    again = save_moe_model(load_moe_model(first), tmp_path / "reloaded")
+    for name in ("config.json", MOE_CONFIG_NAME, "model.safetensors"):
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+
+
 def test_swiglu_drop_upcycling_redraws_whole_hidden_units() -> None:
     model = _dense("Llama")
     mlp = model.model.layers[1].mlp

@@ -115,6 +115,9 @@ def save_moe_model(model: nn.Module, directory: str | Path, *, tokenizer: Any = 
         _copy_tokenizer(tokenizer, directory)
     config = json.loads(model.config.to_json_string())
     config["architectures"] = [type(model).__name__]  # the class load_moe_model rebuilds
+    # keys sorted as to_json_string sorts them: a fresh model's config has no architectures yet, a reloaded
+    # one has; the same model must give the same bytes either way (a resumed run equals an uninterrupted one)
+    config = dict(sorted(config.items()))
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
 

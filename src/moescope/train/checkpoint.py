@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -259,8 +260,11 @@ def checkpoint_steps(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def newest_intact_checkpoint(root: Path) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
-    """The newest checkpoint under `root` that verifies and loads, as (path, model, state).
+def newest_intact_checkpoint(
+    root: Path, accept: Callable[[Path, dict[str, Any]], None] | None = None
+) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
+    """The newest checkpoint under `root` that verifies and loads (and that `accept`, given its path and
+    state, does not refuse with MoescopeError), as (path, model, state).
 
     Each newer one that fails is skipped with a warning naming the file. None when there is no
     checkpoint at all; MoescopeError (listing why each failed) when there are some but none is intact.
@@ -269,6 +273,8 @@ def newest_intact_checkpoint(root: Path) -> tuple[Path, torch.nn.Module, dict[st
     for path in checkpoint_steps(root):
         try:
             model, state = load_checkpoint(path)
+            if accept is not None:
+                accept(path, state)
         except MoescopeError as exc:
             log.warning("skipping checkpoint %s: %s", path, exc)
             failures.append(f"{path.name}: {exc}")

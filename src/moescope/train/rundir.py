@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json, remove_orphaned_temporaries
+from moescope.io.atomic import atomic_directory, atomic_write_json, remove_orphaned_temporaries
 from moescope.io.config import to_dict
 from moescope.io.jsonfile import read_json_object
 from moescope.io.lock import is_empty_ignoring_lock
@@ -120,19 +120,20 @@ class StageDirectory:
             stored = self.out_dir / CONFIG_NAME
             if stored.is_file():
                 check_same_config(self.cfg, read_stored_config(stored), str(stored))
-            found = newest_intact_checkpoint(self.ckpt_dir)
+            # a checkpoint of another config or data in this stage (copied in by hand) is skipped like a damaged one
+            found = newest_intact_checkpoint(self.ckpt_dir, accept=self._check_checkpoint_state)
         if found is None and self.write and not resume and not is_empty_ignoring_lock(self.out_dir):
             raise MoescopeError(f"{self.out_dir} already exists and is not empty; pass --resume or choose another --out")
         if found is not None:
-            ckpt, _, state = found
-            check_same_config(self.cfg, state["config"], f"checkpoint {ckpt}")
-            if state.get("data_manifest_sha256") != self.manifest_sha:
-                raise MoescopeError(
-                    f"checkpoint {ckpt} was trained on another data directory (manifest hash differs from "
-                    f"{self.data_manifest})"
-                )
-            self.last_good = ckpt
+            self.last_good = found[0]
         return found
+
+    def _check_checkpoint_state(self, ckpt: Path, state: dict[str, Any]) -> None:
+        """Raise MoescopeError unless the checkpoint was written by this config on this data."""
+        check_same_config(self.cfg, state["config"], f"checkpoint {ckpt}")
+        if state.get("data_manifest_sha256") != self.manifest_sha:
+            raise MoescopeError(f"checkpoint {ckpt} was trained on another data directory (manifest hash differs "
+                                f"from {self.data_manifest})")
 
     def open(self, metrics: MetricsLog, *, resume: bool, resumed_from: Path | None, step: int,
              record: dict[str, Any]) -> None:
@@ -166,10 +167,13 @@ class StageDirectory:
         return path
 
     def save_snapshot(self, step: int, model) -> Path:
-        """The model alone at an evaluation's step (snapshots/step_XXXXXX/)."""
+        """The model alone at an evaluation's step (snapshots/step_XXXXXX/), with a manifest that its
+        readers verify; whole or absent (written beside it and renamed), replacing one from a killed run."""
         path = self.out_dir / "snapshots" / checkpoint_name(step)
-        remove_orphaned_temporaries(path)  # a killed earlier save of this step (the caller holds the lock)
-        return save_moe_model(model, path)
+        with atomic_directory(path, overwrite=True) as tmp:
+            save_moe_model(model, tmp)
+            write_manifest(tmp, step)
+        return path
 
     def finish(self, model, summary: dict[str, Any], tokenizer: Path) -> None:
         """The trained model into final/ (with the data's tokenizer, if the data has one), then

@@ -80,10 +80,13 @@ class Trainer:
         except NonFiniteState as exc:  # e.g. an update so large that finite gradients made infinite weights
             self.guard.stop(self.step, f"the state to checkpoint is NaN/inf ({exc})")
         except (OSError, SafetensorError) as exc:  # a full disk, a quota, a vanished directory
-            last = self.rundir.last_verified()
-            raise MoescopeError(f"{self.name}: the checkpoint at step {self.step} could not be written "
-                                f"({first_line(exc)}); --resume continues from "
-                                f"{last if last is not None else 'the start'}") from exc
+            raise self._write_error("the checkpoint", exc) from exc
+
+    def _write_error(self, what: str, exc: BaseException) -> MoescopeError:
+        """One line for a write that failed (a full disk, a quota): what, why, and where --resume continues."""
+        last = self.rundir.last_verified()
+        return MoescopeError(f"{self.name}: {what} at step {self.step} could not be written ({first_line(exc)}); "
+                             f"--resume continues from {last if last is not None else 'the start'}")
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -146,7 +149,10 @@ class Trainer:
                              peak_memory_mb(self._peak_window), tokens_per_s)
         self.metrics.write(record)
         if self.write and self.accelerator.is_main_process and self.cfg.train.snapshot_at_eval:
-            self.rundir.save_snapshot(self.step, self.raw_model)
+            try:
+                self.rundir.save_snapshot(self.step, self.raw_model)
+            except (OSError, SafetensorError) as exc:
+                raise self._write_error("the snapshot", exc) from exc
         if collapsed and self.cfg.collapse.early_stop:
             self.request_stop(f"collapse in layers {collapsed}")
         return record
@@ -205,7 +211,10 @@ class Trainer:
                        "collapse_events": self.collapse.events, "train_tokens_per_s": self.clock.tokens_per_s(),
                        "nonfinite_skips": self.guard.total, **peak_memory_mb(self._peak_window)}
             if self.write and self.accelerator.is_main_process:  # final/ with the data's tokenizer, then summary.json
-                self.rundir.finish(self.raw_model, summary, tokenizer_dir(self.store.root))
+                try:
+                    self.rundir.finish(self.raw_model, summary, tokenizer_dir(self.store.root))
+                except (OSError, SafetensorError) as exc:
+                    raise self._write_error("the final model", exc) from exc
             self.accelerator.wait_for_everyone()
             return summary
 
