@@ -188,7 +188,7 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
         return f"{x['estimate']:.{d}f} [{x['low']:.{d}f}, {x['high']:.{d}f}]" if isinstance(x, dict) else "-"
 
     head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<40} "
-            f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}")
+            f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}").rstrip()
     lines = [head, "-" * len(head)]
     for r in rows:
         p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
@@ -196,7 +196,7 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
         diff = r.get("loss_vs_dense")
         paired = (f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] p={diff['pvalue']:.2g}"
                   if diff else "-")
-        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}")
+        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv}")
     return "\n".join(lines)
 
 
@@ -254,7 +254,7 @@ def run_demo_seeds(cfg: DemoConfig, out_dir: str | Path, n_seeds: int, *, overwr
 
 def format_seeds_table(seeds_table: dict[str, Any]) -> str:
     widths = [12, 3, 28, 32, 26, 18]
-    head = " ".join(f"{c:<{w}}" for c, w in zip(seeds_table["columns"], widths))
+    head = " ".join(f"{c:<{w}}" for c, w in zip(seeds_table["columns"], widths)).rstrip()
     lines = [seeds_table["title"], head, "-" * len(head)]
-    lines += [" ".join(f"{str(c):<{w}}" for c, w in zip(row, widths)) for row in seeds_table["rows"]]
+    lines += [" ".join(f"{str(c):<{w}}" for c, w in zip(row, widths)).rstrip() for row in seeds_table["rows"]]
     return "\n".join(lines)
