@@ -213,7 +213,12 @@ def test_nolb_also_switches_off_bias_balancing_and_the_bias_needs_a_layer_to_act
 @pytest.mark.parametrize("override, text", [
     ({"optim__learning_rate": -1.0}, "optim.learning_rate must be > 0"),
     ({"optim__weight_decay": -0.1}, "optim.weight_decay must be >= 0"),
-    ({"train__seed": -1}, "train.seed must be >= 0"),
+    ({"train__seed": -1}, "train.seed must be in 0..2**32 - 1"),
+    ({"train__seed": 2**32}, "train.seed must be in 0..2**32 - 1"),
+    ({"model__activation": "bogus"}, "model.activation 'bogus' is not one transformers knows"),
+    ({"loss__load_balance_coef": -1.0}, "loss coefficients must be >= 0"),
+    ({"train__log_every_steps": -1}, "train.log_every_steps and collapse.window_evals must be >= 1"),
+    ({"collapse__window_evals": 0}, "train.log_every_steps and collapse.window_evals must be >= 1"),
     ({"model__d_model": -4}, "model.d_model must be >= 1"),
     ({"model__dropout": 1.5}, "model.dropout must be in [0, 1)"),
 ])
@@ -223,3 +228,50 @@ def test_values_torch_would_reject_mid_run_are_refused_before_anything_is_writte
 
     with pytest.raises(MoescopeError, match=re.escape(text)):
         resolve_arms(tiny_experiment(tmp_path, **override))
+
+
+@pytest.mark.parametrize("layers, text", [([], "moe.layers is empty"), ([1, 7], "moe.layers [7] are not blocks")])
+def test_moe_layers_a_scratch_base_cannot_have_are_refused_before_the_base_trains(tmp_path: Path, layers,
+                                                                                   text: str) -> None:
+    from moescope.train.config import experiment_config_from_dict
+
+    cfg = to_dict(tiny_experiment(tmp_path))
+    cfg["moe"]["layers"] = layers
+    with pytest.raises(MoescopeError, match=re.escape(text)):
+        experiment_config_from_dict(cfg)
+
+
+@pytest.mark.parametrize("name, text", [("deep.toml", "a = " + "[" * 5000 + "]" * 5000),
+                                        ("deep.yaml", "a: " + "[" * 5000 + "]" * 5000),
+                                        ("digits.toml", "a = " + "9" * 5000)])
+def test_a_config_file_too_deep_or_too_long_is_one_error(tmp_path: Path, name: str, text: str) -> None:
+    from moescope.io.config import load_config_file, parse_scalar
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(MoescopeError, match=re.escape(str(tmp_path / name))):
+        load_config_file(tmp_path / name)
+    with pytest.raises(MoescopeError, match="cannot be read"):
+        parse_scalar("9" * 5000)
+
+
+def test_a_sweep_too_large_or_with_seeds_numpy_refuses_is_refused_before_any_cell() -> None:
+    from moescope.sweep.grid import expand_cells
+
+    with pytest.raises(ValueError, match="27,000,000 cells"):
+        expand_cells({f"k{i}": list(range(300)) for i in range(3)}, [0])
+    with pytest.raises(ValueError, match=re.escape("seeds must be in 0..2**32 - 1")):
+        expand_cells({}, [2**32])
+
+
+def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path) -> None:
+    """A setting too large for the machine (a batch of 10^8 sequences) ends in one line, not a traceback."""
+    import moescope.commands.data as data_command
+    from moescope.cli import main
+
+    def too_big(args):
+        raise MemoryError("Unable to allocate 47.7 GiB for an array")
+
+    monkeypatch.setattr(data_command, "run_inspect", too_big)
+    assert main(["data", "inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "out of memory (Unable to allocate 47.7 GiB" in err

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("moescope").debug("details", exc_info=True)
         print(f"moescope: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # a batch, a block count or an expert count too large for this machine
+        print(f"moescope: error: out of memory ({first_line(exc) or 'MemoryError'}); use smaller settings",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("moescope: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line
 
 T = TypeVar("T")
 
@@ -45,6 +45,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
         detail = " ".join(str(exc).split())  # YAML's messages span lines
         raise MoescopeError(f"config file {path}: cannot parse: {detail}") from exc
+    except RecursionError:
+        raise MoescopeError(f"config file {path}: nested too deeply to be a config") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise MoescopeError(f"config file {path}: cannot parse: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise MoescopeError(f"config file {path}: top level must be a table/mapping")
     return data
@@ -67,7 +71,9 @@ def parse_scalar(raw: str) -> Any:
         return yaml.load(raw, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-        raise MoescopeError(f"value {raw!r} is not a YAML scalar, list or mapping ({problem})") from None
+        raise MoescopeError(f"value {raw!r:.80} is not a YAML scalar, list or mapping ({problem})") from None
+    except (ValueError, RecursionError) as exc:  # more digits than Python converts; nested too deeply
+        raise MoescopeError(f"value {raw!r:.80} cannot be read ({first_line(exc) or type(exc).__name__})") from None
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

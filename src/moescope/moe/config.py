@@ -7,6 +7,9 @@ from typing import Literal
 
 from moescope.errors import MoescopeError
 
+# Expert ids are stored as int16 in routing tables (analysis/capture, hf/recorder).
+MAX_EXPERTS = 2**15 - 1
+
 
 @dataclass
 class MoEConfig:
@@ -103,8 +106,9 @@ class MoEConfig:
         return self.routed_top_k / self.top_k
 
     def __post_init__(self) -> None:
-        if self.n_experts < 1:
-            raise MoescopeError(f"moe.n_experts must be >= 1, got {self.n_experts}")
+        if not 1 <= self.n_experts <= MAX_EXPERTS:
+            raise MoescopeError(f"moe.n_experts must be in 1..{MAX_EXPERTS} (routing tables store expert ids as "
+                                f"int16), got {self.n_experts}")
         if not 1 <= self.top_k <= self.n_experts:
             raise MoescopeError(f"moe.top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}")
         if self.gating not in ("ste", "switch"):
@@ -123,6 +127,8 @@ class MoEConfig:
         if not 0.0 <= self.expert_dropout < 1.0:
             raise MoescopeError(f"moe.expert_dropout must be in [0, 1), got {self.expert_dropout}")
         if self.layers is not None:
+            if not self.layers:
+                raise MoescopeError("moe.layers is empty: list the blocks to make MoE (or leave it unset for the default)")
             if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
                 raise MoescopeError(f"moe.layers must be distinct non-negative block indices, got {self.layers}")
         if self.expert_ff is not None and self.expert_ff < 1:

@@ -20,6 +20,8 @@ import scipy.stats
 import yaml
 
 SEED_KEY = "experiment.train.seed"
+# Each cell trains and analyses a whole study; a grid beyond this is a typo, not a plan.
+MAX_CELLS = 100_000
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,20 @@ def expand_cells(grid: dict[str, list[Any]], seeds: list[int]) -> list[Cell]:
         raise ValueError("a sweep needs at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {seeds}")
+    from moescope.train.config import MAX_SEED
+
+    if not all(0 <= int(s) <= MAX_SEED for s in seeds):
+        raise ValueError(f"seeds must be in 0..2**32 - 1 (numpy and torch seeds), got {seeds}")
     keys = list(grid)
     for key, values in grid.items():
         if not values:
             raise ValueError(f"grid key {key!r} has no values")
         if len({_fmt(v) for v in values}) != len(values):
             raise ValueError(f"grid key {key!r} repeats a value: {values}")
+    n_cells = math.prod(len(v) for v in grid.values()) * len(seeds)
+    if n_cells > MAX_CELLS:
+        raise ValueError(f"the grid and seeds make {n_cells:,} cells, more than {MAX_CELLS:,}: each cell is a whole "
+                         "study; split the sweep")
     combos = itertools.product(*(grid[k] for k in keys))
     return [Cell(tuple(zip(keys, combo)), int(s)) for combo in combos for s in seeds]
 

@@ -300,10 +300,31 @@ def validate_run(run: RunConfig, where: str = "run") -> None:
         raise MoescopeError(f"{where}: optim.learning_rate must be > 0, got {run.optim.learning_rate}")
     if run.optim.weight_decay < 0:
         raise MoescopeError(f"{where}: optim.weight_decay must be >= 0, got {run.optim.weight_decay}")
-    if t.seed < 0:
-        raise MoescopeError(f"{where}: train.seed must be >= 0 (numpy and torch seeds), got {t.seed}")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise MoescopeError(f"{where}: train.seed must be in 0..2**32 - 1 (numpy and torch seeds), got {t.seed}")
+    if t.log_every_steps < 1 or t.checkpoint_every_steps < 0 or run.collapse.window_evals < 1:
+        raise MoescopeError(f"{where}: train.log_every_steps and collapse.window_evals must be >= 1 and "
+                            f"train.checkpoint_every_steps >= 0 (0 = only at the end), got {t.log_every_steps}, "
+                            f"{run.collapse.window_evals} and {t.checkpoint_every_steps}")
+    if run.loss.load_balance_coef < 0 or run.loss.z_loss_coef < 0 or any(
+            v < 0 for v in run.loss.load_balance_coef_by_layer.values()):
+        raise MoescopeError(f"{where}: loss coefficients must be >= 0 (load_balance_coef, z_loss_coef, "
+                            "load_balance_coef_by_layer)")
+    _check_activation(m.activation, where)
     if run.model.d_model % run.model.n_heads:
         raise MoescopeError(f"{where}: model.d_model={run.model.d_model} not divisible by n_heads={run.model.n_heads}")
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+def _check_activation(name: str, where: str) -> None:
+    """The activation must be one transformers' ACT2FN builds (gelu_new is mapped to the fused GELU)."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise MoescopeError(f"{where}: model.activation {name!r} is not one transformers knows "
+                            f"(e.g. {', '.join(sorted(ACT2FN)[:6])}, ...)")
 
 
 def validate_experiment(cfg: ExperimentConfig) -> None:
@@ -311,9 +332,15 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
         raise MoescopeError("config: arms is empty")
     if len(set(cfg.arms)) != len(cfg.arms):
         raise MoescopeError(f"config: arms lists a name twice: {cfg.arms}")
-    resolve_arms(cfg)  # raises on unknown arms, forbidden diffs, bad values
+    runs = resolve_arms(cfg)  # raises on unknown arms, forbidden diffs, bad values
     if cfg.base.init == "scratch":
         base_run_config(cfg)
+        # the scratch base has model.n_layers blocks: a block index beyond them is known before any training
+        for name, run in runs.items():
+            outside = [i for i in (run.moe.layers or []) if i >= run.model.n_layers] if run.arch == "moe" else []
+            if outside:
+                raise MoescopeError(f"arm {name!r}: moe.layers {outside} are not blocks of a model with "
+                                    f"model.n_layers = {run.model.n_layers} (blocks 0..{run.model.n_layers - 1})")
 
 
 def _leaf_paths(d: dict[str, Any], prefix: str = "") -> list[str]:
