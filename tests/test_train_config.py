@@ -261,6 +261,10 @@ def test_a_sweep_too_large_or_with_seeds_numpy_refuses_is_refused_before_any_cel
         expand_cells({f"k{i}": list(range(300)) for i in range(3)}, [0])
     with pytest.raises(ValueError, match=re.escape("seeds must be in 0..2**32 - 1")):
         expand_cells({}, [2**32])
+    from moescope.sweep.grid import parse_grid_item
+
+    with pytest.raises(ValueError, match="a value cannot be read"):
+        parse_grid_item("experiment.train.steps=" + "9" * 5000)
 
 
 def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path) -> None:

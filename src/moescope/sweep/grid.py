@@ -69,7 +69,9 @@ def parse_grid_item(item: str) -> tuple[str, list[Any]]:
     try:
         values = [yaml.safe_load(p) for p in parts]
     except yaml.YAMLError as exc:
-        raise ValueError(f"grid item {item!r}: a value is not YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ValueError(f"grid item {item!r:.80}: a value is not YAML ({getattr(exc, 'problem', exc)})") from None
+    except (ValueError, RecursionError) as exc:  # more digits than Python converts; nested too deeply
+        raise ValueError(f"grid item {item!r:.80}: a value cannot be read ({type(exc).__name__})") from None
     if not key.strip() or not values:
         raise ValueError(f"grid item {item!r} has no key or no values")
     return key.strip(), values
