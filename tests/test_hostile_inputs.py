@@ -246,3 +246,25 @@ def test_a_tokenizer_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tm
                  "--tokenizer-path", str(missing)]) == 2
     assert f"cannot load tokenizer {str(missing)!r}: no such directory" in error_line(capsys)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("damage", ["token", "text"])
+def test_analyze_refuses_bad_blocks_or_texts_before_writing(run_dir: Path, capsys, damage: str) -> None:
+    """A token id past the vocabulary (an IndexError in the forward pass) or an eval text line that is
+    not {"text": str} (read after the first routing tables were written) is one line before anything."""
+    import numpy as np
+
+    data = run_dir.parent / "data"
+    manifest = json.loads((data / "manifest.json").read_text())
+    if damage == "token":
+        bad = data / "blocks" / "eval" / "prose.bin"
+        tokens = np.fromfile(bad, dtype=manifest["dtype"])
+        tokens[3] = manifest["vocab_size"]
+        tokens.tofile(bad)
+    else:
+        bad = data / "texts" / "eval" / "code.jsonl"
+        bad.write_text('{"text": 5}\n')
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(bad) in line and (f"token id {manifest['vocab_size']}" in line if damage == "token" else ":1:" in line)
+    assert not (run_dir / "analysis").exists()

@@ -465,6 +465,10 @@ def analyze_run(
         final = run_dir / "arms" / name / "final"
         verify_saved_model(final, recorded_manifest_sha256(final))
     store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
+    store.verify_blocks()  # a token id past the vocabulary is one line here, not an IndexError in a forward pass
+    for domain in [d for d in store.domains if d in (cfg.token_type_domain, *cfg.format_test_domains)]:
+        for _ in store.texts("eval", domain):  # a bad line refused before any routing table is replaced
+            pass
     tokenizer = load_data_tokenizer(store.root)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"
