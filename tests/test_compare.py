@@ -89,3 +89,51 @@ def test_compare_cli(analyses: tuple[Path, Path], tmp_path: Path, capsys: pytest
     assert "at least two analyses" in capsys.readouterr().err
     assert main(["compare", str(ckpt), str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
     assert "metrics.json not found" in capsys.readouterr().err
+
+
+def _damaged_copy(src: Path, dst: Path, **columns) -> Path:
+    """A copy of an analysis whose layer-1 routing table has `columns` replaced (raw=bytes: the whole file)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / "analysis" / "routing" / "model" / "1.npz"
+    if "raw" in columns:
+        path.write_bytes(columns["raw"])
+        return path
+    with np.load(path) as data:
+        table = {k: data[k] for k in data.files}
+    table.update({k: v(table[k]) for k, v in columns.items()})
+    with open(path, "wb") as fh:
+        np.savez(fh, **table)
+    return path
+
+
+@pytest.mark.parametrize("columns, says", [
+    ({"raw": b""}, "not a routing table"),
+    ({"raw": b"PK\x03\x04 truncated"}, "not a routing table"),
+    ({"expert_index": lambda e: e[:5]}, "block has shape"),
+    ({"expert_index": lambda e: e + 0.5}, "expert_index must hold integers, got float64"),
+    ({"expert_index": lambda e: e - 100}, "is negative"),
+    ({"expert_index": lambda e: e + 64}, "outside the layer's 64 experts"),
+])
+def test_saturation_refuses_a_damaged_routing_table_in_one_line(analyses: tuple[Path, Path], tmp_path: Path,
+                                                                capsys, columns: dict, says: str) -> None:
+    ckpt, final = analyses
+    bad = _damaged_copy(ckpt, tmp_path / "bad", **columns)
+    assert main(["compare", str(tmp_path / "bad"), str(final), "--saturation", "--out", str(tmp_path / "c")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and f"{bad}: " in err[0] and says in err[0], err
+    assert not (tmp_path / "c").exists()
+
+
+def test_saturation_refuses_analyses_with_different_expert_counts(analyses: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    ckpt, final = analyses
+    other = shutil.copytree(ckpt, tmp_path / "other")
+    metrics = json.loads((other / "analysis" / "metrics.json").read_text())
+    metrics["arms"]["model"]["layers"]["0"]["n_experts"] = 32
+    (other / "analysis" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(MoescopeError, match="layer 0 of other has 32 experts, of final 64"):
+        build_comparison([other, final], tmp_path / "cmp", saturation=True)
+    assert not (tmp_path / "cmp").exists()

@@ -5,6 +5,7 @@ exit 2, nothing written under --out. Hub formats are local files in the datasets
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -269,3 +270,82 @@ def test_manifest_values_and_tokenizer_digest_are_checked(small_store: Path, tmp
     tj.write_text(tj.read_text().replace('"<|endoftext|>"', '"<|end|>"', 1))
     with pytest.raises(MoescopeError, match="sha256 differs"):
         BlockStore.open(d)
+
+
+def _edit_manifest(d: Path, edit) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("keep_sha", [True, False])
+def test_token_id_past_the_vocabulary_is_refused_naming_file_and_id(small_store: Path, tmp_path: Path,
+                                                                   keep_sha: bool) -> None:
+    import numpy as np
+
+    from moescope.io.provenance import sha256_file
+
+    d = _copy(small_store, tmp_path / "d")
+    path = d / "blocks" / "eval" / "alpha.bin"
+    store = BlockStore.open(d)
+    tokens = np.fromfile(path, dtype=store.dtype)
+    tokens[5] = store.vocab_size  # one past the last id
+    tokens.tofile(path)
+    entry = lambda m: m["splits"]["eval"]["alpha"]  # noqa: E731
+    _edit_manifest(d, lambda m: entry(m).update(blocks_sha256=sha256_file(path)) if keep_sha
+                   else entry(m).pop("blocks_sha256", None))
+    with pytest.raises(MoescopeError, match=rf"{path}: token id {store.vocab_size} is outside the vocabulary"):
+        BlockStore.open(d).verify_blocks()
+
+
+def test_huge_n_blocks_is_a_size_error_before_any_allocation(small_store: Path, tmp_path: Path) -> None:
+    d = _copy(small_store, tmp_path / "d")
+    _edit_manifest(d, lambda m: m["splits"]["train"]["alpha"].update(n_blocks=10**12))
+    with pytest.raises(MoescopeError, match=r"alpha\.bin: size \d+ bytes, manifest says 32000000000000"):
+        BlockStore.open(d).index("train")
+
+
+@pytest.mark.parametrize("domains, says", [(["alpha", "alpha"], "'alpha' is listed more than once"),
+                                           (["../../evil"], "name '../../evil' is not a plain file name"),
+                                           ([".."], "name '..' is not a plain file name")])
+def test_manifest_domain_names_must_be_distinct_plain_file_names(small_store: Path, tmp_path: Path,
+                                                                  domains: list[str], says: str) -> None:
+    d = _copy(small_store, tmp_path / "d")
+
+    def edit(m: dict) -> None:
+        for split in m["splits"].values():
+            for name in domains:
+                split[name] = split["alpha"]
+        m["domains"] = domains
+
+    _edit_manifest(d, edit)
+    with pytest.raises(MoescopeError, match=f"manifest.json: domain {re.escape(says)}"):
+        BlockStore.open(d)
+
+
+@pytest.mark.parametrize("kind, says", [("fifo", "block file is not a regular file"),
+                                        ("loop", "cannot read block file .*symbolic links")])
+def test_block_file_that_is_no_regular_file_says_why(small_store: Path, tmp_path: Path, kind: str, says: str) -> None:
+    import os
+
+    d = _copy(small_store, tmp_path / "d")
+    path = d / "blocks" / "train" / "alpha.bin"
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else os.symlink(path.name, path)
+    with pytest.raises(MoescopeError, match=f"{path}: {says}"):
+        BlockStore.open(d).blocks("train", "alpha")
+
+
+@pytest.mark.parametrize("line, says", [("[1]", "expected a JSON object, got list"),
+                                        ('{"x": 1}', 'expected a "text" string, got no text key'),
+                                        ('{"text": 5}', 'expected a "text" string, got int'),
+                                        ("{{{", "invalid JSON")])
+def test_bad_text_lines_are_one_error_naming_file_and_line(small_store: Path, tmp_path: Path, capsys,
+                                                           line: str, says: str) -> None:
+    d = _copy(small_store, tmp_path / "d")
+    path = d / "texts" / "eval" / "alpha.jsonl"
+    path.write_text(json.dumps({"text": "fine\u2028still the same line"}) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(MoescopeError, match=re.escape(f"{path}:2: {says}")):
+        list(BlockStore.open(d).texts("eval", "alpha"))
+    code, _, err = run(["data", "inspect", str(d)], capsys)
+    assert code == 2 and f"{path}:2: {says}" in one_error_line(err)

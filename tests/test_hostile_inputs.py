@@ -246,3 +246,92 @@ def test_a_tokenizer_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tm
                  "--tokenizer-path", str(missing)]) == 2
     assert f"cannot load tokenizer {str(missing)!r}: no such directory" in error_line(capsys)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("damage", ["token", "text"])
+def test_analyze_refuses_bad_blocks_or_texts_before_writing(run_dir: Path, capsys, damage: str) -> None:
+    """A token id past the vocabulary (an IndexError in the forward pass) or an eval text line that is
+    not {"text": str} (read after the first routing tables were written) is one line before anything."""
+    import numpy as np
+
+    data = run_dir.parent / "data"
+    manifest = json.loads((data / "manifest.json").read_text())
+    if damage == "token":
+        bad = data / "blocks" / "eval" / "prose.bin"
+        tokens = np.fromfile(bad, dtype=manifest["dtype"])
+        tokens[3] = manifest["vocab_size"]
+        tokens.tofile(bad)
+    else:
+        bad = data / "texts" / "eval" / "code.jsonl"
+        bad.write_text('{"text": 5}\n')
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert str(bad) in line and (f"token id {manifest['vocab_size']}" in line if damage == "token" else ":1:" in line)
+    assert not (run_dir / "analysis").exists()
+
+
+def _save_tiny_moe(directory: Path, vocab: int, n_experts: int) -> None:
+    """A model of write_run's shape with `n_experts` experts (one from another run)."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moescope.moe.config import MoEConfig
+    from moescope.moe.hf_model import save_moe_model
+    from moescope.moe.install import install_moe
+
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=64, vocab_size=vocab))
+    install_moe(model, MoEConfig(n_experts=n_experts, top_k=1, layers=[0, 1]))
+    shutil.rmtree(directory)
+    save_moe_model(model, directory)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "other_run", "other_weights"])
+def test_analyze_refuses_a_damaged_or_foreign_snapshot_before_writing(run_dir: Path, capsys, damage: str) -> None:
+    """A snapshot is checked with the final model, before anything is written: a truncated weights file
+    is named (safetensors' message names none), one from a run with another expert count is refused."""
+    snapshot = run_dir / "arms" / "moe" / "snapshots" / "step_000004"
+    weights = snapshot / "model.safetensors"
+    vocab = json.loads((run_dir / "arms" / "moe" / "final" / "config.json").read_text())["vocab_size"]
+    if damage in ("truncated", "empty"):
+        weights.write_bytes(weights.read_bytes()[:500] if damage == "truncated" else b"")
+        says, named = "unreadable safetensors file", weights
+    elif damage == "other_run":
+        _save_tiny_moe(snapshot, vocab, n_experts=8)
+        says, named = "'n_experts': 8", snapshot
+    else:  # the weights alone swapped: the snapshot's moe_config.json still says 4 experts
+        other = run_dir.parent / "other"
+        other.mkdir()
+        _save_tiny_moe(other, vocab, n_experts=8)
+        weights.write_bytes((other / "model.safetensors").read_bytes())
+        says, named = "the snapshot comes from another run", weights
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert f"{named}:" in line and says in line
+    assert not (run_dir / "analysis").exists()
+
+
+def test_analyze_refuses_a_final_model_other_than_experiment_json_records(run_dir: Path, capsys) -> None:
+    """experiment.json records each arm's resolved config: a final/ (with its summary) of another
+    expert count, swapped in from another run, is refused naming it."""
+    from moescope.analysis.pipeline import check_arm_models, read_experiment
+
+    moe = {"arch": "moe", "moe": {"n_experts": 4, "top_k": 1, "layers": [1, 0]}}
+    record = {"experiment": {"data_dir": str(run_dir.parent / "data")},
+              "arms": {"dense": {"config": {"arch": "dense"}}, "moe": {"config": moe}}}
+    (run_dir / "experiment.json").write_text(json.dumps(record))
+    for arm in ("dense", "moe"):  # as recorded: accepted
+        check_arm_models(run_dir, arm, read_experiment(run_dir))
+    moe["moe"]["n_experts"] = 8
+    (run_dir / "experiment.json").write_text(json.dumps(record))
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    line = error_line(capsys)
+    assert f"{run_dir / 'arms' / 'moe' / 'final'}: MoE settings" in line and "'n_experts': 8" in line
+    assert not (run_dir / "analysis").exists()
+    record["arms"]["dense"]["config"] = moe  # a dense final/ where the record says MoE
+    moe["moe"]["n_experts"] = 4
+    (run_dir / "experiment.json").write_text(json.dumps(record))
+    assert main(["analyze", str(run_dir), *FAST]) == 2
+    assert f"{run_dir / 'arms' / 'dense' / 'final'}: MoE settings dense differ" in error_line(capsys)

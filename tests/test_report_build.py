@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from moescope.report.build import (
-    BALANCED_LOAD_CV, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences, loss_table, routing_table,
+    BALANCED_LOAD_CV, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences, loss_table, read_jsonl,
+    routing_table,
 )
 
 
@@ -214,3 +215,39 @@ def test_expert_token_tables_list_experts_by_load_with_their_tokens() -> None:
     assert [r[0] for r in table.rows] == [2, 0, 1]  # by share of tokens
     assert table.rows[0][2] == "prose 80%" and table.rows[1][2] == "code 90%" and table.rows[2][2] == "-"
     assert table.rows[1][3] == "' def' 80% (40/50)" and table.rows[2][3] == "-"
+
+
+GOOD_TRAIN = {"kind": "train", "step": 1, "ce": 5.0}
+GOOD_EVAL = {"kind": "eval", "step": 2, "loss": {"domain_weighted": 4.5},
+             "routing": {"0": {"token_fraction": [0.5, 0.5], "load_cv": 0.0, "router_entropy_token": 0.6,
+                               "router_entropy_max": 0.69}}}
+
+
+@pytest.mark.parametrize("line, says", [
+    ("null", "expected a JSON object, got NoneType"),
+    ("[1]", "expected a JSON object, got list"),
+    ('{"kind": "eval", "step": 3, "loss": "bad"}', "'loss.domain_weighted' must be a number"),
+    ('{"kind": "eval", "step": 3}', "'loss.domain_weighted' must be a number, got null"),
+    ('{"kind": "train", "step": "3", "ce": 1.0}', "'step' must be a number"),
+    ('{"kind": "collapse", "step": 3, "layer": 0, "expert": 1}', "'share' must be a number"),
+    (json.dumps({**GOOD_EVAL, "routing": {"0": {"load_cv": 0.1}}}), "routing.0.router_entropy_token is missing"),
+    (json.dumps({**GOOD_EVAL, "routing": {"x": {}}}), "routing entry 'x'"),
+    ('{"kind": "train", "st', "invalid JSON"),
+])
+def test_report_refuses_a_metrics_jsonl_record_it_cannot_read_naming_file_and_line(
+        tmp_path: Path, capsys, line: str, says: str) -> None:
+    from moescope.cli import main
+
+    run = tmp_path / "run"
+    (run / "analysis").mkdir(parents=True)
+    (run / "analysis" / "metrics.json").write_text(json.dumps(metrics_with(
+        {"0": layer(iv(0.2, 0.15, 0.25), 0.001, iv(0.2, 0.1, 0.25))})))
+    records = run / "arms" / "moe" / "metrics.jsonl"
+    records.parent.mkdir(parents=True)
+    records.write_text(json.dumps(GOOD_TRAIN) + "\n" + line + "\n" + json.dumps(GOOD_EVAL) + "\n")
+    assert main(["report", str(run)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and f"{records}:2: " in err[0] and says in err[0], err
+    assert not (run / "report").exists()
+    records.write_text(json.dumps(GOOD_TRAIN) + "\n" + json.dumps(GOOD_EVAL) + "\n")  # the shape training writes
+    assert read_jsonl(records) == [GOOD_TRAIN, GOOD_EVAL]

@@ -77,6 +77,7 @@ from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
 from moescope.moe.capture import record_routing
+from moescope.moe.hf_model import WEIGHTS_NAME, read_moe_config, weight_shapes
 from moescope.moe.model import moe_layers
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,66 @@ def snapshot_dirs(arm_dir: Path) -> list[tuple[int, Path]]:
         if match and path.is_dir():
             out.append((int(match.group(1)), path))
     return sorted(out)
+
+
+def moe_settings(moe: Any) -> dict[str, Any] | None:
+    """The MoE settings a model's routing is read by (None: dense), from a MoEConfig or its recorded dict;
+    layers None (the default layers, resolved only with the model) is left out."""
+    if moe is None:
+        return None
+    get = moe.get if isinstance(moe, dict) else lambda key: getattr(moe, key, None)
+    out = {"n_experts": get("n_experts"), "top_k": get("top_k")}
+    if isinstance(get("layers"), list):
+        out["layers"] = sorted(get("layers"))
+    return out
+
+
+def recorded_moe_settings(experiment: dict, arm: str) -> tuple[bool, dict[str, Any] | None]:
+    """(known, settings) of `arm` as experiment.json records its resolved config (known False: not recorded)."""
+    config = experiment["arms"].get(arm)
+    config = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or config.get("arch") not in ("dense", "moe"):
+        return False, None
+    if config["arch"] == "dense":
+        return True, None
+    return isinstance(config.get("moe"), dict), moe_settings(config.get("moe"))
+
+
+def _same_settings(found: dict[str, Any] | None, expected: dict[str, Any] | None) -> bool:
+    """Equal on the keys both name (a recorded config without explicit layers does not name them)."""
+    if found is None or expected is None:
+        return found is None and expected is None
+    return all(found.get(key) == value for key, value in expected.items()) and found.keys() >= expected.keys()
+
+
+def check_arm_models(run_dir: Path, name: str, experiment: dict) -> None:
+    """Before anything of the analysis is replaced: the arm's final/ is the one training wrote, with the
+    MoE settings experiment.json records for the arm, and every snapshot readable and of the final
+    model's settings (a directory swapped in from another run would otherwise be analysed silently)."""
+    arm_dir = run_dir / "arms" / name
+    final = arm_dir / "final"
+    if not final.is_dir():
+        raise MoescopeError(f"{final} not found: arm {name!r} has not finished")
+    verify_saved_model(final, recorded_manifest_sha256(final))
+    final_settings = moe_settings(read_moe_config(final))
+    known, recorded = recorded_moe_settings(experiment, name)
+    if known and not _same_settings(final_settings, recorded):
+        raise MoescopeError(f"{final}: MoE settings {final_settings or 'dense'} differ from those "
+                            f"{run_dir / 'experiment.json'} records for arm {name!r} ({recorded or 'dense'}); "
+                            "the model comes from another run")
+    final_shapes = weight_shapes(final / WEIGHTS_NAME) if (final / WEIGHTS_NAME).is_file() else None
+    for _, snapshot in snapshot_dirs(arm_dir):
+        verify_saved_model(snapshot)
+        settings = moe_settings(read_moe_config(snapshot))
+        if settings != final_settings:
+            raise MoescopeError(f"{snapshot}: MoE settings {settings or 'dense'} differ from the final model's "
+                                f"({final_settings or 'dense'}, {final}); the snapshot comes from another run")
+        weights = snapshot / WEIGHTS_NAME
+        shapes = weight_shapes(weights) if weights.is_file() else None  # a truncated file: one line, here
+        if shapes is not None and final_shapes is not None and shapes != final_shapes:
+            key = min(set(shapes) ^ set(final_shapes) or {k for k in shapes if shapes[k] != final_shapes[k]})
+            raise MoescopeError(f"{weights}: tensor {key} is {shapes.get(key, 'missing')}, in the final model "
+                                f"{final_shapes.get(key, 'missing')} ({final}); the snapshot comes from another run")
 
 
 def json_ready(obj: Any) -> Any:
@@ -361,9 +422,11 @@ def run_saturation(
 
     for step, path in tqdm(snaps, desc="saturation", unit="snapshot", disable=not progress):
         model = load_saved_model(path, device=next(model_final.parameters()).device)
+        found, expected = _expert_layout(model), _expert_layout(model_final)
+        if found != expected:
+            raise MoescopeError(f"{path}: MoE layers (layer: experts, top-k) {found} differ from the final "
+                                f"model's {expected}")
         choices = capture.capture_expert_choices(model, batches, assignments=by_batch)
-        if sorted(choices) != sorted(final):
-            raise MoescopeError(f"{path}: MoE layers {sorted(choices)} differ from the final model's {sorted(final)}")
         steps.append(step)
         for i in final:
             if final[i].dtype == bool:  # expert choice: the experts' own selections
@@ -383,6 +446,11 @@ def run_saturation(
         out["counts"] = "assignments"  # expert choice: shares of the final model's (token, expert) assignments
     return out
 
+
+
+def _expert_layout(model) -> dict[int, tuple[int, int]]:
+    """{MoE layer: (experts, top-k)}: what a snapshot must share with the final model to be compared."""
+    return {i: (int(layer.n_experts), int(layer.top_k)) for i, layer in moe_layers(model).items()}
 
 
 def expert_parents(n_routed: int, granularity: int, n_shared: int) -> list[int]:
@@ -459,12 +527,13 @@ def analyze_run(
         problem = "no arm given" if not names else "an empty arm name" if not unknown[0] else f"unknown arm {unknown[0]!r}"
         raise MoescopeError(f"{problem}: the arms of {run_dir} are "
                             f"{', '.join(recorded) or 'none (its experiment.json lists no arm)'}")
-    for name in names:  # every arm's model checked before anything of the analysis is replaced
-        if not (run_dir / "arms" / name / "final").is_dir():
-            raise MoescopeError(f"{run_dir / 'arms' / name / 'final'} not found: arm {name!r} has not finished")
-        final = run_dir / "arms" / name / "final"
-        verify_saved_model(final, recorded_manifest_sha256(final))
+    for name in names:  # every arm's models checked before anything of the analysis is replaced
+        check_arm_models(run_dir, name, experiment)
     store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
+    store.verify_blocks()  # a token id past the vocabulary is one line here, not an IndexError in a forward pass
+    for domain in [d for d in store.domains if d in (cfg.token_type_domain, *cfg.format_test_domains)]:
+        for _ in store.texts("eval", domain):  # a bad line refused before any routing table is replaced
+            pass
     tokenizer = load_data_tokenizer(store.root)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"

@@ -15,7 +15,10 @@ The manifest keys this module relies on: ``format_version``, ``block_size``,
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from moescope.errors import MoescopeError
+from moescope.io.jsonl import iter_jsonl_objects
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -82,9 +86,14 @@ def check_manifest(path: Path, m: dict) -> None:
     domains = m["domains"]
     if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
         raise MoescopeError(f"{path}: domains must be a list of names")
+    repeated = sorted({d for d in domains if domains.count(d) > 1})
+    if repeated:
+        raise MoescopeError(f"{path}: domain {repeated[0]!r} is listed more than once")
     splits = m["splits"]
     if not isinstance(splits, dict):
         raise MoescopeError(f"{path}: splits must be an object")
+    for name in [*domains, *(d for per in splits.values() if isinstance(per, dict) for d in per)]:
+        check_domain_file_name(path, name)
     for split, per_domain in splits.items():  # a split (a stage may read only one) lists every domain
         missing = [d for d in domains if not isinstance(per_domain, dict) or d not in per_domain]
         if missing:
@@ -94,6 +103,14 @@ def check_manifest(path: Path, m: dict) -> None:
             n = entry.get("n_blocks") if isinstance(entry, dict) else None
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise MoescopeError(f"{path}: splits.{split}.{d}.n_blocks must be an integer >= 0, got {n!r}")
+
+
+def check_domain_file_name(path: Path, name: str) -> None:
+    """A domain name becomes a file name under blocks/ and texts/: one with a path separator, or a
+    leading '.' ('..'), would read a file outside the data directory."""
+    if not name or name.startswith(".") or any(c in name for c in ("/", "\\", "\0")):
+        raise MoescopeError(f"{path}: domain name {name!r} is not a plain file name "
+                            "(no '/', '\\', or leading '.')")
 
 
 def tokenizer_ids(tokenizer_json: Path) -> set[int]:
@@ -108,9 +125,22 @@ def tokenizer_ids(tokenizer_json: Path) -> set[int]:
     return {int(i) for i in ids}
 
 
-# Block files this process has hashed (path, size, mtime, digest): every stage of an experiment
-# opens the same store, and hashing it once is enough unless the file changes.
-_VERIFIED_BLOCKS: set[tuple[str, int, int, str]] = set()
+# Block files this process has checked (path, size, mtime, digest or None, vocab_size): every stage of an
+# experiment opens the same store, and reading it once is enough unless the file changes.
+_VERIFIED_BLOCKS: set[tuple[str, int, int, str | None, int]] = set()
+
+_SCAN_CHUNK_BYTES = 1 << 24  # a multiple of every block dtype's item size
+
+
+def scan_block_file(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """(sha256, largest token id) of a block file, read once in chunks (-1 for an empty file)."""
+    digest, largest = hashlib.sha256(), -1
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_SCAN_CHUNK_BYTES):
+            digest.update(chunk)
+            if len(chunk) >= dtype.itemsize:
+                largest = max(largest, int(np.frombuffer(chunk, dtype=dtype, count=len(chunk) // dtype.itemsize).max()))
+    return digest.hexdigest(), largest
 
 
 @dataclass(frozen=True)
@@ -193,37 +223,40 @@ class BlockStore:
         path = block_path(self.root, split, domain)
         if n == 0:
             return np.zeros((0, self.block_size), dtype=self.dtype)
-        if not path.is_file():
-            raise MoescopeError(f"missing block file {path}")
+        size = regular_file_size(path, "block file")
         expected = n * self.block_size * self.dtype.itemsize
-        if path.stat().st_size != expected:
-            raise MoescopeError(f"{path}: size {path.stat().st_size} bytes, manifest says {expected}")
+        if size != expected:
+            raise MoescopeError(f"{path}: size {size} bytes, manifest says {expected}")
         return np.memmap(path, dtype=self.dtype, mode="r", shape=(n, self.block_size))
 
     def verify_blocks(self) -> None:
         """Every block file against its sha256 in the manifest (data built before the manifest kept
-        them is checked by size only): a flipped bit would otherwise train on other tokens, or
-        index past the embedding, without a word."""
-        from moescope.io.provenance import sha256_file
-
+        them is checked without it), and every token id below vocab_size: a flipped bit would otherwise
+        train on other tokens, or index past the embedding (an IndexError deep in torch), without a word."""
         for split, domains in self.manifest["splits"].items():
             for domain, entry in domains.items():
-                expected = entry.get("blocks_sha256") if isinstance(entry, dict) else None
-                if expected is None or not self.n_blocks(split, domain):
+                if not self.n_blocks(split, domain):
                     continue
+                expected = entry.get("blocks_sha256") if isinstance(entry, dict) else None
                 path = block_path(self.root, split, domain)
                 self.blocks(split, domain)  # present, and the size the manifest says
-                stat = path.stat()
-                key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
+                st = path.stat()
+                key = (str(path.resolve()), st.st_size, st.st_mtime_ns, expected, self.vocab_size)
                 if key in _VERIFIED_BLOCKS:
                     continue
-                if sha256_file(path) != expected:
+                digest, largest = scan_block_file(path, self.dtype)
+                if expected is not None and digest != expected:
                     raise MoescopeError(f"{path} does not match its blocks_sha256 in {self.root / MANIFEST_NAME} "
                                         "(corrupted; rebuild the data)")
+                if largest >= self.vocab_size:
+                    raise MoescopeError(f"{path}: token id {largest} is outside the vocabulary (vocab_size "
+                                        f"{self.vocab_size} in {self.root / MANIFEST_NAME}); rebuild the data")
                 _VERIFIED_BLOCKS.add(key)
 
     def index(self, split: str) -> np.ndarray:
         """All blocks of a split as rows (domain_id, row), domains in manifest order."""
+        for d in self.domains:  # each file the size its n_blocks says, before n_blocks sizes an array
+            self.blocks(split, d)
         parts = [
             np.stack([np.full(self.n_blocks(split, d), i), np.arange(self.n_blocks(split, d))], axis=1)
             for i, d in enumerate(self.domains)
@@ -239,7 +272,24 @@ class BlockStore:
         return out
 
     def texts(self, split: str, domain: str) -> Iterator[dict]:
+        """The split's texts as {"text": str, ...} records; any other line is one error naming file:line."""
         path = texts_path(self.root, split, domain)
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                yield json.loads(line)
+        for number, record in iter_jsonl_objects(path):
+            if not isinstance(record.get("text"), str):
+                raise MoescopeError(f"{path}:{number}: expected a \"text\" string, got "
+                                    f"{type(record.get('text')).__name__ if 'text' in record else 'no text key'}")
+            yield record
+
+
+def regular_file_size(path: Path, what: str) -> int:
+    """The size of `path`, or one error saying why it is not a readable regular file (missing,
+    a FIFO or directory, a symlink loop) rather than calling every such case missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MoescopeError(f"missing {what} {path}") from None
+    except OSError as exc:
+        raise MoescopeError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MoescopeError(f"{path}: {what} is not a regular file")
+    return st.st_size

@@ -20,7 +20,8 @@ def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]
         raise MoescopeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
         raise MoescopeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    for number, line in enumerate(text.splitlines(), 1):
+    # "\n" only: str.splitlines also cuts at U+2028, U+0085 ..., which ensure_ascii=False leaves in strings
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line
 from moescope.io.atomic import atomic_write_json, new_temporary, plain_file_mode
 from moescope.io.config import from_dict, to_dict
 from moescope.io.saved_model import STRICT_CONFIG_ERRORS, config_error
@@ -132,12 +132,27 @@ def _read_moe_config(path: Path) -> MoEConfig:
     return from_dict(MoEConfig, data.get("moe"), where=str(path))
 
 
+def read_moe_config(directory: str | Path) -> MoEConfig | None:
+    """The MoE layout a saved model directory records (None: a dense model), read without building it."""
+    path = Path(directory) / MOE_CONFIG_NAME
+    return _read_moe_config(path) if path.is_file() else None
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors header; a truncated, empty or foreign file is one
+    error naming it (safetensors' own message names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise MoescopeError(f"{path}: unreadable safetensors file ({first_line(exc)})") from exc
+
+
 def _check_weights(model: nn.Module, path: Path) -> None:
     """Raise naming `path` unless its tensors match the model's keys and shapes exactly."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        file_shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    file_shapes = weight_shapes(path)
     params = model.state_dict()
     # tied tensors (lm_head.weight = wte.weight) are stored once under one of their names
     by_storage: dict[tuple[int, int], list[str]] = {}

@@ -14,6 +14,7 @@ from typing import Any
 
 from moescope.errors import MoescopeError
 from moescope.io.config import upgrade_keys
+from moescope.io.jsonl import iter_jsonl_objects
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
@@ -30,11 +31,59 @@ STRONG_NMI = 0.1
 BALANCED_LOAD_CV = 0.3
 
 
+# The numbers the report reads from each kind of metrics.jsonl record (dotted paths), and from each
+# layer of an eval record's "routing".
+RECORD_NUMBERS = {"train": ("step", "ce"), "eval": ("step", "loss.domain_weighted"),
+                  "collapse": ("step", "layer", "expert", "share")}
+ROUTING_NUMBERS = ("load_cv", "router_entropy_token", "router_entropy_max")
+
+
 def read_jsonl(path: Path) -> list[dict]:
+    """An arm's metrics.jsonl records, each with the fields the report reads of its kind: a damaged line or
+    a record of the wrong shape is one error naming file:line, not a traceback in a figure."""
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    records = []
+    for number, record in iter_jsonl_objects(path):
+        problem = record_problem(record)
+        if problem:
+            raise MoescopeError(f"{path}:{number}: {problem}")
+        records.append(record)
+    return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record: dict) -> str | None:
+    """What is wrong with a metrics.jsonl record for the report (None: nothing)."""
+    kind = record.get("kind")
+    if not isinstance(kind, str):
+        return None  # a kind the report does not read
+    for name in RECORD_NUMBERS.get(kind, ()):
+        value: Any = record
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not _is_number(value):
+            return f"{kind} record: {name!r} must be a number, got {json.dumps(value)[:40]}"
+    if kind != "eval" or "routing" not in record:
+        return None
+    routing = record["routing"]
+    if not isinstance(routing, dict):
+        return "eval record: 'routing' must be an object"
+    for layer, entry in routing.items():
+        if not layer.isdigit() or not isinstance(entry, dict):
+            return f"eval record: routing entry {layer!r} must be a layer number with an object"
+        bad = [k for k in ROUTING_NUMBERS if not _is_number(entry.get(k))]
+        fractions = entry.get("token_fraction")
+        if not isinstance(fractions, list) or not all(_is_number(f) for f in fractions):
+            bad.append("token_fraction")
+        if "unrouted_fraction" in entry and not _is_number(entry["unrouted_fraction"]):
+            bad.append("unrouted_fraction")
+        if bad:
+            return f"eval record: routing.{layer}.{bad[0]} is missing or not a number"
+    return None
 
 
 def _read_json(path: Path) -> dict:

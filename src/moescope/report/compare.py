@@ -10,13 +10,14 @@ the analysis directory's name (plus ":ARM" when an analysis holds several MoE ar
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from moescope.analysis.compare import TokenKeys, router_saturation_layer, same_tokens
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
@@ -70,8 +71,9 @@ def read_entries(outs: list[Path], labels: list[str] | None = None) -> list[Entr
 _SATURATION_COLUMNS = ("block", "position", "token_id", "expert_index")
 
 
-def read_routing_columns(path: Path) -> dict[str, np.ndarray]:
-    """The columns saturation needs from OUT/analysis/routing/ARM/LAYER.npz (no pickle, nothing else loaded)."""
+def read_routing_columns(path: Path, n_experts: int | None = None) -> dict[str, np.ndarray]:
+    """The columns saturation needs from OUT/analysis/routing/ARM/LAYER.npz (no pickle, nothing else loaded):
+    integer columns of one length, expert_index [N, k] within 0..n_experts-1; anything else one line naming it."""
     if not path.is_file():
         raise MoescopeError(f"{path} not found: router saturation needs the routing tables that "
                             "`moescope analyze` saves")
@@ -81,10 +83,21 @@ def read_routing_columns(path: Path) -> dict[str, np.ndarray]:
             if missing:
                 raise MoescopeError(f"{path}: not a routing table (no {', '.join(missing)})")
             cols = {c: np.asarray(data[c]) for c in _SATURATION_COLUMNS}
-    except (OSError, ValueError) as exc:
-        raise MoescopeError(f"{path}: not a routing table ({exc})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # empty, truncated, not an npz
+        raise MoescopeError(f"{path}: not a routing table ({first_line(exc)})") from exc
     if cols["expert_index"].ndim != 2:
         raise MoescopeError(f"{path}: expert_index must be [N, k], got {cols['expert_index'].shape}")
+    rows = cols["expert_index"].shape[0]
+    for name, col in cols.items():
+        if not np.issubdtype(col.dtype, np.integer):
+            raise MoescopeError(f"{path}: {name} must hold integers, got {col.dtype}")
+        if (col.ndim != 1 and name != "expert_index") or col.shape[0] != rows:
+            raise MoescopeError(f"{path}: {name} has shape {col.shape}, but expert_index has {rows} rows")
+    index = cols["expert_index"]
+    if index.size and index.min() < 0:
+        raise MoescopeError(f"{path}: expert_index {index.min()} is negative")
+    if index.size and isinstance(n_experts, int) and index.max() >= n_experts:
+        raise MoescopeError(f"{path}: expert_index {index.max()} is outside the layer's {n_experts} experts")
     return cols
 
 
@@ -101,7 +114,11 @@ def saturation_against(entries: list[Entry], reference: Entry) -> dict[str, dict
         for layer in common:
             a_path = entry.out / "analysis" / "routing" / entry.arm / f"{layer}.npz"
             b_path = reference.out / "analysis" / "routing" / reference.arm / f"{layer}.npz"
-            a, b = read_routing_columns(a_path), read_routing_columns(b_path)
+            n_a, n_b = (e.metrics["layers"][layer].get("n_experts") for e in (entry, reference))
+            if n_a != n_b:
+                raise MoescopeError(f"{entry.out / 'analysis' / 'metrics.json'}: layer {layer} of {entry.label} has "
+                                    f"{n_a} experts, of {reference.label} {n_b}: saturation compares the same experts")
+            a, b = read_routing_columns(a_path, n_a), read_routing_columns(b_path, n_b)
             if a["expert_index"].shape[1] != b["expert_index"].shape[1]:
                 raise MoescopeError(f"{a_path} routes top-{a['expert_index'].shape[1]}, {b_path} top-"
                                     f"{b['expert_index'].shape[1]}: saturation needs the same k")
