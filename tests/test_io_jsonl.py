@@ -15,7 +15,7 @@ def test_objects_come_with_their_line_numbers(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b'{"text": "a"}\n{"text": \n', r"t.jsonl:2: invalid JSON"),
     (b'{"text": "a"}\n[1, 2]\n', r"t.jsonl:2: expected a JSON object, got list"),
-    (b'{"text": "\xff"}\n', r"t.jsonl: not UTF-8 text"),
+    (b'{"text": "\xff"}\n', r"t.jsonl:1: not UTF-8 text"),
 ])
 def test_bad_files_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "t.jsonl"

@@ -181,8 +181,9 @@ def check_arm_models(run_dir: Path, name: str, experiment: dict) -> None:
                             f"{run_dir / 'experiment.json'} records for arm {name!r} ({recorded or 'dense'}); "
                             "the model comes from another run")
     final_shapes = weight_shapes(final / WEIGHTS_NAME) if (final / WEIGHTS_NAME).is_file() else None
-    for _, snapshot in snapshot_dirs(arm_dir):
-        verify_saved_model(snapshot)
+    # snapshots are read only for an MoE arm's router saturation, whose load verifies each one's manifest;
+    # here their settings and header shapes, so that one from another run is refused before anything is written
+    for _, snapshot in snapshot_dirs(arm_dir) if final_settings else ():
         settings = moe_settings(read_moe_config(snapshot))
         if settings != final_settings:
             raise MoescopeError(f"{snapshot}: MoE settings {settings or 'dense'} differ from the final model's "
@@ -530,7 +531,7 @@ def analyze_run(
     for name in names:  # every arm's models checked before anything of the analysis is replaced
         check_arm_models(run_dir, name, experiment)
     store = BlockStore.open(resolve_data_dir(run_dir, experiment, data_dir))
-    store.verify_blocks()  # a token id past the vocabulary is one line here, not an IndexError in a forward pass
+    store.verify_blocks(("eval",))  # a token id past the vocabulary is one line here, not an IndexError in a forward pass
     for domain in [d for d in store.domains if d in (cfg.token_type_domain, *cfg.format_test_domains)]:
         for _ in store.texts("eval", domain):  # a bad line refused before any routing table is replaced
             pass

@@ -19,7 +19,6 @@ moved into place at the end::
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 import shutil

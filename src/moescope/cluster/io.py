@@ -143,7 +143,7 @@ def capture_batches(model_dir: str | Path, data_dir: str | Path, out_dir: str | 
     from moescope.moe.model import moe_layers
 
     store = BlockStore.open(data_dir)
-    store.verify_blocks()  # token ids within the vocabulary before any forward pass
+    store.verify_blocks((cfg.split,))  # token ids within the vocabulary before any forward pass
     model = load_saved_model(model_dir, device=cfg.device)
     layers = moe_layers(model)
     if not layers:

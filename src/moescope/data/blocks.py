@@ -229,11 +229,14 @@ class BlockStore:
             raise MoescopeError(f"{path}: size {size} bytes, manifest says {expected}")
         return np.memmap(path, dtype=self.dtype, mode="r", shape=(n, self.block_size))
 
-    def verify_blocks(self) -> None:
-        """Every block file against its sha256 in the manifest (data built before the manifest kept
-        them is checked without it), and every token id below vocab_size: a flipped bit would otherwise
-        train on other tokens, or index past the embedding (an IndexError deep in torch), without a word."""
+    def verify_blocks(self, splits: tuple[str, ...] | None = None) -> None:
+        """Every block file of `splits` (default: all) against its sha256 in the manifest (data built
+        before the manifest kept them is checked without it), and every token id below vocab_size: a
+        flipped bit would otherwise train on other tokens, or index past the embedding (an IndexError
+        deep in torch), without a word."""
         for split, domains in self.manifest["splits"].items():
+            if splits is not None and split not in splits:
+                continue
             for domain, entry in domains.items():
                 if not self.n_blocks(split, domain):
                     continue

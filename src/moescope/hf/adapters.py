@@ -399,8 +399,9 @@ def find_sites(model: nn.Module) -> tuple[Adapter, list[MoESite]]:
         if _has_moe_modules(model):
             raise MoescopeError(_unknown_moe_message(model, kind))
         if (key := _moe_config_key(model)) is not None:
-            raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer: its config sets {key} = "
-                                f"{getattr(config, key)}, but every block built from it is dense; nothing to analyse")
+            raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer moescope recognizes: its config "
+                                f"sets {key} = {getattr(config, key)}, but no block built from it has an experts, "
+                                "router or gating module (all blocks dense, or an MoE family moescope cannot read)")
         raise MoescopeError(f"{type(model).__name__} ({kind}) has no MoE layer: nothing to analyse")
     sites = sites_of(model, adapter, modules)
     if adapter is not MOESCOPE and (missed := _unrouted_blocks(model, sites, adapter)):

@@ -9,6 +9,7 @@ gigabytes are read.
 from __future__ import annotations
 
 import logging
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,6 @@ def is_moescope_dir(source: str | Path) -> bool:
 def read_config(source: str, revision: str | None = None) -> Any:
     """The model's transformers config (at hub `revision`, if given); refuses repositories that need their
     own code."""
-    import stat
-
     from transformers import AutoConfig
 
     if Path(source).is_dir():
@@ -251,9 +250,12 @@ def load_checkpoint(source: str, failure: str, auto_class: str = "AutoModelForCa
         raise MoescopeError(f"{failure}: {first_line(exc) or type(exc).__name__}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    if not Path(source).is_dir() and (directory := checkpoint_directory(source, revision)) is not None:
-        check_weight_files(directory, quantization, require=False)
-    if quantization is None and (state := quantization_state_keys(info.get("unexpected_keys") or ())):
+    if not Path(source).is_dir():
+        directory = checkpoint_directory(source, revision)
+        if directory is not None:  # the hub files transformers fetched, scanned like a local directory's
+            check_weight_files(directory, quantization, require=False)
+    if directory is None and quantization is None and (
+            state := quantization_state_keys(info.get("unexpected_keys") or ())):
         raise MoescopeError(f"{failure}: the checkpoint holds quantization state ({state[0]}"
                             f"{f' and {len(state) - 1} more' if len(state) > 1 else ''}) but its config declares "
                             "no quantization method; its weights would be read as plain numbers")

@@ -15,19 +15,23 @@ def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]
     raises MoescopeError naming ``path:line``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MoescopeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        fh = open(path, "rb")  # binary lines split at b"\n" only: U+2028 may sit inside a text (ensure_ascii=False)
     except OSError as exc:
         raise MoescopeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    # "\n" only: str.splitlines also cuts at U+2028, U+0085 ..., which ensure_ascii=False leaves in strings
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MoescopeError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise MoescopeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+    with fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MoescopeError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MoescopeError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
+            except RecursionError:
+                raise MoescopeError(f"{path}:{number}: invalid JSON (nested too deeply)") from None
+            if not isinstance(record, dict):
+                raise MoescopeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record

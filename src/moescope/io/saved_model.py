@@ -4,6 +4,7 @@ a config.json whose values have the wrong type is one error naming that file, no
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def recorded_manifest_sha256(directory: str | Path) -> str | None:
     if directory.name != "final" or not summary.exists():
         return None
     value = read_json_object(summary).get("final_manifest_sha256")
-    if value is not None and not (isinstance(value, str) and len(value) == 64):
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value)):
         raise MoescopeError(f"{summary}: 'final_manifest_sha256' must be a sha256 hex digest, got {value!r:.80}")
     return value
 

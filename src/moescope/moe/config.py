@@ -106,9 +106,8 @@ class MoEConfig:
         return self.routed_top_k / self.top_k
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_experts <= MAX_EXPERTS:
-            raise MoescopeError(f"moe.n_experts must be in 1..{MAX_EXPERTS} (routing tables store expert ids as "
-                                f"int16), got {self.n_experts}")
+        if self.n_experts < 1:
+            raise MoescopeError(f"moe.n_experts must be >= 1, got {self.n_experts}")
         if not 1 <= self.top_k <= self.n_experts:
             raise MoescopeError(f"moe.top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}")
         if self.gating not in ("ste", "switch"):
@@ -145,6 +144,10 @@ class MoEConfig:
             )
         if self.routed_experts < self.routed_top_k:
             raise MoescopeError(f"moe: {self.routed_experts} routed experts cannot serve top-{self.routed_top_k}")
+        if self.routed_experts > MAX_EXPERTS:
+            raise MoescopeError(f"moe: {self.routed_experts} routed experts (expert_granularity x n_experts - "
+                                f"n_shared_experts); at most {MAX_EXPERTS}, since routing tables store expert ids "
+                                "as int16")
         if self.shared_gate and s == 0:
             raise MoescopeError("moe.shared_gate needs moe.n_shared_experts >= 1")
         if self.routing not in ("token_choice", "expert_choice"):
