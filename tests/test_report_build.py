@@ -224,15 +224,15 @@ GOOD_EVAL = {"kind": "eval", "step": 2, "loss": {"domain_weighted": 4.5},
 
 
 @pytest.mark.parametrize("line, says", [
-    ("null", "expected a JSON object, got NoneType"),
-    ("[1]", "expected a JSON object, got list"),
+    ("null", "not a JSON record (not a JSON object)"),
+    ("[1]", "not a JSON record (not a JSON object)"),
     ('{"kind": "eval", "step": 3, "loss": "bad"}', "'loss.domain_weighted' must be a number"),
     ('{"kind": "eval", "step": 3}', "'loss.domain_weighted' must be a number, got null"),
     ('{"kind": "train", "step": "3", "ce": 1.0}', "'step' must be a number"),
     ('{"kind": "collapse", "step": 3, "layer": 0, "expert": 1}', "'share' must be a number"),
     (json.dumps({**GOOD_EVAL, "routing": {"0": {"load_cv": 0.1}}}), "routing.0.router_entropy_token is missing"),
     (json.dumps({**GOOD_EVAL, "routing": {"x": {}}}), "routing entry 'x'"),
-    ('{"kind": "train", "st', "invalid JSON"),
+    ('{"kind": "train", "st', "not a JSON record"),
 ])
 def test_report_refuses_a_metrics_jsonl_record_it_cannot_read_naming_file_and_line(
         tmp_path: Path, capsys, line: str, says: str) -> None:
@@ -250,4 +250,7 @@ def test_report_refuses_a_metrics_jsonl_record_it_cannot_read_naming_file_and_li
     assert len(err) == 1 and f"{records}:2: " in err[0] and says in err[0], err
     assert not (run / "report").exists()
     records.write_text(json.dumps(GOOD_TRAIN) + "\n" + json.dumps(GOOD_EVAL) + "\n")  # the shape training writes
+    assert read_jsonl(records) == [GOOD_TRAIN, GOOD_EVAL]
+    # a run still writing: its torn last line is left out, as training's own reader does
+    records.write_text(json.dumps(GOOD_TRAIN) + "\n" + json.dumps(GOOD_EVAL) + "\n" + '{"kind": "tra')
     assert read_jsonl(records) == [GOOD_TRAIN, GOOD_EVAL]

@@ -14,7 +14,6 @@ from typing import Any
 
 from moescope.errors import MoescopeError
 from moescope.io.config import upgrade_keys
-from moescope.io.jsonl import iter_jsonl_objects
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
@@ -40,11 +39,12 @@ ROUTING_NUMBERS = ("load_cv", "router_entropy_token", "router_entropy_max")
 
 def read_jsonl(path: Path) -> list[dict]:
     """An arm's metrics.jsonl records, each with the fields the report reads of its kind: a damaged line or
-    a record of the wrong shape is one error naming file:line, not a traceback in a figure."""
-    if not path.is_file():
-        return []
+    a record of the wrong shape is one error naming file:line, not a traceback in a figure. Read as training
+    reads it, so a torn last line (a run still writing) is left out with a warning."""
+    from moescope.train.metrics_log import numbered_metrics
+
     records = []
-    for number, record in iter_jsonl_objects(path):
+    for number, record in numbered_metrics(path):
         problem = record_problem(record)
         if problem:
             raise MoescopeError(f"{path}:{number}: {problem}")

@@ -59,7 +59,7 @@ class MetricsLog:
         and a last line torn by a crash mid-write (with a warning)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line, r in _parse(self.path, cut_torn=True) if r.get("step", 0) <= step]
+        kept = [line for _, line, r in _parse(self.path, cut_torn=True) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -144,11 +144,18 @@ def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
     is left out with a warning, a bad line anywhere else raises MoescopeError naming it."""
     if not path.is_file():
         return []
-    return [r for _, r in _parse(path, cut_torn=True) if kind is None or r.get("kind") == kind]
+    return [r for _, r in numbered_metrics(path) if kind is None or r.get("kind") == kind]
 
 
-def _parse(path: Path, *, cut_torn: bool) -> list[tuple[str, dict[str, Any]]]:
-    """(line, record) per whole line of `path`."""
+def numbered_metrics(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a metrics.jsonl, read as `read_metrics` reads it (for errors naming file:line)."""
+    if not path.is_file():
+        return []
+    return [(n, r) for n, _, r in _parse(path, cut_torn=True)]
+
+
+def _parse(path: Path, *, cut_torn: bool) -> list[tuple[int, str, dict[str, Any]]]:
+    """(line number, line, record) per whole line of `path`."""
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -166,7 +173,7 @@ def _parse(path: Path, *, cut_torn: bool) -> list[tuple[str, dict[str, Any]]]:
                 log.warning("%s: line %d is torn (%s), cut back to the last whole record", path, n, exc)
                 break
             raise MoescopeError(f"{path}:{n}: not a JSON record ({exc})") from None
-        rows.append((text, record))
+        rows.append((n, text, record))
     return rows
 
 
