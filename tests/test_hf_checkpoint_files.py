@@ -118,7 +118,7 @@ def test_fp8_checkpoint_is_dequantized_and_routes_as_its_bf16_twin(dsv3: Path, d
 
 
 @pytest.mark.parametrize("quantization, needles", [
-    (None, ["_scale_inv'", "declares no quantization method"]),
+    (None, ["is stored quantized (F8_E4M3)", "declares no quantization method"]),
     ({**DEEPSEEK_FP8, "quant_method": "fp8_blockwise"}, ["'fp8_blockwise'", "cannot dequantize"]),
 ])
 def test_fp8_weights_without_a_known_quantization_method_are_refused(dsv3: Path, data: Path, tmp_path: Path, capsys,

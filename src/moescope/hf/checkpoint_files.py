@@ -4,18 +4,15 @@ transformers names only the directory when a shard's header is damaged, blocks f
 shard that is a FIFO, and reads quantized tensors (fp8, packed 4-bit blocks, int8) as plain
 numbers when config.json declares no quantization method it knows (it logs a warning and
 skips the quantizer): an analysis of such weights runs to the end on numbers nobody trained.
-Here every weight file is a regular file inside the directory with a readable header whose
-tensors lie within it, and a checkpoint that stores quantized tensors must declare a method
+Here every weight file is a regular file inside the directory whose header safetensors reads
+(moe/hf_model.safetensors_header, which names the file), and a checkpoint that stores quantized tensors must declare a method
 transformers dequantizes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import stat
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +20,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from moescope.errors import MoescopeError
 from moescope.io.jsonfile import read_json_object
+from moescope.moe.hf_model import safetensors_header
 
-# A header is a JSON table of names, dtypes, shapes and offsets: a few MB for the largest released models.
-MAX_HEADER_BYTES = 100 * 2**20
 # Stored dtypes that hold quantized weights (fp8, fp4/fp6, packed integers), not values to compute with.
 QUANTIZED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "U4", "I4"})
 # Tensors that only a dequantizer reads: scales (fp8 / mxfp4 / bitsandbytes), packed GPTQ / AWQ weights.
@@ -92,62 +88,18 @@ def weight_files(directory: Path, *, require: bool = True) -> list[Path]:
     return [single] if single.exists() else []
 
 
-def read_header(path: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), checked to lie within
-    the file; anything else is one MoescopeError naming the file."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise MoescopeError(f"{path}: not found (the checkpoint's index lists it)") from None
-    except OSError as exc:
-        raise MoescopeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(mode):
-        raise MoescopeError(f"{path}: not a regular file")
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise MoescopeError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER_BYTES, size - 8):
-                raise MoescopeError(f"{path}: not a safetensors file (header length {n} for a file of {size} bytes)")
-            raw = fh.read(n)
-    except OSError as exc:
-        raise MoescopeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        table = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise MoescopeError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(table, dict):
-        raise MoescopeError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    data = size - 8 - n
-    tensors = {}
-    for name, entry in table.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and isinstance(entry.get("dtype"), str)):
-            raise MoescopeError(f"{path}: tensor {name!r} has no dtype and data offsets in the header")
-        if not 0 <= offsets[0] <= offsets[1] <= data:
-            raise MoescopeError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
-        tensors[name] = entry
-    return tensors
-
-
 def check_weight_files(directory: Path, quantization: str | None, *, require: bool = True) -> None:
     """Every weight file of `directory` readable (see module docstring); without a declared quantization
     method no tensor may be stored quantized."""
     files = weight_files(directory, require=require)
     for path in files:
-        for name, entry in read_header(path).items():
+        for name, (dtype, _) in safetensors_header(path).items():
             if quantization is not None:
                 continue
             if QUANTIZATION_STATE.search(name):
                 what = "is a quantization scale or packed weight"
-            elif entry["dtype"] in QUANTIZED_DTYPES and _is_weight(name):
-                what = f"is stored quantized ({entry['dtype']})"
+            elif dtype in QUANTIZED_DTYPES and _is_weight(name):
+                what = f"is stored quantized ({dtype})"
             else:
                 continue
             raise MoescopeError(f"{path}: tensor {name!r} {what} but config.json declares no quantization method; "

@@ -138,16 +138,31 @@ def read_moe_config(directory: str | Path) -> MoEConfig | None:
     return _read_moe_config(path) if path.is_file() else None
 
 
-def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} from a safetensors header; a truncated, empty or foreign file is one
-    error naming it (safetensors' own message names no file)."""
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (stored dtype such as "BF16" or "F8_E4M3", shape)} from a safetensors header, which
+    safetensors checks (length, JSON, every tensor within the file). A missing, truncated, empty or foreign
+    file is one error naming it (safetensors' own message names no file); anything but a regular file is
+    refused unopened (a FIFO would block the read forever)."""
+    import stat
+
     from safetensors import SafetensorError, safe_open
 
     try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise MoescopeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise MoescopeError(f"{path}: not a regular file")
+    try:
         with safe_open(str(path), framework="pt") as fh:
-            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+            return {key: (fh.get_slice(key).get_dtype(), tuple(fh.get_slice(key).get_shape())) for key in fh.keys()}
     except (SafetensorError, OSError) as exc:
         raise MoescopeError(f"{path}: unreadable safetensors file ({first_line(exc)})") from exc
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors header (see safetensors_header)."""
+    return {key: shape for key, (_, shape) in safetensors_header(path).items()}
 
 
 def _check_weights(model: nn.Module, path: Path) -> None:
