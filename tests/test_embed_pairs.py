@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from moescope.data.split import document_key
 from moescope.data.text import SourceText
 from moescope.embed.pairs import (
     PairConfig,
@@ -104,10 +105,31 @@ def test_extract_pairs_dispatches_by_domain_and_uses_source_meta():
     kinds = {(p.domain, p.kind) for p in pairs}
     assert kinds == {("code", "docstring_body"), ("math", "problem_rationale"), ("prose", "title_paragraph"),
                      ("prose", "lead_paragraph")}
-    assert not any(p.anchor == "Some Title" and p.source_id == "prose:w2" for p in pairs)
+    assert not any(p.anchor == "Some Title" and p.source_id == "prose:text:w2" for p in pairs)
     assert all(p.source_id.startswith(p.domain + ":") for p in pairs)
     with pytest.raises(MoescopeError, match="unknown pair extractor"):
         extract_pairs(sources, PairConfig(extractors={"code": "nope"}))
+
+
+def test_pairs_of_one_document_are_held_out_together():
+    """Two sections of one article, two definitions of one file and one problem in two wordings are
+    one source each: the split never puts one of them beside the other."""
+    para = "A sentence that leads this paragraph of the section. The rest of it follows here at length."
+    sources = [SourceText(f"{para} {a}-{s}", "prose", f"w{a}:{s}", {"title": f"T{a}", "section": f"S{s}",
+                                                                     "document": f"enwiki:T{a}"})
+               for a in range(20) for s in range(3)]
+    sources += [SourceText(CODE, "code", f"f{f}:def{d}", {"document": f"stdlib:f{f}.py"})
+                for f in range(20) for d in range(2)]
+    sources += [SourceText("x", "math", f"m{i}:{w}", {"problem": f"pick {i % 3 + 2} of 9 , wording {w} ?",
+                                                       "rationale": f"ways = {i} . answer : {i}",
+                                                       "family": "committee", "params": {"n": 9, "k": i % 3 + 2}})
+                for i in range(20) for w in range(2)]
+    pairs = extract_pairs(sources, PairConfig(min_positive_chars=10))
+    assert {p.source_id for p in pairs if p.domain == "math"} == {f"math:{document_key(s)}" for s in sources[100:]}
+    assert len({p.source_id for p in pairs if p.domain == "prose"}) == 20
+    split = split_pairs(pairs, eval_fraction=0.3, seed=0)
+    assert split.eval and split.train
+    assert {p.source_id for p in split.train}.isdisjoint(p.source_id for p in split.eval)
 
 
 def _synthetic_pairs(n_sources: int = 60) -> list[TextPair]:

@@ -285,7 +285,7 @@ def test_a_snapshot_is_whole_or_absent_and_a_failed_write_is_one_line(world: dic
     cfg_file = world["config"]
     assert main(["train", str(cfg_file), "--out", str(run)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "the snapshot at step 0 could not be written" in err and "--resume continues from the start" in err
+    assert err.count("\n") == 0 and "the snapshot at step 0 could not be written in" in err and "--resume continues from the start" in err
     assert not [p for p in (run / ARM / "snapshots").iterdir() if not p.name.startswith(".")]
     monkeypatch.setattr(rundir, "save_moe_model", save)
     assert main(["train", str(cfg_file), "--resume", "--out", str(run)]) == 0
@@ -303,6 +303,33 @@ def test_no_intact_checkpoint_is_one_line_and_exit_2(world: dict, tmp_path: Path
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no intact checkpoint" in err and "trainer_tensors.safetensors" in err
     assert (run / ARM / "metrics.jsonl").read_bytes() == metrics_before
+
+
+def _limited_file_size(limit: int):
+    """A child's preexec: files of at most `limit` bytes, as on a disk that fills mid-write (Python ignores
+    SIGXFSZ, so the write fails with EFBIG like ENOSPC)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("where", ["first file", "first checkpoint"])
+def test_a_full_disk_is_one_line_naming_the_file_and_resume_is_bit_identical(world: dict, tmp_path: Path,
+                                                                             where: str) -> None:
+    ckpt = checkpoint_steps(world["reference"] / ARM / "checkpoints")[0]
+    model_bytes = (ckpt / "model" / "model.safetensors").stat().st_size
+    limit = 64 if where == "first file" else model_bytes + 1024  # weights fit, optimizer state does not
+    assert (ckpt / "trainer_tensors.safetensors").stat().st_size > limit
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "moescope", "train", str(world["config"]), "--experiment",
+                           "--out", str(run)], env=_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_limited_file_size(limit))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("moescope: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "File too large" in lines[0] and str(run) in lines[0], lines[0]  # names what could not be written
+    assert not [p for p in run.rglob(".*") if p.name.endswith(".tmp")]  # nothing half-written left
+    _resume(world, run)
+    assert_same_as_reference(run, world["reference"])
 
 
 def test_a_crafted_pickle_never_runs(world: dict, tmp_path: Path) -> None:

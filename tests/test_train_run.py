@@ -426,7 +426,7 @@ def test_a_checkpoint_that_fails_mid_write_leaves_the_previous_one_whole(data: P
     import safetensors.torch
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)  # the model is written, the trainer state fails
-    with pytest.raises(MoescopeError, match=r"step 4 could not be written \(No space left on device\).*step_000003"):
+    with pytest.raises(MoescopeError, match=r"step 4 could not be written in \S+ \(No space left on device\).*step_000003"):
         trainer.save_checkpoint()
     root = tmp_path / "arm" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003"]  # no half-written step_000004

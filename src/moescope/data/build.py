@@ -251,8 +251,9 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
                                         "source documents of both splits; near-duplicates removed before"},
             "near_duplicates": {
                 "method": f"MinHash LSH (datasketch, {NEAR_DUP_NUM_PERM} permutations) on lower-cased "
-                          f"{NEAR_DUP_SHINGLE_WORDS}-word shingles, estimated Jaccard >= {NEAR_DUP_THRESHOLD} "
-                          "against any train text (all domains); the eval copy is dropped",
+                          f"{NEAR_DUP_SHINGLE_WORDS}-word shingles (Python source with its string literals set aside), "
+                          f"estimated Jaccard >= {NEAR_DUP_THRESHOLD} against any train text (all domains); "
+                          "the eval copy is dropped",
                 "threshold": NEAR_DUP_THRESHOLD,
                 "eval_removed": {d: near.per_domain.get(d, 0) for d in collected},
                 "examples": [{"eval": e, "train": t, "jaccard": j} for e, t, j in near.examples],

@@ -10,6 +10,7 @@ both sides.
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from collections.abc import Sequence
@@ -45,11 +46,17 @@ def normalize_problem(problem: str) -> str:
 def document_key(t: SourceText) -> str:
     """The source document a text comes from; all texts of one document go to the same split.
 
-    A math problem (any text with a `problem` field: generated, MathQA, GSM8K) is keyed by
-    its normalized statement, so one problem with two solution wordings is one document.
-    Sources that cut documents into several texts (article sections, a file's definitions)
-    name the document in `meta["document"]`; any other text is its own document.
+    A generated math problem is keyed by its family and the multiset of its parameter values:
+    the generator words one problem many ways (templates, names, items, openers), and the same
+    numbers in another order are the same problem with its givens swapped. Any other math
+    problem (a `problem` field: MathQA, GSM8K) is keyed by its normalized statement, so one
+    problem with two solution wordings is one document. Sources that cut documents into
+    several texts (article sections, a file's definitions) name the document in
+    `meta["document"]`; any other text is its own document.
     """
+    family, params = t.meta.get("family"), t.meta.get("params")
+    if isinstance(family, str) and family and isinstance(params, dict) and params:
+        return f"problem:{family}:" + json.dumps(sorted(json.dumps(v, sort_keys=True) for v in params.values()))
     problem = t.meta.get("problem")
     if isinstance(problem, str) and problem.strip():
         return "problem:" + normalize_problem(problem)
@@ -121,11 +128,24 @@ def _identity(x: Any) -> Any:
     return x
 
 
+# a Python string literal: triple-quoted (any lines), or single-line quoted with escapes
+_PY_STRING = re.compile(r'(?s)("""' r"|''')" r"(?:\\.|.)*?\1" r'|"(?:\\.|[^"\\\n])*"' r"|'(?:\\.|[^'\\\n])*'")
+
+
+def near_duplicate_view(t: SourceText) -> str:
+    """What the near-duplicate check compares: the text, with Python source's string literals (names,
+    tables, docstrings) replaced by one placeholder, so that template twins (the encodings modules'
+    definitions that differ only in a codec name) are seen as the copies they are."""
+    path = str(t.meta.get("path") or t.meta.get("file") or "")
+    return _PY_STRING.sub('"_"', t.text) if path.endswith(".py") else t.text
+
+
 def minhashes(texts: Sequence[SourceText], num_perm: int = NEAR_DUP_NUM_PERM) -> list:
     """datasketch MinHash signature of each text's shingle set (seed fixed: both sides comparable)."""
     from datasketch import MinHash
 
-    return MinHash.bulk((shingle_hashes(t.text) for t in texts), num_perm=num_perm, seed=1, hashfunc=_identity)
+    return MinHash.bulk((shingle_hashes(near_duplicate_view(t)) for t in texts), num_perm=num_perm, seed=1,
+                        hashfunc=_identity)
 
 
 @dataclass

@@ -81,4 +81,9 @@ def tokenizer_size(tok: Any) -> int:
 
 
 def save_tokenizer(tok: Any, directory: Path) -> None:
-    tok.save_pretrained(str(directory))
+    """save_pretrained, with a failed write (the Rust library raises a bare Exception for a full disk)
+    as one line naming the directory."""
+    try:
+        tok.save_pretrained(str(directory))
+    except Exception as exc:
+        raise MoescopeError(f"could not write the tokenizer to {directory}: {first_line(exc)}") from exc

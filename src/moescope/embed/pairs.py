@@ -11,7 +11,7 @@ Online, any Hugging Face pair dataset (two text columns, e.g. anchor/positive or
 query/answer) loads through `load_pair_dataset`, from the hub or from local files in the
 formats the hub serves (parquet, json/jsonl, csv) or a `save_to_disk` directory.
 
-The held-out split is drawn by *source text* (a module, an article, a problem) before any
+The held-out split is drawn by *source document* (a module, an article, a problem) before any
 training, so no source contributes to both sides; pairs whose anchor or positive text
 also occurs on the held-out side (e.g. the same one-line docstring in two modules) are
 then dropped from training.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from moescope.data.split import document_key
 from moescope.errors import MoescopeError
 from moescope.io.jsonl import iter_jsonl_objects
 
@@ -180,7 +181,10 @@ def extract_pairs(sources: Iterable[SourceLike], cfg: PairConfig | None = None) 
         if kind is None:
             continue
         meta = getattr(src, "meta", None) or {}
-        common = {"source_id": f"{src.domain}:{src.id}", "domain": src.domain, "cfg": cfg}
+        # drawn by source document (an article with all its sections, a code file, one math problem
+        # however worded), as the corpus split is: a text-level draw put most held-out pairs beside
+        # training pairs of the same article or file
+        common = {"source_id": f"{src.domain}:{document_key(src)}", "domain": src.domain, "cfg": cfg}
         if kind == "docstring":
             pairs = extract_docstring_pairs(src.text, **common)
         elif kind == "problem_rationale":

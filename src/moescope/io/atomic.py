@@ -128,11 +128,19 @@ def atomic_file(path: str | Path):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_naming(exc, path)
         raise
     fsync_directory(path.parent)  # the rename itself survives a power loss only once the directory is synced
+
+
+def _raise_naming(exc: BaseException, target: Path) -> None:
+    """For an OSError that names no file (a write to a full disk), raise the same error naming `target`,
+    so that the one line the CLI prints says what could not be written; any other error: return."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -215,8 +223,9 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False, durable: boo
         yield tmp
         if durable:
             fsync_tree(tmp)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_naming(exc, final)
         raise
     if final.exists():
         if not overwrite:

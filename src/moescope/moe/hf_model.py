@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moescope.data.tokenizer import save_tokenizer
 from moescope.errors import MoescopeError, first_line
 from moescope.io.atomic import atomic_write_json, new_temporary, plain_file_mode
 from moescope.io.config import from_dict, to_dict
@@ -80,7 +81,7 @@ def _copy_tokenizer(tokenizer: Any, directory: Path) -> None:
         if isinstance(tokenizer, (str, Path)):
             files = _tokenizer_files(Path(tokenizer))
         else:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, Path(tmp))
             files = _tokenizer_files(Path(tmp))
         for f in files:
             staged = Path(tmp) / f".{f.name}.part"

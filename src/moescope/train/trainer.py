@@ -85,7 +85,8 @@ class Trainer:
     def _write_error(self, what: str, exc: BaseException) -> MoescopeError:
         """One line for a write that failed (a full disk, a quota): what, why, and where --resume continues."""
         last = self.rundir.last_verified()
-        return MoescopeError(f"{self.name}: {what} at step {self.step} could not be written ({first_line(exc)}); "
+        return MoescopeError(f"{self.name}: {what} at step {self.step} could not be written in "
+                             f"{self.rundir.out_dir} ({first_line(exc)}); "
                              f"--resume continues from {last if last is not None else 'the start'}")
 
     # ------------------------------------------------------------------ one optimizer step
