@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +25,7 @@ from moescope.data.config import DataBuildConfig
 from moescope.data.packing import PackStats, choose_rows, encoder_for, pack_to_file, truncate_block_file
 from moescope.data.sources import DomainTexts, collect_domain
 from moescope.data.split import (
-    NEAR_DUP_NUM_PERM, NEAR_DUP_SHINGLE_WORDS, NEAR_DUP_THRESHOLD, check_leakage, document_key,
+    NEAR_DUP_NUM_PERM, NEAR_DUP_SHINGLE_WORDS, NEAR_DUP_THRESHOLD, SPLIT_RULES, check_leakage, document_key,
     domain_seed, find_near_duplicates, split_texts,
 )
 from moescope.data.text import SourceText, digest_hashes, hash_text
@@ -40,9 +41,23 @@ TEXT_HASHES_NAME = "text_hashes.json"
 
 
 def config_fingerprint(cfg: DataBuildConfig) -> str:
-    """Identifies a build: same fingerprint, same inputs (for built-in sources, same bytes)."""
-    payload = json.dumps({"format_version": FORMAT_VERSION, "config": to_dict(cfg)}, sort_keys=True)
+    """Identifies a build: same fingerprint, same inputs (for built-in sources, same bytes) and the same
+    split rules. The built-in code and prose come from this Python's standard library and gensim's wheel,
+    so their versions are part of it; a build under older split rules is another build, never reused."""
+    payload = json.dumps({"format_version": FORMAT_VERSION, "split_rules": SPLIT_RULES, "config": to_dict(cfg),
+                          "builtin_inputs": builtin_input_versions()}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def builtin_input_versions() -> dict[str, str | None]:
+    """Versions of what the built-in sources read: the standard library's Python and gensim's data."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        gensim = version("gensim")
+    except PackageNotFoundError:
+        gensim = None
+    return {"python": f"{sys.version_info.major}.{sys.version_info.minor}", "gensim": gensim}
 
 
 def _existing_build(out_dir: Path, fingerprint: str, overwrite: bool) -> BlockStore | None:

@@ -22,6 +22,9 @@ import numpy as np
 from moescope.data.text import SourceText, hash_normalized, hash_text, normalize_whitespace
 from moescope.errors import MoescopeError
 
+# Bump when what goes to which side changes (document keys, near-duplicate rules): a data directory
+# built under other rules is another build (data/build.config_fingerprint), never silently reused.
+SPLIT_RULES = 2
 NEAR_DUP_THRESHOLD = 0.8
 NEAR_DUP_SHINGLE_WORDS = 5
 NEAR_DUP_NUM_PERM = 128
