@@ -85,6 +85,25 @@ def test_article_sections_and_file_definitions_stay_together() -> None:
         split_texts(one_file, domain="code", seed=0, eval_fraction=0.05, eval_min_texts=20)
 
 
+def test_eval_holds_enough_documents_not_just_enough_texts() -> None:
+    """Five long articles would meet the text count alone; eval must also hold min(20, a tenth) of the
+    documents, so that a held-out statistic does not rest on a handful of them."""
+    long_docs = [SourceText(text=f"long {a}:{s}", domain="prose", id=f"L{a}:{s}", meta={"document": f"L{a}"})
+                 for a in range(5) for s in range(40)]
+    short_docs = [SourceText(text=f"short {a}", domain="prose", id=f"S{a}", meta={"document": f"S{a}"})
+                  for a in range(295)]
+    texts = long_docs + short_docs
+    for seed in range(5):
+        _, evals = split_texts(texts, domain="prose", seed=seed, eval_fraction=0.05, eval_min_texts=20,
+                               eval_min_documents=20)
+        assert len({document_key(t) for t in evals}) >= 20
+        _, few = split_texts(texts, domain="prose", seed=seed, eval_fraction=0.05, eval_min_texts=20)
+        assert len(few) >= 20
+    small = texts[:200] + texts[200:260]  # 65 documents: a tenth is 6
+    _, evals = split_texts(small, domain="prose", seed=0, eval_fraction=0.05, eval_min_texts=1, eval_min_documents=20)
+    assert len({document_key(t) for t in evals}) >= 6
+
+
 def test_leakage_check_names_shared_documents() -> None:
     train = [_math(0, "what is 2 + 2 ?", "4")]
     evals = [_math(1, "What is 2 +  2 ?", "two plus two is 4")]

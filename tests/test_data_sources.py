@@ -12,7 +12,7 @@ import pytest
 
 from moescope.data.config import DomainConfig, SourceConfig
 from moescope.data.sources import collect_domain, load_domain_texts
-from moescope.data.sources.builtin import iter_news_texts, wiki_sections
+from moescope.data.sources.builtin import iter_news_texts, iter_wiki_texts, wiki_sections
 from moescope.data.sources.files import iter_files
 from moescope.data.sources.hf import gsm8k_text, iter_hf, mathqa_text
 from moescope.data.sources.pycode import (
@@ -107,6 +107,22 @@ def test_wiki_markup_removed_with_gensim_filter() -> None:
     for mark in ("'''", "''", "[[", "]]", "{{", "<ref", "=="):
         assert mark not in text
     assert secs[0][1].startswith("Anarchism is a philosophy")
+
+
+def test_builtin_wiki_leaves_out_link_and_citation_lists() -> None:
+    """"See also", "External links", "References" ... are lists, not prose; the excerpt has them."""
+    import bz2
+
+    from gensim.corpora.wikicorpus import extract_pages
+
+    from moescope.data.sources.builtin import LIST_SECTIONS, WIKI_FILE, gensim_data_dir
+
+    with bz2.open(gensim_data_dir() / WIKI_FILE, "rb") as fh:
+        headings = {h.strip().lower() for _, markup, _ in extract_pages(fh, filter_namespaces=("0",))
+                    for h, _ in wiki_sections(markup)}
+    assert {"see also", "external links"} <= headings & LIST_SECTIONS
+    sections = {t.meta["section"].strip().lower() for t in iter_wiki_texts("prose")}
+    assert "history" in sections and not sections & LIST_SECTIONS
 
 
 def test_builtin_prose_has_titles_and_news() -> None:

@@ -178,7 +178,8 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
     parts: dict[str, dict[str, list[SourceText]]] = {"train": {}, "eval": {}}
     for name, dt in collected.items():
         parts["train"][name], parts["eval"][name] = split_texts(
-            dt.texts, domain=name, seed=cfg.seed, eval_fraction=cfg.eval_fraction, eval_min_texts=cfg.eval_min_texts)
+            dt.texts, domain=name, seed=cfg.seed, eval_fraction=cfg.eval_fraction, eval_min_texts=cfg.eval_min_texts,
+            eval_min_documents=cfg.eval_min_documents)
     all_train = [t for ts in parts["train"].values() for t in ts]
     timings["split_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -254,8 +255,10 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
             "domains": list(collected),
             "seed": cfg.seed,
             "split_rule": {"eval_fraction": cfg.eval_fraction, "eval_min_texts": cfg.eval_min_texts,
-                           "level": "source document (article, code file, math problem statement), "
-                                    "before tokenization and packing"},
+                           "eval_min_documents": cfg.eval_min_documents, "rules_version": SPLIT_RULES,
+                           "level": "source document (article, code file, generated math problem by family "
+                                    "and numbers, other math problem by statement), before tokenization and "
+                                    "packing"},
             "splits": splits,
             "sources": {n: dt.source for n, dt in collected.items()},
             "filtering": {n: dt.stats.as_dict() for n, dt in collected.items()},

@@ -163,6 +163,9 @@ class DataBuildConfig:
     seed: int = 42
     eval_fraction: float = 0.05
     eval_min_texts: int = 20
+    # eval also holds at least min(this, 1/10 of the domain's documents) documents: a few long
+    # documents meeting the text count alone would leave every held-out statistic resting on them
+    eval_min_documents: int = 20
     block_size_tokens: int = 512
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     balance: bool = False
@@ -181,6 +184,8 @@ class DataBuildConfig:
             raise MoescopeError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.eval_min_texts < 1:
             raise MoescopeError(f"eval_min_texts must be >= 1, got {self.eval_min_texts}")
+        if self.eval_min_documents < 0:
+            raise MoescopeError(f"eval_min_documents must be >= 0, got {self.eval_min_documents}")
         if self.block_size_tokens < 2:
             raise MoescopeError(f"block_size_tokens must be >= 2, got {self.block_size_tokens}")
         if self.encode_batch_texts < 1 or self.encode_batch_chars < 1:

@@ -24,7 +24,7 @@ from moescope.errors import MoescopeError
 
 # Bump when what goes to which side changes (document keys, near-duplicate rules): a data directory
 # built under other rules is another build (data/build.config_fingerprint), never silently reused.
-SPLIT_RULES = 2
+SPLIT_RULES = 3
 NEAR_DUP_THRESHOLD = 0.8
 NEAR_DUP_SHINGLE_WORDS = 5
 NEAR_DUP_NUM_PERM = 128
@@ -69,18 +69,26 @@ def document_key(t: SourceText) -> str:
     return "text:" + t.id
 
 
+def eval_document_count(n_documents: int, eval_min_documents: int) -> int:
+    """Documents eval must hold at least: eval_min_documents, but never over a tenth of them."""
+    return min(eval_min_documents, n_documents // 10)
+
+
 def split_texts(
-    texts: Sequence[SourceText], *, domain: str, seed: int, eval_fraction: float, eval_min_texts: int
+    texts: Sequence[SourceText], *, domain: str, seed: int, eval_fraction: float, eval_min_texts: int,
+    eval_min_documents: int = 0,
 ) -> tuple[list[SourceText], list[SourceText]]:
     """Seeded random split of whole documents; both sides keep the source order of their texts.
 
     Documents are drawn in a seeded random order into eval until it holds at least
-    `eval_count(...)` texts, so eval may hold a few texts more than that count.
+    `eval_count(...)` texts and `eval_document_count(...)` documents, so eval may hold a few
+    texts more than that count.
     """
     n = len(texts)
     n_eval = eval_count(n, eval_fraction, eval_min_texts)
     keys = [document_key(t) for t in texts]
     docs = list(dict.fromkeys(keys))  # first-appearance order, independent of hash seeds
+    n_eval_docs = eval_document_count(len(docs), eval_min_documents)
     sizes: dict[str, int] = {}
     for k in keys:
         sizes[k] = sizes.get(k, 0) + 1
@@ -88,7 +96,7 @@ def split_texts(
     chosen: set[str] = set()
     got = 0
     for i in perm:
-        if got >= n_eval:
+        if got >= n_eval and len(chosen) >= n_eval_docs:
             break
         chosen.add(docs[int(i)])
         got += sizes[docs[int(i)]]

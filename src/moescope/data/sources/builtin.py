@@ -96,6 +96,12 @@ def wiki_sections(raw_markup: str) -> list[tuple[str, str]]:
     return out
 
 
+# sections that are lists of links and citations, not prose
+LIST_SECTIONS = frozenset({"see also", "external links", "references", "further reading", "notes", "bibliography",
+                           "sources", "citations", "footnotes", "notes and references", "works cited",
+                           "external link", "reference", "other websites", "related pages"})
+
+
 def iter_wiki_texts(domain: str, path: Path | None = None) -> Iterator[SourceText]:
     from gensim.corpora.wikicorpus import extract_pages
 
@@ -105,6 +111,8 @@ def iter_wiki_texts(domain: str, path: Path | None = None) -> Iterator[SourceTex
             if markup.lstrip().lower().startswith("#redirect"):
                 continue
             for s_idx, (heading, body) in enumerate(wiki_sections(markup)):
+                if heading.strip().lower() in LIST_SECTIONS:
+                    continue
                 for c_idx, chunk in enumerate(_chunk_paragraphs(body, SECTION_CHUNK_CHARS)):
                     yield SourceText(
                         text=chunk, domain=domain, id=f"enwiki:{pageid}:{s_idx}:{c_idx}",
