@@ -212,3 +212,16 @@ def test_fmt_known_values() -> None:
     assert fmt(Fraction(1, 3)) == "0.33"
     assert fmt(Fraction(1, 4)) == "0.25"
     assert fmt(Fraction(-57, 3)) == "-19"
+
+
+def test_units_in_the_rationale_match_the_statement(problems) -> None:
+    """A length unit the statement uses is the one its rationale answers in (a garden in feet once got
+    "sq m")."""
+    units = {"m": re.compile(r"\d m\b"), "feet": re.compile(r"\bfeet\b")}
+    for p in problems:
+        if p.family != "rectangle":
+            continue
+        unit = next(u for u, pat in units.items() if pat.search(p.problem))
+        other = "feet" if unit == "m" else "m"
+        assert units[unit].search(p.rationale) and not units[other].search(p.rationale), p.text
+        assert (f"sq {unit}" in p.rationale), p.text

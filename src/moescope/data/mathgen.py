@@ -337,11 +337,12 @@ def rectangle(rng: random.Random) -> MathProblem:
     length, width = rng.randint(5, 60), rng.randint(2, 40)
     per = 2 * (length + width)
     area = length * width
-    problem = _pick(rng, [
-        f"the perimeter of a rectangle is {per} m and its length is {length} m . find its area .",
-        f"a rectangular garden has a perimeter of {per} feet and is {length} feet long . what is its area ?",
-    ])
-    steps = [f"breadth = {per} / 2 - {length} = {width} m .", f"area = {length} × {width} = {area} sq m ."]
+    unit = _pick(rng, ["m", "feet"])  # one draw, as the choice between the two wordings was
+    square = "sq m" if unit == "m" else "sq feet"
+    problem = (f"the perimeter of a rectangle is {per} {unit} and its length is {length} {unit} . find its area ."
+               if unit == "m" else
+               f"a rectangular garden has a perimeter of {per} feet and is {length} feet long . what is its area ?")
+    steps = [f"breadth = {per} / 2 - {length} = {width} {unit} .", f"area = {length} × {width} = {area} {square} ."]
     return MathProblem("rectangle", {"perimeter": per, "length": length}, area, str(area), problem,
                        _finish(rng, steps, str(area)))
 
