@@ -139,6 +139,18 @@ def config_for(arch: str, vocab_size: int):
         return _cfg("qwen3_vl_moe", text_config=text, vision_config=dict(
             depth=1, hidden_size=HIDDEN, intermediate_size=32, num_heads=2, out_hidden_size=HIDDEN,
             deepstack_visual_indexes=[0]))
+    if arch == "gemma4_text":  # its router returns softmax probabilities, not logits
+        return _cfg("gemma4_text", **COMMON, **v, num_hidden_layers=2, enable_moe_block=True, num_experts=N_EXPERTS,
+                    top_k_experts=2, moe_intermediate_size=24, head_dim=16)
+    if arch == "inkling_text":  # the router's weight also holds its shared expert's gate (n_routed + 1 rows)
+        return _cfg("inkling_text", **COMMON, **v, num_hidden_layers=2, n_routed_experts=N_EXPERTS,
+                    num_experts_per_tok=2, moe_intermediate_size=24, n_shared_experts=1, head_dim=16)
+    if arch == "ernie4_5_vl_moe":  # one MoE block per modality inside the recorded block; text read on text
+        text = dict(**COMMON, **v, num_hidden_layers=3, moe_num_experts=N_EXPERTS, moe_k=2,
+                    moe_intermediate_size=[24, 24], moe_layer_start_index=1, moe_num_shared_experts=1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})
+        return _cfg("ernie4_5_vl_moe", text_config=text,
+                    vision_config=dict(depth=1, hidden_size=HIDDEN, intermediate_size=32, num_heads=2))
     raise KeyError(arch)
 
 
@@ -146,11 +158,11 @@ ARCHITECTURES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "d
                  "granitemoe", "granitemoeshared", "phimoe", "jamba", "dbrx", "llama4_text"]
 # released families moescope has no adapter for, read by the generic one (adapters.generic_adapter)
 GENERIC_ARCHITECTURES = ["ernie4_5_moe", "hunyuan_v1_moe", "minimax_m2", "flex_olmo", "exaone_moe", "glm4_moe_lite",
-                         "qwen3_vl_moe", "deepseek_v4"]
+                         "qwen3_vl_moe", "deepseek_v4", "gemma4_text", "inkling_text", "ernie4_5_vl_moe"]
 # the decoder layers that must be MoE in config_for's models
 EXPECTED_MOE_LAYERS = {"qwen2_moe": [0, 2], "qwen3_moe": [1], "deepseek_v2": [1, 2], "deepseek_v3": [1, 2],
                        "glm4_moe": [1, 2], "jamba": [1, 3], "ernie4_5_moe": [1, 2], "exaone_moe": [1, 2],
-                       "llama4_text": [1], "glm4_moe_lite": [1], "deepseek_v4": [0, 1, 2]}
+                       "llama4_text": [1], "glm4_moe_lite": [1], "deepseek_v4": [0, 1, 2], "ernie4_5_vl_moe": [1, 2]}
 
 
 def build_model(arch: str, vocab_size: int, seed: int = 0):
@@ -164,7 +176,7 @@ def build_model(arch: str, vocab_size: int, seed: int = 0):
     model = getattr(transformers, auto_class_for(arch, config)).from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight")) \
+            if name.endswith(("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.proj.weight")) \
                     and param.dim() == 2:
                 param.normal_(0.0, 0.5)
             elif name.endswith("e_score_correction_bias"):

@@ -259,6 +259,27 @@ def test_too_large_refused_unless_forced(shared, mixtral_dir, tmp_path: Path, ca
     assert (out / "analysis" / "metrics.json").is_file()
 
 
+def test_a_forward_the_model_itself_refuses_is_one_line(shared, mixtral_dir, tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    """A config transformers builds but whose forward raises (e.g. a hybrid with no attention layer for
+    its mask) is one line naming the failure, not a traceback; an out-of-memory stays the CLI's own line."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("get_mask_sizes: no attention layer\nsecond line")
+
+    monkeypatch.setattr(modeling_mixtral.MixtralForCausalLM, "forward", broken)
+    out = tmp_path / "out"
+    _refused(capsys, mixtral_dir, out, ["--data", str(shared[2]), *FAST], "forward pass failed",
+             "ValueError: get_mask_sizes: no attention layer")
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(modeling_mixtral.MixtralForCausalLM, "forward", oom)
+    _refused(capsys, mixtral_dir, out, ["--data", str(shared[2]), *FAST], "out of memory")
+
+
 def test_memory_estimate_counts_the_weights(mixtral_dir) -> None:
     from transformers import AutoModelForCausalLM
 

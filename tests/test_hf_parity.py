@@ -31,7 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONTEXT = 24
 # sigmoid scores, read off each family's transformers source; every other family here is a softmax router
-SIGMOID_ROUTERS = {"deepseek_v3", "glm4_moe", "minimax_m2", "exaone_moe", "glm4_moe_lite", "llama4_text"}
+SIGMOID_ROUTERS = {"deepseek_v3", "glm4_moe", "minimax_m2", "exaone_moe", "glm4_moe_lite", "llama4_text", "inkling_text"}
+# routers whose recorded output is already their softmax (its entropy is taken as it is)
+PROBABILITY_ROUTERS = {"gemma4_text"}
 # blocks that run their experts on every token, weighted by the router's dense scores (no ids handed over)
 
 
@@ -102,7 +104,9 @@ def test_capture_equals_dispatch(arch: str, tokenizer, tmp_path) -> None:
     dispatched, router_logits = _dispatched(reference, torch.from_numpy(blocks.tokens))
     assert sorted(k for k in dispatched if isinstance(k, int)) == [s.layer for s in sites]
     named = {cls for cls, _ in recorded_routers(model)}
-    recorded = [s.layer for s in sites if not named or type(s.router) in named]
+    # the recorded module is the router, or (ERNIE-4.5-VL) the block holding the per-modality blocks
+    recorded = [s.layer for s in sites if not named or type(s.router) in named
+                or type(model.get_submodule(s.path.rsplit(".", 1)[0])) in named]
     logits_of = dict(zip(recorded, router_logits))
     assert len(recorded) == len(router_logits)
     for site in sites:
@@ -119,7 +123,9 @@ def test_capture_equals_dispatch(arch: str, tokenizer, tmp_path) -> None:
         # router class the model records: DeepSeek-V4's hash-routed layer has none)
         if site.layer in logits_of:
             logits = logits_of[site.layer].reshape(-1, 8).float()
-            if arch in SIGMOID_ROUTERS or arch == "deepseek_v4":
+            if arch in PROBABILITY_ROUTERS:
+                p = logits / logits.sum(-1, keepdim=True)
+            elif arch in SIGMOID_ROUTERS or arch == "deepseek_v4":
                 p = torch.sigmoid(logits) if arch != "deepseek_v4" else torch.sqrt(torch.nn.functional.softplus(logits))
                 p = p / p.sum(-1, keepdim=True)
             else:

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from moescope import __version__
-from moescope.errors import MoescopeError, first_line
+from moescope.errors import MoescopeError, first_line, is_out_of_memory
 from moescope.runtime import keep_freed_memory
 
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moescope: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # a batch, a block count or an expert count too large for this machine or GPU
-        if not _out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         print(f"moescope: error: out of memory ({first_line(exc) or type(exc).__name__}); use smaller settings",
               file=sys.stderr)
@@ -96,14 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         print("moescope: interrupted", file=sys.stderr)
         return 130
 
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """numpy's / Python's MemoryError, or torch's (a CUDA) OutOfMemoryError, imported only if torch is."""
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    return oom is not None and isinstance(exc, oom)
 
 
 if __name__ == "__main__":

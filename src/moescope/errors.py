@@ -1,5 +1,7 @@
 """The one exception type the CLI turns into a one-line error and a non-zero exit."""
 
+import sys
+
 
 class MoescopeError(Exception):
     """A user-facing error: bad input, a missing file, a mismatched checkpoint.
@@ -14,3 +16,12 @@ def first_line(exc: BaseException) -> str:
     and the CLI prints one line)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """numpy's / Python's MemoryError, or torch's (a CUDA) OutOfMemoryError, imported only if torch is."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return oom is not None and isinstance(exc, oom)

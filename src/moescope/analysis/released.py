@@ -40,7 +40,7 @@ from moescope.analysis.summary import (
     summarize_layer,
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
-from moescope.errors import MoescopeError
+from moescope.errors import MoescopeError, first_line, is_out_of_memory
 from moescope.hf import loading, texts
 from moescope.hf.adapters import find_sites
 from moescope.hf.recorder import RoutingRecorder
@@ -220,9 +220,18 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
     analysis = stage / "analysis"
     stream = capture.RoutingStream(stage / "stream")
     with RoutingRecorder(adapter, sites) as recorder:
-        res = capture.stream_routing(net, blocks.tokens, blocks.domain, blocks.domains, recorder=recorder,
-                                     stream=stream, input_device=in_device, batch_blocks=cfg.batch_blocks,
-                                     progress=progress)
+        try:
+            res = capture.stream_routing(net, blocks.tokens, blocks.domain, blocks.domains, recorder=recorder,
+                                         stream=stream, input_device=in_device, batch_blocks=cfg.batch_blocks,
+                                         progress=progress)
+        except MoescopeError:
+            raise
+        except Exception as exc:  # the model's own forward refused its config or input (one line, not a traceback)
+            if is_out_of_memory(exc):
+                raise
+            raise MoescopeError(f"{name}: the model's forward pass failed ({type(exc).__name__}: "
+                                f"{first_line(exc)}); its config or checkpoint does not run as transformers "
+                                "builds it") from exc
     stream.close()
     del net
 

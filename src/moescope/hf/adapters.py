@@ -46,7 +46,9 @@ class Adapter:
     name: str
     router_classes: tuple[str, ...]  # class names of the router module (output[0] = router logits [N, E])
     selection: str  # how the router's logits become the experts and weights the block dispatches
-    scores: str = "softmax"  # "softmax" | "sigmoid": the router distribution whose entropy is reported
+    # the router distribution whose entropy is reported: "softmax" | "sigmoid" of the logits, or "scores":
+    # the recorded output already holds non-negative scores (Gemma 4's router returns its softmax), normalized as they are
+    scores: str = "softmax"
     shared_attrs: tuple[str, ...] = ()  # attribute names of always-on shared experts on the MoE block
     experts_attr: str = "experts"  # the block's experts module, called as experts(hidden, index, weights)
     shared_gate_attr: str = ""  # a [hidden -> 1] module whose sigmoid scales the shared expert per token
@@ -59,6 +61,8 @@ class Adapter:
     # The router attribute holding an elementwise score function other than sigmoid / softmax
     # (DeepSeek-V4's sqrtsoftplus): the entropy is that of its scores normalized over the experts.
     score_attr: str = ""
+    # blocks that only other modalities reach (ERNIE-4.5-VL's vision experts): idle on text, not analysed
+    idle_blocks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -207,7 +211,33 @@ def _score_module(router: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def infer_scores(config, router: nn.Module, block: nn.Module) -> tuple[str, str, str]:
+def _returned_score_kind(router_cls: type, index: int) -> str | None:
+    """'softmax' / 'sigmoid' when the router's forward returns, at output `index`, a name it assigned from
+    that call (the recorded output is then scores already, not logits); else None."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(router_cls.forward)))
+    except (TypeError, OSError, SyntaxError):
+        return None
+    kinds: dict[str, set] = {}  # every way each name is assigned: a score call's name, else None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+            func = value.func if isinstance(value, ast.Call) else None
+            ident = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    kinds.setdefault(target.id, set()).add(ident if ident in _SCORE_KINDS else None)
+    made = {name: next(iter(k)) for name, k in kinds.items() if len(k) == 1 and None not in k}
+    returned = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Return) and node.value is not None:
+            elts = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            out = elts[index] if index < len(elts) else None
+            returned.add(made.get(out.id) if isinstance(out, ast.Name) else None)
+    return returned.pop() if len(returned) == 1 else None
+
+
+def infer_scores(config, router: nn.Module, block: nn.Module, logits_index: int = 0) -> tuple[str, str, str]:
     """The router distribution of a family without an adapter and how it was told: (scores, how,
     score_attr). scores is 'sigmoid', 'softmax' or the name of another score function the router holds
     (then score_attr names that attribute).
@@ -215,8 +245,13 @@ def infer_scores(config, router: nn.Module, block: nn.Module) -> tuple[str, str,
     A score function the router holds as a module (DeepSeek-V4's score_fn) decides; then a setting that
     names sigmoid or softmax (Cohere2-MoE's expert_selection_fn, Inkling2's scoring_func in its text
     config); otherwise the function the router's and block's routing code calls, when it calls only one
-    of them; softmax when the code calls both or neither.
+    of them; softmax when the code calls both or neither. A router whose recorded output is itself the
+    result of softmax / sigmoid (Gemma 4) gives "scores": applying the function again would flatten every
+    distribution towards uniform.
     """
+    returned = _returned_score_kind(type(router), logits_index)
+    if returned is not None:
+        return "scores", f"the router returns its {returned} scores, normalized as they are", ""
     held = _score_module(router)
     if held is not None:
         attr, module = held
@@ -253,10 +288,26 @@ def _sibling_routers(model: nn.Module, router_cls: type) -> list[tuple[str, nn.M
     for path, block in routing_blocks(model):
         if any(isinstance(child, router_cls) for child in block.children()):
             continue
-        gates = [(name, getattr(block, name)) for name in _ROUTER_ATTRS if isinstance(getattr(block, name, None), nn.Module)]
-        if len(gates) == 1:
-            found.append((f"{path}.{gates[0][0]}" if path else gates[0][0], gates[0][1]))
+        if (gate := _block_gate(block)) is not None:
+            found.append((f"{path}.{gate[0]}" if path else gate[0], gate[1]))
     return found
+
+
+def _modality_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of the routing blocks directly under `module` when it holds one per modality
+    (ERNIE-4.5-VL records its whole text + vision block), the text one first; [] for a router or a block."""
+    if isinstance(getattr(module, "experts", None), nn.Module):
+        return []
+    inner = [(name, child) for name, child in module.named_children()
+             if isinstance(getattr(child, "experts", None), nn.Module) and takes_routing(child.experts)
+             and _block_gate(child) is not None]
+    return sorted(inner, key=lambda nc: "text" not in nc[0])
+
+
+def _block_gate(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """(attribute, module) of the block's one router (`gate` or `router`), None when it has none or both."""
+    gates = [(name, getattr(block, name)) for name in _ROUTER_ATTRS if isinstance(getattr(block, name, None), nn.Module)]
+    return gates[0] if len(gates) == 1 else None
 
 
 def generic_adapter(model: nn.Module) -> tuple[Adapter, list[tuple[str, nn.Module]]] | None:
@@ -267,10 +318,21 @@ def generic_adapter(model: nn.Module) -> tuple[Adapter, list[tuple[str, nn.Modul
             break
     else:
         return None
+    idle: list[str] = []
+    if _modality_blocks(modules[0][1]):
+        # the recorded module holds one MoE block per modality: read the text block's own router (its
+        # logits come first, as transformers' routers return them); the others stay idle on text
+        gated = []
+        for path, m in modules:
+            (name, text_block), *others = _modality_blocks(m)
+            gate_name, gate = _block_gate(text_block)
+            gated.append((f"{path}.{name}.{gate_name}", gate))
+            idle += [f"{path}.{other}" for other, _ in others]
+        modules, router_cls, index = gated, type(gated[0][1]), 0
     path, router = modules[0]
     block = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     config = getattr(model, "config", None)
-    scores, how, score_attr = infer_scores(config, router, block)
+    scores, how, score_attr = infer_scores(config, router, block, index)
     siblings = _sibling_routers(model, router_cls)
     if siblings:  # in model order, with the recorded ones
         order = {p: i for i, (p, _) in enumerate(model.named_modules())}
@@ -286,6 +348,7 @@ def generic_adapter(model: nn.Module) -> tuple[Adapter, list[tuple[str, nn.Modul
         architectures=(str(getattr(config, "model_type", type(model).__name__)),),
         logits_index=index,
         score_attr=score_attr,
+        idle_blocks=tuple(idle),
     ), modules
 
 
@@ -318,12 +381,12 @@ def _first_int(objs: list, keys: tuple[str, ...]) -> int | None:
 
 
 def router_width(router: nn.Module) -> int | None:
-    """How many choices the router scores, read off its own weight ([choices, hidden]) or its one
-    linear child (None when it has neither, e.g. a router MLP)."""
+    """How many choices the router scores, read off its own weight ([choices, hidden]) or the one linear
+    layer inside it (None when it has neither or several: a router MLP, whose last layer is not known)."""
     weight = router._parameters.get("weight")
     if weight is not None and weight.dim() == 2:
         return int(weight.shape[0])
-    linears = [m for m in router.children() if isinstance(m, nn.Linear)]
+    linears = [m for m in router.modules() if isinstance(m, nn.Linear)]
     return int(linears[0].out_features) if len(linears) == 1 else None
 
 
@@ -335,7 +398,7 @@ def zero_experts_message(path: str, width: int, n_experts: int) -> str:
 def _unrouted_blocks(model: nn.Module, sites: list[MoESite], adapter: Adapter) -> list[str]:
     """Paths of blocks whose experts module takes dispatched ids but whose router no site covers
     (DeepSeek-V4's hash-routed layers)."""
-    covered = {s.path for s in sites}
+    covered = {s.path for s in sites} | set(adapter.idle_blocks)
     return [path for path, _ in routing_blocks(model, adapter.experts_attr or "experts") if path not in covered]
 
 
@@ -433,15 +496,19 @@ def sites_of(model: nn.Module, adapter: Adapter, modules: list[tuple[str, nn.Mod
                                                      "dispatched experts and weights"))
         n_experts = _first_int([module, experts, block], _EXPERT_COUNT_KEYS) or router_width(module)
         top_k = _first_int([module, block, config], _TOP_K_KEYS)
-        width = router_width(module)
-        if n_experts is not None and width is not None and width != n_experts:
-            raise MoescopeError(zero_experts_message(path, width, n_experts))
         if n_experts is None or top_k is None:
             missing = " and ".join(w for w, v in (("expert count", n_experts), ("top-k", top_k)) if v is None)
             raise MoescopeError(f"{path}: {type(module).__name__}, its block and the config give no positive "
                                 f"{missing}; the config is inconsistent")
         parent = model.get_submodule(block_path.rsplit(".", 1)[0]) if "." in block_path else model
-        sites.append(MoESite(layer, block_path, int(n_experts), int(top_k), _n_shared([block, parent], adapter, config),
+        n_shared = _n_shared([block, parent], adapter, config)
+        # refused before any weight is read when the router scores more choices than the experts and the
+        # shared experts it may also gate (Inkling's weight has a row for its shared expert); the recorder
+        # checks the width of the logits it returns in any case
+        width = router_width(module)
+        if width is not None and width not in (n_experts, n_experts + n_shared):
+            raise MoescopeError(zero_experts_message(path, width, n_experts))
+        sites.append(MoESite(layer, block_path, int(n_experts), int(top_k), n_shared,
                              router=module, experts=experts, block=block,
                              shared_gate=getattr(block, adapter.shared_gate_attr, None) if adapter.shared_gate_attr
                              else None))

@@ -38,10 +38,12 @@ class LayerRouting:
 
 def router_entropy(logits: torch.Tensor, scores: str, score_fn=None) -> torch.Tensor:
     """Entropy (nats) of each row's router distribution: softmax of the logits, or the normalized scores of
-    sigmoid (or of `score_fn`, another positive elementwise score function the router holds)."""
+    sigmoid (or of `score_fn`, another positive elementwise score function the router holds), or with
+    scores="scores" the normalized values themselves (a router that returns its softmax / sigmoid)."""
     logits = logits.float()
-    if scores == "sigmoid" or score_fn is not None:
-        s = score_fn(logits) if score_fn is not None else torch.sigmoid(logits)
+    if scores in ("sigmoid", "scores") or score_fn is not None:
+        s = (score_fn(logits) if score_fn is not None else torch.sigmoid(logits) if scores == "sigmoid"
+             else logits.clamp_min(0.0))
         p = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
     logp = torch.log_softmax(logits, dim=-1)
