@@ -304,3 +304,37 @@ def test_nmi_at_the_upcycled_start_and_the_paired_change_with_a_direction_only_p
     assert "training decreased it." in specialization_sentence("moe", "moe", {"2": lay})
     del spec["nmi_start"], spec["nmi_change"]  # dense-initialized or released: no start value, no sentence
     assert "upcycled start" not in specialization_sentence("moe", "moe", {"2": lay})
+
+
+def test_a_paired_loss_direction_needs_the_interval_past_0_and_the_sign_flip_p_below_0_05() -> None:
+    """Opposite per-domain effects: the bootstrap interval (around the estimate) excludes 0 while the
+    sign-flip null (blocks' differences symmetric about 0) does not reject; no direction is then stated."""
+    import numpy as np
+
+    from moescope.analysis.stats import paired_loss_difference
+    from moescope.report.build import PAIRED_SIGNIFICANCE, paired_loss_sentences
+
+    rng = np.random.default_rng(1)
+    n = 60
+    dom = np.repeat([0, 1, 2], n)
+    tok = np.full(3 * n, 127.0)
+    diff = np.array([0.05, -0.05, -0.015])[dom] + rng.normal(0, 0.005, 3 * n)
+    b = rng.normal(4, 0.5, 3 * n) * tok
+    res = paired_loss_difference(b + diff * tok, b, tok, dom, 3).to_dict(["code", "math", "prose"])
+    interval = res["domain_weighted"]
+    assert interval["high"] < 0 and PAIRED_SIGNIFICANCE <= res["pvalue"] < 0.2  # the case itself
+
+    def sentence(interval: dict, p: float) -> str:
+        arms = {"moe": {"eval_loss_vs_dense": {"reference": "dense", "n_blocks": 180, "domain_weighted": interval,
+                                               "pvalue": p}}}
+        (text,) = paired_loss_sentences({"arms": arms})
+        return text
+
+    text = sentence(interval, res["pvalue"])
+    assert "below" not in text and "above" not in text and "not separated" in text
+    assert f"sign-flip p = {res['pvalue']:.3g}" in text and f"{interval['high']:+.4f}]" in text
+    assert "is above dense" not in sentence(iv(0.03, 0.02, 0.04), 0.1)
+    assert sentence(iv(0.03, 0.02, 0.04), 0.002).endswith(": moe is above dense.")
+    assert sentence(iv(-0.03, -0.04, -0.02), 0.002).endswith(": moe is below dense.")
+    assert "interval covers 0" in sentence(iv(0.01, -0.001, 0.02), 0.03)
+    assert "does not separate moe from dense" in sentence(iv(0.01, -0.001, 0.02), 0.3)

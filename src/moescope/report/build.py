@@ -28,6 +28,8 @@ STRONG_NMI = 0.1
 # at 0.3 the typical expert is within 30% of the uniform share 1/E. Judged on the interval:
 # balanced when its upper end is below, imbalanced when its lower end is above.
 BALANCED_LOAD_CV = 0.3
+# A paired loss difference gets a direction only when its interval excludes 0 and its sign-flip p is below this.
+PAIRED_SIGNIFICANCE = 0.05
 # Fewer effective experts than this (exp of the load entropy, judged by its interval's lower end) and about
 # one expert carries the routing: a domain dependence there is not experts dividing the work by domain.
 MIN_EFFECTIVE_EXPERTS = 2.0
@@ -484,6 +486,24 @@ def expert_token_tables(metrics: dict, per_expert: int = 5) -> list[Table]:
     return tables
 
 
+def paired_verdict(arm: str, reference: str, iv: dict, p: float) -> str:
+    """A direction ("above"/"below") only when the paired interval excludes 0 AND the sign-flip test rejects
+    "no difference" at PAIRED_SIGNIFICANCE. Both read the same statistic (the mean over domains of each
+    domain's per-token difference) but ask different questions: the interval resamples blocks around the
+    estimate, the sign flips test blocks' differences symmetric about 0, which opposite per-domain effects
+    make wide; a claim needs both."""
+    excludes = _low(iv) > 0 or _high(iv) < 0
+    if excludes and p < PAIRED_SIGNIFICANCE:
+        return f"{arm} is {'above' if _low(iv) > 0 else 'below'} {reference}"
+    if excludes:
+        return (f"the arms are not separated: the interval excludes 0, but the sign-flip test does not reject "
+                f"'no difference' (p >= {PAIRED_SIGNIFICANCE})")
+    if p < PAIRED_SIGNIFICANCE:
+        return (f"the arms are not separated: the sign-flip p is below {PAIRED_SIGNIFICANCE}, but the paired "
+                f"interval covers 0")
+    return f"the paired interval covers 0, so this budget does not separate {arm} from {reference}"
+
+
 def paired_loss_sentences(metrics: dict) -> list[str]:
     """One claim per non-dense arm: its held-out loss minus dense's, paired over the same blocks."""
     out = []
@@ -492,12 +512,7 @@ def paired_loss_sentences(metrics: dict) -> list[str]:
         if not diff:
             continue
         iv, p = diff["domain_weighted"], diff["pvalue"]
-        if iv["high"] < 0:
-            verdict = f"{arm} is below {diff['reference']}"
-        elif iv["low"] > 0:
-            verdict = f"{arm} is above {diff['reference']}"
-        else:
-            verdict = f"the paired interval covers 0, so this budget does not separate {arm} from {diff['reference']}"
+        verdict = paired_verdict(arm, diff["reference"], iv, p)
         out.append(f"{arm} - {diff['reference']} held-out loss, paired over the same {diff['n_blocks']} blocks: "
                    f"{iv['estimate']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] nats/token (95% CI, sign-flip "
                    f"p = {p:.3g}): {verdict}.")
