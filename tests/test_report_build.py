@@ -338,3 +338,19 @@ def test_a_paired_loss_direction_needs_the_interval_past_0_and_the_sign_flip_p_b
     assert sentence(iv(-0.03, -0.04, -0.02), 0.002).endswith(": moe is below dense.")
     assert "interval covers 0" in sentence(iv(0.01, -0.001, 0.02), 0.03)
     assert "does not separate moe from dense" in sentence(iv(0.01, -0.001, 0.02), 0.3)
+
+
+def test_format_test_sentence_states_the_interval_not_a_bound_and_the_changed_first_choices() -> None:
+    ft = {"layers": {
+        "2": {"mean_token_js_divergence": iv(0.0097, 0.0069, 0.0134), "top1_changed_fraction": iv(0.2485, 0.222, 0.28),
+              "reference_token_js_divergence": {"same domain": 0.112}},
+        "3": {"mean_token_js_divergence": iv(0.0162, 0.0113, 0.0223), "top1_changed_fraction": iv(0.2489, 0.2223, 0.2823),
+              "reference_token_js_divergence": {"same domain": 0.0953}}}}
+    m = metrics_with({"2": layer(iv(0.3, 0.25, 0.35), 0.001, iv(0.1, 0.05, 0.2))})
+    m["arms"]["moe"]["format_test"] = ft
+    text = headline_sentences(m, {}, {})[-1]
+    assert "at most" not in text  # its interval reaches above the estimate: not a bound
+    assert text == ("moe: adding 'Problem:'/'Solution:' markers moves the routing of the same content tokens by "
+                    "0.016 [0.011, 0.022] bits per token (mean JS divergence, 95% CI; layer 3, the largest of 2 "
+                    "layers), against 0.095 bits between two random tokens of the same domain, and changes the "
+                    "first-choice expert of 24.9% [22.2, 28.2] of those tokens.")

@@ -347,13 +347,24 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         ft = arms[arm].get("format_test", {}).get("layers", {})
         vals = {k: v["mean_token_js_divergence"] for k, v in ft.items() if isinstance(v.get("mean_token_js_divergence"), dict)}
         if vals:
-            worst = max(vals, key=lambda k: vals[k]["estimate"])
-            ref = (ft[worst].get("reference_token_js_divergence") or {}).get("same domain")
-            ref_txt = f", against {ref:.3f} bits between two random tokens of the same domain" if ref is not None else ""
-            out.append(f"{arm}: adding 'Problem:'/'Solution:' markers moves the routing of the same content tokens by "
-                       f"at most {fmt_interval(vals[worst])} bits per token (JS divergence, layer {worst}){ref_txt}.")
+            out.append(format_test_sentence(arm, ft, vals))
             break
     return out
+
+
+def format_test_sentence(arm: str, ft: dict, vals: dict) -> str:
+    """The format test's claim: the layer where the markers move routing most, its mean JS divergence with
+    its interval (not a bound: the interval reaches above it), the same-domain scale, and the share of
+    content tokens whose first-choice expert changes."""
+    worst = max(vals, key=lambda k: vals[k]["estimate"])
+    ref = (ft[worst].get("reference_token_js_divergence") or {}).get("same domain")
+    ref_txt = f", against {ref:.3f} bits between two random tokens of the same domain" if ref is not None else ""
+    which = f"layer {worst}, the largest of {len(vals)} layers" if len(vals) > 1 else f"layer {worst}"
+    changed = ft[worst].get("top1_changed_fraction")
+    changed_txt = (f", and changes the first-choice expert of {_percent(changed)} of those tokens"
+                   if isinstance(changed, dict) else "")
+    return (f"{arm}: adding 'Problem:'/'Solution:' markers moves the routing of the same content tokens by "
+            f"{fmt_interval(vals[worst])} bits per token (mean JS divergence, 95% CI; {which}){ref_txt}{changed_txt}.")
 
 
 # --------------------------------------------------------------------------- tables (pure)
