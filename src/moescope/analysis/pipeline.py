@@ -80,7 +80,7 @@ from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.jsonfile import read_json_object
-from moescope.io.provenance import environment_info
+from moescope.io.provenance import environment_info, native_status
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
 from moescope.moe.capture import record_routing
 from moescope.moe.hf_model import WEIGHTS_NAME, read_moe_config, weight_shapes
@@ -636,6 +636,8 @@ def analyze_run(
         del model
 
     add_paired_loss_differences(metrics_out, block_losses, store.domains, cfg.statistics)
+    # after the forward passes: whether they ran the compiled grouped GEMM (unknown before the first one)
+    metrics_out["environment"]["native_grouped_kernel"] = native_status()
 
     atomic_write_json(out_dir / "metrics.json", _json_ready(metrics_out))
     atomic_write_json(out_dir / "viewer.json", _json_ready(viewer), indent=None)
