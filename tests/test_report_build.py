@@ -294,14 +294,14 @@ def test_nmi_at_the_upcycled_start_and_the_paired_change_with_a_direction_only_p
     spec.update(nmi_start=iv(0.432, 0.42, 0.44), nmi_change=iv(0.044, 0.035, 0.052), nmi_start_step=0)
     text = specialization_sentence("moe", "moe", {"2": lay})
     assert ("At the upcycled start (step 0, router not yet trained) the NMI was 0.432 [0.420, 0.440]; training "
-            "changed it by +0.044 [+0.035, +0.052] (paired over the same resampled blocks): training increased it."
-            ) in text
+            "increased it by +0.044 [+0.035, +0.052] (paired over the same resampled blocks).") in text
     spec["nmi_change"] = iv(0.004, -0.002, 0.01)
     text = specialization_sentence("moe", "moe", {"2": lay})
-    assert "+0.004 [-0.002, +0.010]" in text and "covers 0, so no change by training is shown" in text
+    assert ("training changed it by +0.004 [-0.002, +0.010] (paired over the same resampled blocks), an interval "
+            "that covers 0: no change by training is shown.") in text
     assert "increased" not in text and "decreased" not in text
     spec["nmi_change"] = iv(-0.05, -0.07, -0.03)
-    assert "training decreased it." in specialization_sentence("moe", "moe", {"2": lay})
+    assert "training decreased it by -0.050 [-0.070, -0.030]" in specialization_sentence("moe", "moe", {"2": lay})
     del spec["nmi_start"], spec["nmi_change"]  # dense-initialized or released: no start value, no sentence
     assert "upcycled start" not in specialization_sentence("moe", "moe", {"2": lay})
 

@@ -171,15 +171,11 @@ def start_nmi_text(spec: dict) -> str:
     start, change = spec.get("nmi_start"), spec.get("nmi_change")
     if not isinstance(start, dict) or not isinstance(change, dict) or change.get("low") is None:
         return ""
-    if change["low"] > 0:
-        verdict = "training increased it"
-    elif change["high"] < 0:
-        verdict = "training decreased it"
-    else:
-        verdict = "the interval covers 0, so no change by training is shown"
+    moved = "increased" if change["low"] > 0 else "decreased" if change["high"] < 0 else "changed"
+    covers = ", an interval that covers 0: no change by training is shown" if moved == "changed" else ""
     return (f" At the upcycled start (step {spec.get('nmi_start_step', 0)}, router not yet trained) the NMI was "
-            f"{fmt_interval(start)}; training changed it by {_signed_interval(change)} (paired over the same "
-            f"resampled blocks): {verdict}.")
+            f"{fmt_interval(start)}; training {moved} it by {_signed_interval(change)} (paired over the same "
+            f"resampled blocks){covers}.")
 
 
 def _collapses(records: list[dict], layer: str) -> list[dict]:
