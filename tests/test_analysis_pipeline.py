@@ -222,3 +222,33 @@ def test_unusable_analysis_settings_are_refused_before_any_capture(tmp_path: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
     assert not any(run.iterdir())
+
+
+def test_start_nmi_from_the_step_0_snapshot_leaves_every_other_number_unchanged(run_dir: Path) -> None:
+    """The step-0 snapshot's NMI and the paired change are added per layer; nothing else moves."""
+    import shutil
+
+    without = analyze_run(run_dir, FAST, progress=False)
+    # a step-0 snapshot whose layer-0 router equals the final model's and whose layer-1 router differs
+    shutil.copytree(run_dir / "arms" / "moe" / "snapshots" / "step_000004",
+                    run_dir / "arms" / "moe" / "snapshots" / "step_000000")
+    with_start = analyze_run(run_dir, FAST, progress=False)
+    a, b = without["arms"]["moe"], with_start["arms"]["moe"]
+    for layer in ("0", "1"):
+        spec = dict(b["layers"][layer]["specialization"])
+        new = {key: spec.pop(key) for key in ("nmi_start", "nmi_change", "nmi_start_step")}
+        assert {**b["layers"][layer], "specialization": spec} == a["layers"][layer]  # existing numbers bit for bit
+        assert new["nmi_start_step"] == 0
+        change = new["nmi_change"]
+        assert change["low"] <= change["estimate"] <= change["high"]
+        if layer == "0":  # router unchanged: the start is the final model's NMI, the change 0
+            assert new["nmi_start"] == spec["nmi"] and change == {"estimate": 0.0, "low": 0.0, "high": 0.0}
+        else:
+            assert change["estimate"] == pytest.approx(spec["nmi"]["estimate"] - new["nmi_start"]["estimate"])
+            assert change["estimate"] != 0.0
+    best = b["headline"]
+    assert best["nmi_start"] == b["layers"][str(best["best_layer"])]["specialization"]["nmi_start"]
+    assert {k: v for k, v in best.items() if k not in ("nmi_start", "nmi_change")} == a["headline"]
+    assert "nmi_start" not in with_start["arms"]["dense"] and a["eval_loss"] == b["eval_loss"]
+    assert b["eval_loss_vs_dense"] == a["eval_loss_vs_dense"] and b["format_test"] == a["format_test"]
+    assert b["saturation"]["steps"] == [0, 4, 8]

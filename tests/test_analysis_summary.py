@@ -9,7 +9,7 @@ import pytest
 
 from moescope.analysis import metrics
 from moescope.analysis.summary import (
-    SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer, summarize_token_types,
+    SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer, summarize_start_nmi, summarize_token_types,
 )
 from moescope.analysis.table import RoutingTable
 
@@ -164,3 +164,25 @@ def test_first_choice_nmi_differs_from_topk_nmi_when_only_the_first_choice_knows
     # top-1: the first-choice numbers are the top-k numbers
     s1 = summarize_layer(synthetic_table(np.random.default_rng(0)), ["a", "b", "c"], CFG)["specialization"]
     assert s1["nmi_first_choice"] == s1["nmi"] and s1["nmi_first_choice_pvalue"] == s1["nmi_pvalue"]
+
+
+def test_start_nmi_of_an_unchanged_router_equals_the_final_nmi_with_a_change_of_zero() -> None:
+    table = synthetic_table(np.random.default_rng(0))
+    final = summarize_layer(table, ["code", "math", "prose"], CFG)["specialization"]
+    same = summarize_start_nmi(table, table, ["code", "math", "prose"], CFG)
+    assert same["nmi_start"] == final["nmi"]  # the same resampled blocks: the same interval, bit for bit
+    assert same["nmi_change"] == {"estimate": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_start_nmi_of_a_router_blind_to_the_domain_shows_a_paired_increase() -> None:
+    table = synthetic_table(np.random.default_rng(0))
+    blind = RoutingTable(table.token_id, table.block, table.position, table.domain,
+                         np.random.default_rng(1).integers(0, 4, (table.n_tokens, 1)), table.gate_weight,
+                         table.router_probs)
+    out = summarize_start_nmi(blind, table, ["code", "math", "prose"], CFG)
+    final = summarize_layer(table, ["code", "math", "prose"], CFG)["specialization"]["nmi"]
+    assert out["nmi_start"]["estimate"] < 0.01 < final["estimate"]
+    assert out["nmi_change"]["estimate"] == pytest.approx(final["estimate"] - out["nmi_start"]["estimate"])
+    assert 0 < out["nmi_change"]["low"] <= out["nmi_change"]["estimate"] <= out["nmi_change"]["high"]
+    with pytest.raises(ValueError, match="different blocks"):
+        summarize_start_nmi(blind.select(table.block < 29), table, ["code", "math", "prose"], CFG)

@@ -87,3 +87,22 @@ def test_pipeline_summary_carries_the_null_comparison_and_alpha_table(tmp_path):
     assert ev["pathway_claim"] and ev["stability_margin"] == STABILITY_MARGIN
     assert ev["stability_changed_fraction"] < ev["null_stability_changed_fraction"] - STABILITY_MARGIN
     assert [r["alpha"] for r in res.summary["alpha_sensitivity"]] == [0.5, 1.0]
+
+
+def test_the_no_claim_sentence_names_only_the_conditions_that_failed():
+    from moescope.cluster.evidence import Evidence, pathway_statement
+
+    def sentence(**changes):
+        base = dict(k=16, stability=0.21, null_stability=0.41, cofiring=0.10, null_cofiring=0.03, mdl_saving=0.099,
+                    null_mdl_saving=0.037, recurring=[["L2.e0", "L3.e1"]], null_recurring=0, claim=False, sentence="")
+        return pathway_statement(Evidence(**{**base, **changes}))
+
+    claim, text = sentence()  # the demo's numbers: only stability falls short (by 20% < 25%)
+    assert not claim and "less than the 25% margin" in text
+    assert "co-fire" not in text.split(". ")[0] and "recur" not in text
+    claim, text = sentence(stability=0.1, cofiring=0.03, null_cofiring=0.05)
+    assert not claim and "do not co-fire more than" in text and "margin" not in text.split(". ")[0]
+    claim, text = sentence(stability=0.1, recurring=[])
+    assert not claim and text.startswith("No stable pathways are claimed: 0 groups recur identically in every batch,"
+                                         " not more than the 0 of the shuffled batches.")
+    assert sentence(stability=0.1)[0]

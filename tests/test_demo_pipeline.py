@@ -133,3 +133,24 @@ def test_failed_gpt2_demo_leaves_nothing_behind(tmp_path: Path, capsys: pytest.C
     out.mkdir()
     assert main(["demo", "--scale", "gpt2", "--out", str(out)]) == 2
     assert list(out.iterdir()) == []
+
+
+def test_summary_table_adds_the_step_0_nmi_as_a_last_column_and_keeps_the_others() -> None:
+    from moescope.demo import summary_rows
+
+    def iv(e: float, lo: float, hi: float) -> dict:
+        return {"estimate": e, "low": lo, "high": hi}
+
+    layers = {"2": {"specialization": {"nmi": iv(0.476, 0.467, 0.488)}, "load": {"load_cv": iv(0.33, 0.31, 0.35)}}}
+    head = {"best_layer": 2, "nmi": iv(0.476, 0.467, 0.488), "nmi_pvalue": 0.000999, "load_cv_max": 0.33,
+            "max_fraction_max": 0.12}
+    metrics = {"arms": {"dense": {"kind": "dense", "eval_loss": {"domain_weighted": iv(3.781, 3.745, 3.816)}},
+                        "moe": {"kind": "moe", "eval_loss": {"domain_weighted": iv(3.812, 3.775, 3.847)},
+                                "headline": head, "layers": layers}}}
+    before = format_summary_table(summary_rows(metrics)).splitlines()
+    assert "step 0" not in before[0]  # no snapshot, no column: the table as it was
+    head["nmi_start"] = iv(0.432, 0.42, 0.444)
+    after = format_summary_table(summary_rows(metrics)).splitlines()
+    assert after[0] == before[0] + " same layer at step 0"
+    assert after[3] == f"{before[3]:<{len(after[0]) - len(' same layer at step 0')}} 0.432 [0.420, 0.444]"
+    assert after[2].startswith(before[2]) and after[2].endswith(" -")

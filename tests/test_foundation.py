@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -176,3 +177,71 @@ def test_block_store_reads_what_was_written(tmp_path: Path) -> None:
 def test_cli_help_and_version() -> None:
     out = subprocess.run([sys.executable, "-m", "moescope.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "moescope" in out.stdout
+
+
+def _package(root: Path) -> Path:
+    pkg = root / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "sub" / "mod.py").write_text("y = 2\n")
+    return pkg
+
+
+def test_source_revision_outside_git_is_a_hash_of_the_sources_without_any_subprocess(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    from moescope.io import provenance
+
+    pkg = _package(tmp_path)
+    if any((p / ".git").exists() for p in pkg.parents):
+        pytest.skip("the temporary directory lies inside a git checkout")
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("no subprocess outside a git checkout")
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_subprocess)
+    first = provenance.source_revision.__wrapped__(pkg)
+    assert set(first) == {"sources_sha256"} and len(first["sources_sha256"]) == 64
+    (pkg / "sub" / "mod.py").write_text("y = 3\n")
+    assert provenance.source_revision.__wrapped__(pkg)["sources_sha256"] != first["sources_sha256"]
+
+
+def test_source_revision_in_a_git_checkout_names_the_commit_and_dirty_flag(tmp_path: Path, monkeypatch) -> None:
+    from moescope.io import provenance
+
+    pkg = _package(tmp_path)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    try:
+        subprocess.run([*git, "init", "-q"], check=True, capture_output=True)
+        subprocess.run([*git, "add", "-A"], check=True, capture_output=True)
+        subprocess.run([*git, "commit", "-q", "-m", "x"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git is not usable here")
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    clean = provenance.source_revision.__wrapped__(pkg)
+    assert clean["git_commit"] == head and clean["git_dirty"] is False
+    (pkg / "sub" / "new.py").write_text("z = 1\n")  # an untracked module changes what runs: dirty
+    assert provenance.source_revision.__wrapped__(pkg)["git_dirty"] is True
+
+    def failing(*args, **kwargs):
+        raise subprocess.TimeoutExpired("git", 10)
+
+    monkeypatch.setattr(provenance.subprocess, "run", failing)  # a failing git call never breaks a run
+    assert set(provenance.source_revision.__wrapped__(pkg)) == {"sources_sha256"}
+
+
+def test_environment_info_records_the_source_and_the_native_kernel_status(monkeypatch) -> None:
+    from moescope.io.provenance import environment_info
+    from moescope.moe import native
+
+    info = environment_info()
+    assert "sources_sha256" in info["source"]
+    assert info["native_grouped_kernel"] in ("loaded", "unavailable", "not loaded yet", "off")
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert environment_info()["native_grouped_kernel"] == "off" and native.native_status() == "off"
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    for built, status in ((object(), "loaded"), (None, "unavailable")):  # stand-ins for the compiled module
+        fake = functools.cache(lambda built=built: built)
+        monkeypatch.setattr(native, "_build", fake)
+        assert native.native_status() == "not loaded yet"  # reading the status never builds
+        native.grouped_kernels()  # the first CPU MoE forward
+        assert native.native_status() == status

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moescope.report.build import (
-    BALANCED_LOAD_CV, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences, loss_table, read_jsonl,
-    routing_table,
+    BALANCED_LOAD_CV, MIN_EFFECTIVE_EXPERTS, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences,
+    loss_table, read_jsonl, routing_table, specialization_sentence,
 )
 
 
@@ -43,8 +43,9 @@ def test_strong_specialization_states_interval_p_and_null() -> None:
     m = metrics_with({"1": layer(iv(0.05, 0.04, 0.06), 0.001, iv(0.1, 0.05, 0.2)),
                       "2": layer(iv(0.31, 0.28, 0.35), 0.001, iv(0.2, 0.1, 0.25))})
     spec, load = headline_sentences(m, {}, {})
-    assert spec.startswith("moe: experts specialize by domain. Best layer 2")
-    assert "0.310 [0.280, 0.350]" in spec and "p = 0.001" in spec
+    assert spec.startswith("moe: experts specialize by domain. Best of 2 layers, layer 2")
+    assert "0.310 [0.280, 0.350]" in spec and "p = 0.001, 0.002 after Bonferroni over the 2 layers" in spec
+    assert "3.00 [2.90, 3.10] effective experts of 4" in spec
     assert "95% of 999 permutations stay at or below 0.020" in spec
     assert "against 0.250 for uniform routing" in spec
     assert load.startswith("moe: load is balanced") and "worst layer 2" in load and "0.20 [0.10, 0.25]" in load
@@ -97,7 +98,9 @@ def test_report_for_a_released_model_analysis(tmp_path: Path) -> None:
     page = build_report(out).read_text()
     assert "Routing per layer" in page and "NMI first choice" in page and "Loss curves" not in page
     assert (out / "report" / "figures" / "layer_curves.png").is_file()
-    assert "experts specialize by domain. Best layer 23" in page
+    # the best of 24 layers with 199 permutations: p >= 24 / 200 after Bonferroni, which the sentence says
+    assert "no significant specialization by domain (best of 24 layers, layer 23" in page
+    assert "0.12 after Bonferroni over 24 layers, so this test cannot show significance" in page
 
 
 def test_shared_experts_are_named_and_not_counted() -> None:
@@ -254,3 +257,100 @@ def test_report_refuses_a_metrics_jsonl_record_it_cannot_read_naming_file_and_li
     # a run still writing: its torn last line is left out, as training's own reader does
     records.write_text(json.dumps(GOOD_TRAIN) + "\n" + json.dumps(GOOD_EVAL) + "\n" + '{"kind": "tra')
     assert read_jsonl(records) == [GOOD_TRAIN, GOOD_EVAL]
+
+
+def test_the_best_of_many_layers_is_judged_after_bonferroni() -> None:
+    """p = 0.003 passes alone, but picked as the best of 48 layers it is 0.144 after Bonferroni: no claim."""
+    alone = specialization_sentence("moe", "moe", {"5": layer(iv(0.3, 0.25, 0.35), 0.003, iv(0.1, 0.05, 0.2))})
+    assert alone.startswith("moe: experts specialize by domain. Layer 5:") and "Bonferroni" not in alone
+    many = {str(i): layer(iv(0.05, 0.04, 0.06), 0.5, iv(0.1, 0.05, 0.2)) for i in range(48)}
+    many["5"] = layer(iv(0.3, 0.25, 0.35), 0.003, iv(0.1, 0.05, 0.2))
+    verdict = specialization_sentence("moe", "moe", many)
+    assert verdict.startswith("moe: no significant specialization by domain (best of 48 layers, layer 5")
+    assert "permutation p = 0.003, 0.144 after Bonferroni over the 48 layers >= 0.01" in verdict
+    # 999 permutations cannot reach 0.01 once multiplied by 48 layers: said, with the way out
+    assert "p cannot go below 0.001, 0.048 after Bonferroni over 48 layers" in verdict
+
+
+def test_a_layer_carried_by_one_expert_or_collapsed_is_not_called_specialized() -> None:
+    one = layer(iv(0.3, 0.25, 0.35), 0.001, iv(3.8, 3.7, 3.9))
+    one["load"]["effective_experts"] = iv(1.2, 1.1, 1.3)
+    text = specialization_sentence("nolb", "nolb", {"3": one})
+    assert "experts specialize" not in text and "not said to specialize" in text
+    assert text.startswith("nolb: routing depends on the domain, but only 1.20 [1.10, 1.30] effective experts of 4")
+    assert "NMI(domain; expert) = 0.300 [0.250, 0.350]" in text and "at or below 0.020" in text
+    assert MIN_EFFECTIVE_EXPERTS == 2.0
+    healthy = layer(iv(0.3, 0.25, 0.35), 0.001, iv(0.1, 0.05, 0.2))
+    collapse = [{"kind": "collapse", "step": 200, "layer": 3, "expert": 1, "share": 0.93}]
+    text = specialization_sentence("nolb", "nolb", {"3": healthy}, collapse)
+    assert "experts specialize" not in text and "collapse was detected in layer 3 during training (step 200" in text
+    # a collapse in another layer does not speak to this one
+    assert "experts specialize by domain" in specialization_sentence("nolb", "nolb", {"2": healthy}, collapse)
+
+
+def test_nmi_at_the_upcycled_start_and_the_paired_change_with_a_direction_only_past_0() -> None:
+    lay = layer(iv(0.476, 0.467, 0.488), 0.001, iv(0.1, 0.05, 0.2))
+    spec = lay["specialization"]
+    spec.update(nmi_start=iv(0.432, 0.42, 0.44), nmi_change=iv(0.044, 0.035, 0.052), nmi_start_step=0)
+    text = specialization_sentence("moe", "moe", {"2": lay})
+    assert ("At the upcycled start (step 0, router not yet trained) the NMI was 0.432 [0.420, 0.440]; training "
+            "increased it by +0.044 [+0.035, +0.052] (paired over the same resampled blocks).") in text
+    spec["nmi_change"] = iv(0.004, -0.002, 0.01)
+    text = specialization_sentence("moe", "moe", {"2": lay})
+    assert ("training changed it by +0.004 [-0.002, +0.010] (paired over the same resampled blocks), an interval "
+            "that covers 0: no change by training is shown.") in text
+    assert "increased" not in text and "decreased" not in text
+    spec["nmi_change"] = iv(-0.05, -0.07, -0.03)
+    assert "training decreased it by -0.050 [-0.070, -0.030]" in specialization_sentence("moe", "moe", {"2": lay})
+    del spec["nmi_start"], spec["nmi_change"]  # dense-initialized or released: no start value, no sentence
+    assert "upcycled start" not in specialization_sentence("moe", "moe", {"2": lay})
+
+
+def test_a_paired_loss_direction_needs_the_interval_past_0_and_the_sign_flip_p_below_0_05() -> None:
+    """Opposite per-domain effects: the bootstrap interval (around the estimate) excludes 0 while the
+    sign-flip null (blocks' differences symmetric about 0) does not reject; no direction is then stated."""
+    import numpy as np
+
+    from moescope.analysis.stats import paired_loss_difference
+    from moescope.report.build import PAIRED_SIGNIFICANCE, paired_loss_sentences
+
+    rng = np.random.default_rng(1)
+    n = 60
+    dom = np.repeat([0, 1, 2], n)
+    tok = np.full(3 * n, 127.0)
+    diff = np.array([0.05, -0.05, -0.015])[dom] + rng.normal(0, 0.005, 3 * n)
+    b = rng.normal(4, 0.5, 3 * n) * tok
+    res = paired_loss_difference(b + diff * tok, b, tok, dom, 3).to_dict(["code", "math", "prose"])
+    interval = res["domain_weighted"]
+    assert interval["high"] < 0 and PAIRED_SIGNIFICANCE <= res["pvalue"] < 0.2  # the case itself
+
+    def sentence(interval: dict, p: float) -> str:
+        arms = {"moe": {"eval_loss_vs_dense": {"reference": "dense", "n_blocks": 180, "domain_weighted": interval,
+                                               "pvalue": p}}}
+        (text,) = paired_loss_sentences({"arms": arms})
+        return text
+
+    text = sentence(interval, res["pvalue"])
+    assert "below" not in text and "above" not in text and "not separated" in text
+    assert f"sign-flip p = {res['pvalue']:.3g}" in text and f"{interval['high']:+.4f}]" in text
+    assert "is above dense" not in sentence(iv(0.03, 0.02, 0.04), 0.1)
+    assert sentence(iv(0.03, 0.02, 0.04), 0.002).endswith(": moe is above dense.")
+    assert sentence(iv(-0.03, -0.04, -0.02), 0.002).endswith(": moe is below dense.")
+    assert "interval covers 0" in sentence(iv(0.01, -0.001, 0.02), 0.03)
+    assert "does not separate moe from dense" in sentence(iv(0.01, -0.001, 0.02), 0.3)
+
+
+def test_format_test_sentence_states_the_interval_not_a_bound_and_the_changed_first_choices() -> None:
+    ft = {"layers": {
+        "2": {"mean_token_js_divergence": iv(0.0097, 0.0069, 0.0134), "top1_changed_fraction": iv(0.2485, 0.222, 0.28),
+              "reference_token_js_divergence": {"same domain": 0.112}},
+        "3": {"mean_token_js_divergence": iv(0.0162, 0.0113, 0.0223), "top1_changed_fraction": iv(0.2489, 0.2223, 0.2823),
+              "reference_token_js_divergence": {"same domain": 0.0953}}}}
+    m = metrics_with({"2": layer(iv(0.3, 0.25, 0.35), 0.001, iv(0.1, 0.05, 0.2))})
+    m["arms"]["moe"]["format_test"] = ft
+    text = headline_sentences(m, {}, {})[-1]
+    assert "at most" not in text  # its interval reaches above the estimate: not a bound
+    assert text == ("moe: adding 'Problem:'/'Solution:' markers moves the routing of the same content tokens by "
+                    "0.016 [0.011, 0.022] bits per token (mean JS divergence, 95% CI; layer 3, the largest of 2 "
+                    "layers), against 0.095 bits between two random tokens of the same domain, and changes the "
+                    "first-choice expert of 24.9% [22.2, 28.2] of those tokens.")

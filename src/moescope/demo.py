@@ -164,8 +164,8 @@ def _comparable(resolved: dict[str, Any], data_dir: Path) -> dict[str, Any]:
 
 
 def summary_rows(metrics: dict) -> list[dict[str, Any]]:
-    """One row per arm: held-out loss and, for MoE arms, the best layer's NMI, the worst load CV and each
-    layer's NMI and load CV."""
+    """One row per arm: held-out loss and, for MoE arms, the best layer's NMI (and, with a step-0 snapshot,
+    its NMI at the upcycled start), the worst load CV and each layer's NMI and load CV."""
     rows = []
     for arm, v in metrics["arms"].items():
         row: dict[str, Any] = {"arm": arm, "eval_loss": v["eval_loss"]["domain_weighted"]}
@@ -179,6 +179,8 @@ def summary_rows(metrics: dict) -> list[dict[str, Any]]:
                        layers={layer: {"nmi": lv["specialization"]["nmi"]["estimate"],
                                        "load_cv": lv["load"]["load_cv"]["estimate"]}
                                for layer, lv in v["layers"].items()})
+            if "nmi_start" in h:  # the best layer's NMI at the upcycled start (step-0 snapshot)
+                row["nmi_start"] = h["nmi_start"]
         rows.append(row)
     return rows
 
@@ -188,7 +190,9 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
         return f"{x['estimate']:.{d}f} [{x['low']:.{d}f}, {x['high']:.{d}f}]" if isinstance(x, dict) else "-"
 
     head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<40} "
-            f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}").rstrip()
+            f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}")
+    start = any("nmi_start" in r for r in rows)  # a column only when some arm saved a step-0 snapshot
+    head = (head + (" same layer at step 0" if start else "")).rstrip()
     lines = [head, "-" * len(head)]
     for r in rows:
         p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
@@ -196,7 +200,8 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
         diff = r.get("loss_vs_dense")
         paired = (f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] p={diff['pvalue']:.2g}"
                   if diff else "-")
-        lines.append(f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv}")
+        line = f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}"
+        lines.append((line + (f" {iv(r.get('nmi_start'))}" if start else "")).rstrip())
     return "\n".join(lines)
 
 

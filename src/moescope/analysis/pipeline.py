@@ -19,7 +19,9 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
     arms.ARM.batch_order               "by_domain" | "mixed": which eval blocks shared a forward pass (config
                                        batch_order resolved for the arm; data/batch_order.py)
     arms.ARM.eval_loss                 {domains {DOMAIN: IV}, token_weighted IV, domain_weighted IV}
-    arms.ARM.headline                  {best_layer, nmi IV, nmi_pvalue, load_cv_max, max_fraction_max}
+    arms.ARM.headline                  {best_layer, nmi IV, nmi_pvalue (of that layer alone), load_cv_max,
+                                       max_fraction_max, n_layers (the layers the best was picked from);
+                                       with a step-0 snapshot: nmi_start IV, nmi_change IV of the best layer}
     arms.ARM.eval_loss_vs_dense        (non-dense arms) {reference, domain_weighted IV, domains {DOMAIN: IV},
                                        pvalue, n_permutations, n_blocks, test}: ARM minus dense, nats/token,
                                        paired over the same eval blocks
@@ -31,7 +33,10 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
                       domain_specialization [D][E] (OLMoE), domain_specialization_baseline (k/E),
                       domain_specialization_top IV (each domain's most-used expert, mean over domains),
                       nmi_first_choice IV + nmi_first_choice_pvalue (first choice only; = nmi for top-1),
-                      coactivation [E][E] (top-k > 1 only; all pairs within a token's top-k)
+                      coactivation [E][E] (top-k > 1 only; all pairs within a token's top-k),
+                      arms with a step-0 snapshot (the upcycled model before its router was trained):
+                      nmi_start IV (that model's NMI on the same tokens), nmi_change IV (nmi - nmi_start,
+                      paired: the same resampled blocks for both), nmi_start_step (0)
       load            token_fraction [E], max_fraction IV, load_cv IV, effective_experts IV, dropped_fraction;
                       expert choice only: unrouted_fraction IV (tokens no expert took),
                       experts_per_token_counts [E+1] (tokens taken by 0, 1, ..., E experts)
@@ -66,7 +71,8 @@ import torch
 
 from moescope.analysis import capture, formattest, stats, tokentypes
 from moescope.analysis.summary import (
-    SummaryConfig, label_expert_tokens, statistics_header, summarize_eval_loss, summarize_layer, summarize_token_types,
+    SummaryConfig, label_expert_tokens, statistics_header, summarize_eval_loss, summarize_layer, summarize_start_nmi,
+    summarize_token_types,
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
 from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_order, routes_by_batch
@@ -74,7 +80,7 @@ from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.jsonfile import read_json_object
-from moescope.io.provenance import environment_info
+from moescope.io.provenance import environment_info, native_status
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
 from moescope.moe.capture import record_routing
 from moescope.moe.hf_model import WEIGHTS_NAME, read_moe_config, weight_shapes
@@ -422,11 +428,7 @@ def run_saturation(
     from tqdm.auto import tqdm
 
     for step, path in tqdm(snaps, desc="saturation", unit="snapshot", disable=not progress):
-        model = load_saved_model(path, device=next(model_final.parameters()).device)
-        found, expected = _expert_layout(model), _expert_layout(model_final)
-        if found != expected:
-            raise MoescopeError(f"{path}: MoE layers (layer: experts, top-k) {found} differ from the final "
-                                f"model's {expected}")
+        model = load_snapshot(path, model_final)
         choices = capture.capture_expert_choices(model, batches, assignments=by_batch)
         steps.append(step)
         for i in final:
@@ -449,6 +451,33 @@ def run_saturation(
 
 
 
+def run_start_nmi(
+    model_final, arm_dir: Path, store: BlockStore, cfg: AnalyzeConfig, progress: bool,
+    final_capture: capture.CaptureResult, batch_order: str,
+) -> dict[int, dict]:
+    """Per MoE layer, NMI(domain; expert) of the arm's step-0 snapshot (the upcycled model, before its
+    router was trained) on the same eval blocks in the same batches, and the change final - start
+    (analysis/summary.py: summarize_start_nmi). Empty when the arm saved no step-0 snapshot."""
+    snaps = dict(snapshot_dirs(arm_dir))
+    if 0 not in snaps:
+        return {}
+    model = load_snapshot(snaps[0], model_final)
+    start = capture.capture_routing(model, store, rows=final_capture.block_rows, batch_blocks=cfg.batch_blocks,
+                                    progress=progress, desc="capture step 0", batch_order=batch_order)
+    return {i: summarize_start_nmi(start.tables[i], table, store.domains, cfg.statistics)
+            for i, table in final_capture.tables.items()}
+
+
+def load_snapshot(path: Path, model_final):
+    """A snapshot, on the final model's device, refused unless its MoE layers match the final model's."""
+    model = load_saved_model(path, device=next(model_final.parameters()).device)
+    found, expected = _expert_layout(model), _expert_layout(model_final)
+    if found != expected:
+        raise MoescopeError(f"{path}: MoE layers (layer: experts, top-k) {found} differ from the final "
+                            f"model's {expected}")
+    return model
+
+
 def _expert_layout(model) -> dict[int, tuple[int, int]]:
     """{MoE layer: (experts, top-k)}: what a snapshot must share with the final model to be compared."""
     return {i: (int(layer.n_experts), int(layer.top_k)) for i, layer in moe_layers(model).items()}
@@ -467,13 +496,16 @@ def headline(arm: dict) -> dict:
         return {}
     best = max(layers, key=lambda k: layers[k]["specialization"]["nmi"]["estimate"])
     spec = layers[best]["specialization"]
-    return {
+    out = {
         "best_layer": int(best),
         "nmi": spec["nmi"],
         "nmi_pvalue": spec["nmi_pvalue"],
         "load_cv_max": max(v["load"]["load_cv"]["estimate"] for v in layers.values()),
         "max_fraction_max": max(v["load"]["max_fraction"]["estimate"] for v in layers.values()),
+        "n_layers": len(layers),
     }
+    out.update({key: spec[key] for key in ("nmi_start", "nmi_change") if key in spec})
+    return out
 
 
 def add_paired_loss_differences(metrics_out: dict, captures: dict[str, capture.CaptureResult], domains: list[str],
@@ -592,6 +624,8 @@ def analyze_run(
             arm["format_test"] = run_format_test(model, tokenizer, store, cfg)
             arm["saturation"] = run_saturation(model, arm_dir, store, cfg, progress, final_capture=res,
                                                batch_order=order)
+            for i, start in run_start_nmi(model, arm_dir, store, cfg, progress, res, order).items():
+                arm["layers"][str(i)]["specialization"].update(start, nmi_start_step=0)
             arm["headline"] = headline(arm)
             sample_rows = choose_sample_rows(res.block_rows, res.block_domain, cfg.viewer_samples_per_domain)
             viewer["arms"][name] = viewer_arm(res.tables, sample_rows, store.domains,
@@ -602,6 +636,8 @@ def analyze_run(
         del model
 
     add_paired_loss_differences(metrics_out, block_losses, store.domains, cfg.statistics)
+    # after the forward passes: whether they ran the compiled grouped GEMM (unknown before the first one)
+    metrics_out["environment"]["native_grouped_kernel"] = native_status()
 
     atomic_write_json(out_dir / "metrics.json", _json_ready(metrics_out))
     atomic_write_json(out_dir / "viewer.json", _json_ready(viewer), indent=None)

@@ -76,6 +76,40 @@ def _rounded(matrix: np.ndarray) -> list:
     return np.round(np.asarray(matrix, dtype=float), 6).tolist()
 
 
+def block_routing_counts(table: RoutingTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block ids [B], block domain [B], counts [B, E]) of the layer's routing: every top-k choice, or for
+    expert choice every (token, expert) assignment the experts made."""
+    if table.expert_choice:
+        return stats.block_assignment_counts(*table.assignments(), table.block, table.domain, table.n_experts)
+    return stats.block_expert_counts(table.expert_index, table.block, table.domain, table.n_experts)
+
+
+def summarize_start_nmi(start: RoutingTable, final: RoutingTable, domains: list[str],
+                        cfg: SummaryConfig | None = None) -> dict:
+    """NMI(domain; expert) of the model at the start of training (the upcycled model, before its router
+    was trained) on the same eval tokens as the final model, and the change final - start.
+
+    Both intervals come from the same resamples as the final model's ``nmi`` (same strata, same seed,
+    a generator of their own), and the change takes the same resampled blocks for both models, so the
+    between-block spread they share cancels. Nothing of the final model's summary is recomputed.
+    """
+    cfg = cfg or SummaryConfig()
+    start_ids, start_domain, start_counts = block_routing_counts(start)
+    final_ids, final_domain, final_counts = block_routing_counts(final)
+    if (start.n_experts != final.n_experts or not np.array_equal(start_ids, final_ids)
+            or not np.array_equal(start_domain, final_domain)):
+        raise ValueError("the start and final routing tables cover different blocks or experts")
+    n_dom = len(domains)
+    nmi = stats.nmi_statistic(n_dom, final.n_experts, equal_domain_weights=True)
+    start_tables = stats.domain_tables(start_counts, start_domain, n_dom)  # [B, D, E]
+    both = np.stack([stats.domain_tables(final_counts, final_domain, n_dom), start_tables], axis=1)  # [B, 2, D, E]
+    boot = _BlockBootstrap(final_domain, cfg)
+    return {
+        "nmi_start": boot(start_tables, nmi),
+        "nmi_change": boot(both, lambda t: nmi(t[..., 0, :, :]) - nmi(t[..., 1, :, :])),
+    }
+
+
 def summarize_layer(
     table: RoutingTable, domains: list[str], cfg: SummaryConfig | None = None, *, n_shared_experts: int = 0
 ) -> dict:
@@ -95,14 +129,7 @@ def summarize_layer(
     cfg = cfg or SummaryConfig()
     n_dom, n_exp, k = len(domains), table.n_experts, table.top_k
     ec = table.expert_choice
-    if ec:
-        block_ids, block_domain, block_counts = stats.block_assignment_counts(
-            *table.assignments(), table.block, table.domain, n_exp
-        )
-    else:
-        block_ids, block_domain, block_counts = stats.block_expert_counts(
-            table.expert_index, table.block, table.domain, n_exp
-        )
+    block_ids, block_domain, block_counts = block_routing_counts(table)
     if block_ids.size < 2:
         raise ValueError("need at least two eval blocks for intervals")
     tables = stats.domain_tables(block_counts, block_domain, n_dom)  # [B, D, E]

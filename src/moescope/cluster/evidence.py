@@ -168,21 +168,35 @@ def pathway_statement(ev: Evidence) -> tuple[bool, str]:
     if ev.stability is None or ev.null_stability is None:
         return False, (f"MDL-optimal k = {ev.k}; no null or only one batch, so nothing is claimed about stability.")
     gap = ev.null_stability - ev.stability
-    cf = "" if ev.cofiring is None else (
+    cf = "" if ev.cofiring is None or ev.null_cofiring is None else (
         f" Grouped components fire together on {ev.cofiring:.0%} of the tokens any of them serves "
         f"({ev.null_cofiring:.0%} on shuffled tokens).")
     facts = (f"At the batches' MDL-optimal k = {ev.k}, {ev.stability:.0%} of components change group between batches "
              f"against {ev.null_stability:.0%} for token-shuffled batches (margin required for a pathway claim: "
              f"{STABILITY_MARGIN:.0%} of components).{cf} The grouping saves {ev.mdl_saving:.1%} of the description "
              f"length ({ev.null_mdl_saving:.1%} on shuffled tokens).")
-    claim = gap >= STABILITY_MARGIN and ev.cofiring is not None and ev.null_cofiring is not None \
-        and ev.cofiring > ev.null_cofiring and len(ev.recurring) > ev.null_recurring
-    if claim:
+    failed = pathway_failures(ev, gap)
+    if not failed:
         return True, (f"{len(ev.recurring)} stable pathways: groups found identically in every batch "
                       f"({ev.null_recurring} in the shuffled batches). " + facts)
-    return False, ("No stable pathways are claimed: stability beats the token-shuffled null by "
-                   f"{gap:.0%} of components, less than the margin, or grouped components do not co-fire above "
-                   "the null. " + facts)
+    return False, "No stable pathways are claimed: " + "; ".join(failed) + ". " + facts
+
+
+def pathway_failures(ev: Evidence, gap: float) -> list[str]:
+    """The conditions of a pathway claim that fail, each with its numbers (empty: the claim holds), so the
+    no-claim sentence names only what actually failed."""
+    failed = []
+    if gap < STABILITY_MARGIN:
+        failed.append(f"stability beats the token-shuffled null by {gap:.0%} of components, less than the "
+                      f"{STABILITY_MARGIN:.0%} margin")
+    if ev.cofiring is None or ev.null_cofiring is None:
+        failed.append("no group of two or more components to measure co-firing on")
+    elif ev.cofiring <= ev.null_cofiring:
+        failed.append("grouped components do not co-fire more than on shuffled tokens")
+    if len(ev.recurring) <= ev.null_recurring:
+        failed.append(f"{len(ev.recurring)} groups recur identically in every batch, not more than the "
+                      f"{ev.null_recurring} of the shuffled batches")
+    return failed
 
 
 def alpha_sensitivity(

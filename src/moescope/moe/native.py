@@ -112,3 +112,14 @@ def _build() -> ModuleType | None:
 def grouped_kernels() -> ModuleType | None:
     """The compiled module, or None when it is switched off or cannot be built."""
     return _build() if native_enabled() else None
+
+
+def native_status() -> str:
+    """Whether the compiled grouped GEMM serves this process's CPU MoE layers, without building it (for the
+    provenance record): "off" (MOESCOPE_NATIVE=0), "loaded", "unavailable" (its build failed: experts run one
+    by one, same results) or "not loaded yet" (no CPU MoE forward has needed it so far)."""
+    if not native_enabled():
+        return "off"
+    if _build.cache_info().currsize == 0:
+        return "not loaded yet"
+    return "loaded" if _build() is not None else "unavailable"

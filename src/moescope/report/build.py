@@ -28,6 +28,11 @@ STRONG_NMI = 0.1
 # at 0.3 the typical expert is within 30% of the uniform share 1/E. Judged on the interval:
 # balanced when its upper end is below, imbalanced when its lower end is above.
 BALANCED_LOAD_CV = 0.3
+# A paired loss difference gets a direction only when its interval excludes 0 and its sign-flip p is below this.
+PAIRED_SIGNIFICANCE = 0.05
+# Fewer effective experts than this (exp of the load entropy, judged by its interval's lower end) and about
+# one expert carries the routing: a domain dependence there is not experts dividing the work by domain.
+MIN_EFFECTIVE_EXPERTS = 2.0
 
 
 # The numbers the report reads from each kind of metrics.jsonl record (dotted paths), and from each
@@ -151,35 +156,86 @@ def _best_layer(layers: dict) -> str:
     return max(layers, key=lambda k: _estimate(layers[k]["specialization"]["nmi"]))
 
 
-def specialization_sentence(arm: str, tag: str, layers: dict) -> str:
-    """The domain-specialization verdict of one arm: best layer, NMI with CI, p-value and the permutation null."""
+def bonferroni(p: float, n_tests: int) -> float:
+    """A p-value corrected for picking the smallest of `n_tests` (the best of n layers): min(1, p n)."""
+    return min(1.0, float(p) * max(int(n_tests), 1))
+
+
+def _signed_interval(iv: dict, digits: int = 3) -> str:
+    return f"{iv['estimate']:+.{digits}f} [{iv['low']:+.{digits}f}, {iv['high']:+.{digits}f}]"
+
+
+def start_nmi_text(spec: dict) -> str:
+    """The layer's NMI at the upcycled start (step-0 snapshot) and what training changed, paired over the
+    same blocks; a direction only where the paired interval excludes 0. Empty without a start value."""
+    start, change = spec.get("nmi_start"), spec.get("nmi_change")
+    if not isinstance(start, dict) or not isinstance(change, dict) or change.get("low") is None:
+        return ""
+    moved = "increased" if change["low"] > 0 else "decreased" if change["high"] < 0 else "changed"
+    covers = ", an interval that covers 0: no change by training is shown" if moved == "changed" else ""
+    return (f" At the upcycled start (step {spec.get('nmi_start_step', 0)}, router not yet trained) the NMI was "
+            f"{fmt_interval(start)}; training {moved} it by {_signed_interval(change)} (paired over the same "
+            f"resampled blocks){covers}.")
+
+
+def _collapses(records: list[dict], layer: str) -> list[dict]:
+    return [r for r in records if r.get("kind") == "collapse" and str(r.get("layer")) == layer]
+
+
+def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict] | tuple = ()) -> str:
+    """The domain-specialization verdict of one arm: best layer, NMI with CI, p-value (Bonferroni over the
+    layers the best was picked from) and the permutation null, how many effective experts carry the routing,
+    and the NMI at the upcycled start when the arm saved one. "Experts specialize" needs a strong, significant
+    dependence carried by at least MIN_EFFECTIVE_EXPERTS experts in a layer that did not collapse."""
     best = _best_layer(layers)
+    n_layers = len(layers)
     spec = layers[best]["specialization"]
-    p, nmi = spec["nmi_pvalue"], spec["nmi"]
+    p_layer, nmi = spec["nmi_pvalue"], spec["nmi"]
+    p = bonferroni(p_layer, n_layers)
+    where = f"best of {n_layers} layers, layer {best}" if n_layers > 1 else f"layer {best}"
+    p_txt = f"permutation p = {p_layer:.3g}" + (f", {p:.3g} after Bonferroni over the {n_layers} layers"
+                                                 if n_layers > 1 else "")
     null = spec.get("nmi_permutation") or {}
     null_txt = (f"; with domain labels shuffled between blocks, 95% of {null['n_permutations']} permutations "
                 f"stay at or below {null['null_q95']:.3f}" if null.get("null_q95") is not None else "")
     k = layers[best].get("top_k", 1)
+    n_exp = layers[best]["n_experts"]
     first = spec.get("nmi_first_choice")
     first_txt = (f" Counting only each token's first choice: NMI = {fmt_interval(first)}, "
                  f"p = {spec.get('nmi_first_choice_pvalue', float('nan')):.3g}."
                  if k > 1 and isinstance(first, dict) else "")
+    start_txt = start_nmi_text(spec)
     nmi_name = f"NMI(domain; expert){' over all top-' + str(k) + ' assignments' if k > 1 else ''}"
+    eff = layers[best].get("load", {}).get("effective_experts")
+    eff_txt = (f"{fmt_interval(eff, 2)} effective experts of {n_exp} (exp of the load entropy) carry the routing"
+               if eff is not None else "")
     if p < SIGNIFICANCE_LEVEL and nmi["low"] >= STRONG_NMI:
         top = spec["max_expert_given_domain"]
-        return (f"{tag}: experts specialize by domain. Best layer {best}: {nmi_name} = {fmt_interval(nmi)} "
-                f"(95% CI), permutation p = {p:.3g}{null_txt}; the largest P(expert | domain) is "
-                f"{fmt_interval(top, 2)} against {1 / layers[best]['n_experts']:.3f} for uniform routing.{first_txt}")
+        numbers = (f"{where}: {nmi_name} = {fmt_interval(nmi)} (95% CI), {p_txt}{null_txt}; the largest "
+                   f"P(expert | domain) is {fmt_interval(top, 2)} against {1 / n_exp:.3f} for uniform routing")
+        problems = []
+        if eff is not None and _low(eff) < MIN_EFFECTIVE_EXPERTS:
+            problems.append(f"only {eff_txt}")
+        for e in _collapses(list(records), best)[:1]:
+            problems.append(f"collapse was detected in layer {best} during training (step {e['step']}: expert "
+                            f"{e['expert']} held {100 * e['share']:.0f}% of tokens)")
+        if problems:
+            return (f"{tag}: routing depends on the domain, but {' and '.join(problems)}, so the experts are not "
+                    f"said to specialize. {numbers[0].upper() + numbers[1:]}.{start_txt}{first_txt}")
+        return (f"{tag}: experts specialize by domain. {numbers[0].upper() + numbers[1:]}"
+                f"{'; ' + eff_txt if eff_txt else ''}.{start_txt}{first_txt}")
     if p < SIGNIFICANCE_LEVEL:
-        return (f"{tag}: routing depends on the domain only weakly: best layer {best} {nmi_name} = {fmt_interval(nmi)} "
-                f"(permutation p = {p:.3g}{null_txt}: detectable, but not above {STRONG_NMI} with its whole "
-                f"interval).{first_txt}")
+        return (f"{tag}: routing depends on the domain only weakly: {where} {nmi_name} = {fmt_interval(nmi)} "
+                f"({p_txt}{null_txt}: detectable, but not above {STRONG_NMI} with its whole "
+                f"interval).{start_txt}{first_txt}")
     n_perm = null.get("n_permutations")
-    floor_txt = (f"; with {n_perm} permutations p cannot go below {1 / (1 + n_perm):.3g}, so this test cannot "
-                 f"show significance: rerun with more permutations"
-                 if n_perm and 1 / (1 + n_perm) >= SIGNIFICANCE_LEVEL else "")
-    return (f"{tag}: no significant specialization by domain (best layer {best}: {nmi_name} = {fmt_interval(nmi)}, "
-            f"permutation p = {p:.3g} >= {SIGNIFICANCE_LEVEL}{null_txt}{floor_txt}).{first_txt}")
+    floor = n_layers / (1 + n_perm) if n_perm else 0.0
+    floor_txt = ((f"; with {n_perm} permutations p cannot go below {1 / (1 + n_perm):.3g}"
+                  + (f", {floor:.3g} after Bonferroni over {n_layers} layers" if n_layers > 1 else "")
+                  + ", so this test cannot show significance: rerun with more permutations")
+                 if floor >= SIGNIFICANCE_LEVEL else "")
+    return (f"{tag}: no significant specialization by domain ({where}: {nmi_name} = {fmt_interval(nmi)}, "
+            f"{p_txt} >= {SIGNIFICANCE_LEVEL}{null_txt}{floor_txt}).{start_txt}{first_txt}")
 
 
 def load_sentence(arm: str, layers: dict, records: list[dict]) -> str:
@@ -263,7 +319,7 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         layers = arms[arm]["layers"]
         balancing = arm_balancing(experiment, arm)
         tag = f"{arm}" + (f" ({balancing})" if balancing else "")
-        out.append(specialization_sentence(arm, tag, layers))
+        out.append(specialization_sentence(arm, tag, layers, arm_records.get(arm, [])))
         out.append(load_sentence(arm, layers, arm_records.get(arm, [])))
         unrouted = unrouted_sentence(arm, layers, arm_records.get(arm, []), arms[arm].get("batch_order"))
         if unrouted:
@@ -287,13 +343,24 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         ft = arms[arm].get("format_test", {}).get("layers", {})
         vals = {k: v["mean_token_js_divergence"] for k, v in ft.items() if isinstance(v.get("mean_token_js_divergence"), dict)}
         if vals:
-            worst = max(vals, key=lambda k: vals[k]["estimate"])
-            ref = (ft[worst].get("reference_token_js_divergence") or {}).get("same domain")
-            ref_txt = f", against {ref:.3f} bits between two random tokens of the same domain" if ref is not None else ""
-            out.append(f"{arm}: adding 'Problem:'/'Solution:' markers moves the routing of the same content tokens by "
-                       f"at most {fmt_interval(vals[worst])} bits per token (JS divergence, layer {worst}){ref_txt}.")
+            out.append(format_test_sentence(arm, ft, vals))
             break
     return out
+
+
+def format_test_sentence(arm: str, ft: dict, vals: dict) -> str:
+    """The format test's claim: the layer where the markers move routing most, its mean JS divergence with
+    its interval (not a bound: the interval reaches above it), the same-domain scale, and the share of
+    content tokens whose first-choice expert changes."""
+    worst = max(vals, key=lambda k: vals[k]["estimate"])
+    ref = (ft[worst].get("reference_token_js_divergence") or {}).get("same domain")
+    ref_txt = f", against {ref:.3f} bits between two random tokens of the same domain" if ref is not None else ""
+    which = f"layer {worst}, the largest of {len(vals)} layers" if len(vals) > 1 else f"layer {worst}"
+    changed = ft[worst].get("top1_changed_fraction")
+    changed_txt = (f", and changes the first-choice expert of {_percent(changed)} of those tokens"
+                   if isinstance(changed, dict) else "")
+    return (f"{arm}: adding 'Problem:'/'Solution:' markers moves the routing of the same content tokens by "
+            f"{fmt_interval(vals[worst])} bits per token (mean JS divergence, 95% CI; {which}){ref_txt}{changed_txt}.")
 
 
 # --------------------------------------------------------------------------- tables (pure)
@@ -426,6 +493,24 @@ def expert_token_tables(metrics: dict, per_expert: int = 5) -> list[Table]:
     return tables
 
 
+def paired_verdict(arm: str, reference: str, iv: dict, p: float) -> str:
+    """A direction ("above"/"below") only when the paired interval excludes 0 AND the sign-flip test rejects
+    "no difference" at PAIRED_SIGNIFICANCE. Both read the same statistic (the mean over domains of each
+    domain's per-token difference) but ask different questions: the interval resamples blocks around the
+    estimate, the sign flips test blocks' differences symmetric about 0, which opposite per-domain effects
+    make wide; a claim needs both."""
+    excludes = _low(iv) > 0 or _high(iv) < 0
+    if excludes and p < PAIRED_SIGNIFICANCE:
+        return f"{arm} is {'above' if _low(iv) > 0 else 'below'} {reference}"
+    if excludes:
+        return (f"the arms are not separated: the interval excludes 0, but the sign-flip test does not reject "
+                f"'no difference' (p >= {PAIRED_SIGNIFICANCE})")
+    if p < PAIRED_SIGNIFICANCE:
+        return (f"the arms are not separated: the sign-flip p is below {PAIRED_SIGNIFICANCE}, but the paired "
+                f"interval covers 0")
+    return f"the paired interval covers 0, so this budget does not separate {arm} from {reference}"
+
+
 def paired_loss_sentences(metrics: dict) -> list[str]:
     """One claim per non-dense arm: its held-out loss minus dense's, paired over the same blocks."""
     out = []
@@ -434,12 +519,7 @@ def paired_loss_sentences(metrics: dict) -> list[str]:
         if not diff:
             continue
         iv, p = diff["domain_weighted"], diff["pvalue"]
-        if iv["high"] < 0:
-            verdict = f"{arm} is below {diff['reference']}"
-        elif iv["low"] > 0:
-            verdict = f"{arm} is above {diff['reference']}"
-        else:
-            verdict = f"the paired interval covers 0, so this budget does not separate {arm} from {diff['reference']}"
+        verdict = paired_verdict(arm, diff["reference"], iv, p)
         out.append(f"{arm} - {diff['reference']} held-out loss, paired over the same {diff['n_blocks']} blocks: "
                    f"{iv['estimate']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] nats/token (95% CI, sign-flip "
                    f"p = {p:.3g}): {verdict}.")
