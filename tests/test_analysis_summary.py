@@ -9,7 +9,8 @@ import pytest
 
 from moescope.analysis import metrics
 from moescope.analysis.summary import (
-    SummaryConfig, statistics_header, summarize_eval_loss, summarize_layer, summarize_start_nmi, summarize_token_types,
+    SummaryConfig, best_layer_nmi_test, statistics_header, summarize_eval_loss, summarize_layer, summarize_start_nmi,
+    summarize_token_types,
 )
 from moescope.analysis.table import RoutingTable
 
@@ -186,3 +187,29 @@ def test_start_nmi_of_a_router_blind_to_the_domain_shows_a_paired_increase() -> 
     assert 0 < out["nmi_change"]["low"] <= out["nmi_change"]["estimate"] <= out["nmi_change"]["high"]
     with pytest.raises(ValueError, match="different blocks"):
         summarize_start_nmi(blind.select(table.block < 29), table, ["code", "math", "prose"], CFG)
+
+
+def test_the_best_of_several_layers_is_tested_against_the_max_over_layers_null() -> None:
+    """Layers share their label shuffles, so the max over layers per shuffle is the null of the best layer:
+    with one informative layer among blind ones its p keeps the floor of one test, 1 / (1 + n); a best
+    picked among blind layers only is judged against the blind layers' largest values."""
+    domains = ["code", "math", "prose"]
+    table = synthetic_table(np.random.default_rng(0))
+    blind = [RoutingTable(table.token_id, table.block, table.position, table.domain,
+                          np.random.default_rng(s).integers(0, 4, (table.n_tokens, 1)), table.gate_weight,
+                          table.router_probs) for s in range(1, 6)]
+    nulls: list[np.ndarray] = []
+    layers = {str(i): summarize_layer(t, domains, CFG, nmi_nulls=nulls) for i, t in enumerate([*blind, table])}
+    assert len(nulls) == 6 and all(n.size == 199 for n in nulls)
+    test = best_layer_nmi_test(layers, nulls)
+    assert test["layer"] == "5" and test["n_layers"] == 6 and test["pvalue"] == 1 / 200
+    # the same table twice gets the same shuffles: identical nulls
+    again: list[np.ndarray] = []
+    summarize_layer(table, domains, CFG, nmi_nulls=again)
+    np.testing.assert_array_equal(again[0], nulls[5])
+    blind_only = {k: layers[k] for k in list(layers)[:5]}
+    test = best_layer_nmi_test(blind_only, nulls[:5])
+    own = layers[test["layer"]]["specialization"]["nmi_pvalue"]
+    assert own < test["pvalue"]  # picking the best of five costs: its own p understates the chance
+    with pytest.raises(ValueError, match="one permutation null"):
+        best_layer_nmi_test(layers, nulls[:5])

@@ -361,15 +361,24 @@ def test_existing_output_directory_rules(tmp_path: Path, capsys) -> None:
     # same config again: the existing build is reused untouched
     assert run_cli(["data", "build", "--out", str(out), *base], capsys)[0] == 0
     assert (out / "manifest.json").read_text() == first
-    # a build made under other split rules (an older moescope) or from another Python's standard library
-    # is another build: refused, never silently reused
+    # a build made under other split rules (an older moescope) is another build: refused, never reused;
+    # another Python's standard library only matters to builds that read it (built-in sources)
     import moescope.data.build as build
 
-    for patch in (("SPLIT_RULES", build.SPLIT_RULES + 1),
-                  ("builtin_input_versions", lambda: {"python": "3.99", "gensim": None})):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(build, *patch)
-            _bad(tmp_path, capsys, base, r"already holds a different build", out=out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "SPLIT_RULES", build.SPLIT_RULES + 1)
+        _bad(tmp_path, capsys, base, r"already holds a different build .*split rules", out=out)
+    other_python = lambda: {"python": "3.99", "gensim": None}  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "builtin_input_versions", other_python)
+        assert run_cli(["data", "build", "--out", str(out), *base], capsys)[0] == 0  # files only: reused
+    from moescope.data.config import DataBuildConfig
+
+    builtin = DataBuildConfig()
+    before = build.config_fingerprint(builtin)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "builtin_input_versions", other_python)
+        assert build.config_fingerprint(builtin) != before
     _bad(tmp_path, capsys, [*base, "--seed", "9"], r"already holds a different build", out=out)
     assert (out / "manifest.json").read_text() == first
     assert run_cli(["data", "build", "--out", str(out), *base, "--seed", "9", "--overwrite"], capsys)[0] == 0

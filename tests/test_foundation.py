@@ -245,3 +245,30 @@ def test_environment_info_records_the_source_and_the_native_kernel_status(monkey
         assert native.native_status() == "not loaded yet"  # reading the status never builds
         native.grouped_kernels()  # the first CPU MoE forward
         assert native.native_status() == status
+
+
+def test_a_failed_write_names_its_target_and_other_errors_stay_as_they_were(tmp_path: Path) -> None:
+    """A full disk's OSError names no file: the atomic writers name the target. An error of the caller's
+    own work inside atomic_directory (a refused connection) is not dressed up as a write error."""
+    import errno as errno_module
+
+    with pytest.raises(OSError) as caught, atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("x")
+        raise OSError(errno_module.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(tmp_path / "out") and caught.value.errno == errno_module.ENOSPC
+    with pytest.raises(ConnectionRefusedError) as caught, atomic_directory(tmp_path / "out"):
+        raise ConnectionRefusedError(errno_module.ECONNREFUSED, "Connection refused")
+    assert caught.value.filename is None
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_tokenizer_libraries_bare_write_error_is_the_oserror_it_was(tmp_path: Path) -> None:
+    from moescope.data.tokenizer import save_tokenizer
+
+    class Full:
+        def save_pretrained(self, directory):
+            raise Exception("File too large (os error 27)")
+
+    with pytest.raises(OSError) as caught:
+        save_tokenizer(Full(), tmp_path / "tok")
+    assert caught.value.errno == 27 and caught.value.filename == str(tmp_path / "tok")

@@ -131,3 +131,31 @@ def test_a_setting_in_the_text_config_is_read() -> None:
         pass
 
     assert infer_scores(config, Both(), nn.Identity())[:2] == ("sigmoid", "named by the model's settings")
+
+
+def test_scores_a_router_returns_are_told_from_logits_it_returns() -> None:
+    """Gemma 4's router returns softmax(...) at output 0: its entropy is of those scores. A name that may
+    also hold logits (a parameter, a second assignment, a tuple target) is not taken for scores."""
+    from moescope.hf.adapters import _returned_score_kind
+
+    class Probs(nn.Module):
+        def forward(self, x):
+            probs = torch.softmax(x, -1)
+            top, idx = probs.topk(2)
+            return probs, top, idx
+
+    class MaybeLogits(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                x = torch.softmax(x, -1)
+            return x, x
+
+    class TupleTarget(nn.Module):
+        def forward(self, x):
+            probs = torch.sigmoid(x)
+            probs, idx = probs.topk(2)
+            return probs, idx
+
+    assert _returned_score_kind(Probs, 0) == "softmax" and _returned_score_kind(Probs, 1) is None
+    assert _returned_score_kind(MaybeLogits, 0) is None and _returned_score_kind(TupleTarget, 0) is None
+    assert infer_scores(None, Probs(), nn.Identity())[0] == "scores"

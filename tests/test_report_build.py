@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moescope.report.build import (
-    BALANCED_LOAD_CV, MIN_EFFECTIVE_EXPERTS, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences,
+    BALANCED_LOAD_CV, SIGNIFICANCE_LEVEL, STRONG_NMI, build_report, headline_sentences,
     loss_table, read_jsonl, routing_table, specialization_sentence,
 )
 
@@ -270,6 +270,25 @@ def test_the_best_of_many_layers_is_judged_after_bonferroni() -> None:
     assert "permutation p = 0.003, 0.144 after Bonferroni over the 48 layers >= 0.01" in verdict
     # 999 permutations cannot reach 0.01 once multiplied by 48 layers: said, with the way out
     assert "p cannot go below 0.001, 0.048 after Bonferroni over 48 layers" in verdict
+    # with the max-over-layers test the metrics carry, the same layer keeps the floor of one test
+    best_of = {"layer": "5", "pvalue": 0.001, "n_layers": 48}
+    verdict = specialization_sentence("moe", "moe", many, (), best_of)
+    assert verdict.startswith("moe: experts specialize by domain. Best of 48 layers, layer 5")
+    assert "permutation p = 0.003, 0.001 against the largest NMI of the 48 layers under the same shuffles" in verdict
+
+
+def test_effective_experts_are_judged_against_top_k_and_the_domains() -> None:
+    """Top-2 routing always spreads over >= 2 experts, so a layer on 2.3 of them is near collapse; with
+    two domains of 90% / 10% of the tokens, one expert per domain is perfect specialization at 1.38."""
+    top2 = layer(iv(0.3, 0.25, 0.35), 0.001, iv(0.1, 0.05, 0.2))
+    top2["top_k"] = 2
+    top2["load"]["effective_experts"] = iv(2.3, 2.2, 2.4)
+    assert "not said to specialize" in specialization_sentence("moe", "moe", {"3": top2})
+    two = layer(iv(0.9, 0.85, 0.95), 0.001, iv(0.1, 0.05, 0.2))
+    two["specialization"]["domain_given_expert"] = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    two["load"]["token_fraction"] = [0.9, 0.1, 0.0, 0.0]
+    two["load"]["effective_experts"] = iv(1.38, 1.36, 1.40)
+    assert specialization_sentence("moe", "moe", {"3": two}).startswith("moe: experts specialize by domain.")
 
 
 def test_a_layer_carried_by_one_expert_or_collapsed_is_not_called_specialized() -> None:
@@ -279,7 +298,6 @@ def test_a_layer_carried_by_one_expert_or_collapsed_is_not_called_specialized() 
     assert "experts specialize" not in text and "not said to specialize" in text
     assert text.startswith("nolb: routing depends on the domain, but only 1.20 [1.10, 1.30] effective experts of 4")
     assert "NMI(domain; expert) = 0.300 [0.250, 0.350]" in text and "at or below 0.020" in text
-    assert MIN_EFFECTIVE_EXPERTS == 2.0
     healthy = layer(iv(0.3, 0.25, 0.35), 0.001, iv(0.1, 0.05, 0.2))
     collapse = [{"kind": "collapse", "step": 200, "layer": 3, "expert": 1, "share": 0.93}]
     text = specialization_sentence("nolb", "nolb", {"3": healthy}, collapse)

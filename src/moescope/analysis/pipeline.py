@@ -71,7 +71,7 @@ import torch
 
 from moescope.analysis import capture, formattest, stats, tokentypes
 from moescope.analysis.summary import (
-    SummaryConfig, label_expert_tokens, statistics_header, summarize_eval_loss, summarize_layer, summarize_start_nmi,
+    SummaryConfig, best_layer_nmi_test, label_expert_tokens, statistics_header, summarize_eval_loss, summarize_layer, summarize_start_nmi,
     summarize_token_types,
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
@@ -80,8 +80,9 @@ from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.jsonfile import read_json_object
-from moescope.io.provenance import environment_info, native_status
+from moescope.io.provenance import environment_info
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
+from moescope.moe.native import native_status
 from moescope.moe.capture import record_routing
 from moescope.moe.hf_model import WEIGHTS_NAME, read_moe_config, weight_shapes
 from moescope.moe.model import moe_layers
@@ -505,6 +506,8 @@ def headline(arm: dict) -> dict:
         "n_layers": len(layers),
     }
     out.update({key: spec[key] for key in ("nmi_start", "nmi_change") if key in spec})
+    if "nmi_best_of_layers" in arm:
+        out["nmi_pvalue_best_of_layers"] = arm["nmi_best_of_layers"]["pvalue"]
     return out
 
 
@@ -606,14 +609,17 @@ def analyze_run(
             moe_cfg = getattr(model, "moe_config", None)
             n_shared = int(getattr(moe_cfg, "n_shared_experts", 0) or 0)
             granularity = int(getattr(moe_cfg, "expert_granularity", 1) or 1)
+            nulls: list[np.ndarray] = []
             for i, table in res.tables.items():
                 capture.save_table(table, out_dir / "routing" / name / f"{i}.npz")
-                summary = summarize_layer(table, store.domains, cfg.statistics, n_shared_experts=n_shared)
+                summary = summarize_layer(table, store.domains, cfg.statistics, n_shared_experts=n_shared,
+                                          nmi_nulls=nulls)
                 label_expert_tokens(summary, tokenizer)
                 if granularity > 1:  # fine-grained: the coarse expert each routed expert was sliced from
                     summary["expert_granularity"] = granularity
                     summary["expert_parent"] = expert_parents(table.n_experts, granularity, n_shared)
                 arm["layers"][str(i)] = summary
+            arm["nmi_best_of_layers"] = best_layer_nmi_test(arm["layers"], nulls)
             if cfg.token_type_domain in store.domains:
                 types = token_types_for_capture(store, tokenizer, res, cfg.token_type_domain)
                 if (types >= 0).any():

@@ -34,6 +34,7 @@ from moescope.analysis import capture, tokentypes
 from moescope.analysis.pipeline import headline, json_ready
 from moescope.analysis.summary import (
     SummaryConfig,
+    best_layer_nmi_test,
     label_expert_tokens,
     statistics_header,
     summarize_eval_loss,
@@ -224,7 +225,7 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
             res = capture.stream_routing(net, blocks.tokens, blocks.domain, blocks.domains, recorder=recorder,
                                          stream=stream, input_device=in_device, batch_blocks=cfg.batch_blocks,
                                          progress=progress)
-        except MoescopeError:
+        except (MoescopeError, OSError):  # moescope's checks, and the file system (a full disk) as it said it
             raise
         except Exception as exc:  # the model's own forward refused its config or input (one line, not a traceback)
             if is_out_of_memory(exc):
@@ -247,10 +248,11 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
         "layers": {},
     }
     samples = {}
+    nulls: list[np.ndarray] = []
     for site in sites:
         table = capture.streamed_table(stream, site.layer, blocks.tokens, blocks.domain, site.n_experts)
         capture.save_table(table, analysis / "routing" / name / f"{site.layer}.npz")
-        arm["layers"][str(site.layer)] = summarize_layer(table, blocks.domains, cfg.statistics)
+        arm["layers"][str(site.layer)] = summarize_layer(table, blocks.domains, cfg.statistics, nmi_nulls=nulls)
         label_expert_tokens(arm["layers"][str(site.layer)], tokenizer)
         if site.n_shared_experts:
             arm["layers"][str(site.layer)]["shared_expert"] = shared_expert_summary(
@@ -259,6 +261,7 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
         samples[site.layer] = table.select(keep)
         del table
     shutil.rmtree(stage / "stream", ignore_errors=True)
+    arm["nmi_best_of_layers"] = best_layer_nmi_test(arm["layers"], nulls)
     arm["headline"] = headline(arm)
     pieces = {int(r): tokentypes.token_pieces(tokenizer, blocks.tokens[r]) for r in sample_rows}
     n_shared = max((site.n_shared_experts for site in sites), default=0)

@@ -44,8 +44,9 @@ def config_fingerprint(cfg: DataBuildConfig) -> str:
     """Identifies a build: same fingerprint, same inputs (for built-in sources, same bytes) and the same
     split rules. The built-in code and prose come from this Python's standard library and gensim's wheel,
     so their versions are part of it; a build under older split rules is another build, never reused."""
+    builtin = any(src.backend == "builtin" for dom in cfg.domains for src in dom.all_sources)
     payload = json.dumps({"format_version": FORMAT_VERSION, "split_rules": SPLIT_RULES, "config": to_dict(cfg),
-                          "builtin_inputs": builtin_input_versions()}, sort_keys=True)
+                          "builtin_inputs": builtin_input_versions() if builtin else None}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -78,8 +79,8 @@ def _existing_build(out_dir: Path, fingerprint: str, overwrite: bool) -> BlockSt
         old = None
     if old != fingerprint:
         raise MoescopeError(f"output directory {out_dir} already holds a different build "
-                            f"(config fingerprint {str(old)[:12]} != {fingerprint[:12]}); "
-                            "pass --overwrite or choose another --out")
+                            f"(config fingerprint {str(old)[:12]} != {fingerprint[:12]}: another config, split "
+                            "rules or built-in inputs' Python / gensim); pass --overwrite or choose another --out")
     log.info("%s already holds this build; reusing it", out_dir)
     return BlockStore.open(out_dir)
 

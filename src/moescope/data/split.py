@@ -59,7 +59,8 @@ def document_key(t: SourceText) -> str:
     """
     family, params = t.meta.get("family"), t.meta.get("params")
     if isinstance(family, str) and family and isinstance(params, dict) and params:
-        return f"problem:{family}:" + json.dumps(sorted(json.dumps(v, sort_keys=True) for v in params.values()))
+        values = [x for v in params.values() for x in (v if isinstance(v, list) else [v])]  # lcm_bells' intervals
+        return f"problem:{family}:" + json.dumps(sorted(json.dumps(x, sort_keys=True) for x in values))
     problem = t.meta.get("problem")
     if isinstance(problem, str) and problem.strip():
         return "problem:" + normalize_problem(problem)
@@ -140,7 +141,7 @@ def _identity(x: Any) -> Any:
 
 
 # a Python string literal: triple-quoted (any lines), or single-line quoted with escapes
-_PY_STRING = re.compile(r'(?s)("""' r"|''')" r"(?:\\.|.)*?\1" r'|"(?:\\.|[^"\\\n])*"' r"|'(?:\\.|[^'\\\n])*'")
+_PY_STRING = re.compile(r'("""' r"|''')(?:\\.|[^\\])*?\1" r'|"(?:\\.|[^"\\\n])*"' r"|'(?:\\.|[^'\\\n])*'")
 
 
 def near_duplicate_view(t: SourceText) -> str:

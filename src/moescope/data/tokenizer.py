@@ -6,6 +6,8 @@ DIR/tokenizer, so every later stage loads it with AutoTokenizer.from_pretrained.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -81,9 +83,15 @@ def tokenizer_size(tok: Any) -> int:
 
 
 def save_tokenizer(tok: Any, directory: Path) -> None:
-    """save_pretrained, with a failed write (the Rust library raises a bare Exception for a full disk)
-    as one line naming the directory."""
+    """save_pretrained; the Rust library reports a failed write (a full disk) as a bare Exception
+    "... (os error N)": it is raised as the OSError it was, naming the directory, so that callers that
+    handle a full disk see one."""
     try:
         tok.save_pretrained(str(directory))
+    except OSError:
+        raise
     except Exception as exc:
-        raise MoescopeError(f"could not write the tokenizer to {directory}: {first_line(exc)}") from exc
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise MoescopeError(f"could not write the tokenizer to {directory}: {first_line(exc)}") from exc
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(directory)) from exc

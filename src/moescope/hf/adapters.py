@@ -218,15 +218,22 @@ def _returned_score_kind(router_cls: type, index: int) -> str | None:
         tree = ast.parse(textwrap.dedent(inspect.getsource(router_cls.forward)))
     except (TypeError, OSError, SyntaxError):
         return None
-    kinds: dict[str, set] = {}  # every way each name is assigned: a score call's name, else None
+    # every way each name gets a value: a plain `name = softmax(...)` / `sigmoid(...)` gives that kind;
+    # anything else (a parameter, another call, a tuple or loop target, an augmented assignment) None
+    kinds: dict[str, set] = {}
+    scored: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-            value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
-            func = value.func if isinstance(value, ast.Call) else None
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            func = node.value.func
             ident = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                if isinstance(target, ast.Name):
-                    kinds.setdefault(target.id, set()).add(ident if ident in _SCORE_KINDS else None)
+            for target in node.targets:
+                if isinstance(target, ast.Name) and ident in _SCORE_KINDS:
+                    kinds.setdefault(target.id, set()).add(ident)
+                    scored.add(id(target))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg) or (isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+                                         and id(node) not in scored):
+            kinds.setdefault(node.arg if isinstance(node, ast.arg) else node.id, set()).add(None)
     made = {name: next(iter(k)) for name, k in kinds.items() if len(k) == 1 and None not in k}
     returned = set()
     for node in ast.walk(tree):
@@ -295,13 +302,15 @@ def _sibling_routers(model: nn.Module, router_cls: type) -> list[tuple[str, nn.M
 
 def _modality_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, block) of the routing blocks directly under `module` when it holds one per modality
-    (ERNIE-4.5-VL records its whole text + vision block), the text one first; [] for a router or a block."""
+    (ERNIE-4.5-VL records its whole text + vision block), the one named for text first; [] for a router,
+    a block, or blocks none or several of which are named for text."""
     if isinstance(getattr(module, "experts", None), nn.Module):
         return []
     inner = [(name, child) for name, child in module.named_children()
              if isinstance(getattr(child, "experts", None), nn.Module) and takes_routing(child.experts)
              and _block_gate(child) is not None]
-    return sorted(inner, key=lambda nc: "text" not in nc[0])
+    text = [nc for nc in inner if "text" in re.split(r"[^a-z]+", nc[0].lower())]
+    return [text[0], *[nc for nc in inner if nc is not text[0]]] if len(text) == 1 else []
 
 
 def _block_gate(block: nn.Module) -> tuple[str, nn.Module] | None:
@@ -319,7 +328,7 @@ def generic_adapter(model: nn.Module) -> tuple[Adapter, list[tuple[str, nn.Modul
     else:
         return None
     idle: list[str] = []
-    if _modality_blocks(modules[0][1]):
+    if all(_modality_blocks(m) for _, m in modules):
         # the recorded module holds one MoE block per modality: read the text block's own router (its
         # logits come first, as transformers' routers return them); the others stay idle on text
         gated = []

@@ -13,6 +13,7 @@ nothing here; the renamed result gets the permissions an ordinary write would ha
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -136,10 +137,14 @@ def atomic_file(path: str | Path):
     fsync_directory(path.parent)  # the rename itself survives a power loss only once the directory is synced
 
 
+_WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS") if hasattr(errno, n))
+
+
 def _raise_naming(exc: BaseException, target: Path) -> None:
-    """For an OSError that names no file (a write to a full disk), raise the same error naming `target`,
-    so that the one line the CLI prints says what could not be written; any other error: return."""
-    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+    """For a failed write that names no file (a full disk, a quota, a file-size limit), raise the same
+    error naming `target`, so that the one line the CLI prints says what could not be written; any other
+    error (a socket's, say, raised by the caller's own work inside atomic_directory): return."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno in _WRITE_ERRNOS:
         raise OSError(exc.errno, exc.strerror, str(target)) from exc
 
 

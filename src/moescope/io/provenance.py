@@ -34,6 +34,8 @@ def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, st
 def environment_info() -> dict[str, object]:
     import torch
 
+    from moescope.moe.native import native_status
+
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -46,13 +48,6 @@ def environment_info() -> dict[str, object]:
         "source": source_revision(),
         "native_grouped_kernel": native_status(),
     }
-
-
-def native_status() -> str:
-    """moe/native.py's status of the compiled grouped GEMM (never builds it)."""
-    from moescope.moe.native import native_status as status
-
-    return status()
 
 
 @functools.cache

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moescope.errors import MoescopeError
 from moescope.io.config import upgrade_keys
 from moescope.io.jsonfile import read_json_object
@@ -30,9 +32,6 @@ STRONG_NMI = 0.1
 BALANCED_LOAD_CV = 0.3
 # A paired loss difference gets a direction only when its interval excludes 0 and its sign-flip p is below this.
 PAIRED_SIGNIFICANCE = 0.05
-# Fewer effective experts than this (exp of the load entropy, judged by its interval's lower end) and about
-# one expert carries the routing: a domain dependence there is not experts dividing the work by domain.
-MIN_EFFECTIVE_EXPERTS = 2.0
 
 
 # The numbers the report reads from each kind of metrics.jsonl record (dotted paths), and from each
@@ -97,15 +96,16 @@ def _read_json(path: Path) -> dict:
     return read_json_object(path, {"arms": dict})
 
 
-def fmt_interval(iv: Any, digits: int = 3) -> str:
+def fmt_interval(iv: Any, digits: int = 3, signed: bool = False) -> str:
+    f = f"{'+' if signed else ''}.{digits}f"
     if isinstance(iv, dict) and "estimate" in iv:
         if not isinstance(iv["estimate"], (int, float)):
             return "n/a"
         if not all(isinstance(iv.get(k), (int, float)) for k in ("low", "high")):  # too few blocks to resample
-            return f"{iv['estimate']:.{digits}f} [n/a]"
-        return f"{iv['estimate']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
+            return f"{iv['estimate']:{f}} [n/a]"
+        return f"{iv['estimate']:{f}} [{iv['low']:{f}}, {iv['high']:{f}}]"
     if isinstance(iv, (int, float)):
-        return f"{iv:.{digits}f}"
+        return f"{iv:{f}}"
     return "n/a"
 
 
@@ -161,10 +161,6 @@ def bonferroni(p: float, n_tests: int) -> float:
     return min(1.0, float(p) * max(int(n_tests), 1))
 
 
-def _signed_interval(iv: dict, digits: int = 3) -> str:
-    return f"{iv['estimate']:+.{digits}f} [{iv['low']:+.{digits}f}, {iv['high']:+.{digits}f}]"
-
-
 def start_nmi_text(spec: dict) -> str:
     """The layer's NMI at the upcycled start (step-0 snapshot) and what training changed, paired over the
     same blocks; a direction only where the paired interval excludes 0. Empty without a start value."""
@@ -174,7 +170,7 @@ def start_nmi_text(spec: dict) -> str:
     moved = "increased" if change["low"] > 0 else "decreased" if change["high"] < 0 else "changed"
     covers = ", an interval that covers 0: no change by training is shown" if moved == "changed" else ""
     return (f" At the upcycled start (step {spec.get('nmi_start_step', 0)}, router not yet trained) the NMI was "
-            f"{fmt_interval(start)}; training {moved} it by {_signed_interval(change)} (paired over the same "
+            f"{fmt_interval(start)}; training {moved} it by {fmt_interval(change, signed=True)} (paired over the same "
             f"resampled blocks){covers}.")
 
 
@@ -182,19 +178,43 @@ def _collapses(records: list[dict], layer: str) -> list[dict]:
     return [r for r in records if r.get("kind") == "collapse" and str(r.get("layer")) == layer]
 
 
-def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict] | tuple = ()) -> str:
-    """The domain-specialization verdict of one arm: best layer, NMI with CI, p-value (Bonferroni over the
-    layers the best was picked from) and the permutation null, how many effective experts carry the routing,
-    and the NMI at the upcycled start when the arm saved one. "Experts specialize" needs a strong, significant
-    dependence carried by at least MIN_EFFECTIVE_EXPERTS experts in a layer that did not collapse."""
+def min_effective_experts(layer: dict) -> float:
+    """Effective experts a layer must use before its experts are said to specialize: one more than the
+    top-k every token takes (k experts are the floor even for a collapsed router), but never more than
+    perfect per-domain routing can show: k x exp(entropy of the domains' token shares)."""
+    k = int(layer.get("top_k", 1) or 1)
+    spec = layer.get("specialization", {})
+    share = np.asarray(spec.get("domain_given_expert", []), dtype=float)
+    used = np.asarray(layer.get("load", {}).get("token_fraction", []), dtype=float)
+    if share.ndim == 2 and share.shape[1] == used.size and used.size:
+        p_d = share @ used
+        p_d = p_d[p_d > 0] / p_d.sum()
+        return float(min(k + 1, k * np.exp(-(p_d * np.log(p_d)).sum())))
+    return float(k + 1)
+
+
+def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict] | tuple = (),
+                            best_of_layers: dict | None = None) -> str:
+    """The domain-specialization verdict of one arm: best layer, NMI with CI, p-value of the best of the
+    layers (max-over-layers permutation test when the metrics carry it, else Bonferroni) and the
+    permutation null, how many effective experts carry the routing, and the NMI at the upcycled start when
+    the arm saved one. "Experts specialize" needs a strong, significant dependence carried by more experts
+    than top-k alone forces (min_effective_experts) in a layer that did not collapse."""
     best = _best_layer(layers)
     n_layers = len(layers)
     spec = layers[best]["specialization"]
     p_layer, nmi = spec["nmi_pvalue"], spec["nmi"]
-    p = bonferroni(p_layer, n_layers)
     where = f"best of {n_layers} layers, layer {best}" if n_layers > 1 else f"layer {best}"
-    p_txt = f"permutation p = {p_layer:.3g}" + (f", {p:.3g} after Bonferroni over the {n_layers} layers"
-                                                 if n_layers > 1 else "")
+    family = best_of_layers if best_of_layers and str(best_of_layers.get("layer")) == best else None
+    if n_layers == 1:
+        p, p_txt = p_layer, f"permutation p = {p_layer:.3g}"
+    elif family is not None:
+        p = float(family["pvalue"])
+        p_txt = (f"permutation p = {p_layer:.3g}, {p:.3g} against the largest NMI of the {n_layers} layers under "
+                 f"the same shuffles")
+    else:
+        p = bonferroni(p_layer, n_layers)
+        p_txt = f"permutation p = {p_layer:.3g}, {p:.3g} after Bonferroni over the {n_layers} layers"
     null = spec.get("nmi_permutation") or {}
     null_txt = (f"; with domain labels shuffled between blocks, 95% of {null['n_permutations']} permutations "
                 f"stay at or below {null['null_q95']:.3f}" if null.get("null_q95") is not None else "")
@@ -214,7 +234,7 @@ def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict
         numbers = (f"{where}: {nmi_name} = {fmt_interval(nmi)} (95% CI), {p_txt}{null_txt}; the largest "
                    f"P(expert | domain) is {fmt_interval(top, 2)} against {1 / n_exp:.3f} for uniform routing")
         problems = []
-        if eff is not None and _low(eff) < MIN_EFFECTIVE_EXPERTS:
+        if eff is not None and _high(eff) < min_effective_experts(layers[best]):  # its whole interval below
             problems.append(f"only {eff_txt}")
         for e in _collapses(list(records), best)[:1]:
             problems.append(f"collapse was detected in layer {best} during training (step {e['step']}: expert "
@@ -229,9 +249,10 @@ def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict
                 f"({p_txt}{null_txt}: detectable, but not above {STRONG_NMI} with its whole "
                 f"interval).{start_txt}{first_txt}")
     n_perm = null.get("n_permutations")
-    floor = n_layers / (1 + n_perm) if n_perm else 0.0
+    bonferroni_floor = n_layers > 1 and family is None
+    floor = (n_layers if bonferroni_floor else 1) / (1 + n_perm) if n_perm else 0.0
     floor_txt = ((f"; with {n_perm} permutations p cannot go below {1 / (1 + n_perm):.3g}"
-                  + (f", {floor:.3g} after Bonferroni over {n_layers} layers" if n_layers > 1 else "")
+                  + (f", {floor:.3g} after Bonferroni over {n_layers} layers" if bonferroni_floor else "")
                   + ", so this test cannot show significance: rerun with more permutations")
                  if floor >= SIGNIFICANCE_LEVEL else "")
     return (f"{tag}: no significant specialization by domain ({where}: {nmi_name} = {fmt_interval(nmi)}, "
@@ -319,7 +340,8 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         layers = arms[arm]["layers"]
         balancing = arm_balancing(experiment, arm)
         tag = f"{arm}" + (f" ({balancing})" if balancing else "")
-        out.append(specialization_sentence(arm, tag, layers, arm_records.get(arm, [])))
+        out.append(specialization_sentence(arm, tag, layers, arm_records.get(arm, []),
+                                           arms[arm].get("nmi_best_of_layers")))
         out.append(load_sentence(arm, layers, arm_records.get(arm, [])))
         unrouted = unrouted_sentence(arm, layers, arm_records.get(arm, []), arms[arm].get("batch_order"))
         if unrouted:
@@ -521,7 +543,7 @@ def paired_loss_sentences(metrics: dict) -> list[str]:
         iv, p = diff["domain_weighted"], diff["pvalue"]
         verdict = paired_verdict(arm, diff["reference"], iv, p)
         out.append(f"{arm} - {diff['reference']} held-out loss, paired over the same {diff['n_blocks']} blocks: "
-                   f"{iv['estimate']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] nats/token (95% CI, sign-flip "
+                   f"{fmt_interval(iv, 4, signed=True)} nats/token (95% CI, sign-flip "
                    f"p = {p:.3g}): {verdict}.")
     return out
 

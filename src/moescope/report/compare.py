@@ -189,7 +189,8 @@ def build_comparison(outs: list[str | Path], out_dir: str | Path, *, labels: lis
         sat = saturation_against([e for e in entries if e is not ref], ref)
         first_layer = next(iter(ref.metrics["layers"].values()))
         baseline = first_layer.get("top_k", 1) / first_layer["n_experts"]
-    headline = [specialization_sentence(e.label, e.label, e.metrics["layers"]) for e in entries]
+    headline = [specialization_sentence(e.label, e.label, e.metrics["layers"], (),
+                                        e.metrics.get("nmi_best_of_layers")) for e in entries]
     if len(domains) > 1:
         headline.append("The analyses were run on different domains, so their NMI values measure different things.")
     figs = []
