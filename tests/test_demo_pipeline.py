@@ -151,6 +151,6 @@ def test_summary_table_adds_the_step_0_nmi_as_a_last_column_and_keeps_the_others
     assert "step 0" not in before[0]  # no snapshot, no column: the table as it was
     head["nmi_start"] = iv(0.432, 0.42, 0.444)
     after = format_summary_table(summary_rows(metrics)).splitlines()
-    assert after[0] == before[0] + " same layer at step 0"
-    assert after[3] == f"{before[3]:<{len(after[0]) - len(' same layer at step 0')}} 0.432 [0.420, 0.444]"
-    assert after[2].startswith(before[2]) and after[2].endswith(" -")
+    assert after[0] == before[0] + "  NMI at step 0 (same layer)"
+    assert after[3] == f"{before[3]:<{len(after[0]) - len('  NMI at step 0 (same layer)')}}  0.432 [0.420, 0.444]"
+    assert after[2].startswith(before[2]) and after[2].endswith("  -")

@@ -192,7 +192,7 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<40} "
             f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}")
     start = any("nmi_start" in r for r in rows)  # a column only when some arm saved a step-0 snapshot
-    head = (head + (" same layer at step 0" if start else "")).rstrip()
+    head = (head + ("  NMI at step 0 (same layer)" if start else "")).rstrip()
     lines = [head, "-" * len(head)]
     for r in rows:
         p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
@@ -201,7 +201,7 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
         paired = (f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] p={diff['pvalue']:.2g}"
                   if diff else "-")
         line = f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}"
-        lines.append((line + (f" {iv(r.get('nmi_start'))}" if start else "")).rstrip())
+        lines.append((line + (f"  {iv(r.get('nmi_start'))}" if start else "")).rstrip())
     return "\n".join(lines)
 
 
