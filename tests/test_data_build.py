@@ -255,6 +255,38 @@ def test_balance_truncates_to_smallest_block_count(tmp_path: Path) -> None:
             assert bal.manifest["splits"][split][d]["n_block_tokens"] == low * bal.block_size
     again = build_dataset(small_cfg(tmp_path, sizes, balance=True), tmp_path / "bal2")
     assert block_path(again.root, "train", "alpha").read_bytes() == block_path(bal.root, "train", "alpha").read_bytes()
+    for store in (plain, bal):
+        assert_blocks_come_from_their_texts(store)
+
+
+def assert_blocks_come_from_their_texts(store: BlockStore) -> None:
+    """Every block's tokens are a run of the EOS-joined encodings of the texts its sources row names, and its
+    packed number is where it sat before balancing chose rows (the manifest holds the file's digest)."""
+    from transformers import AutoTokenizer
+
+    from moescope.data.blocks import block_sources_path
+    from moescope.io.provenance import sha256_file
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(store.root)))
+    eos = store.manifest["eos_token_id"]
+    for split in ("train", "eval"):
+        for d in store.domains:
+            texts = read_texts(store, split, d)
+            path = block_sources_path(store.root, split, d)
+            sources = np.load(path)
+            blocks = np.asarray(store.blocks(split, d))
+            assert sources.shape == (len(blocks), 3) and np.all(np.diff(sources[:, 0]) > 0)
+            assert store.manifest["splits"][split][d]["block_sources_sha256"] == sha256_file(path)
+            encoded = [[*tok.encode(text, add_special_tokens=False), eos] for text in texts]
+
+            def holds(lo: int, hi: int, block: np.ndarray) -> bool:
+                stream = [t for ids in encoded[lo:hi + 1] for t in ids]
+                return any(stream[i:i + len(block)] == block.tolist() for i in range(len(stream) - len(block) + 1))
+
+            for block, (_, first, last) in zip(blocks, sources):
+                assert holds(first, last, block)
+                # and no shorter span does: the first and last texts are the block's own ends
+                assert first == last or not (holds(first + 1, last, block) or holds(first, last - 1, block))
 
 
 def test_gpt2_tokenizer_from_local_directory(tmp_path: Path) -> None:

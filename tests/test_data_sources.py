@@ -318,3 +318,24 @@ def test_unreadable_file_is_named(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Path, "read_text", deny)  # chmod cannot lock root out, so simulate the OS error
     with pytest.raises(MoescopeError, match=r"locked\.txt: cannot read \(Permission denied\)"):
         list(iter_files(SourceConfig(backend="files", paths=[str(tmp_path)]), "d", 0))
+
+
+def test_builtin_sources_record_digests_of_what_they_read() -> None:
+    """The manifest names each built-in input by content, not only by path: another gensim wheel, another
+    Python's standard library or another generator is visible in it."""
+    import hashlib
+
+    from moescope.data import mathgen
+    from moescope.data.sources.builtin import builtin_source_info
+    from moescope.data.sources.pycode import stdlib_files, stdlib_root
+
+    prose = builtin_source_info("prose")
+    assert {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in prose["files"]} == prose["sha256"]
+    assert builtin_source_info("math")["generator_sha256"] == hashlib.sha256(
+        Path(mathgen.__file__).read_bytes()).hexdigest()
+    code = builtin_source_info("code")
+    root = stdlib_root()
+    expected = hashlib.sha256()
+    for f in stdlib_files(root):
+        expected.update(f"{f.relative_to(root).as_posix()}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    assert code["files_sha256"] == expected.hexdigest() and code["python"].count(".") == 2

@@ -42,6 +42,12 @@ def block_path(root: str | Path, split: str, domain: str) -> Path:
     return Path(root) / "blocks" / split / f"{domain}.bin"
 
 
+def block_sources_path(root: str | Path, split: str, domain: str) -> Path:
+    """int64 [n_blocks, 3] beside the block file: each block's row in the block file as packed (before
+    balancing chose rows) and the first and last line of texts/{split}/{domain}.jsonl its tokens come from."""
+    return Path(root) / "blocks" / split / f"{domain}.sources.npy"
+
+
 def texts_path(root: str | Path, split: str, domain: str) -> Path:
     return Path(root) / "texts" / split / f"{domain}.jsonl"
 

@@ -15,14 +15,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from moescope.data.blocks import (
-    FORMAT_VERSION, MANIFEST_NAME, SPLITS, BlockStore, block_path, dtype_for_vocab, read_manifest, texts_path,
-    tokenizer_dir,
+    FORMAT_VERSION, MANIFEST_NAME, SPLITS, BlockStore, block_path, block_sources_path, dtype_for_vocab, read_manifest,
+    texts_path, tokenizer_dir,
 )
 from moescope.data.config import DataBuildConfig
-from moescope.data.packing import PackStats, choose_rows, encoder_for, pack_to_file, truncate_block_file
+from moescope.data.packing import PackStats, block_sources, choose_rows, encoder_for, pack_to_file, truncate_block_file
 from moescope.data.sources import DomainTexts, collect_domain
 from moescope.data.split import (
     NEAR_DUP_NUM_PERM, NEAR_DUP_SHINGLE_WORDS, NEAR_DUP_THRESHOLD, SPLIT_RULES, check_leakage, document_key,
@@ -132,6 +133,8 @@ def _balance(tmp: Path, cfg: DataBuildConfig, splits: dict[str, dict[str, dict]]
             if n > keep:
                 rows = choose_rows(n, keep, domain_seed(cfg.seed, f"balance/{split}/{d}"))
                 truncate_block_file(block_path(tmp, split, d), rows, cfg.block_size_tokens, dtype)
+                sources = block_sources_path(tmp, split, d)
+                np.save(sources, np.load(sources)[rows])  # the kept blocks keep their packed numbers
             splits[split][d]["balanced_from_blocks"] = n
             splits[split][d]["n_blocks"] = keep
             splits[split][d]["n_block_tokens"] = keep * cfg.block_size_tokens
@@ -216,6 +219,8 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
             for split in SPLITS:
                 for name in collected:
                     res = _write_split(tmp, split, name, parts[split][name], encode, eos_id, cfg, dtype, bar)
+                    np.save(block_sources_path(tmp, split, name),
+                            block_sources(res.stats.text_ends, res.stats.n_blocks, cfg.block_size_tokens))
                     hashes[split][name] = res.hashes
                     splits[split][name] = {
                         "n_documents": len({document_key(t) for t in parts[split][name]}),
@@ -242,6 +247,7 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
                 path = block_path(tmp, split, d)
                 if path.is_file():
                     entry["blocks_sha256"] = sha256_file(path)
+                    entry["block_sources_sha256"] = sha256_file(block_sources_path(tmp, split, d))
         atomic_write_json(tmp / TEXT_HASHES_NAME, {"algorithm": "sha256 of UTF-8 text, in texts/*.jsonl line order",
                                                    "splits": hashes})
         timings["total_s"] = time.perf_counter() - t_start

@@ -22,6 +22,17 @@ class PackStats:
     n_tokens: int = 0  # including one EOS per text
     n_blocks: int = 0
     tail_tokens_dropped: int = 0
+    text_ends: list[int] | None = None  # each text's end (EOS included) in the token stream, cumulative
+
+
+def block_sources(text_ends: Sequence[int], n_blocks: int, block_size: int) -> np.ndarray:
+    """int64 [n_blocks, 3]: block number and the first and last text (0-based, inclusive) whose tokens it
+    holds, from each text's cumulative end offset in the packed stream (pure computation)."""
+    ends = np.asarray(text_ends, dtype=np.int64)
+    starts = np.arange(n_blocks, dtype=np.int64) * block_size
+    first = np.searchsorted(ends, starts, side="right")  # the text whose span holds the block's first token
+    last = np.searchsorted(ends, starts + block_size - 1, side="right")
+    return np.stack([np.arange(n_blocks, dtype=np.int64), first, last], axis=1)
 
 
 def batched_texts(texts: Iterable[str], max_texts: int, max_chars: int) -> Iterator[list[str]]:
@@ -87,12 +98,14 @@ def pack_to_file(
     on_batch: Callable[[int], None] | None = None,
 ) -> PackStats:
     """Encode `texts` in batches, append EOS after each, write full blocks to `path`."""
-    stats = PackStats()
+    stats = PackStats(text_ends=[])
     carry = np.empty(0, dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         for batch in batched_texts(texts, batch_texts, batch_chars):
             ids = encode(batch)
+            for x in ids:
+                stats.text_ends.append((stats.text_ends[-1] if stats.text_ends else 0) + len(x) + 1)
             flat = join_with_eos(ids, eos_id, dtype)
             stats.n_texts += len(batch)
             stats.n_chars += sum(len(t) for t in batch)

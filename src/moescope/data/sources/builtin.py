@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import bz2
+import hashlib
+import platform
 import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from moescope.data.mathgen import generate_problems
-from moescope.data.sources.pycode import iter_stdlib_definitions, stdlib_root
+from moescope.data.sources.pycode import iter_stdlib_definitions, stdlib_files, stdlib_root
 from moescope.data.text import SourceText
 from moescope.errors import MoescopeError
+from moescope.io.provenance import sha256_file
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
@@ -36,20 +39,28 @@ def gensim_data_dir() -> Path:
 
 
 def builtin_source_info(name: str) -> dict:
-    """Provenance for the manifest: which files a built-in corpus reads."""
+    """Provenance for the manifest: which files a built-in corpus reads, with their digests (the standard
+    library's .py files as one digest over their relative paths and contents, the generator's source)."""
     if name == "code":
+        root = stdlib_root()
+        digest = hashlib.sha256()
+        for f in stdlib_files(root):
+            digest.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
         return {"backend": "builtin", "name": "code", "description": "Python standard library, top-level "
-                "functions and classes (ast), test packages excluded", "root": str(stdlib_root())}
+                "functions and classes (ast), test packages excluded", "root": str(root),
+                "python": platform.python_version(), "files_sha256": digest.hexdigest()}
     if name == "prose":
         d = gensim_data_dir()
+        files = [d / WIKI_FILE, d / NEWS_FILE]
         return {"backend": "builtin", "name": "prose", "description": "Wikipedia excerpt and Lee news corpus "
                 "shipped in the gensim wheel, wiki markup removed with gensim.corpora.wikicorpus.filter_wiki",
-                "files": [str(d / WIKI_FILE), str(d / NEWS_FILE)]}
+                "files": [str(f) for f in files], "sha256": {f.name: sha256_file(f) for f in files}}
     if name == "math":
-        from moescope.data.mathgen import FAMILIES
+        from moescope.data import mathgen
 
         return {"backend": "builtin", "name": "math", "description": "generated MathQA-style word problems, "
-                "'{problem}\\n\\n{rationale}'", "families": sorted(FAMILIES)}
+                "'{problem}\\n\\n{rationale}'", "families": sorted(mathgen.FAMILIES),
+                "generator_sha256": sha256_file(mathgen.__file__)}
     raise MoescopeError(f"unknown built-in corpus {name!r}")
 
 
