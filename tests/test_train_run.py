@@ -48,6 +48,8 @@ def test_experiment_writes_every_arm_at_matched_compute(data: Path, tmp_path: Pa
         assert (run / name).is_file()
     env = json.loads((run / "environment.json").read_text())
     assert env["libraries"]["torch"] and env["seeds"]["train.seed"] == 0
+    # the MoE arms' forward passes have decided whether the compiled experts kernel serves them
+    assert summary["moe"]["native_grouped_kernel"] in {"loaded", "unavailable", "off"}
     assert json.loads((run / "data_manifest.json").read_text()) == json.loads((data / "manifest.json").read_text())
     base_final = load_moe_model(run / "base" / "final")
     assert not moe_layers(base_final)

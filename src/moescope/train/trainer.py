@@ -25,6 +25,7 @@ from moescope.data.blocks import tokenizer_dir
 from moescope.errors import MoescopeError, first_line
 from moescope.io.lock import run_directory_lock
 from moescope.moe.model import set_training_progress
+from moescope.moe.native import native_status
 from moescope.runtime import catch_stop_signals, peak_memory_mb, reset_peak_memory
 from moescope.train.accelerator import clip_gradients, process_state
 from moescope.train.checkpoint import NonFiniteState
@@ -210,7 +211,9 @@ class Trainer:
                        "tokens_seen": self.step * self.tokens_per_step, "stopped_early": self._stop_reason,
                        "final_eval": {k: last_eval[k] for k in ("loss", "ppl", "domains", "routing")},
                        "collapse_events": self.collapse.events, "train_tokens_per_s": self.clock.tokens_per_s(),
-                       "nonfinite_skips": self.guard.total, **peak_memory_mb(self._peak_window)}
+                       "nonfinite_skips": self.guard.total, **peak_memory_mb(self._peak_window),
+                       # environment.json is written before any step: whether the compiled experts kernel ran is known here
+                       "native_grouped_kernel": native_status()}
             if self.write and self.accelerator.is_main_process:  # final/ with the data's tokenizer, then summary.json
                 try:
                     self.rundir.finish(self.raw_model, summary, tokenizer_dir(self.store.root))
