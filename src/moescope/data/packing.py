@@ -8,7 +8,7 @@ that does not fill a last block is dropped and counted.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ class PackStats:
     n_tokens: int = 0  # including one EOS per text
     n_blocks: int = 0
     tail_tokens_dropped: int = 0
-    text_ends: list[int] | None = None  # each text's end (EOS included) in the token stream, cumulative
+    text_ends: list[int] = field(default_factory=list)  # each text's end (EOS included) in the token stream
 
 
 def block_sources(text_ends: Sequence[int], n_blocks: int, block_size: int) -> np.ndarray:
@@ -98,15 +98,14 @@ def pack_to_file(
     on_batch: Callable[[int], None] | None = None,
 ) -> PackStats:
     """Encode `texts` in batches, append EOS after each, write full blocks to `path`."""
-    stats = PackStats(text_ends=[])
+    stats = PackStats()
     carry = np.empty(0, dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
         for batch in batched_texts(texts, batch_texts, batch_chars):
             ids = encode(batch)
-            for x in ids:
-                stats.text_ends.append((stats.text_ends[-1] if stats.text_ends else 0) + len(x) + 1)
             flat = join_with_eos(ids, eos_id, dtype)
+            stats.text_ends.extend((stats.n_tokens + np.cumsum([len(x) + 1 for x in ids])).tolist())
             stats.n_texts += len(batch)
             stats.n_chars += sum(len(t) for t in batch)
             stats.n_tokens += len(flat)
