@@ -91,47 +91,81 @@ def test_leakage_check_detects_planted_duplicates() -> None:
 
 def test_build_fails_on_planted_leak_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
     import moescope.data.build as build_mod
-    from moescope.data.split import NearDuplicates
 
-    real = build_mod.split_texts
+    real = build_mod.split_groups
 
-    def leaky(texts, **kw):
-        train, evals = real(texts, **kw)
-        return train, evals + [SourceText(text=train[0].text.replace(" ", "  "), domain=train[0].domain, id="leak")]
+    def leaky(texts_by_domain, groups, **kw):
+        parts = real(texts_by_domain, groups, **kw)
+        t = parts["train"]["alpha"][0]
+        parts["eval"]["alpha"].append(SourceText(text=t.text.replace(" ", "  "), domain="alpha", id="leak"))
+        return parts
 
-    monkeypatch.setattr(build_mod, "split_texts", leaky)
-    # with the near-duplicate removal switched off, the leakage check is the last line of defence
-    monkeypatch.setattr(build_mod, "find_near_duplicates", lambda train, evals: NearDuplicates(removed=[]))
+    monkeypatch.setattr(build_mod, "split_groups", leaky)
     out = tmp_path / "out"
     with pytest.raises(MoescopeError, match="leakage"):
         build_dataset(small_cfg(tmp_path), out)
     assert not out.exists() and no_temp_leftovers(tmp_path)
 
 
-def test_build_removes_planted_near_duplicate_from_eval(tmp_path: Path, monkeypatch) -> None:
+def _with_near_copies(path: Path, n_copies: int) -> list[tuple[str, str]]:
+    """Append to a jsonl source a copy of each of its first n texts with one word added at the end (one new
+    5-word shingle: Jaccard >= 0.8 for any text of 15+ words); returns (original, copy) texts."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    pairs = []
+    for r in rows[:n_copies]:
+        pairs.append((r["text"], r["text"] + " zebra"))
+    with open(path, "a", encoding="utf-8") as fh:
+        for _, copy in pairs:
+            fh.write(json.dumps({"text": copy}) + "\n")
+    return pairs
+
+
+def test_build_keeps_near_duplicate_documents_on_one_side(tmp_path: Path) -> None:
+    """A text and its near-copy (another document) land on the same side, nothing is dropped from eval
+    afterwards, and no held-out text near-duplicates a training text."""
+    from moescope.data.split import find_near_duplicates
+
+    cfg = small_cfg(tmp_path, {"alpha": 60, "beta": 60})
+    pairs = _with_near_copies(tmp_path / "alpha.jsonl", 12)
+    store = build_dataset(cfg, tmp_path / "out")
+    side = {t: s for s in ("train", "eval") for t in read_texts(store, s, "alpha")}
+    assert all(side[a] == side[b] for a, b in pairs)
+    assert {side[a] for a, _ in pairs} == {"train", "eval"}  # the draw did put some of them in eval
+    near = store.manifest["near_duplicates"]
+    assert near["pairs"]["alpha"] >= 12 and near["documents_joined"]["alpha"] >= 24
+    assert near["documents_joined"]["beta"] == 0
+    assert store.manifest["leakage_check"]["near_duplicates"] == 0
+    train = [SourceText(text=t, domain=d, id=f"{d}{i}") for d in store.domains
+             for i, t in enumerate(read_texts(store, "train", d))]
+    held = [SourceText(text=t, domain=d, id=f"e{d}{i}") for d in store.domains
+            for i, t in enumerate(read_texts(store, "eval", d))]
+    assert not find_near_duplicates(train, held).removed
+    alpha = store.manifest["splits"]["eval"]["alpha"]
+    assert alpha["n_document_groups"] < alpha["n_documents"]  # joined copies count once
+    assert alpha["n_texts"] >= 20
+
+
+def test_build_fails_when_a_near_duplicate_pair_crosses_the_split(tmp_path: Path, monkeypatch) -> None:
+    """The leakage check counts near-duplicate pairs across the split, not only exact copies."""
     import moescope.data.build as build_mod
 
-    real = build_mod.split_texts
+    cfg = small_cfg(tmp_path, {"alpha": 60, "beta": 60})
+    pairs = _with_near_copies(tmp_path / "alpha.jsonl", 12)
+    real = build_mod.split_groups
 
-    def leaky(texts, **kw):
-        train, evals = real(texts, **kw)
-        if kw["domain"] != "alpha":
-            return train, evals
-        # a re-spaced copy and a copy with one word changed (Jaccard of 5-word shingles >= 0.8)
-        words = train[1].text.split()
-        edited = " ".join(words[:-1] + ["zebra."])
-        return train, evals + [
-            SourceText(text=train[0].text.replace(" ", "  "), domain="alpha", id="leak-respaced"),
-            SourceText(text=edited, domain="alpha", id="leak-edited"),
-        ]
+    def crossing(texts_by_domain, groups, **kw):
+        parts = real(texts_by_domain, groups, **kw)
+        train = parts["train"]["alpha"]
+        moved = next(t for t in train if t.text in {b for _, b in pairs} | {a for a, _ in pairs})
+        parts["train"]["alpha"] = [t for t in train if t is not moved]
+        parts["eval"]["alpha"].append(moved)
+        return parts
 
-    monkeypatch.setattr(build_mod, "split_texts", leaky)
-    store = build_dataset(small_cfg(tmp_path, {"alpha": 60, "beta": 60}), tmp_path / "out")
-    near = store.manifest["near_duplicates"]
-    assert near["eval_removed"] == {"alpha": 2, "beta": 0}
-    assert {e["eval"] for e in near["examples"]} == {"leak-respaced", "leak-edited"}
-    assert not {"leak-respaced", "leak-edited"} & {r["id"] for r in store.texts("eval", "alpha")}
-    assert store.manifest["splits"]["eval"]["alpha"]["n_texts"] == 20
+    monkeypatch.setattr(build_mod, "split_groups", crossing)
+    out = tmp_path / "out"
+    with pytest.raises(MoescopeError, match="1 near-duplicates"):
+        build_dataset(cfg, out)
+    assert not out.exists() and no_temp_leftovers(tmp_path)
 
 
 # ------------------------------------------------------------------ the build itself

@@ -12,7 +12,9 @@ import pytest
 from moescope.data.blocks import BlockStore, tokenizer_dir
 from moescope.data.build import build_dataset
 from moescope.data.config import DataBuildConfig, DomainConfig, SourceConfig, TokenizerConfig
-from moescope.data.split import check_leakage, document_key, find_leakage, find_near_duplicates, split_texts
+from moescope.data.split import (
+    check_leakage, document_groups, document_key, find_leakage, find_near_duplicates, split_groups, split_texts,
+)
 from moescope.data.text import SourceText
 from moescope.errors import MoescopeError
 
@@ -132,6 +134,83 @@ def test_near_duplicates_found_by_minhash_lsh() -> None:
     assert [t.id for t in near.removed] == ["copy"] and near.per_domain == {"d": 1}
     assert near.examples[0][:2] == ("copy", "t7") and near.examples[0][2] >= 0.8
     assert find_leakage(train, [copy], near=True).near_duplicates == 1
+
+
+
+def _words(rng: np.random.Generator, n: int = 120) -> list[str]:
+    return list(rng.choice([f"w{i}" for i in range(500)], n))
+
+
+def test_document_groups_join_near_duplicates_transitively_and_name_groups_by_content() -> None:
+    rng = np.random.default_rng(1)
+    a = _words(rng)
+    b = a[:-1] + ["x1"]  # a ~ b
+    c = b[:-2] + ["x2", "x1"]  # b ~ c; a and c differ in two of 120 words, also close
+    far = _words(rng)
+    texts = [SourceText(text=" ".join(w), domain="d", id=i) for w, i in ((a, "a"), (far, "far"), (b, "b"), (c, "c"))]
+    groups = document_groups(texts)
+    assert groups.key[0] == groups.key[2] == groups.key[3] != groups.key[1]
+    assert groups.key[0] == min(document_key(texts[i]) for i in (0, 2, 3))  # named by content, not order
+    assert {(i, j) for i, j, _ in groups.pairs} >= {(0, 2), (2, 3)}
+    assert groups.joined_documents(texts) == {"d": 3}
+    assert document_groups(texts[::-1]).key[::-1] == groups.key
+    # a chain's ends need not be near each other: joining is transitive
+    d = c[:-8] + [f"y{i}" for i in range(8)]
+    chain = texts + [SourceText(text=" ".join(d), domain="d", id="d")]
+    assert len(set(document_groups(chain).key[i] for i in (0, 2, 3, 4))) == 1
+
+
+def test_split_keeps_every_group_on_one_side_across_domains_and_counts_groups_for_the_quota() -> None:
+    rng = np.random.default_rng(2)
+    by_domain: dict[str, list[SourceText]] = {"p": [], "q": []}
+    for i in range(200):
+        w = _words(rng)
+        by_domain["p"].append(SourceText(text=" ".join(w), domain="p", id=f"p{i}"))
+        if i % 4 == 0:  # a near-copy in the other domain, which has texts of its own too
+            by_domain["q"].append(SourceText(text=" ".join(w[:-1] + ["z"]), domain="q", id=f"q{i}"))
+            by_domain["q"].append(SourceText(text=" ".join(_words(rng)), domain="q", id=f"q{i}+"))
+        if i % 5 == 0:  # and one in the same domain
+            by_domain["p"].append(SourceText(text=" ".join(w[:-1] + ["y"]), domain="p", id=f"p{i}'"))
+    texts = [t for ts in by_domain.values() for t in ts]
+    groups = document_groups(texts)
+    side_of = {}
+    for seed in range(4):
+        parts = split_groups(by_domain, groups, seed=seed, eval_fraction=0.05, eval_min_texts=5, eval_min_documents=20)
+        side_of = {t.id: s for s in ("train", "eval") for ts in parts[s].values() for t in ts}
+        for i, j, _ in groups.pairs:
+            assert side_of[texts[i].id] == side_of[texts[j].id]
+        assert not groups.crossing(texts, [t for ts in parts["eval"].values() for t in ts])
+        for d, ts in parts["eval"].items():
+            n_groups = len({groups.key[k] for k, t in enumerate(texts) if t.domain == d})
+            held = {groups.key[k] for k, t in enumerate(texts) if side_of[t.id] == "eval" and t.domain == d}
+            assert len(held) >= min(20, n_groups // 10)
+    assert "eval" in set(side_of.values()) and "train" in set(side_of.values())
+    # a domain whose every document another domain placed in train cannot fill its eval: it says so
+    copies = {"p": by_domain["p"], "q": [t for t in by_domain["q"] if not t.id.endswith("+")]}
+    flat = [t for ts in copies.values() for t in ts]
+    with pytest.raises(MoescopeError, match="placed by another domain's near-duplicates"):
+        for seed in range(10):
+            split_groups(copies, document_groups(flat), seed=seed, eval_fraction=0.05, eval_min_texts=5,
+                         eval_min_documents=20)
+
+
+def test_template_twins_no_longer_cost_eval_its_documents() -> None:
+    """22 encodings modules that are one template: grouped before the split, eval keeps its quota of
+    document groups instead of losing the twins it drew."""
+    files = [SourceText(text=GETREGENTRY.format(name=f"cp{i}"), domain="code", id=f"enc{i}",
+                        meta={"path": f"encodings/cp{i}.py", "document": f"encodings/cp{i}.py"}) for i in range(22)]
+    rng = np.random.default_rng(3)
+    others = [SourceText(text="def f():\n    " + " ".join(_words(rng, 60)), domain="code", id=f"f{i}",
+                         meta={"path": f"m{i}.py", "document": f"m{i}.py"}) for i in range(130)]
+    texts = files + others
+    groups = document_groups(texts)
+    assert len(set(groups.key[:22])) == 1
+    for seed in range(5):
+        parts = split_groups({"code": texts}, groups, seed=seed, eval_fraction=0.05, eval_min_texts=5,
+                             eval_min_documents=20)
+        held = parts["eval"]["code"]
+        assert len({groups.key[texts.index(t)] for t in held}) >= 131 // 10
+        assert not groups.crossing(texts, held)
 
 
 GETREGENTRY = """def getregentry():
@@ -262,9 +341,11 @@ def test_manifest_and_inspect_report_near_duplicates(builtin_store: BlockStore, 
     from moescope.cli import main
 
     m = builtin_store.manifest
-    assert set(m["near_duplicates"]["eval_removed"]) == {"code", "math", "prose"}
+    assert set(m["near_duplicates"]["documents_joined"]) == {"code", "math", "prose"}
+    assert m["near_duplicates"]["documents_joined"]["code"] > 0  # the encodings modules' template twins
+    assert m["leakage_check"]["near_duplicates"] == 0
     assert m["leakage_check"]["document_overlap"] == 0
     assert main(["data", "inspect", str(builtin_store.root), "--samples", "1",
                  "--png", str(builtin_store.root.parent / "len.png")]) == 0
     out = capsys.readouterr().out
-    assert "near-duplicates removed from eval" in out and "source documents" in out
+    assert "documents joined by near-duplicate texts" in out and "source documents" in out

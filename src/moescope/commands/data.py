@@ -190,6 +190,7 @@ def _put_domain(domains: list, name: str, sources: list) -> list:
 
 def run_build(args: argparse.Namespace) -> int:
     from moescope.data.build import build_dataset
+    from moescope.data.inspect import near_duplicates_line
 
     cfg = build_config_from_args(args)
     store = build_dataset(cfg, args.out, overwrite=args.overwrite)
@@ -202,8 +203,7 @@ def run_build(args: argparse.Namespace) -> int:
                   f"blocks {s['n_blocks']:6d}  tail dropped {s['tail_tokens_dropped']}")
     for w in m.get("warnings", []):
         print(f"  warning: {w}")
-    removed = m.get("near_duplicates", {}).get("eval_removed", {})
-    print(f"  near-duplicates removed from eval: {', '.join(f'{d} {n}' for d, n in removed.items())}")
+    print(f"  {near_duplicates_line(m['near_duplicates'], store.domains)}")
     print(f"  leakage check passed; manifest: {store.root / 'manifest.json'}")
     return 0
 

@@ -27,7 +27,7 @@ from moescope.data.packing import PackStats, block_sources, choose_rows, encoder
 from moescope.data.sources import DomainTexts, collect_domain
 from moescope.data.split import (
     NEAR_DUP_NUM_PERM, NEAR_DUP_SHINGLE_WORDS, NEAR_DUP_THRESHOLD, SPLIT_RULES, check_leakage, document_key,
-    domain_seed, find_near_duplicates, split_texts,
+    domain_seed, document_groups, split_groups,
 )
 from moescope.data.text import SourceText, digest_hashes, hash_text
 from moescope.data.tokenizer import make_tokenizer, save_tokenizer, tokenizer_size
@@ -177,26 +177,21 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
         timings[f"read_{dom.name}_s"] = time.perf_counter() - t0
         log.info("%s: %d texts (%s)", dom.name, len(collected[dom.name].texts), collected[dom.name].stats.stopped_by)
 
-    # 2. split by source document, drop eval near-duplicates of train texts, leakage check (all domains)
+    # 2. document groups (near-duplicates joined), split by group, leakage check (all domains)
     t0 = time.perf_counter()
-    parts: dict[str, dict[str, list[SourceText]]] = {"train": {}, "eval": {}}
-    for name, dt in collected.items():
-        parts["train"][name], parts["eval"][name] = split_texts(
-            dt.texts, domain=name, seed=cfg.seed, eval_fraction=cfg.eval_fraction, eval_min_texts=cfg.eval_min_texts,
-            eval_min_documents=cfg.eval_min_documents)
-    all_train = [t for ts in parts["train"].values() for t in ts]
-    timings["split_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    near = find_near_duplicates(all_train, [t for ts in parts["eval"].values() for t in ts])
-    if near.removed:
-        gone = {id(t) for t in near.removed}
-        log.info("removed %d eval texts that near-duplicate a train text (%s)", len(near.removed),
-                 ", ".join(f"{d}: {n}" for d, n in sorted(near.per_domain.items())))
-        parts["eval"] = {d: [t for t in ts if id(t) not in gone] for d, ts in parts["eval"].items()}
-    all_eval = [t for ts in parts["eval"].values() for t in ts]
-    # near-duplicates were all removed just above (same signatures), so the check here is exact + document
-    leakage = check_leakage(all_train, all_eval)
+    all_texts = [t for dt in collected.values() for t in dt.texts]
+    groups = document_groups(all_texts)
     timings["near_duplicates_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    parts = split_groups({name: dt.texts for name, dt in collected.items()}, groups, seed=cfg.seed,
+                         eval_fraction=cfg.eval_fraction, eval_min_texts=cfg.eval_min_texts,
+                         eval_min_documents=cfg.eval_min_documents)
+    all_train = [t for ts in parts["train"].values() for t in ts]
+    all_eval = [t for ts in parts["eval"].values() for t in ts]
+    leakage = check_leakage(all_train, all_eval, pairs=groups.crossing(all_texts, all_eval))
+    joined = groups.joined_documents(all_texts)
+    group_of = {id(t): g for t, g in zip(all_texts, groups.key)}
+    timings["split_s"] = time.perf_counter() - t0
 
     exists = out_dir.exists()
     with atomic_directory(out_dir, overwrite=overwrite or exists) as tmp:
@@ -224,6 +219,7 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
                     hashes[split][name] = res.hashes
                     splits[split][name] = {
                         "n_documents": len({document_key(t) for t in parts[split][name]}),
+                        "n_document_groups": len({group_of[id(t)] for t in parts[split][name]}),
                         "n_texts": res.stats.n_texts, "n_chars": res.stats.n_chars, "n_bytes": res.bytes,
                         "n_tokens": res.stats.n_tokens, "n_blocks": res.stats.n_blocks,
                         "n_block_tokens": res.stats.n_blocks * cfg.block_size_tokens,
@@ -264,24 +260,27 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
             "split_rule": {"eval_fraction": cfg.eval_fraction, "eval_min_texts": cfg.eval_min_texts,
                            "eval_min_documents": cfg.eval_min_documents, "rules_version": SPLIT_RULES,
                            "level": "source document (article, code file, generated math problem by family "
-                                    "and numbers, other math problem by statement), before tokenization and "
-                                    "packing"},
+                                    "and numbers, other math problem by statement), documents with near-duplicate "
+                                    "texts joined into one group, before tokenization and packing"},
             "splits": splits,
             "sources": {n: dt.source for n, dt in collected.items()},
             "filtering": {n: dt.stats.as_dict() for n, dt in collected.items()},
             "leakage_check": {"passed": True, "raw_overlap": leakage.raw_overlap,
                               "normalized_overlap": leakage.normalized_overlap,
                               "document_overlap": leakage.document_overlap,
+                              "near_duplicates": leakage.near_duplicates,
                               "method": "sha256 of every train and eval text, raw and whitespace-normalized; "
-                                        "source documents of both splits; near-duplicates removed before"},
+                                        "source documents of both splits; near-duplicate pairs across the split"},
             "near_duplicates": {
                 "method": f"MinHash LSH (datasketch, {NEAR_DUP_NUM_PERM} permutations) on lower-cased "
                           f"{NEAR_DUP_SHINGLE_WORDS}-word shingles (Python source with its string literals set aside), "
-                          f"estimated Jaccard >= {NEAR_DUP_THRESHOLD} against any train text (all domains); "
-                          "the eval copy is dropped",
+                          f"estimated Jaccard >= {NEAR_DUP_THRESHOLD} between any two texts (all domains); their "
+                          "documents form one group, which the split keeps on one side",
                 "threshold": NEAR_DUP_THRESHOLD,
-                "eval_removed": {d: near.per_domain.get(d, 0) for d in collected},
-                "examples": [{"eval": e, "train": t, "jaccard": j} for e, t, j in near.examples],
+                "pairs": {d: sum(all_texts[i].domain == d for i, _, _ in groups.pairs) for d in collected},
+                "documents_joined": {d: joined.get(d, 0) for d in collected},
+                "examples": [{"a": all_texts[i].id, "b": all_texts[j].id, "jaccard": round(jac, 3)}
+                             for i, j, jac in groups.pairs[:5]],
             },
             "tokenizer": {"kind": cfg.tokenizer.kind, "vocab_size": vocab,
                           "requested_vocab_size": cfg.tokenizer.vocab_size if cfg.tokenizer.kind == "bpe" else None,

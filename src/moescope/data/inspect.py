@@ -58,15 +58,25 @@ def leakage_lines(store: BlockStore) -> list[str]:
             f"{d} {docs['train'][d]} train / {docs['eval'][d]} eval" for d in store.domains))
     near = m.get("near_duplicates")
     if near:
-        removed = near.get("eval_removed", {})
-        lines.append(f"near-duplicates removed from eval (Jaccard >= {near.get('threshold')}): "
-                     + ", ".join(f"{d} {removed.get(d, 0)}" for d in store.domains))
+        lines.append(near_duplicates_line(near, store.domains))
     check = m.get("leakage_check")
     if check:
         lines.append(f"leakage check: {'passed' if check.get('passed') else 'FAILED'} "
                      f"(exact {check.get('raw_overlap')}, whitespace-normalized {check.get('normalized_overlap')}, "
                      f"shared documents {check.get('document_overlap', 'not checked')})")
     return lines
+
+
+def near_duplicates_line(near: dict, domains: list[str]) -> str:
+    """What the build did with near-duplicates: joined documents into groups (split rules >= 4), or
+    removed held-out copies (builds before that)."""
+    if "documents_joined" in near:
+        joined = near["documents_joined"]
+        return (f"documents joined by near-duplicate texts (Jaccard >= {near.get('threshold')}), kept on one side: "
+                + ", ".join(f"{d} {joined.get(d, 0)}" for d in domains))
+    removed = near.get("eval_removed", {})
+    return (f"near-duplicates removed from eval (Jaccard >= {near.get('threshold')}): "
+            + ", ".join(f"{d} {removed.get(d, 0)}" for d in domains))
 
 
 def draw_samples(store: BlockStore, n: int, seed: int = 0) -> list[Sample]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from moescope.errors import MoescopeError
 
 # Bump when what goes to which side changes (document keys, near-duplicate rules): a data directory
 # built under other rules is another build (data/build.config_fingerprint), never silently reused.
-SPLIT_RULES = 3
+SPLIT_RULES = 4
 NEAR_DUP_THRESHOLD = 0.8
 NEAR_DUP_SHINGLE_WORDS = 5
 NEAR_DUP_NUM_PERM = 128
@@ -77,33 +77,43 @@ def eval_document_count(n_documents: int, eval_min_documents: int) -> int:
 
 def split_texts(
     texts: Sequence[SourceText], *, domain: str, seed: int, eval_fraction: float, eval_min_texts: int,
-    eval_min_documents: int = 0,
+    eval_min_documents: int = 0, groups: Sequence[str] | None = None, placed: Mapping[str, str] | None = None,
 ) -> tuple[list[SourceText], list[SourceText]]:
-    """Seeded random split of whole documents; both sides keep the source order of their texts.
+    """Seeded random split of whole document groups; both sides keep the source order of their texts.
 
-    Documents are drawn in a seeded random order into eval until it holds at least
-    `eval_count(...)` texts and `eval_document_count(...)` documents, so eval may hold a few
-    texts more than that count.
+    `groups` names each text's document group (default: its document; see `document_groups`,
+    which joins near-duplicate documents). Groups are drawn in a seeded random order into eval
+    until it holds at least `eval_count(...)` texts and `eval_document_count(...)` groups, so eval
+    may hold a few texts more than that count. `placed` maps groups another domain already put
+    on a side ("train" / "eval") to that side: they are not drawn, and count where they are.
     """
     n = len(texts)
     n_eval = eval_count(n, eval_fraction, eval_min_texts)
-    keys = [document_key(t) for t in texts]
+    keys = list(groups) if groups is not None else [document_key(t) for t in texts]
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} group keys for {n} texts")
+    placed = placed or {}
     docs = list(dict.fromkeys(keys))  # first-appearance order, independent of hash seeds
     n_eval_docs = eval_document_count(len(docs), eval_min_documents)
     sizes: dict[str, int] = {}
     for k in keys:
         sizes[k] = sizes.get(k, 0) + 1
     perm = np.random.default_rng(domain_seed(seed, domain)).permutation(len(docs))
-    chosen: set[str] = set()
-    got = 0
+    chosen = {g for g in docs if placed.get(g) == "eval"}
+    got = sum(sizes[g] for g in chosen)
     for i in perm:
         if got >= n_eval and len(chosen) >= n_eval_docs:
             break
+        if docs[int(i)] in placed:
+            continue
         chosen.add(docs[int(i)])
         got += sizes[docs[int(i)]]
     if got < n_eval or len(chosen) == len(docs):
+        n_placed = sum(g in placed for g in docs)
+        fixed = f"; {n_placed} placed by another domain's near-duplicates" if n_placed else ""
         raise MoescopeError(
-            f"domain {domain!r}: too few texts for the split ({n} texts in {len(docs)} source documents, "
+            f"domain {domain!r}: too few texts for the split ({n} texts in {len(docs)} source documents "
+            f"(near-duplicates joined{fixed}), "
             f"{n_eval} needed for eval = max({eval_min_texts}, {eval_fraction:g} x {n}) plus at least one "
             "document for train)"
         )
@@ -202,6 +212,114 @@ def find_near_duplicates(
     return out
 
 
+@dataclass
+class DocumentGroups:
+    """Each text's document group: its source document, joined with every document one of whose texts
+    near-duplicates one of its own (any domain, transitively). The split keeps a group on one side.
+
+    key[i] is the group of texts[i] (its smallest document key, so the name does not depend on order);
+    pairs lists the near-duplicate text pairs (i, j, estimated Jaccard) that joined documents.
+    """
+
+    key: list[str]
+    pairs: list[tuple[int, int, float]] = field(default_factory=list)
+
+    def crossing(self, texts: Sequence[SourceText], evals: Sequence[SourceText]) -> list[tuple[str, str, float]]:
+        """Near-duplicate pairs with one text in `evals` and the other not: (eval id, train id, Jaccard)."""
+        held = {id(t) for t in evals}
+        out = []
+        for i, j, jac in self.pairs:
+            if (id(texts[i]) in held) != (id(texts[j]) in held):
+                e, t = (i, j) if id(texts[i]) in held else (j, i)
+                out.append((texts[e].id, texts[t].id, jac))
+        return out
+
+    def joined_documents(self, texts: Sequence[SourceText]) -> dict[str, int]:
+        """Per domain, how many documents share their group with another document."""
+        docs_of: dict[str, set[str]] = {}
+        for t, g in zip(texts, self.key):
+            docs_of.setdefault(g, set()).add(document_key(t))
+        out: dict[str, set[str]] = {}
+        for t, g in zip(texts, self.key):
+            if len(docs_of[g]) > 1:
+                out.setdefault(t.domain, set()).add(document_key(t))
+        return {d: len(v) for d, v in out.items()}
+
+
+def document_groups(
+    texts: Sequence[SourceText], threshold: float = NEAR_DUP_THRESHOLD, num_perm: int = NEAR_DUP_NUM_PERM,
+) -> DocumentGroups:
+    """Join documents into groups by near-duplicate texts (MinHash LSH, as `find_near_duplicates`).
+
+    Grouping before the split, rather than dropping eval texts that near-duplicate train texts after it,
+    keeps every held-out document the split drew (template twins would otherwise leave eval short
+    of its document quota) and still puts no near-duplicate pair on both sides.
+    """
+    from datasketch import MinHashLSH
+
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(i: int, j: int) -> None:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    first_of_document: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        join(i, first_of_document.setdefault(document_key(t), i))
+    pairs: list[tuple[int, int, float]] = []
+    if len(texts) > 1:
+        signatures = minhashes(texts, num_perm)
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        with lsh.insertion_session() as session:
+            for i, m in enumerate(signatures):
+                session.insert(i, m, check_duplication=False)
+        for i, m in enumerate(signatures):
+            for j in sorted(lsh.query(m)):  # sorted: the same pairs in the same order every run
+                if j > i and (jac := m.jaccard(signatures[j])) >= threshold:
+                    pairs.append((i, j, jac))
+                    join(i, j)
+    name: dict[int, str] = {}
+    for i, t in enumerate(texts):
+        r, k = root(i), document_key(t)
+        if r not in name or k < name[r]:
+            name[r] = k
+    return DocumentGroups(key=[name[root(i)] for i in range(len(texts))], pairs=pairs)
+
+
+def split_groups(
+    texts_by_domain: Mapping[str, Sequence[SourceText]], groups: DocumentGroups, *, seed: int,
+    eval_fraction: float, eval_min_texts: int, eval_min_documents: int,
+) -> dict[str, dict[str, list[SourceText]]]:
+    """`split_texts` of every domain over the same document groups ({"train": {domain: texts}, "eval": ...}).
+
+    `groups` covers the domains' texts in order. Domains are split in order; a group that spans
+    domains goes where the first of them put it.
+    """
+    parts: dict[str, dict[str, list[SourceText]]] = {"train": {}, "eval": {}}
+    placed: dict[str, str] = {}
+    start = 0
+    for name, texts in texts_by_domain.items():
+        keys = groups.key[start : start + len(texts)]
+        start += len(texts)
+        train, evals = split_texts(texts, domain=name, seed=seed, eval_fraction=eval_fraction,
+                                   eval_min_texts=eval_min_texts, eval_min_documents=eval_min_documents,
+                                   groups=keys, placed=placed)
+        side_of = {id(t): "eval" for t in evals}
+        for t, g in zip(texts, keys):
+            placed.setdefault(g, side_of.get(id(t), "train"))
+        parts["train"][name], parts["eval"][name] = train, evals
+    if start != len(groups.key):
+        raise ValueError(f"document groups cover {len(groups.key)} texts, the domains hold {start}")
+    return parts
+
+
 # ------------------------------------------------------------------ leakage check
 
 
@@ -220,29 +338,32 @@ class LeakageReport:
 
 def find_leakage(
     train: Sequence[SourceText], evals: Sequence[SourceText], *, near: bool = False,
-    threshold: float = NEAR_DUP_THRESHOLD,
+    threshold: float = NEAR_DUP_THRESHOLD, pairs: Sequence[tuple[str, str, float]] | None = None,
 ) -> LeakageReport:
     """Eval texts whose exact or whitespace-normalized hash, or source document, also occurs in
-    train; with `near`, also eval texts that near-duplicate a train text (MinHash LSH)."""
+    train; with `near`, also eval texts that near-duplicate a train text (MinHash LSH). `pairs`: the
+    near-duplicate pairs across the split already known (`DocumentGroups.crossing`), counted instead."""
     train_raw = {hash_text(t.text) for t in train}
     train_norm = {hash_normalized(t.text) for t in train}
     train_docs = {document_key(t) for t in train}
     raw = [t for t in evals if hash_text(t.text) in train_raw]
     norm = [t for t in evals if hash_normalized(t.text) in train_norm]
     docs = [t for t in evals if document_key(t) in train_docs]
-    near_dups = find_near_duplicates(train, evals, threshold).removed if near else []
-    examples = [t.id for t in (norm or docs or near_dups)[:5]]
+    near_dups = [t.id for t in find_near_duplicates(train, evals, threshold).removed] if near else []
+    if pairs is not None:
+        near_dups += [e for e, _, _ in pairs]
+    examples = [t.id for t in (norm or docs)[:5]] or near_dups[:5]
     return LeakageReport(raw_overlap=len(raw), normalized_overlap=len(norm), examples=examples,
                          document_overlap=len(docs), near_duplicates=len(near_dups))
 
 
 def check_leakage(
     train: Sequence[SourceText], evals: Sequence[SourceText], *, near: bool = False,
-    threshold: float = NEAR_DUP_THRESHOLD,
+    threshold: float = NEAR_DUP_THRESHOLD, pairs: Sequence[tuple[str, str, float]] | None = None,
 ) -> LeakageReport:
     """Raise (failing the build) when any eval text also appears in train, even re-spaced, shares a
     source document with a train text, or (with `near`) near-duplicates one."""
-    report = find_leakage(train, evals, near=near, threshold=threshold)
+    report = find_leakage(train, evals, near=near, threshold=threshold, pairs=pairs)
     if not report.clean:
         raise MoescopeError(
             f"train/eval leakage: {report.raw_overlap} eval texts identical to train texts, "

@@ -707,7 +707,7 @@ def setup_paragraphs(metrics: dict, experiment: dict, manifest: dict) -> list[st
             tr, ev = splits.get("train", {}).get(d, {}), splits.get("eval", {}).get(d, {})
             parts.append(f"{d}: {tr.get('n_blocks', '?')} train / {ev.get('n_blocks', '?')} held-out blocks")
         out.append(f"Data: {', '.join(parts)} of {metrics.get('block_size')} tokens; split by source document before "
-                   "packing, held-out near-duplicates of training texts removed, with a leakage check on every build.")
+                   "packing, documents with near-duplicate texts kept on one side, with a leakage check on every build.")
     model, moe, train = exp.get("model", {}), exp.get("moe", {}), exp.get("train", {})
     if model:
         out.append(f"Model: GPT-2 with {model.get('n_layers')} layers, d={model.get('d_model')}, "
