@@ -141,6 +141,12 @@ def test_analyze_run_writes_metrics_and_viewer(run_dir: Path) -> None:
     assert sat["baseline"] == pytest.approx(0.25)
     assert result["arms"]["moe"]["headline"] == on_disk["arms"]["moe"]["headline"]
     assert "NaN" not in (out / "metrics.json").read_text()
+    # data written without blocks/eval/*.sources.npy: every block its own unit, and the header says why
+    header = on_disk["statistics"]
+    assert header["unit"] == "eval block" and "sources.npy missing" in header["unit_note"]
+    assert header["n_units"] == {d: store.n_blocks("eval", d) for d in store.domains}
+    assert layer["n_units"] == layer["n_blocks"] == on_disk["n_eval_blocks"]
+    assert moe["eval_loss_vs_dense"]["n_units"] == moe["eval_loss_vs_dense"]["n_blocks"]
 
     viewer = json.loads((out / "viewer.json").read_text())
     assert set(viewer["arms"]) == {"moe"}
@@ -252,3 +258,38 @@ def test_start_nmi_from_the_step_0_snapshot_leaves_every_other_number_unchanged(
     assert "nmi_start" not in with_start["arms"]["dense"] and a["eval_loss"] == b["eval_loss"]
     assert b["eval_loss_vs_dense"] == a["eval_loss_vs_dense"] and b["format_test"] == a["format_test"]
     assert b["saturation"]["steps"] == [0, 4, 8]
+
+
+def test_with_block_sources_the_intervals_resample_the_documents(run_dir: Path) -> None:
+    """A data directory that records each block's texts: one unit per source document of a block's first
+    token, in the header, every layer, the paired loss test and the report's wording."""
+    from transformers import AutoTokenizer
+
+    from moescope.data.blocks import BlockStore, block_sources_path
+    from moescope.data.packing import block_sources
+    from moescope.data.units import UNIT_DOCUMENT
+    from moescope.report.build import build_report
+
+    data = run_dir.parent / "data"
+    store = BlockStore.open(data)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(data)))
+    first_texts = {}
+    for d in store.domains:  # what `moescope data` writes: each text's end in the EOS-joined stream
+        ends = np.cumsum([len(tok(r["text"])["input_ids"]) + 1 for r in store.texts("eval", d)])
+        sources = block_sources(ends, store.n_blocks("eval", d), BLOCK)
+        np.save(block_sources_path(data, "eval", d), sources)
+        first_texts[d] = len(set(sources[:, 1].tolist()))
+    metrics = analyze_run(run_dir, FAST, arms=["dense", "moe"], progress=False)
+    header = metrics["statistics"]
+    assert header["unit"] == UNIT_DOCUMENT and "unit_note" not in header
+    assert header["n_units"] == first_texts  # each text is its own document here
+    moe = metrics["arms"]["moe"]
+    n_units = sum(first_texts.values())
+    assert n_units < metrics["n_eval_blocks"]
+    assert all(layer["n_units"] == n_units for layer in moe["layers"].values())
+    assert moe["eval_loss_vs_dense"]["n_units"] == n_units
+    assert "units" in moe["eval_loss_vs_dense"]["test"]
+    build_report(run_dir, run_dir / "report")
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "shuffling domain labels between source documents" in html
+    assert "between blocks" not in html

@@ -98,7 +98,7 @@ def test_stratified_bootstrap_keeps_domain_sizes() -> None:
     assert ci.low == ci.high == ci.estimate == 16 * (dom == 0).sum()
     unstratified = stats.bootstrap_interval(tables, lambda t: t[..., 0, :].sum(-1), n_resamples=200)
     assert unstratified.high > unstratified.low
-    with pytest.raises(ValueError, match="two blocks"):
+    with pytest.raises(ValueError, match="two units"):
         stats.bootstrap_interval(tables[:3], lambda t: t.sum((-1, -2)), strata=np.array([0, 0, 1]))
 
 

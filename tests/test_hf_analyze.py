@@ -13,6 +13,7 @@ from train_fixtures import one_thread  # noqa: F401
 
 from moescope.analysis.capture import load_table
 from moescope.cli import main
+from moescope.data.units import UNIT_DOCUMENT, UNIT_TEXT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,6 +71,10 @@ def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_pa
         assert "the only one of softmax / sigmoid its routing code calls" in info["selection"]
     n_blocks = metrics["n_eval_blocks"]
     assert n_blocks == 18  # 6 blocks of 32 tokens from each domain
+    # each block's unit: what its first token comes from (a data directory's document, a texts file's row)
+    assert metrics["statistics"]["unit"] == (UNIT_DOCUMENT if source == "data" else UNIT_TEXT)
+    assert set(metrics["statistics"]["n_units"]) == {"code", "math", "prose"}
+    assert all(1 < n <= 6 for n in metrics["statistics"]["n_units"].values())
     for layer, entry in arm["layers"].items():
         assert entry["n_tokens"] == n_blocks * 32 and entry["top_k"] == info["top_k"]
         assert 0.0 <= entry["specialization"]["nmi"]["estimate"] <= 1.0

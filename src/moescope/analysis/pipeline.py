@@ -9,11 +9,14 @@ data directory, runs capture (layer 2) and the metric and statistics functions
     RUN/analysis/viewer.json               per-token routing of sample blocks (format: analysis/viewer.py)
     RUN/analysis/routing/ARM/LAYER.npz     the captured routing table of each MoE layer
 
-metrics.json (IV = {"estimate", "low", "high"}, a 95% block-bootstrap interval;
-LAYER = block index as a string; entropies in nats, JS divergences in bits)::
+metrics.json (IV = {"estimate", "low", "high"}, a 95% cluster-bootstrap interval over resampling units:
+the source document of each eval block's first token, or the eval block for a data directory without
+block sources (statistics.unit says which; moescope.data.units); LAYER = block index as a string;
+entropies in nats, JS divergences in bits)::
 
     format_version, run, data_dir, domains [D], n_eval_blocks, block_size,
-    statistics {n_resamples, n_permutations, confidence_level, seed, ... how made},
+    statistics {n_resamples, n_permutations, confidence_level, seed, unit, n_units {DOMAIN: n},
+                unit_note (why blocks, when they are the unit), ... how made},
     config (AnalyzeConfig), environment,
     arms.ARM.kind                      "moe" | "dense"
     arms.ARM.batch_order               "by_domain" | "mixed": which eval blocks shared a forward pass (config
@@ -23,9 +26,9 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
                                        max_fraction_max, n_layers (the layers the best was picked from);
                                        with a step-0 snapshot: nmi_start IV, nmi_change IV of the best layer}
     arms.ARM.eval_loss_vs_dense        (non-dense arms) {reference, domain_weighted IV, domains {DOMAIN: IV},
-                                       pvalue, n_permutations, n_blocks, test}: ARM minus dense, nats/token,
-                                       paired over the same eval blocks
-    arms.ARM.layers.LAYER              n_tokens, n_blocks, n_experts, top_k, domains,
+                                       pvalue, n_permutations, n_blocks, n_units, test}: ARM minus dense,
+                                       nats/token, paired over the same eval blocks (resampled by unit)
+    arms.ARM.layers.LAYER              n_tokens, n_blocks, n_units, n_experts, top_k, domains,
       specialization  nmi IV (equal domain weights), nmi_token_weighted IV, nmi_pvalue,
                       nmi_permutation {statistic, pvalue, n_permutations, null_mean, null_q95},
                       mutual_information, expert_given_domain [D][E], domain_given_expert [D][E],
@@ -36,7 +39,7 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
                       coactivation [E][E] (top-k > 1 only; all pairs within a token's top-k),
                       arms with a step-0 snapshot (the upcycled model before its router was trained):
                       nmi_start IV (that model's NMI on the same tokens), nmi_change IV (nmi - nmi_start,
-                      paired: the same resampled blocks for both), nmi_start_step (0)
+                      paired: the same resampled units for both), nmi_start_step (0)
       load            token_fraction [E], max_fraction IV, load_cv IV, effective_experts IV, dropped_fraction;
                       expert choice only: unrouted_fraction IV (tokens no expert took),
                       experts_per_token_counts [E+1] (tokens taken by 0, 1, ..., E experts)
@@ -51,7 +54,8 @@ LAYER = block index as a string; entropies in nats, JS divergences in bits)::
     arms.ARM.format_test               divergence, markers, n_texts {DOMAIN: n}, layers.LAYER {n_tokens,
                                        js_divergence_of_means, mean_token_js_divergence IV, top1_changed_fraction IV,
                                        reference_token_js_divergence {"same domain", "different domains"},
-                                       reference_domain_js_divergence {"A vs B"}}
+                                       reference_domain_js_divergence {"A vs B"}}; its IVs resample the
+                                       routed texts' source documents
     arms.ARM.saturation                {steps [T], n_tokens, baseline (k/E), layers {LAYER: [T]}; expert
                                         choice: counts = "assignments", baseline sum q^2 / sum q}
 """
@@ -77,6 +81,7 @@ from moescope.analysis.summary import (
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
 from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_order, routes_by_batch
 from moescope.data.blocks import BlockStore
+from moescope.data.units import eval_block_units, numbered, record_document
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.jsonfile import read_json_object
@@ -306,7 +311,8 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
     """Route eval texts plain ("P\\n\\nS", the training format) and marked ("Problem: P\\nSolution: S").
 
     Reports, per layer, how far the content tokens' routing moved (JS divergence in
-    bits, first-choice changes) with a bootstrap over texts, next to reference
+    bits, first-choice changes) with a bootstrap over the texts' source documents (a problem worded
+    twice is one document: moescope.data.units.record_document), next to reference
     scales: compare ``js_divergence_of_means`` with ``reference_domain_js_divergence``
     (mean routing of two domains) and ``mean_token_js_divergence`` with
     ``reference_token_js_divergence`` (randomly paired tokens, same / different domains).
@@ -314,15 +320,16 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
     layers = moe_layers(model)
     max_tokens = int(model.config.max_position_embeddings)  # every family; GPT-2 maps it to n_positions
     per_layer: dict[int, dict[str, list]] = {
-        i: {"a": [], "b": [], "ta": [], "tb": [], "text": [], "domain": []} for i in layers
+        i: {"a": [], "b": [], "ta": [], "tb": [], "unit": [], "domain": []} for i in layers
     }
     cases: list[tuple[str, str, str, list]] = []  # (domain, plain, marked, segments)
+    documents: list[tuple[str, str]] = []  # each case's (domain, source document): the bootstrap's unit
     n_texts: dict[str, int] = {}
     for domain in cfg.format_test_domains:
         if domain not in store.domains:
             continue
         n_texts[domain] = 0
-        for record in store.texts("eval", domain):
+        for line, record in enumerate(store.texts("eval", domain), 1):
             if n_texts[domain] >= cfg.format_test_max_texts:
                 break
             parts = _split_content(record["text"])
@@ -332,12 +339,14 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
             segments = [(0, len(PROBLEM_MARKER), len(p)),
                         (len(p) + 2, len(PROBLEM_MARKER) + len(p) + 1 + len(SOLUTION_MARKER), len(s))]
             cases.append((domain, f"{p}\n\n{s}", f"{PROBLEM_MARKER}{p}\n{SOLUTION_MARKER}{s}", segments))
+            documents.append((domain, record_document(record, line)))
             n_texts[domain] += 1
     if not cases:
         return {"n_texts": n_texts, "layers": {}}
     with record_routing(layers):
         routed = route_texts(model, tokenizer, [t for c in cases for t in c[1:3]], max_tokens)
     plain_sums: dict[str, dict[int, np.ndarray]] = {}
+    document_of_case = numbered(documents)
     for text_no, (domain, _, _, segments) in enumerate(cases):
         (off_a, routed_a), (off_b, routed_b) = routed[2 * text_no], routed[2 * text_no + 1]
         ia, ib = formattest.align_content_tokens(off_a, off_b, segments)
@@ -347,7 +356,7 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
             (pa, ea), (pb, eb) = routed_a[i], routed_b[i]
             acc = per_layer[i]
             for key, value in (("a", pa[ia]), ("b", pb[ib]), ("ta", ea[ia]), ("tb", eb[ib]),
-                               ("text", np.full(ia.size, text_no)),
+                               ("unit", np.full(ia.size, document_of_case[text_no])),
                                ("domain", np.full(ia.size, store.domains.index(domain)))):
                 acc[key].append(value)
             sums = plain_sums.setdefault(domain, {})
@@ -363,10 +372,10 @@ def run_format_test(model, tokenizer, store: BlockStore, cfg: AnalyzeConfig) -> 
             np.concatenate(acc["a"]), np.concatenate(acc["b"]), np.concatenate(acc["ta"]), np.concatenate(acc["tb"])
         )
         entry = shift.to_dict()
-        texts = np.concatenate(acc["text"])
-        if np.unique(texts).size >= 2:
+        unit = np.concatenate(acc["unit"])
+        if np.unique(unit).size >= 2:
             _, sums = stats.sum_by_block(
-                np.column_stack([shift.token_js_divergence, shift.token_top1_changed, np.ones(texts.size)]), texts
+                np.column_stack([shift.token_js_divergence, shift.token_top1_changed, np.ones(unit.size)]), unit
             )
             sc = cfg.statistics
             for key, col in (("mean_token_js_divergence", 0), ("top1_changed_fraction", 1)):
@@ -454,7 +463,7 @@ def run_saturation(
 
 def run_start_nmi(
     model_final, arm_dir: Path, store: BlockStore, cfg: AnalyzeConfig, progress: bool,
-    final_capture: capture.CaptureResult, batch_order: str,
+    final_capture: capture.CaptureResult, batch_order: str, unit_of_block: np.ndarray | None = None,
 ) -> dict[int, dict]:
     """Per MoE layer, NMI(domain; expert) of the arm's step-0 snapshot (the upcycled model, before its
     router was trained) on the same eval blocks in the same batches, and the change final - start
@@ -465,7 +474,8 @@ def run_start_nmi(
     model = load_snapshot(snaps[0], model_final)
     start = capture.capture_routing(model, store, rows=final_capture.block_rows, batch_blocks=cfg.batch_blocks,
                                     progress=progress, desc="capture step 0", batch_order=batch_order)
-    return {i: summarize_start_nmi(start.tables[i], table, store.domains, cfg.statistics)
+    return {i: summarize_start_nmi(start.tables[i], table, store.domains, cfg.statistics,
+                                   unit_of_block=unit_of_block)
             for i, table in final_capture.tables.items()}
 
 
@@ -512,8 +522,9 @@ def headline(arm: dict) -> dict:
 
 
 def add_paired_loss_differences(metrics_out: dict, captures: dict[str, capture.CaptureResult], domains: list[str],
-                                sc: SummaryConfig) -> None:
-    """arms.ARM.eval_loss_vs_dense for every non-dense arm: its loss minus the dense arm's, block by block.
+                                sc: SummaryConfig, unit_of_block: np.ndarray | None = None) -> None:
+    """arms.ARM.eval_loss_vs_dense for every non-dense arm: its loss minus the dense arm's, block by block,
+    resampled and sign-flipped by unit (``unit_of_block``: each eval row's unit; None = each block).
 
     The reference is the arm named "dense" (else the first dense arm). Every arm was
     captured on the same eval rows, which the paired test relies on (checked).
@@ -530,12 +541,12 @@ def add_paired_loss_differences(metrics_out: dict, captures: dict[str, capture.C
             raise MoescopeError(f"arms {name} and {ref} were captured on different eval blocks")
         diff = stats.paired_loss_difference(
             res.block_loss_sum, r.block_loss_sum, res.block_tokens, res.block_domain, len(domains),
-            n_resamples=sc.n_resamples, n_permutations=sc.n_permutations, confidence_level=sc.confidence_level,
+            block_unit=None if unit_of_block is None else unit_of_block[res.block_rows], n_resamples=sc.n_resamples, n_permutations=sc.n_permutations, confidence_level=sc.confidence_level,
             seed=sc.seed)
         metrics_out["arms"][name]["eval_loss_vs_dense"] = {
             "reference": ref, **diff.to_dict(domains),
-            "test": "paired block bootstrap within domains (same blocks for both arms); p from sign flips "
-                    "of whole blocks' differences, two-sided",
+            "test": "paired cluster bootstrap of units within domains (same units for both arms); p from sign "
+                    "flips of whole units' differences, two-sided (unit: statistics.unit)",
         }
 
 
@@ -570,6 +581,9 @@ def analyze_run(
     for domain in [d for d in store.domains if d in (cfg.token_type_domain, *cfg.format_test_domains)]:
         for _ in store.texts("eval", domain):  # a bad line refused before any routing table is replaced
             pass
+    units = eval_block_units(store)  # before anything is written: a bad sources file is one line here
+    if units.note:
+        log.warning("analyze: eval blocks are the resampling unit: %s", units.note)
     tokenizer = load_data_tokenizer(store.root)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     out_dir = run_dir / "analysis"
@@ -582,7 +596,8 @@ def analyze_run(
         "domains": store.domains,
         "n_eval_blocks": int(rows.size),
         "block_size": store.block_size,
-        "statistics": statistics_header(cfg.statistics),
+        "statistics": statistics_header(cfg.statistics,
+                                        units.describe(rows, store.index("eval")[rows, 0], store.domains)),
         "config": asdict(cfg),
         "environment": environment_info(),
         "arms": {},
@@ -601,7 +616,7 @@ def analyze_run(
             "kind": "moe" if is_moe else "dense",
             "batch_order": order,
             "eval_loss": summarize_eval_loss(res.block_loss_sum, res.block_tokens, res.block_domain, store.domains,
-                                             cfg.statistics),
+                                             cfg.statistics, block_unit=units.of_block[res.block_rows]),
         }
         if is_moe:
             arm["layers"] = {}
@@ -613,7 +628,7 @@ def analyze_run(
             for i, table in res.tables.items():
                 capture.save_table(table, out_dir / "routing" / name / f"{i}.npz")
                 summary = summarize_layer(table, store.domains, cfg.statistics, n_shared_experts=n_shared,
-                                          nmi_nulls=nulls)
+                                          nmi_nulls=nulls, unit_of_block=units.of_block)
                 label_expert_tokens(summary, tokenizer)
                 if granularity > 1:  # fine-grained: the coarse expert each routed expert was sliced from
                     summary["expert_granularity"] = granularity
@@ -624,13 +639,14 @@ def analyze_run(
                 types = token_types_for_capture(store, tokenizer, res, cfg.token_type_domain)
                 if (types >= 0).any():
                     arm["token_types"] = {
-                        str(i): summarize_token_types(types, t, list(tokentypes.TOKEN_TYPES), cfg.statistics)
+                        str(i): summarize_token_types(types, t, list(tokentypes.TOKEN_TYPES), cfg.statistics,
+                                                      unit_of_block=units.of_block)
                         for i, t in res.tables.items()
                     }
             arm["format_test"] = run_format_test(model, tokenizer, store, cfg)
             arm["saturation"] = run_saturation(model, arm_dir, store, cfg, progress, final_capture=res,
                                                batch_order=order)
-            for i, start in run_start_nmi(model, arm_dir, store, cfg, progress, res, order).items():
+            for i, start in run_start_nmi(model, arm_dir, store, cfg, progress, res, order, units.of_block).items():
                 arm["layers"][str(i)]["specialization"].update(start, nmi_start_step=0)
             arm["headline"] = headline(arm)
             sample_rows = choose_sample_rows(res.block_rows, res.block_domain, cfg.viewer_samples_per_domain)
@@ -641,7 +657,7 @@ def analyze_run(
         block_losses[name] = dataclasses.replace(res, tables={})  # the losses only: routing tables are large
         del model
 
-    add_paired_loss_differences(metrics_out, block_losses, store.domains, cfg.statistics)
+    add_paired_loss_differences(metrics_out, block_losses, store.domains, cfg.statistics, units.of_block)
     # after the forward passes: whether they ran the compiled grouped GEMM (unknown before the first one)
     metrics_out["environment"]["native_grouped_kernel"] = native_status()
 

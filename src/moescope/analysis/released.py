@@ -41,6 +41,7 @@ from moescope.analysis.summary import (
     summarize_layer,
 )
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
+from moescope.data.units import BlockUnits
 from moescope.errors import MoescopeError, first_line, is_out_of_memory
 from moescope.hf import loading, texts
 from moescope.hf.adapters import find_sites
@@ -136,7 +137,7 @@ def analyze_released(
     if cfg.revision is not None and Path(source).exists():
         raise MoescopeError(f"--revision {cfg.revision!r} names a hub revision; {source} is a local path "
                             "(check out the revision there instead)")
-    by_domain = texts.read_data_dir_texts(data_dir) if data_dir is not None else texts.read_texts_file(texts_file)
+    held_out = texts.read_data_dir_texts(data_dir) if data_dir is not None else texts.read_texts_file(texts_file)
     if loading.is_moescope_dir(source):
         net, tokenizer, config, max_context, device = _prepare_moescope(source, data_dir, cfg)
         adapter, sites = find_sites(net)
@@ -150,7 +151,8 @@ def analyze_released(
     context = cfg.context_tokens or min(DEFAULT_CONTEXT, max_context or DEFAULT_CONTEXT)
     if max_context is not None and context > max_context:
         raise MoescopeError(f"--context {context} is larger than the model's context ({max_context} tokens)")
-    blocks = texts.pack_texts(by_domain, tokenizer, context, cfg.max_blocks_per_domain)
+    blocks = texts.pack_texts(held_out.texts, tokenizer, context, cfg.max_blocks_per_domain,
+                              unit_keys=held_out.unit_keys, unit_name=held_out.unit_name)
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and int(blocks.tokens.max()) >= int(vocab):
         raise MoescopeError(f"{source}: the tokenizer gives id {int(blocks.tokens.max())} but the model has "
@@ -237,6 +239,8 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
     del net
 
     block_rows = np.arange(len(blocks.domain))
+    # each block's unit: the source document (data directory) or text (texts file) of its first token
+    units = BlockUnits(blocks.unit, blocks.unit_name) if blocks.unit is not None else BlockUnits.blocks(block_rows.size)
     sample_rows = choose_sample_rows(block_rows, blocks.domain, cfg.viewer_samples_per_domain)
     sample_mask_blocks = np.zeros(len(block_rows), dtype=bool)
     sample_mask_blocks[sample_rows] = True
@@ -244,7 +248,7 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
         "kind": "moe",
         "model": info,
         "eval_loss": summarize_eval_loss(res.block_loss_sum, res.block_tokens, blocks.domain, blocks.domains,
-                                         cfg.statistics),
+                                         cfg.statistics, block_unit=units.of_block),
         "layers": {},
     }
     samples = {}
@@ -252,7 +256,8 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
     for site in sites:
         table = capture.streamed_table(stream, site.layer, blocks.tokens, blocks.domain, site.n_experts)
         capture.save_table(table, analysis / "routing" / name / f"{site.layer}.npz")
-        arm["layers"][str(site.layer)] = summarize_layer(table, blocks.domains, cfg.statistics, nmi_nulls=nulls)
+        arm["layers"][str(site.layer)] = summarize_layer(table, blocks.domains, cfg.statistics, nmi_nulls=nulls,
+                                                         unit_of_block=units.of_block)
         label_expert_tokens(arm["layers"][str(site.layer)], tokenizer)
         if site.n_shared_experts:
             arm["layers"][str(site.layer)]["shared_expert"] = shared_expert_summary(
@@ -276,7 +281,7 @@ def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, s
         "domains": blocks.domains,
         "n_eval_blocks": int(len(blocks.domain)),
         "block_size": int(blocks.tokens.shape[1]),
-        "statistics": statistics_header(cfg.statistics),
+        "statistics": statistics_header(cfg.statistics, units.describe(block_rows, blocks.domain, blocks.domains)),
         "config": asdict(cfg),
         "environment": environment_info(),
         "arms": {name: arm},

@@ -1,14 +1,17 @@
-"""Uncertainty for routing metrics: block bootstrap intervals and a block-level permutation test.
+"""Uncertainty for routing metrics: cluster bootstrap intervals and permutation tests over resampling units.
 
 Layer 1 (pure computation). Tokens of one eval block are not independent (one
-document, one domain, shared context), so the unit of resampling is the block:
-a block's tokens always move together. Every statistic is computed from
-*per-block sums* (count tables, entropy sums, pair counts): a resample is then a
-weighted sum of those rows, so 1000 resamples cost one matrix product.
+document, one domain, shared context), and neither are the blocks cut from one
+source document, so the unit of resampling is a group of blocks (the source
+document of each block's first token, moescope.data.units; the block itself where
+that is not known): a unit's tokens always move together. Every statistic is
+computed from additive sums (count tables, entropy sums, pair counts), summed per
+block and then per unit (:class:`Units`, exact): a resample is then a weighted sum
+of unit rows, so 1000 resamples cost one matrix product.
 
 The resampling and the interval/p-value arithmetic are scipy's
 (``scipy.stats.bootstrap``, ``scipy.stats.permutation_test``); this module only
-turns block indices into summed tables.
+turns unit indices into summed tables.
 """
 
 from __future__ import annotations
@@ -95,21 +98,60 @@ def block_expert_counts(
     """
     idx = np.asarray(expert_index, dtype=np.int64)
     idx = idx[:, None] if idx.ndim == 1 else idx
-    block_ids, inverse, block_domain = _blocks_of(block, domain)
+    block_ids, inverse, block_domain = groups_of(block, domain, "block")
     flat = (inverse[:, None] * n_experts + idx).ravel()
     counts = np.bincount(flat, minlength=block_ids.size * n_experts).reshape(block_ids.size, n_experts)
     return block_ids, block_domain, counts.astype(float)
 
 
-def _blocks_of(block: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(block ids [B] sorted, each token's row in them [N], each block's domain [B]); one domain per block."""
-    block_ids, inverse = np.unique(np.asarray(block), return_inverse=True)
+def groups_of(group: np.ndarray, domain: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group ids [G] sorted, each member's row in them [N], each group's domain [G]): tokens grouped into
+    blocks, or blocks into units. ValueError if a group (a `what`) mixes domains."""
+    group_ids, inverse = np.unique(np.asarray(group), return_inverse=True)
+    inverse = inverse.reshape(-1)
     domain = np.asarray(domain, dtype=np.int64)
-    block_domain = np.empty(block_ids.size, dtype=np.int64)
-    block_domain[inverse] = domain
-    if not np.array_equal(block_domain[inverse], domain):
-        raise ValueError("a block holds tokens of more than one domain")
-    return block_ids, inverse, block_domain
+    group_domain = np.empty(group_ids.size, dtype=np.int64)
+    group_domain[inverse] = domain
+    if not np.array_equal(group_domain[inverse], domain):
+        raise ValueError(f"a {what} holds tokens of more than one domain")
+    return group_ids, inverse, group_domain
+
+
+@dataclass(frozen=True)
+class Units:
+    """The resampling units of a set of blocks: each block's unit and each unit's domain.
+
+    Sums of additive per-block statistics become per-unit sums (:meth:`sums`, exact), which
+    the bootstrap and the permutation tests then resample or relabel whole. With every block
+    its own unit (ids rising with the blocks) the unit rows are the block rows, unchanged.
+    """
+
+    inverse: np.ndarray  # [B] each block's row in the unit arrays
+    domain: np.ndarray  # [U] each unit's domain
+
+    @classmethod
+    def of(cls, block_unit: np.ndarray, block_domain: np.ndarray) -> "Units":
+        """From each block's unit id [B] and domain [B]; ValueError if a unit spans domains."""
+        _, inverse, unit_domain = groups_of(block_unit, block_domain, "unit")
+        return cls(inverse, unit_domain)
+
+    @property
+    def n(self) -> int:
+        return int(self.domain.size)
+
+    def sums(self, block_sums: np.ndarray) -> np.ndarray:
+        """Per-unit sums [U, ...] of per-block sums [B, ...]."""
+        values = np.asarray(block_sums, dtype=float)
+        if values.shape[0] != self.inverse.size:
+            raise ValueError(f"{values.shape[0]} block rows for {self.inverse.size} blocks")
+        out = np.zeros((self.n,) + values.shape[1:])
+        np.add.at(out, self.inverse, values)
+        return out
+
+    def strata(self) -> np.ndarray | None:
+        """Each unit's domain, or None (one stratum) when a present domain has fewer than two units to resample."""
+        sizes = np.bincount(self.domain)
+        return self.domain if np.all(sizes[sizes > 0] >= 2) else None
 
 
 def block_assignment_counts(
@@ -121,7 +163,7 @@ def block_assignment_counts(
     expert-choice routing). block, domain [N] are per token, so a block whose tokens no
     expert took still gets a row (of zeros) and the blocks line up with :func:`sum_by_block`.
     """
-    block_ids, inverse, block_domain = _blocks_of(block, domain)
+    block_ids, inverse, block_domain = groups_of(block, domain, "block")
     flat = inverse[np.asarray(token_row, dtype=np.int64)] * n_experts + np.asarray(expert, dtype=np.int64)
     counts = np.bincount(flat, minlength=block_ids.size * n_experts).reshape(block_ids.size, n_experts)
     return block_ids, block_domain, counts.astype(float)
@@ -136,23 +178,23 @@ def domain_tables(block_counts: np.ndarray, block_domain: np.ndarray, n_domains:
 # --------------------------------------------------------------------------- bootstrap
 
 
-def _resample_weights(index_samples: tuple[np.ndarray, ...], n_blocks: int) -> np.ndarray:
-    """How often each block was drawn, [..., B], from resampled block-index arrays [..., n_s]."""
+def _resample_weights(index_samples: tuple[np.ndarray, ...], n_units: int) -> np.ndarray:
+    """How often each unit was drawn, [..., U], from resampled unit-index arrays [..., n_s]."""
     total = None
     for sample in index_samples:
         sample = np.asarray(sample, dtype=np.int64)
         lead = sample.shape[:-1]
         rows = sample.reshape(-1, sample.shape[-1])
-        offsets = (np.arange(rows.shape[0]) * n_blocks)[:, None]
-        w = np.bincount((rows + offsets).ravel(), minlength=rows.shape[0] * n_blocks)
-        w = w.reshape(lead + (n_blocks,)).astype(float)
+        offsets = (np.arange(rows.shape[0]) * n_units)[:, None]
+        w = np.bincount((rows + offsets).ravel(), minlength=rows.shape[0] * n_units)
+        w = w.reshape(lead + (n_units,)).astype(float)
         # Strata are resampled independently; their (broadcast) draws add up.
         total = w if total is None else total + w
     return total
 
 
 def bootstrap_interval(
-    block_sums: np.ndarray,
+    unit_sums: np.ndarray,
     statistic: TableStatistic,
     *,
     strata: np.ndarray | None = None,
@@ -162,24 +204,25 @@ def bootstrap_interval(
     seed: int = 0,
     batch: int | None = 250,
 ) -> Interval:
-    """Cluster bootstrap CI of ``statistic(sum of block_sums)``, resampling whole blocks.
+    """Cluster bootstrap CI of ``statistic(sum of unit_sums)``, resampling whole units.
 
-    block_sums: [B, ...] additive per-block statistics (e.g. from :func:`domain_tables`).
-    strata: optional [B] labels (e.g. each block's domain); blocks are then resampled
-    within their stratum, keeping the eval set's design (blocks per domain) fixed.
+    unit_sums: [U, ...] additive statistics per resampling unit (a block, or the blocks of one
+    source document summed: :meth:`Units.sums`; e.g. tables from :func:`domain_tables`).
+    strata: optional [U] labels (e.g. each unit's domain); units are then resampled
+    within their stratum, keeping the eval set's design (units per domain) fixed.
     method: "percentile" or "BCa" (scipy's names). Deterministic for a given seed.
     """
-    sums = np.asarray(block_sums, dtype=float)
-    n_blocks = sums.shape[0]
-    flat = sums.reshape(n_blocks, -1)
+    sums = np.asarray(unit_sums, dtype=float)
+    n_units = sums.shape[0]
+    flat = sums.reshape(n_units, -1)
     feature_shape = sums.shape[1:]
-    labels = np.zeros(n_blocks, dtype=np.int64) if strata is None else np.asarray(strata)
+    labels = np.zeros(n_units, dtype=np.int64) if strata is None else np.asarray(strata)
     samples = tuple(np.flatnonzero(labels == s) for s in np.unique(labels))
     if any(s.size < 2 for s in samples):
-        raise ValueError("every stratum needs at least two blocks to be resampled")
+        raise ValueError("every stratum needs at least two units to be resampled")
 
     def resampled_statistic(*index_samples: np.ndarray, axis: int = -1) -> np.ndarray:
-        weights = _resample_weights(index_samples, n_blocks)
+        weights = _resample_weights(index_samples, n_units)
         summed = (weights @ flat).reshape(weights.shape[:-1] + feature_shape)
         return np.asarray(statistic(summed), dtype=float)
 
@@ -202,9 +245,9 @@ def bootstrap_interval(
 # --------------------------------------------------------------------------- permutation test
 
 
-def permutation_test_blocks(
-    block_counts: np.ndarray,
-    block_label: np.ndarray,
+def permutation_test_units(
+    unit_counts: np.ndarray,
+    unit_label: np.ndarray,
     n_labels: int,
     statistic: TableStatistic,
     *,
@@ -212,20 +255,21 @@ def permutation_test_blocks(
     seed: int = 0,
     batch: int | None = 250,
 ) -> PermutationResult:
-    """One-sided permutation test of ``statistic(label x expert table)`` shuffling labels between blocks.
+    """One-sided permutation test of ``statistic(label x expert table)`` shuffling labels between units.
 
-    The block is the unit: a permutation gives each block another block's label
-    (label totals in blocks stay fixed), so the null keeps the within-block
-    dependence of tokens. p = (1 + #{null >= observed}) / (1 + n_permutations)
-    (scipy's randomized p-value; exact enumeration when n_permutations >= B!).
+    unit_counts [U, E]: counts summed per resampling unit (a block or a source document's blocks).
+    A permutation gives each unit another unit's label (label totals in units stay fixed), so
+    the null keeps the dependence of the tokens and blocks inside a unit.
+    p = (1 + #{null >= observed}) / (1 + n_permutations)
+    (scipy's randomized p-value; exact enumeration when n_permutations >= U!).
     """
-    counts = np.asarray(block_counts, dtype=float)
-    labels = np.asarray(block_label, dtype=np.int64)
+    counts = np.asarray(unit_counts, dtype=float)
+    labels = np.asarray(unit_label, dtype=np.int64)
     one_hot = np.eye(n_labels)
 
     def label_statistic(permuted_labels: np.ndarray, axis: int = -1) -> np.ndarray:
-        # [..., B] labels -> [..., L, E] tables in one product
-        table = np.einsum("...bl,be->...le", one_hot[permuted_labels], counts)
+        # [..., U] labels -> [..., L, E] tables in one product
+        table = np.einsum("...ul,ue->...le", one_hot[permuted_labels], counts)
         return np.asarray(statistic(table), dtype=float)
 
     result = scipy.stats.permutation_test(
@@ -261,19 +305,20 @@ def nmi_statistic(n_domains: int, n_experts: int, *, equal_domain_weights: bool 
 
 
 def permutation_test_nmi(
-    block_counts: np.ndarray,
-    block_domain: np.ndarray,
+    unit_counts: np.ndarray,
+    unit_domain: np.ndarray,
     n_domains: int,
     *,
     equal_domain_weights: bool = True,
     n_permutations: int = 1000,
     seed: int = 0,
 ) -> PermutationResult:
-    """p-value for NMI(domain; expert) > chance, shuffling domain labels between eval blocks."""
-    counts = np.asarray(block_counts, dtype=float)
+    """p-value for NMI(domain; expert) > chance, shuffling domain labels between resampling units
+    (unit_counts [U, E], unit_domain [U]: per block, or per source document summed by :meth:`Units.sums`)."""
+    counts = np.asarray(unit_counts, dtype=float)
     stat = nmi_statistic(n_domains, counts.shape[1], equal_domain_weights=equal_domain_weights)
-    return permutation_test_blocks(
-        counts, block_domain, n_domains, stat, n_permutations=n_permutations, seed=seed
+    return permutation_test_units(
+        counts, unit_domain, n_domains, stat, n_permutations=n_permutations, seed=seed
     )
 
 
@@ -287,7 +332,7 @@ class PairedDifference:
     domain_weighted: the mean over domains of each domain's per-token difference (the
     difference of the two arms' domain-weighted losses); domains: per-domain differences
     (domain id -> Interval). pvalue: two-sided sign-flip permutation test of "no
-    difference", flipping whole blocks' differences (the block is the unit).
+    difference", flipping whole units' differences (a unit: a source document's blocks, or a block).
     """
 
     domain_weighted: Interval
@@ -295,6 +340,7 @@ class PairedDifference:
     pvalue: float
     n_permutations: int
     n_blocks: int
+    n_units: int
 
     def to_dict(self, domain_names: list[str] | None = None) -> dict:
         name = (lambda d: domain_names[d]) if domain_names is not None else str
@@ -305,6 +351,7 @@ class PairedDifference:
             "pvalue": self.pvalue,
             "n_permutations": self.n_permutations,
             "n_blocks": self.n_blocks,
+            "n_units": self.n_units,
         }
 
 
@@ -315,6 +362,7 @@ def paired_loss_difference(
     block_domain: np.ndarray,
     n_domains: int,
     *,
+    block_unit: np.ndarray | None = None,
     n_resamples: int = 1000,
     n_permutations: int = 1000,
     confidence_level: float = 0.95,
@@ -322,11 +370,12 @@ def paired_loss_difference(
 ) -> PairedDifference:
     """Paired comparison of two arms' summed block losses [B] on the same blocks (A - B).
 
-    The interval resamples blocks within their domain and takes the SAME blocks for
-    both arms (a resample is a set of per-block differences), so the large
-    between-block spread of loss that both arms share cancels; unpaired intervals of
-    the two losses overlap long before this one covers 0. The null flips the sign of
-    each block's difference (exchangeable under "A and B are the same model").
+    block_unit [B]: each block's resampling unit (None: every block its own). The blocks'
+    sums are summed per unit; the interval resamples units within their domain and takes
+    the SAME units for both arms (a resample is a set of per-unit differences), so the
+    large between-unit spread of loss that both arms share cancels; unpaired intervals of
+    the two losses overlap long before this one covers 0. The null flips the sign of each
+    unit's difference (exchangeable under "A and B are the same model").
     """
     a = np.asarray(loss_sum_a, dtype=float)
     b = np.asarray(loss_sum_b, dtype=float)
@@ -334,23 +383,25 @@ def paired_loss_difference(
     dom = np.asarray(block_domain, dtype=np.int64)
     if not (a.shape == b.shape == tokens.shape == dom.shape) or a.ndim != 1:
         raise ValueError(f"paired arms need the same blocks: shapes {a.shape}, {b.shape}, {tokens.shape}, {dom.shape}")
-    present = np.flatnonzero(np.bincount(dom, minlength=n_domains) > 0)
-    one_hot = np.eye(n_domains)[dom]  # [B, D]
+    units = Units.of(np.arange(a.size) if block_unit is None else block_unit, dom)
+    a, b, tokens = (units.sums(x) for x in (a, b, tokens))
+    present = np.flatnonzero(np.bincount(units.domain, minlength=n_domains) > 0)
+    one_hot = np.eye(n_domains)[units.domain]  # [U, D]
     domain_tokens = tokens @ one_hot  # [D]
 
-    # Per-block sums laid out per domain: [B, D, 2] = (difference, tokens) in the block's domain row.
+    # Per-unit sums laid out per domain: [U, D, 2] = (difference, tokens) in the unit's domain row.
     sums = np.stack([one_hot * (a - b)[:, None], one_hot * tokens[:, None]], axis=-1)
 
     def weighted(t: np.ndarray) -> np.ndarray:
         return (t[..., present, 0] / t[..., present, 1]).mean(-1)
 
-    common = dict(strata=dom, n_resamples=n_resamples, confidence_level=confidence_level, seed=seed)
+    common = dict(strata=units.strata(), n_resamples=n_resamples, confidence_level=confidence_level, seed=seed)
     overall = bootstrap_interval(sums, weighted, **common)
     per_domain = {int(d): bootstrap_interval(sums, lambda t, d=d: t[..., d, 0] / t[..., d, 1], **common)
                   for d in present}
 
     def flipped(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-        # x, y: [..., B] after scipy swapped some pairs (= flipped those blocks' differences)
+        # x, y: [..., U] after scipy swapped some pairs (= flipped those units' differences)
         per_domain_diff = (np.asarray(x) - np.asarray(y)) @ one_hot / domain_tokens  # [..., D]
         return per_domain_diff[..., present].mean(-1)
 
@@ -358,4 +409,5 @@ def paired_loss_difference(
         (a, b), flipped, permutation_type="samples", vectorized=True, n_resamples=n_permutations,
         alternative="two-sided", rng=np.random.default_rng(seed),
     )
-    return PairedDifference(overall, per_domain, float(perm.pvalue), int(np.size(perm.null_distribution)), int(a.size))
+    return PairedDifference(overall, per_domain, float(perm.pvalue), int(np.size(perm.null_distribution)),
+                            int(dom.size), units.n)

@@ -1,4 +1,4 @@
-"""Every headline routing number of one MoE layer, with block-bootstrap intervals (pure computation).
+"""Every headline routing number of one MoE layer, with cluster-bootstrap intervals (pure computation).
 
 This is what `moescope analyze` writes per arm and layer into metrics.json. The
 keys follow the trainer's routing summary (token_fraction, max_fraction, load_cv,
@@ -6,8 +6,12 @@ router_entropy_token, ...) so one name means one thing across files and report.
 Intervals are dicts {"estimate", "low", "high"}; the bootstrap settings are
 stated once in the file's "statistics" header (see :func:`statistics_header`).
 
+The resampling unit is given per block (``unit_of_block``: the source document of
+each eval block's first token, moescope.data.units; None = every block its own unit).
+Every statistic is a function of additive per-block sums; those are summed per unit
+(exact) before any resample or permutation, so a unit's blocks always move together.
 All intervals of one layer reuse the same seed, so they come from the same
-resampled sets of blocks.
+resampled sets of units.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import numpy as np
 
 from moescope.analysis import metrics, stats
 from moescope.analysis.table import RoutingTable
+from moescope.data.units import UNIT_BLOCK
 
 
 @dataclass
 class SummaryConfig:
     """Statistics settings for the analysis."""
 
-    n_resamples: int = 1000  # bootstrap resamples of eval blocks
-    n_permutations: int = 1000  # block-label permutations for the NMI p-value
+    n_resamples: int = 1000  # bootstrap resamples of the resampling units (source documents or blocks)
+    n_permutations: int = 1000  # permutations of the units' domain labels for the NMI p-value
     confidence_level: float = 0.95
     seed: int = 0
     vocab_min_count: int = 10  # token ids seen fewer times are left out of vocabulary specialization
@@ -34,12 +39,18 @@ class SummaryConfig:
     expert_tokens_top_n: int = 8  # ids listed per expert (those it takes the largest share of)
 
 
-def statistics_header(cfg: SummaryConfig) -> dict:
-    """How the intervals and p-values in a metrics file were made."""
+def statistics_header(cfg: SummaryConfig, units: dict | None = None) -> dict:
+    """How the intervals and p-values in a metrics file were made.
+
+    units: what the resampling unit is and how many units each domain has ({"unit", "n_units"
+    {DOMAIN: n}, maybe "unit_note"}: moescope.data.units.BlockUnits.describe); None: every eval block.
+    """
     return {
         **asdict(cfg),
-        "interval": "percentile bootstrap over eval blocks, resampled within each domain",
-        "pvalue": "block-level permutation of domain labels, (1 + #{null >= observed}) / (1 + n_permutations)",
+        **(units or {"unit": UNIT_BLOCK}),
+        "interval": "percentile bootstrap over units (whole units resampled, all their blocks together), "
+                    "within each domain (over all units together when a domain has fewer than 2)",
+        "pvalue": "permutation of domain labels between units, (1 + #{null >= observed}) / (1 + n_permutations)",
         "nmi": "I(domain; expert) / H(domain), equal domain weights unless noted",
         "nmi_assignments": "nmi counts each of a token's top-k experts once; nmi_first_choice only its first choice",
         "coactivation": "all pairs within a token's top-k, k(k-1)/2 per token, not only rank-adjacent pairs",
@@ -51,18 +62,24 @@ def _interval_dict(iv: stats.Interval) -> dict[str, float]:
     return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
 
 
-class _BlockBootstrap:
-    """Bootstraps statistics of per-block sums with one fixed design (strata, seed)."""
+def block_units(block_ids: np.ndarray, block_domain: np.ndarray, unit_of_block: np.ndarray | None) -> stats.Units:
+    """The units of the blocks ``block_ids`` [B] (domain [B]): ``unit_of_block[block id]``, or each block alone."""
+    block_ids = np.asarray(block_ids, dtype=np.int64)
+    return stats.Units.of(block_ids if unit_of_block is None else np.asarray(unit_of_block)[block_ids], block_domain)
 
-    def __init__(self, block_domain: np.ndarray, cfg: SummaryConfig) -> None:
-        sizes = np.bincount(block_domain)
-        # Stratify by domain when every present domain can be resampled (>= 2 blocks).
-        self.strata = block_domain if np.all(sizes[sizes > 0] >= 2) else None
+
+class _UnitBootstrap:
+    """Bootstraps statistics of per-block sums, summed per unit, with one fixed design (units, strata, seed)."""
+
+    def __init__(self, units: stats.Units, cfg: SummaryConfig) -> None:
+        self.units = units
+        # Stratify by domain when every present domain can be resampled (>= 2 units).
+        self.strata = units.strata()
         self.cfg = cfg
 
     def __call__(self, block_sums: np.ndarray, statistic) -> dict[str, float]:
         iv = stats.bootstrap_interval(
-            block_sums,
+            self.units.sums(block_sums),
             statistic,
             strata=self.strata,
             n_resamples=self.cfg.n_resamples,
@@ -87,8 +104,8 @@ def block_routing_counts(table: RoutingTable) -> tuple[np.ndarray, np.ndarray, n
 def best_layer_nmi_test(layers: dict[str, dict], nulls: list[np.ndarray]) -> dict:
     """The best layer's NMI against the largest NMI any layer reaches under the same label shuffles.
 
-    Every layer's permutation test shuffles the same block labels with the same seed, so permutation j
-    is one relabelling of the blocks; its maximum over layers is the null of "the best of L layers"
+    Every layer's permutation test shuffles the same units' labels with the same seed, so permutation j
+    is one relabelling of the units; its maximum over layers is the null of "the best of L layers"
     (the max-statistic test): unlike Bonferroni's p x L it keeps the 1 / (1 + n) floor of one test, so
     a model of 48 layers can still show significance with 1000 permutations. `layers` and `nulls`
     in the same order (summarize_layer's `nmi_nulls`).
@@ -101,17 +118,17 @@ def best_layer_nmi_test(layers: dict[str, dict], nulls: list[np.ndarray]) -> dic
     return {"layer": best, "statistic": observed[best], "n_layers": len(layers),
             "pvalue": float((1 + np.sum(null_max >= observed[best])) / (1 + null_max.size)),
             "n_permutations": int(null_max.size), "null_max_q95": float(np.quantile(null_max, 0.95)),
-            "test": "max over layers of NMI under the same block-label permutations"}
+            "test": "max over layers of NMI under the same permutations of the units' domain labels"}
 
 
 def summarize_start_nmi(start: RoutingTable, final: RoutingTable, domains: list[str],
-                        cfg: SummaryConfig | None = None) -> dict:
+                        cfg: SummaryConfig | None = None, *, unit_of_block: np.ndarray | None = None) -> dict:
     """NMI(domain; expert) of the model at the start of training (the upcycled model, before its router
     was trained) on the same eval tokens as the final model, and the change final - start.
 
-    Both intervals come from the same resamples as the final model's ``nmi`` (same strata, same seed,
-    a generator of their own), and the change takes the same resampled blocks for both models, so the
-    between-block spread they share cancels. Nothing of the final model's summary is recomputed.
+    Both intervals come from the same resamples as the final model's ``nmi`` (same units, strata and
+    seed, a generator of their own), and the change takes the same resampled units for both models, so
+    the between-unit spread they share cancels. Nothing of the final model's summary is recomputed.
     """
     cfg = cfg or SummaryConfig()
     start_ids, start_domain, start_counts = block_routing_counts(start)
@@ -123,7 +140,7 @@ def summarize_start_nmi(start: RoutingTable, final: RoutingTable, domains: list[
     nmi = stats.nmi_statistic(n_dom, final.n_experts, equal_domain_weights=True)
     start_tables = stats.domain_tables(start_counts, start_domain, n_dom)  # [B, D, E]
     both = np.stack([stats.domain_tables(final_counts, final_domain, n_dom), start_tables], axis=1)  # [B, 2, D, E]
-    boot = _BlockBootstrap(final_domain, cfg)
+    boot = _UnitBootstrap(block_units(final_ids, final_domain, unit_of_block), cfg)
     return {
         "nmi_start": boot(start_tables, nmi),
         "nmi_change": boot(both, lambda t: nmi(t[..., 0, :, :]) - nmi(t[..., 1, :, :])),
@@ -132,9 +149,12 @@ def summarize_start_nmi(start: RoutingTable, final: RoutingTable, domains: list[
 
 def summarize_layer(
     table: RoutingTable, domains: list[str], cfg: SummaryConfig | None = None, *, n_shared_experts: int = 0,
-    nmi_nulls: list[np.ndarray] | None = None,
+    nmi_nulls: list[np.ndarray] | None = None, unit_of_block: np.ndarray | None = None,
 ) -> dict:
     """All routing metrics of one layer: specialization, load, entropy, repetition, vocabulary.
+
+    unit_of_block: the resampling unit of every block id of ``table.block`` (indexed by block id;
+    None = every block its own unit): intervals resample, and the NMI test relabels, whole units.
 
     n_shared_experts: experts every token passes through besides its routed top-k
     (DeepSeek, Qwen-MoE). They are not in the table, so NMI, load and entropy are
@@ -151,10 +171,11 @@ def summarize_layer(
     n_dom, n_exp, k = len(domains), table.n_experts, table.top_k
     ec = table.expert_choice
     block_ids, block_domain, block_counts = block_routing_counts(table)
-    if block_ids.size < 2:
-        raise ValueError("need at least two eval blocks for intervals")
+    units = block_units(block_ids, block_domain, unit_of_block)
+    if units.n < 2:
+        raise ValueError("need at least two resampling units (source documents or eval blocks) for intervals")
     tables = stats.domain_tables(block_counts, block_domain, n_dom)  # [B, D, E]
-    boot = _BlockBootstrap(block_domain, cfg)
+    boot = _UnitBootstrap(units, cfg)
     total = tables.sum(axis=0)
     present = total.sum(axis=1) > 0
 
@@ -162,7 +183,7 @@ def summarize_layer(
     nmi_equal = stats.nmi_statistic(n_dom, n_exp, equal_domain_weights=True)
     nmi_tokens = stats.nmi_statistic(n_dom, n_exp, equal_domain_weights=False)
     perm = stats.permutation_test_nmi(
-        block_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
+        units.sums(block_counts), units.domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
     )
     if nmi_nulls is not None:  # for the test of the best of several layers (best_layer_nmi_test)
         nmi_nulls.append(perm.null_distribution)
@@ -171,7 +192,7 @@ def summarize_layer(
         _, _, first_counts = stats.block_expert_counts(table.expert_index[:, :1], table.block, table.domain, n_exp)
         first_nmi = boot(stats.domain_tables(first_counts, block_domain, n_dom), nmi_equal)
         first_perm = stats.permutation_test_nmi(
-            first_counts, block_domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
+            units.sums(first_counts), units.domain, n_dom, n_permutations=cfg.n_permutations, seed=cfg.seed
         )
     else:
         first_nmi, first_perm = None, perm  # identical to the top-k numbers; filled in below
@@ -205,7 +226,7 @@ def summarize_layer(
         "domain_specialization": _rounded(spec_matrix),
         "domain_specialization_baseline": spec_baseline,
         # One number per layer for curves: each domain's most specialized expert (chosen once, on all
-        # blocks, so the resamples do not re-pick the maximum), averaged over domains.
+        # eval blocks, so the resamples do not re-pick the maximum), averaged over domains.
         "domain_specialization_top": boot(spec_tables, lambda t: spec_of(t, experts=total.argmax(axis=-1))),
     }
     specialization["nmi_first_choice"] = first_nmi if first_nmi is not None else specialization["nmi"]
@@ -286,6 +307,7 @@ def summarize_layer(
     return {
         "n_tokens": table.n_tokens,
         "n_blocks": int(block_ids.size),
+        "n_units": units.n,
         "n_experts": n_exp,
         "top_k": k,
         **shared,
@@ -359,15 +381,19 @@ def summarize_eval_loss(
     block_domain: np.ndarray,
     domains: list[str],
     cfg: SummaryConfig | None = None,
+    *,
+    block_unit: np.ndarray | None = None,
 ) -> dict:
-    """Eval loss (nats/token) per domain, token-weighted and domain-weighted, with block-bootstrap intervals."""
+    """Eval loss (nats/token) per domain, token-weighted and domain-weighted, with cluster-bootstrap intervals
+    over units (block_unit [B]: each block's unit; None = every block its own)."""
     cfg = cfg or SummaryConfig()
     block_domain = np.asarray(block_domain, dtype=np.int64)
     n_dom = len(domains)
     sums = np.zeros((block_domain.size, n_dom, 2))
     sums[np.arange(block_domain.size), block_domain, 0] = block_loss_sum
     sums[np.arange(block_domain.size), block_domain, 1] = block_tokens
-    boot = _BlockBootstrap(block_domain, cfg)
+    units = stats.Units.of(np.arange(block_domain.size) if block_unit is None else block_unit, block_domain)
+    boot = _UnitBootstrap(units, cfg)
     present = [d for d in range(n_dom) if (block_domain == d).any()]
     out = {
         "domains": {
@@ -382,9 +408,11 @@ def summarize_eval_loss(
 
 
 def summarize_token_types(
-    types: np.ndarray, table: RoutingTable, type_names: list[str], cfg: SummaryConfig | None = None
+    types: np.ndarray, table: RoutingTable, type_names: list[str], cfg: SummaryConfig | None = None,
+    *, unit_of_block: np.ndarray | None = None,
 ) -> dict:
-    """Routing by Python token type inside code: P(expert | type) and NMI(type; expert) with a block CI.
+    """Routing by Python token type inside code: P(expert | type) and NMI(type; expert) with a CI over units
+    (``unit_of_block`` as for :func:`summarize_layer`; not stratified).
 
     types: [N] type id per row of ``table`` (-1 = untyped, left out). Token-weighted
     NMI: the types' natural frequencies are part of what is measured. Token choice
@@ -420,10 +448,9 @@ def summarize_token_types(
         if total[t].sum():
             e = int(total[t].argmax())
             out["top_expert"][name] = {"expert": e, "share": float(given_type[t, e]), "n_tokens": n}
-    if block_ids.size >= 2:
-        out["nmi"] = _BlockBootstrap(np.zeros(block_ids.size, dtype=np.int64), cfg)(
-            tables, lambda t: metrics.normalized_mutual_information(t)
-        )
+    units = block_units(block_ids, np.zeros(block_ids.size, dtype=np.int64), unit_of_block)
+    if units.n >= 2:
+        out["nmi"] = _UnitBootstrap(units, cfg)(tables, lambda t: metrics.normalized_mutual_information(t))
     else:
         out["nmi"] = {"estimate": float(metrics.normalized_mutual_information(total)), "low": None, "high": None}
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moescope.data.blocks import MANIFEST_NAME, BlockStore, block_path, texts_path, tokenizer_dir
+from moescope.data.units import UNIT_BLOCK, eval_block_units
 from moescope.data.packing import encoder_for, pack_to_file
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_json
@@ -79,11 +80,14 @@ class EvalSet:
     blocks: np.ndarray  # int64 [n, block_size]
     domain_ids: np.ndarray  # int64 [n]
     domains: list[str]
+    unit: np.ndarray | None = None  # int64 [n]: each block's resampling unit (moescope.data.units); None = itself
+    unit_name: str = UNIT_BLOCK  # what one unit is
 
 
 def load_eval_set(data_dir: str | Path, max_blocks_per_domain: int | None = None) -> EvalSet:
     """Eval blocks of every domain, at most `max_blocks_per_domain` spread evenly over each."""
     store = BlockStore.open(data_dir)
+    units = eval_block_units(store)
     rows, ids = [], []
     for d, domain in enumerate(store.domains):
         n = store.n_blocks("eval", domain)
@@ -96,4 +100,7 @@ def load_eval_set(data_dir: str | Path, max_blocks_per_domain: int | None = None
     if not rows:
         raise MoescopeError(f"{data_dir}: the eval split has no blocks")
     index = np.concatenate(rows)
-    return EvalSet(blocks=store.gather("eval", index), domain_ids=np.concatenate(ids), domains=store.domains)
+    # a block's position in store.index("eval"): the blocks of the domains before it, then its row
+    offsets = np.cumsum([0] + [store.n_blocks("eval", d) for d in store.domains])
+    return EvalSet(blocks=store.gather("eval", index), domain_ids=np.concatenate(ids), domains=store.domains,
+                   unit=units.of_block[offsets[index[:, 0]] + index[:, 1]], unit_name=units.unit)

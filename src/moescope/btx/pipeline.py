@@ -219,7 +219,7 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
         rows.append({"model": name, **result, "train_tokens": train_steps * tokens_per_step,
                      "experts_per_token": experts_per_token, "note": note,
                      "delta_vs_dense": paired_delta(block_nll, dense_block_nll, lp.shape[1] - max(c - 1, 0),
-                                                    ev.domain_ids)})
+                                                    ev.domain_ids, ev.unit)})
 
     base_dir = Path(cfg.base_init) if cfg.base_init != "scratch" else _final(out / "base")
     base_note = (f"shared starting point, trained {cfg.base_steps * tokens_per_step:,} tokens before every row"
@@ -256,7 +256,8 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
                 d: w[ev.domain_ids == i].mean(0).round(3).tolist() for i, d in enumerate(ev.domains)}
     result = {
         "config": to_dict(cfg),
-        "eval": {"blocks": int(len(ev.blocks)), "context_tokens": cfg.eval_context_tokens,
+        "eval": {"blocks": int(len(ev.blocks)), "context_tokens": cfg.eval_context_tokens, "unit": ev.unit_name,
+                 "n_units": int(np.unique(ev.unit).size) if ev.unit is not None else int(len(ev.blocks)),
                  "scored_tokens_per_block": int(ev.blocks.shape[1] - cfg.eval_context_tokens)},
         "rows": rows,
         **extra,
@@ -267,13 +268,16 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
 
 
 def paired_delta(block_nll: np.ndarray, ref_block_nll: np.ndarray, tokens_per_block: int,
-                 domain_ids: np.ndarray) -> dict:
-    """Token-weighted loss difference to the reference on the same blocks, with a 95% block
-    bootstrap interval (blocks resampled within their domain)."""
-    from moescope.analysis.stats import bootstrap_interval
+                 domain_ids: np.ndarray, block_unit: np.ndarray | None = None) -> dict:
+    """Token-weighted loss difference to the reference on the same blocks, with a 95% cluster
+    bootstrap interval: the blocks' sums summed per unit (``block_unit``, the source document of each
+    block's first token; None = each block alone), units resampled within their domain (over all units
+    when a domain has fewer than two)."""
+    from moescope.analysis.stats import Units, bootstrap_interval
 
-    sums = np.stack([block_nll - ref_block_nll, np.full(len(block_nll), float(tokens_per_block))], axis=1)
-    iv = bootstrap_interval(sums, lambda s: s[..., 0] / s[..., 1], strata=domain_ids, n_resamples=1000)
+    units = Units.of(np.arange(len(block_nll)) if block_unit is None else block_unit, domain_ids)
+    sums = units.sums(np.stack([block_nll - ref_block_nll, np.full(len(block_nll), float(tokens_per_block))], axis=1))
+    iv = bootstrap_interval(sums, lambda s: s[..., 0] / s[..., 1], strata=units.strata(), n_resamples=1000)
     return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
 
 
@@ -295,6 +299,9 @@ def render_comparison(result: dict) -> str:
         lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['token_weighted']:.4f} | "
                      f"{r['domain_weighted']:.4f} | {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
                      f"{r['train_tokens']:,} | {r['inference_flops_per_token'] / 1e6:.2f} M | {r['experts_per_token']} |")
+    if "unit" in result["eval"]:
+        lines += ["", f"95% CI: paired cluster bootstrap resampling whole units within their domain; unit: "
+                      f"{result['eval']['unit']} ({result['eval']['n_units']} units)."]
     lines += [""] + [f"- {r['model']}: {r['note']}" for r in result["rows"] if r.get("note")]
     for key, value in result.items():
         if key.startswith(("router_init_", "cbtm_mean_weight", "routing_by_domain")):

@@ -15,7 +15,8 @@ def register(subparsers: Any) -> None:
         help="capture routing on the eval split and write analysis/metrics.json and viewer.json",
         description=(
             "For every arm of a finished run: eval loss per domain, and per MoE layer NMI(domain; expert) with a "
-            "block-bootstrap interval and a permutation p-value, P(expert | domain), load and router entropy, "
+            "bootstrap interval and a permutation p-value (both over source documents: the blocks of one document move "
+            "together), P(expert | domain), load and router entropy, "
             "consecutive-token repetition, vocabulary and token-type specialization, router saturation over the "
             "saved snapshots and the Problem:/Solution: format test. Writes RUN/analysis/. "
             "With --model ID_OR_DIR instead of RUN: any transformers MoE causal LM (Mixtral, OLMoE, Qwen-MoE, "

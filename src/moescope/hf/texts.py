@@ -5,7 +5,10 @@ the BPE blocks were cut from, so the built-in corpus works with any model) or fr
 a JSONL file of {"text", "domain"} rows. Each domain's texts are tokenized without
 special tokens, joined with the tokenizer's EOS (when it has one) and cut into
 blocks of ``context`` tokens, the way `moescope data build` packs its own blocks;
-the last partial block of a domain is dropped.
+the last partial block of a domain is dropped. Each block's resampling unit for the
+statistics is what its first token comes from: the text's source document for a data
+directory (moescope.data.units.record_document of its jsonl row), the text (row) of a
+texts file.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from moescope.data.blocks import MANIFEST_NAME, texts_path
+from moescope.data.packing import block_sources
+from moescope.data.units import UNIT_DOCUMENT, UNIT_TEXT, numbered, record_document
 from moescope.errors import MoescopeError
 from moescope.io.jsonl import iter_jsonl_objects
 
@@ -26,15 +31,27 @@ TOKENIZE_BATCH_TEXTS = 256
 
 @dataclass
 class TextBlocks:
-    """Token blocks of held-out texts with their domains."""
+    """Token blocks of held-out texts with their domains and resampling units."""
 
     tokens: np.ndarray  # int64 [B, context]
     domain: np.ndarray  # int64 [B], index into domains
     domains: list[str]
+    unit: np.ndarray | None = None  # int64 [B]: each block's unit id (unique across domains)
+    unit_name: str = UNIT_TEXT  # what one unit is (moescope.data.units)
 
 
-def read_data_dir_texts(data_dir: str | Path, split: str = "eval") -> dict[str, list[str]]:
-    """{domain: texts} of a data directory's held-out split, domains in manifest order."""
+@dataclass
+class HeldOutTexts:
+    """{domain: texts} and each text's resampling unit key ({domain: [key per text]})."""
+
+    texts: dict[str, list[str]]
+    unit_keys: dict[str, list[str]]
+    unit_name: str
+
+
+def read_data_dir_texts(data_dir: str | Path, split: str = "eval") -> HeldOutTexts:
+    """The texts of a data directory's held-out split, domains in manifest order, each text's unit its
+    source document."""
     root = Path(data_dir)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -44,54 +61,63 @@ def read_data_dir_texts(data_dir: str | Path, split: str = "eval") -> dict[str, 
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise MoescopeError(f"{manifest_path}: no domain list ({exc})") from exc
     out: dict[str, list[str]] = {}
+    keys: dict[str, list[str]] = {}
     for domain in domains:
         path = texts_path(root, split, domain)
         if path.is_file():
-            out[domain] = _read_jsonl(path, default_domain=domain)[domain]
+            rows = _read_jsonl(path, default_domain=domain).get(domain, [])
+            out[domain] = [row["text"] for row in rows]
+            keys[domain] = [record_document(row, line) for line, row in enumerate(rows, 1)]
     if not any(out.values()):
         raise MoescopeError(f"{root}: no held-out texts ({root / 'texts' / split}/DOMAIN.jsonl missing or empty)")
-    return {d: t for d, t in out.items() if t}
+    kept = [d for d, t in out.items() if t]
+    return HeldOutTexts({d: out[d] for d in kept}, {d: keys[d] for d in kept}, UNIT_DOCUMENT)
 
 
-def read_texts_file(path: str | Path) -> dict[str, list[str]]:
-    """{domain: texts} of a JSONL file with {"text": str, "domain": str} rows, domains in order of appearance."""
+def read_texts_file(path: str | Path) -> HeldOutTexts:
+    """The texts of a JSONL file with {"text": str, "domain": str} rows, domains in order of appearance,
+    each text (row) its own unit."""
     path = Path(path)
     if not path.is_file():
         raise MoescopeError(f"{path}: no such texts file")
-    out = _read_jsonl(path, default_domain=None)
-    if not out:
+    rows = _read_jsonl(path, default_domain=None)
+    if not rows:
         raise MoescopeError(f"{path}: no texts")
-    return out
+    return HeldOutTexts({d: [row["text"] for row in r] for d, r in rows.items()},
+                        {d: [str(j) for j in range(len(r))] for d, r in rows.items()}, UNIT_TEXT)
 
 
-def _read_jsonl(path: Path, default_domain: str | None) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
+def _read_jsonl(path: Path, default_domain: str | None) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
     for number, row in iter_jsonl_objects(path):
         if not isinstance(row.get("text"), str):
             raise MoescopeError(f"{path}:{number}: expected an object with a string \"text\"")
         domain = row.get("domain", default_domain) if default_domain is not None else row.get("domain")
         if not isinstance(domain, str) or not domain:
             raise MoescopeError(f"{path}:{number}: expected a non-empty string \"domain\"")
-        out.setdefault(domain, []).append(row["text"])
+        out.setdefault(domain, []).append(row)
     return out
 
 
 def pack_texts(
-    texts: dict[str, list[str]], tokenizer: Any, context: int, max_blocks_per_domain: int | None = None
+    texts: dict[str, list[str]], tokenizer: Any, context: int, max_blocks_per_domain: int | None = None,
+    *, unit_keys: dict[str, list[str]] | None = None, unit_name: str = UNIT_TEXT,
 ) -> TextBlocks:
     """Tokenize each domain's texts, join with EOS and cut into blocks of ``context`` tokens.
 
     Stops tokenizing a domain once it has ``max_blocks_per_domain`` blocks, so a
-    large corpus costs only what is analysed.
+    large corpus costs only what is analysed. A block's unit is the unit key (``unit_keys``
+    [domain][text]; None = each text its own) of the text holding its first token.
     """
     if context < 2:
         raise MoescopeError(f"--context {context}: need at least 2 tokens per block")
     eos = getattr(tokenizer, "eos_token_id", None)
     domains = list(texts)
-    blocks, block_domain = [], []
+    blocks, block_domain, unit_keys_of_blocks = [], [], []
     for d, domain in enumerate(domains):
         limit = max_blocks_per_domain if max_blocks_per_domain is not None else float("inf")
         stream: list[int] = []
+        ends: list[int] = []  # each tokenized text's end in the domain's token stream
         n = 0
         for start in range(0, len(texts[domain]), TOKENIZE_BATCH_TEXTS):
             batch = texts[domain][start : start + TOKENIZE_BATCH_TEXTS]
@@ -99,6 +125,7 @@ def pack_texts(
                 stream.extend(ids)
                 if eos is not None:
                     stream.append(int(eos))
+                ends.append((ends[-1] if ends else 0) + len(ids) + (eos is not None))
             while len(stream) >= context and n < limit:
                 blocks.append(np.asarray(stream[:context], dtype=np.int64))
                 block_domain.append(d)
@@ -106,6 +133,9 @@ def pack_texts(
                 n += 1
             if n >= limit:
                 break
+        keys = unit_keys[domain] if unit_keys is not None else range(len(texts[domain]))
+        unit_keys_of_blocks += [(d, keys[i]) for i in block_sources(ends, n, context)[:, 1]]
     if not blocks:
         raise MoescopeError(f"the held-out texts give no block of {context} tokens; pass a smaller --context")
-    return TextBlocks(np.stack(blocks), np.asarray(block_domain, dtype=np.int64), domains)
+    return TextBlocks(np.stack(blocks), np.asarray(block_domain, dtype=np.int64), domains,
+                      numbered(unit_keys_of_blocks), unit_name)

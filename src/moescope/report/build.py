@@ -128,12 +128,37 @@ def arm_balancing(experiment: dict, arm: str) -> str | None:
     return " + ".join(parts) if parts else "no load balancing"
 
 
-LAYER_CURVES_CAPTION = (
-    "Per layer, with 95% block-bootstrap bands. NMI: solid counts all top-k assignments, dashed only the first "
-    "choice. Domain specialization: share of a domain's tokens whose top-k includes its most-used expert, averaged "
-    "over domains (grey: k/E, uniform routing). Vocabulary specialization: occurrence-weighted share of a token id's "
-    "occurrences that include its most-used expert, against the same with token ids shuffled. Co-activation (in "
-    "metrics.json) counts every pair within a token's top-k, not only rank-adjacent pairs.")
+def resampled_units(metrics: dict) -> str:
+    """What the intervals and permutation tests of a metrics file moved whole, as a plural noun: the
+    statistics header's unit (moescope.data.units); files written before it was recorded resampled blocks."""
+    from moescope.data.units import UNIT_DOCUMENT, UNIT_TEXT
+
+    unit = (metrics.get("statistics") or {}).get("unit")
+    return {UNIT_DOCUMENT: "source documents", UNIT_TEXT: "held-out texts"}.get(unit, "blocks")
+
+
+def layer_curves_caption(units: str) -> str:
+    return (
+        f"Per layer, with 95% bootstrap bands (whole {units} resampled). NMI: solid counts all top-k assignments, "
+        "dashed only the first choice. Domain specialization: share of a domain's tokens whose top-k includes its "
+        "most-used expert, averaged over domains (grey: k/E, uniform routing). Vocabulary specialization: "
+        "occurrence-weighted share of a token id's occurrences that include its most-used expert, against the same "
+        "with token ids shuffled. Co-activation (in metrics.json) counts every pair within a token's top-k, not "
+        "only rank-adjacent pairs.")
+
+
+def units_sentence(metrics: dict) -> str:
+    """How the intervals were made, for the set-up: the unit and how many of them each domain has."""
+    stats = metrics.get("statistics") or {}
+    units = resampled_units(metrics)
+    counts = stats.get("n_units") or {}
+    per_domain = f"; {units} per domain: {', '.join(f'{d} {n}' for d, n in counts.items())}" if counts else ""
+    if units == "blocks":
+        note = f" ({stats['unit_note']})" if stats.get("unit_note") else ""
+        return f"Intervals and permutation tests treat every held-out block as independent{note}{per_domain}."
+    what = "document" if units == "source documents" else "text"
+    return (f"Intervals and permutation tests resample or relabel whole {units} (the {what} of each held-out "
+            f"block's first token), so the blocks cut from one {what} move together{per_domain}.")
 
 
 def _records_of(arm_records: dict[str, list[dict]], arm: str, kind: str) -> list[dict]:
@@ -161,9 +186,9 @@ def bonferroni(p: float, n_tests: int) -> float:
     return min(1.0, float(p) * max(int(n_tests), 1))
 
 
-def start_nmi_text(spec: dict) -> str:
+def start_nmi_text(spec: dict, units: str = "blocks") -> str:
     """The layer's NMI at the upcycled start (step-0 snapshot) and what training changed, paired over the
-    same blocks; a direction only where the paired interval excludes 0. Empty without a start value."""
+    same resampled `units`; a direction only where the paired interval excludes 0. Empty without a start value."""
     start, change = spec.get("nmi_start"), spec.get("nmi_change")
     if not isinstance(start, dict) or not isinstance(change, dict) or change.get("low") is None:
         return ""
@@ -171,7 +196,7 @@ def start_nmi_text(spec: dict) -> str:
     covers = ", an interval that covers 0: no change by training is shown" if moved == "changed" else ""
     return (f" At the upcycled start (step {spec.get('nmi_start_step', 0)}, router not yet trained) the NMI was "
             f"{fmt_interval(start)}; training {moved} it by {fmt_interval(change, signed=True)} (paired over the same "
-            f"resampled blocks){covers}.")
+            f"resampled {units}){covers}.")
 
 
 def _collapses(records: list[dict], layer: str) -> list[dict]:
@@ -194,11 +219,11 @@ def min_effective_experts(layer: dict) -> float:
 
 
 def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict] | tuple = (),
-                            best_of_layers: dict | None = None) -> str:
+                            best_of_layers: dict | None = None, units: str = "blocks") -> str:
     """The domain-specialization verdict of one arm: best layer, NMI with CI, p-value of the best of the
     layers (max-over-layers permutation test when the metrics carry it, else Bonferroni) and the
     permutation null, how many effective experts carry the routing, and the NMI at the upcycled start when
-    the arm saved one. "Experts specialize" needs a strong, significant dependence carried by more experts
+    the arm saved one. units: what the intervals and shuffles moved whole (:func:`resampled_units`). "Experts specialize" needs a strong, significant dependence carried by more experts
     than top-k alone forces (min_effective_experts) in a layer that did not collapse."""
     best = _best_layer(layers)
     n_layers = len(layers)
@@ -216,7 +241,7 @@ def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict
         p = bonferroni(p_layer, n_layers)
         p_txt = f"permutation p = {p_layer:.3g}, {p:.3g} after Bonferroni over the {n_layers} layers"
     null = spec.get("nmi_permutation") or {}
-    null_txt = (f"; with domain labels shuffled between blocks, 95% of {null['n_permutations']} permutations "
+    null_txt = (f"; with domain labels shuffled between {units}, 95% of {null['n_permutations']} permutations "
                 f"stay at or below {null['null_q95']:.3f}" if null.get("null_q95") is not None else "")
     k = layers[best].get("top_k", 1)
     n_exp = layers[best]["n_experts"]
@@ -224,7 +249,7 @@ def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict
     first_txt = (f" Counting only each token's first choice: NMI = {fmt_interval(first)}, "
                  f"p = {spec.get('nmi_first_choice_pvalue', float('nan')):.3g}."
                  if k > 1 and isinstance(first, dict) else "")
-    start_txt = start_nmi_text(spec)
+    start_txt = start_nmi_text(spec, units)
     nmi_name = f"NMI(domain; expert){' over all top-' + str(k) + ' assignments' if k > 1 else ''}"
     eff = layers[best].get("load", {}).get("effective_experts")
     eff_txt = (f"{fmt_interval(eff, 2)} effective experts of {n_exp} (exp of the load entropy) carry the routing"
@@ -341,7 +366,7 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         balancing = arm_balancing(experiment, arm)
         tag = f"{arm}" + (f" ({balancing})" if balancing else "")
         out.append(specialization_sentence(arm, tag, layers, arm_records.get(arm, []),
-                                           arms[arm].get("nmi_best_of_layers")))
+                                           arms[arm].get("nmi_best_of_layers"), resampled_units(metrics)))
         out.append(load_sentence(arm, layers, arm_records.get(arm, [])))
         unrouted = unrouted_sentence(arm, layers, arm_records.get(arm, []), arms[arm].get("batch_order"))
         if unrouted:
@@ -403,7 +428,7 @@ def loss_table(metrics: dict) -> Table:
     if mixed:
         caption += (f" {', '.join(mixed)}: forwarded in batches that mix the domains evenly (batch_order = mixed), "
                     "because an expert-choice layer picks tokens from the whole batch; the others domain by domain.")
-    return Table("Held-out loss per domain (nats/token, 95% block-bootstrap CI)",
+    return Table(f"Held-out loss per domain (nats/token, 95% CI, bootstrap over {resampled_units(metrics)})",
                  ["arm", *domains, "token-weighted", "domain-weighted"], rows, caption)
 
 
@@ -451,11 +476,12 @@ def routing_table(metrics: dict) -> Table:
                 "same expert as previous token vs " + ("chance" if unrouted else "1/E")] \
         + (["shared experts (not counted)"] if shared else []) \
         + (["unrouted share (expert choice)"] if unrouted else [])
-    caption = ("NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
-               "between blocks. Balance is judged from the token shares themselves, not from the aux loss. "
-               "Intervals are percentile block-bootstrap intervals of the plug-in NMI, which is biased upward when "
-               "experts are many and blocks few (resampled blocks repeat): the interval can then lie above the "
-               "estimate. The permutation null carries the same bias, so judge NMI against it.")
+    units = resampled_units(metrics)
+    caption = (f"NMI = I(domain; expert) / H(domain) with equal domain weights; p from shuffling domain labels "
+               f"between {units}. Balance is judged from the token shares themselves, not from the aux loss. "
+               f"Intervals are percentile bootstrap intervals over {units} of the plug-in NMI, which is biased "
+               f"upward when experts are many and {units} few (resampled {units} repeat): the interval can then lie "
+               f"above the estimate. The permutation null carries the same bias, so judge NMI against it.")
     if topk:
         caption += (" With top-k routing, NMI counts each of a token's k experts once; 'first choice' counts only "
                     "the expert with the largest gate. Domain specialization (OLMoE): the share of a domain's tokens "
@@ -518,9 +544,9 @@ def expert_token_tables(metrics: dict, per_expert: int = 5) -> list[Table]:
 def paired_verdict(arm: str, reference: str, iv: dict, p: float) -> str:
     """A direction ("above"/"below") only when the paired interval excludes 0 AND the sign-flip test rejects
     "no difference" at PAIRED_SIGNIFICANCE. Both read the same statistic (the mean over domains of each
-    domain's per-token difference) but ask different questions: the interval resamples blocks around the
-    estimate, the sign flips test blocks' differences symmetric about 0, which opposite per-domain effects
-    make wide; a claim needs both."""
+    domain's per-token difference) but ask different questions: the interval resamples units (source
+    documents, or blocks) around the estimate, the sign flips test units' differences symmetric about 0,
+    which opposite per-domain effects make wide; a claim needs both."""
     excludes = _low(iv) > 0 or _high(iv) < 0
     if excludes and p < PAIRED_SIGNIFICANCE:
         return f"{arm} is {'above' if _low(iv) > 0 else 'below'} {reference}"
@@ -542,7 +568,10 @@ def paired_loss_sentences(metrics: dict) -> list[str]:
             continue
         iv, p = diff["domain_weighted"], diff["pvalue"]
         verdict = paired_verdict(arm, diff["reference"], iv, p)
-        out.append(f"{arm} - {diff['reference']} held-out loss, paired over the same {diff['n_blocks']} blocks: "
+        grouped = (f" ({diff['n_units']} {resampled_units(metrics)})"
+                   if diff.get("n_units") not in (None, diff["n_blocks"]) else "")
+        out.append(f"{arm} - {diff['reference']} held-out loss, paired over the same {diff['n_blocks']} blocks"
+                   f"{grouped}: "
                    f"{fmt_interval(iv, 4, signed=True)} nats/token (95% CI, sign-flip "
                    f"p = {p:.3g}): {verdict}.")
     return out
@@ -559,11 +588,12 @@ def paired_loss_table(metrics: dict) -> list[Table]:
                         + [fmt_interval(diff["domain_weighted"], 4), f"{diff['pvalue']:.3g}"])
     if not rows:
         return []
+    units = resampled_units(metrics)
     return [Table("Held-out loss difference to dense, paired over the same blocks (nats/token, 95% CI)",
                   ["arms", *domains, "domain-weighted", "sign-flip p"], rows,
-                  "Blocks are resampled within their domain and the same blocks are taken for both arms, so the "
-                  "between-block spread both arms share cancels; p from flipping the sign of whole blocks' "
-                  "differences (two-sided).")]
+                  f"Whole {units} are resampled within their domain and the same {units} are taken for both arms, "
+                  f"so the spread between {units} that both arms share cancels; p from flipping the sign of whole "
+                  f"{units}' differences (two-sided).")]
 
 
 def seeds_section(run_dir: Path) -> Section | None:
@@ -614,7 +644,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                             "Rows: domains; columns: experts. Each row sums to 1.")]
         curves = figures.plot_layer_curves({a: metrics["arms"][a] for a in moe}, fig_dir / "layer_curves.png")
         if curves:
-            spec_figs.append(Figure("Routing per layer", curves, LAYER_CURVES_CAPTION))
+            spec_figs.append(Figure("Routing per layer", curves, layer_curves_caption(resampled_units(metrics))))
         sections.append(Section(
             "Do experts specialize by domain?", [],
             figures=spec_figs, tables=[routing_table(metrics)], anchor="specialization"))
@@ -674,6 +704,7 @@ def released_setup_paragraphs(metrics: dict, info: dict) -> list[str]:
         f"Routing read by the {info['adapter']!r} adapter: {info['selection']}. Router entropy is that of the {scores}.",
         f"Held-out texts: {metrics['n_eval_blocks']} blocks of {metrics['block_size']} tokens of the model's own "
         f"tokenizer over {', '.join(metrics['domains'])}.",
+        units_sentence(metrics),
     ]
 
 
@@ -708,6 +739,7 @@ def setup_paragraphs(metrics: dict, experiment: dict, manifest: dict) -> list[st
             parts.append(f"{d}: {tr.get('n_blocks', '?')} train / {ev.get('n_blocks', '?')} held-out blocks")
         out.append(f"Data: {', '.join(parts)} of {metrics.get('block_size')} tokens; split by source document before "
                    "packing, documents with near-duplicate texts kept on one side, with a leakage check on every build.")
+    out.append(units_sentence(metrics))
     model, moe, train = exp.get("model", {}), exp.get("moe", {}), exp.get("train", {})
     if model:
         out.append(f"Model: GPT-2 with {model.get('n_layers')} layers, d={model.get('d_model')}, "

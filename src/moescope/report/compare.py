@@ -21,7 +21,7 @@ from moescope.errors import MoescopeError, first_line
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
-from moescope.report.build import fmt_interval, moe_arms, specialization_sentence
+from moescope.report.build import fmt_interval, moe_arms, resampled_units, specialization_sentence
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.html import render_html, render_markdown
 
@@ -35,6 +35,7 @@ class Entry:
     arm: str
     metrics: dict  # metrics["arms"][arm]
     domains: tuple[str, ...] = ()
+    units: str = "blocks"  # what the analysis's intervals resampled whole (report.build.resampled_units)
 
 
 def read_entries(outs: list[Path], labels: list[str] | None = None) -> list[Entry]:
@@ -56,7 +57,7 @@ def read_entries(outs: list[Path], labels: list[str] | None = None) -> list[Entr
         base = labels[n] if labels is not None else out.resolve().name
         for arm in arms:
             entries.append(Entry(base if len(arms) == 1 else f"{base}:{arm}", out, arm, metrics["arms"][arm],
-                                 tuple(metrics.get("domains", []))))
+                                 tuple(metrics.get("domains", [])), resampled_units(metrics)))
     seen: set[str] = set()
     for e in entries:
         if e.label in seen:
@@ -190,13 +191,15 @@ def build_comparison(outs: list[str | Path], out_dir: str | Path, *, labels: lis
         first_layer = next(iter(ref.metrics["layers"].values()))
         baseline = first_layer.get("top_k", 1) / first_layer["n_experts"]
     headline = [specialization_sentence(e.label, e.label, e.metrics["layers"], (),
-                                        e.metrics.get("nmi_best_of_layers")) for e in entries]
+                                        e.metrics.get("nmi_best_of_layers"), e.units) for e in entries]
     if len(domains) > 1:
         headline.append("The analyses were run on different domains, so their NMI values measure different things.")
     figs = []
     curves = figures.plot_layer_curves({e.label: e.metrics for e in entries}, fig_dir / "layer_curves.png")
     if curves:
-        figs.append(Figure("Routing per layer", curves, "One line per analysis; bands: 95% block-bootstrap intervals."))
+        resampled = "; ".join(f"{e.label}: {e.units}" for e in entries)
+        figs.append(Figure("Routing per layer", curves,
+                           f"One line per analysis; bands: 95% bootstrap intervals over whole units ({resampled})."))
     result: dict = {"analyses": [{"label": e.label, "out": str(e.out), "arm": e.arm} for e in entries]}
     sections = [Section("Side by side", [], figures=figs, tables=[summary_table(entries), per_layer_table(entries)],
                         anchor="side-by-side")]

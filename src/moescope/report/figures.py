@@ -255,7 +255,7 @@ def plot_layer_curves(arms: dict[str, dict], path: Path) -> Path | None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle("Routing per layer (bands: 95% block-bootstrap intervals; grey dotted: uniform routing)", fontsize=10)
+    fig.suptitle("Routing per layer (bands: 95% bootstrap intervals; grey dotted: uniform routing)", fontsize=10)
     return _save(fig, path)
 
 

@@ -4,7 +4,7 @@ A *point* is one combination of grid values; a *cell* is a point run with one se
 Summaries over seeds are Student-t intervals of the per-seed estimates (each
 seed is one independent replicate of the whole study: data order, initialization,
 upcycling noise), so they say how much the result moves when the study is rerun,
-not how precisely one run measured it (that is the block bootstrap inside a run).
+not how precisely one run measured it (that is the bootstrap over source documents inside a run).
 """
 
 from __future__ import annotations
