@@ -187,3 +187,18 @@ def test_a_damaged_only_checkpoint_is_one_line_naming_the_file_and_changes_nothi
     line = error_line(capsys)
     assert "no intact checkpoint to resume from" in line and str(ckpt / name) in line
     assert tree(run) == before
+
+
+@pytest.mark.parametrize("command, says", [
+    (["btx", "run", "--set", "branch_steps=1e20"], "config branch_steps: expected an integer, got 1e+20"),
+    (["btx", "run", "--set", "train.steps=0"], "config train.steps must be in [1, 100000000], got 0"),
+    (["embed", "train", "--set", "train.learning_rate=.inf"], "config train.learning_rate: expected a finite number"),
+    (["embed", "compare", "--set", "eval.confidence=1.5"], "config eval.confidence must be in (0, 1), got 1.5"),
+    (["embed", "train", "--set", "pairs.validation_fraction=1"], "config pairs.validation_fraction must be in [0, 1)"),
+])
+def test_btx_and_embed_settings_share_the_declared_bounds(tmp_path: Path, capsys, command: list[str],
+                                                          says: str) -> None:
+    out = tmp_path / "out"
+    assert main([*command, "--out", str(out)]) == 2
+    assert says in error_line(capsys)
+    assert not out.exists()
