@@ -281,15 +281,21 @@ def test_a_sweep_too_large_or_with_seeds_numpy_refuses_is_refused_before_any_cel
         parse_grid_item("experiment.train.steps=" + "9" * 5000)
 
 
-def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path) -> None:
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 47.7 GiB for an array"),
+    # what torch's CPU allocator raises for a model too large for the machine (a plain RuntimeError)
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 384000000000 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path, error) -> None:
     """A setting too large for the machine (a batch of 10^8 sequences) ends in one line, not a traceback."""
     import moescope.commands.data as data_command
     from moescope.cli import main
 
     def too_big(args):
-        raise MemoryError("Unable to allocate 47.7 GiB for an array")
+        raise error
 
     monkeypatch.setattr(data_command, "run_inspect", too_big)
     assert main(["data", "inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "out of memory (Unable to allocate 47.7 GiB" in err
+    assert err.count("\n") == 0 and err.startswith("moescope: error: out of memory (") and str(error)[:20] in err
