@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moescope.errors import MoescopeError
-from moescope.io.config import layered_config
+from moescope.io.config import bounded, check_fields, from_dict, layered_config
 
 
 @dataclass
@@ -129,3 +129,41 @@ def test_the_cli_turns_an_unusable_file_into_one_line_and_exit_2(monkeypatch, ca
     assert cli.main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"moescope: error: {type(error).__name__}: "), err
+
+
+@dataclass
+class Bounded:
+    steps: int = bounded(10, low=1, high=100)
+    share: float = bounded(0.5, low=0.0, high=1.0)
+    layers: list[int] = bounded(default_factory=list, low=0)
+
+
+@dataclass
+class NewDefault(Bounded):
+    steps: int = 20  # only the default changes: the parent's bounds still hold
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"steps": 1e20}, "config steps: expected an integer, got 1e+20 (a float that large names no exact whole number)"),
+    ({"steps": 3.5}, "config steps: expected an integer, got 3.5"),
+    ({"steps": True}, "config steps: expected an integer, got True"),
+    ({"steps": float("nan")}, "config steps: expected an integer, got nan"),
+    ({"steps": 2**70}, f"config steps: {2**70} does not fit a 64-bit integer"),
+    ({"steps": 101}, "config steps must be in [1, 100], got 101"),
+    ({"share": float("inf")}, "config share: expected a finite number, got inf"),
+    ({"share": 1.5}, "config share must be in [0, 1], got 1.5"),
+    ({"layers": [1, -2]}, "config layers must be >= 0, got -2"),
+])
+def test_a_setting_outside_its_declared_bounds_names_the_key_and_value(data: dict, says: str) -> None:
+    with pytest.raises(MoescopeError) as err:
+        from_dict(Bounded, data)
+    assert str(err.value) == says
+
+
+def test_a_subclass_that_changes_a_default_keeps_the_bounds_and_550_0_is_550() -> None:
+    assert from_dict(NewDefault, {}).steps == 20
+    assert from_dict(Bounded, {"steps": 55.0}).steps == 55  # 1e4-style whole numbers stay accepted
+    with pytest.raises(MoescopeError, match=r"config steps must be in \[1, 100\], got 0"):
+        from_dict(NewDefault, {"steps": 0})
+    with pytest.raises(MoescopeError, match=r"^x.steps must be in \[1, 100\], got 0$"):
+        check_fields(NewDefault(steps=0), "x")  # a config built in code, not read from a file

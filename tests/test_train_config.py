@@ -213,14 +213,28 @@ def test_nolb_also_switches_off_bias_balancing_and_the_bias_needs_a_layer_to_act
 @pytest.mark.parametrize("override, text", [
     ({"optim__learning_rate": -1.0}, "optim.learning_rate must be > 0"),
     ({"optim__weight_decay": -0.1}, "optim.weight_decay must be >= 0"),
-    ({"train__seed": -1}, "train.seed must be in 0..2**32 - 1"),
-    ({"train__seed": 2**32}, "train.seed must be in 0..2**32 - 1"),
+    ({"train__seed": -1}, "train.seed must be in [0, 4294967295], got -1"),
+    ({"train__seed": 2**32}, "train.seed must be in [0, 4294967295], got 4294967296"),
     ({"model__activation": "bogus"}, "model.activation 'bogus' is not one transformers knows"),
-    ({"loss__load_balance_coef": -1.0}, "loss coefficients must be >= 0"),
-    ({"train__log_every_steps": -1}, "train.log_every_steps and collapse.window_evals must be >= 1"),
-    ({"collapse__window_evals": 0}, "train.log_every_steps and collapse.window_evals must be >= 1"),
-    ({"model__d_model": -4}, "model.d_model must be >= 1"),
+    ({"loss__load_balance_coef": -1.0}, "loss.load_balance_coef must be >= 0, got -1.0"),
+    ({"loss__load_balance_coef_by_layer": {"1": -0.5}}, "loss.load_balance_coef_by_layer must be >= 0, got -0.5"),
+    ({"train__log_every_steps": -1}, "train.log_every_steps must be >= 1, got -1"),
+    ({"collapse__window_evals": 0}, "collapse.window_evals must be >= 1, got 0"),
+    ({"model__d_model": -4}, "model.d_model must be in [1, 65536], got -4"),
     ({"model__dropout": 1.5}, "model.dropout must be in [0, 1)"),
+    # what torch refuses only once the optimizer or the thread pool is built, after the run directory exists
+    ({"optim__beta1": 2.0}, "optim.beta1 must be in [0, 1), got 2.0"),
+    ({"optim__eps": -1.0}, "optim.eps must be > 0, got -1.0"),
+    ({"train__cpu_threads": 0}, "train.cpu_threads must be >= 1, got 0"),
+    ({"train__eval_batch_sequences": 0}, "train.eval_batch_sequences must be in [1, 1048576], got 0"),
+    # what would run silently wrong or never finish
+    ({"optim__grad_clip_norm": -1.0}, "optim.grad_clip_norm must be > 0, got -1.0"),
+    ({"optim__min_learning_rate_ratio": 5.0}, "optim.min_learning_rate_ratio must be in [0, 1], got 5.0"),
+    ({"train__steps": 10**10}, "train.steps must be in [1, 100000000], got 10000000000"),
+    ({"train__steps": 10**20}, "config train.steps: 100000000000000000000 does not fit a 64-bit integer"),
+    ({"base__steps": 10**9}, "base.steps must be in [0, 100000000], got 1000000000"),
+    ({"train__batch_sequences": 10**12}, "train.batch_sequences must be in [1, 1048576]"),
+    ({"model__n_layers": 100_000}, "model.n_layers must be in [1, 1024], got 100000"),
 ])
 def test_values_torch_would_reject_mid_run_are_refused_before_anything_is_written(tmp_path: Path, override,
                                                                                   text: str) -> None:
@@ -267,15 +281,21 @@ def test_a_sweep_too_large_or_with_seeds_numpy_refuses_is_refused_before_any_cel
         parse_grid_item("experiment.train.steps=" + "9" * 5000)
 
 
-def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path) -> None:
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 47.7 GiB for an array"),
+    # what torch's CPU allocator raises for a model too large for the machine (a plain RuntimeError)
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 384000000000 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_running_out_of_memory_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path, error) -> None:
     """A setting too large for the machine (a batch of 10^8 sequences) ends in one line, not a traceback."""
     import moescope.commands.data as data_command
     from moescope.cli import main
 
     def too_big(args):
-        raise MemoryError("Unable to allocate 47.7 GiB for an array")
+        raise error
 
     monkeypatch.setattr(data_command, "run_inspect", too_big)
     assert main(["data", "inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "out of memory (Unable to allocate 47.7 GiB" in err
+    assert err.count("\n") == 0 and err.startswith("moescope: error: out of memory (") and str(error)[:20] in err

@@ -19,8 +19,11 @@ def first_line(exc: BaseException) -> str:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """numpy's / Python's MemoryError, or torch's (a CUDA) OutOfMemoryError, imported only if torch is."""
+    """numpy's / Python's MemoryError, torch's (a CUDA) OutOfMemoryError, imported only if torch is, or
+    torch's CPU allocator failing (a plain RuntimeError: a model too large for the machine's memory)."""
     if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc):
         return True
     torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from moescope.errors import MoescopeError
-from moescope.moe.config import MoEConfig
-from moescope.train.config import ModelConfig, OptimConfig, RunConfig, TrackingConfig, TrainConfig, validate_run
+from moescope.io.config import bounded, check_fields
+from moescope.moe.config import MAX_EXPERTS, MoEConfig
+from moescope.train.config import (
+    MAX_SEED, MAX_STEPS, ModelConfig, OptimConfig, RunConfig, TrackingConfig, TrainConfig, validate_run,
+)
 
 
 @dataclass
@@ -24,54 +27,49 @@ class BTXConfig:
     data_dir: str = ""
     # the dense base every branch starts from: "scratch" = trained here for base_steps
     base_init: str = "scratch"
-    base_steps: int = 300
-    branch_steps: int = 100
-    finetune_steps: int = 60
+    base_steps: int = bounded(300, low=0, high=MAX_STEPS)
+    branch_steps: int = bounded(100, low=0, high=MAX_STEPS)
+    finetune_steps: int = bounded(60, low=0, high=MAX_STEPS)
     # peak learning rate of the merged model's brief fine-tune; None = optim.learning_rate x
     # optim.min_learning_rate_ratio, where the branches' schedules ended. A full-size restart with a
     # fresh AdamW moves every weight by ~learning_rate per step: it shifts the MLP inputs enough that the fitted routers send whole partitions
     # to another expert within a few steps
-    finetune_learning_rate: float | None = None
-    n_partitions: int = 3
+    finetune_learning_rate: float | None = bounded(None, low=0.0, low_open=True)
+    n_partitions: int = bounded(3, low=2, high=MAX_EXPERTS)  # one expert each in the merge
     strategies: list[str] = field(default_factory=lambda: ["clustered", "random"])
-    overlap_ratio: float = 0.1
-    partition_seed: int = 0
+    overlap_ratio: float = bounded(0.1, low=0.0, high=1.0)
+    partition_seed: int = bounded(0, low=0, high=MAX_SEED)
     # blocks whose MLPs become MoE layers in the merge; None = every block (as in BTX)
-    moe_layers: list[int] | None = None
-    top_k: int = 1
-    load_balance_coef: float = 0.01
+    moe_layers: list[int] | None = bounded(None, low=0)
+    top_k: int = bounded(1, low=1)
+    load_balance_coef: float = bounded(0.01, low=0.0)
     # "fit": router rows fitted (bias-free logistic regression, block by block on the merged model's own
     # MLP inputs) to send each partition's tokens to its branch's expert; "means": rows from each
     # partition's mean hidden state (no bias term, so it can misroute whole partitions); "random":
     # install_moe's init
     router_init: Literal["fit", "means", "random"] = "fit"
-    router_init_blocks: int = 64  # blocks per partition used to fit the router / measure the mean hidden state
-    router_fit_l2: float = 1e-2  # "fit": L2 penalty on the (unit-scale) router weights
+    # blocks per partition used to fit the router / measure the mean hidden state
+    router_init_blocks: int = bounded(64, low=1)
+    router_fit_l2: float = bounded(1e-2, low=0.0)  # "fit": L2 penalty on the (unit-scale) router weights
     # c-BTM: weights softmax(-d^2 / T) over partition centroids, optionally top-k experts only
-    cbtm_temperature: float = 0.1
-    cbtm_top_k: int | None = None
+    cbtm_temperature: float = bounded(0.1, low=0.0, low_open=True)
+    cbtm_top_k: int | None = bounded(None, low=1)
     # held-out scoring: tokens after the first eval_context_tokens of each eval block
-    eval_context_tokens: int = 32
-    eval_max_blocks_per_domain: int | None = 64
+    eval_context_tokens: int = bounded(32, low=0)
+    eval_max_blocks_per_domain: int | None = bounded(64, low=1)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(eval_every_steps=1000, checkpoint_every_steps=0))
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(progress_bar=True))
 
     def __post_init__(self) -> None:
-        if self.n_partitions < 2:
-            raise MoescopeError(f"n_partitions must be >= 2, got {self.n_partitions}")
+        check_fields(self)  # each setting within its bounds; below, what they must be together
         bad = [s for s in self.strategies if s not in ("random", "clustered", "curriculum")]
         if bad:
             raise MoescopeError(f"strategies: unknown {bad} (random, clustered, curriculum)")
-        for name in ("base_steps", "branch_steps", "finetune_steps"):
-            if getattr(self, name) < 0:
-                raise MoescopeError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.cbtm_temperature <= 0:
-            raise MoescopeError(f"cbtm_temperature must be > 0, got {self.cbtm_temperature}")
         if self.router_init not in ("fit", "means", "random"):
             raise MoescopeError(f"router_init must be fit, means or random, got {self.router_init!r}")
-        if not 1 <= self.top_k <= self.n_partitions:
+        if not self.top_k <= self.n_partitions:
             raise MoescopeError(f"top_k must be in 1..n_partitions={self.n_partitions}, got {self.top_k}")
 
     def stage_run(

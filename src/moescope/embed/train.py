@@ -23,9 +23,11 @@ from torch import nn
 
 from moescope.embed.pairs import TextPair
 from moescope.errors import MoescopeError
+from moescope.io.config import bounded, check_fields
 from moescope.moe.model import moe_layers, router_parameters, set_training_progress
 from moescope.moe.layer import MoELayer, RoutingRecord
 from moescope.moe.routing_sums import RoutingSums
+from moescope.train.config import MAX_BATCH_SEQUENCES, MAX_SEED, MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -38,40 +40,36 @@ class EmbedTrainConfig:
     """One fine-tuning run; the same config for every arm of a comparison (matched steps)."""
 
     loss: LossName = "mnrl"
-    steps: int = 60  # optimizer steps
-    batch_size_pairs: int = 16  # (anchor, positive[, negative]) rows per step
-    learning_rate: float = 5e-5
-    router_learning_rate_mult: float = 1.0  # router learning rate = learning_rate x this
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
+    steps: int = bounded(60, low=1, high=MAX_STEPS)  # optimizer steps
+    # (anchor, positive[, negative]) rows per step; in-batch negatives need two
+    batch_size_pairs: int = bounded(16, low=2, high=MAX_BATCH_SEQUENCES)
+    learning_rate: float = bounded(5e-5, low=0.0, low_open=True)
+    router_learning_rate_mult: float = bounded(1.0, low=0.0)  # router learning rate = learning_rate x this
+    warmup_fraction: float = bounded(0.1, low=0.0, high=1.0, high_open=True)
+    weight_decay: float = bounded(0.01, low=0.0)
     # Per MoE layer, on the counts and router probabilities of the whole step (every text
     # of every forward pass the loss makes), summed over layers.
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    seed: int = 0
-    logging_steps: int = 10
+    load_balance_coef: float = bounded(0.01, low=0.0)
+    z_loss_coef: float = bounded(0.001, low=0.0)
+    seed: int = bounded(0, low=0, high=MAX_SEED)
+    logging_steps: int = bounded(10, low=1)
     # Freeze the token embeddings and encoder layers below this index (None = train all).
     # On a CPU, training only the top layers (where the MoE layers sit) cuts a step's
     # backward pass and optimizer state by more than half; every arm freezes the same.
-    freeze_below_layer: int | None = None
+    freeze_below_layer: int | None = bounded(None, low=0)
     # Hard-negative mining (triplet / contrastive / cosine): skip the `negatives_range_min`
     # nearest candidates, which are often unlabeled positives.
-    negatives_range_min: int = 3
-    triplet_margin: float = 0.3  # in cosine distance: embeddings are L2-normalized
-    contrastive_margin: float = 0.5
+    negatives_range_min: int = bounded(3, low=0)
+    triplet_margin: float = bounded(0.3, low=0.0)  # in cosine distance: embeddings are L2-normalized
+    contrastive_margin: float = bounded(0.5, low=0.0)
     # Validate every N steps (and after the last) with a sentence-transformers evaluator on
     # validation pairs; the best validated weights become the final model. None = off.
-    eval_every_steps: int | None = None
+    eval_every_steps: int | None = bounded(None, low=1)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_NAMES:
             raise MoescopeError(f"embed train loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
-        if self.steps < 1 or self.batch_size_pairs < 2:
-            raise MoescopeError(f"need steps >= 1 and batch_size_pairs >= 2, got {self.steps}, {self.batch_size_pairs}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise MoescopeError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.eval_every_steps is not None and self.eval_every_steps < 1:
-            raise MoescopeError(f"train.eval_every_steps must be >= 1 (or unset), got {self.eval_every_steps}")
+        check_fields(self, "train")
 
 
 # --------------------------------------------------------------------------- aux losses

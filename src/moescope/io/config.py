@@ -140,18 +140,76 @@ class Range:
     high_open: bool = False
 
     def contains(self, value: float) -> bool:
-        return math.isfinite(value) and (
+        return (isinstance(value, int) or math.isfinite(value)) and (
             self.low is None or (value > self.low if self.low_open else value >= self.low)) and (
             self.high is None or (value < self.high if self.high_open else value <= self.high))
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'<' if self.high_open else '<='} {high}"
         return "finite"
+
+
+def _number(x: float | None) -> str:
+    """A bound as written: whole numbers in full (2**32 - 1 is 4294967295, not 4.29497e+09)."""
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+RANGE_KEY = "moescope_range"
+
+
+def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose numbers (the value, or every item of its list or table; None passes) must
+    lie in a Range. from_dict refuses a value outside it, naming the dotted key, before the config is
+    built; check_fields does the same for a config built in code. The one place a setting's bounds live."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={RANGE_KEY: Range(low, high, low_open, high_open)})
+
+
+def field_range(cls: type, name: str) -> Range | None:
+    """The Range declared for field `name` of dataclass `cls` (or of the nearest base class declaring one:
+    a subclass that only changes a default keeps its parent's bounds)."""
+    for klass in getattr(cls, "__mro__", ()):
+        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if declared is not None and RANGE_KEY in declared.metadata:
+            return declared.metadata[RANGE_KEY]
+    return None
+
+
+def check_field(cls: type, name: str, value: Any, where: str) -> None:
+    """Raise MoescopeError naming `where` unless every number in `value` lies in the field's Range."""
+    allowed = field_range(cls, name)
+    if allowed is None:
+        return
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and not allowed.contains(item):
+            raise MoescopeError(_out_of_range(where, allowed, item))
+
+
+def check_fields(obj: Any, where: str = "") -> None:
+    """check_field on every field of dataclass `obj` and of the dataclasses nested in it, for configs
+    built in code (dataclasses.replace, constructors) rather than read by from_dict."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_fields(value, _join(where, f.name))
+        else:
+            check_field(type(obj), f.name, value, _join(where, f.name))
+
+
+def _out_of_range(name: str, allowed: Range, value: float) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number {allowed}, got {value!r}"
+    return f"{name} must be {allowed}, got {value!r}"
 
 
 def check_ranges(values: Any, ranges: dict[str, Range], flag_names: dict[str, str] | None = None) -> None:
@@ -164,9 +222,7 @@ def check_ranges(values: Any, ranges: dict[str, Range], flag_names: dict[str, st
         if isinstance(value, bool) or not isinstance(value, (int, float)) or allowed.contains(value):
             continue
         flag = (flag_names or {}).get(key)
-        name = key if flag is None else f"{flag} ({key})"
-        raise MoescopeError(f"{name} must be a finite number {allowed}, got {value!r}" if not math.isfinite(value)
-                            else f"{name} must be {allowed}, got {value!r}")
+        raise MoescopeError(_out_of_range(key if flag is None else f"{flag} ({key})", allowed, value))
 
 
 def _dotted(values: Any, key: str) -> Any:
@@ -232,10 +288,17 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
             raise MoescopeError(f"unknown config key {_join(where, key)!r}{hint}")
         kwargs[key] = _coerce(hints[key], value, _join(where, key))
+        check_field(cls, key, kwargs[key], f"config {_join(where, key)}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise MoescopeError(f"config {where or cls.__name__}: {exc}") from exc
+
+
+# A float names a whole number exactly only up to 2**53 (1e20 as a float is 100000000000000000000 only by
+# luck of rounding): larger ones must be written as integers.
+_EXACT_FLOAT_INT = 2**53
+_INT64 = Range(-(2**63), 2**63 - 1)
 
 
 def _join(where: str, key: str) -> str:
@@ -281,9 +344,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, float) and value.is_integer():
+            if abs(value) > _EXACT_FLOAT_INT:
+                raise MoescopeError(f"config {where}: expected an integer, got {value!r} (a float that large "
+                                    "names no exact whole number)")
             return int(value)  # 1e4 reads as a float but names a whole number
         if isinstance(value, bool) or not isinstance(value, int):
             raise MoescopeError(f"config {where}: expected an integer, got {value!r}")
+        if not _INT64.contains(value):  # every integer setting ends up in numpy or torch
+            raise MoescopeError(f"config {where}: {value} does not fit a 64-bit integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

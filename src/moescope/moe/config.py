@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from moescope.errors import MoescopeError
+from moescope.io.config import bounded, check_fields
 
 # Expert ids are stored as int16 in routing tables (analysis/capture, hf/recorder).
 MAX_EXPERTS = 2**15 - 1
@@ -50,43 +51,43 @@ class MoEConfig:
       all experts.
     """
 
-    n_experts: int = 8
-    top_k: int = 1
+    n_experts: int = bounded(8, low=1, high=MAX_EXPERTS)
+    top_k: int = bounded(1, low=1, high=MAX_EXPERTS)
     # Block indices that get an MoE FFN; None = the last third of the blocks (8-11 of 12).
-    layers: list[int] | None = None
+    layers: list[int] | None = bounded(None, low=0)
     gating: Literal["ste", "switch"] = "ste"
     renormalize: bool = True
     # Expert capacity = ceil(capacity_factor * top_k * tokens / n_experts) per forward pass;
     # None = dropless (every assignment is computed).
-    capacity_factor: float | None = None
+    capacity_factor: float | None = bounded(None, low=0.0, low_open=True)
     # Std of Gaussian noise added to router logits in training (logit units).
-    router_noise_std: float = 0.0
+    router_noise_std: float = bounded(0.0, low=0.0)
     # Fraction of training (progress 0..1) over which the noise std falls linearly to 0;
     # 0 keeps it constant.
-    router_noise_anneal_frac: float = 0.25
+    router_noise_anneal_frac: float = bounded(0.25, low=0.0, high=1.0)
     # Multiplicative uniform jitter on the router input, x * U(1 - j, 1 + j), training only.
-    input_jitter: float = 0.0
+    input_jitter: float = bounded(0.0, low=0.0)
     # Dropout probability inside each expert, after the activation (Switch's expert dropout).
-    expert_dropout: float = 0.0
+    expert_dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
     # "auto": the kind of the dense MLP being upcycled (SwiGLU for Llama-style decoders).
     expert_type: Literal["gelu", "swiglu", "auto"] = "gelu"
     # Upcycling noise: std of each copied parameter's noise = this x the parameter's own std.
-    upcycle_noise_rel: float = 1e-3
+    upcycle_noise_rel: float = bounded(1e-3, low=0.0)
     # Drop-Upcycling: fraction of each expert's hidden units re-initialized from the dense
     # weights' mean and std after copying (0 = plain copies; the paper's best was 0.5).
-    upcycle_reinit_ratio: float = 0.0
+    upcycle_reinit_ratio: float = bounded(0.0, low=0.0, high=1.0)
     # Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3): route with a per-expert
     # bias on the log-probabilities (selection only; gates and aux losses stay unbiased). The
     # bias is a buffer saved with the model; the trainer moves it by loss.bias_update_rate.
     balance_bias: bool = False
     # Hidden width of each expert; None = the dense MLP's width (required for upcycling).
-    expert_ff: int | None = None
+    expert_ff: int | None = bounded(None, low=1)
     # Always-on experts, counted among the m x n_experts experts and m x top_k active ones.
-    n_shared_experts: int = 0
+    n_shared_experts: int = bounded(0, low=0)
     # Qwen-MoE's scalar sigmoid gate on the shared experts' output (one per layer).
     shared_gate: bool = False
     # Split every expert into this many experts of 1/m of the width; route m x top_k of them.
-    expert_granularity: int = 1
+    expert_granularity: int = bounded(1, low=1, high=MAX_EXPERTS)
     routing: Literal["token_choice", "expert_choice"] = "token_choice"
     router_score: Literal["softmax", "sigmoid"] = "softmax"
 
@@ -106,35 +107,19 @@ class MoEConfig:
         return self.routed_top_k / self.top_k
 
     def __post_init__(self) -> None:
-        if self.n_experts < 1:
-            raise MoescopeError(f"moe.n_experts must be >= 1, got {self.n_experts}")
-        if not 1 <= self.top_k <= self.n_experts:
+        check_fields(self, "moe")  # each setting within its bounds; below, how they relate
+        if not self.top_k <= self.n_experts:
             raise MoescopeError(f"moe.top_k must be in 1..n_experts={self.n_experts}, got {self.top_k}")
         if self.gating not in ("ste", "switch"):
             raise MoescopeError(f"moe.gating must be 'ste' or 'switch', got {self.gating!r}")
         if self.expert_type not in ("gelu", "swiglu", "auto"):
             raise MoescopeError(f"moe.expert_type must be 'gelu', 'swiglu' or 'auto', got {self.expert_type!r}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise MoescopeError(f"moe.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
-        for name in ("router_noise_std", "input_jitter", "upcycle_noise_rel"):
-            if getattr(self, name) < 0:
-                raise MoescopeError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.upcycle_reinit_ratio <= 1.0:
-            raise MoescopeError(f"moe.upcycle_reinit_ratio must be in [0, 1], got {self.upcycle_reinit_ratio}")
-        if not 0.0 <= self.router_noise_anneal_frac <= 1.0:
-            raise MoescopeError(f"moe.router_noise_anneal_frac must be in [0, 1], got {self.router_noise_anneal_frac}")
-        if not 0.0 <= self.expert_dropout < 1.0:
-            raise MoescopeError(f"moe.expert_dropout must be in [0, 1), got {self.expert_dropout}")
         if self.layers is not None:
             if not self.layers:
                 raise MoescopeError("moe.layers is empty: list the blocks to make MoE (or leave it unset for the default)")
-            if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
-                raise MoescopeError(f"moe.layers must be distinct non-negative block indices, got {self.layers}")
-        if self.expert_ff is not None and self.expert_ff < 1:
-            raise MoescopeError(f"moe.expert_ff must be >= 1, got {self.expert_ff}")
+            if len(set(self.layers)) != len(self.layers):
+                raise MoescopeError(f"moe.layers must be distinct block indices, got {self.layers}")
         m, s = self.expert_granularity, self.n_shared_experts
-        if m < 1:
-            raise MoescopeError(f"moe.expert_granularity must be >= 1, got {m}")
         if self.expert_ff is not None and self.expert_ff % m:
             raise MoescopeError(f"moe.expert_ff={self.expert_ff} is not divisible by moe.expert_granularity={m}")
         if not 0 <= s < m * self.top_k:

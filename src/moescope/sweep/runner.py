@@ -33,10 +33,11 @@ from typing import Any, Callable
 
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict
+from moescope.io.config import bounded, deep_merge, from_dict, load_config_file, to_dict
 from moescope.io.jsonfile import read_json_object
 from moescope.sweep import grid as grid_mod
 from moescope.sweep.grid import format_seed_interval
+from moescope.train.config import MAX_SEED
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ class SweepConfig:
 
     study: str = "demo"  # preset name or study config file the cells start from (relative to the sweep file)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # "experiment.moe.top_k" = [1, 2]
-    seeds: list[int] = field(default_factory=lambda: [0])  # experiment.train.seed of each replicate
+    seeds: list[int] = bounded(default_factory=lambda: [0], low=0, high=MAX_SEED)  # experiment.train.seed of each replicate
     share_base: bool = True  # cells whose dense base (and identical arms on it) match train them once
     cluster: bool = False  # also cluster the experts in every cell (the demo's last analysis stage)
-    confidence_level: float = 0.95  # of the between-seed t-intervals
+    confidence_level: float = bounded(0.95, low=0.0, high=1.0, low_open=True, high_open=True)  # of the t-intervals
 
 
 def load_sweep(config: str, grid_items: list[str] | None = None, seeds: list[int] | None = None,

@@ -217,32 +217,49 @@ def point_latest(root: Path, path: Path) -> None:
         atomic_write_text(pointer, path.name + "\n")
 
 
-def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model, trainer state) of one checkpoint directory, after verifying its manifest and that
-    every tensor is finite. Raises MoescopeError naming the file otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_checkpoint_record(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `path` as its JSON records it (step, resolved config, data digest),
+    once the manifest verifies and before any tensor or the model is loaded: what the checkpoint says
+    about the run that wrote it is checked against the run at hand for the price of one small file.
+    Raises MoescopeError naming the file otherwise."""
     verify_checkpoint(path)
-    state_path, tensors_path = path / STATE_NAME, path / TENSORS_NAME
+    state_path = path / STATE_NAME
     try:
         tree = json.loads(state_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MoescopeError(f"{state_path}: not valid JSON ({exc})") from None
+    if not isinstance(tree, dict) or tree.get("format_version") != FORMAT_VERSION:
+        raise MoescopeError(f"{state_path}: checkpoint format {tree.get('format_version') if isinstance(tree, dict) else None}, "
+                            f"expected {FORMAT_VERSION}")
+    for key in ("step", "optimizer", "scheduler", "rng", "config"):
+        if key not in tree:
+            raise MoescopeError(f"{state_path}: no {key!r} entry")
+    if not isinstance(tree["step"], int) or tree["step"] < 0 or f"step_{tree['step']:06d}" != path.name:
+        raise MoescopeError(f"{state_path}: step {tree['step']!r} does not match the directory name {path.name}")
+    if not isinstance(tree["config"], dict):
+        raise MoescopeError(f"{state_path}: 'config' is not an object")
+    return tree
+
+
+def load_checkpoint(
+    path: Path, accept: Callable[[Path, dict[str, Any]], None] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model, trainer state) of one checkpoint directory, after verifying its manifest, letting `accept`
+    refuse its record (read_checkpoint_record; raise MoescopeError) before anything heavy is loaded, and
+    checking that every tensor is finite. Raises MoescopeError naming the file otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tree = read_checkpoint_record(path)
+    if accept is not None:
+        accept(path, tree)
+    tensors_path = path / TENSORS_NAME
     try:
         tensors = load_file(str(tensors_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise MoescopeError(f"{tensors_path}: cannot read ({exc})") from None
     check_finite(tensors, str(tensors_path))
-    state = decode_state(tree, tensors, str(state_path))
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise MoescopeError(f"{state_path}: checkpoint format {state.get('format_version') if isinstance(state, dict) else None}, "
-                            f"expected {FORMAT_VERSION}")
-    for key in ("step", "optimizer", "scheduler", "rng", "config"):
-        if key not in state:
-            raise MoescopeError(f"{state_path}: no {key!r} entry")
-    if not isinstance(state["step"], int) or state["step"] < 0 or f"step_{state['step']:06d}" != path.name:
-        raise MoescopeError(f"{state_path}: step {state['step']!r} does not match the directory name {path.name}")
+    state = decode_state(tree, tensors, str(path / STATE_NAME))
     try:
         model = load_moe_model(path / MODEL_DIR)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -264,7 +281,7 @@ def newest_intact_checkpoint(
     root: Path, accept: Callable[[Path, dict[str, Any]], None] | None = None
 ) -> tuple[Path, torch.nn.Module, dict[str, Any]] | None:
     """The newest checkpoint under `root` that verifies and loads (and that `accept`, given its path and
-    state, does not refuse with MoescopeError), as (path, model, state).
+    recorded state, does not refuse with MoescopeError before its model is built), as (path, model, state).
 
     Each newer one that fails is skipped with a warning naming the file. None when there is no
     checkpoint at all; MoescopeError (listing why each failed) when there are some but none is intact.
@@ -272,9 +289,7 @@ def newest_intact_checkpoint(
     failures = []
     for path in checkpoint_steps(root):
         try:
-            model, state = load_checkpoint(path)
-            if accept is not None:
-                accept(path, state)
+            model, state = load_checkpoint(path, accept)
         except MoescopeError as exc:
             log.warning("skipping checkpoint %s: %s", path, exc)
             failures.append(f"{path.name}: {exc}")

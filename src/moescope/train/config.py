@@ -16,20 +16,36 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moescope.errors import MoescopeError
-from moescope.io.config import deep_merge, from_dict, load_config_file, parse_overrides, to_dict, upgrade_keys
+from moescope.io.config import (
+    bounded, check_fields, deep_merge, from_dict, load_config_file, parse_overrides, to_dict, upgrade_keys,
+)
 from moescope.moe.config import MoEConfig
+
+# Bounds of the settings that count steps and sequences: beyond them a run could never finish or a
+# batch never fit, so such a value is a typo (1e20 for 1e2) refused before anything is written.
+# 10**8 optimizer steps are weeks even at 100 steps/s (GPT-3 took ~10**5 steps).
+MAX_STEPS = 10**8
+# 2**20 sequences in one optimizer step (or one eval forward) are ~10**9 tokens at context 1024: more
+# than any machine holds in one step (a batch is materialized as one index array).
+MAX_BATCH_SEQUENCES = 2**20
+MAX_SEED = 2**32 - 1  # numpy's seed range
+# Model shape: 1024 blocks of width 2**16 are ~10**14 parameters, far past any one machine; larger
+# values are typos that would otherwise hang in the model's constructor or end in an allocation failure.
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**16
+MAX_CONTEXT_TOKENS = 2**20
 
 
 @dataclass
 class ModelConfig:
     """Shape of a GPT-2 trained from scratch (ignored when starting from pretrained weights)."""
 
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    context_tokens: int = 128
-    d_ff: int | None = None  # None = 4 * d_model (GPT-2's choice)
-    dropout: float = 0.0
+    n_layers: int = bounded(4, low=1, high=MAX_LAYERS)
+    d_model: int = bounded(128, low=1, high=MAX_WIDTH)
+    n_heads: int = bounded(4, low=1, high=MAX_WIDTH)
+    context_tokens: int = bounded(128, low=1, high=MAX_CONTEXT_TOKENS)
+    d_ff: int | None = bounded(None, low=1, high=4 * MAX_WIDTH)  # None = 4 * d_model (GPT-2's choice)
+    dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
     activation: str = "gelu_pytorch_tanh"  # torch's fused GELU; "gelu_new" (same function) is mapped to it
 
 
@@ -37,15 +53,15 @@ class ModelConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to min_learning_rate_ratio * learning_rate."""
 
-    learning_rate: float = 2e-3
-    router_learning_rate_mult: float = 1.0
-    weight_decay: float = 0.1  # not applied to norms, biases (any parameter with < 2 dims)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip_norm: float | None = 1.0
-    warmup_fraction: float = 0.05
-    min_learning_rate_ratio: float = 0.1
+    learning_rate: float = bounded(2e-3, low=0.0, low_open=True)
+    router_learning_rate_mult: float = bounded(1.0, low=0.0)  # 0 = routers frozen
+    weight_decay: float = bounded(0.1, low=0.0)  # not applied to norms, biases (any parameter with < 2 dims)
+    beta1: float = bounded(0.9, low=0.0, high=1.0, high_open=True)  # AdamW's own limits
+    beta2: float = bounded(0.95, low=0.0, high=1.0, high_open=True)
+    eps: float = bounded(1e-8, low=0.0, low_open=True)
+    grad_clip_norm: float | None = bounded(1.0, low=0.0, low_open=True)  # None = no clipping
+    warmup_fraction: float = bounded(0.05, low=0.0, high=1.0, high_open=True)
+    min_learning_rate_ratio: float = bounded(0.1, low=0.0, high=1.0)
 
 
 @dataclass
@@ -63,40 +79,42 @@ class LossConfig:
                     activation memory x grad_accum_steps
     """
 
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 1e-3
-    load_balance_coef_by_layer: dict[str, float] = field(default_factory=dict)  # block index -> coef override
+    load_balance_coef: float = bounded(0.01, low=0.0)
+    z_loss_coef: float = bounded(1e-3, low=0.0)
+    # block index -> coef override
+    load_balance_coef_by_layer: dict[str, float] = bounded(default_factory=dict, low=0.0)
     load_balance_scope: Literal["step", "microbatch", "sequence"] = "step"
     load_balance_accumulation: Literal["prepass", "keep_graphs"] = "prepass"
     # Auxiliary-loss-free balancing: after every optimizer step each MoE layer's selection
     # bias (moe.balance_bias) moves by this much toward balance, from the step's counts
     # (DeepSeek-V3's bias update speed). 0 = the bias stays where it is.
-    bias_update_rate: float = 0.0
+    bias_update_rate: float = bounded(0.0, low=0.0)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
-    batch_sequences: int = 16  # sequences per optimizer step, over all micro-batches and processes
-    grad_accum_steps: int = 1
-    seed: int = 0
+    steps: int = bounded(600, low=1, high=MAX_STEPS)
+    # sequences per optimizer step, over all micro-batches and processes
+    batch_sequences: int = bounded(16, low=1, high=MAX_BATCH_SEQUENCES)
+    grad_accum_steps: int = bounded(1, low=1, high=MAX_BATCH_SEQUENCES)
+    seed: int = bounded(0, low=0, high=MAX_SEED)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    log_every_steps: int = 10
-    eval_every_steps: int = 100
-    eval_max_blocks_per_domain: int | None = 64  # None = the whole eval split
-    eval_batch_sequences: int = 32
+    log_every_steps: int = bounded(10, low=1)
+    eval_every_steps: int = bounded(100, low=1)
+    eval_max_blocks_per_domain: int | None = bounded(64, low=1)  # None = the whole eval split
+    eval_batch_sequences: int = bounded(32, low=1, high=MAX_BATCH_SEQUENCES)
     # which eval blocks share a forward pass (data/batch_order.py): "by_domain", "mixed" (domains interleaved
     # evenly), "auto" = "mixed" for expert-choice models, whose routing depends on the batch
     eval_batch_order: Literal["auto", "by_domain", "mixed"] = "auto"
-    checkpoint_every_steps: int = 100  # 0 = only at the end and on SIGINT/SIGTERM
-    keep_checkpoints: int = 2
+    checkpoint_every_steps: int = bounded(100, low=0)  # 0 = only at the end and on SIGINT/SIGTERM
+    keep_checkpoints: int = bounded(2, low=1)
     snapshot_at_eval: bool = True  # model-only snapshot at every eval (router saturation analysis)
-    cpu_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    cpu_threads: int | None = bounded(None, low=1)  # torch intra-op threads on CPU; None = torch's default
     # A step whose loss or gradient norm is NaN/inf is never applied. "stop": training stops at once
     # (the last checkpoint, verified and finite, is named); "skip": that update is dropped, counted,
     # and training goes on, stopping only at max_nonfinite_skips_in_a_row dropped updates in a row.
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_nonfinite_skips_in_a_row: int = 5
+    max_nonfinite_skips_in_a_row: int = bounded(5, low=1)
 
 
 @dataclass
@@ -104,8 +122,8 @@ class CollapseConfig:
     """An expert holding more than threshold_share of a layer's tokens in window_evals evals in a row
     (evaluations after step 0; the untrained router's step-0 evaluation does not count)."""
 
-    threshold_share: float = 0.6
-    window_evals: int = 2
+    threshold_share: float = bounded(0.6, low=0.0, high=1.0, low_open=True)
+    window_evals: int = bounded(2, low=1)
     early_stop: bool = False
 
 
@@ -137,8 +155,8 @@ class BaseConfig:
     stand-in for pretrained GPT-2); "gpt2" or a directory: pretrained weights."""
 
     init: str = "scratch"
-    steps: int = 600
-    learning_rate: float | None = None  # None = optim.learning_rate
+    steps: int = bounded(600, low=0, high=MAX_STEPS)  # only a scratch base trains (at least 1 step, validate_run)
+    learning_rate: float | None = bounded(None, low=0.0, low_open=True)  # None = optim.learning_rate
 
 
 @dataclass
@@ -260,26 +278,17 @@ def comparable_config(run: RunConfig | dict) -> dict[str, Any]:
 
 
 def validate_run(run: RunConfig, where: str = "run") -> None:
+    """Each setting within its declared bounds (check_fields), then what relates settings to each other."""
+    try:
+        check_fields(run)
+    except MoescopeError as exc:
+        raise MoescopeError(f"{where}: {exc}") from None
     t = run.train
-    if t.steps < 1:
-        raise MoescopeError(f"{where}: train.steps must be >= 1, got {t.steps}")
-    if t.grad_accum_steps < 1 or t.batch_sequences < 1:
-        raise MoescopeError(f"{where}: train.batch_sequences and train.grad_accum_steps must be >= 1")
     if t.batch_sequences % t.grad_accum_steps:
         raise MoescopeError(
             f"{where}: train.batch_sequences={t.batch_sequences} is not divisible by "
             f"train.grad_accum_steps={t.grad_accum_steps}"
         )
-    if t.max_nonfinite_skips_in_a_row < 1:
-        raise MoescopeError(f"{where}: train.max_nonfinite_skips_in_a_row must be >= 1, got {t.max_nonfinite_skips_in_a_row}")
-    if t.eval_every_steps < 1:
-        raise MoescopeError(f"{where}: train.eval_every_steps must be >= 1")
-    if not 0.0 <= run.optim.warmup_fraction < 1.0:
-        raise MoescopeError(f"{where}: optim.warmup_fraction must be in [0, 1), got {run.optim.warmup_fraction}")
-    if not 0.0 < run.collapse.threshold_share <= 1.0:
-        raise MoescopeError(f"{where}: collapse.threshold_share must be in (0, 1]")
-    if run.loss.bias_update_rate < 0:
-        raise MoescopeError(f"{where}: loss.bias_update_rate must be >= 0, got {run.loss.bias_update_rate}")
     if run.loss.bias_update_rate > 0 and run.arch == "moe" and not run.moe.balance_bias:
         raise MoescopeError(
             f"{where}: loss.bias_update_rate={run.loss.bias_update_rate} needs moe.balance_bias = true "
@@ -288,34 +297,9 @@ def validate_run(run: RunConfig, where: str = "run") -> None:
     for key in run.loss.load_balance_coef_by_layer:
         if not str(key).isdigit():
             raise MoescopeError(f"{where}: loss.load_balance_coef_by_layer key {key!r} must be a block index")
-    m = run.model
-    for key in ("n_layers", "d_model", "n_heads", "context_tokens"):
-        if getattr(m, key) < 1:
-            raise MoescopeError(f"{where}: model.{key} must be >= 1, got {getattr(m, key)}")
-    if m.d_ff is not None and m.d_ff < 1:
-        raise MoescopeError(f"{where}: model.d_ff must be >= 1, got {m.d_ff}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise MoescopeError(f"{where}: model.dropout must be in [0, 1), got {m.dropout}")
-    if run.optim.learning_rate <= 0:
-        raise MoescopeError(f"{where}: optim.learning_rate must be > 0, got {run.optim.learning_rate}")
-    if run.optim.weight_decay < 0:
-        raise MoescopeError(f"{where}: optim.weight_decay must be >= 0, got {run.optim.weight_decay}")
-    if not 0 <= t.seed <= MAX_SEED:
-        raise MoescopeError(f"{where}: train.seed must be in 0..2**32 - 1 (numpy and torch seeds), got {t.seed}")
-    if t.log_every_steps < 1 or t.checkpoint_every_steps < 0 or run.collapse.window_evals < 1:
-        raise MoescopeError(f"{where}: train.log_every_steps and collapse.window_evals must be >= 1 and "
-                            f"train.checkpoint_every_steps >= 0 (0 = only at the end), got {t.log_every_steps}, "
-                            f"{run.collapse.window_evals} and {t.checkpoint_every_steps}")
-    if run.loss.load_balance_coef < 0 or run.loss.z_loss_coef < 0 or any(
-            v < 0 for v in run.loss.load_balance_coef_by_layer.values()):
-        raise MoescopeError(f"{where}: loss coefficients must be >= 0 (load_balance_coef, z_loss_coef, "
-                            "load_balance_coef_by_layer)")
-    _check_activation(m.activation, where)
+    _check_activation(run.model.activation, where)
     if run.model.d_model % run.model.n_heads:
         raise MoescopeError(f"{where}: model.d_model={run.model.d_model} not divisible by n_heads={run.model.n_heads}")
-
-
-MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
 def _check_activation(name: str, where: str) -> None:

@@ -54,6 +54,15 @@ def run_experiment(
     runs = resolve_arms(cfg, names)
     store = open_store(cfg.data_dir)
     base_cfg = base_run_config(cfg) if cfg.base.init == "scratch" else None
+    record = {
+        "experiment": to_dict(cfg),
+        "arms": {n: {"diff": arm_diff(cfg, n), "config": to_dict(r)} for n, r in runs.items()},
+        "base": to_dict(base_cfg) if base_cfg is not None else {"init": cfg.base.init},
+        "data_manifest_sha256": sha256_file(store.root / "manifest.json"),
+    }
+    # whether RUN may be written (and, resumed, is this experiment) is known from its JSON: asked before
+    # pretrained weights are loaded, and again under the lock below
+    _check_run_directory(run_dir, resume, record)
     if base_cfg is not None:
         if store.block_size > cfg.model.context_tokens:
             raise MoescopeError(
@@ -67,12 +76,6 @@ def run_experiment(
         check_model_matches_data(model, store, where=f"base model {init}")
         del model
 
-    record = {
-        "experiment": to_dict(cfg),
-        "arms": {n: {"diff": arm_diff(cfg, n), "config": to_dict(r)} for n, r in runs.items()},
-        "base": to_dict(base_cfg) if base_cfg is not None else {"init": cfg.base.init},
-        "data_manifest_sha256": sha256_file(store.root / "manifest.json"),
-    }
     state = process_state()
     # the main process holds RUN's lock from here to the end: every check below sees a directory no
     # other moescope process is writing, and a second `train`/`--resume` on RUN is refused
@@ -83,13 +86,7 @@ def run_experiment(
 
 def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_root, on_step) -> dict[str, dict[str, Any]]:
     exp_path = run_dir / EXPERIMENT_NAME
-    stored = None
-    if resume and exp_path.is_file():
-        stored = read_json_object(exp_path, {"arms": dict})
-        _check_same_experiment(stored, record, exp_path)
-    elif not is_empty_ignoring_lock(run_dir) and not resume:
-        raise MoescopeError(f"run directory {run_dir} already exists and is not empty; "
-                            f"pass --resume to continue it, or choose another --out")
+    stored = _check_run_directory(run_dir, resume, record)
     # Under `accelerate launch` / torchrun every process runs this function; all of them have
     # checked the directory above before the main process writes anything.
     state.wait_for_everyone()
@@ -130,6 +127,22 @@ def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_
             atomic_write_json(run_dir / "summary.json", merged)
     state.wait_for_everyone()
     return summaries
+
+
+def _check_run_directory(run_dir: Path, resume: bool, record: dict) -> dict | None:
+    """The stored experiment.json when resuming RUN (refused unless it records this experiment, `record`);
+    None for a fresh start, which a non-empty RUN refuses unless resumed."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MoescopeError(f"run directory {run_dir} is a file, not a directory; choose another --out")
+    exp_path = run_dir / EXPERIMENT_NAME
+    if resume and exp_path.is_file():
+        stored = read_json_object(exp_path, {"arms": dict})
+        _check_same_experiment(stored, record, exp_path)
+        return stored
+    if not resume and not is_empty_ignoring_lock(run_dir):
+        raise MoescopeError(f"run directory {run_dir} already exists and is not empty; "
+                            f"pass --resume to continue it, or choose another --out")
+    return None
 
 
 def _check_same_experiment(stored: dict, current: dict, where: Path) -> None:

@@ -129,7 +129,8 @@ class StageDirectory:
         return found
 
     def _check_checkpoint_state(self, ckpt: Path, state: dict[str, Any]) -> None:
-        """Raise MoescopeError unless the checkpoint was written by this config on this data."""
+        """Raise MoescopeError unless the checkpoint was written by this config on this data (its JSON record,
+        read before its model is built)."""
         check_same_config(self.cfg, state["config"], f"checkpoint {ckpt}")
         if state.get("data_manifest_sha256") != self.manifest_sha:
             raise MoescopeError(f"checkpoint {ckpt} was trained on another data directory (manifest hash differs "
