@@ -84,6 +84,7 @@ from moescope.data.blocks import BlockStore
 from moescope.data.units import eval_block_units, numbered, record_document
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
+from moescope.io.config import bounded, check_fields
 from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
@@ -102,18 +103,21 @@ PROBLEM_MARKER, SOLUTION_MARKER = "Problem: ", "Solution: "
 class AnalyzeConfig:
     """What `moescope analyze` captures and how much of it."""
 
-    max_blocks_per_domain: int | None = None  # eval blocks per domain to capture (None = all)
-    batch_blocks: int = 8  # blocks per forward pass
+    max_blocks_per_domain: int | None = bounded(None, low=1)  # eval blocks per domain to capture (None = all)
+    batch_blocks: int = bounded(8, low=1, high=2**20)  # blocks per forward pass
     # Which blocks share a forward pass (data/batch_order.py): "by_domain" (as stored), "mixed" (domains
     # interleaved evenly), "auto" = "mixed" for expert-choice arms, whose routing depends on the batch.
     batch_order: BatchOrder = "auto"
-    viewer_samples_per_domain: int = 3  # blocks per domain shown in the token viewer
-    saturation_max_blocks_per_domain: int = 16  # blocks per domain routed through every snapshot
+    viewer_samples_per_domain: int = bounded(3, low=0, high=1000)  # blocks per domain shown in the token viewer
+    saturation_max_blocks_per_domain: int = bounded(16, low=1)  # blocks per domain routed through every snapshot
     format_test_domains: list[str] = field(default_factory=lambda: ["math", "code"])
-    format_test_max_texts: int = 32  # eval texts per domain routed with and without markers
+    format_test_max_texts: int = bounded(32, low=1)  # eval texts per domain routed with and without markers
     token_type_domain: str = "code"  # the domain whose blocks get Python token types
     device: str = "auto"  # torch device for the forward passes; "auto" = cuda when available, else cpu
     statistics: SummaryConfig = field(default_factory=SummaryConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "analysis")  # configs built in code too, not only those read by from_dict
 
 
 # --------------------------------------------------------------------------- run directory

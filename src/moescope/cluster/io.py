@@ -35,7 +35,7 @@ from moescope.cluster.ensemble import NormalizedHistories
 from moescope.cluster.merge import MergeConfig, MergeHistory, merge_iteration, shuffle_tokens
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_bytes, atomic_write_json
-from moescope.io.config import from_dict, to_dict
+from moescope.io.config import bounded, check_fields, from_dict, to_dict
 from moescope.io.jsonfile import read_json_object
 from moescope.io.manifest import verify_manifest
 
@@ -50,25 +50,24 @@ class CaptureConfig:
 
     split: str = "eval"
     batch_by: Literal["seed", "domain"] = "seed"  # disjoint random batches, or one batch per domain
-    n_batches: int = 4  # `seed` only
-    tokens_per_batch: int = 16384  # rounded up to whole blocks; fewer when the split is short
-    seed: int = 0
+    n_batches: int = bounded(4, low=1, high=10**4)  # `seed` only
+    tokens_per_batch: int = bounded(16384, low=1, high=2**31)  # rounded up to whole blocks; fewer when the split is short
+    seed: int = bounded(0, low=0, high=2**32 - 1)
     components: Literal["experts", "neurons"] = "experts"
     neuron_layer: int | None = None  # `neurons`: block index (None = first MoE block)
     neuron_expert: int = 0  # `neurons`: which expert's FFN units
     weight: Literal["gate", "router_prob"] = "gate"  # activation of a routed (layer, expert)
-    forward_batch_blocks: int = 8
+    forward_batch_blocks: int = bounded(8, low=1, high=2**20)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_fields(self, "capture")
         if self.batch_by not in ("seed", "domain"):
             raise MoescopeError(f"capture.batch_by must be 'seed' or 'domain', got {self.batch_by!r}")
         if self.components not in ("experts", "neurons"):
             raise MoescopeError(f"capture.components must be 'experts' or 'neurons', got {self.components!r}")
         if self.weight not in ("gate", "router_prob"):
             raise MoescopeError(f"capture.weight must be 'gate' or 'router_prob', got {self.weight!r}")
-        if self.n_batches < 1 or self.tokens_per_batch < 1:
-            raise MoescopeError("capture.n_batches and capture.tokens_per_batch must be >= 1")
 
 
 # ---------------------------------------------------------------- capture

@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 
+from moescope.io.config import bounded, check_fields
+
 PairSelection = Literal["range", "mcmc"]
 
 
@@ -41,23 +43,20 @@ class MergeConfig:
 
     activation_threshold: float = 0.0  # a component is active on a token when activation > this
     dead_threshold: float = 0.0  # components whose max activation is <= this are dropped
-    alpha: float = 1.0  # weight of the group-size term (bits per component per active token)
-    target_k: int = 1  # stop when this many groups remain
+    alpha: float = bounded(1.0, low=0.0)  # weight of the group-size term (bits per component per active token)
+    target_k: int = bounded(1, low=1)  # stop when this many groups remain
     pair_selection: PairSelection = "range"
-    range_threshold_bits: float = 0.0  # `range`: uniform among pairs within this of the min cost; 0 = argmin
-    temperature_bits: float = 1.0  # `mcmc`: P(pair) ~ exp(-cost / temperature)
-    seed: int = 0
+    range_threshold_bits: float = bounded(0.0, low=0.0)  # `range`: uniform among pairs within this of the min cost; 0 = argmin
+    temperature_bits: float = bounded(1.0, low=0.0, low_open=True)  # `mcmc`: P(pair) ~ exp(-cost / temperature)
+    seed: int = bounded(0, low=0, high=2**32 - 1)
     # Reference path (tests, benchmark): recompute C from the group masks every
     # step instead of updating one row.  Same results, much slower.
     recompute_coactivation: bool = False
 
     def __post_init__(self) -> None:
-        if self.target_k < 1:
-            raise ValueError(f"target_k must be >= 1, got {self.target_k}")
+        check_fields(self, "merge")
         if self.pair_selection not in ("range", "mcmc"):
             raise ValueError(f"pair_selection must be 'range' or 'mcmc', got {self.pair_selection!r}")
-        if self.range_threshold_bits < 0:
-            raise ValueError(f"range_threshold_bits must be >= 0, got {self.range_threshold_bits}")
         if self.pair_selection == "mcmc" and self.temperature_bits <= 0:
             raise ValueError(f"temperature_bits must be > 0 for mcmc, got {self.temperature_bits}")
 

@@ -41,7 +41,7 @@ from moescope.cluster.io import (
 from moescope.cluster.merge import MergeConfig, MergeHistory, shuffle_tokens
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
-from moescope.io.config import to_dict
+from moescope.io.config import bounded, check_fields, to_dict
 from moescope.io.provenance import environment_info
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,14 @@ class ClusterRunConfig:
 
     merge: MergeConfig = field(default_factory=MergeConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
-    workers: int = 1  # 1 = merge inline in this process (debugging); >1 = spawn-context pool
+    workers: int = bounded(1, low=1, high=1024)  # 1 = merge inline in this process (debugging); >1 = spawn-context pool
     null_model: bool = True  # also merge token-shuffled copies of every batch
     distance_methods: list[str] = field(default_factory=lambda: list(DISTANCE_METHODS))
     # alpha-sensitivity table: k and stability re-merged at each alpha (batches and nulls); [] = skip
     sensitivity_alphas: list[float] = field(default_factory=lambda: list(ALPHAS))
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise MoescopeError(f"workers must be >= 1, got {self.workers}")
+        check_fields(self, "cluster")
         for m in self.distance_methods:
             if m not in DISTANCE_METHODS:
                 raise MoescopeError(f"unknown distance method {m!r}; choose from {list(DISTANCE_METHODS)}")
