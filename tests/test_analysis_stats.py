@@ -98,8 +98,13 @@ def test_stratified_bootstrap_keeps_domain_sizes() -> None:
     assert ci.low == ci.high == ci.estimate == 16 * (dom == 0).sum()
     unstratified = stats.bootstrap_interval(tables, lambda t: t[..., 0, :].sum(-1), n_resamples=200)
     assert unstratified.high > unstratified.low
-    with pytest.raises(ValueError, match="two units"):
-        stats.bootstrap_interval(tables[:3], lambda t: t.sum((-1, -2)), strata=np.array([0, 0, 1]))
+    # a stratum of one unit is held fixed: in every resample once, so what only it moves has no interval
+    three = np.array([[1.0, 0.0], [5.0, 0.0], [0.0, 10.0]])  # columns: stratum 0's sum, stratum 1's
+    strata = np.array([0, 0, 1])
+    total = stats.bootstrap_interval(three, lambda t: t.sum(-1), strata=strata, n_resamples=200)
+    assert total.estimate == 16 and (total.low, total.high) == (10 + 2 * 1, 10 + 2 * 5)  # unit 2 once, always
+    lone = stats.bootstrap_interval(three, lambda t: t[..., 1], strata=strata, n_resamples=200)
+    assert lone.estimate == 10 and np.isnan(lone.low) and np.isnan(lone.high)
 
 
 def test_permutation_test_detects_planted_dependence() -> None:

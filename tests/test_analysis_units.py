@@ -147,13 +147,28 @@ def test_the_sign_flip_test_flips_whole_documents() -> None:
 
 
 @pytest.mark.filterwarnings("ignore")  # resamples that miss the one-document domain: its ratio is 0/0 there
-def test_a_domain_with_one_document_is_resampled_with_the_others() -> None:
+def test_a_domain_with_one_document_is_held_fixed_not_pooled() -> None:
+    """Pooling a one-document domain with the others would leave it out of ~1/3 of the resamples (0/0 = NaN
+    intervals); held fixed, every interval it enters is finite, and its own interval is null, not [x, x]."""
     rng = np.random.default_rng(5)
     dom = np.repeat([0, 1], 10)
     unit = np.where(dom == 0, 0, 1 + np.arange(20))  # domain 0: one document of 10 blocks
-    out = summarize_eval_loss(rng.normal(300, 30, 20), np.full(20, 100.0), dom, ["x", "y"], CFG, block_unit=unit)
+    loss = rng.normal(300, 30, 20)
+    out = summarize_eval_loss(loss, np.full(20, 100.0), dom, ["x", "y"], CFG, block_unit=unit)
+    for key in ("token_weighted", "domain_weighted"):
+        assert np.isfinite([out[key]["low"], out[key]["high"]]).all() and out[key]["low"] < out[key]["high"]
     assert out["domains"]["y"]["low"] < out["domains"]["y"]["high"]
-    assert stats.Units.of(unit, dom).strata() is None and stats.Units.of(np.arange(20), dom).strata() is not None
+    assert np.isnan(out["domains"]["x"]["low"]) and np.isnan(out["domains"]["x"]["high"])
+    # domain x is in every resample as it is: the domain-weighted interval is domain y's, shifted
+    y = out["domains"]["y"]
+    x = out["domains"]["x"]["estimate"]
+    assert out["domain_weighted"]["low"] == pytest.approx((x + y["low"]) / 2)
+    assert out["domain_weighted"]["high"] == pytest.approx((x + y["high"]) / 2)
+    paired = stats.paired_loss_difference(loss, loss - rng.normal(1, 1, 20), np.full(20, 100.0), dom, 2,
+                                          block_unit=unit)
+    assert np.isfinite([paired.domain_weighted.low, paired.domain_weighted.high]).all()
+    with pytest.raises(ValueError, match="need at least two units"):
+        stats.bootstrap_interval(np.ones((1, 1)), lambda t: t[..., 0], strata=np.array([0]))
 
 
 def test_token_type_nmi_resamples_documents() -> None:
@@ -342,3 +357,16 @@ def test_the_report_names_the_unit_it_resampled() -> None:
     assert "over the same 120 blocks (6 source documents)" in paired_loss_sentences(by_document)[0]
     assert units_sentence(by_document).endswith("source documents per domain: x 3, y 3.")
     assert "every held-out block as independent" in units_sentence(by_block)
+
+
+def test_documents_joined_by_near_duplicates_are_one_unit() -> None:
+    """The split keeps a near-duplicate group on one side because its documents are not independent; the
+    analysis must not count them as independent either: a record's recorded group is its unit."""
+    from moescope.data.split import GROUP_FIELD
+    from moescope.data.units import record_document
+
+    twin_a = {"text": "x", "id": "a", "document": "enc/a.py", GROUP_FIELD: "enc/a.py"}
+    twin_b = {"text": "y", "id": "b", "document": "enc/b.py", GROUP_FIELD: "enc/a.py"}
+    alone = {"text": "z", "id": "c", "document": "other.py"}
+    assert record_document(twin_a, 1) == record_document(twin_b, 2) == "enc/a.py"
+    assert record_document(alone, 3) == "other.py"

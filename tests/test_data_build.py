@@ -112,7 +112,8 @@ def _with_near_copies(path: Path, n_copies: int) -> list[tuple[str, str]]:
     5-word shingle: Jaccard >= 0.8 for any text of 15+ words); returns (original, copy) texts."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     pairs = []
-    for r in rows[:n_copies]:
+    long_enough = [r for r in rows if len(r["text"].split()) >= 30]  # NEAR_DUP_MIN_SHINGLES: short texts join nothing
+    for r in long_enough[:n_copies]:
         pairs.append((r["text"], r["text"] + " zebra"))
     with open(path, "a", encoding="utf-8") as fh:
         for _, copy in pairs:

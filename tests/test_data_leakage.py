@@ -160,6 +160,23 @@ def test_document_groups_join_near_duplicates_transitively_and_name_groups_by_co
     assert len(set(document_groups(chain).key[i] for i in (0, 2, 3, 4))) == 1
 
 
+def test_short_boilerplate_does_not_chain_files_into_one_group() -> None:
+    """A one-line definition that is the same in many files once string literals are masked must not join
+    those files; a long shared definition still does."""
+    rng = np.random.default_rng(7)
+
+    def file(i: int, shared: str) -> list[SourceText]:
+        own = [f"def f{i}_{j}():\n    return " + " + ".join(_words(rng, 40)) for j in range(3)]
+        return [SourceText(text=t, domain="code", id=f"m{i}:{j}", meta={"path": f"m{i}.py", "document": f"m{i}.py"})
+                for j, t in enumerate([*own, shared.format(i=i)])]
+
+    short = [t for i in range(30) for t in file(i, 'def __repr__(self):\n    return "<M{i}>"')]
+    assert len(set(document_groups(short).key)) == 30
+    long_shared = 'def table():\n    return "{i}", ' + ", ".join(f"v{k} + w{k}" for k in range(30))
+    joined = [t for i in range(30) for t in file(i, long_shared)]
+    assert len(set(document_groups(joined).key)) == 1
+
+
 def test_split_keeps_every_group_on_one_side_across_domains_and_counts_groups_for_the_quota() -> None:
     rng = np.random.default_rng(2)
     by_domain: dict[str, list[SourceText]] = {"p": [], "q": []}

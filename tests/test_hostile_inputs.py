@@ -169,7 +169,7 @@ def test_analyze_arms_empty_or_unknown_is_one_line_listing_the_arms(run_dir: Pat
     (["partition", "--files", "a=A", "--out", "OUT", "--overlap-ratio", "inf"], "--overlap-ratio (overlap_ratio) must be a finite"),
     (["partition", "--files", "a=A", "--out", "OUT", "--max-texts-per-domain", "-3"], "--max-texts-per-domain (max_texts_per_domain) must be >= 1"),
     (["data", "build", "--out", "OUT", "--files", "a=A", "--target-mb", "inf"], "--target-mb (target_mb) must be a finite number > 0"),
-    (["analyze", "RUN", "--set", "statistics.confidence_level=.nan"], "statistics.confidence_level must be a finite"),
+    (["analyze", "RUN", "--set", "statistics.confidence_level=.nan"], "statistics.confidence_level: expected a finite number"),
     (["embed", "encode", "MODEL", "--input", "A", "--top-k", "0"], "--top-k (top_k) must be >= 1, got 0"),
 ])
 def test_a_number_flag_out_of_range_or_not_finite_is_one_line_naming_it(tmp_path: Path, capsys, command: list[str],

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,7 +84,7 @@ from moescope.data.units import eval_block_units, numbered, record_document
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import bounded, check_fields
-from moescope.io.jsonfile import read_json_object
+from moescope.io.jsonfile import json_ready, read_json_object
 from moescope.io.provenance import environment_info
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
 from moescope.moe.native import native_status
@@ -111,7 +110,7 @@ class AnalyzeConfig:
     viewer_samples_per_domain: int = bounded(3, low=0, high=1000)  # blocks per domain shown in the token viewer
     saturation_max_blocks_per_domain: int = bounded(16, low=1)  # blocks per domain routed through every snapshot
     format_test_domains: list[str] = field(default_factory=lambda: ["math", "code"])
-    format_test_max_texts: int = bounded(32, low=1)  # eval texts per domain routed with and without markers
+    format_test_max_texts: int = bounded(32, low=0)  # eval texts per domain routed with and without markers
     token_type_domain: str = "code"  # the domain whose blocks get Python token types
     device: str = "auto"  # torch device for the forward passes; "auto" = cuda when available, else cpu
     statistics: SummaryConfig = field(default_factory=SummaryConfig)
@@ -212,20 +211,6 @@ def check_arm_models(run_dir: Path, name: str, experiment: dict) -> None:
                                 f"{final_shapes.get(key, 'missing')} ({final}); the snapshot comes from another run")
 
 
-def json_ready(obj: Any) -> Any:
-    """NaN/inf -> None so the files are valid JSON for browsers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return json_ready(obj.item())
-    return obj
-
-
-_json_ready = json_ready  # the name the rest of this module (and other branches) use
 
 
 # --------------------------------------------------------------------------- pieces of the analysis
@@ -665,6 +650,6 @@ def analyze_run(
     # after the forward passes: whether they ran the compiled grouped GEMM (unknown before the first one)
     metrics_out["environment"]["native_grouped_kernel"] = native_status()
 
-    atomic_write_json(out_dir / "metrics.json", _json_ready(metrics_out))
-    atomic_write_json(out_dir / "viewer.json", _json_ready(viewer), indent=None)
+    atomic_write_json(out_dir / "metrics.json", json_ready(metrics_out))
+    atomic_write_json(out_dir / "viewer.json", json_ready(viewer), indent=None)
     return metrics_out

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from moescope.analysis import capture, tokentypes
-from moescope.analysis.pipeline import headline, json_ready
+from moescope.analysis.pipeline import headline
 from moescope.analysis.summary import (
     SummaryConfig,
     best_layer_nmi_test,
@@ -47,6 +47,8 @@ from moescope.hf import loading, texts
 from moescope.hf.adapters import find_sites
 from moescope.hf.recorder import RoutingRecorder
 from moescope.io.atomic import atomic_write_json, remove_stale_temporaries, temporary_prefix
+from moescope.io.config import bounded, check_fields
+from moescope.io.jsonfile import json_ready
 from moescope.io.provenance import environment_info
 from moescope.report.build import build_report
 
@@ -64,15 +66,18 @@ VIEWER_MAX_TOKENS = 256
 class ReleasedConfig:
     """What `moescope analyze --model` captures and how."""
 
-    context_tokens: int | None = None  # tokens per block; None = min(512, the model's context)
-    max_blocks_per_domain: int | None = None  # blocks per domain to analyse (None = all the texts give)
-    batch_blocks: int = 4  # blocks per forward pass
-    viewer_samples_per_domain: int = 3  # blocks per domain shown in the token viewer
+    context_tokens: int | None = bounded(None, low=2, high=2**20)  # tokens per block; None = min(512, the model's context)
+    max_blocks_per_domain: int | None = bounded(None, low=1)  # blocks per domain to analyse (None = all the texts give)
+    batch_blocks: int = bounded(4, low=1, high=2**20)  # blocks per forward pass
+    viewer_samples_per_domain: int = bounded(3, low=0, high=1000)  # blocks per domain shown in the token viewer
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 ("auto" = the checkpoint's dtype)
     device: str = "auto"  # auto | cpu | cuda (cuda: device_map="auto" over all visible GPUs)
     # hub branch, tag or commit of the model (e.g. one of OLMoE's pretraining checkpoints); hub ids only
     revision: str | None = None
     statistics: SummaryConfig = field(default_factory=SummaryConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "analysis")
 
 
 def _model_info(adapter, sites, config, source: str, dtype: str, device: str, context: int) -> dict:

@@ -148,10 +148,10 @@ class Units:
         np.add.at(out, self.inverse, values)
         return out
 
-    def strata(self) -> np.ndarray | None:
-        """Each unit's domain, or None (one stratum) when a present domain has fewer than two units to resample."""
-        sizes = np.bincount(self.domain)
-        return self.domain if np.all(sizes[sizes > 0] >= 2) else None
+    def strata(self) -> np.ndarray:
+        """Each unit's domain: the bootstrap resamples units within their domain (a domain of one unit is
+        held fixed, see :func:`bootstrap_interval`)."""
+        return self.domain
 
 
 def block_assignment_counts(
@@ -209,7 +209,11 @@ def bootstrap_interval(
     unit_sums: [U, ...] additive statistics per resampling unit (a block, or the blocks of one
     source document summed: :meth:`Units.sums`; e.g. tables from :func:`domain_tables`).
     strata: optional [U] labels (e.g. each unit's domain); units are then resampled
-    within their stratum, keeping the eval set's design (units per domain) fixed.
+    within their stratum, keeping the eval set's design (units per domain) fixed. A stratum of
+    one unit cannot be resampled: it is held fixed (in every resample once), not pooled with the
+    others, which would leave it out of a third of the resamples. A statistic that only such
+    strata move has no interval: low and high are NaN (written as null). Only when every stratum
+    is a single unit are the units resampled together.
     method: "percentile" or "BCa" (scipy's names). Deterministic for a given seed.
     """
     sums = np.asarray(unit_sums, dtype=float)
@@ -217,12 +221,19 @@ def bootstrap_interval(
     flat = sums.reshape(n_units, -1)
     feature_shape = sums.shape[1:]
     labels = np.zeros(n_units, dtype=np.int64) if strata is None else np.asarray(strata)
-    samples = tuple(np.flatnonzero(labels == s) for s in np.unique(labels))
-    if any(s.size < 2 for s in samples):
-        raise ValueError("every stratum needs at least two units to be resampled")
+    strata_units = [np.flatnonzero(labels == s) for s in np.unique(labels)]
+    samples = tuple(u for u in strata_units if u.size >= 2)
+    fixed = np.zeros(n_units)
+    for u in strata_units:
+        if u.size == 1:
+            fixed[u] = 1.0
+    if not samples:  # every stratum a single unit: resample them together (nothing else varies)
+        if n_units < 2:
+            raise ValueError("need at least two units to resample")
+        samples, fixed = (np.arange(n_units),), np.zeros(n_units)
 
     def resampled_statistic(*index_samples: np.ndarray, axis: int = -1) -> np.ndarray:
-        weights = _resample_weights(index_samples, n_units)
+        weights = _resample_weights(index_samples, n_units) + fixed
         summed = (weights @ flat).reshape(weights.shape[:-1] + feature_shape)
         return np.asarray(statistic(summed), dtype=float)
 
@@ -239,7 +250,10 @@ def bootstrap_interval(
         rng=np.random.default_rng(seed),
     )
     ci = result.confidence_interval
-    return Interval(estimate, float(ci.low), float(ci.high), confidence_level, n_resamples, method)
+    low, high = float(ci.low), float(ci.high)
+    if fixed.any() and np.ptp(result.bootstrap_distribution) == 0:
+        low = high = float("nan")  # only units held fixed move it: no interval to give
+    return Interval(estimate, low, high, confidence_level, n_resamples, method)
 
 
 # --------------------------------------------------------------------------- permutation test

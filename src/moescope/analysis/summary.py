@@ -24,7 +24,7 @@ import numpy as np
 from moescope.analysis import metrics, stats
 from moescope.analysis.table import RoutingTable
 from moescope.data.units import UNIT_BLOCK
-from moescope.io.config import bounded
+from moescope.io.config import bounded, check_fields
 
 MAX_RESAMPLES = 10**6
 
@@ -33,14 +33,17 @@ MAX_RESAMPLES = 10**6
 class SummaryConfig:
     """Statistics settings for the analysis."""
 
-    # resamples / permutations: the bound keeps the [n, units] weight matrices of one batch in memory
-    n_resamples: int = bounded(1000, low=1, high=MAX_RESAMPLES)  # bootstrap resamples of the units
+    # resamples / permutations: each is a [units] weight vector kept until the interval is taken
+    n_resamples: int = bounded(1000, low=2, high=MAX_RESAMPLES)  # bootstrap resamples of the units
     n_permutations: int = bounded(1000, low=1, high=MAX_RESAMPLES)  # unit domain-label permutations (NMI p)
     confidence_level: float = bounded(0.95, low=0.0, high=1.0, low_open=True, high_open=True)
     seed: int = bounded(0, low=0, high=2**32 - 1)  # numpy's seed range
     vocab_min_count: int = bounded(10, low=1)  # token ids seen fewer times are left out of vocabulary specialization
     vocab_null_shuffles: int = bounded(5, low=1, high=1000)  # token-id shuffles averaged for the vocabulary baseline
     expert_tokens_top_n: int = bounded(8, low=0, high=1000)  # ids listed per expert (those it takes the largest share of)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "statistics")
 
 
 def statistics_header(cfg: SummaryConfig, units: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ class BTXConfig:
     # the dense base every branch starts from: "scratch" = trained here for base_steps
     base_init: str = "scratch"
     base_steps: int = bounded(300, low=0, high=MAX_STEPS)
-    branch_steps: int = bounded(100, low=0, high=MAX_STEPS)
+    branch_steps: int = bounded(100, low=1, high=MAX_STEPS)
     finetune_steps: int = bounded(60, low=0, high=MAX_STEPS)
     # peak learning rate of the merged model's brief fine-tune; None = optim.learning_rate x
     # optim.min_learning_rate_ratio, where the branches' schedules ended. A full-size restart with a

@@ -40,6 +40,7 @@ from moescope.btx.scoring import continuation_losses, forward_flops_per_token, t
 from moescope.data.blocks import BlockStore
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json, atomic_write_text
+from moescope.io.jsonfile import json_ready
 from moescope.io.config import from_dict, to_dict
 from moescope.moe.config import MoEConfig
 from moescope.io.saved_model import load_saved_model
@@ -262,7 +263,7 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
         "rows": rows,
         **extra,
     }
-    atomic_write_json(out / "comparison.json", result)
+    atomic_write_json(out / "comparison.json", json_ready(result))
     atomic_write_text(out / "comparison.md", render_comparison(result))
     return result
 

@@ -50,8 +50,8 @@ class CaptureConfig:
 
     split: str = "eval"
     batch_by: Literal["seed", "domain"] = "seed"  # disjoint random batches, or one batch per domain
-    n_batches: int = bounded(4, low=1, high=10**4)  # `seed` only
-    tokens_per_batch: int = bounded(16384, low=1, high=2**31)  # rounded up to whole blocks; fewer when the split is short
+    n_batches: int = bounded(4, low=1)  # `seed` only
+    tokens_per_batch: int = bounded(16384, low=1)  # rounded up to whole blocks; fewer when the split is short
     seed: int = bounded(0, low=0, high=2**32 - 1)
     components: Literal["experts", "neurons"] = "experts"
     neuron_layer: int | None = None  # `neurons`: block index (None = first MoE block)

@@ -47,7 +47,7 @@ class MergeConfig:
     target_k: int = bounded(1, low=1)  # stop when this many groups remain
     pair_selection: PairSelection = "range"
     range_threshold_bits: float = bounded(0.0, low=0.0)  # `range`: uniform among pairs within this of the min cost; 0 = argmin
-    temperature_bits: float = bounded(1.0, low=0.0, low_open=True)  # `mcmc`: P(pair) ~ exp(-cost / temperature)
+    temperature_bits: float = bounded(1.0, low=0.0)  # `mcmc`: P(pair) ~ exp(-cost / temperature)
     seed: int = bounded(0, low=0, high=2**32 - 1)
     # Reference path (tests, benchmark): recompute C from the group masks every
     # step instead of updating one row.  Same results, much slower.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from moescope.io.config import Range
 
 
 def register(subparsers: Any) -> None:
@@ -67,16 +66,9 @@ def build_config(args: argparse.Namespace, released: bool = False) -> Any:
         flags.update({"context_tokens": args.context, "dtype": args.dtype, "device": args.device,
                       "batch_blocks": args.batch_blocks, "revision": args.revision})
     return layered_config(ReleasedConfig if released else AnalyzeConfig, args.config, args.overrides, flags,
-                          ranges=RANGES, flag_names=FLAG_NAMES)
+                          flag_names=FLAG_NAMES)
 
 
-# None values mean "all" / "the model's" and are not checked
-RANGES = {key: Range(low=low) for key, low in {
-    "max_blocks_per_domain": 1, "batch_blocks": 1, "viewer_samples_per_domain": 0,
-    "saturation_max_blocks_per_domain": 1, "format_test_max_texts": 0, "context_tokens": 2,
-    "statistics.n_resamples": 2, "statistics.n_permutations": 1, "statistics.seed": 0,
-    "statistics.vocab_min_count": 1, "statistics.vocab_null_shuffles": 1}.items()}
-RANGES["statistics.confidence_level"] = Range(0.0, 1.0, low_open=True, high_open=True)
 FLAG_NAMES = {"max_blocks_per_domain": "--max-blocks-per-domain", "statistics.n_resamples": "--resamples",
               "statistics.n_permutations": "--permutations", "statistics.seed": "--seed",
               "context_tokens": "--context", "batch_blocks": "--batch-blocks"}

@@ -7,7 +7,6 @@ import argparse
 import json
 from typing import Any
 
-from moescope.io.config import Range
 
 
 def register(subparsers: Any) -> None:
@@ -62,14 +61,9 @@ def build_config(args: argparse.Namespace) -> Any:
         "merge.target_k": args.target_k,
         "null_model": False if args.no_null else None,
     }
-    return layered_config(ClusterRunConfig, args.config, args.overrides, flags, ranges=RANGES, flag_names=FLAG_NAMES)
+    return layered_config(ClusterRunConfig, args.config, args.overrides, flags, flag_names=FLAG_NAMES)
 
 
-# alpha weighs the MDL's group-size term: 0 merges everything into one blob, a negative value is no MDL
-RANGES = {"merge.alpha": Range(low=0.0), "workers": Range(low=1), "capture.n_batches": Range(low=1),
-          "capture.tokens_per_batch": Range(low=1), "capture.seed": Range(low=0), "merge.seed": Range(low=0),
-          "merge.target_k": Range(low=1), "merge.range_threshold_bits": Range(low=0.0),
-          "merge.temperature_bits": Range(low=0.0, low_open=True)}
 FLAG_NAMES = {"merge.alpha": "--alpha", "workers": "--workers", "capture.n_batches": "--batches",
               "capture.tokens_per_batch": "--tokens-per-batch", "capture.seed": "--seed", "merge.seed": "--seed",
               "merge.target_k": "--target-k"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 import logging
 import sys
 import time
@@ -26,7 +27,8 @@ from moescope.data.config import DataBuildConfig
 from moescope.data.packing import PackStats, block_sources, choose_rows, encoder_for, pack_to_file, truncate_block_file
 from moescope.data.sources import DomainTexts, collect_domain
 from moescope.data.split import (
-    NEAR_DUP_NUM_PERM, NEAR_DUP_SHINGLE_WORDS, NEAR_DUP_THRESHOLD, SPLIT_RULES, check_leakage, document_key,
+    GROUP_FIELD, NEAR_DUP_MIN_SHINGLES, NEAR_DUP_NUM_PERM, NEAR_DUP_SHINGLE_WORDS, NEAR_DUP_THRESHOLD, SPLIT_RULES,
+    check_leakage, document_key, eval_count,
     domain_seed, document_groups, split_groups,
 )
 from moescope.data.text import SourceText, digest_hashes, hash_text
@@ -191,6 +193,18 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
     leakage = check_leakage(all_train, all_eval, pairs=groups.crossing(all_texts, all_eval))
     joined = groups.joined_documents(all_texts)
     group_of = {id(t): g for t, g in zip(all_texts, groups.key)}
+    for t, g in zip(all_texts, groups.key):
+        if g != document_key(t):  # the analysis resamples groups: it reads them off the text records
+            t.meta[GROUP_FIELD] = g
+    group_sizes = Counter(groups.key)
+    largest_group = {d: max((group_sizes[group_of[id(t)]] for t in dt.texts), default=0)
+                     for d, dt in collected.items()}
+    split_warnings = []
+    for d, dt in collected.items():
+        target = eval_count(len(dt.texts), cfg.eval_fraction, cfg.eval_min_texts)
+        if len(parts["eval"][d]) > 2 * target:  # whole groups are drawn: one large group overshoots
+            split_warnings.append(f"{d}: eval holds {len(parts['eval'][d])} texts for a target of {target} "
+                                  f"(largest document group: {largest_group[d]} texts)")
     timings["split_s"] = time.perf_counter() - t0
 
     exists = out_dir.exists()
@@ -229,7 +243,7 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
         timings["pack_s"] = time.perf_counter() - t0
 
         # 5. balance
-        warnings = _imbalance_warnings(cfg, splits)
+        warnings = split_warnings + _imbalance_warnings(cfg, splits)
         for w in warnings:
             log.warning(w)
         if cfg.balance:
@@ -274,11 +288,14 @@ def build_dataset(cfg: DataBuildConfig, out_dir: str | Path, *, overwrite: bool 
             "near_duplicates": {
                 "method": f"MinHash LSH (datasketch, {NEAR_DUP_NUM_PERM} permutations) on lower-cased "
                           f"{NEAR_DUP_SHINGLE_WORDS}-word shingles (Python source with its string literals set aside), "
-                          f"estimated Jaccard >= {NEAR_DUP_THRESHOLD} between any two texts (all domains); their "
-                          "documents form one group, which the split keeps on one side",
+                          f"estimated Jaccard >= {NEAR_DUP_THRESHOLD} between two texts of different documents (all domains, "
+                          f"texts of {NEAR_DUP_MIN_SHINGLES}+ shingles); their documents form one group, which the "
+                          "split keeps on one side",
                 "threshold": NEAR_DUP_THRESHOLD,
                 "pairs": {d: sum(all_texts[i].domain == d for i, _, _ in groups.pairs) for d in collected},
                 "documents_joined": {d: joined.get(d, 0) for d in collected},
+                "largest_group_texts": largest_group,
+                "min_shingles_to_join": NEAR_DUP_MIN_SHINGLES,
                 "examples": [{"a": all_texts[i].id, "b": all_texts[j].id, "jaccard": round(jac, 3)}
                              for i, j, jac in groups.pairs[:5]],
             },

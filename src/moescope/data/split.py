@@ -28,6 +28,11 @@ SPLIT_RULES = 4
 NEAR_DUP_THRESHOLD = 0.8
 NEAR_DUP_SHINGLE_WORDS = 5
 NEAR_DUP_NUM_PERM = 128
+# Texts under this many shingles never join documents: short boilerplate (`def __repr__(self): return "_"`
+# once string literals are masked) is the same in many files and would chain them into one group.
+NEAR_DUP_MIN_SHINGLES = 20
+# A text record names its document group here when the group holds other documents too.
+GROUP_FIELD = "document_group"
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
@@ -108,14 +113,14 @@ def split_texts(
             continue
         chosen.add(docs[int(i)])
         got += sizes[docs[int(i)]]
-    if got < n_eval or len(chosen) == len(docs):
+    if got < n_eval or len(chosen) < n_eval_docs or len(chosen) == len(docs):
         n_placed = sum(g in placed for g in docs)
         fixed = f"; {n_placed} placed by another domain's near-duplicates" if n_placed else ""
         raise MoescopeError(
             f"domain {domain!r}: too few texts for the split ({n} texts in {len(docs)} source documents "
             f"(near-duplicates joined{fixed}), "
-            f"{n_eval} needed for eval = max({eval_min_texts}, {eval_fraction:g} x {n}) plus at least one "
-            "document for train)"
+            f"{n_eval} needed for eval = max({eval_min_texts}, {eval_fraction:g} x {n}) in at least {n_eval_docs} "
+            "of them, plus at least one document for train)"
         )
     train = [t for t, k in zip(texts, keys) if k not in chosen]
     evals = [t for t, k in zip(texts, keys) if k in chosen]
@@ -218,7 +223,8 @@ class DocumentGroups:
     near-duplicates one of its own (any domain, transitively). The split keeps a group on one side.
 
     key[i] is the group of texts[i] (its smallest document key, so the name does not depend on order);
-    pairs lists the near-duplicate text pairs (i, j, estimated Jaccard) that joined documents.
+    pairs lists the near-duplicate text pairs of different documents (i, j, estimated Jaccard). Texts of
+    fewer than NEAR_DUP_MIN_SHINGLES shingles join no documents.
     """
 
     key: list[str]
@@ -274,20 +280,22 @@ def document_groups(
     for i, t in enumerate(texts):
         join(i, first_of_document.setdefault(document_key(t), i))
     pairs: list[tuple[int, int, float]] = []
-    if len(texts) > 1:
-        signatures = minhashes(texts, num_perm)
+    keys = [document_key(t) for t in texts]
+    joinable = [i for i, t in enumerate(texts) if shingle_hashes(near_duplicate_view(t)).size >= NEAR_DUP_MIN_SHINGLES]
+    if len(joinable) > 1:
+        signatures = dict(zip(joinable, minhashes([texts[i] for i in joinable], num_perm)))
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         with lsh.insertion_session() as session:
-            for i, m in enumerate(signatures):
-                session.insert(i, m, check_duplication=False)
-        for i, m in enumerate(signatures):
-            for j in sorted(lsh.query(m)):  # sorted: the same pairs in the same order every run
-                if j > i and (jac := m.jaccard(signatures[j])) >= threshold:
+            for i in joinable:
+                session.insert(i, signatures[i], check_duplication=False)
+        for i in joinable:
+            for j in sorted(lsh.query(signatures[i])):  # sorted: the same pairs in the same order every run
+                if j > i and keys[i] != keys[j] and (jac := signatures[i].jaccard(signatures[j])) >= threshold:
                     pairs.append((i, j, jac))
                     join(i, j)
     name: dict[int, str] = {}
-    for i, t in enumerate(texts):
-        r, k = root(i), document_key(t)
+    for i, k in enumerate(keys):
+        r = root(i)
         if r not in name or k < name[r]:
             name[r] = k
     return DocumentGroups(key=[name[root(i)] for i in range(len(texts))], pairs=pairs)

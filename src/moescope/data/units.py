@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from moescope.data.blocks import BlockStore, block_sources_path, texts_path
-from moescope.data.split import document_key
+from moescope.data.split import GROUP_FIELD, document_key
 from moescope.data.text import SourceText
 from moescope.errors import MoescopeError
 
-UNIT_DOCUMENT = "source document of each eval block's first token"
+UNIT_DOCUMENT = "source document (near-duplicate documents joined) of each eval block's first token"
 UNIT_TEXT = "held-out text (input record) of each eval block's first token"
 UNIT_BLOCK = "eval block"
 
@@ -55,8 +55,13 @@ class BlockUnits:
 
 
 def record_document(record: dict, line: int) -> str:
-    """The source document of a texts/*.jsonl record (:func:`document_key` of its SourceText); a record written
-    without an id (a hand-made file) and without document metadata is its own document, named by its line."""
+    """The document group of a texts/*.jsonl record: the one the build recorded (documents joined by
+    near-duplicates, split.GROUP_FIELD), else its document (:func:`document_key` of its SourceText). A
+    record written without an id (a hand-made file) and without document metadata is its own document,
+    named by its line."""
+    group = record.get(GROUP_FIELD)
+    if isinstance(group, str) and group:
+        return group
     text = SourceText.from_record(record)
     text.id = text.id or f"line {line}"
     return document_key(text)

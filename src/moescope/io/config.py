@@ -111,8 +111,8 @@ def layered_config(cls: type[T], path: str | Path | None, overrides: list[str] |
     """Config `cls` from a file (if given), then `key.sub=value` overrides, then a command's dedicated
     flags ({"dotted.key": value}, None = flag not given); later wins. Every command that takes
     --config, --set and its own flags builds its config here, so all of them layer alike. The values
-    given for `ranges`' keys are checked first (check_ranges), naming the flag (`flag_names`:
-    {"dotted.key": "--flag"}) when one set the value."""
+    given for `ranges`' keys, and the flags' values against their fields' declared bounds, are checked
+    first (check_ranges), naming the flag (`flag_names`: {"dotted.key": "--flag"}) when one set the value."""
     raw = load_config_file(path) if path else {}
     raw = deep_merge(raw, parse_overrides(list(overrides or [])))
     given: dict[str, Any] = {}
@@ -126,8 +126,20 @@ def layered_config(cls: type[T], path: str | Path | None, overrides: list[str] |
         node[parts[-1]] = value
     merged = deep_merge(raw, given)
     from_flags = {key: name for key, name in (flag_names or {}).items() if (flags or {}).get(key) is not None}
-    check_ranges(merged, ranges or {}, from_flags)
+    declared = {key: r for key in from_flags if (r := dotted_field_range(cls, key)) is not None}
+    check_ranges(merged, {**declared, **(ranges or {})}, from_flags)
     return from_dict(cls, merged)
+
+
+def dotted_field_range(cls: type, key: str) -> Range | None:
+    """The Range declared (`bounded`) for a dotted setting of dataclass `cls`, through nested dataclass fields."""
+    *path, name = key.split(".")
+    for part in path:
+        declared = getattr(cls, "__dataclass_fields__", {}).get(part)
+        if declared is None:
+            return None
+        cls = declared.default_factory if callable(declared.default_factory) else type(declared.default)
+    return field_range(cls, name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,12 @@ naming the file, never a KeyError or AttributeError deep in the reader."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from moescope.errors import MoescopeError
 
@@ -47,3 +50,16 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def _describe(value: Any) -> str:
     return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def json_ready(obj: Any) -> Any:
+    """NaN/inf -> None so the files are valid JSON for browsers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_ready(obj.item())
+    return obj

@@ -131,10 +131,12 @@ def arm_balancing(experiment: dict, arm: str) -> str | None:
 def resampled_units(metrics: dict) -> str:
     """What the intervals and permutation tests of a metrics file moved whole, as a plural noun: the
     statistics header's unit (moescope.data.units); files written before it was recorded resampled blocks."""
-    from moescope.data.units import UNIT_DOCUMENT, UNIT_TEXT
-
-    unit = (metrics.get("statistics") or {}).get("unit")
-    return {UNIT_DOCUMENT: "source documents", UNIT_TEXT: "held-out texts"}.get(unit, "blocks")
+    unit = str((metrics.get("statistics") or {}).get("unit") or "")
+    # by the description's head noun, so that a reworded description (units.UNIT_*) still reads right
+    for head, plural in (("source document", "source documents"), ("held-out text", "held-out texts")):
+        if unit.startswith(head):
+            return plural
+    return "blocks"
 
 
 def layer_curves_caption(units: str) -> str:

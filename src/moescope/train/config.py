@@ -107,7 +107,7 @@ class TrainConfig:
     # evenly), "auto" = "mixed" for expert-choice models, whose routing depends on the batch
     eval_batch_order: Literal["auto", "by_domain", "mixed"] = "auto"
     checkpoint_every_steps: int = bounded(100, low=0)  # 0 = only at the end and on SIGINT/SIGTERM
-    keep_checkpoints: int = bounded(2, low=1)
+    keep_checkpoints: int = bounded(2, low=0)  # 0 keeps one, the newest (runs written with 0 stay resumable)
     snapshot_at_eval: bool = True  # model-only snapshot at every eval (router saturation analysis)
     cpu_threads: int | None = bounded(None, low=1)  # torch intra-op threads on CPU; None = torch's default
     # A step whose loss or gradient norm is NaN/inf is never applied. "stop": training stops at once
