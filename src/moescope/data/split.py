@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,10 +169,14 @@ def near_duplicate_view(t: SourceText) -> str:
 
 def minhashes(texts: Sequence[SourceText], num_perm: int = NEAR_DUP_NUM_PERM) -> list:
     """datasketch MinHash signature of each text's shingle set (seed fixed: both sides comparable)."""
+    return signatures_of((shingle_hashes(near_duplicate_view(t)) for t in texts), num_perm)
+
+
+def signatures_of(shingle_sets: Iterable[np.ndarray], num_perm: int = NEAR_DUP_NUM_PERM) -> list:
+    """datasketch MinHash signatures of precomputed shingle hash sets (the one place the seed is set)."""
     from datasketch import MinHash
 
-    return MinHash.bulk((shingle_hashes(near_duplicate_view(t)) for t in texts), num_perm=num_perm, seed=1,
-                        hashfunc=_identity)
+    return MinHash.bulk(shingle_sets, num_perm=num_perm, seed=1, hashfunc=_identity)
 
 
 @dataclass
@@ -276,14 +280,15 @@ def document_groups(
         if a != b:
             parent[max(a, b)] = min(a, b)
 
-    first_of_document: dict[str, int] = {}
-    for i, t in enumerate(texts):
-        join(i, first_of_document.setdefault(document_key(t), i))
-    pairs: list[tuple[int, int, float]] = []
     keys = [document_key(t) for t in texts]
-    joinable = [i for i, t in enumerate(texts) if shingle_hashes(near_duplicate_view(t)).size >= NEAR_DUP_MIN_SHINGLES]
+    first_of_document: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        join(i, first_of_document.setdefault(k, i))
+    pairs: list[tuple[int, int, float]] = []
+    shingles = [shingle_hashes(near_duplicate_view(t)) for t in texts]
+    joinable = [i for i, sh in enumerate(shingles) if sh.size >= NEAR_DUP_MIN_SHINGLES]
     if len(joinable) > 1:
-        signatures = dict(zip(joinable, minhashes([texts[i] for i in joinable], num_perm)))
+        signatures = dict(zip(joinable, signatures_of((shingles[i] for i in joinable), num_perm)))
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         with lsh.insertion_session() as session:
             for i in joinable:
