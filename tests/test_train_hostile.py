@@ -78,28 +78,22 @@ def test_train_refuses_a_setting_outside_its_bounds_before_writing(config: Path,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", [["demo"], ["sweep", "demo"]])
-def test_demo_and_sweep_refuse_steps_that_could_never_finish_before_writing(tmp_path: Path, capsys,
-                                                                           command: list[str]) -> None:
-    out = tmp_path / "out"
-    assert main([*command, "--set", "experiment.train.steps=1e20", "--out", str(out)]) == 2
-    assert "config experiment.train.steps: expected an integer, got 1e+20" in error_line(capsys)
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("setting, says", [
-    ("analysis.batch_blocks=0", "config analysis.batch_blocks must be in [1, 1048576], got 0"),
-    ("analysis.statistics.n_resamples=1e20", "config analysis.statistics.n_resamples: expected an integer"),
-    ("analysis.statistics.confidence_level=1.5", "config analysis.statistics.confidence_level must be in (0, 1)"),
-    ("analysis.max_blocks_per_domain=0", "config analysis.max_blocks_per_domain must be >= 1, got 0"),
-    ("cluster.merge.alpha=-1", "config cluster.merge.alpha must be >= 0, got -1.0"),
-    ("cluster.capture.n_batches=0", "config cluster.capture.n_batches must be >= 1, got 0"),
+@pytest.mark.parametrize("command, setting, says", [
+    (["demo"], "experiment.train.steps=1e20", "config experiment.train.steps: expected an integer, got 1e+20"),
+    (["sweep", "demo"], "experiment.train.steps=1e20", "config experiment.train.steps: expected an integer, got 1e+20"),
+    # settings used only after training must not cost a training run to be found wrong
+    (["demo"], "analysis.batch_blocks=0", "config analysis.batch_blocks must be in [1, 1048576], got 0"),
+    (["demo"], "analysis.statistics.n_resamples=1e20", "config analysis.statistics.n_resamples: expected an integer"),
+    (["demo"], "analysis.statistics.confidence_level=1.5",
+     "config analysis.statistics.confidence_level must be in (0, 1)"),
+    (["demo"], "analysis.max_blocks_per_domain=0", "config analysis.max_blocks_per_domain must be >= 1, got 0"),
+    (["demo"], "cluster.merge.alpha=-1", "config cluster.merge.alpha must be >= 0, got -1.0"),
+    (["demo"], "cluster.capture.n_batches=0", "config cluster.capture.n_batches must be >= 1, got 0"),
 ])
-def test_demo_refuses_analysis_and_clustering_settings_outside_their_bounds_before_training(
-        tmp_path: Path, capsys, setting: str, says: str) -> None:
-    """Settings used only after training must not cost a training run to be found wrong."""
+def test_demo_and_sweep_refuse_a_setting_outside_its_bounds_before_writing(
+        tmp_path: Path, capsys, command: list[str], setting: str, says: str) -> None:
     out = tmp_path / "out"
-    assert main(["demo", "--set", setting, "--out", str(out)]) == 2
+    assert main([*command, "--set", setting, "--out", str(out)]) == 2
     assert error_line(capsys).startswith(f"moescope: error: {says}")
     assert not out.exists()
 
