@@ -105,3 +105,48 @@ def test_bootstrap_intervals():
     mean, lo, hi = paired_difference_interval(values + 0.1, values, n_resamples=200)
     assert mean == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
     assert math.isnan(bootstrap_interval(np.array([]))[0])
+
+
+def test_text_units_join_sources_that_share_a_text():
+    from moescope.embed.pairs import text_units
+
+    pairs = [TextPair("q1", "p1", "x", "x:b", "dataset"), TextPair("q2", "p2", "x", "x:c", "dataset"),
+             TextPair("q3", "p1", "x", "x:d", "dataset"),  # shares p1 with x:b: one unit, named by x:b
+             TextPair("q4", "p4", "x", "x:a", "dataset"),
+             TextPair("q1", "p5", "y", "x:b", "dataset")]  # the same text and source id in another domain
+    units = text_units(pairs)
+    assert units[("x", "q1")] == units[("x", "q3")] == units[("x", "p1")] == ("x", "x:b")
+    assert units[("x", "q2")] == ("x", "x:c") and units[("x", "q4")] == ("x", "x:a")
+    assert units[("y", "q1")] == ("y", "x:b") != units[("x", "q1")]
+
+
+def test_intervals_resample_source_documents():
+    """Queries of one source move together: each source's queries doubled in the same source gives the
+    interval of the sources alone; the copies counted as independent sources give a narrower one."""
+    rng = np.random.default_rng(3)
+    values = rng.random(30)
+    once = bootstrap_interval(values, n_resamples=500)
+    doubled = np.repeat(values, 2)
+    same = bootstrap_interval(doubled, units=np.repeat(np.arange(30), 2), n_resamples=500)
+    assert same == pytest.approx(once)
+    lo, hi = bootstrap_interval(doubled, n_resamples=500)
+    assert hi - lo < 0.85 * (once[1] - once[0])
+    # all queries from one source: nothing to resample, no interval
+    assert all(math.isnan(v) for v in bootstrap_interval(values, units=np.zeros(30, dtype=int)))
+    mean, lo, hi = paired_difference_interval(doubled + rng.normal(0, 0.1, 60), doubled,
+                                              units=np.repeat(np.arange(30), 2), n_resamples=300)
+    assert lo < mean < hi
+
+
+def test_evaluate_encoder_counts_and_resamples_sources():
+    model = static_model()
+    # x's three queries come from two sources (x:0 holds two of them)
+    evals = [TextPair("a", "a", "x", "x:0", "dataset"), TextPair("b c", "a c", "x", "x:0", "dataset"),
+             TextPair("d", "b", "x", "x:2", "dataset")]
+    report = evaluate_encoder(model, evals, [], EvalConfig(n_bootstrap=200))
+    assert report["retrieval"]["x"]["n_queries"] == 3 and report["retrieval"]["x"]["n_units"] == 2
+    assert "source document" in report["interval_unit"]
+    # two units: the resamples are {x:0}, {x:2} or both, so the interval's ends are those means
+    lo, hi = report["retrieval"]["x"]["mrr@10_ci"]
+    assert lo == pytest.approx(np.mean([1.0, 0.5])) and hi == pytest.approx(1.0)
+    np.testing.assert_array_equal(np.unique(report["per_query_units"]["x"], return_counts=True)[1], [2, 1])

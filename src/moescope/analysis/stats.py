@@ -256,6 +256,39 @@ def bootstrap_interval(
     return Interval(estimate, low, high, confidence_level, n_resamples, method)
 
 
+def mean_interval(
+    values: np.ndarray,
+    unit: np.ndarray,
+    *,
+    strata: np.ndarray | None = None,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Cluster bootstrap CI of the mean of per-item ``values`` [N], resampling whole units.
+
+    unit [N]: each item's resampling unit (the queries cut from one source document move
+    together); strata [N] (ints, e.g. each item's domain): units are resampled within their
+    stratum, as :func:`bootstrap_interval`. The mean is over items (a unit weighs as many items
+    as it holds). Constant values have the value as both ends; a sample that cannot be
+    resampled (fewer than two units) has no interval: NaN ends. No items: NaN throughout.
+    """
+    values = np.asarray(values, dtype=float).reshape(-1)
+    if values.size == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), confidence_level, n_resamples, "percentile")
+    mean = float(values.mean())
+    if np.all(values == values[0]):
+        return Interval(mean, mean, mean, confidence_level, n_resamples, "percentile")
+    labels = np.zeros(values.size, dtype=np.int64) if strata is None else np.asarray(strata, dtype=np.int64)
+    units = Units.of(np.asarray(unit), labels)
+    if units.n < 2:
+        return Interval(mean, float("nan"), float("nan"), confidence_level, n_resamples, "percentile")
+    sums = units.sums(np.stack([values, np.ones_like(values)], axis=1))
+    iv = bootstrap_interval(sums, lambda s: s[..., 0] / s[..., 1], strata=units.strata(), n_resamples=n_resamples,
+                            confidence_level=confidence_level, seed=seed)
+    return Interval(mean, iv.low, iv.high, confidence_level, n_resamples, iv.method)
+
+
 # --------------------------------------------------------------------------- permutation test
 
 

@@ -271,14 +271,12 @@ def compare(cfg: BTXConfig, out: Path, *, embedding_cache: Path | None = None) -
 def paired_delta(block_nll: np.ndarray, ref_block_nll: np.ndarray, tokens_per_block: int,
                  domain_ids: np.ndarray, block_unit: np.ndarray | None = None) -> dict:
     """Token-weighted loss difference to the reference on the same blocks, with a 95% cluster
-    bootstrap interval: the blocks' sums summed per unit (``block_unit``, the source document of each
-    block's first token; None = each block alone), units resampled within their domain (over all units
-    when a domain has fewer than two)."""
-    from moescope.analysis.stats import Units, bootstrap_interval
+    bootstrap interval over units (``block_unit``, the source document of each block's first token;
+    None = each block alone), resampled within their domain (:func:`moescope.analysis.stats.mean_interval`)."""
+    from moescope.analysis.stats import mean_interval
 
-    units = Units.of(np.arange(len(block_nll)) if block_unit is None else block_unit, domain_ids)
-    sums = units.sums(np.stack([block_nll - ref_block_nll, np.full(len(block_nll), float(tokens_per_block))], axis=1))
-    iv = bootstrap_interval(sums, lambda s: s[..., 0] / s[..., 1], strata=units.strata(), n_resamples=1000)
+    unit = np.arange(len(block_nll)) if block_unit is None else block_unit
+    iv = mean_interval((np.asarray(block_nll) - np.asarray(ref_block_nll)) / tokens_per_block, unit, strata=domain_ids)
     return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
 
 

@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from moescope.embed.config import EmbedRunConfig
     from moescope.embed.encoder import build_encoder
-    from moescope.embed.evaluate import evaluate_encoder
+    from moescope.embed.evaluate import evaluate_encoder, without_arrays
     from moescope.embed.pairs import load_pairs, pair_stats
     from moescope.embed.train import build_loss_dataset, train_encoder, validation_evaluator
     from moescope.errors import MoescopeError
@@ -109,8 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
     evaluator = validation_evaluator(split.validation, batch_size=cfg.eval.batch_size) if cfg.train.eval_every_steps else None
     result = train_encoder(model, build_loss_dataset(split.train, cfg.train.loss, miner, cfg.train), cfg.train,
                            evaluator=evaluator)
-    report = evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True)
-    report.pop("per_query")
+    report = without_arrays(evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True))
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         model.save(str(tmp / "model"))
         atomic_write_json(tmp / "config.json", to_dict(cfg))
@@ -139,7 +138,8 @@ def _print_stats(stats: dict) -> None:
 def _print_retrieval(report: dict) -> None:
     for domain, row in report["retrieval"].items():
         print(f"{domain:>10}: MRR@10 {row['mrr@10']:.3f} [{row['mrr@10_ci'][0]:.3f}, {row['mrr@10_ci'][1]:.3f}]"
-              f"  nDCG@10 {row['ndcg@10']:.3f}  R@1 {row['recall@1']:.3f}  ({row['n_queries']} queries)")
+              f"  nDCG@10 {row['ndcg@10']:.3f}  R@1 {row['recall@1']:.3f}  ({row['n_queries']} queries from "
+              f"{row['n_units']} sources; 95% CI resamples sources)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -147,7 +147,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from moescope.embed.config import EmbedRunConfig
     from moescope.embed.encoder import load_encoder
-    from moescope.embed.evaluate import evaluate_encoder, evaluate_user_pairs
+    from moescope.embed.evaluate import evaluate_encoder, evaluate_user_pairs, without_arrays
     from moescope.embed.pairs import load_pairs, read_pair_file
     from moescope.io.atomic import atomic_write_json
 
@@ -160,9 +160,8 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = _load_config(EmbedRunConfig, args)
     if args.pairs:
         user = read_pair_file(args.pairs)  # refused before the model loads
-        report = evaluate_user_pairs(load_encoder(model_dir, trust_remote_code=args.trust_remote_code), user,
-                                     cfg.eval, name=Path(args.pairs).stem, show_progress_bar=True)
-        report.pop("per_query", None)
+        report = without_arrays(evaluate_user_pairs(load_encoder(model_dir, trust_remote_code=args.trust_remote_code),
+                                                    user, cfg.eval, name=Path(args.pairs).stem, show_progress_bar=True))
         report.pop("cosine", None)
         if user.kind == "sts":
             lo, hi = report["spearman_ci"]
@@ -173,8 +172,7 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         split = load_pairs(cfg.pairs)
         model = load_encoder(model_dir, trust_remote_code=args.trust_remote_code)
-        report = evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True)
-        report.pop("per_query")
+        report = without_arrays(evaluate_encoder(model, split.eval, split.train, cfg.eval, show_progress_bar=True))
         _print_retrieval(report)
         knn = report["knn"]
         if "accuracy" in knn:

@@ -26,7 +26,9 @@ from moescope.embed.evaluate import (
     capture_encoder_routing,
     evaluate_encoder,
     first_choice_experts,
+    item_units,
     paired_difference_interval,
+    without_arrays,
 )
 from moescope.embed.pairs import PairSplit, load_pairs, pair_stats
 from moescope.embed.train import build_loss_dataset, train_encoder
@@ -59,7 +61,10 @@ def routing_summary(model, split: PairSplit, cfg: CompareConfig) -> tuple[dict[i
         model, [t for t, _ in items], [domains.index(d) for _, d in items], batch_size=cfg.eval.batch_size
     )
     summary_cfg = SummaryConfig(n_resamples=cfg.routing_resamples, n_permutations=cfg.routing_resamples, seed=cfg.eval.seed)
-    summary = {i: summarize_layer(table, domains, summary_cfg) for i, table in tables.items()}
+    # block = text index; a source document's texts move together in the intervals and the NMI test
+    unit_of = item_units(split.eval)
+    unit_of_text = np.array([unit_of[(d, t)] for t, d in items], dtype=np.int64)
+    summary = {i: summarize_layer(table, domains, summary_cfg, unit_of_block=unit_of_text) for i, table in tables.items()}
     return summary, first_choice_experts(tables[max(tables)], len(items))
 
 
@@ -147,11 +152,15 @@ def paired_differences(results: dict[str, Any], cfg: CompareConfig) -> dict[str,
             if arm == ref or arm == "base" or (ref == "dense" and moe_arm_top_k(arm) is None):
                 continue
             row = {}
+            domains = sorted(entry["per_query"])
+            units = np.concatenate([entry["per_query_units"][d] for d in domains])  # the same queries in every arm
+            strata = np.concatenate([np.full(entry["per_query_units"][d].size, i) for i, d in enumerate(domains)])
             for metric in HEADLINE:
-                a = np.concatenate([entry["per_query"][d][metric] for d in sorted(entry["per_query"])])
-                b = np.concatenate([results[ref]["per_query"][d][metric] for d in sorted(entry["per_query"])])
+                a = np.concatenate([entry["per_query"][d][metric] for d in domains])
+                b = np.concatenate([results[ref]["per_query"][d][metric] for d in domains])
                 mean, lo, hi = paired_difference_interval(
-                    a, b, confidence=cfg.eval.confidence, n_resamples=cfg.eval.n_bootstrap, seed=cfg.eval.seed
+                    a, b, units=units, strata=strata, confidence=cfg.eval.confidence,
+                    n_resamples=cfg.eval.n_bootstrap, seed=cfg.eval.seed,
                 )
                 row[metric] = {"estimate": mean, "low": lo, "high": hi}
             out[f"{arm}-{ref}"] = row
@@ -165,9 +174,7 @@ def _torch_threads() -> int:
 
 
 def _jsonable(entry: dict[str, Any]) -> dict[str, Any]:
-    out = dict(entry)
-    out.pop("per_query", None)  # arrays; the paired differences already use them
-    return out
+    return without_arrays(entry)  # the paired differences already used the per-query arrays
 
 
 # --------------------------------------------------------------------------- presentation
@@ -181,7 +188,10 @@ def format_table(doc: dict[str, Any]) -> str:
     """Markdown: IR metrics per domain with 95% intervals, k-NN accuracy, routing per layer."""
     arms = doc["arms"]
     domains = sorted(next(iter(arms.values()))["retrieval"])
-    lines = [f"MRR@10 per domain and pooled (95% bootstrap CI over queries); "
+    first = next(iter(arms.values()))
+    units = ", ".join(f"{d} {first['retrieval'][d]['n_queries']} queries / {first['retrieval'][d].get('n_units', '?')} sources"
+                      for d in domains)
+    lines = [f"MRR@10 per domain and pooled (95% bootstrap CI resampling the queries' source documents: {units}); "
              f"steps {doc['config']['train']['steps']} x {doc['config']['train']['batch_size_pairs']} pairs, "
              f"loss {doc['config']['train']['loss']}", ""]
     header = ["arm", *domains, "all: MRR@10", "all: nDCG@10", "all: R@1", "kNN domain acc", "mean cosine",

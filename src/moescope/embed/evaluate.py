@@ -5,7 +5,7 @@ Retrieval numbers come from sentence-transformers' own InformationRetrievalEvalu
 anchors are the queries and its held-out positives the corpus, so every query competes
 against same-domain distractors. For intervals the evaluator's metrics are split into
 per-query contributions *by the evaluator's own code* (see `per_query_metrics`) and
-bootstrapped over queries. k-NN domain classification fits scikit-learn's
+bootstrapped over the queries' source documents (a module's docstring queries move together). k-NN domain classification fits scikit-learn's
 KNeighborsClassifier on training-pair embeddings and predicts held-out texts' domains.
 """
 
@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from moescope.embed.pairs import TextPair, UserPairs
+from moescope.embed.pairs import TextPair, UserPairs, text_units
 from moescope.embed.stats import embedding_stats
 from moescope.io.config import bounded
 from moescope.train.config import MAX_SEED
 
+# What every interval here resamples (recorded beside the numbers).
+INTERVAL_UNIT = "source document of each query / text (sources sharing a text joined), within its domain"
 # Metric keys as the evaluator names them, with "@k" filled in ("mrr@10", "ndcg@10", ...).
 EVALUATOR_METRIC_GROUPS = ("accuracy@k", "precision@k", "recall@k", "ndcg@k", "mrr@k", "map@k")
 
@@ -149,29 +151,30 @@ def per_query_metrics(evaluator, hits: list[list[dict]]) -> dict[str, np.ndarray
 
 
 def bootstrap_interval(
-    values: np.ndarray, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+    values: np.ndarray, *, units: np.ndarray | None = None, strata: np.ndarray | None = None,
+    confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (scipy.stats.bootstrap); degenerate samples
-    (constant or a single value) get the value itself as both ends."""
-    from scipy import stats
+    """Percentile bootstrap interval of the mean over items, resampling whole `units` (each item's
+    source document: :func:`moescope.embed.pairs.text_units`; None = each item alone) within `strata`
+    (ints, e.g. the item's domain). Constant values get the value as both ends; fewer than two units,
+    or no items, NaN (no interval)."""
+    from moescope.analysis.stats import mean_interval
 
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2 or np.all(values == values[0]):
-        v = float(values.mean()) if values.size else float("nan")
-        return v, v
-    res = stats.bootstrap(
-        (values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-        method="percentile", rng=np.random.default_rng(seed),
-    )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    unit = np.arange(values.size) if units is None else np.asarray(units)
+    iv = mean_interval(values, unit, strata=strata, n_resamples=n_resamples, confidence_level=confidence, seed=seed)
+    return iv.low, iv.high
 
 
 def paired_difference_interval(
-    a: np.ndarray, b: np.ndarray, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+    a: np.ndarray, b: np.ndarray, *, units: np.ndarray | None = None, strata: np.ndarray | None = None,
+    confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
 ) -> tuple[float, float, float]:
-    """Mean of a - b over the same queries and its paired bootstrap interval."""
+    """Mean of a - b over the same items and its paired bootstrap interval (over `units`, see
+    :func:`bootstrap_interval`)."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    lo, hi = bootstrap_interval(diff, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    lo, hi = bootstrap_interval(diff, units=units, strata=strata, confidence=confidence, n_resamples=n_resamples,
+                                seed=seed)
     return float(diff.mean()), lo, hi
 
 
@@ -216,6 +219,8 @@ def evaluate_encoder(
     """
     cfg = cfg or EvalConfig()
     tasks = build_ir_tasks(eval_pairs)
+    unit_of = item_units(eval_pairs)
+    domain_id = {d: i for i, d in enumerate(sorted(tasks))}
     knn_train = select_knn_neighbours(train_pairs, per_domain=knn_train_per_domain, seed=cfg.seed)
     texts = sorted({t for p in eval_pairs for t in (p.anchor, p.positive)} | {t for t, _ in knn_train})
     embeddings = model.encode(
@@ -224,6 +229,7 @@ def evaluate_encoder(
     cache = dict(zip(texts, embeddings.cpu()))
     retrieval: dict[str, dict[str, Any]] = {}
     per_query: dict[str, dict[str, np.ndarray]] = {}
+    query_units: dict[str, np.ndarray] = {}
     for domain, task in tasks.items():
         evaluator = make_ir_evaluator(task, cfg)
         evaluator.embedding_cache = cache
@@ -232,22 +238,27 @@ def evaluate_encoder(
         metrics = {k[len(prefix):]: float(v) for k, v in raw.items() if k.startswith(prefix)}
         pq = per_query_metrics(evaluator, evaluator.last_hits)
         per_query[domain] = pq
-        row: dict[str, Any] = {"n_queries": len(evaluator.queries), "n_corpus": len(evaluator.corpus)}
+        # the evaluator's per-query order is its own `queries` list (queries with judgements)
+        query_units[domain] = np.array([unit_of[(domain, q)] for q in evaluator.queries], dtype=np.int64)
+        row: dict[str, Any] = {"n_queries": len(evaluator.queries), "n_corpus": len(evaluator.corpus),
+                               "n_units": int(np.unique(query_units[domain]).size)}
         for key, value in metrics.items():
             row[key] = value
-            row[f"{key}_ci"] = list(
-                bootstrap_interval(pq[key], confidence=cfg.confidence, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
-            )
+            row[f"{key}_ci"] = list(bootstrap_interval(
+                pq[key], units=query_units[domain], confidence=cfg.confidence, n_resamples=cfg.n_bootstrap,
+                seed=cfg.seed))
         retrieval[domain] = row
 
     pooled: dict[str, Any] = {}
     if per_query:
+        units_all = np.concatenate(list(query_units.values()))
+        strata_all = np.concatenate([np.full(u.size, domain_id[d]) for d, u in query_units.items()])
         for key in next(iter(per_query.values())):
             allv = np.concatenate([pq[key] for pq in per_query.values()])
             pooled[key] = float(allv.mean())
-            pooled[f"{key}_ci"] = list(
-                bootstrap_interval(allv, confidence=cfg.confidence, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
-            )
+            pooled[f"{key}_ci"] = list(bootstrap_interval(
+                allv, units=units_all, strata=strata_all, confidence=cfg.confidence, n_resamples=cfg.n_bootstrap,
+                seed=cfg.seed))
 
     test = sorted({(t, p.domain) for p in eval_pairs for t in (p.anchor, p.positive)})
     knn: dict[str, Any] = {"n_items": len(test), "n_neighbours_pool": len(knn_train)}
@@ -259,13 +270,27 @@ def evaluate_encoder(
         )
         correct = out.pop("correct")
         knn.update(out)
-        knn["accuracy_ci"] = list(
-            bootstrap_interval(correct, confidence=cfg.confidence, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
-        )
+        knn["accuracy_ci"] = list(bootstrap_interval(
+            correct, units=np.array([unit_of[(d, t)] for t, d in test]),
+            strata=np.array([domain_id[d] for _, d in test]), confidence=cfg.confidence,
+            n_resamples=cfg.n_bootstrap, seed=cfg.seed))
     held_out = sorted({t for p in eval_pairs for t in (p.anchor, p.positive)})
     stats = embedding_stats(np.stack([cache[t].float().numpy() for t in held_out])) if len(held_out) >= 2 else {}
     return {"retrieval": retrieval, "retrieval_all": pooled, "knn": knn, "embedding_stats": stats,
-            "per_query": per_query}
+            "interval_unit": INTERVAL_UNIT, "per_query": per_query, "per_query_units": query_units}
+
+
+def without_arrays(report: dict[str, Any]) -> dict[str, Any]:
+    """An `evaluate_encoder` report without its per-query arrays (what is written to JSON and printed)."""
+    return {k: v for k, v in report.items() if k not in ("per_query", "per_query_units")}
+
+
+def item_units(pairs: Sequence[TextPair]) -> dict[tuple[str, str], int]:
+    """(domain, text) of every anchor and positive -> an int id of its resampling unit
+    (:func:`moescope.embed.pairs.text_units`)."""
+    units = text_units(pairs)
+    ids = {u: i for i, u in enumerate(sorted(set(units.values())))}
+    return {item: ids[u] for item, u in units.items()}
 
 
 def select_knn_neighbours(train_pairs: Sequence[TextPair], *, per_domain: int, seed: int) -> list[tuple[str, str]]:

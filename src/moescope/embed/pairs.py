@@ -271,6 +271,32 @@ def split_pairs(
     )
 
 
+def text_units(pairs: Sequence[TextPair]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(domain, text) of every anchor and positive -> its resampling unit for intervals.
+
+    Queries and texts cut from one source document (up to `max_pairs_per_source` docstrings of one
+    module) are not independent draws, so a bootstrap moves a source's texts together. Sources that
+    share a text (the same one-line docstring in two modules) are joined, transitively, within a
+    domain; a unit is named (domain, the smallest source id it holds).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    texts = sorted({(p.domain, t) for p in pairs for t in (p.anchor, p.positive)})
+    sources = sorted({(p.domain, p.source_id) for p in pairs})
+    text_row = {t: i for i, t in enumerate(texts)}
+    source_row = {s: len(texts) + i for i, s in enumerate(sources)}
+    edges = [(text_row[(p.domain, t)], source_row[(p.domain, p.source_id)]) for p in pairs for t in (p.anchor, p.positive)]
+    n = len(texts) + len(sources)
+    rows, cols = zip(*edges) if edges else ((), ())
+    graph = coo_matrix(([1] * len(rows), (rows, cols)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    name: dict[int, tuple[str, str]] = {}
+    for source, row in source_row.items():  # sorted: the first source of a component is its smallest
+        name.setdefault(int(component[row]), source)
+    return {t: name[int(component[row])] for t, row in text_row.items()}
+
+
 def find_leaks(split: PairSplit) -> dict[str, int]:
     """Counts of sources and texts shared by train and eval (all zero for a clean split)."""
     train_sources = {p.source_id for p in split.train}
