@@ -18,8 +18,9 @@ from moescope.analysis.summary import (
 )
 from moescope.analysis.table import RoutingTable
 from moescope.data.blocks import BlockStore, block_sources_path, tokenizer_dir
-from moescope.data.units import UNIT_BLOCK, UNIT_DOCUMENT, UNIT_TEXT, eval_block_units
+from moescope.data.units import UNIT_BLOCK, UNIT_DOCUMENT, UNIT_NAMED_DOCUMENT, UNIT_TEXT, eval_block_units
 from moescope.errors import MoescopeError
+from moescope.report.build import resampled_units
 from test_analysis_summary import synthetic_table
 from train_fixtures import make_block_store
 
@@ -311,6 +312,20 @@ def test_released_model_texts_take_the_document_or_the_text_of_each_blocks_first
     # block 0 starts in text 0, blocks 1-6 in text 1
     assert held.unit_name == UNIT_TEXT
     assert blocks.unit.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 3, 3]
+
+    # the same texts naming their documents: p's two rows are one document, q's rows stay apart
+    rows.write_text("".join(json.dumps({"text": " ".join(["w"] * n), "domain": d, **doc}) + "\n"
+                            for d, n, doc in (("p", 20, {"document": "a"}), ("p", 40, {"document": "a"}),
+                                              ("q", 7, {"document": "a"}), ("q", 50, {}))))
+    held = texts.read_texts_file(rows)
+    blocks = texts.pack_texts(held.texts, Words(), 8, unit_keys=held.unit_keys, unit_name=held.unit_name)
+    assert held.unit_name == UNIT_NAMED_DOCUMENT and resampled_units({"statistics": {"unit": held.unit_name}}) == \
+        "source documents"
+    assert blocks.unit.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2, 2, 2]
+    for bad in ('{"text": "w", "domain": "p", "document": 3}', '{"text": "w", "domain": "p", "document": ""}'):
+        rows.write_text('{"text": "w w", "domain": "p"}\n' + bad + "\n")
+        with pytest.raises(MoescopeError, match=rf"{rows}:2: \"document\" must be a non-empty string"):
+            texts.read_texts_file(rows)
 
 
 def test_a_record_is_its_document_or_its_own_when_it_names_none() -> None:

@@ -30,7 +30,8 @@ def register(subparsers: Any) -> None:
     released.add_argument("--model", metavar="ID_OR_DIR", help="hub id or local directory of an MoE causal LM")
     released.add_argument("--out", metavar="DIR", help="output directory (with --model)")
     released.add_argument("--name", help="name of the model in metrics and report (default: last path part)")
-    released.add_argument("--texts", metavar="FILE.jsonl", help='held-out texts as {"text", "domain"} rows')
+    released.add_argument("--texts", metavar="FILE.jsonl", help='held-out texts as {"text", "domain"} rows; an optional "document" field names the '
+                          'source document (rows of one document move together in the intervals)')
     released.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (default auto)")
     released.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (cuda: all visible GPUs)")
     released.add_argument("--context", type=int, metavar="N", help="tokens per block (default min(512, model's))")

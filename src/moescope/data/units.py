@@ -24,6 +24,8 @@ from moescope.errors import MoescopeError
 
 UNIT_DOCUMENT = "source document (near-duplicate documents joined) of each eval block's first token"
 UNIT_TEXT = "held-out text (input record) of each eval block's first token"
+UNIT_NAMED_DOCUMENT = ("source document named by the texts file (its \"document\" field; a row without one "
+                       "is its own) of each eval block's first token")
 UNIT_BLOCK = "eval block"
 
 

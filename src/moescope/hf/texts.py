@@ -7,8 +7,8 @@ special tokens, joined with the tokenizer's EOS (when it has one) and cut into
 blocks of ``context`` tokens, the way `moescope data build` packs its own blocks;
 the last partial block of a domain is dropped. Each block's resampling unit for the
 statistics is what its first token comes from: the text's source document for a data
-directory (moescope.data.units.record_document of its jsonl row), the text (row) of a
-texts file.
+directory (moescope.data.units.record_document of its jsonl row), the row's "document"
+field in a texts file (a row without one: the row).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import numpy as np
 
 from moescope.data.blocks import MANIFEST_NAME, texts_path
 from moescope.data.packing import block_sources
-from moescope.data.units import UNIT_DOCUMENT, UNIT_TEXT, numbered, record_document
+from moescope.data.units import UNIT_DOCUMENT, UNIT_NAMED_DOCUMENT, UNIT_TEXT, numbered, record_document
 from moescope.errors import MoescopeError
 from moescope.io.jsonl import iter_jsonl_objects
 
 TOKENIZE_BATCH_TEXTS = 256
+# A texts file's optional field naming each row's source document (its resampling unit).
+DOCUMENT_FIELD = "document"
 
 
 @dataclass
@@ -75,16 +77,21 @@ def read_data_dir_texts(data_dir: str | Path, split: str = "eval") -> HeldOutTex
 
 
 def read_texts_file(path: str | Path) -> HeldOutTexts:
-    """The texts of a JSONL file with {"text": str, "domain": str} rows, domains in order of appearance,
-    each text (row) its own unit."""
+    """The texts of a JSONL file with {"text": str, "domain": str[, "document": str]} rows, domains in
+    order of appearance. A text's unit is its "document" (rows naming the same document in a domain
+    move together: the sections of one article, the files of one repository); a row without one is
+    its own unit."""
     path = Path(path)
     if not path.is_file():
         raise MoescopeError(f"{path}: no such texts file")
     rows = _read_jsonl(path, default_domain=None)
     if not rows:
         raise MoescopeError(f"{path}: no texts")
-    return HeldOutTexts({d: [row["text"] for row in r] for d, r in rows.items()},
-                        {d: [str(j) for j in range(len(r))] for d, r in rows.items()}, UNIT_TEXT)
+    named = any(DOCUMENT_FIELD in row for r in rows.values() for row in r)
+    keys = {d: [f"document {row[DOCUMENT_FIELD]}" if DOCUMENT_FIELD in row else f"row {j}" for j, row in enumerate(r)]
+            for d, r in rows.items()}
+    return HeldOutTexts({d: [row["text"] for row in r] for d, r in rows.items()}, keys,
+                        UNIT_NAMED_DOCUMENT if named else UNIT_TEXT)
 
 
 def _read_jsonl(path: Path, default_domain: str | None) -> dict[str, list[dict]]:
@@ -95,6 +102,9 @@ def _read_jsonl(path: Path, default_domain: str | None) -> dict[str, list[dict]]
         domain = row.get("domain", default_domain) if default_domain is not None else row.get("domain")
         if not isinstance(domain, str) or not domain:
             raise MoescopeError(f"{path}:{number}: expected a non-empty string \"domain\"")
+        if default_domain is None and DOCUMENT_FIELD in row and not (isinstance(row[DOCUMENT_FIELD], str)
+                                                                     and row[DOCUMENT_FIELD]):
+            raise MoescopeError(f"{path}:{number}: \"{DOCUMENT_FIELD}\" must be a non-empty string (or left out)")
         out.setdefault(domain, []).append(row)
     return out
 
