@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from moescope.analysis import metrics
+from moescope.analysis import metrics, stats
 from moescope.analysis.summary import (
     SummaryConfig, best_layer_nmi_test, statistics_header, summarize_eval_loss, summarize_layer, summarize_start_nmi,
     summarize_token_types,
@@ -213,3 +213,24 @@ def test_the_best_of_several_layers_is_tested_against_the_max_over_layers_null()
     assert own < test["pvalue"]  # picking the best of five costs: its own p understates the chance
     with pytest.raises(ValueError, match="one permutation null"):
         best_layer_nmi_test(layers, nulls[:5])
+
+
+def test_busiest_expert_share_interval_holds_its_estimate() -> None:
+    """An even load (each expert takes every block of its own, once per domain): any resample's own
+    maximum share lies above the whole set's 1/E, so an interval of the resampled maxima lies above the
+    estimate; the share of the expert busiest on the whole set has an interval around it."""
+    rng = np.random.default_rng(0)
+    n_exp, block_len = 16, 64
+    n_blocks = 3 * n_exp
+    block = np.repeat(np.arange(n_blocks), block_len)
+    domain = (block // n_exp)
+    top = (block % n_exp)[:, None]
+    probs = np.full((block.size, n_exp), 1.0 / n_exp, dtype=np.float16)
+    table = RoutingTable(rng.integers(10, 40, block.size), block, np.tile(np.arange(block_len), n_blocks), domain,
+                         top, np.ones_like(top, dtype=float), probs)
+    share = summarize_layer(table, ["code", "math", "prose"], CFG)["load"]["max_fraction"]
+    assert share["estimate"] == pytest.approx(1 / n_exp)
+    assert share["low"] < share["estimate"] < share["high"]
+    block_ids, block_domain, counts = stats.block_expert_counts(top, block, domain, n_exp)
+    resampled_max = stats.bootstrap_interval(counts, metrics.max_load_fraction, strata=block_domain, n_resamples=300)
+    assert resampled_max.low > share["estimate"]  # what the interval of the resampled maxima did

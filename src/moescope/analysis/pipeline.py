@@ -40,7 +40,8 @@ entropies in nats, JS divergences in bits)::
                       arms with a step-0 snapshot (the upcycled model before its router was trained):
                       nmi_start IV (that model's NMI on the same tokens), nmi_change IV (nmi - nmi_start,
                       paired: the same resampled units for both), nmi_start_step (0)
-      load            token_fraction [E], max_fraction IV, load_cv IV, effective_experts IV, dropped_fraction;
+      load            token_fraction [E], max_fraction IV (share of the expert busiest on the whole set),
+                      load_cv IV, effective_experts IV, dropped_fraction;
                       expert choice only: unrouted_fraction IV (tokens no expert took),
                       experts_per_token_counts [E+1] (tokens taken by 0, 1, ..., E experts)
       entropy         router_entropy_token IV, router_entropy_of_mean IV, router_entropy_max (ln E)

@@ -56,7 +56,8 @@ def statistics_header(cfg: SummaryConfig, units: dict | None = None) -> dict:
         **asdict(cfg),
         **(units or {"unit": UNIT_BLOCK}),
         "interval": "percentile bootstrap over units (whole units resampled, all their blocks together), "
-                    "within each domain (over all units together when a domain has fewer than 2)",
+                    "within each domain (a domain of one unit is held fixed; null where only such domains "
+                    "move a statistic; over all units together only when every domain has one)",
         "pvalue": "permutation of domain labels between units, (1 + #{null >= observed}) / (1 + n_permutations)",
         "nmi": "I(domain; expert) / H(domain), equal domain weights unless noted",
         "nmi_assignments": "nmi counts each of a token's top-k experts once; nmi_first_choice only its first choice",
@@ -244,9 +245,12 @@ def summarize_layer(
     # expert choice drops nothing (a gate of 0 there only pads a token with fewer than k experts)
     dropped = (np.asarray(table.gate_weight) == 0).sum(axis=1).astype(float) * (not ec)
     _, block_dropped = stats.sum_by_block(dropped, table.block, block_ids)
+    busiest = int(expert_totals.sum(axis=0).argmax())
     load = {
         "token_fraction": _rounded(metrics.load_fractions(expert_totals.sum(axis=0))),
-        "max_fraction": boot(expert_totals, metrics.max_load_fraction),
+        # the busiest expert is picked once, on the whole eval set: a resample's own maximum is biased
+        # upward (noise lifts some expert above the rest), which put the interval above the estimate
+        "max_fraction": boot(expert_totals, lambda c, e=busiest: metrics.load_fractions(c)[..., e]),
         "load_cv": boot(expert_totals, metrics.load_cv),
         "effective_experts": boot(expert_totals, metrics.effective_experts),
         "dropped_fraction": float(metrics.dropped_fraction(block_dropped.sum(), expert_totals.sum())),
