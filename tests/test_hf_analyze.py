@@ -95,6 +95,24 @@ def test_cli_writes_metrics_viewer_report(arch: str, source: str, shared, tmp_pa
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_one_document_per_domain_gives_no_interval_and_no_crash(shared, tmp_path: Path, capsys) -> None:
+    """Every domain's texts name one document: nothing to resample, so the intervals are null, printed
+    and drawn as n/a, while the estimates and the permutation test (which relabels the three units) stand."""
+    root, tok, _ = shared
+    model = save_model_dir(tmp_path / "mixtral", "mixtral", tokenizer=tok)
+    rows = [{"text": t, "domain": d, "document": f"all of {d}"} for d, ts in corpus(seed=1).items() for t in ts]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert _analyze(model, out, "--texts", str(tmp_path / "t.jsonl"), "--name", "tiny", *FAST) == 0
+    metrics = json.loads((out / "analysis" / "metrics.json").read_text())
+    assert metrics["statistics"]["n_units"] == {"code": 1, "math": 1, "prose": 1}
+    for entry in metrics["arms"]["tiny"]["layers"].values():
+        nmi = entry["specialization"]["nmi"]
+        assert 0.0 <= nmi["estimate"] <= 1.0 and nmi["low"] is None and nmi["high"] is None
+    assert "[n/a]" in capsys.readouterr().out
+    assert (out / "report" / "report.html").is_file()
+
+
 def test_moescope_model_through_the_same_path(shared, tmp_path: Path) -> None:
     """moescope's own MoE checkpoints go through the same capture (tokenizer taken from the data directory)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -241,11 +259,14 @@ def test_data_dir_without_texts_refused(mixtral_dir, tmp_path: Path, capsys) -> 
     _refused(capsys, mixtral_dir, out, ["--data", str(data), *FAST], "no held-out texts")
 
 
-def test_bad_texts_row_names_file_and_line(mixtral_dir, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("row, why", [('{"text": 3, "domain": "x"}', "string"),
+                                      ('{"text": "a \\ud800 b", "domain": "x"}', "unpaired surrogate"),
+                                      ('{"text": "a", "domain": "x", "document": 3}', "document")])
+def test_bad_texts_row_names_file_and_line(mixtral_dir, tmp_path: Path, capsys, row: str, why: str) -> None:
     path = tmp_path / "t.jsonl"
-    path.write_text('{"text": "a", "domain": "x"}\n{"text": 3, "domain": "x"}\n')
+    path.write_text('{"text": "a \\ud83d\\ude00 paired is fine", "domain": "x"}\n' + row + "\n")
     out = tmp_path / "out"
-    _refused(capsys, mixtral_dir, out, ["--texts", str(path), *FAST], f"{path}:2")
+    _refused(capsys, mixtral_dir, out, ["--texts", str(path), *FAST], f"{path}:2", why)
 
 
 def test_context_above_model_context_refused(shared, mixtral_dir, tmp_path: Path, capsys) -> None:
@@ -369,3 +390,50 @@ def test_broken_checkpoints_are_refused_not_filled_in(shared, mixtral_dir, tmp_p
     else:
         config_path.write_text("{ not json")
     _refused(capsys, model, tmp_path / "out", ["--data", str(shared[2]), *FAST], *needles)
+
+
+def test_out_holding_other_files_refused_before_loading(mixtral_dir, tmp_path: Path, capsys, monkeypatch) -> None:
+    """An OUT that holds a training run (or anything analyze --model did not write) is refused before a
+    weight is read, and left as it was; a previous analysis' OUT is reused."""
+    from moescope.hf import loading
+
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps({"text": t, "domain": d}) + "\n" for d, ts in corpus(seed=1).items() for t in ts))
+    run = tmp_path / "run"
+    (run / "arms").mkdir(parents=True)
+    (run / "experiment.json").write_text('{"experiment": {"arms": ["dense"]}}')
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were read before OUT was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    capsys.readouterr()
+    for out, why in ((run, "did not write (experiment.json"), (texts, "not a directory")):
+        assert _analyze(mixtral_dir, out, "--texts", str(texts), *FAST) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out}" in err[0] and why in err[0], err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    for name in (".", ".."):
+        assert _analyze(mixtral_dir, tmp_path / "new", "--texts", str(texts), "--name", name, *FAST) == 2
+        assert "not only dots" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert _analyze(mixtral_dir, tmp_path / "new", "--texts", str(tmp_path), *FAST) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    monkeypatch.undo()
+    out = tmp_path / "again"
+    assert _analyze(mixtral_dir, out, "--texts", str(texts), *FAST) == 0
+    assert _analyze(mixtral_dir, out, "--texts", str(texts), *FAST) == 0  # its own earlier results are replaced
+
+
+def test_a_domain_without_one_full_block_is_left_out(mixtral_dir, tmp_path: Path, caplog) -> None:
+    rows = [{"text": t, "domain": d} for d, ts in corpus(seed=1).items() for t in ts] + [{"text": "short", "domain": "tiny"}]
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert _analyze(mixtral_dir, out, "--texts", str(texts), *FAST) == 0
+    assert "tiny give no block of 32 tokens: left out" in caplog.text
+    metrics = json.loads((out / "analysis" / "metrics.json").read_text())
+    assert metrics["domains"] == ["code", "math", "prose"]
+    for entry in next(iter(metrics["arms"].values()))["layers"].values():
+        assert len(entry["specialization"]["expert_given_domain"]) == 3

@@ -194,7 +194,7 @@ def test_expert_choice_unrouted_share_per_layer_in_text_and_table(tmp_path: Path
 
 def test_an_interval_without_bounds_is_written_not_crashed_on() -> None:
     """Too few held-out blocks to resample leave low/high None; the report says n/a."""
-    from moescope.report.build import fmt_interval
+    from moescope.report.fmt import fmt_interval
 
     assert fmt_interval({"estimate": 0.5, "low": None, "high": None}) == "0.500 [n/a]"
     assert fmt_interval({"estimate": None, "low": None, "high": None}) == "n/a"

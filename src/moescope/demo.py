@@ -25,6 +25,7 @@ from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict,
 from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
 from moescope.presets import PRESETS, preset_path
+from moescope.report.fmt import fmt_interval
 from moescope.train.config import ExperimentConfig, validate_experiment
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def summary_rows(metrics: dict) -> list[dict[str, Any]]:
 
 def format_summary_table(rows: list[dict[str, Any]]) -> str:
     def iv(x: Any, d: int = 3) -> str:
-        return f"{x['estimate']:.{d}f} [{x['low']:.{d}f}, {x['high']:.{d}f}]" if isinstance(x, dict) else "-"
+        return fmt_interval(x, d) if isinstance(x, dict) else "-"
 
     head = (f"{'arm':<12} {'eval loss (domain-weighted)':<28} {'loss - dense (paired 95% CI, p)':<40} "
             f"{'best-layer NMI (95% CI)':<26} {'perm. p':<9} {'max load CV':<11}")
@@ -198,8 +199,7 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
         p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
         cv = f"{r['load_cv_max']:.2f}" if "load_cv_max" in r else "-"
         diff = r.get("loss_vs_dense")
-        paired = (f"{diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] p={diff['pvalue']:.2g}"
-                  if diff else "-")
+        paired = f"{fmt_interval(diff, 4, signed=True)} p={diff['pvalue']:.2g}" if diff else "-"
         line = f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}"
         lines.append((line + (f"  {iv(r.get('nmi_start'))}" if start else "")).rstrip())
     return "\n".join(lines)

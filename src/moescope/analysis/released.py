@@ -19,6 +19,7 @@ moved into place at the end::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -135,8 +136,9 @@ def analyze_released(
         raise MoescopeError("pass exactly one of --data DIR and --texts FILE.jsonl")
     source = str(model)
     name = name or Path(source.rstrip("/")).name or "model"
-    if not all(c.isalnum() or c in "-_." for c in name):
-        raise MoescopeError(f"--name {name!r}: use letters, digits, '-', '_' and '.'")
+    if not all(c.isalnum() or c in "-_." for c in name) or set(name) == {"."}:
+        raise MoescopeError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (not only dots)")
+    check_out_dir(out)
 
     # ---- everything that can refuse, before a byte is written or a weight is read
     if cfg.revision is not None and Path(source).exists():
@@ -207,6 +209,33 @@ def shared_expert_summary(n_shared: int, gate: np.ndarray | None, token_domain: 
         out["gate_mean_by_domain"] = {d: float(gate[token_domain == i].mean()) for i, d in enumerate(domains)
                                       if (token_domain == i).any()}
     return out
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an OUT that this analysis would write into wrongly, before any weight is read: a file, a
+    directory that cannot be created, or one holding what `analyze --model` did not write (a training
+    run, another tool's output), whose files the results would silently replace."""
+    if out.exists() and not out.is_dir():
+        raise MoescopeError(f"--out {out}: exists and is not a directory")
+    if not out.exists():
+        parent = next((p for p in out.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise MoescopeError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
+        return
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise MoescopeError(f"--out {out}: not writable")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RESULTS and not p.name.startswith("."))
+    described = out / "experiment.json"
+    if described.is_file():
+        try:
+            released = "released_model" in (json.loads(described.read_text(encoding="utf-8")).get("experiment") or {})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            released = False
+        if not released:
+            foreign.insert(0, "experiment.json (not an `analyze --model` description)")
+    if foreign:
+        raise MoescopeError(f"--out {out}: holds files `analyze --model` did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty directory")
 
 
 def _replace(src: Path, dst: Path) -> None:

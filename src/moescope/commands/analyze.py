@@ -119,13 +119,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result: dict) -> None:
+    from moescope.report.fmt import fmt_interval
+
     for name, arm in result["arms"].items():
         loss = arm["eval_loss"]["token_weighted"]
-        line = f"{name:<12} eval loss {loss['estimate']:.3f} [{loss['low']:.3f}, {loss['high']:.3f}]"
+        line = f"{name:<12} eval loss {fmt_interval(loss)}"
         head = arm.get("headline")
         if head:
             nmi = head["nmi"]
-            line += (f"  NMI {nmi['estimate']:.3f} [{nmi['low']:.3f}, {nmi['high']:.3f}] p={head['nmi_pvalue']:.4f}"
+            line += (f"  NMI {fmt_interval(nmi)} p={head['nmi_pvalue']:.4f}"
                      f" (layer {head['best_layer']})")
             unrouted = {k: v["load"]["unrouted_fraction"] for k, v in arm.get("layers", {}).items()
                         if "unrouted_fraction" in v["load"]}

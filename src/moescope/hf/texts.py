@@ -14,6 +14,7 @@ field in a texts file (a row without one: the row).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from moescope.data.packing import block_sources
 from moescope.data.units import UNIT_DOCUMENT, UNIT_NAMED_DOCUMENT, UNIT_TEXT, numbered, record_document
 from moescope.errors import MoescopeError
 from moescope.io.jsonl import iter_jsonl_objects
+
+log = logging.getLogger(__name__)
 
 TOKENIZE_BATCH_TEXTS = 256
 # A texts file's optional field naming each row's source document (its resampling unit).
@@ -83,7 +86,7 @@ def read_texts_file(path: str | Path) -> HeldOutTexts:
     its own unit."""
     path = Path(path)
     if not path.is_file():
-        raise MoescopeError(f"{path}: no such texts file")
+        raise MoescopeError(f"{path}: {'not a regular file' if path.exists() else 'no such texts file'}")
     rows = _read_jsonl(path, default_domain=None)
     if not rows:
         raise MoescopeError(f"{path}: no texts")
@@ -147,5 +150,12 @@ def pack_texts(
         unit_keys_of_blocks += [(d, keys[i]) for i in block_sources(ends, n, context)[:, 1]]
     if not blocks:
         raise MoescopeError(f"the held-out texts give no block of {context} tokens; pass a smaller --context")
-    return TextBlocks(np.stack(blocks), np.asarray(block_domain, dtype=np.int64), domains,
-                      numbered(unit_keys_of_blocks), unit_name)
+    block_domain_ids = np.asarray(block_domain, dtype=np.int64)
+    kept = sorted(set(block_domain))
+    if len(kept) < len(domains):  # a domain without one full block has nothing to route: left out, said
+        short = [domains[d] for d in range(len(domains)) if d not in kept]
+        log.warning("held-out texts of %s give no block of %d tokens: left out of the analysis",
+                    ", ".join(short), context)
+        block_domain_ids = np.searchsorted(kept, block_domain_ids)
+        domains = [domains[d] for d in kept]
+    return TextBlocks(np.stack(blocks), block_domain_ids, domains, numbered(unit_keys_of_blocks), unit_name)

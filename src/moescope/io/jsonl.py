@@ -34,4 +34,17 @@ def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]
                 raise MoescopeError(f"{path}:{number}: invalid JSON (nested too deeply)") from None
             if not isinstance(record, dict):
                 raise MoescopeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            if "\\u" in line and not _encodable(record):
+                # JSON's \ud800 escapes can spell a lone surrogate: valid JSON, but no text a tokenizer
+                # (or UTF-8 output) takes
+                raise MoescopeError(f"{path}:{number}: a string holds an unpaired surrogate (\\ud800-\\udfff)")
             yield number, record
+
+
+def _encodable(record: dict[str, Any]) -> bool:
+    """True when every string in the record is valid Unicode text (no unpaired surrogate)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

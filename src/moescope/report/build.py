@@ -19,6 +19,7 @@ from moescope.io.config import upgrade_keys
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
+from moescope.report.fmt import fmt_interval, interval_values
 from moescope.report.write import write_report
 
 # A permutation p-value below this calls routing dependent on the domain.
@@ -94,19 +95,6 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MoescopeError(f"{path} not found (run `moescope analyze` on the run first)")
     return read_json_object(path, {"arms": dict})
-
-
-def fmt_interval(iv: Any, digits: int = 3, signed: bool = False) -> str:
-    f = f"{'+' if signed else ''}.{digits}f"
-    if isinstance(iv, dict) and "estimate" in iv:
-        if not isinstance(iv["estimate"], (int, float)):
-            return "n/a"
-        if not all(isinstance(iv.get(k), (int, float)) for k in ("low", "high")):  # too few blocks to resample
-            return f"{iv['estimate']:{f}} [n/a]"
-        return f"{iv['estimate']:{f}} [{iv['low']:{f}}, {iv['high']:{f}}]"
-    if isinstance(iv, (int, float)):
-        return f"{iv:{f}}"
-    return "n/a"
 
 
 def _estimate(iv: Any) -> float:
@@ -256,7 +244,7 @@ def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict
     eff = layers[best].get("load", {}).get("effective_experts")
     eff_txt = (f"{fmt_interval(eff, 2)} effective experts of {n_exp} (exp of the load entropy) carry the routing"
                if eff is not None else "")
-    if p < SIGNIFICANCE_LEVEL and nmi["low"] >= STRONG_NMI:
+    if p < SIGNIFICANCE_LEVEL and interval_values(nmi)[1] >= STRONG_NMI:
         top = spec["max_expert_given_domain"]
         numbers = (f"{where}: {nmi_name} = {fmt_interval(nmi)} (95% CI), {p_txt}{null_txt}; the largest "
                    f"P(expert | domain) is {fmt_interval(top, 2)} against {1 / n_exp:.3f} for uniform routing")
@@ -381,7 +369,7 @@ def headline_sentences(metrics: dict, experiment: dict, arm_records: dict[str, l
         ordered = sorted(losses, key=lambda a: _estimate(losses[a]))
         parts = ", ".join(f"{a} {fmt_interval(losses[a])}" for a in ordered)
         best, rest = ordered[0], ordered[1:]
-        clear = [a for a in rest if losses[a]["low"] > losses[best]["high"]] if isinstance(losses[best], dict) else []
+        clear = [a for a in rest if interval_values(losses[a])[1] > interval_values(losses[best])[2]]
         paired = any("eval_loss_vs_dense" in v for v in arms.values())
         verdict = (f"{best} is lowest, with non-overlapping intervals against {', '.join(clear)}" if clear
                    else "these unpaired intervals overlap; the paired differences over the same blocks below "

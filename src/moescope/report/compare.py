@@ -21,7 +21,8 @@ from moescope.errors import MoescopeError, first_line
 from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
-from moescope.report.build import fmt_interval, moe_arms, resampled_units, specialization_sentence
+from moescope.report.build import moe_arms, resampled_units, specialization_sentence
+from moescope.report.fmt import fmt_interval
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.html import render_html, render_markdown
 

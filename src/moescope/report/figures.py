@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moescope.io.figure import save_figure  # noqa: E402
+from moescope.report.fmt import fmt_interval, interval_values  # noqa: E402
 
 ARM_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
 DPI = 110
@@ -129,8 +130,7 @@ def plot_expert_given_domain(metrics: dict, arms: list[str], path: Path) -> Path
                     ax.text(j, i, label, ha="center", va="center", fontsize=6.5 if n_exp <= 10 else 6,
                             color="white" if mat[i, j] < 0.6 * im.norm.vmax else "black")
             nmi = spec["nmi"]
-            ax.set_title(f"{arm} · layer {layer}\nNMI {nmi['estimate']:.3f} [{nmi['low']:.3f}, {nmi['high']:.3f}]"
-                         f" p={spec['nmi_pvalue']:.3g}", fontsize=8.5)
+            ax.set_title(f"{arm} · layer {layer}\nNMI {fmt_interval(nmi)} p={spec['nmi_pvalue']:.3g}", fontsize=8.5)
             ax.set_yticks(range(len(domains)), domains, fontsize=8)
             ax.set_xticks(range(n_exp), [str(j) for j in range(n_exp)], fontsize=7)
             ax.set_xlabel("expert", fontsize=8)
@@ -171,9 +171,8 @@ def plot_expert_given_domain_compact(metrics: dict, arms: list[str], path: Path)
                       rotation=90)
         ax.set_yticks(range(len(domains)), domains, fontsize=7)
         nmi, first = spec["nmi"], spec.get("nmi_first_choice", spec["nmi"])
-        ax.set_title(f"{arm} · layer {layer}: NMI top-{v['top_k']} {nmi['estimate']:.3f} "
-                     f"[{nmi['low']:.3f}, {nmi['high']:.3f}], first choice {first['estimate']:.3f}, "
-                     f"p={spec['nmi_pvalue']:.3g}", fontsize=8)
+        ax.set_title(f"{arm} · layer {layer}: NMI top-{v['top_k']} {fmt_interval(nmi)}, first choice "
+                     f"{fmt_interval(first['estimate'])}, p={spec['nmi_pvalue']:.3g}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     grouped_by_parent = any(metrics["arms"][a]["layers"][lay].get("expert_parent") for a, lay in panels)
     axes[-1, 0].set_xlabel("expert (fine-grained arms: grouped by the coarse expert they were sliced from; others: "
@@ -183,15 +182,6 @@ def plot_expert_given_domain_compact(metrics: dict, arms: list[str], path: Path)
                            fontsize=8)
     fig.suptitle(f"P(expert | domain) on held-out data (uniform = {1 / n_exp:.4f}; top-k assignments)", fontsize=10)
     return _save(fig, path)
-
-
-def _iv(entry: Any) -> tuple[float, float, float]:
-    if isinstance(entry, dict):
-        return (entry["estimate"], entry["low"] if entry["low"] is not None else math.nan,
-                entry["high"] if entry["high"] is not None else math.nan)
-    if entry is None:
-        return (math.nan, math.nan, math.nan)
-    return (float(entry), math.nan, math.nan)
 
 
 # (title, getter(layer dict) -> interval-like, reference line getter or None)
@@ -225,7 +215,7 @@ def plot_layer_curves(arms: dict[str, dict], path: Path) -> Path | None:
         x = np.array([int(i) for i in ids])
         marker = "o" if len(ids) <= 32 else None
         for ax, (title, get, ref) in zip(flat, LAYER_CURVES):
-            vals = np.array([_iv(get(arm["layers"][i])) for i in ids], dtype=float)
+            vals = np.array([interval_values(get(arm["layers"][i])) for i in ids], dtype=float)
             ax.plot(x, vals[:, 0], "-", color=color, marker=marker, ms=3, lw=1.4, label=label)
             if np.isfinite(vals[:, 1:]).any():
                 ax.fill_between(x, vals[:, 1], vals[:, 2], color=color, alpha=0.18, lw=0)
@@ -233,7 +223,7 @@ def plot_layer_curves(arms: dict[str, dict], path: Path) -> Path | None:
                 refs = [ref(arm["layers"][i]) for i in ids]
                 ax.plot(x, refs, ":", color="grey", lw=1)
             ax.set_title(title, fontsize=9)
-        first = np.array([_iv(arm["layers"][i]["specialization"].get("nmi_first_choice")) for i in ids])
+        first = np.array([interval_values(arm["layers"][i]["specialization"].get("nmi_first_choice")) for i in ids])
         if arm["layers"][ids[0]].get("top_k", 1) > 1 and np.isfinite(first[:, 0]).any():
             flat[0].plot(x, first[:, 0], "--", color=color, lw=1.2)
             flat[0].fill_between(x, first[:, 1], first[:, 2], color=color, alpha=0.1, lw=0)
@@ -376,7 +366,7 @@ def plot_format_test(metrics: dict, arms: list[str], path: Path) -> Path | None:
             js = entry.get("mean_token_js_divergence")
             if isinstance(js, dict):
                 ref = entry.get("reference_token_js_divergence") or {}
-                bars.append((f"{arm}\nlayer {layer}", js["estimate"], js["low"], js["high"],
+                bars.append((f"{arm}\nlayer {layer}", *interval_values(js),
                              ref.get("same domain", math.nan), ref.get("different domains", math.nan)))
     if not bars:
         return None
