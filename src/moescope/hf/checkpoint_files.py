@@ -4,7 +4,8 @@ transformers names only the directory when a shard's header is damaged, blocks f
 shard that is a FIFO, and reads quantized tensors (fp8, packed 4-bit blocks, int8) as plain
 numbers when config.json declares no quantization method it knows (it logs a warning and
 skips the quantizer): an analysis of such weights runs to the end on numbers nobody trained.
-Here every weight file is a regular file inside the directory whose header safetensors reads
+Here every weight file is a regular file named inside the directory (a symlink, as in a hub snapshot,
+is followed to its target) whose header safetensors reads
 (moe/hf_model.safetensors_header, which names the file), and a checkpoint that stores quantized tensors must declare a method
 transformers dequantizes.
 """
