@@ -58,6 +58,9 @@ def statistics_header(cfg: SummaryConfig, units: dict | None = None) -> dict:
         "interval": "percentile bootstrap over units (whole units resampled, all their blocks together), "
                     "within each domain (a domain of one unit is held fixed; null where only such domains "
                     "move a statistic; over all units together only when every domain has one)",
+        "interval_bias": "a plug-in statistic (NMI, load CV) is biased upward in small samples, and so "
+                         "are its resamples: near 0 its percentile interval can lie above the estimate; whether "
+                         "routing depends on the domain at all is the permutation test's question (pvalue)",
         "pvalue": "permutation of domain labels between units, (1 + #{null >= observed}) / (1 + n_permutations)",
         "nmi": "I(domain; expert) / H(domain), equal domain weights unless noted",
         "nmi_assignments": "nmi counts each of a token's top-k experts once; nmi_first_choice only its first choice",
