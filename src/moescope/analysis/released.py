@@ -147,7 +147,7 @@ def analyze_released(
     held_out = texts.read_data_dir_texts(data_dir) if data_dir is not None else texts.read_texts_file(texts_file)
     if loading.is_moescope_dir(source):
         net, tokenizer, config, max_context, device = _prepare_moescope(source, data_dir, cfg)
-        adapter, sites = find_sites(net)
+        adapter, sites = _sites(net, source)
         dtype_name = str(next(net.parameters()).dtype).removeprefix("torch.")
         plan = None
     else:
@@ -167,7 +167,7 @@ def analyze_released(
     if plan is not None:
         loading.check_memory(plan, force)
         net = loading.load_model(plan)
-        adapter, sites = find_sites(net)
+        adapter, sites = _sites(net, source)
     in_device = loading.input_device(net)
     info = _model_info(adapter, sites, config, source, dtype_name, device, context)
     if cfg.revision is not None:
@@ -209,6 +209,15 @@ def shared_expert_summary(n_shared: int, gate: np.ndarray | None, token_domain: 
         out["gate_mean_by_domain"] = {d: float(gate[token_domain == i].mean()) for i, d in enumerate(domains)
                                       if (token_domain == i).any()}
     return out
+
+
+def _sites(net, source: str):
+    """find_sites, its refusals named by the model they are about."""
+    try:
+        return find_sites(net)
+    except MoescopeError as exc:
+        message = str(exc)
+        raise MoescopeError(message if message.startswith(source) else f"{source}: {message}") from exc
 
 
 def check_out_dir(out: Path) -> None:
