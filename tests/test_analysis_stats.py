@@ -122,6 +122,13 @@ def test_permutation_test_detects_planted_dependence() -> None:
     assert set(res.to_dict()) == {"statistic", "pvalue", "n_permutations", "null_mean", "null_q95"}
 
 
+def test_an_undefined_statistic_has_no_pvalue() -> None:
+    """NMI over one domain is undefined (H(domain) = 0): no evidence, so p is NaN, not the smallest p."""
+    counts = np.array([[3.0, 1.0], [0.0, 4.0], [2.0, 2.0]])
+    res = stats.permutation_test_nmi(counts, np.zeros(3, dtype=int), 1, n_permutations=99)
+    assert np.isnan(res.statistic) and np.isnan(res.pvalue)
+
+
 def test_permutation_pvalues_are_uniform_without_dependence() -> None:
     # Routing clustered by block but independent of the domain: block-level shuffling
     # must give calibrated p-values (a token-level shuffle would not).

@@ -107,16 +107,18 @@ def test_bootstrap_intervals():
     assert math.isnan(bootstrap_interval(np.array([]))[0])
 
 
-def test_text_units_join_sources_that_share_a_text():
+def test_text_units_join_sources_that_share_a_query():
     from moescope.embed.pairs import text_units
 
     pairs = [TextPair("q1", "p1", "x", "x:b", "dataset"), TextPair("q2", "p2", "x", "x:c", "dataset"),
-             TextPair("q3", "p1", "x", "x:d", "dataset"),  # shares p1 with x:b: one unit, named by x:b
-             TextPair("q4", "p4", "x", "x:a", "dataset"),
+             TextPair("q1", "p3", "x", "x:d", "dataset"),  # the query of x:b again: one unit, named by x:b
+             TextPair("q3", "p6", "x", "x:e", "dataset"), TextPair("q3", "p7", "x", "x:d", "dataset"),  # and x:e
+             TextPair("q4", "p2", "x", "x:a", "dataset"),  # shares only a positive with x:c: stays apart
              TextPair("q1", "p5", "y", "x:b", "dataset")]  # the same text and source id in another domain
     units = text_units(pairs)
-    assert units[("x", "q1")] == units[("x", "q3")] == units[("x", "p1")] == ("x", "x:b")
+    assert {units[("x", t)] for t in ("q1", "p1", "p3", "q3", "p6", "p7")} == {("x", "x:b")}
     assert units[("x", "q2")] == ("x", "x:c") and units[("x", "q4")] == ("x", "x:a")
+    assert units[("x", "p2")] == ("x", "x:a")  # a positive of two units takes the smaller
     assert units[("y", "q1")] == ("y", "x:b") != units[("x", "q1")]
 
 

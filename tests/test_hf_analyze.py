@@ -409,7 +409,12 @@ def test_out_holding_other_files_refused_before_loading(mixtral_dir, tmp_path: P
 
     monkeypatch.setattr(loading, "load_model", no_load)
     capsys.readouterr()
-    for out, why in ((run, "did not write (experiment.json"), (texts, "not a directory")):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "experiment.json").write_text('{"experiment": 5}')
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, why in ((run, "did not write (experiment.json"), (texts, "not a directory"),
+                     (odd, "did not write (experiment.json"), (tmp_path / "dangling", "a symlink to nothing")):
         assert _analyze(mixtral_dir, out, "--texts", str(texts), *FAST) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--out {out}" in err[0] and why in err[0], err
@@ -426,7 +431,8 @@ def test_out_holding_other_files_refused_before_loading(mixtral_dir, tmp_path: P
 
 
 def test_a_domain_without_one_full_block_is_left_out(mixtral_dir, tmp_path: Path, caplog) -> None:
-    rows = [{"text": t, "domain": d} for d, ts in corpus(seed=1).items() for t in ts] + [{"text": "short", "domain": "tiny"}]
+    rows = [{"text": t, "domain": d} for d, ts in corpus(seed=1).items() for t in ts]
+    rows.insert(len(rows) // 2, {"text": "short", "domain": "tiny"})  # among the others: the ids after it move
     texts = tmp_path / "t.jsonl"
     texts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
@@ -434,6 +440,11 @@ def test_a_domain_without_one_full_block_is_left_out(mixtral_dir, tmp_path: Path
         assert _analyze(mixtral_dir, out, "--texts", str(texts), *FAST) == 0
     assert "tiny give no block of 32 tokens: left out" in caplog.text
     metrics = json.loads((out / "analysis" / "metrics.json").read_text())
-    assert metrics["domains"] == ["code", "math", "prose"]
+    assert metrics["domains"] == ["code", "math", "prose"] and metrics["n_eval_blocks"] == 18
+    assert set(metrics["statistics"]["n_units"]) == {"code", "math", "prose"}
     for entry in next(iter(metrics["arms"].values()))["layers"].values():
         assert len(entry["specialization"]["expert_given_domain"]) == 3
+    one = tmp_path / "one.jsonl"  # one domain left after the drop: nothing to compare routing across
+    one.write_text("".join(json.dumps(r) + "\n" for r in rows if r["domain"] in ("tiny", "math")))
+    assert _analyze(mixtral_dir, tmp_path / "out1", "--texts", str(one), *FAST) == 2
+    assert not (tmp_path / "out1").exists()

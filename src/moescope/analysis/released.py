@@ -135,9 +135,11 @@ def analyze_released(
     if (data_dir is None) == (texts_file is None):
         raise MoescopeError("pass exactly one of --data DIR and --texts FILE.jsonl")
     source = str(model)
+    given = name
     name = name or Path(source.rstrip("/")).name or "model"
     if not all(c.isalnum() or c in "-_." for c in name) or set(name) == {"."}:
-        raise MoescopeError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (not only dots)")
+        what = f"--name {name!r}" if given else f"the name {name!r} taken from {source} (pass --name)"
+        raise MoescopeError(f"{what}: use letters, digits, '-', '_' and '.' (not only dots)")
     check_out_dir(out)
 
     # ---- everything that can refuse, before a byte is written or a weight is read
@@ -224,6 +226,8 @@ def check_out_dir(out: Path) -> None:
     """Refuse an OUT that this analysis would write into wrongly, before any weight is read: a file, a
     directory that cannot be created, or one holding what `analyze --model` did not write (a training
     run, another tool's output), whose files the results would silently replace."""
+    if out.is_symlink() and not out.exists():
+        raise MoescopeError(f"--out {out}: a symlink to nothing")
     if out.exists() and not out.is_dir():
         raise MoescopeError(f"--out {out}: exists and is not a directory")
     if not out.exists():
@@ -237,8 +241,9 @@ def check_out_dir(out: Path) -> None:
     described = out / "experiment.json"
     if described.is_file():
         try:
-            released = "released_model" in (json.loads(described.read_text(encoding="utf-8")).get("experiment") or {})
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            experiment = json.loads(described.read_text(encoding="utf-8")).get("experiment")
+            released = isinstance(experiment, dict) and isinstance(experiment.get("released_model"), dict)
+        except (OSError, ValueError, AttributeError, RecursionError):  # ValueError: bad UTF-8 or JSON
             released = False
         if not released:
             foreign.insert(0, "experiment.json (not an `analyze --model` description)")

@@ -330,9 +330,12 @@ def permutation_test_units(
         rng=np.random.default_rng(seed),
     )
     null = np.asarray(result.null_distribution, dtype=float)
+    observed = float(result.statistic)
     return PermutationResult(
-        statistic=float(result.statistic),
-        pvalue=float(result.pvalue),
+        statistic=observed,
+        # an undefined statistic (NMI of one domain) is no evidence of anything: scipy would count
+        # NaN >= NaN as never and report the smallest p
+        pvalue=float(result.pvalue) if np.isfinite(observed) else float("nan"),
         n_permutations=int(null.size),
         null_mean=float(null.mean()),
         null_q95=float(np.quantile(null, 0.95)),

@@ -47,6 +47,7 @@ from moescope.io.saved_model import load_saved_model
 from moescope.moe.hf_model import save_moe_model
 from moescope.moe.model import moe_layers
 from moescope.train.trainer import train_run
+from moescope.report.fmt import fmt_interval
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def render_comparison(result: dict) -> str:
         cells = [f"{r['domains'][d]['loss']:.4f}" if d in r["domains"] else "-" for d in domains]
         d = r["delta_vs_dense"]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {r['token_weighted']:.4f} | "
-                     f"{r['domain_weighted']:.4f} | {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
+                     f"{r['domain_weighted']:.4f} | {fmt_interval(d, 4, signed=True)} | "
                      f"{r['train_tokens']:,} | {r['inference_flops_per_token'] / 1e6:.2f} M | {r['experts_per_token']} |")
     if "unit" in result["eval"]:
         lines += ["", f"95% CI: paired cluster bootstrap resampling whole units within their domain; unit: "

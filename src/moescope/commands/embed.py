@@ -124,9 +124,16 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"validation {v['metric']} by step ({history}); the saved model is the best checkpoint, "
               f"step {v['best_step']} of {v['last_step']} ({v['best_value']:.3f})")
     pooled = report["retrieval_all"]
-    print(f"saved {out / 'model'}; held-out MRR@10 {pooled['mrr@10']:.3f} "
-          f"[{pooled['mrr@10_ci'][0]:.3f}, {pooled['mrr@10_ci'][1]:.3f}], nDCG@10 {pooled['ndcg@10']:.3f}")
+    print(f"saved {out / 'model'}; held-out MRR@10 {_with_ci(pooled, 'mrr@10')}, nDCG@10 {pooled['ndcg@10']:.3f}")
     return 0
+
+
+def _with_ci(row: dict, metric: str) -> str:
+    """A metric of an evaluation report with its interval ("[n/a]" where it has none)."""
+    from moescope.report.fmt import fmt_interval
+
+    low, high = row[f"{metric}_ci"]
+    return fmt_interval({"estimate": row[metric], "low": low, "high": high})
 
 
 def _print_stats(stats: dict) -> None:
@@ -137,7 +144,7 @@ def _print_stats(stats: dict) -> None:
 
 def _print_retrieval(report: dict) -> None:
     for domain, row in report["retrieval"].items():
-        print(f"{domain:>10}: MRR@10 {row['mrr@10']:.3f} [{row['mrr@10_ci'][0]:.3f}, {row['mrr@10_ci'][1]:.3f}]"
+        print(f"{domain:>10}: MRR@10 {_with_ci(row, 'mrr@10')}"
               f"  nDCG@10 {row['ndcg@10']:.3f}  R@1 {row['recall@1']:.3f}  ({row['n_queries']} queries from "
               f"{row['n_units']} sources; 95% CI resamples sources)")
 

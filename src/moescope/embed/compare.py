@@ -37,6 +37,7 @@ from moescope.embed.stats import project_2d
 from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from moescope.io.figure import save_figure
 from moescope.io.config import to_dict
+from moescope.report.fmt import fmt_interval
 from moescope.io.provenance import environment_info
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def _jsonable(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ci(value: float, ci: list[float]) -> str:
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return fmt_interval({"estimate": value, "low": ci[0], "high": ci[1]})
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -211,7 +212,7 @@ def format_table(doc: dict[str, Any]) -> str:
         lines += ["", "Paired differences on the same queries (estimate [95% CI])", "",
                   "| comparison | MRR@10 | nDCG@10 | R@1 |", "|---|---|---|---|"]
         for name, row in doc["differences"].items():
-            cells = [f"{row[m]['estimate']:+.3f} [{row[m]['low']:+.3f}, {row[m]['high']:+.3f}]" for m in HEADLINE]
+            cells = [fmt_interval(row[m], signed=True) for m in HEADLINE]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     routing_rows = []
     for arm, e in arms.items():
@@ -219,7 +220,7 @@ def format_table(doc: dict[str, Any]) -> str:
             spec, load = s["specialization"], s["load"]
             nmi = spec["nmi"]
             routing_rows.append(
-                f"| {arm} | {layer} | {nmi['estimate']:.3f} [{nmi['low']:.3f}, {nmi['high']:.3f}] "
+                f"| {arm} | {layer} | {fmt_interval(nmi)} "
                 f"(p={spec['nmi_pvalue']:.3g}) | {load['load_cv']['estimate']:.3f} | "
                 f"{load['max_fraction']['estimate']:.3f} | {spec['max_expert_given_domain']['estimate']:.3f} |"
             )

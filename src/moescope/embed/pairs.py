@@ -276,25 +276,35 @@ def text_units(pairs: Sequence[TextPair]) -> dict[tuple[str, str], tuple[str, st
 
     Queries and texts cut from one source document (up to `max_pairs_per_source` docstrings of one
     module) are not independent draws, so a bootstrap moves a source's texts together. Sources that
-    share a text (the same one-line docstring in two modules) are joined, transitively, within a
-    domain; a unit is named (domain, the smallest source id it holds).
+    share a query (the same one-line docstring in two modules: one query, one metric value) are
+    joined, transitively, within a domain; a shared positive (one answer to several questions of a
+    user's file) joins nothing. A unit is named (domain, the smallest source id it holds); a text of
+    several units takes the smallest.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    texts = sorted({(p.domain, t) for p in pairs for t in (p.anchor, p.positive)})
     sources = sorted({(p.domain, p.source_id) for p in pairs})
-    text_row = {t: i for i, t in enumerate(texts)}
-    source_row = {s: len(texts) + i for i, s in enumerate(sources)}
-    edges = [(text_row[(p.domain, t)], source_row[(p.domain, p.source_id)]) for p in pairs for t in (p.anchor, p.positive)]
-    n = len(texts) + len(sources)
+    row = {src: i for i, src in enumerate(sources)}
+    first_source: dict[tuple[str, str], int] = {}
+    edges = []
+    for p in pairs:
+        i = row[(p.domain, p.source_id)]
+        j = first_source.setdefault((p.domain, p.anchor), i)
+        edges.append((i, j))
     rows, cols = zip(*edges) if edges else ((), ())
-    graph = coo_matrix(([1] * len(rows), (rows, cols)), shape=(n, n))
+    graph = coo_matrix(([1] * len(rows), (rows, cols)), shape=(len(sources), len(sources)))
     _, component = connected_components(graph, directed=False)
     name: dict[int, tuple[str, str]] = {}
-    for source, row in source_row.items():  # sorted: the first source of a component is its smallest
-        name.setdefault(int(component[row]), source)
-    return {t: name[int(component[row])] for t, row in text_row.items()}
+    for src, i in row.items():  # sorted: the first source of a component is its smallest
+        name.setdefault(int(component[i]), src)
+    units: dict[tuple[str, str], tuple[str, str]] = {}
+    for p in pairs:
+        unit = name[int(component[row[(p.domain, p.source_id)]])]
+        for text in (p.anchor, p.positive):
+            key = (p.domain, text)
+            units[key] = min(units.get(key, unit), unit)
+    return units
 
 
 def find_leaks(split: PairSplit) -> dict[str, int]:
@@ -452,7 +462,7 @@ class UserPairs:
         return len(self.first)
 
     def as_text_pairs(self, domain: str) -> list[TextPair]:
-        """Retrieval pairs as TextPairs (one source per query)."""
+        """Retrieval pairs as TextPairs (each query its own source: a shared answer joins no queries)."""
         return [TextPair(q, p, domain, f"{domain}:{q}", "dataset") for q, p in zip(self.first, self.second)]
 
 

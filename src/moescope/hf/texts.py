@@ -158,4 +158,7 @@ def pack_texts(
                     ", ".join(short), context)
         block_domain_ids = np.searchsorted(kept, block_domain_ids)
         domains = [domains[d] for d in kept]
+    if len(domains) < 2:
+        raise MoescopeError(f"the held-out texts give blocks of {context} tokens in one domain only ({domains[0]}); "
+                            "routing by domain needs at least two (more texts, or a smaller --context)")
     return TextBlocks(np.stack(blocks), block_domain_ids, domains, numbered(unit_keys_of_blocks), unit_name)

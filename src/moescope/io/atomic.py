@@ -159,7 +159,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int = 2) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+    """`obj` as JSON (NaN and infinities written as null: strict JSON that browsers and other tools read)."""
+    from moescope.io.jsonfile import json_ready
+
+    text = json.dumps(json_ready(obj), indent=indent, sort_keys=False, default=_json_default, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
 
 
 def _json_default(obj: Any) -> Any:

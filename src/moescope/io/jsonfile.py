@@ -60,6 +60,6 @@ def json_ready(obj: Any) -> Any:
         return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return json_ready(obj.item())
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return json_ready(obj.tolist())
     return obj

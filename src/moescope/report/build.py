@@ -310,9 +310,10 @@ def load_sentence(arm: str, layers: dict, records: list[dict]) -> str:
 
 
 def _percent(iv: Any) -> str:
-    if isinstance(iv, dict) and iv.get("low") is not None:
-        return f"{100 * iv['estimate']:.1f}% [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}]"
-    return f"{100 * _estimate(iv):.1f}%"
+    estimate, low, high = interval_values(iv)
+    if np.isfinite(low) and np.isfinite(high):
+        return f"{100 * estimate:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{100 * estimate:.1f}%"
 
 
 def batching_note(batch_order: str | None) -> str:
