@@ -51,6 +51,14 @@ def test_strong_specialization_states_interval_p_and_null() -> None:
     assert load.startswith("moe: load is balanced") and "worst layer 2" in load and "0.20 [0.10, 0.25]" in load
 
 
+def test_an_undefined_nmi_claims_nothing() -> None:
+    """One domain (or nothing to resample): NMI and p read back from JSON as null; no crash, no claim."""
+    one = layer({"estimate": None, "low": None, "high": None}, None, iv(0.2, 0.1, 0.25))
+    spec, _ = headline_sentences(metrics_with({"0": one, "1": one}), {}, {})
+    assert "specialize" not in spec.split(".")[0].replace("no significant specialization", "")
+    assert "p = n/a" in spec
+
+
 def test_weak_and_null_specialization_and_load_verdicts() -> None:
     weak = headline_sentences(metrics_with({"0": layer(iv(0.12, 0.09, 0.15), 0.001, iv(0.5, 0.4, 0.6))}), {}, {})
     assert "only weakly" in weak[0] and f"not above {STRONG_NMI}" in weak[0]

@@ -25,7 +25,7 @@ from moescope.io.config import deep_merge, from_dict, load_config_file, to_dict,
 from moescope.io.jsonfile import read_json_object
 from moescope.io.provenance import environment_info
 from moescope.presets import PRESETS, preset_path
-from moescope.report.fmt import fmt_interval
+from moescope.report.fmt import fmt_interval, fmt_p
 from moescope.train.config import ExperimentConfig, validate_experiment
 
 log = logging.getLogger(__name__)
@@ -196,10 +196,10 @@ def format_summary_table(rows: list[dict[str, Any]]) -> str:
     head = (head + ("  NMI at step 0 (same layer)" if start else "")).rstrip()
     lines = [head, "-" * len(head)]
     for r in rows:
-        p = f"{r['nmi_pvalue']:.3g}" if "nmi_pvalue" in r else "-"
+        p = fmt_p(r["nmi_pvalue"]) if "nmi_pvalue" in r else "-"
         cv = f"{r['load_cv_max']:.2f}" if "load_cv_max" in r else "-"
         diff = r.get("loss_vs_dense")
-        paired = f"{fmt_interval(diff, 4, signed=True)} p={diff['pvalue']:.2g}" if diff else "-"
+        paired = f"{fmt_interval(diff, 4, signed=True)} p={fmt_p(diff['pvalue'], '.2g')}" if diff else "-"
         line = f"{r['arm']:<12} {iv(r['eval_loss']):<28} {paired:<40} {iv(r.get('nmi')):<26} {p:<9} {cv:<11}"
         lines.append((line + (f"  {iv(r.get('nmi_start'))}" if start else "")).rstrip())
     return "\n".join(lines)

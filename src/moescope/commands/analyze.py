@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(result: dict) -> None:
-    from moescope.report.fmt import fmt_interval
+    from moescope.report.fmt import fmt_interval, fmt_p
 
     for name, arm in result["arms"].items():
         loss = arm["eval_loss"]["token_weighted"]
@@ -127,7 +127,7 @@ def _print_summary(result: dict) -> None:
         head = arm.get("headline")
         if head:
             nmi = head["nmi"]
-            line += (f"  NMI {fmt_interval(nmi)} p={head['nmi_pvalue']:.4f}"
+            line += (f"  NMI {fmt_interval(nmi)} p={fmt_p(head['nmi_pvalue'], '.4f')}"
                      f" (layer {head['best_layer']})")
             unrouted = {k: v["load"]["unrouted_fraction"] for k, v in arm.get("layers", {}).items()
                         if "unrouted_fraction" in v["load"]}

@@ -19,7 +19,7 @@ from moescope.io.config import upgrade_keys
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
-from moescope.report.fmt import fmt_interval, interval_values
+from moescope.report.fmt import fmt_interval, fmt_p, interval_values
 from moescope.report.write import write_report
 
 # A permutation p-value below this calls routing dependent on the domain.
@@ -98,7 +98,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _estimate(iv: Any) -> float:
-    return float(iv["estimate"]) if isinstance(iv, dict) else float(iv)
+    return interval_values(iv)[0]  # NaN where there is none (null in JSON)
 
 
 def moe_arms(metrics: dict) -> list[str]:
@@ -173,7 +173,8 @@ def _best_layer(layers: dict) -> str:
 
 def bonferroni(p: float, n_tests: int) -> float:
     """A p-value corrected for picking the smallest of `n_tests` (the best of n layers): min(1, p n)."""
-    return min(1.0, float(p) * max(int(n_tests), 1))
+    corrected = float(p) * max(int(n_tests), 1)
+    return corrected if corrected != corrected else min(1.0, corrected)  # NaN (no p) stays NaN
 
 
 def start_nmi_text(spec: dict, units: str = "blocks") -> str:
@@ -218,18 +219,18 @@ def specialization_sentence(arm: str, tag: str, layers: dict, records: list[dict
     best = _best_layer(layers)
     n_layers = len(layers)
     spec = layers[best]["specialization"]
-    p_layer, nmi = spec["nmi_pvalue"], spec["nmi"]
+    p_layer, nmi = interval_values(spec["nmi_pvalue"])[0], spec["nmi"]  # None (undefined) reads as NaN: no claim
     where = f"best of {n_layers} layers, layer {best}" if n_layers > 1 else f"layer {best}"
     family = best_of_layers if best_of_layers and str(best_of_layers.get("layer")) == best else None
     if n_layers == 1:
-        p, p_txt = p_layer, f"permutation p = {p_layer:.3g}"
+        p, p_txt = p_layer, f"permutation p = {fmt_p(p_layer)}"
     elif family is not None:
-        p = float(family["pvalue"])
-        p_txt = (f"permutation p = {p_layer:.3g}, {p:.3g} against the largest NMI of the {n_layers} layers under "
+        p = interval_values(family["pvalue"])[0]
+        p_txt = (f"permutation p = {fmt_p(p_layer)}, {fmt_p(p)} against the largest NMI of the {n_layers} layers under "
                  f"the same shuffles")
     else:
         p = bonferroni(p_layer, n_layers)
-        p_txt = f"permutation p = {p_layer:.3g}, {p:.3g} after Bonferroni over the {n_layers} layers"
+        p_txt = f"permutation p = {fmt_p(p_layer)}, {fmt_p(p)} after Bonferroni over the {n_layers} layers"
     null = spec.get("nmi_permutation") or {}
     null_txt = (f"; with domain labels shuffled between {units}, 95% of {null['n_permutations']} permutations "
                 f"stay at or below {null['null_q95']:.3f}" if null.get("null_q95") is not None else "")
@@ -441,7 +442,7 @@ def routing_table(metrics: dict) -> Table:
     for arm in arms:
         for layer, v in sorted(metrics["arms"][arm]["layers"].items(), key=lambda kv: int(kv[0])):
             s, ld, en, rep = v["specialization"], v["load"], v["entropy"], v["repetition"]
-            row = [f"{arm} · {layer}", fmt_interval(s["nmi"]), f"{s['nmi_pvalue']:.3g}"]
+            row = [f"{arm} · {layer}", fmt_interval(s["nmi"]), fmt_p(s['nmi_pvalue'])]
             if topk:
                 row += [fmt_interval(s.get("nmi_first_choice")),
                         f"{fmt_interval(s.get('domain_specialization_top'), 2)} vs {s['domain_specialization_baseline']:.3f}"]
@@ -576,7 +577,7 @@ def paired_loss_table(metrics: dict) -> list[Table]:
         diff = v.get("eval_loss_vs_dense")
         if diff:
             rows.append([f"{arm} - {diff['reference']}"] + [fmt_interval(diff["domains"].get(d), 4) for d in domains]
-                        + [fmt_interval(diff["domain_weighted"], 4), f"{diff['pvalue']:.3g}"])
+                        + [fmt_interval(diff["domain_weighted"], 4), fmt_p(diff['pvalue'])])
     if not rows:
         return []
     units = resampled_units(metrics)

@@ -22,7 +22,7 @@ from moescope.io.atomic import atomic_write_json, atomic_write_text
 from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
 from moescope.report.build import moe_arms, resampled_units, specialization_sentence
-from moescope.report.fmt import fmt_interval
+from moescope.report.fmt import fmt_interval, fmt_p
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.html import render_html, render_markdown
 
@@ -154,7 +154,7 @@ def summary_table(entries: list[Entry]) -> Table:
         ent = [lv["entropy"]["router_entropy_token"]["estimate"] / lv["entropy"]["router_entropy_max"]
                for lv in layers.values()]
         rows.append([e.label, len(layers), v["n_experts"], v.get("top_k", 1), best,
-                     fmt_interval(v["specialization"]["nmi"]), f"{v['specialization']['nmi_pvalue']:.3g}",
+                     fmt_interval(v["specialization"]["nmi"]), fmt_p(v['specialization']['nmi_pvalue']),
                      fmt_interval(v["specialization"].get("nmi_first_choice")),
                      f"{np.mean(cvs):.3f} / {np.max(cvs):.3f}", f"{np.mean(ent):.3f}"])
     return Table("Analyses side by side",

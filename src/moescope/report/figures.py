@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moescope.io.figure import save_figure  # noqa: E402
-from moescope.report.fmt import fmt_interval, interval_values  # noqa: E402
+from moescope.report.fmt import fmt_interval, fmt_p, interval_values  # noqa: E402
 
 ARM_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
 DPI = 110
@@ -130,7 +130,7 @@ def plot_expert_given_domain(metrics: dict, arms: list[str], path: Path) -> Path
                     ax.text(j, i, label, ha="center", va="center", fontsize=6.5 if n_exp <= 10 else 6,
                             color="white" if mat[i, j] < 0.6 * im.norm.vmax else "black")
             nmi = spec["nmi"]
-            ax.set_title(f"{arm} · layer {layer}\nNMI {fmt_interval(nmi)} p={spec['nmi_pvalue']:.3g}", fontsize=8.5)
+            ax.set_title(f"{arm} · layer {layer}\nNMI {fmt_interval(nmi)} p={fmt_p(spec['nmi_pvalue'])}", fontsize=8.5)
             ax.set_yticks(range(len(domains)), domains, fontsize=8)
             ax.set_xticks(range(n_exp), [str(j) for j in range(n_exp)], fontsize=7)
             ax.set_xlabel("expert", fontsize=8)
@@ -172,7 +172,7 @@ def plot_expert_given_domain_compact(metrics: dict, arms: list[str], path: Path)
         ax.set_yticks(range(len(domains)), domains, fontsize=7)
         nmi, first = spec["nmi"], spec.get("nmi_first_choice", spec["nmi"])
         ax.set_title(f"{arm} · layer {layer}: NMI top-{v['top_k']} {fmt_interval(nmi)}, first choice "
-                     f"{fmt_interval(first['estimate'])}, p={spec['nmi_pvalue']:.3g}", fontsize=8)
+                     f"{fmt_interval(first['estimate'])}, p={fmt_p(spec['nmi_pvalue'])}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     grouped_by_parent = any(metrics["arms"][a]["layers"][lay].get("expert_parent") for a, lay in panels)
     axes[-1, 0].set_xlabel("expert (fine-grained arms: grouped by the coarse expert they were sliced from; others: "

@@ -25,6 +25,11 @@ def fmt_interval(iv: Any, digits: int = 3, signed: bool = False) -> str:
     return "n/a"
 
 
+def fmt_p(p: Any, spec: str = ".3g") -> str:
+    """A p-value in format `spec`; "n/a" where there is none (an undefined statistic)."""
+    return f"{p:{spec}}" if _finite(p) else "n/a"
+
+
 def interval_values(entry: Any) -> tuple[float, float, float]:
     """(estimate, low, high) as floats, NaN for what is missing (an interval, a bare number or None)."""
     if isinstance(entry, dict):
