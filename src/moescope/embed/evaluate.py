@@ -24,7 +24,7 @@ from moescope.io.config import bounded
 from moescope.train.config import MAX_SEED
 
 # What every interval here resamples (recorded beside the numbers).
-INTERVAL_UNIT = "source document of each query / text (sources sharing a text joined), within its domain"
+INTERVAL_UNIT = "source document of each query / text (sources sharing a query joined), within its domain"
 # Metric keys as the evaluator names them, with "@k" filled in ("mrr@10", "ndcg@10", ...).
 EVALUATOR_METRIC_GROUPS = ("accuracy@k", "precision@k", "recall@k", "ndcg@k", "mrr@k", "map@k")
 
