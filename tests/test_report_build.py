@@ -59,6 +59,13 @@ def test_an_undefined_nmi_claims_nothing() -> None:
     assert "p = n/a" in spec
 
 
+def test_a_load_cv_without_interval_gets_no_verdict() -> None:
+    """A CV whose interval could not be resampled (null ends) is not called balanced on its estimate alone."""
+    m = metrics_with({"0": layer(iv(0.3, 0.2, 0.4), 0.001, {"estimate": 0.05, "low": None, "high": None})})
+    _, load = headline_sentences(m, {}, {})
+    assert "load is near the balance threshold" in load and "0.05 [n/a]" in load
+
+
 def test_weak_and_null_specialization_and_load_verdicts() -> None:
     weak = headline_sentences(metrics_with({"0": layer(iv(0.12, 0.09, 0.15), 0.001, iv(0.5, 0.4, 0.6))}), {}, {})
     assert "only weakly" in weak[0] and f"not above {STRONG_NMI}" in weak[0]

@@ -159,11 +159,13 @@ def _records_of(arm_records: dict[str, list[dict]], arm: str, kind: str) -> list
 
 
 def _low(iv: Any) -> float:
-    return float(iv["low"]) if isinstance(iv, dict) and iv.get("low") is not None else _estimate(iv)
+    """An interval's low end; NaN where it has none (no verdict rests on a bare estimate), a plain number itself
+    (exact by construction, e.g. expert choice's load)."""
+    return interval_values(iv)[1] if isinstance(iv, dict) else _estimate(iv)
 
 
 def _high(iv: Any) -> float:
-    return float(iv["high"]) if isinstance(iv, dict) and iv.get("high") is not None else _estimate(iv)
+    return interval_values(iv)[2] if isinstance(iv, dict) else _estimate(iv)
 
 
 def _best_layer(layers: dict) -> str:
