@@ -419,9 +419,9 @@ def test_out_holding_other_files_refused_before_loading(mixtral_dir, tmp_path: P
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--out {out}" in err[0] and why in err[0], err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    for name in (".", ".."):
+    for name in (".", "..", "../up", "/abs", ".hidden", "a/b", "x" * 65):
         assert _analyze(mixtral_dir, tmp_path / "new", "--texts", str(texts), "--name", name, *FAST) == 2
-        assert "not only dots" in capsys.readouterr().err and not (tmp_path / "new").exists()
+        assert "not starting with '.'" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert _analyze(mixtral_dir, tmp_path / "new", "--texts", str(tmp_path), *FAST) == 2
     assert "not a regular file" in capsys.readouterr().err
     monkeypatch.undo()

@@ -108,6 +108,8 @@ def test_cluster_refuses_a_final_model_changed_since_training(run_dir: Path, cap
     ("experiment.json", '"run"', "expected a JSON object, got a string"),
     ("experiment.json", '{"experiment": {}, "arms": ["moe"]}', "'arms' must be an object"),
     ("experiment.json", '{"experiment": {}}', "no 'arms' entry"),
+    ("experiment.json", '{"experiment": {}, "arms": {"../../escaped": {}}}', "arm '../../escaped' cannot name"),
+    ("experiment.json", '{"experiment": {}, "arms": {"/tmp/abs": {}}}', "arm '/tmp/abs' cannot name"),
 ])
 def test_a_run_json_file_of_the_wrong_shape_is_one_line(run_dir: Path, capsys, name: str, content: str,
                                                        says: str) -> None:

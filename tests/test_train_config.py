@@ -67,6 +67,11 @@ def test_user_arm_is_a_config_diff_and_cannot_touch_shared_keys(tmp_path: Path) 
         tiny_experiment(tmp_path, arms=["typo"], arm={"typo": {"moe": {"n_expert": 8}}})
     with pytest.raises(MoescopeError, match=r"unknown arm 'moe-nlb'.*'moe-nolb'"):
         tiny_experiment(tmp_path, arms=["moe-nlb"])
+    # an arm's name is its stage directory, RUN/arms/NAME: nothing may lead outside RUN
+    for name in ("../../escaped", "/tmp/abs", "a/b", "..", ".hidden", "a\\b", "", "x" * 65):
+        with pytest.raises(MoescopeError, match=r"arm .* cannot name a directory"):
+            tiny_experiment(tmp_path, arms=[name], arm={name: {"extends": "moe"}})
+    assert tiny_experiment(tmp_path, arms=["moe_2.b-x"], arm={"moe_2.b-x": {"extends": "moe"}})
     assert "train" not in ARM_MUTABLE_PATHS and "data_dir" not in ARM_MUTABLE_PATHS
 
 

@@ -86,6 +86,7 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_write_json
 from moescope.io.config import bounded, check_fields
 from moescope.io.jsonfile import json_ready, read_json_object
+from moescope.io.names import check_path_name
 from moescope.io.provenance import environment_info
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
 from moescope.moe.native import native_status
@@ -127,7 +128,10 @@ def read_experiment(run_dir: Path) -> dict:
     path = run_dir / "experiment.json"
     if not path.is_file():
         raise MoescopeError(f"{run_dir}: not a moescope run directory (no experiment.json)")
-    return read_json_object(path, {"arms": dict, "experiment": dict})
+    experiment = read_json_object(path, {"arms": dict, "experiment": dict})
+    for name in experiment["arms"]:  # each names RUN/arms/NAME and analysis/routing/NAME
+        check_path_name(name, f"{path}: arm")
+    return experiment
 
 
 def resolve_data_dir(run_dir: Path, experiment: dict, data_dir: str | Path | None) -> Path:

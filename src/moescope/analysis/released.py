@@ -50,6 +50,7 @@ from moescope.hf.recorder import RoutingRecorder
 from moescope.io.atomic import atomic_write_json, remove_stale_temporaries, temporary_prefix
 from moescope.io.config import bounded, check_fields
 from moescope.io.jsonfile import json_ready
+from moescope.io.names import PATH_NAME_RULE, is_path_name
 from moescope.io.provenance import environment_info
 from moescope.report.build import build_report
 
@@ -137,9 +138,9 @@ def analyze_released(
     source = str(model)
     given = name
     name = name or Path(source.rstrip("/")).name or "model"
-    if not all(c.isalnum() or c in "-_." for c in name) or set(name) == {"."}:
+    if not is_path_name(name):
         what = f"--name {name!r}" if given else f"the name {name!r} taken from {source} (pass --name)"
-        raise MoescopeError(f"{what}: use letters, digits, '-', '_' and '.' (not only dots)")
+        raise MoescopeError(f"{what}: use {PATH_NAME_RULE}")
     check_out_dir(out)
 
     # ---- everything that can refuse, before a byte is written or a weight is read

@@ -19,6 +19,7 @@ from moescope.errors import MoescopeError
 from moescope.io.config import (
     bounded, check_fields, deep_merge, from_dict, load_config_file, parse_overrides, to_dict, upgrade_keys,
 )
+from moescope.io.names import check_path_name
 from moescope.moe.config import MoEConfig
 
 # Bounds of the settings that count steps and sequences: beyond them a run could never finish or a
@@ -234,6 +235,7 @@ def resolve_arms(cfg: ExperimentConfig, names: list[str] | None = None) -> dict[
     shared = shared_run_dict(cfg)
     out: dict[str, RunConfig] = {}
     for name in names if names is not None else cfg.arms:
+        check_path_name(name, "arm")  # it names the stage's directory, RUN/arms/NAME
         diff = arm_diff(cfg, name)
         for path in _leaf_paths(diff):
             if not any(path == p or path.startswith(p + ".") for p in ARM_MUTABLE_PATHS):
