@@ -374,6 +374,85 @@ def test_a_manifest_vouching_for_foreign_bytes_is_still_one_clear_error(world: d
         _resume(world, run)
 
 
+def _nested(depth: int) -> list:
+    tree: list = []
+    for _ in range(depth):
+        tree = [tree]
+    return tree
+
+
+@pytest.mark.parametrize("field, value", [
+    ("nonfinite_skips_in_a_row", "abc"), ("train_seconds", "x"), ("timed_steps", -1),
+    ("collapse_streak", [1, 2]), ("collapse_events", 5), ("collapse_events", [_nested(700)]),
+    ("data_position_sequences", 1.5),
+])
+def test_a_forged_trainer_field_skips_the_checkpoint_like_a_damaged_one(world: dict, tmp_path: Path, caplog,
+                                                                       field: str, value) -> None:
+    """A trainer_state.json field of the wrong type, with a manifest re-forged to vouch for it: the checkpoint
+    is skipped naming the file and the field, and the resume from the one before is the uninterrupted run."""
+    from moescope.train.checkpoint import write_manifest
+
+    run = _unfinished_copy(world, tmp_path)
+    newest, previous = checkpoint_steps(run / ARM / "checkpoints")[:2]
+    state_file = newest / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert field in state  # the trainer writes it: the check covers a real field
+    state[field] = value
+    state_file.write_text(json.dumps(state))
+    write_manifest(newest, int(newest.name.split("_")[1]))
+    with pytest.raises(MoescopeError, match=rf"trainer_state.json: '{field}' must be"):
+        load_checkpoint(newest)
+    _resume(world, run)
+    assert f"skipping checkpoint {newest}" in caplog.text
+    resume_events = [e for e in read_metrics(run / ARM / "metrics.jsonl", "event") if e["event"] == "resume"]
+    assert resume_events[-1]["checkpoint"] == str(previous)
+    assert_same_as_reference(run, world["reference"])
+
+
+def test_a_metrics_record_with_a_step_that_is_not_a_number_is_one_line_on_resume(world: dict, tmp_path: Path,
+                                                                                  capsys) -> None:
+    run = _unfinished_copy(world, tmp_path)
+    log_file = run / ARM / "metrics.jsonl"
+    lines = log_file.read_text().splitlines()
+    record = json.loads(lines[2])
+    record["step"] = str(record["step"])
+    log_file.write_text("\n".join([*lines[:2], json.dumps(record), *lines[3:]]) + "\n")
+    assert main(["train", str(world["config"]), "--resume", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{log_file}:3: 'step' must be an integer" in err, err
+
+
+def test_a_full_disk_while_appending_a_metrics_record_is_one_line_and_leaves_no_torn_line(
+        tmp_path: Path, monkeypatch) -> None:
+    from moescope.train.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"kind": "train", "step": 1, "ce": 1.0})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):  # part of the line reaches the disk, then it is full
+            self.fh.write(text[:7])
+            self.fh.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: FullDisk(real_open(*a, **k)))
+    with pytest.raises(MoescopeError, match=r"metrics.jsonl: a record could not be appended \(No space left"):
+        log.write({"kind": "train", "step": 2, "ce": 1.0})
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
 # ------------------------------------------------------------------------------- idempotent resume
 
 

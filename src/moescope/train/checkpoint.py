@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -238,7 +239,52 @@ def read_checkpoint_record(path: Path) -> dict[str, Any]:
         raise MoescopeError(f"{state_path}: step {tree['step']!r} does not match the directory name {path.name}")
     if not isinstance(tree["config"], dict):
         raise MoescopeError(f"{state_path}: 'config' is not an object")
+    check_trainer_fields(tree, str(state_path))
     return tree
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _seconds(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _flat_event(v: Any) -> bool:
+    """A collapse event as CollapseWatch records it: one flat object with an integer step and layer."""
+    return (isinstance(v, dict) and _count(v.get("step")) and _count(v.get("layer"))
+            and all(isinstance(x, (str, int, float, bool)) or x is None for x in v.values()))
+
+
+# What the trainer's parts keep in a checkpoint besides optimizer, scheduler and RNG (Trainer.save_checkpoint);
+# absent keys are an older checkpoint's and take their defaults.
+_TRAINER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data_position_sequences": (_count, "an integer >= 0"),
+    "data_manifest_sha256": (lambda v: isinstance(v, str), "a string"),
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "nonfinite_skips_in_a_row": (_count, "an integer >= 0"),
+    "nonfinite_skips_total": (_count, "an integer >= 0"),
+    "timed_steps": (_count, "an integer >= 0"),
+    "train_seconds": (_seconds, "a finite number >= 0"),
+    "collapse_streak": (lambda v: isinstance(v, dict) and all(_count(x) for x in v.values()),
+                        "an object of integers >= 0"),
+    "collapse_events": (lambda v: isinstance(v, list) and all(_flat_event(e) for e in v),
+                        "a list of flat objects with an integer step and layer"),
+}
+
+
+def check_trainer_fields(tree: dict[str, Any], where: str) -> None:
+    """Each trainer field a checkpoint records is of the type its reader expects: a record forged past the
+    manifest is refused here (and the checkpoint skipped) instead of failing as a traceback on resume."""
+    for key, (ok, expected) in _TRAINER_FIELDS.items():
+        if key in tree and not ok(tree[key]):
+            raise MoescopeError(f"{where}: {key!r} must be {expected}, got {_short_repr(tree[key])}")
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (list, dict)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_checkpoint(
@@ -259,7 +305,10 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as exc:
         raise MoescopeError(f"{tensors_path}: cannot read ({exc})") from None
     check_finite(tensors, str(tensors_path))
-    state = decode_state(tree, tensors, str(path / STATE_NAME))
+    try:
+        state = decode_state(tree, tensors, str(path / STATE_NAME))
+    except RecursionError:
+        raise MoescopeError(f"{path / STATE_NAME}: nested too deeply to be a trainer state") from None
     try:
         model = load_moe_model(path / MODEL_DIR)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:

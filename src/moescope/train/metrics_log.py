@@ -6,6 +6,7 @@ Records have a "kind": "train" (every log_every_steps), "eval" (every eval_every
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -65,8 +66,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+        self._append(json.dumps(record, default=_json_default) + "\n")
         step = int(record.get("step", 0))
         scalars = dict(_flatten_scalars(record, prefix=record.get("kind", "")))
         if self._tb is not None:
@@ -74,6 +74,19 @@ class MetricsLog:
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+
+    def _append(self, line: str) -> None:
+        """One whole line at the end of metrics.jsonl, or none: a failed append (a full disk) is cut
+        back to the file's previous end, and the error names the file."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # shrinking frees space: it works on a full disk
+                os.truncate(self.path, size)
+            raise MoescopeError(f"{self.path}: a record could not be appended ({exc.strerror or exc}); "
+                                "--resume continues from the last verified checkpoint") from exc
 
     def event(self, step: int, event: str, **fields: Any) -> None:
         """An "event" record (resume, interrupt, early stop) with its own fields."""
@@ -173,6 +186,10 @@ def _parse(path: Path, *, cut_torn: bool) -> list[tuple[int, str, dict[str, Any]
                 log.warning("%s: line %d is torn (%s), cut back to the last whole record", path, n, exc)
                 break
             raise MoescopeError(f"{path}:{n}: not a JSON record ({exc})") from None
+        step, kind = record.get("step", 0), record.get("kind", "")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(kind, str):
+            raise MoescopeError(f"{path}:{n}: 'step' must be an integer >= 0 and 'kind' a string, "
+                                f"got step {step!r}, kind {kind!r}")
         rows.append((n, text, record))
     return rows
 
