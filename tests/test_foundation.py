@@ -260,6 +260,13 @@ def test_a_failed_write_names_its_target_and_other_errors_stay_as_they_were(tmp_
         raise ConnectionRefusedError(errno_module.ECONNREFUSED, "Connection refused")
     assert caught.value.filename is None
     assert not (tmp_path / "out").exists()
+    # numpy's short write (np.save / tofile on a full disk) carries neither errno nor file name
+    with pytest.raises(OSError, match=rf"^{tmp_path / 'out'}: 1632 requested and 496 written, a short write"), \
+            atomic_directory(tmp_path / "out"):
+        raise OSError("1632 requested and 496 written")
+    with pytest.raises(OSError, match=r"^Can't load tokenizer$"), atomic_directory(tmp_path / "out"):
+        raise OSError("Can't load tokenizer")  # a library's own OSError without errno is left as it was
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_tokenizer_libraries_bare_write_error_is_the_oserror_it_was(tmp_path: Path) -> None:

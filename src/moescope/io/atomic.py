@@ -137,6 +137,8 @@ def atomic_file(path: str | Path):
     fsync_directory(path.parent)  # the rename itself survives a power loss only once the directory is synced
 
 
+# numpy reports a write the file system cut short as "N requested and M written", with no errno
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 _WRITE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS") if hasattr(errno, n))
 
 
@@ -144,8 +146,12 @@ def _raise_naming(exc: BaseException, target: Path) -> None:
     """For a failed write that names no file (a full disk, a quota, a file-size limit), raise the same
     error naming `target`, so that the one line the CLI prints says what could not be written; any other
     error (a socket's, say, raised by the caller's own work inside atomic_directory): return."""
-    if isinstance(exc, OSError) and exc.filename is None and exc.errno in _WRITE_ERRNOS:
+    if not isinstance(exc, OSError) or exc.filename is not None:
+        return
+    if exc.errno in _WRITE_ERRNOS:
         raise OSError(exc.errno, exc.strerror, str(target)) from exc
+    if exc.errno is None and _SHORT_WRITE.fullmatch(str(exc)):  # numpy's tofile / save: no errno, no file
+        raise OSError(f"{target}: {exc}, a short write (is the disk full?)") from exc
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
