@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from train_fixtures import one_thread  # noqa: F401
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from moescope.analysis import capture
 from moescope.analysis.pipeline import AnalyzeConfig, analyze_run, route_texts
 from moescope.analysis.summary import SummaryConfig
 from moescope.cli import main
@@ -293,3 +296,99 @@ def test_with_block_sources_the_intervals_resample_the_documents(run_dir: Path) 
     html = (run_dir / "report" / "report.html").read_text()
     assert "shuffling domain labels between source documents" in html
     assert "between blocks" not in html
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _leftovers(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.name.startswith(".analysis"))
+
+
+@pytest.mark.parametrize("fail_at", ["viewer.json", "routing"])
+def test_a_reanalysis_that_dies_late_leaves_the_old_analysis_whole(run_dir: Path, monkeypatch, fail_at: str) -> None:
+    """An analysis that fails after its first writes (here: the last JSON write, or the last routing table)
+    leaves RUN/analysis exactly as the previous analysis wrote it; the next analysis succeeds, keeps what
+    other commands added (the seeds table of `demo --seeds`) and leaves no staging or trash behind."""
+    import moescope.analysis.pipeline as pipeline
+
+    analyze_run(run_dir, FAST, arms=["dense", "moe"], progress=False)
+    seeds = b'{"title": "t", "caption": "c", "columns": ["arm"], "rows": [["moe"]]}\n'
+    (run_dir / "analysis" / "seeds.json").write_bytes(seeds)
+    before = _tree(run_dir / "analysis")
+    smaller = dataclasses.replace(FAST, max_blocks_per_domain=2)  # a new analysis that differs in every file
+
+    if fail_at == "viewer.json":
+        real = pipeline.atomic_write_json
+
+        def dies(path, obj, **kwargs):
+            if Path(path).name == "viewer.json":
+                raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch it on the way
+            return real(path, obj, **kwargs)
+
+        monkeypatch.setattr(pipeline, "atomic_write_json", dies)
+    else:
+        real_save = capture.save_table
+
+        def dies(table, path):
+            if Path(path).name == "1.npz":
+                raise KeyboardInterrupt("killed")
+            return real_save(table, path)
+
+        monkeypatch.setattr(capture, "save_table", dies)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_run(run_dir, smaller, progress=False)
+    assert _tree(run_dir / "analysis") == before
+
+    monkeypatch.undo()
+    metrics = analyze_run(run_dir, smaller, progress=False)
+    after = _tree(run_dir / "analysis")
+    assert metrics["n_eval_blocks"] == 6 and json.loads(after["metrics.json"])["n_eval_blocks"] == 6
+    assert after["seeds.json"] == seeds  # carried over byte for byte
+    assert after["routing/moe/1.npz"] != before["routing/moe/1.npz"]
+    assert _leftovers(run_dir) == []
+
+
+def test_what_a_killed_analysis_left_is_removed_by_the_next_and_never_read(run_dir: Path) -> None:
+    """A SIGKILL runs no cleanup: its staging directory (named by its dead PID) and the trash of a swap cut
+    short stay beside RUN/analysis. Readers only open RUN/analysis; the next analyze removes both, but not
+    the staging directory of a writer that is still alive."""
+    import subprocess
+
+    from moescope.io.atomic import temporary_prefix
+    from moescope.report.compare import read_entries
+
+    analyze_run(run_dir, FAST, arms=["dense", "moe"], progress=False)
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    ours = temporary_prefix(run_dir / "analysis")  # .analysis.PID-HOST.
+    stale = run_dir / (ours.replace(f".{os.getpid()}-", f".{proc.pid}-") + "deadbeef.tmp")
+    live = run_dir / (ours.replace(f".{os.getpid()}-", ".1-") + "alive000.tmp")  # PID 1 never dies
+    trash = run_dir / ".analysis.old"
+    for d in (stale, live, trash):
+        (d / "routing" / "moe").mkdir(parents=True)
+        (d / "metrics.json").write_text('{"arms": {"stale": {"kind": "moe", "layers": {}}}}')
+    entries = read_entries([run_dir])
+    assert [e.arm for e in entries] == ["moe"]  # the analysis, not a leftover
+
+    analyze_run(run_dir, FAST, arms=["moe"], progress=False)
+    assert _leftovers(run_dir) == [live.name]
+    assert set(json.loads((run_dir / "analysis" / "metrics.json").read_text())["arms"]) == {"moe"}
+    assert not (run_dir / "analysis" / "routing" / "dense").exists()  # nothing of the old analysis mixed in
+
+
+def test_report_and_compare_refuse_an_analysis_without_metrics_in_one_line(run_dir: Path, capsys) -> None:
+    """An analysis directory without metrics.json (a swap cut short, or one written by an older moescope
+    that was killed) is refused by report and compare with one line naming the fix, exit 2."""
+    (run_dir / "analysis" / "routing" / "moe").mkdir(parents=True)
+    (run_dir / "analysis" / "viewer.json").write_text('{"arms": {}}')
+    capsys.readouterr()
+    compare = ["compare", str(run_dir), str(run_dir), "--label", "a", "--label", "b",
+               "--out", str(run_dir.parent / "cmp")]
+    for argv in (["report", str(run_dir)], compare):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "metrics.json not found" in err[0] and "moescope analyze" in err[0], err
+    assert not (run_dir / "report").exists() and not (run_dir.parent / "cmp").exists()

@@ -137,3 +137,19 @@ def test_saturation_refuses_analyses_with_different_expert_counts(analyses: tupl
     with pytest.raises(MoescopeError, match="layer 0 of other has 32 experts, of final 64"):
         build_comparison([other, final], tmp_path / "cmp", saturation=True)
     assert not (tmp_path / "cmp").exists()
+
+
+def test_saturation_refuses_a_routing_table_of_another_analysis(analyses: tuple[Path, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    """A routing table whose token count is not the one metrics.json gives for its layer (what an older
+    moescope killed mid-analysis left: new tables beside the old metrics) is one line telling to re-analyse."""
+    import shutil
+
+    ckpt, final = analyses
+    mixed = shutil.copytree(ckpt, tmp_path / "mixed")
+    table = mixed / "analysis" / "routing" / "model" / "1.npz"
+    save_table(planted_table(1).select(np.arange(100)), table)
+    assert main(["compare", str(mixed), str(final), "--saturation", "--out", str(tmp_path / "c")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and f"{table}: 100 tokens" in err[0] and "run `moescope analyze` again" in err[0], err
+    assert not (tmp_path / "c").exists()

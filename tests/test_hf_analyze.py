@@ -448,3 +448,46 @@ def test_a_domain_without_one_full_block_is_left_out(mixtral_dir, tmp_path: Path
     one.write_text("".join(json.dumps(r) + "\n" for r in rows if r["domain"] in ("tiny", "math")))
     assert _analyze(mixtral_dir, tmp_path / "out1", "--texts", str(one), *FAST) == 2
     assert not (tmp_path / "out1").exists()
+
+
+@pytest.mark.parametrize("fail_in", ["build_report", "swap"])
+def test_a_reanalysis_that_dies_is_the_old_results_or_no_analysis_never_a_mix(
+        shared, mixtral_dir, tmp_path: Path, capsys, monkeypatch, fail_in: str) -> None:
+    """Killed while building (before the swap), OUT is left exactly as before; killed during the swap, after
+    the report is replaced, OUT has no analysis/ (report says to run analyze again) rather than the new
+    report and analysis beside the old experiment.json. The next analysis succeeds and leaves no trash."""
+    from moescope.analysis import released
+
+    _, _, data = shared
+    out = tmp_path / "out"
+    assert _analyze(mixtral_dir, out, "--data", str(data), *FAST) == 0
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    if fail_in == "build_report":
+        def dies(*args, **kwargs):
+            raise KeyboardInterrupt("killed")
+
+        monkeypatch.setattr(released, "build_report", dies)
+    else:
+        real = released._replace
+
+        def dies(src: Path, dst: Path) -> None:
+            if dst.name == "experiment.json":
+                raise KeyboardInterrupt("killed")
+            real(src, dst)
+
+        monkeypatch.setattr(released, "_replace", dies)
+    assert _analyze(mixtral_dir, out, "--data", str(data), *FAST, "--max-blocks-per-domain", "3") == 130
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    if fail_in == "build_report":
+        assert after == before
+    else:
+        assert not (out / "analysis").exists()
+        assert after["experiment.json"] == before["experiment.json"]
+        capsys.readouterr()
+        assert main(["report", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "metrics.json not found" in err[0] and "moescope analyze" in err[0], err
+    monkeypatch.undo()
+    assert _analyze(mixtral_dir, out, "--data", str(data), *FAST, "--max-blocks-per-domain", "3") == 0
+    assert json.loads((out / "analysis" / "metrics.json").read_text())["n_eval_blocks"] == 9
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

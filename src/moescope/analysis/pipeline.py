@@ -3,11 +3,12 @@
 Orchestration (layer 3): it reads the run directory written by the trainer
 (RUN/experiment.json, RUN/arms/ARM/final/, RUN/arms/ARM/snapshots/step_*/) and the
 data directory, runs capture (layer 2) and the metric and statistics functions
-(layer 1), and writes, atomically:
+(layer 1), and writes, atomically as a whole (built in a staging directory, then swapped in):
 
     RUN/analysis/metrics.json              every number, with intervals and p-values
     RUN/analysis/viewer.json               per-token routing of sample blocks (format: analysis/viewer.py)
     RUN/analysis/routing/ARM/LAYER.npz     the captured routing table of each MoE layer
+    RUN/analysis/seeds.json                (`demo --seeds`, not analyze) kept from the previous analysis
 
 metrics.json (IV = {"estimate", "low", "high"}, a 95% cluster-bootstrap interval over resampling units:
 the source document of each eval block's first token, or the eval block for a data directory without
@@ -66,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +83,9 @@ from moescope.analysis.summary import (
 from moescope.analysis.viewer import choose_sample_rows, viewer_arm
 from moescope.data.batch_order import BatchOrder, forward_order, resolve_batch_order, routes_by_batch
 from moescope.data.blocks import BlockStore
-from moescope.data.units import eval_block_units, numbered, record_document
+from moescope.data.units import BlockUnits, eval_block_units, numbered, record_document
 from moescope.errors import MoescopeError
-from moescope.io.atomic import atomic_write_json
+from moescope.io.atomic import atomic_directory, atomic_write_json
 from moescope.io.config import bounded, check_fields
 from moescope.io.jsonfile import json_ready, read_json_object
 from moescope.io.names import check_path_name
@@ -579,8 +581,47 @@ def analyze_run(
     if units.note:
         log.warning("analyze: eval blocks are the resampling unit: %s", units.note)
     tokenizer = load_data_tokenizer(store.root)
+    final = run_dir / "analysis"
+    # The whole analysis is built in a staging directory beside RUN/analysis and swapped in at the end
+    # (io/atomic.py: atomic_directory): RUN/analysis is the complete old analysis or the complete new one,
+    # never a mix; a killed analysis leaves a staging directory (or the old one's trash) that the next
+    # analyze removes and that no reader opens (they read RUN/analysis/... only).
+    with atomic_directory(final, overwrite=True, durable=True) as stage:
+        metrics_out = write_analysis(stage, run_dir, names, cfg, store, units, tokenizer, progress)
+        carry_over(final, stage)
+    return metrics_out
+
+
+# What `analyze RUN` writes into RUN/analysis/, replaced whole each time. Anything else there was put by
+# another command after an analysis (today: seeds.json, the between-seed table of `demo --seeds`) and still
+# belongs to the run: carry_over copies it into the new analysis rather than dropping it with the old one.
+ANALYSIS_OUTPUTS = frozenset({"metrics.json", "viewer.json", "routing"})
+
+
+def carry_over(old: Path, new: Path) -> list[str]:
+    """Copy what other commands wrote into the old analysis directory `old` into `new` (not yet swapped in);
+    dot-named entries are temporaries of killed writes, not results. Returns the names copied."""
+    if not old.is_dir():
+        return []
+    copied = []
+    for entry in sorted(old.iterdir()):
+        if entry.name in ANALYSIS_OUTPUTS or entry.name.startswith(".") or (new / entry.name).exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+        copied.append(entry.name)
+    if copied:
+        log.info("analyze: kept %s of the previous analysis (written by other commands)", ", ".join(copied))
+    return copied
+
+
+def write_analysis(out_dir: Path, run_dir: Path, names: list[str], cfg: AnalyzeConfig, store: BlockStore,
+                   units: BlockUnits, tokenizer, progress: bool) -> dict:
+    """Capture and summarize every arm in `names`, writing metrics.json, viewer.json and routing/ into
+    `out_dir` (the staging directory); returns metrics.json's content."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    out_dir = run_dir / "analysis"
     rows = capture.select_eval_rows(store, max_blocks_per_domain=cfg.max_blocks_per_domain)
 
     metrics_out: dict[str, Any] = {

@@ -190,8 +190,7 @@ def analyze_released(
         stage.mkdir()
         metrics = _run(net, tokenizer, adapter, sites, blocks, info, stage, name, cfg, in_device, progress,
                        source=source, data_dir=data_dir, texts_file=texts_file)
-        for part in _RESULTS:
-            _replace(stage / part, out / part)
+        _swap_in(stage, out)
         done = True
     finally:
         shutil.rmtree(staging_parent, ignore_errors=True)
@@ -253,18 +252,41 @@ def check_out_dir(out: Path) -> None:
                             f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty directory")
 
 
+def _set_aside(path: Path) -> Path | None:
+    """Rename an old result to its trash name `.NAME.old` (removed by the next analysis if this one is
+    killed: remove_stale_temporaries); None when there is none."""
+    if not path.exists():
+        return None
+    trash = path.with_name(f".{path.name}.old")
+    _discard(trash)
+    os.replace(path, trash)
+    return trash
+
+
+def _discard(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _replace(src: Path, dst: Path) -> None:
     """Move a finished file or directory over an old one (old one removed only after the move)."""
-    if not src.exists():
-        return
-    if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
-        os.replace(dst, trash)
+    if src.exists():
+        trash = _set_aside(dst)
         os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
-    else:
-        os.replace(src, dst)
+        _discard(trash)
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Move the finished results from `stage` into OUT, OUT/analysis last. Readers (report, compare) start
+    from OUT/analysis/metrics.json, so the old analysis is set aside first and the new one moved in last:
+    a kill in between leaves OUT without analysis/ (readers say to run `moescope analyze`), never a new
+    experiment.json or report beside the old analysis, nor the old ones beside the new analysis."""
+    old_analysis = _set_aside(out / "analysis")
+    for part in _RESULTS:
+        if part != "analysis":
+            _replace(stage / part, out / part)
+    os.replace(stage / "analysis", out / "analysis")
+    _discard(old_analysis)
 
 
 def _run(net, tokenizer, adapter, sites, blocks: texts.TextBlocks, info: dict, stage: Path, name: str,

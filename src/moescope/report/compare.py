@@ -73,9 +73,11 @@ def read_entries(outs: list[Path], labels: list[str] | None = None) -> list[Entr
 _SATURATION_COLUMNS = ("block", "position", "token_id", "expert_index")
 
 
-def read_routing_columns(path: Path, n_experts: int | None = None) -> dict[str, np.ndarray]:
+def read_routing_columns(path: Path, n_experts: int | None = None,
+                         n_tokens: int | None = None) -> dict[str, np.ndarray]:
     """The columns saturation needs from OUT/analysis/routing/ARM/LAYER.npz (no pickle, nothing else loaded):
-    integer columns of one length, expert_index [N, k] within 0..n_experts-1; anything else one line naming it."""
+    integer columns of one length (`n_tokens`, the layer's count in metrics.json, when given), expert_index
+    [N, k] within 0..n_experts-1; anything else one line naming it."""
     if not path.is_file():
         raise MoescopeError(f"{path} not found: router saturation needs the routing tables that "
                             "`moescope analyze` saves")
@@ -95,6 +97,10 @@ def read_routing_columns(path: Path, n_experts: int | None = None) -> dict[str, 
             raise MoescopeError(f"{path}: {name} must hold integers, got {col.dtype}")
         if (col.ndim != 1 and name != "expert_index") or col.shape[0] != rows:
             raise MoescopeError(f"{path}: {name} has shape {col.shape}, but expert_index has {rows} rows")
+    if isinstance(n_tokens, int) and rows != n_tokens:  # e.g. a table of another analysis (an older moescope,
+        # killed mid-analysis, left new tables beside the previous analysis' metrics.json)
+        raise MoescopeError(f"{path}: {rows} tokens, but metrics.json counts {n_tokens} for this layer: the "
+                            "table is not of this analysis; run `moescope analyze` again")
     index = cols["expert_index"]
     if index.size and index.min() < 0:
         raise MoescopeError(f"{path}: expert_index {index.min()} is negative")
@@ -116,11 +122,12 @@ def saturation_against(entries: list[Entry], reference: Entry) -> dict[str, dict
         for layer in common:
             a_path = entry.out / "analysis" / "routing" / entry.arm / f"{layer}.npz"
             b_path = reference.out / "analysis" / "routing" / reference.arm / f"{layer}.npz"
-            n_a, n_b = (e.metrics["layers"][layer].get("n_experts") for e in (entry, reference))
+            (n_a, t_a), (n_b, t_b) = ((e.metrics["layers"][layer].get("n_experts"),
+                                       e.metrics["layers"][layer].get("n_tokens")) for e in (entry, reference))
             if n_a != n_b:
                 raise MoescopeError(f"{entry.out / 'analysis' / 'metrics.json'}: layer {layer} of {entry.label} has "
                                     f"{n_a} experts, of {reference.label} {n_b}: saturation compares the same experts")
-            a, b = read_routing_columns(a_path, n_a), read_routing_columns(b_path, n_b)
+            a, b = read_routing_columns(a_path, n_a, t_a), read_routing_columns(b_path, n_b, t_b)
             if a["expert_index"].shape[1] != b["expert_index"].shape[1]:
                 raise MoescopeError(f"{a_path} routes top-{a['expert_index'].shape[1]}, {b_path} top-"
                                     f"{b['expert_index'].shape[1]}: saturation needs the same k")
