@@ -120,7 +120,8 @@ def test_a_run_json_file_of_the_wrong_shape_is_one_line(run_dir: Path, capsys, n
     assert not (run_dir / "analysis").exists()
 
 
-@pytest.mark.parametrize("content, says", [("[]", "expected a JSON object"), ('{"arms": 3}', "'arms' must be an object")])
+@pytest.mark.parametrize("content, says", [("[]", "expected a JSON object"), ('{"arms": 3}', "'arms' must be an object"),
+                                           ('{"arms": {"../../x": {"kind": "moe"}}}', "arm '../../x' cannot name")])
 def test_report_and_compare_refuse_a_metrics_file_of_the_wrong_shape(tmp_path: Path, capsys, content: str,
                                                                     says: str) -> None:
     metrics = tmp_path / "run" / "analysis" / "metrics.json"

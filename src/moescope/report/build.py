@@ -17,6 +17,7 @@ import numpy as np
 from moescope.errors import MoescopeError
 from moescope.io.config import upgrade_keys
 from moescope.io.jsonfile import read_json_object
+from moescope.io.names import check_path_name
 from moescope.report import figures
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.fmt import fmt_interval, fmt_p, interval_values
@@ -94,7 +95,16 @@ def record_problem(record: dict) -> str | None:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MoescopeError(f"{path} not found (run `moescope analyze` on the run first)")
-    return read_json_object(path, {"arms": dict})
+    return read_metrics_file(path)
+
+
+def read_metrics_file(path: Path) -> dict:
+    """An analysis' metrics.json: an object whose arms are named as directories can be (each arm's name is
+    joined under the run: arms/NAME/, analysis/routing/NAME/)."""
+    metrics = read_json_object(path, {"arms": dict})
+    for name in metrics["arms"]:
+        check_path_name(name, f"{path}: arm")
+    return metrics
 
 
 def _estimate(iv: Any) -> float:

@@ -19,9 +19,8 @@ import numpy as np
 from moescope.analysis.compare import TokenKeys, router_saturation_layer, same_tokens
 from moescope.errors import MoescopeError, first_line
 from moescope.io.atomic import atomic_write_json, atomic_write_text
-from moescope.io.jsonfile import read_json_object
 from moescope.report import figures
-from moescope.report.build import moe_arms, resampled_units, specialization_sentence
+from moescope.report.build import moe_arms, read_metrics_file, resampled_units, specialization_sentence
 from moescope.report.fmt import fmt_interval, fmt_p
 from moescope.report.content import Figure, ReportContent, Section, Table
 from moescope.report.html import render_html, render_markdown
@@ -49,7 +48,7 @@ def read_entries(outs: list[Path], labels: list[str] | None = None) -> list[Entr
         if not path.is_file():
             raise MoescopeError(f"{path} not found (run `moescope analyze` first)")
         try:
-            metrics = read_json_object(path, {"arms": dict})
+            metrics = read_metrics_file(path)
             arms = moe_arms(metrics)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise MoescopeError(f"{path}: not a moescope metrics file ({exc})") from exc
