@@ -3,7 +3,7 @@
 `keep_freed_memory` is orchestration (called by the CLI, never by library code); the
 /proc readings below serve the trainer's per-stage peak memory (`reset_peak_memory`,
 `peak_memory_mb`) and the benchmarks; `catch_stop_signals` lets the trainer stop at a step
-boundary (with a checkpoint) on SIGINT/SIGTERM.
+boundary (with a checkpoint) on SIGINT/SIGTERM, and an experiment stop between its stages.
 
 glibc hands every freed block above its mmap threshold (at most 32 MB, adjusted on the
 fly) back to the kernel, so a training step's large temporaries (the [16, 128, 4096]
@@ -118,19 +118,37 @@ class StopSignal:
     def _catch(self, signum, frame) -> None:  # noqa: ARG002
         self.signum = signum
 
+    @property
+    def name(self) -> str | None:
+        """"SIGTERM", "SIGINT", or None while no signal arrived."""
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+
+_ACTIVE: StopSignal | None = None  # the main thread's outermost open block; nested blocks share it
+
 
 @contextlib.contextmanager
 def catch_stop_signals() -> Iterator[StopSignal]:
     """Within the block, SIGINT and SIGTERM only set `.signum`, so a training loop can save a
     checkpoint and stop at the next step boundary; the previous handlers are restored on exit.
+
+    A block opened inside another (each stage's loop inside an experiment) shares the outer block's
+    StopSignal and handlers: a signal that arrives while one stage finishes, or between two stages,
+    stays set until the outer block ends, so the next check stops the run instead of losing it.
     Only the main thread can install handlers: elsewhere the block runs without them."""
+    global _ACTIVE
+    if threading.current_thread() is not threading.main_thread():
+        yield StopSignal()
+        return
+    if _ACTIVE is not None:
+        yield _ACTIVE
+        return
     caught = StopSignal()
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, caught._catch)
+    handlers = {sig: signal.signal(sig, caught._catch) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _ACTIVE = caught
     try:
         yield caught
     finally:
+        _ACTIVE = None
         for sig, old in handlers.items():
             signal.signal(sig, old)
