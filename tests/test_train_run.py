@@ -298,6 +298,64 @@ def test_single_process_training_goes_through_accelerate(data: Path, tmp_path: P
     assert not torch.equal(before, trainer.raw_model.transformer.h[1].mlp.router.weight)
 
 
+@pytest.mark.parametrize("finishing", ["base", "moe"])
+def test_sigterm_while_a_stage_finishes_stops_the_experiment_and_resume_equals_one_run(
+        data: Path, tmp_path: Path, monkeypatch, finishing: str) -> None:
+    """A signal during a stage's final evaluation/checkpoint/finish is not lost: that stage completes,
+    no later stage starts, and --resume ends where one uninterrupted run does."""
+    from moescope.train.rundir import StageDirectory
+
+    over = dict(arms=["moe", "dense"], train__checkpoint_every_steps=2)
+    straight = tmp_path / "straight"
+    run_experiment(tiny_experiment(data, **over), straight)
+
+    finish, fired = StageDirectory.finish, []
+
+    def finish_under_sigterm(self, *args, **kwargs):
+        if self.name == finishing and not fired:  # a SIGTERM arriving while final/ is written
+            fired.append(self.name)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageDirectory, "finish", finish_under_sigterm)
+    run = tmp_path / "interrupted"
+    steps = 4 if finishing == "base" else 6
+    with pytest.raises(TrainingInterrupted, match=rf"{finishing}: SIGTERM at step {steps}; .* saved to .*final"):
+        run_experiment(tiny_experiment(data, **over), run)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored once, at the end
+    stage = run / ("base" if finishing == "base" else "arms/moe")
+    assert (stage / "summary.json").is_file()  # the finishing stage completed its finish
+    assert read_metrics(stage / "metrics.jsonl", "event")[-1]["event"] == "interrupted"
+    assert not (run / "arms" / ("moe" if finishing == "base" else "dense")).exists()  # no later stage began
+    assert not (run / "summary.json").exists()
+
+    monkeypatch.setattr(StageDirectory, "finish", finish)
+    run_experiment(tiny_experiment(data, **over), run, resume=True)
+    for arm in ("moe", "dense"):
+        assert _train_rows(run / "arms" / arm / "metrics.jsonl") == _train_rows(straight / "arms" / arm / "metrics.jsonl")
+        a, b = load_moe_model(straight / "arms" / arm / "final"), load_moe_model(run / "arms" / arm / "final")
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_sigterm_between_stages_stops_before_the_next_stage(data: Path, tmp_path: Path, monkeypatch) -> None:
+    """A signal after one stage's scope of checks ended and before the next stage began (here: as
+    train_run returns) stops the run before the next stage writes anything."""
+    import moescope.train.experiment as experiment
+
+    def train_then_sigterm(cfg, out_dir, **kwargs):
+        summary = train_run(cfg, out_dir, **kwargs)
+        if kwargs["name"] == "moe":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return summary
+
+    monkeypatch.setattr(experiment, "train_run", train_then_sigterm)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="SIGTERM before stage dense"):
+        run_experiment(tiny_experiment(data, arms=["moe", "dense"], train__steps=2, base__steps=2), run)
+    assert (run / "arms" / "moe" / "summary.json").is_file() and not (run / "arms" / "dense").exists()
+
+
 def test_resume_can_add_an_arm_to_a_finished_experiment(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     run_experiment(tiny_experiment(data, arms=["moe"], train__steps=2, base__steps=2), run)

@@ -3,7 +3,8 @@
 `keep_freed_memory` is orchestration (called by the CLI, never by library code); the
 /proc readings below serve the trainer's per-stage peak memory (`reset_peak_memory`,
 `peak_memory_mb`) and the benchmarks; `catch_stop_signals` lets the trainer stop at a step
-boundary (with a checkpoint) on SIGINT/SIGTERM.
+boundary (with a checkpoint) on SIGINT/SIGTERM, and an experiment stop between its stages;
+`exit_with_parent` ends a pool worker whose parent process died.
 
 glibc hands every freed block above its mmap threshold (at most 32 MB, adjusted on the
 fly) back to the kernel, so a training step's large temporaries (the [16, 128, 4096]
@@ -20,9 +21,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,19 +121,69 @@ class StopSignal:
     def _catch(self, signum, frame) -> None:  # noqa: ARG002
         self.signum = signum
 
+    @property
+    def name(self) -> str | None:
+        """"SIGTERM", "SIGINT", or None while no signal arrived."""
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+
+_ACTIVE: StopSignal | None = None  # the main thread's outermost open block; nested blocks share it
+
 
 @contextlib.contextmanager
 def catch_stop_signals() -> Iterator[StopSignal]:
     """Within the block, SIGINT and SIGTERM only set `.signum`, so a training loop can save a
     checkpoint and stop at the next step boundary; the previous handlers are restored on exit.
+
+    A block opened inside another (each stage's loop inside an experiment) shares the outer block's
+    StopSignal and handlers: a signal that arrives while one stage finishes, or between two stages,
+    stays set until the outer block ends, so the next check stops the run instead of losing it.
     Only the main thread can install handlers: elsewhere the block runs without them."""
+    global _ACTIVE
+    if threading.current_thread() is not threading.main_thread():
+        yield StopSignal()
+        return
+    if _ACTIVE is not None:
+        yield _ACTIVE
+        return
     caught = StopSignal()
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, caught._catch)
+    handlers = {sig: signal.signal(sig, caught._catch) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _ACTIVE = caught
     try:
         yield caught
     finally:
+        _ACTIVE = None
         for sig, old in handlers.items():
             signal.signal(sig, old)
+
+
+ORPHAN_GRACE_S = 60.0  # from the SIGTERM to a forced exit: a step, an evaluation and a checkpoint fit in it
+ORPHAN_EXIT_CODE = 128 + signal.SIGTERM
+_WATCHED_PARENT: int | None = None  # the parent pid `exit_with_parent` watches in this process
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5, grace_s: float = ORPHAN_GRACE_S) -> None:
+    """Worker initializer: once `parent_pid` is no longer this process's parent (it died, even by
+    SIGKILL, and the worker was reparented), SIGTERM this process, so a training stage saves its
+    interrupt checkpoint at the next step boundary (anywhere else SIGTERM's default action ends the
+    process), and `os._exit` after `grace_s` at the latest: a dead pool's queue would otherwise keep
+    the worker waiting forever. Polls getppid() from a daemon thread (portable, and unlike Linux's
+    PR_SET_PDEATHSIG it watches the parent process, not the thread that started the worker)."""
+    global _WATCHED_PARENT
+    _WATCHED_PARENT = parent_pid
+    threading.Thread(target=_watch_parent, args=(parent_pid, poll_s, grace_s), name="moescope-parent-watch",
+                     daemon=True).start()
+
+
+def orphaned() -> bool:
+    """Whether the parent that `exit_with_parent` watches in this process has died."""
+    return _WATCHED_PARENT is not None and os.getppid() != _WATCHED_PARENT
+
+
+def _watch_parent(parent_pid: int, poll_s: float, grace_s: float) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    log.warning("parent process %d is gone: stopping worker %d (at most %.0f s)", parent_pid, os.getpid(), grace_s)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    os._exit(ORPHAN_EXIT_CODE)

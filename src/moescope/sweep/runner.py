@@ -29,15 +29,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from moescope.io.config import bounded, deep_merge, from_dict, load_config_file, to_dict
 from moescope.io.jsonfile import read_json_object
+from moescope.runtime import ORPHAN_EXIT_CODE, ORPHAN_GRACE_S, exit_with_parent, orphaned
 from moescope.sweep import grid as grid_mod
 from moescope.sweep.grid import format_seed_interval
 from moescope.train.config import MAX_SEED
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -361,12 +365,10 @@ def _execute(fn: Callable[[dict], Any], specs: list[dict], executor: str, worker
                 failures.append(_failure(spec, exc))
         return results, failures
     if executor == "local":
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        # spawn: a fresh interpreter per worker (no forked torch/OpenMP state)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(fn, spec): spec for spec in specs}
+        with process_pool(workers) as pool:
+            futures = {pool.submit(_pool_unit, fn, spec): spec for spec in specs}
             for fut in as_completed(futures):
                 try:
                     results.append(fut.result())
@@ -388,6 +390,26 @@ def _execute(fn: Callable[[dict], Any], specs: list[dict], executor: str, worker
         except Exception as exc:  # noqa: BLE001
             failures.append(_failure(spec, exc))
     return results, failures
+
+
+def process_pool(workers: int, grace_s: float = ORPHAN_GRACE_S) -> ProcessPoolExecutor:
+    """A spawn pool (a fresh interpreter per worker: no forked torch/OpenMP state) whose workers stop
+    when this process dies, even by SIGKILL: none is left training, writing cells a rerun also writes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(), 0.5, grace_s))
+
+
+def _pool_unit(fn: Callable[[dict], Any], spec: dict) -> Any:
+    """One work unit in a pool worker. A worker whose sweep process died exits as soon as the unit ends
+    (stopped by the watchdog's SIGTERM, or finished): its result has no reader."""
+    try:
+        return fn(spec)
+    finally:
+        if orphaned():
+            os._exit(ORPHAN_EXIT_CODE)
 
 
 def _failure(spec: dict, exc: BaseException) -> str:

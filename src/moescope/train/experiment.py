@@ -26,13 +26,14 @@ from moescope.io.jsonfile import read_json_object
 from moescope.io.config import to_dict
 from moescope.io.lock import is_empty_ignoring_lock, run_directory_lock
 from moescope.io.provenance import environment_info, sha256_file
+from moescope.runtime import catch_stop_signals
 from moescope.train.config import (
     ExperimentConfig, arm_diff, base_run_config, comparable_config, resolve_arms,
 )
 from moescope.train.accelerator import process_state
 from moescope.train.model import check_model_matches_data, load_init_model, open_store
 from moescope.train.rundir import dict_diff
-from moescope.train.trainer import train_run
+from moescope.train.trainer import stop_if_signalled, train_run
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,16 @@ def run_experiment(
     # the main process holds RUN's lock from here to the end: every check below sees a directory no
     # other moescope process is writing, and a second `train`/`--resume` on RUN is refused
     lock = run_directory_lock(run_dir) if state.is_main_process else contextlib.nullcontext()
-    with lock:
-        return _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, store.root, on_step)
+    # one stop-signal scope for every stage: each stage's loop shares it, so a signal that arrives while a
+    # stage finishes or between stages is still seen, and no later stage starts
+    with lock, catch_stop_signals() as stop:
+        summaries = _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, store.root, on_step, stop)
+        stop_if_signalled(stop, "what follows training (every stage is finished)")  # e.g. during summary.json
+        return summaries
 
 
-def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_root, on_step) -> dict[str, dict[str, Any]]:
+def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_root, on_step,
+                stop) -> dict[str, dict[str, Any]]:
     exp_path = run_dir / EXPERIMENT_NAME
     stored = _check_run_directory(run_dir, resume, record)
     # Under `accelerate launch` / torchrun every process runs this function; all of them have
@@ -108,9 +114,11 @@ def _run_locked(cfg, run_dir, resume, runs, base_cfg, init, record, state, data_
 
     summaries: dict[str, dict[str, Any]] = {}
     if base_cfg is not None:
+        stop_if_signalled(stop, "stage base")
         summaries["base"] = train_run(base_cfg, run_dir / "base", init=None, name="base", resume=resume,
                                       on_step=on_step)
     for name, run in runs.items():
+        stop_if_signalled(stop, f"stage {name}")
         summaries[name] = train_run(run, run_dir / "arms" / name, init=init, name=name, resume=resume,
                                     on_step=on_step)
     if state.is_main_process:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from moescope.errors import MoescopeError, first_line
 from moescope.io.lock import run_directory_lock
 from moescope.moe.model import set_training_progress
 from moescope.moe.native import native_status
-from moescope.runtime import catch_stop_signals, peak_memory_mb, reset_peak_memory
+from moescope.runtime import StopSignal, catch_stop_signals, peak_memory_mb, reset_peak_memory
 from moescope.train.accelerator import clip_gradients, process_state
 from moescope.train.checkpoint import NonFiniteState
 from moescope.train.config import RunConfig
@@ -42,6 +41,13 @@ log = logging.getLogger(__name__)
 
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM arrived: a checkpoint was saved, then training stopped."""
+
+
+def stop_if_signalled(stop: StopSignal, before: str) -> None:
+    """Between stages: a stop signal caught since the last check ends the run here, before `before`
+    starts (everything before it is complete on disk)."""
+    if stop.signum is not None:
+        raise TrainingInterrupted(f"{stop.name} before {before}; continue with --resume")
 
 
 class Trainer:
@@ -164,6 +170,12 @@ class Trainer:
     def request_stop(self, reason: str) -> None:
         self._stop_reason = reason
 
+    def _interrupted(self, stop: StopSignal, saved: Path | None, what: str) -> TrainingInterrupted:
+        """Record the stop signal; the exception that ends the run, saying what was saved where."""
+        self.metrics.event(self.step, "interrupted", signal=stop.name, checkpoint=str(saved))
+        return TrainingInterrupted(f"{self.name}: {stop.name} at step {self.step}; {what} saved to {saved}; "
+                                   f"continue with --resume")
+
     def fit(self) -> dict[str, Any]:
         """Train to cfg.train.steps (or an early stop), evaluating, checkpointing, saving the final model."""
         from tqdm.auto import tqdm
@@ -194,10 +206,7 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self.step, self)
                 if stop_signal.signum is not None:
-                    path, name = self.save_checkpoint(), signal.Signals(stop_signal.signum).name
-                    self.metrics.event(self.step, "interrupted", signal=name, checkpoint=str(path))
-                    raise TrainingInterrupted(f"{self.name}: {name} at step {self.step}; checkpoint saved to {path}; "
-                                              f"continue with --resume")
+                    raise self._interrupted(stop_signal, self.save_checkpoint(), "checkpoint")
                 if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and self.step < t.steps:
                     self.save_checkpoint()
             bar.close()
@@ -220,6 +229,10 @@ class Trainer:
                 except (OSError, SafetensorError) as exc:
                     raise self._write_error("the final model", exc) from exc
             self.accelerator.wait_for_everyone()
+            if stop_signal.signum is not None:  # arrived during the final evaluation, checkpoint or finish,
+                # each of which completed: the stage is finished and no later stage may start
+                final = self.out_dir / "final" if self.write and self.accelerator.is_main_process else None
+                raise self._interrupted(stop_signal, final, "the finished stage's final model")
             return summary
 
 
@@ -236,4 +249,4 @@ def train_run(cfg: RunConfig, out_dir: Path, *, init: str | Path | None = None, 
         return Trainer(cfg, out_dir, init=init, name=name, resume=resume, on_step=on_step).fit()
 
 
-__all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted"]
+__all__ = ["Trainer", "train_run", "NonFiniteLoss", "TrainingInterrupted", "stop_if_signalled"]
