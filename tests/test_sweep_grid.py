@@ -93,7 +93,7 @@ def test_load_sweep_reads_the_shipped_designs_sweep(tmp_path) -> None:
     study, scfg = load_sweep(str(root / "configs" / "sweep_designs.toml"))
     specs = plan_sweep(study, scfg, tmp_path)  # every cell's config validates; nothing is written
     assert len(specs) == 3 and not any(tmp_path.iterdir())
-    assert study["experiment"]["arms"] == ["dense", "moe-fine", "moe-shared"]
+    assert study["experiment"]["arms"] == ["dense", "moe", "moe-shared", "moe-fine", "moe-ec"]
     assert sorted(s["seed"] for s in specs) == [0, 1, 2] and len({s["base_dir"] for s in specs}) == 3
 
 
