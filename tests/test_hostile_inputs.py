@@ -4,6 +4,7 @@ value, before anything is written (the tiny run and data of test_analysis_pipeli
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,19 @@ def test_analyze_refuses_a_final_model_other_than_experiment_json_records(run_di
     (run_dir / "experiment.json").write_text(json.dumps(record))
     assert main(["analyze", str(run_dir), *FAST]) == 2
     assert f"{run_dir / 'arms' / 'dense' / 'final'}: MoE settings dense differ" in error_line(capsys)
+
+
+def test_analyze_on_a_run_directory_another_process_holds_is_one_line_and_writes_nothing(run_dir: Path,
+                                                                                         capsys) -> None:
+    """Two analyses (or an analysis and a `train --resume`) on one run would race over RUN/analysis: the
+    second is refused naming the holder, as a second training process is."""
+    from moescope.io.lock import run_directory_lock
+
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    with run_directory_lock(run_dir):
+        assert main(["analyze", str(run_dir), *FAST]) == 2
+        line = error_line(capsys)
+        assert f"{run_dir} is in use by process {os.getpid()}" in line, line
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert main(["analyze", str(run_dir), *FAST]) == 0  # released: the run analyses, and the lock is gone after
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".moescope.lock")]

@@ -88,6 +88,7 @@ from moescope.errors import MoescopeError
 from moescope.io.atomic import atomic_directory, atomic_write_json
 from moescope.io.config import bounded, check_fields
 from moescope.io.jsonfile import json_ready, read_json_object
+from moescope.io.lock import run_directory_lock
 from moescope.io.names import check_path_name
 from moescope.io.provenance import environment_info
 from moescope.io.saved_model import load_saved_model, recorded_manifest_sha256, verify_saved_model
@@ -558,10 +559,19 @@ def analyze_run(
     progress: bool = True,
 ) -> dict:
     """Analyse every (or the named) arm of a finished run; writes RUN/analysis/ and returns metrics."""
-    from moescope.data.tokenizer import load_data_tokenizer
-
     cfg = cfg or AnalyzeConfig()
     run_dir = Path(run_dir)
+    read_experiment(run_dir)  # not a run: refused before the lock creates anything in it
+    # one process per run directory, as in training: a second analyze (or a train --resume) on RUN is
+    # refused naming this one, instead of two swaps racing over RUN/analysis
+    with run_directory_lock(run_dir):
+        return _analyze_locked(run_dir, cfg, arms, data_dir, progress)
+
+
+def _analyze_locked(run_dir: Path, cfg: AnalyzeConfig, arms: list[str] | None, data_dir: str | Path | None,
+                    progress: bool) -> dict:
+    from moescope.data.tokenizer import load_data_tokenizer
+
     experiment = read_experiment(run_dir)
     recorded = list(experiment["arms"])
     names = list(arms) if arms is not None else recorded

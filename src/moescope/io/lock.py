@@ -50,7 +50,7 @@ def run_directory_lock(directory: str | Path) -> Iterator[Path]:
         _remove_if_empty(created)
         raise MoescopeError(
             f"{directory} is in use by process {holder_pid(directory)} (lock {directory / LOCK_NAME}); "
-            f"wait for it to finish or stop it before training or resuming here"
+            f"wait for it to finish or stop it before training, resuming or analysing here"
         ) from None
     try:
         atomic_write_text(directory / PID_NAME, f"{os.getpid()}\n")
