@@ -27,6 +27,7 @@ import numpy as np
 
 from moescope.errors import MoescopeError
 from moescope.io.jsonl import iter_jsonl_objects
+from moescope.io.names import PATH_NAME_RULE, is_path_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -114,9 +115,8 @@ def check_manifest(path: Path, m: dict) -> None:
 def check_domain_file_name(path: Path, name: str) -> None:
     """A domain name becomes a file name under blocks/ and texts/: one with a path separator, or a
     leading '.' ('..'), would read a file outside the data directory."""
-    if not name or name.startswith(".") or any(c in name for c in ("/", "\\", "\0")):
-        raise MoescopeError(f"{path}: domain name {name!r} is not a plain file name "
-                            "(no '/', '\\', or leading '.')")
+    if not is_path_name(name):
+        raise MoescopeError(f"{path}: domain name {name!r} is not a plain file name ({PATH_NAME_RULE})")
 
 
 def tokenizer_ids(tokenizer_json: Path) -> set[int]:

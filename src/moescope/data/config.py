@@ -36,14 +36,14 @@ Example (TOML)::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from moescope.errors import MoescopeError
+from moescope.io.names import is_path_name
 
 BACKENDS = ("builtin", "hf", "files")
-DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+DOMAIN_NAME_MAX = 32  # a path name (io/names.py) short enough for a table column
 BUILTIN_DOMAINS = ("code", "math", "prose")
 
 # Per-domain length filters (characters) used when a domain config leaves them unset.
@@ -96,7 +96,7 @@ class DomainConfig:
     target_texts: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not DOMAIN_NAME.fullmatch(self.name) or self.name.startswith("."):
+        if not is_path_name(self.name) or len(self.name) > DOMAIN_NAME_MAX:
             # the name becomes a file name (blocks/{split}/{name}.bin) and a label in reports
             raise MoescopeError(f"bad domain name {self.name!r}: use 1-32 letters, digits, '_', '.' or '-' "
                                 "(not starting with '.')")
